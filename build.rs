@@ -1,0 +1,13 @@
+//! Compile the gRPC APIs we serve and call from our own .proto files (no system protoc).
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/cri/api.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto/cri"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Command-line interface (clap). Every config key has a flag; flags win over the config file.
+
+use crate::config::LogFormat;
+use crate::images::PullMode;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "lazypull",
+    version,
+    about = "Lazy-loading container image service: a CRI image service whose pulls return as soon as \
+             the manifest and config are verified, while a background filler completes every layer \
+             into a verified, deduplicated store.",
+    after_help = "Configuration: defaults < --config FILE (YAML) < flags. See README.md for every key."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// YAML configuration file.
+    #[arg(long, global = true, env = "LAZYPULL_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Store directory [default: /var/lib/lazypull].
+    #[arg(long, global = true, env = "LAZYPULL_ROOT", value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// CRI image service socket: where `serve` listens and the other commands find the daemon
+    /// [default: /var/run/cri-image.sock].
+    #[arg(long, global = true, env = "LAZYPULL_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Log level or filter (error, warn, info, debug, trace, or e.g. `lazypull=debug`).
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+    /// Also append logs to this file.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: CRI ImageService on a unix socket, background filler, periodic GC.
+    Serve(ServeArgs),
+    /// Pull images fully into the store (through the daemon when it runs, else offline), with a
+    /// progress bar per layer. Afterwards the images work with the network gone.
+    Prefetch(PrefetchArgs),
+    /// List images in the store with size, fill progress, pull and last-use times.
+    List(ListArgs),
+    /// Remove images (by pattern, age or idleness) and garbage-collect their blobs.
+    Prune(PruneArgs),
+    /// Show per-image and per-layer fill progress.
+    Status(StatusArgs),
+    /// Print the version.
+    Version,
+}
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct RegistryArgs {
+    /// Credentials USER:PASSWORD for registries without more specific ones.
+    #[arg(long, value_name = "USER:PASSWORD")]
+    pub creds: Option<String>,
+    /// Credentials as base64(USER:PASSWORD), as in docker's config.json.
+    #[arg(long, value_name = "BASE64", conflicts_with = "creds")]
+    pub auth: Option<String>,
+    /// docker config.json to read credentials from [default: $DOCKER_CONFIG/config.json or ~/.docker/config.json].
+    #[arg(long, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+    /// Talk plain HTTP to this registry (host[:port]); repeatable. Loopback registries default to HTTP.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub insecure_registry: Vec<String>,
+    /// Try MIRROR before REGISTRY, e.g. docker.io=http://127.0.0.1:5000; repeatable.
+    #[arg(long, value_name = "REGISTRY=MIRROR")]
+    pub mirror: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Default pull mode: `lazy` returns once manifest and config are verified; `full` waits for
+    /// every layer. Per request: image annotation `lazypull.io/pull-mode`.
+    #[arg(long, value_enum)]
+    pub pull_mode: Option<PullMode>,
+    /// Fail a PullImage whose manifest/config cannot be fetched within this time (e.g. 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub pull_timeout: Option<String>,
+    /// Layers filled in parallel.
+    #[arg(long, value_name = "N")]
+    pub max_parallel: Option<usize>,
+    /// Period of the background garbage collection (e.g. 1h; 0 turns it off).
+    #[arg(long, value_name = "DURATION")]
+    pub gc_interval: Option<String>,
+    /// Do not keep credentials received through CRI for later refetches.
+    #[arg(long)]
+    pub no_persist_credentials: bool,
+    /// Time running RPCs get to finish after SIGTERM/SIGINT.
+    #[arg(long, value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PrefetchArgs {
+    /// Image references (e.g. docker.io/library/busybox:latest, 127.0.0.1:5000/app@sha256:...).
+    pub images: Vec<String>,
+    /// Read image references from FILE, one per line (# comments allowed); `-` is stdin.
+    #[arg(long, value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// No progress bars (log lines only).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Only images with a name (tag or digest reference) or id matching this glob, e.g. '*busybox*'.
+    pub pattern: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Only images with a name or id matching this glob.
+    pub pattern: Option<String>,
+    /// Only images pulled before this date (YYYY-MM-DD or RFC 3339).
+    #[arg(long, value_name = "DATE")]
+    pub before: Option<String>,
+    /// Only images not used (pulled or inspected) for this long, e.g. 30d, 12h.
+    #[arg(long, value_name = "DURATION")]
+    pub unused_for: Option<String>,
+    /// Allow pruning with no filter at all (removes every image).
+    #[arg(long)]
+    pub all: bool,
+    /// Show what would be removed; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Only this image (tag, digest reference or id).
+    pub image: Option<String>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}

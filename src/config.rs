@@ -1,0 +1,374 @@
+//! Configuration: defaults < YAML file (`--config`) < flags, validated once at start-up.
+
+use crate::images::PullMode;
+use crate::registry::auth::Secret;
+use crate::registry::{self, HostConfig, Scheme};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub root: PathBuf,
+    pub log: LogConfig,
+    pub cri: CriConfig,
+    pub fetch: FetchConfig,
+    pub gc: GcConfig,
+    /// docker config.json to read credentials from ("" = $DOCKER_CONFIG or ~/.docker).
+    pub docker_config: Option<PathBuf>,
+    pub registries: Vec<RegistryEntry>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+    pub file: Option<PathBuf>,
+    pub format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriConfig {
+    pub socket: PathBuf,
+    pub pull_mode: PullMode,
+    #[serde(with = "humantime_serde_compat")]
+    pub pull_timeout: Duration,
+    /// Keep credentials a CRI pull supplied (root-only, in the catalogue) for later refetches.
+    pub persist_credentials: bool,
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    pub max_parallel: usize,
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub read_timeout: Duration,
+    pub retries: u32,
+    pub fill: FillConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FillConfig {
+    pub enabled: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Period of the background garbage collection; 0 turns it off.
+    #[serde(with = "humantime_serde_compat")]
+    pub interval: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryEntry {
+    pub name: String,
+    #[serde(default)]
+    pub scheme: Option<Scheme>,
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+    #[serde(default)]
+    pub auth: Option<AuthEntry>,
+    #[serde(default)]
+    pub tls: TlsEntry,
+}
+
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AuthEntry {
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// base64 of user:password, as in docker's config.json
+    #[serde(default)]
+    pub auth: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TlsEntry {
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: PathBuf::from("/var/lib/lazypull"),
+            log: LogConfig::default(),
+            cri: CriConfig::default(),
+            fetch: FetchConfig::default(),
+            gc: GcConfig::default(),
+            docker_config: None,
+            registries: vec![],
+        }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            file: None,
+            format: LogFormat::Text,
+        }
+    }
+}
+impl Default for CriConfig {
+    fn default() -> Self {
+        CriConfig {
+            socket: PathBuf::from("/var/run/cri-image.sock"),
+            pull_mode: PullMode::Lazy,
+            pull_timeout: Duration::from_secs(60),
+            persist_credentials: true,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            max_parallel: 4,
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            retries: 3,
+            fill: FillConfig { enabled: true },
+        }
+    }
+}
+impl Default for FillConfig {
+    fn default() -> Self {
+        FillConfig { enabled: true }
+    }
+}
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// Durations in the YAML file are humantime strings: `30s`, `1h`, `500ms`.
+mod humantime_serde_compat {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        serde_yaml_ng::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.root.as_os_str().is_empty() || !self.root.is_absolute() {
+            return bad(format!("root {:?} must be an absolute path", self.root));
+        }
+        if !self.cri.socket.is_absolute() {
+            return bad(format!(
+                "cri.socket {:?} must be an absolute path",
+                self.cri.socket
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return bad(format!(
+                "log.level {:?} is not a level (error, warn, info, debug, trace) or filter",
+                self.log.level
+            ));
+        }
+        if self.fetch.max_parallel == 0 || self.fetch.max_parallel > 256 {
+            return bad(format!(
+                "fetch.max_parallel {} must be within 1..=256",
+                self.fetch.max_parallel
+            ));
+        }
+        if self.cri.pull_timeout.is_zero() {
+            return bad("cri.pull_timeout must be above 0".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.registries {
+            if r.name.is_empty() || r.name.contains('/') || r.name.contains("://") {
+                return bad(format!(
+                    "registries: name {:?} must be a host[:port] like docker.io or 127.0.0.1:5000",
+                    r.name
+                ));
+            }
+            if !seen.insert(r.name.clone()) {
+                return bad(format!("registries: {} is listed twice", r.name));
+            }
+            for m in &r.mirrors {
+                registry::parse_endpoint(m)
+                    .map_err(|e| ConfigError::Invalid(format!("registries: {}: {e}", r.name)))?;
+            }
+            if let Some(a) = &r.auth {
+                self.secret_of(&r.name, a)?;
+            }
+            if let Some(ca) = &r.tls.ca
+                && !ca.exists()
+            {
+                return bad(format!(
+                    "registries: {}: tls.ca {} does not exist",
+                    r.name,
+                    ca.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn secret_of(&self, name: &str, a: &AuthEntry) -> Result<Secret, ConfigError> {
+        let err = |m: &str| ConfigError::Invalid(format!("registries: {name}: auth: {m}"));
+        match (&a.user, &a.password, &a.auth, &a.token) {
+            (Some(u), Some(p), None, None) if !u.is_empty() => Ok(Secret::Basic {
+                username: u.clone(),
+                password: p.clone(),
+            }),
+            (None, None, Some(b), None) => Secret::from_auth(b).map_err(|e| err(&e.to_string())),
+            (None, None, None, Some(t)) if !t.is_empty() => Ok(Secret::Bearer { token: t.clone() }),
+            _ => Err(err(
+                "give either user+password, auth (base64 user:password) or token",
+            )),
+        }
+    }
+
+    /// Registry client options from this config (call after `validate`).
+    pub fn registry_options(&self, default_secret: Option<Secret>) -> registry::Options {
+        let hosts = self
+            .registries
+            .iter()
+            .map(|r| HostConfig {
+                name: r.name.clone(),
+                scheme: r.scheme,
+                mirrors: r.mirrors.clone(),
+                auth: r
+                    .auth
+                    .as_ref()
+                    .and_then(|a| self.secret_of(&r.name, a).ok()),
+                insecure_skip_verify: r.tls.insecure_skip_verify,
+                ca: r.tls.ca.clone(),
+            })
+            .collect();
+        registry::Options {
+            hosts,
+            default_secret,
+            docker_config: self
+                .docker_config
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
+            connect_timeout: self.fetch.connect_timeout,
+            read_timeout: self.fetch.read_timeout,
+            retries: self.fetch.retries,
+            ..Default::default()
+        }
+    }
+
+    /// Add or update the entry for `name` (flags like `--insecure-registry` and `--mirror`).
+    pub fn registry_entry(&mut self, name: &str) -> &mut RegistryEntry {
+        if let Some(i) = self.registries.iter().position(|r| r.name == name) {
+            return &mut self.registries[i];
+        }
+        self.registries.push(RegistryEntry {
+            name: name.to_string(),
+            ..Default::default()
+        });
+        let last = self.registries.len() - 1;
+        &mut self.registries[last]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let yaml = r#"
+root: /tmp/lp
+log: {level: debug, format: json}
+cri: {socket: /tmp/lp.sock, pull_mode: full, pull_timeout: 5s}
+fetch: {max_parallel: 2}
+registries:
+  - name: docker.io
+    mirrors: [http://127.0.0.1:5000]
+  - name: 127.0.0.1:5001
+    scheme: http
+    auth: {user: u, password: p}
+"#;
+        let c: Config = serde_yaml_ng::from_str(yaml).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.cri.pull_mode, PullMode::Full);
+        assert_eq!(c.cri.pull_timeout, Duration::from_secs(5));
+        let opts = c.registry_options(None);
+        assert_eq!(opts.hosts[1].auth, Some(Secret::from_creds("u:p").unwrap()));
+
+        let unknown: Result<Config, _> = serde_yaml_ng::from_str("roots: /x");
+        assert!(unknown.unwrap_err().to_string().contains("unknown field"));
+        let mut bad = Config::default();
+        bad.registries.push(RegistryEntry {
+            name: "http://x".into(),
+            ..Default::default()
+        });
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("host[:port]")
+        );
+        let mut bad = Config::default();
+        bad.fetch.max_parallel = 0;
+        assert!(bad.validate().is_err());
+        let mut bad = Config::default();
+        bad.log.level = "loud!!".into();
+        assert!(bad.validate().is_err());
+    }
+}

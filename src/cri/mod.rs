@@ -1,0 +1,206 @@
+//! CRI `runtime.v1.ImageService`: a thin adapter over [`Images`].
+
+use crate::images::{Images, PullMode, disk_usage};
+use crate::oci::{self, Digest};
+use crate::registry::auth::Secret;
+use crate::rpc::cri::{self, image_service_server::ImageService};
+use crate::rpc::status::to_status;
+use crate::store::ImageRecord;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tonic::{Request, Response, Status};
+
+/// Per-request pull mode: `lazy` or `full` (image spec annotation).
+pub const PULL_MODE_ANNOTATION: &str = "lazypull.io/pull-mode";
+
+pub struct CriImages {
+    images: Arc<Images>,
+    default_mode: PullMode,
+}
+
+impl CriImages {
+    pub fn new(images: Arc<Images>, default_mode: PullMode) -> Self {
+        CriImages {
+            images,
+            default_mode,
+        }
+    }
+}
+
+fn secret_from(auth: &cri::AuthConfig) -> Result<Option<Secret>, Status> {
+    if !auth.registry_token.is_empty() {
+        return Ok(Some(Secret::Bearer {
+            token: auth.registry_token.clone(),
+        }));
+    }
+    if !auth.username.is_empty() {
+        return Ok(Some(Secret::Basic {
+            username: auth.username.clone(),
+            password: auth.password.clone(),
+        }));
+    }
+    if !auth.auth.is_empty() {
+        return Secret::from_auth(&auth.auth)
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(e.to_string()));
+    }
+    if !auth.identity_token.is_empty() {
+        return Err(Status::invalid_argument(
+            "identity tokens (OAuth refresh tokens) are not supported; pass username/password or a registry token",
+        ));
+    }
+    Ok(None)
+}
+
+fn image_ref_of(spec: Option<&cri::ImageSpec>) -> Result<&str, Status> {
+    match spec {
+        Some(s) if !s.image.trim().is_empty() => Ok(s.image.trim()),
+        _ => Err(Status::invalid_argument(
+            "image spec with a non-empty image reference is required",
+        )),
+    }
+}
+
+pub fn to_cri_image(img: &ImageRecord) -> cri::Image {
+    let (uid, username) = oci::split_user(&img.user);
+    cri::Image {
+        id: img.id.clone(),
+        repo_tags: img.tags.clone(),
+        repo_digests: img.digests.clone(),
+        size: img.size,
+        uid: uid.map(|value| cri::Int64Value { value }),
+        username,
+        spec: Some(cri::ImageSpec {
+            image: img.id.clone(),
+            ..Default::default()
+        }),
+        pinned: false,
+    }
+}
+
+#[tonic::async_trait]
+impl ImageService for CriImages {
+    async fn list_images(
+        &self,
+        req: Request<cri::ListImagesRequest>,
+    ) -> Result<Response<cri::ListImagesResponse>, Status> {
+        let filter = req
+            .into_inner()
+            .filter
+            .and_then(|f| f.image)
+            .map(|s| s.image)
+            .filter(|s| !s.is_empty());
+        let images = match filter {
+            Some(name) => self
+                .images
+                .resolve(&name)
+                .map_err(to_status)?
+                .into_iter()
+                .collect(),
+            None => self.images.list().map_err(to_status)?,
+        };
+        Ok(Response::new(cri::ListImagesResponse {
+            images: images.iter().map(to_cri_image).collect(),
+        }))
+    }
+
+    async fn image_status(
+        &self,
+        req: Request<cri::ImageStatusRequest>,
+    ) -> Result<Response<cri::ImageStatusResponse>, Status> {
+        let req = req.into_inner();
+        let name = image_ref_of(req.image.as_ref())?;
+        let Some(img) = self.images.resolve(name).map_err(to_status)? else {
+            return Ok(Response::new(cri::ImageStatusResponse::default()));
+        };
+        self.images.touch(&img.id);
+        let mut info = HashMap::new();
+        if req.verbose {
+            let config: serde_json::Value = Digest::parse(&img.id)
+                .ok()
+                .and_then(|d| self.images.layout.read_blob(&d).ok())
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or(serde_json::Value::Null);
+            let v = serde_json::json!({
+                "id": img.id,
+                "manifestDigest": img.manifest_digest,
+                "indexDigest": img.index_digest,
+                "source": img.source,
+                "fillPercent": img.fill_percent(),
+                "complete": img.complete(),
+                "layers": img.layers,
+                "imageSpec": config,
+            });
+            info.insert("info".to_string(), v.to_string());
+        }
+        Ok(Response::new(cri::ImageStatusResponse {
+            image: Some(to_cri_image(&img)),
+            info,
+        }))
+    }
+
+    async fn pull_image(
+        &self,
+        req: Request<cri::PullImageRequest>,
+    ) -> Result<Response<cri::PullImageResponse>, Status> {
+        let req = req.into_inner();
+        let name = image_ref_of(req.image.as_ref())?;
+        let secret = match &req.auth {
+            Some(a) => secret_from(a)?,
+            None => None,
+        };
+        let mode = match req
+            .image
+            .as_ref()
+            .and_then(|s| s.annotations.get(PULL_MODE_ANNOTATION))
+            .map(String::as_str)
+        {
+            None => self.default_mode,
+            Some("lazy") => PullMode::Lazy,
+            Some("full") => PullMode::Full,
+            Some(other) => {
+                return Err(Status::invalid_argument(format!(
+                    "annotation {PULL_MODE_ANNOTATION}={other:?}: expected lazy or full"
+                )));
+            }
+        };
+        let out = self
+            .images
+            .pull(name, secret, mode)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(cri::PullImageResponse { image_ref: out.id }))
+    }
+
+    async fn remove_image(
+        &self,
+        req: Request<cri::RemoveImageRequest>,
+    ) -> Result<Response<cri::RemoveImageResponse>, Status> {
+        let req = req.into_inner();
+        let name = image_ref_of(req.image.as_ref())?;
+        self.images.remove(name).await.map_err(to_status)?;
+        Ok(Response::new(cri::RemoveImageResponse {}))
+    }
+
+    async fn image_fs_info(
+        &self,
+        _req: Request<cri::ImageFsInfoRequest>,
+    ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
+        let root = self.images.layout.root.clone();
+        let (used, inodes) = tokio::task::spawn_blocking(move || disk_usage(&root))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let usage = cri::FilesystemUsage {
+            timestamp: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
+            fs_id: Some(cri::FilesystemIdentifier {
+                mountpoint: self.images.layout.root.display().to_string(),
+            }),
+            used_bytes: Some(cri::UInt64Value { value: used }),
+            inodes_used: Some(cri::UInt64Value { value: inodes }),
+        };
+        Ok(Response::new(cri::ImageFsInfoResponse {
+            image_filesystems: vec![usage],
+            container_filesystems: vec![],
+        }))
+    }
+}

@@ -1,0 +1,163 @@
+//! Composition root: builds the store, registry client, filler and image service, and serves
+//! them. `Core` is also what offline commands (`prefetch`, `prune`) use when no daemon runs.
+
+use crate::config::Config;
+use crate::cri::CriImages;
+use crate::fetch::Filler;
+use crate::images::Images;
+use crate::registry::{Registry, auth::Secret};
+use crate::rpc::cri::image_service_server::ImageServiceServer;
+use crate::store::{Catalogue, Layout, StoreLock};
+use anyhow::Context;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub struct Core {
+    pub images: Arc<Images>,
+    pub shutdown: CancellationToken,
+    _lock: StoreLock,
+}
+
+impl Core {
+    /// Open the store for writing (takes the store lock; fails if another process holds it).
+    pub fn open(
+        cfg: &Config,
+        default_secret: Option<Secret>,
+    ) -> Result<Core, crate::store::StoreError> {
+        let layout = Layout::new(&cfg.root);
+        layout.create()?;
+        let lock = StoreLock::try_acquire(&layout)?;
+        let db = Arc::new(Mutex::new(Catalogue::open(&layout.db())?));
+        let registry = Registry::new(cfg.registry_options(default_secret));
+        let shutdown = CancellationToken::new();
+        let filler = Filler::new(
+            layout.clone(),
+            Arc::clone(&db),
+            Arc::clone(&registry),
+            cfg.fetch.max_parallel,
+            shutdown.clone(),
+        );
+        let images = Arc::new(Images::new(
+            layout,
+            db,
+            registry,
+            filler,
+            cfg.cri.persist_credentials,
+            cfg.cri.pull_timeout,
+        ));
+        Ok(Core {
+            images,
+            shutdown,
+            _lock: lock,
+        })
+    }
+}
+
+/// Bind the CRI socket: create its directory, refuse if a live daemon answers there, replace a
+/// stale socket file, and make it root-only (0600).
+fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("{} is in use by a running service", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers we can only run until killed.
+        std::future::pending::<()>().await;
+        return "none";
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Result<()> {
+    let core = Core::open(&cfg, default_secret).context("opening the store")?;
+    let images = Arc::clone(&core.images);
+    let listener = bind_socket(&cfg.cri.socket)?;
+    // Start-up never waits on the network: fills resume in the background.
+    if cfg.fetch.fill.enabled {
+        let n = images.resume_fills()?;
+        if n > 0 {
+            tracing::info!(layers = n, "resuming unfinished fills");
+        }
+    }
+    let gc_task = (!cfg.gc.interval.is_zero()).then(|| {
+        let images = Arc::clone(&images);
+        let token = core.shutdown.clone();
+        let every = cfg.gc.interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = images.gc().await {
+                            tracing::warn!(error = %e, "periodic gc failed");
+                        }
+                    }
+                    _ = token.cancelled() => break,
+                }
+            }
+        })
+    });
+
+    let svc = CriImages::new(Arc::clone(&images), cfg.cri.pull_mode);
+    tracing::info!(socket = %cfg.cri.socket.display(), root = %cfg.root.display(), pull_mode = ?cfg.cri.pull_mode,
+        version = env!("CARGO_PKG_VERSION"), "lazypull serving CRI ImageService");
+
+    let stop = CancellationToken::new();
+    let stop2 = stop.clone();
+    let server = tonic::transport::Server::builder()
+        .add_service(ImageServiceServer::new(svc).max_decoding_message_size(4 << 20))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            async move { stop2.cancelled().await },
+        );
+    tokio::pin!(server);
+    let sig = tokio::select! {
+        r = &mut server => { r.context("gRPC server failed")?; "server exit" }
+        s = signal() => s,
+    };
+    tracing::info!(signal = sig, grace = ?cfg.cri.shutdown_grace, "shutting down: no new requests, draining running ones");
+    stop.cancel();
+    if tokio::time::timeout(cfg.cri.shutdown_grace, &mut server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("running requests did not finish within the grace period; dropping them");
+    }
+    // Stop fills: progress up to the last checkpoint is durable and resumes at the next start.
+    core.shutdown.cancel();
+    if let Some(t) = gc_task {
+        let _ = t.await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while images.filler.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_file(&cfg.cri.socket);
+    drop(core);
+    tracing::info!("stopped");
+    Ok(())
+}

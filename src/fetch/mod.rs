@@ -1,0 +1,481 @@
+//! The background filler: completes every layer of every image in the store.
+//!
+//! One fill per layer digest at a time (single flight: a layer shared by many images, or asked
+//! for by racing pulls, is fetched once). A fill resumes from the durable prefix recorded in the
+//! catalogue (HTTP Range), verifies the blob digest and the uncompressed diff_id, and only then
+//! renames the file into `blobs/`.
+
+pub mod verify;
+
+use crate::oci::{Compression, Digest, Reference};
+use crate::registry::{OpCreds, Registry, RegistryError};
+use crate::store::{Catalogue, LayerRecord, LayerState, Layout, StoreError};
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use verify::Verifier;
+
+/// Bytes between two progress records (fdatasync + catalogue update).
+const CHECKPOINT_BYTES: u64 = 8 << 20;
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+/// Network reads are batched into blocks this big before hashing and writing off the runtime.
+const BLOCK: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FillError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("layer {digest}: {reason}")]
+    Verify { digest: Digest, reason: String },
+    #[error("layer {0} is not in the catalogue")]
+    Unknown(String),
+    #[error("fill of {0} cancelled")]
+    Cancelled(String),
+    #[error("i/o on {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+impl FillError {
+    fn retryable(&self) -> bool {
+        matches!(self, FillError::Registry(e) if e.is_transient())
+            || matches!(self, FillError::Io { .. })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FillStatus {
+    Running,
+    Done,
+    Failed(String),
+    Cancelled,
+}
+
+struct Inflight {
+    rx: watch::Receiver<FillStatus>,
+    cancel: CancellationToken,
+}
+
+/// Counters exposed by `status` and benchmarks.
+#[derive(Default)]
+pub struct Stats {
+    pub bytes_fetched: AtomicU64,
+    pub blob_requests: AtomicU64,
+    pub layers_completed: AtomicU64,
+}
+
+pub struct Filler {
+    layout: Layout,
+    db: Arc<Mutex<Catalogue>>,
+    registry: Arc<Registry>,
+    inflight: Mutex<HashMap<String, Inflight>>,
+    permits: Arc<Semaphore>,
+    shutdown: CancellationToken,
+    pub stats: Stats,
+    /// Attempts per fill for transient errors (each resumes where the last stopped).
+    attempts: u32,
+}
+
+fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
+    db.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> FillError + '_ {
+    move |source| FillError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// A layer's `source` column is `registry/repository`.
+pub fn source_reference(source: &str, digest: &Digest) -> Option<Reference> {
+    let (registry, repo) = source.split_once('/')?;
+    Some(Reference::with_digest(
+        registry.to_string(),
+        repo.to_string(),
+        digest.to_string(),
+    ))
+}
+
+impl Filler {
+    pub fn new(
+        layout: Layout,
+        db: Arc<Mutex<Catalogue>>,
+        registry: Arc<Registry>,
+        max_parallel: usize,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Filler {
+            layout,
+            db,
+            registry,
+            inflight: Mutex::new(HashMap::new()),
+            permits: Arc::new(Semaphore::new(max_parallel.max(1))),
+            shutdown,
+            stats: Stats::default(),
+            attempts: 5,
+        })
+    }
+
+    /// Make sure `layer` is being filled; returns a receiver that reports its end.
+    pub fn ensure(
+        self: &Arc<Self>,
+        layer: &LayerRecord,
+        creds: OpCreds,
+    ) -> watch::Receiver<FillStatus> {
+        if layer.state == LayerState::Complete
+            && let Ok(d) = layer.digest()
+            && self.layout.has_blob(&d)
+        {
+            let (_tx, rx) = watch::channel(FillStatus::Done);
+            return rx;
+        }
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = inflight.get(&layer.digest) {
+            return f.rx.clone();
+        }
+        let (tx, rx) = watch::channel(FillStatus::Running);
+        let cancel = self.shutdown.child_token();
+        inflight.insert(
+            layer.digest.clone(),
+            Inflight {
+                rx: rx.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        drop(inflight);
+        let this = Arc::clone(self);
+        let digest = layer.digest.clone();
+        tokio::spawn(async move {
+            let status = this.run(&digest, creds, cancel).await;
+            this.inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&digest);
+            let _ = tx.send(status);
+        });
+        rx
+    }
+
+    /// Stop filling a layer (its image was removed); progress so far stays on disk until GC.
+    pub fn cancel(&self, digest: &str) {
+        if let Some(f) = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+        {
+            f.cancel.cancel();
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Wait for a fill to end.
+    pub async fn wait(mut rx: watch::Receiver<FillStatus>) -> FillStatus {
+        loop {
+            let s = rx.borrow().clone();
+            if s != FillStatus::Running {
+                return s;
+            }
+            if rx.changed().await.is_err() {
+                return rx.borrow().clone();
+            }
+        }
+    }
+
+    async fn run(
+        self: &Arc<Self>,
+        digest: &str,
+        creds: OpCreds,
+        cancel: CancellationToken,
+    ) -> FillStatus {
+        let _permit = tokio::select! {
+            p = Arc::clone(&self.permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return FillStatus::Cancelled },
+            _ = cancel.cancelled() => return FillStatus::Cancelled,
+        };
+        let mut attempt = 0;
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                r = self.fill_once(digest, &creds) => r,
+                _ = cancel.cancelled() => Err(FillError::Cancelled(digest.to_string())),
+            };
+            match result {
+                Ok(()) => {
+                    self.stats.layers_completed.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        layer = digest,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "layer complete"
+                    );
+                    return FillStatus::Done;
+                }
+                Err(FillError::Cancelled(_)) => {
+                    tracing::info!(layer = digest, "fill stopped; progress kept");
+                    return FillStatus::Cancelled;
+                }
+                Err(e) if e.retryable() && attempt + 1 < self.attempts => {
+                    attempt += 1;
+                    let delay = Duration::from_millis(500) * 2u32.pow(attempt.min(6));
+                    tracing::warn!(layer = digest, error = %e, attempt, "fill interrupted; resuming in {delay:?}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = cancel.cancelled() => return FillStatus::Cancelled,
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    tracing::error!(layer = digest, error = %msg, "fill failed");
+                    // Transient failures keep their progress and stay pending (retried at the next
+                    // start or pull); verification failures start again from zero.
+                    let state = if e.retryable() {
+                        LayerState::Pending
+                    } else {
+                        LayerState::Failed
+                    };
+                    if let Err(e) = lock(&self.db).set_layer_state(digest, state, Some(&msg)) {
+                        tracing::error!(layer = digest, error = %e, "cannot record fill failure");
+                    }
+                    return FillStatus::Failed(msg);
+                }
+            }
+        }
+    }
+
+    async fn fill_once(&self, digest_str: &str, creds: &OpCreds) -> Result<(), FillError> {
+        let layer = lock(&self.db)
+            .layer(digest_str)?
+            .ok_or_else(|| FillError::Unknown(digest_str.to_string()))?;
+        let digest = layer.digest()?;
+        let final_path = self.layout.blob(&digest);
+        if final_path.exists() {
+            lock(&self.db).set_layer_state(digest_str, LayerState::Complete, None)?;
+            return Ok(());
+        }
+        let compression =
+            Compression::from_media_type(&layer.media_type).map_err(|e| FillError::Verify {
+                digest: digest.clone(),
+                reason: e.to_string(),
+            })?;
+        let diff_id = Digest::parse(&layer.diff_id).map_err(|e| FillError::Verify {
+            digest: digest.clone(),
+            reason: e.to_string(),
+        })?;
+        let reference =
+            source_reference(&layer.source, &digest).ok_or_else(|| FillError::Verify {
+                digest: digest.clone(),
+                reason: format!("bad source {:?}", layer.source),
+            })?;
+
+        // Open the partial file and re-hash its durable prefix (blocking work off the runtime).
+        let path = self.layout.partial(&digest);
+        let durable = if layer.state == LayerState::Failed {
+            0
+        } else {
+            layer.filled.min(layer.size)
+        };
+        let p2 = path.clone();
+        let (file, verifier, have) =
+            tokio::task::spawn_blocking(move || -> Result<_, FillError> {
+                let mut file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(&p2)
+                    .map_err(io_err(&p2))?;
+                let len = file.metadata().map_err(io_err(&p2))?.len();
+                let have = durable.min(len);
+                file.set_len(have).map_err(io_err(&p2))?;
+                let mut verifier = Verifier::new(compression).map_err(|e| FillError::Verify {
+                    digest: digest.clone(),
+                    reason: e.to_string(),
+                })?;
+                file.seek(SeekFrom::Start(0)).map_err(io_err(&p2))?;
+                let mut buf = vec![0u8; BLOCK];
+                let mut left = have;
+                while left > 0 {
+                    let n = file
+                        .read(&mut buf[..BLOCK.min(left as usize)])
+                        .map_err(io_err(&p2))?;
+                    if n == 0 {
+                        break;
+                    }
+                    verifier.update(&buf[..n]).map_err(|e| FillError::Verify {
+                        digest: digest.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    left -= n as u64;
+                }
+                file.seek(SeekFrom::Start(have)).map_err(io_err(&p2))?;
+                Ok((file, verifier, have))
+            })
+            .await
+            .map_err(|e| FillError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::other(e),
+            })??;
+        let digest = layer.digest()?;
+        if have > 0 {
+            tracing::info!(layer = %digest, resume_at = have, size = layer.size, "resuming fill");
+        }
+
+        let mut state = Some((file, verifier));
+        let mut written = have;
+        if written < layer.size {
+            let persisted = lock(&self.db)
+                .credential(reference.registry())
+                .ok()
+                .flatten();
+            let creds = OpCreds {
+                request: creds.request.clone(),
+                persisted: creds
+                    .persisted
+                    .clone()
+                    .or_else(|| persisted.and_then(|s| serde_json::from_str(&s).ok())),
+            };
+            self.stats.blob_requests.fetch_add(1, Ordering::Relaxed);
+            let body = self
+                .registry
+                .open_blob(&reference, &digest, written, &creds)
+                .await?;
+            let mut skip = body.skip;
+            let mut stream = body.stream;
+            let mut block: Vec<u8> = Vec::with_capacity(BLOCK);
+            let mut last_checkpoint = (written, Instant::now());
+            loop {
+                let next = stream.next().await;
+                let end = next.is_none();
+                if let Some(chunk) = next {
+                    let mut chunk = chunk.map_err(|e| RegistryError::Unreachable {
+                        registry: reference.registry().into(),
+                        reason: e.to_string(),
+                    })?;
+                    if skip > 0 {
+                        let s = skip.min(chunk.len() as u64);
+                        skip -= s;
+                        chunk = chunk.slice(s as usize..);
+                    }
+                    self.stats
+                        .bytes_fetched
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    if written + (block.len() + chunk.len()) as u64 > layer.size {
+                        return Err(FillError::Verify {
+                            digest,
+                            reason: format!(
+                                "registry sent more than the {} bytes the manifest declares",
+                                layer.size
+                            ),
+                        });
+                    }
+                    block.extend_from_slice(&chunk);
+                }
+                if block.len() >= BLOCK || (end && !block.is_empty()) {
+                    let data = std::mem::replace(&mut block, Vec::with_capacity(BLOCK));
+                    let n = data.len() as u64;
+                    let (mut file, mut verifier) = state
+                        .take()
+                        .ok_or_else(|| FillError::Unknown(digest_str.into()))?;
+                    let checkpoint = written + data.len() as u64 - last_checkpoint.0
+                        >= CHECKPOINT_BYTES
+                        || last_checkpoint.1.elapsed() >= CHECKPOINT_INTERVAL;
+                    let p2 = path.clone();
+                    let d2 = digest.clone();
+                    let (f, v) = tokio::task::spawn_blocking(move || -> Result<_, FillError> {
+                        file.write_all(&data).map_err(io_err(&p2))?;
+                        verifier.update(&data).map_err(|e| FillError::Verify {
+                            digest: d2,
+                            reason: e.to_string(),
+                        })?;
+                        if checkpoint {
+                            file.sync_data().map_err(io_err(&p2))?;
+                        }
+                        Ok((file, verifier))
+                    })
+                    .await
+                    .map_err(|e| FillError::Io {
+                        path: path.display().to_string(),
+                        source: std::io::Error::other(e),
+                    })??;
+                    written += n;
+                    state = Some((f, v));
+                    if checkpoint {
+                        lock(&self.db).set_filled(digest_str, written)?;
+                        last_checkpoint = (written, Instant::now());
+                    }
+                }
+                if end {
+                    break;
+                }
+            }
+        }
+        let (file, verifier) = state.ok_or_else(|| FillError::Unknown(digest_str.into()))?;
+        if written != layer.size {
+            lock(&self.db).set_filled(digest_str, written)?;
+            return Err(RegistryError::Truncated {
+                registry: reference.registry().into(),
+                what: format!("layer {digest}"),
+                got: written,
+                expected: layer.size,
+            }
+            .into());
+        }
+        // Verify, then publish under the final name.
+        let layout = self.layout.clone();
+        let d2 = digest.clone();
+        let p2 = path.clone();
+        let verdict =
+            tokio::task::spawn_blocking(move || -> Result<Result<(), String>, FillError> {
+                let (blob, diff) = match verifier.finish() {
+                    Ok(x) => x,
+                    Err(e) => return Ok(Err(e.to_string())),
+                };
+                if blob != d2 {
+                    return Ok(Err(format!("blob digest mismatch: got {blob}")));
+                }
+                if diff != diff_id {
+                    return Ok(Err(format!(
+                        "uncompressed digest {diff} does not match the config's diff_id {diff_id}"
+                    )));
+                }
+                file.sync_all().map_err(io_err(&p2))?;
+                drop(file);
+                let dest = layout.blob(&d2);
+                fs::rename(&p2, &dest).map_err(io_err(&dest))?;
+                crate::store::sync_dir(&layout.blobs_dir()).map_err(io_err(&dest))?;
+                Ok(Ok(()))
+            })
+            .await
+            .map_err(|e| FillError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::other(e),
+            })??;
+        if let Err(reason) = verdict {
+            let _ = fs::remove_file(&path);
+            lock(&self.db).set_filled(digest_str, 0)?;
+            return Err(FillError::Verify { digest, reason });
+        }
+        let db = lock(&self.db);
+        db.set_filled(digest_str, layer.size)?;
+        db.set_layer_state(digest_str, LayerState::Complete, None)?;
+        Ok(())
+    }
+}

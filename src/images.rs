@@ -1,0 +1,473 @@
+//! The image service core shared by every front door (CRI, CLI): pull (register the image as soon
+//! as manifest and config are verified, then fill layers in the background), resolve names,
+//! remove/untag, garbage-collect.
+
+use crate::fetch::{FillStatus, Filler};
+use crate::oci::{self, Digest, Document, Reference};
+use crate::registry::auth::Secret;
+use crate::registry::{OpCreds, Registry, RegistryError};
+use crate::store::{Catalogue, ImageRecord, Layout, NameKind, NewImage, StoreError};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImagesError {
+    #[error(transparent)]
+    Oci(#[from] oci::OciError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("image id prefix {0:?} matches more than one image")]
+    Ambiguous(String),
+    #[error("pull of {reference} did not finish within {timeout:?}")]
+    Timeout {
+        reference: String,
+        timeout: Duration,
+    },
+    #[error("layer {layer} of {reference} could not be filled: {reason}")]
+    Fill {
+        reference: String,
+        layer: String,
+        reason: String,
+    },
+    #[error("the service is shutting down")]
+    ShuttingDown,
+}
+
+pub type Result<T> = std::result::Result<T, ImagesError>;
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PullMode {
+    /// Return once manifest and config are verified; layers fill in the background.
+    Lazy,
+    /// Return once every layer is fetched and verified.
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub struct PullOutcome {
+    pub id: String,
+    /// True when nothing had to be fetched (the image was already local).
+    pub already_local: bool,
+}
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct GcReport {
+    pub files_removed: u64,
+    pub bytes_freed: u64,
+}
+
+pub struct Images {
+    pub layout: Layout,
+    pub db: Arc<Mutex<Catalogue>>,
+    pub registry: Arc<Registry>,
+    pub filler: Arc<Filler>,
+    pub persist_credentials: bool,
+    pub pull_timeout: Duration,
+    /// Pulls of one name run one at a time (the second finds the first's result locally).
+    pull_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Pulls hold it shared; GC holds it exclusively, so it never sees a half-recorded image.
+    gc_lock: tokio::sync::RwLock<()>,
+}
+
+fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
+    db.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn is_hex(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl Images {
+    pub fn new(
+        layout: Layout,
+        db: Arc<Mutex<Catalogue>>,
+        registry: Arc<Registry>,
+        filler: Arc<Filler>,
+        persist_credentials: bool,
+        pull_timeout: Duration,
+    ) -> Self {
+        Images {
+            layout,
+            db,
+            registry,
+            filler,
+            persist_credentials,
+            pull_timeout,
+            pull_locks: Mutex::new(HashMap::new()),
+            gc_lock: tokio::sync::RwLock::new(()),
+        }
+    }
+
+    fn op_creds(&self, registry: &str, request: Option<Secret>) -> OpCreds {
+        let persisted = lock(&self.db)
+            .credential(registry)
+            .ok()
+            .flatten()
+            .and_then(|s| serde_json::from_str(&s).ok());
+        OpCreds { request, persisted }
+    }
+
+    /// Pull `reference`. Returns the image id (config digest).
+    pub async fn pull(
+        &self,
+        reference: &str,
+        request_creds: Option<Secret>,
+        mode: PullMode,
+    ) -> Result<PullOutcome> {
+        let r = oci::parse_reference(reference)?;
+        let started = Instant::now();
+        let fut = self.pull_inner(&r, request_creds, mode);
+        let out = match mode {
+            // A full pull is bounded by the fill, which has its own retry budget.
+            PullMode::Full => fut.await?,
+            PullMode::Lazy => tokio::time::timeout(self.pull_timeout, fut)
+                .await
+                .map_err(|_| ImagesError::Timeout {
+                    reference: r.to_string(),
+                    timeout: self.pull_timeout,
+                })??,
+        };
+        tracing::info!(image = %r, id = %out.id, ?mode, already_local = out.already_local,
+            elapsed_ms = started.elapsed().as_millis() as u64, "image pulled");
+        Ok(out)
+    }
+
+    async fn pull_inner(
+        &self,
+        r: &Reference,
+        request_creds: Option<Secret>,
+        mode: PullMode,
+    ) -> Result<PullOutcome> {
+        let key = r.to_string();
+        let name_lock = {
+            let mut locks = self.pull_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(key.clone()).or_default().clone()
+        };
+        let _one = name_lock.lock().await;
+        let _gc = self.gc_lock.read().await;
+        let repo = oci::repo_name(r);
+
+        // Check local before pulling: a digest reference we hold needs no network at all.
+        if let Some(d) = r.digest() {
+            let existing =
+                lock(&self.db).image_by_name(&oci::digest_name(&repo, &Digest::parse(d)?))?;
+            if let Some(img) = existing {
+                self.start_fills(&img, request_creds.clone(), mode, &key)
+                    .await?;
+                return Ok(PullOutcome {
+                    id: img.id,
+                    already_local: true,
+                });
+            }
+        }
+        let creds = self.op_creds(r.registry(), request_creds.clone());
+        let (top_bytes, top_digest) = self.registry.fetch_manifest(r, None, &creds).await?;
+        let (index_digest, manifest_bytes, manifest_digest, manifest) =
+            match oci::parse_document(&top_bytes, None)? {
+                Document::Manifest(m) => (None, top_bytes, top_digest, m),
+                Document::Index(entries) => {
+                    let entry = oci::select_platform(&entries, &oci::host_platform())?;
+                    let d = Digest::parse(&entry.digest)?;
+                    let (bytes, got) = self.registry.fetch_manifest(r, Some(&d), &creds).await?;
+                    match oci::parse_document(&bytes, Some(&entry.media_type))? {
+                        Document::Manifest(m) => {
+                            self.layout.put_blob(&top_digest, &top_bytes)?;
+                            (Some(top_digest), bytes, got, m)
+                        }
+                        Document::Index(_) => {
+                            return Err(oci::OciError::Malformed {
+                                what: "index",
+                                reason: "nested index".into(),
+                            }
+                            .into());
+                        }
+                    }
+                }
+            };
+        let config_digest = Digest::parse(&manifest.config.digest)?;
+        let config_bytes = if self.layout.has_blob(&config_digest) {
+            self.layout.read_blob(&config_digest)?
+        } else {
+            self.registry
+                .fetch_small_blob(r, &config_digest, oci::MAX_MANIFEST_BYTES, &creds)
+                .await?
+        };
+        let config = oci::parse_config(&config_bytes, manifest.layers.len())?;
+        self.layout.put_blob(&manifest_digest, &manifest_bytes)?;
+        self.layout.put_blob(&config_digest, &config_bytes)?;
+
+        let repo_digest = index_digest.as_ref().unwrap_or(&manifest_digest);
+        let mut names = vec![(oci::digest_name(&repo, repo_digest), NameKind::Digest)];
+        if let Some(t) = oci::tag_name(r) {
+            names.push((t, NameKind::Tag));
+        }
+        let layers: Vec<_> = manifest
+            .layers
+            .iter()
+            .zip(&config.diff_ids)
+            .map(|(l, diff)| (&l.digest, l.media_type.as_str(), l.size, diff))
+            .collect();
+        let already_local = lock(&self.db)
+            .image(config_digest.as_str())?
+            .is_some_and(|i| i.complete());
+        lock(&self.db).insert_image(&NewImage {
+            id: &config_digest,
+            manifest_digest: &manifest_digest,
+            index_digest: index_digest.as_ref(),
+            media_type: &manifest.media_type,
+            size: manifest.total_size() + manifest_bytes.len() as u64,
+            user: &config.user,
+            source: &repo,
+            layers,
+            names,
+        })?;
+        if self.persist_credentials
+            && let Some(secret) = &request_creds
+            && let Ok(json) = serde_json::to_string(secret)
+        {
+            lock(&self.db).put_credential(r.registry(), &json)?;
+        }
+        let img = lock(&self.db)
+            .image(config_digest.as_str())?
+            .ok_or(ImagesError::ShuttingDown)?;
+        self.start_fills(&img, request_creds, mode, &key).await?;
+        Ok(PullOutcome {
+            id: config_digest.to_string(),
+            already_local,
+        })
+    }
+
+    /// Start (or join) the fills of an image's layers; in full mode, wait for all of them.
+    async fn start_fills(
+        &self,
+        img: &ImageRecord,
+        request_creds: Option<Secret>,
+        mode: PullMode,
+        reference: &str,
+    ) -> Result<()> {
+        let registry = img.source.split('/').next().unwrap_or_default().to_string();
+        let creds = self.op_creds(&registry, request_creds);
+        let waits: Vec<_> = img
+            .layers
+            .iter()
+            .map(|l| (l.digest.clone(), self.filler.ensure(l, creds.clone())))
+            .collect();
+        if mode == PullMode::Full {
+            for (layer, rx) in waits {
+                match Filler::wait(rx).await {
+                    FillStatus::Done => {}
+                    FillStatus::Cancelled => return Err(ImagesError::ShuttingDown),
+                    FillStatus::Failed(reason) => {
+                        return Err(ImagesError::Fill {
+                            reference: reference.into(),
+                            layer,
+                            reason,
+                        });
+                    }
+                    FillStatus::Running => {
+                        let reason = "fill did not finish".to_string();
+                        return Err(ImagesError::Fill {
+                            reference: reference.into(),
+                            layer,
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resume the fills of every incomplete layer (at start-up). Never waits on the network.
+    pub fn resume_fills(&self) -> Result<usize> {
+        let pending = lock(&self.db).incomplete_layers()?;
+        for l in &pending {
+            let registry = l.source.split('/').next().unwrap_or_default().to_string();
+            let _ = self.filler.ensure(l, self.op_creds(&registry, None));
+        }
+        Ok(pending.len())
+    }
+
+    /// Find an image by full id, unique id prefix, `name@digest`, or (normalised) tag.
+    pub fn resolve(&self, name: &str) -> Result<Option<ImageRecord>> {
+        resolve_in(&lock(&self.db), name)
+    }
+
+    pub fn touch(&self, id: &str) {
+        if let Err(e) = lock(&self.db).touch(id) {
+            tracing::warn!(image = id, error = %e, "cannot record last use");
+        }
+    }
+
+    /// Remove by tag (untag; the image goes with its last tag) or by id/digest (the image with
+    /// all its names). Absent images are not an error. Returns whether an image was removed.
+    pub async fn remove(&self, name: &str) -> Result<bool> {
+        let Some(img) = self.resolve(name)? else {
+            return Ok(false);
+        };
+        let by_tag = {
+            let bare = name.strip_prefix("sha256:").unwrap_or(name);
+            if is_hex(bare) {
+                None
+            } else {
+                oci::parse_reference(name)
+                    .ok()
+                    .and_then(|r| oci::tag_name(&r))
+            }
+        };
+        let removed = match by_tag {
+            Some(tag) if img.tags.contains(&tag) && img.tags.len() > 1 => {
+                lock(&self.db).untag(&tag)?
+            }
+            _ => lock(&self.db).remove_image(&img.id)?,
+        };
+        if removed {
+            tracing::info!(image = %img.id, name, "image removed");
+            for l in &img.layers {
+                if !lock(&self.db).layer_referenced(&l.digest)? {
+                    self.filler.cancel(&l.digest);
+                }
+            }
+            self.gc().await?;
+        } else {
+            tracing::info!(image = %img.id, name, "tag removed; image kept for its other tags");
+        }
+        Ok(removed)
+    }
+
+    /// Delete everything no image references: layer rows, blobs, partial files, stale temp files.
+    pub async fn gc(&self) -> Result<GcReport> {
+        let _gc = self.gc_lock.write().await;
+        let referenced = {
+            let mut db = lock(&self.db);
+            for d in db.drop_unreferenced_layers()? {
+                self.filler.cancel(&d);
+            }
+            db.referenced_digests()?
+        };
+        let mut report = GcReport::default();
+        for dir in [self.layout.blobs_dir(), self.layout.partial_dir()] {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        path: dir,
+                        source: e,
+                    }
+                    .into());
+                }
+            };
+            for entry in entries.flatten() {
+                let fname = entry.file_name().to_string_lossy().to_string();
+                let keep = if let Some(rest) = fname.strip_prefix(".tmp-") {
+                    // A temp file of a write in progress in this process: keep it if young.
+                    let _ = rest;
+                    entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(3600))
+                } else {
+                    referenced.contains(&format!("sha256:{fname}"))
+                };
+                if !keep {
+                    let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => {
+                            report.files_removed += 1;
+                            report.bytes_freed += size;
+                        }
+                        Err(e) => {
+                            tracing::warn!(path = %entry.path().display(), error = %e, "gc cannot remove file")
+                        }
+                    }
+                }
+            }
+        }
+        if report.files_removed > 0 {
+            tracing::info!(
+                files = report.files_removed,
+                bytes = report.bytes_freed,
+                "garbage collected"
+            );
+        }
+        Ok(report)
+    }
+
+    pub fn list(&self) -> Result<Vec<ImageRecord>> {
+        Ok(lock(&self.db).list_images()?)
+    }
+}
+
+/// Bytes and inodes used under `root` (allocated blocks: sparse files count what they hold).
+pub fn disk_usage(root: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let mut bytes = 0;
+    let mut inodes = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.metadata() else { continue };
+            inodes += 1;
+            bytes += m.blocks() * 512;
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    (bytes, inodes)
+}
+
+/// Find an image by full id, unique id prefix, `name@digest`, or (normalised) tag.
+pub fn resolve_in(db: &Catalogue, name: &str) -> Result<Option<ImageRecord>> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let bare = name.strip_prefix("sha256:").unwrap_or(name);
+    if is_hex(bare) {
+        if bare.len() == 64 {
+            if let Some(img) = db.image(&format!("sha256:{bare}"))? {
+                return Ok(Some(img));
+            }
+        } else {
+            let ids = db.ids_with_prefix(bare, 2)?;
+            match ids.len() {
+                1 => return Ok(db.image(&ids[0])?),
+                0 => {}
+                _ => return Err(ImagesError::Ambiguous(name.to_string())),
+            }
+        }
+        if name.starts_with("sha256:") {
+            return Ok(None);
+        }
+    }
+    let r = oci::parse_reference(name)?;
+    let repo = oci::repo_name(&r);
+    if let Some(d) = r.digest() {
+        let d = Digest::parse(d)?;
+        if let Some(img) = db.image_by_name(&oci::digest_name(&repo, &d))? {
+            return Ok(Some(img));
+        }
+        // A platform manifest digest of an image pulled through an index.
+        return Ok(db
+            .list_images()?
+            .into_iter()
+            .find(|i| i.manifest_digest == d.as_str() && i.source == repo));
+    }
+    match oci::tag_name(&r) {
+        Some(t) => Ok(db.image_by_name(&t)?),
+        None => Ok(None),
+    }
+}

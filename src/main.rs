@@ -1,0 +1,134 @@
+//! lazypull: lazy-loading container image service. Thin entry point: parse, configure, dispatch.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod cri;
+pub mod daemon;
+pub mod fetch;
+pub mod images;
+pub mod oci;
+pub mod registry;
+pub mod rpc;
+pub mod store;
+pub mod telemetry;
+
+use anyhow::Context;
+use clap::Parser;
+use cli::{Cli, Command, RegistryArgs};
+use config::Config;
+use registry::Scheme;
+use registry::auth::Secret;
+
+fn duration(flag: &str, v: &str) -> anyhow::Result<std::time::Duration> {
+    humantime::parse_duration(v)
+        .with_context(|| format!("{flag} {v:?}: expected a duration like 30s, 5m, 1h"))
+}
+
+/// Apply registry flags to the config; returns the `--creds`/`--auth` secret.
+fn apply_registry_args(cfg: &mut Config, a: &RegistryArgs) -> anyhow::Result<Option<Secret>> {
+    if let Some(p) = &a.docker_config {
+        cfg.docker_config = Some(p.clone());
+    }
+    for host in &a.insecure_registry {
+        cfg.registry_entry(host).scheme = Some(Scheme::Http);
+    }
+    for m in &a.mirror {
+        let (reg, url) = m
+            .split_once('=')
+            .with_context(|| format!("--mirror {m:?}: expected REGISTRY=MIRROR_URL"))?;
+        cfg.registry_entry(reg).mirrors.push(url.to_string());
+    }
+    let secret = match (&a.creds, &a.auth) {
+        (Some(c), _) => Some(Secret::from_creds(c).context("--creds")?),
+        (None, Some(b)) => Some(Secret::from_auth(b).context("--auth")?),
+        (None, None) => None,
+    };
+    Ok(secret)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let g = &cli.global;
+    let mut cfg = Config::load(g.config.as_deref())?;
+    if let Some(r) = &g.root {
+        cfg.root = std::path::absolute(r).with_context(|| format!("--root {}", r.display()))?;
+    }
+    if let Some(s) = &g.socket {
+        cfg.cri.socket =
+            std::path::absolute(s).with_context(|| format!("--socket {}", s.display()))?;
+    }
+    let serving = matches!(cli.command, Command::Serve(_));
+    if let Some(l) = &g.log_level {
+        cfg.log.level = l.clone();
+    } else if !serving && g.config.is_none() {
+        // Client commands talk through their output; keep logs to warnings unless asked.
+        cfg.log.level = "warn".into();
+    }
+    if let Some(f) = &g.log_file {
+        cfg.log.file = Some(f.clone());
+    }
+    if let Some(f) = g.log_format {
+        cfg.log.format = f;
+    }
+    let mut secret = None;
+    match &cli.command {
+        Command::Serve(a) => {
+            secret = apply_registry_args(&mut cfg, &a.registry)?;
+            if let Some(m) = a.pull_mode {
+                cfg.cri.pull_mode = m;
+            }
+            if let Some(t) = &a.pull_timeout {
+                cfg.cri.pull_timeout = duration("--pull-timeout", t)?;
+            }
+            if let Some(n) = a.max_parallel {
+                cfg.fetch.max_parallel = n;
+            }
+            if let Some(t) = &a.gc_interval {
+                cfg.gc.interval = duration("--gc-interval", t)?;
+            }
+            if let Some(t) = &a.shutdown_grace {
+                cfg.cri.shutdown_grace = duration("--shutdown-grace", t)?;
+            }
+            if a.no_persist_credentials {
+                cfg.cri.persist_credentials = false;
+            }
+        }
+        Command::Prefetch(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
+        _ => {}
+    }
+    cfg.validate()?;
+    telemetry::init(&cfg.log.level, cfg.log.format, cfg.log.file.as_deref())?;
+    match &cli.command {
+        Command::Serve(_) => daemon::serve(cfg, secret).await,
+        Command::Prefetch(a) => commands::prefetch::run(&cfg, a, secret).await,
+        Command::List(a) => commands::list::run(&cfg, a),
+        Command::Prune(a) => commands::prune::run(&cfg, a).await,
+        Command::Status(a) => commands::status::run(&cfg, a),
+        Command::Version => {
+            println!("lazypull {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lazypull")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,750 @@
+//! Distribution client over `oci-client`: per-registry scheme/TLS, mirrors with fallback to the
+//! upstream, credential sources, bounded bodies, retries with backoff on 5xx/timeouts.
+//!
+//! Redirects (blob storage backends) are followed by reqwest, which drops `Authorization` when
+//! the host changes; oci-client also refuses to authenticate requests outside the registry.
+
+pub mod auth;
+
+use crate::oci::{self, Digest, Reference};
+use auth::{Secret, Source};
+use bytes::Bytes;
+use futures_util::{StreamExt, stream::BoxStream};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(
+        "registry {registry} refused access to {repository} ({status}); credentials tried: {tried}"
+    )]
+    Unauthorized {
+        registry: String,
+        repository: String,
+        status: &'static str,
+        tried: String,
+    },
+    #[error("{what} not found in {registry}")]
+    NotFound { registry: String, what: String },
+    #[error("registry {registry} unreachable: {reason}")]
+    Unreachable { registry: String, reason: String },
+    #[error("registry {registry} answered with an error: {reason}")]
+    Server { registry: String, reason: String },
+    #[error("{what} from {registry} is {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        registry: String,
+        what: String,
+        size: u64,
+        limit: u64,
+    },
+    #[error("digest mismatch for {what} from {registry}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        registry: String,
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("truncated body for {what} from {registry}: got {got} of {expected} bytes")]
+    Truncated {
+        registry: String,
+        what: String,
+        got: u64,
+        expected: u64,
+    },
+    #[error(transparent)]
+    Oci(#[from] oci::OciError),
+}
+
+impl RegistryError {
+    /// Worth retrying (possibly on another endpoint): network trouble and 5xx/429.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            RegistryError::Unreachable { .. }
+                | RegistryError::Server { .. }
+                | RegistryError::Truncated { .. }
+        )
+    }
+}
+
+pub type Result<T> = std::result::Result<T, RegistryError>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+/// One registry host's settings (config file `registries:`).
+#[derive(Clone, Debug, Default)]
+pub struct HostConfig {
+    pub name: String,
+    pub scheme: Option<Scheme>,
+    /// Mirrors tried in order before the upstream: `http://host:port` or `https://host`.
+    pub mirrors: Vec<String>,
+    pub auth: Option<Secret>,
+    pub insecure_skip_verify: bool,
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub hosts: Vec<HostConfig>,
+    /// `--creds`/`--auth`: used for any registry without a more specific credential.
+    pub default_secret: Option<Secret>,
+    pub docker_config: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub retries: u32,
+    pub backoff: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            hosts: vec![],
+            default_secret: None,
+            docker_config: None,
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+            retries: 3,
+            backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Credentials that come with one operation (the CRI request's, or persisted ones).
+#[derive(Clone, Debug, Default)]
+pub struct OpCreds {
+    pub request: Option<Secret>,
+    pub persisted: Option<Secret>,
+}
+
+/// A place to fetch from: a mirror or the upstream itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Endpoint {
+    host: String,
+    scheme: Scheme,
+    is_mirror: bool,
+}
+
+fn is_loopback(host: &str) -> bool {
+    let h = host
+        .rsplit_once(':')
+        .map(|(h, p)| {
+            if p.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        })
+        .unwrap_or(host);
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost"
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Parse a mirror URL (`http://h:p`, `https://h`, or a bare host meaning https).
+pub fn parse_endpoint(url: &str) -> std::result::Result<(Scheme, String), String> {
+    let (scheme, rest) = if let Some(r) = url.strip_prefix("http://") {
+        (Scheme::Http, r)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (Scheme::Https, r)
+    } else {
+        (Scheme::Https, url)
+    };
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
+        return Err(format!(
+            "mirror {url:?} must be SCHEME://HOST[:PORT] with no path"
+        ));
+    }
+    Ok((scheme, host.to_string()))
+}
+
+pub struct Registry {
+    opts: Options,
+    clients: Mutex<HashMap<(String, Scheme, u64), oci_client::Client>>,
+}
+
+/// A blob body stream positioned at the requested offset.
+pub struct BlobBody {
+    pub stream: BoxStream<'static, std::io::Result<Bytes>>,
+    /// Bytes to discard first: the registry ignored `Range` and sent the whole blob.
+    pub skip: u64,
+}
+
+impl Registry {
+    pub fn new(opts: Options) -> Arc<Self> {
+        Arc::new(Registry {
+            opts,
+            clients: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn host_config(&self, host: &str) -> Option<&HostConfig> {
+        self.opts.hosts.iter().find(|h| h.name == host)
+    }
+
+    fn endpoints(&self, registry: &str) -> Vec<Endpoint> {
+        let cfg = self.host_config(registry);
+        let mut out = vec![];
+        for m in cfg.map(|c| c.mirrors.as_slice()).unwrap_or_default() {
+            if let Ok((scheme, host)) = parse_endpoint(m) {
+                out.push(Endpoint {
+                    host,
+                    scheme,
+                    is_mirror: true,
+                });
+            }
+        }
+        let scheme = cfg
+            .and_then(|c| c.scheme)
+            .unwrap_or(if is_loopback(registry) {
+                Scheme::Http
+            } else {
+                Scheme::Https
+            });
+        let host = if registry == "docker.io" {
+            "index.docker.io".to_string()
+        } else {
+            registry.to_string()
+        };
+        out.push(Endpoint {
+            host,
+            scheme,
+            is_mirror: false,
+        });
+        out
+    }
+
+    /// The credential for `host` and where it came from (highest priority first).
+    fn credential(&self, host: &str, creds: &OpCreds, upstream: bool) -> (Option<Secret>, Source) {
+        if upstream && let Some(s) = &creds.request {
+            return (Some(s.clone()), Source::Request);
+        }
+        if let Some(s) = self.host_config(host).and_then(|c| c.auth.clone()) {
+            return (Some(s), Source::ConfigFile);
+        }
+        if !upstream {
+            // Mirrors get only their own configured credentials, never the upstream's.
+            return (None, Source::Anonymous);
+        }
+        if let Some(s) = &self.opts.default_secret {
+            return (Some(s.clone()), Source::Flag);
+        }
+        if let Some(path) = auth::docker_config_path(self.opts.docker_config.as_deref())
+            && let Some(s) = auth::from_docker_config(&path, host)
+        {
+            return (Some(s), Source::DockerConfig(path));
+        }
+        if let Some(s) = &creds.persisted {
+            return (Some(s.clone()), Source::Persisted);
+        }
+        (None, Source::Anonymous)
+    }
+
+    fn client(&self, ep: &Endpoint, secret: Option<&Secret>) -> oci_client::Client {
+        let key = (
+            ep.host.clone(),
+            ep.scheme,
+            secret.map(Secret::fingerprint).unwrap_or(0),
+        );
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients
+            .entry(key)
+            .or_insert_with(|| {
+                let cfg = self.host_config(&ep.host);
+                let mut extra = vec![];
+                if let Some(ca) = cfg.and_then(|c| c.ca.as_ref()) {
+                    match std::fs::read(ca) {
+                        Ok(data) => extra.push(oci_client::client::Certificate {
+                            encoding: oci_client::client::CertificateEncoding::Pem,
+                            data,
+                        }),
+                        Err(e) => tracing::warn!(ca = %ca.display(), error = %e, "cannot read registry CA"),
+                    }
+                }
+                oci_client::Client::new(ClientConfig {
+                    protocol: match ep.scheme {
+                        Scheme::Http => ClientProtocol::Http,
+                        Scheme::Https => ClientProtocol::Https,
+                    },
+                    accept_invalid_certificates: cfg.is_some_and(|c| c.insecure_skip_verify),
+                    extra_root_certificates: extra,
+                    connect_timeout: Some(self.opts.connect_timeout),
+                    read_timeout: Some(self.opts.read_timeout),
+                    user_agent: concat!("lazypull/", env!("CARGO_PKG_VERSION")),
+                    platform_resolver: None,
+                    ..Default::default()
+                })
+            })
+            .clone()
+    }
+
+    fn reference_at(r: &Reference, ep: &Endpoint, digest: Option<&str>) -> Reference {
+        let repo = r.repository().to_string();
+        match digest.or(r.digest()) {
+            Some(d) => Reference::with_digest(ep.host.clone(), repo, d.to_string()),
+            None => Reference::with_tag(
+                ep.host.clone(),
+                repo,
+                r.tag().unwrap_or("latest").to_string(),
+            ),
+        }
+    }
+
+    /// Run `op` on each endpoint (mirrors first), retrying transient failures with backoff.
+    async fn on_endpoints<T, F, Fut>(
+        &self,
+        r: &Reference,
+        creds: &OpCreds,
+        what: &str,
+        op: F,
+    ) -> Result<T>
+    where
+        F: Fn(oci_client::Client, Reference, Option<Secret>, Source, Endpoint) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let endpoints = self.endpoints(r.registry());
+        let mut last = None;
+        for ep in endpoints {
+            let (secret, source) = self.credential(
+                if ep.is_mirror { &ep.host } else { r.registry() },
+                creds,
+                !ep.is_mirror,
+            );
+            let client = self.client(&ep, secret.as_ref());
+            let mut attempt = 0;
+            loop {
+                let reference = Self::reference_at(r, &ep, None);
+                match op(
+                    client.clone(),
+                    reference,
+                    secret.clone(),
+                    source.clone(),
+                    ep.clone(),
+                )
+                .await
+                {
+                    Ok(v) => return Ok(v),
+                    Err(e) if e.is_transient() && attempt < self.opts.retries => {
+                        let delay = self.opts.backoff * 2u32.pow(attempt);
+                        tracing::warn!(registry = %ep.host, %what, error = %e, attempt, "transient registry error; retrying in {delay:?}");
+                        tokio::time::sleep(delay).await;
+                        attempt += 1;
+                    }
+                    Err(e) => {
+                        if ep.is_mirror {
+                            tracing::warn!(mirror = %ep.host, %what, error = %e, "mirror failed; trying the next endpoint");
+                        }
+                        last = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        // endpoints() always yields the upstream, so `last` is set when we get here.
+        Err(last.unwrap_or_else(|| RegistryError::Unreachable {
+            registry: r.registry().into(),
+            reason: "no endpoint".into(),
+        }))
+    }
+
+    /// Fetch a manifest or index by the reference's tag or digest (or `digest`, when given).
+    /// Returns the bytes and their digest; a digest in the reference is verified.
+    pub async fn fetch_manifest(
+        &self,
+        r: &Reference,
+        digest: Option<&Digest>,
+        creds: &OpCreds,
+    ) -> Result<(Bytes, Digest)> {
+        let what = format!(
+            "manifest {}",
+            digest
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| r.to_string())
+        );
+        let want = digest
+            .cloned()
+            .or_else(|| r.digest().and_then(|d| Digest::parse(d).ok()));
+        self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
+            let reference = match &want {
+                Some(d) => Reference::with_digest(
+                    reference.registry().into(),
+                    reference.repository().into(),
+                    d.to_string(),
+                ),
+                None => reference,
+            };
+            let want = want.clone();
+            let what = what.clone();
+            async move {
+                let auth = secret
+                    .as_ref()
+                    .map(Secret::to_registry_auth)
+                    .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+                let (body, _) = client
+                    .pull_manifest_raw(&reference, &auth, oci::MANIFEST_ACCEPT)
+                    .await
+                    .map_err(|e| classify(e, &ep.host, reference.repository(), &what, &source))?;
+                if body.len() > oci::MAX_MANIFEST_BYTES {
+                    return Err(RegistryError::TooLarge {
+                        registry: ep.host.clone(),
+                        what,
+                        size: body.len() as u64,
+                        limit: oci::MAX_MANIFEST_BYTES as u64,
+                    });
+                }
+                let actual = Digest::of(&body);
+                if let Some(expected) = want
+                    && expected != actual
+                {
+                    return Err(RegistryError::DigestMismatch {
+                        registry: ep.host.clone(),
+                        what,
+                        expected,
+                        actual,
+                    });
+                }
+                Ok((body, actual))
+            }
+        })
+        .await
+    }
+
+    /// Fetch a small blob (an image config) whole, bounded by `limit`, verified against `d`.
+    pub async fn fetch_small_blob(
+        &self,
+        r: &Reference,
+        d: &Digest,
+        limit: usize,
+        creds: &OpCreds,
+    ) -> Result<Vec<u8>> {
+        let what = format!("blob {d}");
+        self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
+            let what = what.clone();
+            async move {
+                let body = open_blob(
+                    &client,
+                    &reference,
+                    d,
+                    0,
+                    None,
+                    secret.as_ref(),
+                    &source,
+                    &ep,
+                    &what,
+                )
+                .await?;
+                let mut stream = body.stream;
+                let mut buf = Vec::new();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| RegistryError::Unreachable {
+                        registry: ep.host.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    if buf.len() + chunk.len() > limit {
+                        return Err(RegistryError::TooLarge {
+                            registry: ep.host.clone(),
+                            what,
+                            size: (buf.len() + chunk.len()) as u64,
+                            limit: limit as u64,
+                        });
+                    }
+                    buf.extend_from_slice(&chunk);
+                }
+                let actual = Digest::of(&buf);
+                if &actual != d {
+                    return Err(RegistryError::DigestMismatch {
+                        registry: ep.host.clone(),
+                        what,
+                        expected: d.clone(),
+                        actual,
+                    });
+                }
+                Ok(buf)
+            }
+        })
+        .await
+    }
+
+    /// Open a blob for streaming from `offset` (a range request; resumption after a restart).
+    /// The caller verifies the bytes: partial bodies cannot be checked here.
+    pub async fn open_blob(
+        &self,
+        r: &Reference,
+        d: &Digest,
+        offset: u64,
+        creds: &OpCreds,
+    ) -> Result<BlobBody> {
+        let what = format!("blob {d}");
+        self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
+            let what = what.clone();
+            async move {
+                open_blob(
+                    &client,
+                    &reference,
+                    d,
+                    offset,
+                    None,
+                    secret.as_ref(),
+                    &source,
+                    &ep,
+                    &what,
+                )
+                .await
+            }
+        })
+        .await
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn open_blob(
+    client: &oci_client::Client,
+    reference: &Reference,
+    d: &Digest,
+    offset: u64,
+    len: Option<u64>,
+    secret: Option<&Secret>,
+    source: &Source,
+    ep: &Endpoint,
+    what: &str,
+) -> Result<BlobBody> {
+    let auth = secret
+        .map(Secret::to_registry_auth)
+        .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+    client
+        .store_auth_if_needed(reference.resolve_registry(), &auth)
+        .await;
+    let desc = oci_client::manifest::OciDescriptor {
+        digest: d.to_string(),
+        ..Default::default()
+    };
+    let resp = client
+        .pull_blob_stream_partial(reference, &desc, offset, len)
+        .await
+        .map_err(|e| classify(e, &ep.host, reference.repository(), what, source))?;
+    Ok(match resp {
+        oci_client::client::BlobResponse::Partial(s) => BlobBody {
+            stream: s.stream,
+            skip: 0,
+        },
+        oci_client::client::BlobResponse::Full(s) => BlobBody {
+            stream: s.stream,
+            skip: offset,
+        },
+    })
+}
+
+/// Turn oci-client's errors into ours: who refused, what is missing, what is transient.
+fn classify(
+    e: OciDistributionError,
+    registry: &str,
+    repository: &str,
+    what: &str,
+    source: &Source,
+) -> RegistryError {
+    use oci_client::errors::OciErrorCode as C;
+    let registry = registry.to_string();
+    match e {
+        OciDistributionError::UnauthorizedError { .. }
+        | OciDistributionError::AuthenticationFailure(_) => RegistryError::Unauthorized {
+            registry,
+            repository: repository.into(),
+            status: "401 unauthorized",
+            tried: source.to_string(),
+        },
+        OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound {
+            registry,
+            what: what.into(),
+        },
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let codes: Vec<&C> = envelope.errors.iter().map(|e| &e.code).collect();
+            if codes.iter().any(|c| matches!(c, C::Unauthorized)) {
+                RegistryError::Unauthorized {
+                    registry,
+                    repository: repository.into(),
+                    status: "401 unauthorized",
+                    tried: source.to_string(),
+                }
+            } else if codes.iter().any(|c| matches!(c, C::Denied)) {
+                RegistryError::Unauthorized {
+                    registry,
+                    repository: repository.into(),
+                    status: "403 denied",
+                    tried: source.to_string(),
+                }
+            } else if codes.iter().any(|c| {
+                matches!(
+                    c,
+                    C::ManifestUnknown
+                        | C::BlobUnknown
+                        | C::NameUnknown
+                        | C::NotFound
+                        | C::ManifestBlobUnknown
+                )
+            }) {
+                RegistryError::NotFound {
+                    registry,
+                    what: what.into(),
+                }
+            } else if codes.iter().any(|c| matches!(c, C::Toomanyrequests)) {
+                RegistryError::Server {
+                    registry,
+                    reason: envelope.to_string(),
+                }
+            } else {
+                RegistryError::Oci(oci::OciError::Malformed {
+                    what: "registry response",
+                    reason: envelope.to_string(),
+                })
+            }
+        }
+        OciDistributionError::ServerError { code, message, .. } => match code {
+            401 => RegistryError::Unauthorized {
+                registry,
+                repository: repository.into(),
+                status: "401 unauthorized",
+                tried: source.to_string(),
+            },
+            403 => RegistryError::Unauthorized {
+                registry,
+                repository: repository.into(),
+                status: "403 forbidden",
+                tried: source.to_string(),
+            },
+            404 => RegistryError::NotFound {
+                registry,
+                what: what.into(),
+            },
+            c if c >= 500 || c == 429 || c == 408 => RegistryError::Server {
+                registry,
+                reason: format!(
+                    "HTTP {c}: {}",
+                    message.chars().take(200).collect::<String>()
+                ),
+            },
+            c => RegistryError::Oci(oci::OciError::Malformed {
+                what: "registry response",
+                reason: format!(
+                    "HTTP {c}: {}",
+                    message.chars().take(200).collect::<String>()
+                ),
+            }),
+        },
+        OciDistributionError::RequestError(e) => RegistryError::Unreachable {
+            registry,
+            reason: error_chain(&e),
+        },
+        OciDistributionError::IoError(e) => RegistryError::Unreachable {
+            registry,
+            reason: e.to_string(),
+        },
+        OciDistributionError::DigestError(e) => RegistryError::Oci(oci::OciError::Malformed {
+            what: "digest",
+            reason: e.to_string(),
+        }),
+        other => RegistryError::Oci(oci::OciError::Malformed {
+            what: "registry response",
+            reason: other.to_string(),
+        }),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_and_schemes() {
+        let reg = Registry::new(Options {
+            hosts: vec![HostConfig {
+                name: "docker.io".into(),
+                mirrors: vec!["http://127.0.0.1:5000".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let eps = reg.endpoints("docker.io");
+        assert_eq!(eps.len(), 2);
+        assert_eq!(
+            eps[0],
+            Endpoint {
+                host: "127.0.0.1:5000".into(),
+                scheme: Scheme::Http,
+                is_mirror: true
+            }
+        );
+        assert_eq!(
+            eps[1],
+            Endpoint {
+                host: "index.docker.io".into(),
+                scheme: Scheme::Https,
+                is_mirror: false
+            }
+        );
+        assert_eq!(reg.endpoints("localhost:5000")[0].scheme, Scheme::Http);
+        assert_eq!(reg.endpoints("quay.io")[0].scheme, Scheme::Https);
+        assert!(parse_endpoint("http://h/path").is_err());
+        assert_eq!(
+            parse_endpoint("mirror.local").unwrap(),
+            (Scheme::Https, "mirror.local".into())
+        );
+    }
+
+    #[test]
+    fn credential_priority_and_mirror_isolation() {
+        let flag = Secret::from_creds("flag:x").unwrap();
+        let cfg = Secret::from_creds("cfg:x").unwrap();
+        let req = Secret::from_creds("req:x").unwrap();
+        let reg = Registry::new(Options {
+            hosts: vec![HostConfig {
+                name: "r.io".into(),
+                auth: Some(cfg.clone()),
+                ..Default::default()
+            }],
+            default_secret: Some(flag.clone()),
+            docker_config: Some("/nonexistent".into()),
+            ..Default::default()
+        });
+        let creds = OpCreds {
+            request: Some(req.clone()),
+            persisted: None,
+        };
+        assert_eq!(
+            reg.credential("r.io", &creds, true),
+            (Some(req), Source::Request)
+        );
+        assert_eq!(
+            reg.credential("r.io", &OpCreds::default(), true),
+            (Some(cfg), Source::ConfigFile)
+        );
+        assert_eq!(
+            reg.credential("other.io", &OpCreds::default(), true),
+            (Some(flag), Source::Flag)
+        );
+        assert_eq!(
+            reg.credential("mirror:1", &creds, false),
+            (None, Source::Anonymous)
+        );
+    }
+}

@@ -1,0 +1,57 @@
+//! Errors become gRPC status codes here and nowhere else.
+
+use crate::images::ImagesError;
+use crate::oci::OciError;
+use crate::registry::RegistryError;
+use tonic::{Code, Status};
+
+pub fn code_of(e: &ImagesError) -> Code {
+    match e {
+        ImagesError::Oci(OciError::BadReference { .. } | OciError::BadDigest(_)) => {
+            Code::InvalidArgument
+        }
+        ImagesError::Oci(OciError::NoPlatform { .. }) => Code::NotFound,
+        ImagesError::Oci(OciError::UnsupportedMediaType(_)) => Code::Unimplemented,
+        ImagesError::Oci(_) => Code::FailedPrecondition,
+        ImagesError::Ambiguous(_) => Code::InvalidArgument,
+        ImagesError::Registry(r) => match r {
+            RegistryError::Unauthorized { .. } => Code::PermissionDenied,
+            RegistryError::NotFound { .. } => Code::NotFound,
+            RegistryError::Unreachable { .. }
+            | RegistryError::Server { .. }
+            | RegistryError::Truncated { .. } => Code::Unavailable,
+            RegistryError::TooLarge { .. } | RegistryError::Oci(_) => Code::FailedPrecondition,
+            RegistryError::DigestMismatch { .. } => Code::DataLoss,
+        },
+        ImagesError::Store(_) => Code::Internal,
+        ImagesError::Timeout { .. } => Code::DeadlineExceeded,
+        ImagesError::Fill { .. } => Code::Unavailable,
+        ImagesError::ShuttingDown => Code::Unavailable,
+    }
+}
+
+pub fn to_status(e: ImagesError) -> Status {
+    Status::new(code_of(&e), e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes() {
+        let bad = ImagesError::Oci(OciError::BadReference {
+            reference: "X".into(),
+            reason: "r".into(),
+        });
+        assert_eq!(code_of(&bad), Code::InvalidArgument);
+        let auth = ImagesError::Registry(RegistryError::Unauthorized {
+            registry: "r".into(),
+            repository: "x".into(),
+            status: "401",
+            tried: "anonymous".into(),
+        });
+        assert_eq!(code_of(&auth), Code::PermissionDenied);
+        assert!(to_status(auth).message().contains("anonymous"));
+    }
+}

@@ -1,0 +1,621 @@
+//! The SQLite catalogue: images, their names, layers and fill progress, persisted credentials.
+//! One writer (the daemon or an offline command holding the store lock); readers may be other
+//! processes (`lazypull list`/`status` read while the daemon runs: WAL mode).
+
+use super::{Result, StoreError};
+use crate::oci::Digest;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,                 -- config digest: the CRI image id
+    manifest_digest TEXT NOT NULL,
+    index_digest TEXT,                   -- when pulled through a multi-platform index
+    media_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    user TEXT NOT NULL DEFAULT '',
+    source TEXT NOT NULL,                -- registry/repository the layers are fetched from
+    pulled_at INTEGER NOT NULL,
+    last_used_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS image_names (
+    name TEXT PRIMARY KEY,               -- repo:tag or repo@digest
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ('tag', 'digest'))
+);
+CREATE INDEX IF NOT EXISTS image_names_by_image ON image_names(image_id);
+CREATE TABLE IF NOT EXISTS layers (
+    digest TEXT PRIMARY KEY,
+    media_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    diff_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'complete', 'failed')),
+    filled INTEGER NOT NULL DEFAULT 0,   -- durable, not yet verified prefix in partial/
+    error TEXT,
+    completed_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS image_layers (
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    digest TEXT NOT NULL REFERENCES layers(digest),
+    PRIMARY KEY (image_id, idx)
+);
+CREATE INDEX IF NOT EXISTS image_layers_by_digest ON image_layers(digest);
+CREATE TABLE IF NOT EXISTS credentials (
+    registry TEXT PRIMARY KEY,
+    secret TEXT NOT NULL                 -- JSON; the database file is root-only (0600)
+);
+"#;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameKind {
+    Tag,
+    Digest,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerState {
+    Pending,
+    Complete,
+    Failed,
+}
+
+impl LayerState {
+    fn as_str(self) -> &'static str {
+        match self {
+            LayerState::Pending => "pending",
+            LayerState::Complete => "complete",
+            LayerState::Failed => "failed",
+        }
+    }
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "pending" => Ok(LayerState::Pending),
+            "complete" => Ok(LayerState::Complete),
+            "failed" => Ok(LayerState::Failed),
+            other => Err(StoreError::Corrupt(format!("layer state {other:?}"))),
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LayerRecord {
+    pub digest: String,
+    pub media_type: String,
+    pub size: u64,
+    pub diff_id: String,
+    pub source: String,
+    pub state: LayerState,
+    pub filled: u64,
+    pub error: Option<String>,
+}
+
+impl LayerRecord {
+    pub fn digest(&self) -> Result<Digest> {
+        Digest::parse(&self.digest).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+    /// Bytes present locally: everything when complete, the durable prefix otherwise.
+    pub fn local_bytes(&self) -> u64 {
+        if self.state == LayerState::Complete {
+            self.size
+        } else {
+            self.filled.min(self.size)
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ImageRecord {
+    pub id: String,
+    pub manifest_digest: String,
+    pub index_digest: Option<String>,
+    pub media_type: String,
+    pub size: u64,
+    pub user: String,
+    pub source: String,
+    pub pulled_at: i64,
+    pub last_used_at: i64,
+    pub tags: Vec<String>,
+    pub digests: Vec<String>,
+    pub layers: Vec<LayerRecord>,
+}
+
+impl ImageRecord {
+    pub fn layer_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.size).sum()
+    }
+    pub fn local_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.local_bytes()).sum()
+    }
+    pub fn complete(&self) -> bool {
+        self.layers.iter().all(|l| l.state == LayerState::Complete)
+    }
+    /// Fill progress in percent (an image without layers is complete).
+    pub fn fill_percent(&self) -> f64 {
+        let total = self.layer_bytes();
+        if total == 0 {
+            100.0
+        } else {
+            self.local_bytes() as f64 * 100.0 / total as f64
+        }
+    }
+}
+
+/// What a pull records.
+pub struct NewImage<'a> {
+    pub id: &'a Digest,
+    pub manifest_digest: &'a Digest,
+    pub index_digest: Option<&'a Digest>,
+    pub media_type: &'a str,
+    pub size: u64,
+    pub user: &'a str,
+    pub source: &'a str,
+    /// (digest, media type, size, diff_id)
+    pub layers: Vec<(&'a Digest, &'a str, u64, &'a Digest)>,
+    pub names: Vec<(String, NameKind)>,
+}
+
+pub struct Catalogue {
+    conn: Connection,
+}
+
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+impl Catalogue {
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::Schema {
+                found,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        // The catalogue may hold registry credentials: root-only.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        Ok(Catalogue { conn })
+    }
+
+    /// Read-only access for `list`/`status` while another process owns the store.
+    pub fn open_read_only(path: &Path) -> Result<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        Ok(Catalogue { conn })
+    }
+
+    /// Record a pulled image in one transaction. Tags move to this image if they pointed elsewhere.
+    pub fn insert_image(&mut self, img: &NewImage) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        let t = now();
+        tx.execute(
+            "INSERT INTO images (id, manifest_digest, index_digest, media_type, size, user, source, pulled_at, last_used_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+             ON CONFLICT(id) DO UPDATE SET manifest_digest = excluded.manifest_digest,
+                index_digest = COALESCE(excluded.index_digest, images.index_digest),
+                pulled_at = excluded.pulled_at",
+            params![
+                img.id.as_str(),
+                img.manifest_digest.as_str(),
+                img.index_digest.map(|d| d.as_str()),
+                img.media_type,
+                img.size as i64,
+                img.user,
+                img.source,
+                t
+            ],
+        )?;
+        for (idx, (digest, media_type, size, diff_id)) in img.layers.iter().enumerate() {
+            tx.execute(
+                "INSERT INTO layers (digest, media_type, size, diff_id, source, state) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')
+                 ON CONFLICT(digest) DO UPDATE SET state = CASE WHEN layers.state = 'failed' THEN 'pending' ELSE layers.state END,
+                    source = excluded.source, error = NULL",
+                params![digest.as_str(), media_type, *size as i64, diff_id.as_str(), img.source],
+            )?;
+            tx.execute(
+                "INSERT OR REPLACE INTO image_layers (image_id, idx, digest) VALUES (?1, ?2, ?3)",
+                params![img.id.as_str(), idx as i64, digest.as_str()],
+            )?;
+        }
+        for (name, kind) in &img.names {
+            let kind = match kind {
+                NameKind::Tag => "tag",
+                NameKind::Digest => "digest",
+            };
+            tx.execute(
+                "INSERT INTO image_names (name, image_id, kind) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET image_id = excluded.image_id",
+                params![name, img.id.as_str(), kind],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn layers_of(&self, image_id: &str) -> Result<Vec<LayerRecord>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error
+             FROM image_layers il JOIN layers l ON l.digest = il.digest WHERE il.image_id = ?1 ORDER BY il.idx",
+        )?;
+        let rows = st.query_map([image_id], layer_from_row)?;
+        rows.map(|r| r.map_err(StoreError::from).and_then(|x| x))
+            .collect()
+    }
+
+    fn image_from_id(&self, id: &str) -> Result<Option<ImageRecord>> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT id, manifest_digest, index_digest, media_type, size, user, source, pulled_at, last_used_at
+                 FROM images WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(ImageRecord {
+                        id: r.get(0)?,
+                        manifest_digest: r.get(1)?,
+                        index_digest: r.get(2)?,
+                        media_type: r.get(3)?,
+                        size: r.get::<_, i64>(4)? as u64,
+                        user: r.get(5)?,
+                        source: r.get(6)?,
+                        pulled_at: r.get(7)?,
+                        last_used_at: r.get(8)?,
+                        tags: vec![],
+                        digests: vec![],
+                        layers: vec![],
+                    })
+                },
+            )
+            .optional()?;
+        let Some(mut img) = row else { return Ok(None) };
+        let mut st = self.conn.prepare_cached(
+            "SELECT name, kind FROM image_names WHERE image_id = ?1 ORDER BY name",
+        )?;
+        let names = st.query_map([id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        for n in names {
+            let (name, kind) = n?;
+            if kind == "tag" {
+                img.tags.push(name)
+            } else {
+                img.digests.push(name)
+            }
+        }
+        img.layers = self.layers_of(id)?;
+        Ok(Some(img))
+    }
+
+    pub fn image(&self, id: &str) -> Result<Option<ImageRecord>> {
+        self.image_from_id(id)
+    }
+
+    pub fn image_by_name(&self, name: &str) -> Result<Option<ImageRecord>> {
+        let id: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT image_id FROM image_names WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match id {
+            Some(id) => self.image_from_id(&id),
+            None => Ok(None),
+        }
+    }
+
+    /// Ids starting with `prefix` (a truncated id, with or without `sha256:`), at most `limit`.
+    pub fn ids_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>> {
+        let full = if prefix.starts_with("sha256:") {
+            prefix.to_string()
+        } else {
+            format!("sha256:{prefix}")
+        };
+        // Prefix match without LIKE wildcards: the prefix is validated hex by the caller.
+        let mut st = self.conn.prepare_cached(
+            "SELECT id FROM images WHERE substr(id, 1, length(?1)) = ?1 LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![full, limit as i64], |r| r.get(0))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(Into::into)
+    }
+
+    pub fn list_images(&self) -> Result<Vec<ImageRecord>> {
+        let ids: Vec<String> = {
+            let mut st = self
+                .conn
+                .prepare("SELECT id FROM images ORDER BY pulled_at, id")?;
+            st.query_map([], |r| r.get(0))?
+                .collect::<std::result::Result<_, _>>()?
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(img) = self.image_from_id(&id)? {
+                out.push(img);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove one name. Returns true when it was the image's last tag and the image went with it.
+    pub fn untag(&mut self, name: &str) -> Result<bool> {
+        let tx = self.conn.transaction()?;
+        let id: Option<String> = tx
+            .query_row(
+                "SELECT image_id FROM image_names WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else { return Ok(false) };
+        tx.execute("DELETE FROM image_names WHERE name = ?1", [name])?;
+        let tags_left: i64 = tx.query_row(
+            "SELECT count(*) FROM image_names WHERE image_id = ?1 AND kind = 'tag'",
+            [&id],
+            |r| r.get(0),
+        )?;
+        let removed = tags_left == 0;
+        if removed {
+            tx.execute("DELETE FROM images WHERE id = ?1", [&id])?;
+        }
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// Remove an image with all its names. Returns whether it existed.
+    pub fn remove_image(&mut self, id: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM images WHERE id = ?1", [id])?
+            > 0)
+    }
+
+    pub fn touch(&self, id: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE images SET last_used_at = ?2 WHERE id = ?1",
+            params![id, now()],
+        )?;
+        Ok(())
+    }
+
+    pub fn layer(&self, digest: &str) -> Result<Option<LayerRecord>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT digest, media_type, size, diff_id, source, state, filled, error FROM layers WHERE digest = ?1",
+        )?;
+        st.query_row([digest], layer_from_row)
+            .optional()?
+            .transpose()
+    }
+
+    /// Layers still to fill and referenced by some image, oldest image first.
+    pub fn incomplete_layers(&self) -> Result<Vec<LayerRecord>> {
+        let mut st = self.conn.prepare(
+            "SELECT l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error FROM layers l
+             WHERE l.state = 'pending' AND EXISTS (SELECT 1 FROM image_layers il WHERE il.digest = l.digest)",
+        )?;
+        let rows = st.query_map([], layer_from_row)?;
+        rows.map(|r| r.map_err(StoreError::from).and_then(|x| x))
+            .collect()
+    }
+
+    pub fn set_filled(&self, digest: &str, filled: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE layers SET filled = ?2 WHERE digest = ?1",
+            params![digest, filled as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_layer_state(
+        &self,
+        digest: &str,
+        state: LayerState,
+        error: Option<&str>,
+    ) -> Result<()> {
+        let completed = (state == LayerState::Complete).then(now);
+        let filled_reset = state == LayerState::Failed;
+        self.conn.execute(
+            "UPDATE layers SET state = ?2, error = ?3, completed_at = ?4,
+                filled = CASE WHEN ?5 THEN 0 ELSE filled END WHERE digest = ?1",
+            params![digest, state.as_str(), error, completed, filled_reset],
+        )?;
+        Ok(())
+    }
+
+    /// Whether any image still references this layer.
+    pub fn layer_referenced(&self, digest: &str) -> Result<bool> {
+        Ok(self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM image_layers WHERE digest = ?1)",
+            [digest],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Delete layer rows no image references; returns their digests (the caller removes files).
+    pub fn drop_unreferenced_layers(&mut self) -> Result<Vec<String>> {
+        let tx = self.conn.transaction()?;
+        let gone: Vec<String> = {
+            let mut st = tx.prepare(
+                "SELECT digest FROM layers l WHERE NOT EXISTS (SELECT 1 FROM image_layers il WHERE il.digest = l.digest)",
+            )?;
+            st.query_map([], |r| r.get(0))?
+                .collect::<std::result::Result<_, _>>()?
+        };
+        for d in &gone {
+            tx.execute("DELETE FROM layers WHERE digest = ?1", [d])?;
+        }
+        tx.commit()?;
+        Ok(gone)
+    }
+
+    /// Every digest some image still needs: manifests, indexes, configs and layers.
+    pub fn referenced_digests(&self) -> Result<BTreeSet<String>> {
+        let mut set = BTreeSet::new();
+        let mut st = self
+            .conn
+            .prepare("SELECT id, manifest_digest, index_digest FROM images")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
+        })?;
+        for r in rows {
+            let (a, b, c) = r?;
+            set.insert(a);
+            set.insert(b);
+            set.extend(c);
+        }
+        let mut st = self.conn.prepare("SELECT digest FROM layers")?;
+        for d in st.query_map([], |r| r.get::<_, String>(0))? {
+            set.insert(d?);
+        }
+        Ok(set)
+    }
+
+    pub fn put_credential(&self, registry: &str, secret_json: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO credentials (registry, secret) VALUES (?1, ?2) ON CONFLICT(registry) DO UPDATE SET secret = excluded.secret",
+            params![registry, secret_json],
+        )?;
+        Ok(())
+    }
+
+    pub fn credential(&self, registry: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT secret FROM credentials WHERE registry = ?1",
+                [registry],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+}
+
+fn layer_from_row(r: &rusqlite::Row) -> rusqlite::Result<Result<LayerRecord>> {
+    let state: String = r.get(5)?;
+    Ok(LayerState::parse(&state).map(|state| LayerRecord {
+        digest: r.get(0).unwrap_or_default(),
+        media_type: r.get(1).unwrap_or_default(),
+        size: r.get::<_, i64>(2).unwrap_or_default() as u64,
+        diff_id: r.get(3).unwrap_or_default(),
+        source: r.get(4).unwrap_or_default(),
+        state,
+        filled: r.get::<_, i64>(6).unwrap_or_default() as u64,
+        error: r.get(7).unwrap_or_default(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(c: char) -> Digest {
+        Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
+    }
+
+    fn add(cat: &mut Catalogue, id: &Digest, layers: &[Digest], names: Vec<(String, NameKind)>) {
+        let m = d('f');
+        cat.insert_image(&NewImage {
+            id,
+            manifest_digest: &m,
+            index_digest: None,
+            media_type: "m",
+            size: 10,
+            user: "",
+            source: "r/x",
+            layers: layers
+                .iter()
+                .map(|l| (l, "application/vnd.oci.image.layer.v1.tar+gzip", 5u64, l))
+                .collect(),
+            names,
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn names_untag_and_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalogue::open(&dir.path().join("c.db")).unwrap();
+        let (a, b, shared, only_a) = (d('a'), d('b'), d('1'), d('2'));
+        add(
+            &mut cat,
+            &a,
+            &[shared.clone(), only_a.clone()],
+            vec![
+                ("r/x:1".into(), NameKind::Tag),
+                ("r/x:2".into(), NameKind::Tag),
+            ],
+        );
+        add(
+            &mut cat,
+            &b,
+            std::slice::from_ref(&shared),
+            vec![("r/y:1".into(), NameKind::Tag)],
+        );
+        assert_eq!(cat.list_images().unwrap().len(), 2);
+        assert_eq!(cat.image_by_name("r/x:2").unwrap().unwrap().id, a.as_str());
+        assert_eq!(cat.ids_with_prefix("aaaa", 2).unwrap(), vec![a.to_string()]);
+        // Untag one of two tags: image stays.
+        assert!(!cat.untag("r/x:1").unwrap());
+        assert!(cat.image(a.as_str()).unwrap().is_some());
+        // Last tag: image goes, its exclusive layer becomes unreferenced, the shared one does not.
+        assert!(cat.untag("r/x:2").unwrap());
+        assert!(cat.image(a.as_str()).unwrap().is_none());
+        assert!(cat.layer_referenced(shared.as_str()).unwrap());
+        assert_eq!(
+            cat.drop_unreferenced_layers().unwrap(),
+            vec![only_a.to_string()]
+        );
+        // A tag moves to a newer image.
+        add(&mut cat, &a, &[], vec![("r/y:1".into(), NameKind::Tag)]);
+        assert_eq!(cat.image_by_name("r/y:1").unwrap().unwrap().id, a.as_str());
+        assert!(cat.image(b.as_str()).unwrap().unwrap().tags.is_empty());
+    }
+
+    #[test]
+    fn fill_progress_and_states() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cat = Catalogue::open(&dir.path().join("c.db")).unwrap();
+        let (a, l) = (d('a'), d('1'));
+        add(&mut cat, &a, std::slice::from_ref(&l), vec![]);
+        assert_eq!(cat.incomplete_layers().unwrap().len(), 1);
+        cat.set_filled(l.as_str(), 3).unwrap();
+        assert_eq!(cat.image(a.as_str()).unwrap().unwrap().local_bytes(), 3);
+        cat.set_layer_state(l.as_str(), LayerState::Complete, None)
+            .unwrap();
+        let img = cat.image(a.as_str()).unwrap().unwrap();
+        assert!(img.complete());
+        assert_eq!(img.fill_percent(), 100.0);
+        assert!(cat.incomplete_layers().unwrap().is_empty());
+        // A failed layer is retried on the next pull that needs it.
+        cat.set_layer_state(l.as_str(), LayerState::Failed, Some("boom"))
+            .unwrap();
+        add(&mut cat, &a, std::slice::from_ref(&l), vec![]);
+        assert_eq!(
+            cat.layer(l.as_str()).unwrap().unwrap().state,
+            LayerState::Pending
+        );
+    }
+}
