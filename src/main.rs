@@ -1,24 +1,12 @@
 //! lazypull: lazy-loading container image service. Thin entry point: parse, configure, dispatch.
 
-pub mod cli;
-pub mod commands;
-pub mod config;
-pub mod cri;
-pub mod daemon;
-pub mod fetch;
-pub mod images;
-pub mod oci;
-pub mod registry;
-pub mod rpc;
-pub mod store;
-pub mod telemetry;
-
 use anyhow::Context;
 use clap::Parser;
-use cli::{Cli, Command, RegistryArgs};
-use config::Config;
-use registry::Scheme;
-use registry::auth::Secret;
+use lazypull::cli::{Cli, Command, RegistryArgs};
+use lazypull::config::Config;
+use lazypull::registry::Scheme;
+use lazypull::registry::auth::Secret;
+use lazypull::{commands, daemon, telemetry};
 
 fn duration(flag: &str, v: &str) -> anyhow::Result<std::time::Duration> {
     humantime::parse_duration(v)

@@ -1,0 +1,15 @@
+//! lazypull: lazy-loading container image service (library; the `lazypull` binary is a thin CLI).
+//! See DESIGN.md in the shared notes for the architecture.
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod cri;
+pub mod daemon;
+pub mod fetch;
+pub mod images;
+pub mod oci;
+pub mod registry;
+pub mod rpc;
+pub mod store;
+pub mod telemetry;

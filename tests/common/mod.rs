@@ -1,0 +1,475 @@
+//! Integration-test harness: real `docker-registry` processes on free ports with temp storage,
+//! fixture images built locally (scripts/make-fixtures.sh), and `lazypull serve` on temp paths.
+//! Everything started here is torn down on drop.
+#![allow(dead_code)]
+
+use lazypull::rpc::cri::{self, image_service_client::ImageServiceClient};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Skip (with the reason printed) when the system tools the harness needs are missing.
+pub fn require_tools() -> bool {
+    for t in ["docker-registry", "skopeo", "umoci", "jq", "openssl"] {
+        if Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| !s.success())
+            .unwrap_or(true)
+        {
+            eprintln!("SKIP: {t} not installed (run .ci/run or scripts/install-deps)");
+            return false;
+        }
+    }
+    true
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_http(port: u16, timeout: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("registry on port {port} did not come up within {timeout:?}");
+}
+
+pub struct Registry {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Registry {
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.path().join("registry.log")
+    }
+    /// Requests the registry logged for `GET /v2/<repo>/blobs/<digest>` (access log lines).
+    pub fn blob_gets(&self, repo: &str, digest: &str) -> usize {
+        let needle = format!("\"GET /v2/{repo}/blobs/{digest} ");
+        std::fs::read_to_string(self.log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("127.0.0.1 ") && l.contains(&needle))
+            .count()
+    }
+    /// All blob GETs for any digest in `repo`.
+    pub fn all_blob_gets(&self) -> usize {
+        std::fs::read_to_string(self.log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                l.starts_with("127.0.0.1 ") && l.contains("/blobs/sha256:") && l.contains("\"GET ")
+            })
+            .count()
+    }
+
+    /// Start a registry whose storage is a copy of the fixture seed (all fixture images present).
+    pub fn with_fixtures(htpasswd: Option<&Path>) -> Registry {
+        let seed = seed_storage();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let st = Command::new("cp")
+            .arg("-al")
+            .arg(seed.join("docker"))
+            .arg(dir.path())
+            .status()
+            .expect("cp");
+        assert!(st.success(), "copying the seed registry storage failed");
+        Self::start_in(dir, htpasswd)
+    }
+
+    pub fn empty(htpasswd: Option<&Path>) -> Registry {
+        Self::start_in(tempfile::tempdir().expect("tempdir"), htpasswd)
+    }
+
+    fn start_in(dir: tempfile::TempDir, htpasswd: Option<&Path>) -> Registry {
+        let port = free_port();
+        let auth = match htpasswd {
+            Some(p) => format!(
+                "auth:\n  htpasswd:\n    realm: lazypull-test\n    path: {}\n",
+                p.display()
+            ),
+            None => String::new(),
+        };
+        let config = format!(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
+            dir.path().display()
+        );
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(&cfg, config).expect("write registry config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start docker-registry");
+        wait_http(port, Duration::from_secs(20));
+        Registry { port, dir, child }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Restart on the same port and storage (after `stop`).
+    pub fn restart(&mut self) {
+        let cfg = self.dir.path().join("config.yml");
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.log())
+            .expect("log");
+        self.child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("restart docker-registry");
+        wait_http(self.port, Duration::from_secs(20));
+    }
+
+    /// Copy an image inside this registry (e.g. to `library/busybox` for short-name tests).
+    pub fn copy(&self, from: &str, to: &str) {
+        let st = Command::new("skopeo")
+            .args([
+                "copy",
+                "--all",
+                "--preserve-digests",
+                "--src-tls-verify=false",
+                "--dest-tls-verify=false",
+                "-q",
+            ])
+            .arg(format!("docker://{}/{from}", self.host()))
+            .arg(format!("docker://{}/{to}", self.host()))
+            .status()
+            .expect("skopeo");
+        assert!(st.success(), "skopeo copy {from} -> {to}");
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Build the fixture images once (per checkout and script version) into a registry storage dir.
+fn seed_storage() -> PathBuf {
+    static SEED: OnceLock<PathBuf> = OnceLock::new();
+    SEED.get_or_init(|| {
+        let script = repo_root().join("scripts/make-fixtures.sh");
+        let text = std::fs::read(&script).expect("read make-fixtures.sh");
+        let stamp = format!(
+            "{:x}",
+            text.iter()
+                .fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64)
+                    .wrapping_mul(0x100000001b3))
+        );
+        let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fixture-seed-{stamp}"));
+        let done = base.join("done");
+        if done.exists() {
+            return base;
+        }
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).expect("seed dir");
+        let storage = tempfile::tempdir_in(&base).expect("tmp");
+        let reg = Registry::start_in(storage, None);
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(["--registry", &reg.host(), "--big-mib", "32"])
+            .output()
+            .expect("run make-fixtures.sh");
+        assert!(
+            out.status.success(),
+            "make-fixtures.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut reg = reg;
+        reg.stop();
+        std::fs::rename(reg.dir.path().join("docker"), base.join("docker")).expect("keep seed");
+        std::fs::write(&done, b"ok").expect("marker");
+        base
+    })
+    .clone()
+}
+
+pub struct Daemon {
+    pub root: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lazypull")
+}
+
+impl Daemon {
+    pub fn start(args: &[&str]) -> Daemon {
+        let root = tempfile::tempdir().expect("tempdir");
+        let socket = root.path().join("cri.sock");
+        let log = root.path().join("daemon.log");
+        let mut d = Daemon {
+            socket,
+            log,
+            child: None,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            root,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.root.path().join("store")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log");
+        let child = Command::new(bin())
+            .arg("--root")
+            .arg(self.store())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--log-level")
+            .arg("debug")
+            .arg("serve")
+            .args(&self.args)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start lazypull serve");
+        self.child = Some(child);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("lazypull serve exited with {st}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "lazypull serve did not listen within 20s:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        unsafe_kill(c.id() as i32, 15);
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = c.kill();
+                panic!(
+                    "daemon did not stop within 30s of SIGTERM:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the daemon first");
+        self.spawn();
+    }
+
+    pub async fn client(&self) -> ImageServiceClient<tonic::transport::Channel> {
+        ImageServiceClient::new(
+            lazypull::rpc::connect_unix(&self.socket)
+                .await
+                .expect("connect to daemon"),
+        )
+    }
+
+    /// Run a CLI subcommand against this daemon's store and socket.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .arg("--root")
+            .arg(self.store())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run lazypull")
+    }
+
+    /// `lazypull status --json` parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status json")
+    }
+
+    /// Wait until every layer of every image is complete.
+    pub fn wait_complete(&self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let s = self.status_json();
+            let images = s["images"].as_array().cloned().unwrap_or_default();
+            let all = images.iter().all(|i| {
+                i["layers"]
+                    .as_array()
+                    .is_some_and(|ls| ls.iter().all(|l| l["state"] == "complete"))
+            });
+            if all && !images.is_empty() {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "fills not complete after {timeout:?}: {s:#}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn spec(image: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    })
+}
+
+pub async fn pull(
+    c: &mut ImageServiceClient<tonic::transport::Channel>,
+    image: &str,
+) -> Result<String, tonic::Status> {
+    c.pull_image(cri::PullImageRequest {
+        image: spec(image),
+        auth: None,
+        sandbox_config: None,
+    })
+    .await
+    .map(|r| r.into_inner().image_ref)
+}
+
+pub async fn status(
+    c: &mut ImageServiceClient<tonic::transport::Channel>,
+    image: &str,
+) -> Option<cri::Image> {
+    c.image_status(cri::ImageStatusRequest {
+        image: spec(image),
+        verbose: false,
+    })
+    .await
+    .expect("ImageStatus")
+    .into_inner()
+    .image
+}
+
+pub async fn remove(
+    c: &mut ImageServiceClient<tonic::transport::Channel>,
+    image: &str,
+) -> Result<(), tonic::Status> {
+    c.remove_image(cri::RemoveImageRequest { image: spec(image) })
+        .await
+        .map(|_| ())
+}
+
+pub async fn list(c: &mut ImageServiceClient<tonic::transport::Channel>) -> Vec<cri::Image> {
+    c.list_images(cri::ListImagesRequest { filter: None })
+        .await
+        .expect("ListImages")
+        .into_inner()
+        .images
+}
+
+/// Digest of the first layer of `repo:latest` as stored in the registry (via skopeo).
+pub fn layer_digests(reg: &Registry, repo: &str) -> Vec<String> {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--raw"])
+        .arg(format!("docker://{}/{repo}:latest", reg.host()))
+        .output()
+        .expect("skopeo inspect");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest json");
+    v["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+pub fn config_digest(reg: &Registry, repo: &str) -> String {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--raw"])
+        .arg(format!("docker://{}/{repo}:latest", reg.host()))
+        .output()
+        .expect("skopeo inspect");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest json");
+    v["config"]["digest"]
+        .as_str()
+        .expect("config digest")
+        .to_string()
+}

@@ -1,0 +1,403 @@
+//! CRI ImageService behaviour against a real registry and a real `lazypull serve`.
+
+mod common;
+
+use common::*;
+use lazypull::rpc::cri;
+use std::time::{Duration, Instant};
+use tonic::Code;
+
+macro_rules! need_tools {
+    () => {
+        if !require_tools() {
+            return;
+        }
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_pull_registers_image_then_fills_layers() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let d = Daemon::start(&[]);
+    let mut c = d.client().await;
+    let name = format!("{}/multilayer:latest", reg.host());
+    let t = Instant::now();
+    let id = pull(&mut c, &name).await.expect("pull");
+    eprintln!("PullImage (lazy) took {:?}", t.elapsed());
+    assert_eq!(
+        id,
+        config_digest(&reg, "multilayer"),
+        "image id is the config digest"
+    );
+    // Registered immediately, before any layer needs to be local.
+    let img = status(&mut c, &name)
+        .await
+        .expect("image visible right after pull");
+    assert_eq!(img.id, id);
+    assert_eq!(img.repo_tags, vec![name.clone()]);
+    assert_eq!(img.repo_digests.len(), 1);
+    assert!(img.repo_digests[0].starts_with(&format!("{}/multilayer@sha256:", reg.host())));
+    assert!(img.size > 3_000_000, "size counts layers: {}", img.size);
+    assert!(
+        img.uid.is_none() && img.username.is_empty(),
+        "no User in config"
+    );
+    d.wait_complete(Duration::from_secs(60));
+    for l in layer_digests(&reg, "multilayer") {
+        let f = d
+            .store()
+            .join("blobs/sha256")
+            .join(l.trim_start_matches("sha256:"));
+        assert!(f.exists(), "layer {l} stored under its digest");
+        assert_eq!(reg.blob_gets("multilayer", &l), 1, "layer {l} fetched once");
+    }
+    // Verbose status carries the config and fill state.
+    let v = c
+        .image_status(cri::ImageStatusRequest {
+            image: spec(&name),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let info: serde_json::Value = serde_json::from_str(&v.info["info"]).unwrap();
+    assert_eq!(info["complete"], true);
+    assert_eq!(
+        info["imageSpec"]["rootfs"]["diff_ids"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_naming_semantics() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    reg.copy("busybox:latest", "library/busybox:latest");
+    reg.copy("busybox:latest", "library/busybox:v2");
+    let mirror = format!("docker.io=http://{}", reg.host());
+    let d = Daemon::start(&["--mirror", &mirror]);
+    let mut c = d.client().await;
+
+    // Short names are normalised and fetched through the configured mirror.
+    let id = pull(&mut c, "busybox")
+        .await
+        .expect("pull busybox via mirror");
+    let img = status(&mut c, "docker.io/library/busybox:latest")
+        .await
+        .expect("normalised name");
+    assert_eq!(img.id, id);
+    assert_eq!(img.repo_tags, vec!["docker.io/library/busybox:latest"]);
+    assert!(img.repo_digests[0].starts_with("docker.io/library/busybox@sha256:"));
+    // Lookups by full id, by truncated id (with and without sha256:), by digest reference.
+    let hex = id.trim_start_matches("sha256:");
+    for q in [
+        id.clone(),
+        hex.to_string(),
+        hex[..12].to_string(),
+        format!("sha256:{}", &hex[..12]),
+        img.repo_digests[0].clone(),
+    ] {
+        assert_eq!(
+            status(&mut c, &q).await.map(|i| i.id),
+            Some(id.clone()),
+            "lookup {q}"
+        );
+    }
+    // Pull by digest adds no tag; pulling the same digest again answers locally.
+    let by_digest = img.repo_digests[0].clone();
+    let gets_before = reg.all_blob_gets();
+    assert_eq!(pull(&mut c, &by_digest).await.unwrap(), id);
+    assert_eq!(
+        reg.all_blob_gets(),
+        gets_before,
+        "a held digest needs no network"
+    );
+    assert_eq!(status(&mut c, &id).await.unwrap().repo_tags.len(), 1);
+    // A second tag for the same image.
+    assert_eq!(pull(&mut c, "busybox:v2").await.unwrap(), id);
+    let img = status(&mut c, &id).await.unwrap();
+    assert_eq!(
+        img.repo_tags,
+        vec![
+            "docker.io/library/busybox:latest",
+            "docker.io/library/busybox:v2"
+        ]
+    );
+    // Removing one of two tags only untags.
+    remove(&mut c, "busybox:v2").await.unwrap();
+    let img = status(&mut c, &id).await.expect("still there");
+    assert_eq!(img.repo_tags, vec!["docker.io/library/busybox:latest"]);
+    // Absent image: empty ImageStatus response, idempotent RemoveImage.
+    assert!(
+        status(&mut c, "docker.io/library/nothing:here")
+            .await
+            .is_none()
+    );
+    remove(&mut c, "docker.io/library/nothing:here")
+        .await
+        .expect("remove absent is ok");
+    // Bad input.
+    let e = pull(&mut c, "UPPER/Case:x").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("UPPER/Case"), "{}", e.message());
+    let e = c
+        .pull_image(cri::PullImageRequest {
+            image: None,
+            auth: None,
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = pull(&mut c, &format!("{}/does-not-exist:1", reg.host()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    // Removing the last tag removes the image and garbage-collects its blobs.
+    d.wait_complete(Duration::from_secs(30));
+    remove(&mut c, "busybox").await.unwrap();
+    assert!(status(&mut c, &id).await.is_none());
+    assert!(list(&mut c).await.is_empty());
+    let left: Vec<_> = std::fs::read_dir(d.store().join("blobs/sha256"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "blobs left after removal: {left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_multiarch_and_shared_layers() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let d = Daemon::start(&[]);
+    let mut c = d.client().await;
+    let h = reg.host();
+    pull(&mut c, &format!("{h}/user-numeric")).await.unwrap();
+    pull(&mut c, &format!("{h}/user-named")).await.unwrap();
+    let n = status(&mut c, &format!("{h}/user-numeric")).await.unwrap();
+    assert_eq!(n.uid.map(|u| u.value), Some(1234));
+    assert!(n.username.is_empty());
+    let u = status(&mut c, &format!("{h}/user-named")).await.unwrap();
+    assert!(u.uid.is_none());
+    assert_eq!(u.username, "app");
+
+    // Multi-arch index: resolved to this node's platform (amd64 = the busybox image).
+    let id = pull(&mut c, &format!("{h}/multiarch:latest"))
+        .await
+        .unwrap();
+    assert_eq!(id, config_digest(&reg, "busybox"));
+    let img = status(&mut c, &id).await.unwrap();
+    assert!(
+        img.repo_digests
+            .iter()
+            .any(|d| d.starts_with(&format!("{h}/multiarch@"))),
+        "{img:?}"
+    );
+
+    // Two images sharing a layer: stored and fetched once.
+    pull(&mut c, &format!("{h}/shared-a")).await.unwrap();
+    pull(&mut c, &format!("{h}/shared-b")).await.unwrap();
+    d.wait_complete(Duration::from_secs(60));
+    let base = &layer_digests(&reg, "shared-a")[0];
+    let total: usize = [
+        "shared-a",
+        "shared-b",
+        "user-numeric",
+        "user-named",
+        "multiarch",
+    ]
+    .iter()
+    .map(|r| reg.blob_gets(r, base))
+    .sum();
+    assert_eq!(total, 1, "shared base layer fetched once across all images");
+    let imgs = list(&mut c).await;
+    assert_eq!(imgs.len(), 5, "{imgs:?}");
+    // Removing one sharer keeps the shared blob for the other.
+    remove(&mut c, &format!("{h}/shared-a")).await.unwrap();
+    assert!(
+        d.store()
+            .join("blobs/sha256")
+            .join(base.trim_start_matches("sha256:"))
+            .exists()
+    );
+    let fs = c
+        .image_fs_info(cri::ImageFsInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(fs.image_filesystems[0].used_bytes.as_ref().unwrap().value > 1_000_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_pulls_fetch_each_blob_once() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let d = Daemon::start(&["--pull-mode", "full"]);
+    let name = format!("{}/big:latest", reg.host());
+    let mut tasks = vec![];
+    for _ in 0..20 {
+        let mut c = d.client().await;
+        let name = name.clone();
+        tasks.push(tokio::spawn(async move { pull(&mut c, &name).await }));
+    }
+    let mut ids = vec![];
+    for t in tasks {
+        ids.push(t.await.unwrap().expect("pull"));
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1);
+    for l in layer_digests(&reg, "big") {
+        assert_eq!(
+            reg.blob_gets("big", &l),
+            1,
+            "layer {l} fetched exactly once"
+        );
+    }
+    assert_eq!(
+        reg.blob_gets("big", &config_digest(&reg, "big")),
+        1,
+        "config fetched once"
+    );
+    // Full mode: complete on return.
+    let s = d.status_json();
+    assert!(
+        s["images"][0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["state"] == "complete"),
+        "{s:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_auth_registry_and_credential_sources() {
+    need_tools!();
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    let out = std::process::Command::new("htpasswd")
+        .args(["-Bbn", "alice", "s3cret"])
+        .output()
+        .expect("htpasswd (apache2-utils)");
+    std::fs::write(&htpasswd, &out.stdout).unwrap();
+    let open = Registry::with_fixtures(None);
+    let reg = Registry::empty(Some(&htpasswd));
+    // Put busybox into the auth registry.
+    let st = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "alice:s3cret",
+        ])
+        .arg(format!("docker://{}/busybox:latest", open.host()))
+        .arg(format!("docker://{}/private/busybox:latest", reg.host()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let name = format!("{}/private/busybox:latest", reg.host());
+
+    let d = Daemon::start(&[]);
+    let mut c = d.client().await;
+    let e = pull(&mut c, &name).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(
+        e.message().contains(&reg.host()) && e.message().contains("anonymous"),
+        "names registry and source: {}",
+        e.message()
+    );
+    let auth = cri::AuthConfig {
+        username: "alice".into(),
+        password: "wrong".into(),
+        ..Default::default()
+    };
+    let e = c
+        .pull_image(cri::PullImageRequest {
+            image: spec(&name),
+            auth: Some(auth),
+            sandbox_config: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().contains("AuthConfig"), "{}", e.message());
+    let auth = cri::AuthConfig {
+        username: "alice".into(),
+        password: "s3cret".into(),
+        ..Default::default()
+    };
+    let id = c
+        .pull_image(cri::PullImageRequest {
+            image: spec(&name),
+            auth: Some(auth),
+            sandbox_config: None,
+        })
+        .await
+        .expect("pull with AuthConfig")
+        .into_inner()
+        .image_ref;
+    d.wait_complete(Duration::from_secs(30));
+    assert!(!d.log_text().contains("s3cret"), "credentials never logged");
+    drop(d);
+
+    // --creds on the daemon, and docker config.json.
+    let d = Daemon::start(&["--creds", "alice:s3cret"]);
+    let mut c = d.client().await;
+    assert_eq!(pull(&mut c, &name).await.expect("pull with --creds"), id);
+    drop(d);
+    let cfg = dir.path().join("docker.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"YWxpY2U6czNjcmV0"}}}}}}"#,
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--docker-config", cfg.to_str().unwrap()]);
+    let mut c = d.client().await;
+    assert_eq!(
+        pull(&mut c, &name).await.expect("pull with docker config"),
+        id
+    );
+    assert!(!d.log_text().contains("s3cret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_images_and_sigterm_is_clean() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let mut d = Daemon::start(&[]);
+    let name = format!("{}/multilayer:latest", reg.host());
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &name).await.unwrap();
+    }
+    d.wait_complete(Duration::from_secs(60));
+    let st = d.terminate();
+    assert!(
+        st.success(),
+        "clean exit on SIGTERM: {st}\n{}",
+        d.log_text()
+    );
+    assert!(!d.socket.exists(), "socket removed on shutdown");
+    // Restart with the registry gone: start-up needs no network and the image is still there.
+    let mut reg = reg;
+    reg.stop();
+    d.restart();
+    let mut c = d.client().await;
+    let img = status(&mut c, &name).await.expect("image survives restart");
+    assert_eq!(img.repo_tags, vec![name.clone()]);
+    // Pulling by digest needs no network either.
+    assert!(pull(&mut c, &img.repo_digests[0]).await.is_ok());
+    // The registry being down makes a tag pull fail quickly with Unavailable.
+    let t = Instant::now();
+    let e = pull(&mut c, &name).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
