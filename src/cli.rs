@@ -51,6 +51,9 @@ pub enum Command {
     /// Pull images fully into the store (through the daemon when it runs, else offline), with a
     /// progress bar per layer. Afterwards the images work with the network gone.
     Prefetch(PrefetchArgs),
+    /// Pull one image through the running daemon's CRI socket (like `crictl pull`): returns as
+    /// soon as the image is registered, unless --full.
+    Pull(PullArgs),
     /// List images in the store with size, fill progress, pull and last-use times.
     List(ListArgs),
     /// Remove images (by pattern, age or idleness) and garbage-collect their blobs.
@@ -117,6 +120,18 @@ pub struct PrefetchArgs {
     /// No progress bars (log lines only).
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// Image reference.
+    pub image: String,
+    /// Wait until every layer is fetched and verified.
+    #[arg(long)]
+    pub full: bool,
+    /// Credentials USER:PASSWORD, sent as the CRI AuthConfig.
+    #[arg(long, value_name = "USER:PASSWORD")]
+    pub creds: Option<String>,
 }
 
 #[derive(Args, Debug)]

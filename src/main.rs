@@ -89,6 +89,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve(_) => daemon::serve(cfg, secret).await,
         Command::Prefetch(a) => commands::prefetch::run(&cfg, a, secret).await,
+        Command::Pull(a) => commands::pull::run(&cfg, a).await,
         Command::List(a) => commands::list::run(&cfg, a),
         Command::Prune(a) => commands::prune::run(&cfg, a).await,
         Command::Status(a) => commands::status::run(&cfg, a),

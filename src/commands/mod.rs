@@ -3,6 +3,7 @@
 pub mod list;
 pub mod prefetch;
 pub mod prune;
+pub mod pull;
 pub mod status;
 
 use crate::config::Config;
