@@ -473,3 +473,73 @@ pub fn config_digest(reg: &Registry, repo: &str) -> String {
         .expect("config digest")
         .to_string()
 }
+
+/// The project's network-emulation proxy in front of a registry.
+pub struct Netem {
+    pub port: u16,
+    child: Child,
+}
+
+impl Netem {
+    pub fn start(upstream: &str, args: &[&str]) -> Netem {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lazypull-netem"))
+            .args(["--listen", "127.0.0.1:0", "--upstream", upstream])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start lazypull-netem");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("netem banner");
+        let port = line
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("netem port");
+        Netem { port, child }
+    }
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Netem {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Bytes of `layer` held locally, from `lazypull status --json`.
+pub fn layer_local(d: &Daemon, layer: &str) -> (u64, String, Option<String>) {
+    let s = d.status_json();
+    for i in s["images"].as_array().cloned().unwrap_or_default() {
+        for l in i["layers"].as_array().cloned().unwrap_or_default() {
+            if l["digest"] == layer {
+                return (
+                    l["filled"].as_u64().unwrap_or(0),
+                    l["state"].as_str().unwrap_or("").to_string(),
+                    l["error"].as_str().map(str::to_string),
+                );
+            }
+        }
+    }
+    (0, String::new(), None)
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(p)
+        .output()
+        .expect("sha256sum");
+    format!(
+        "sha256:{}",
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+    )
+}

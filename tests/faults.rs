@@ -1,0 +1,164 @@
+//! Faults: corrupted bodies, registry outages and daemon crashes during fills.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+macro_rules! need_tools {
+    () => {
+        if !require_tools() {
+            return;
+        }
+    };
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_layer_is_never_stored() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    // Flip one byte 200 KB into each connection's response stream: inside the layer bodies.
+    let proxy = Netem::start(&reg.host(), &["--tamper-after", "200000"]);
+    let d = Daemon::start(&[]);
+    let mut c = d.client().await;
+    let name = format!("{}/big:latest", proxy.host());
+    pull(&mut c, &name)
+        .await
+        .expect("manifest and config are intact, so the lazy pull succeeds");
+    let big = layer_digests(&reg, "big")[1].clone();
+    wait_until(
+        "the corrupted layer to fail",
+        Duration::from_secs(90),
+        || layer_local(&d, &big).1 == "failed",
+    );
+    let (_, _, err) = layer_local(&d, &big);
+    let err = err.unwrap_or_default();
+    assert!(
+        err.contains("digest") || err.contains("decompress") || err.contains("diff_id"),
+        "verification error: {err}"
+    );
+    assert!(
+        !d.store()
+            .join("blobs/sha256")
+            .join(big.trim_start_matches("sha256:"))
+            .exists(),
+        "corrupt blob stored under its final name"
+    );
+    // A full pull retries the layer. Whatever the proxy does to the retry, the outcome is either
+    // an error or a blob that verifies: never corrupt bytes under the final name.
+    let full = c
+        .pull_image(lazypull::rpc::cri::PullImageRequest {
+            image: Some(lazypull::rpc::cri::ImageSpec {
+                image: name.clone(),
+                annotations: [("lazypull.io/pull-mode".to_string(), "full".to_string())].into(),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: None,
+        })
+        .await;
+    let blob = d
+        .store()
+        .join("blobs/sha256")
+        .join(big.trim_start_matches("sha256:"));
+    match full {
+        Ok(_) => assert_eq!(sha256_file(&blob), big, "a stored layer always verifies"),
+        Err(e) => {
+            assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+            assert!(!blob.exists());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_killed_mid_fill_resumes_with_range() {
+    need_tools!();
+    let mut reg = Registry::with_fixtures(None);
+    let proxy = Netem::start(&reg.host(), &["--mbit", "40"]);
+    let d = Daemon::start(&[]);
+    let mut c = d.client().await;
+    pull(&mut c, &format!("{}/big:latest", proxy.host()))
+        .await
+        .unwrap();
+    let big = layer_digests(&reg, "big")[1].clone();
+    wait_until(
+        "8 MiB of the layer to be durable",
+        Duration::from_secs(60),
+        || layer_local(&d, &big).0 >= 8 << 20,
+    );
+    reg.stop();
+    std::thread::sleep(Duration::from_millis(1500));
+    reg.restart();
+    d.wait_complete(Duration::from_secs(120));
+    let blob = d
+        .store()
+        .join("blobs/sha256")
+        .join(big.trim_start_matches("sha256:"));
+    assert_eq!(sha256_file(&blob), big, "resumed blob verifies");
+    let log = std::fs::read_to_string(reg.log()).unwrap();
+    let gets: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("127.0.0.1 ") && l.contains(&format!("/v2/big/blobs/{big} ")))
+        .collect();
+    assert!(
+        gets.iter().any(|l| l.contains("\" 206 ")),
+        "the resumed fill used a range request: {gets:#?}"
+    );
+    assert!(d.log_text().contains("resuming fill"), "{}", d.log_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_sigkill_mid_fill_resumes_after_restart() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let proxy = Netem::start(&reg.host(), &["--mbit", "40"]);
+    let mut d = Daemon::start(&[]);
+    let name = format!("{}/big:latest", proxy.host());
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &name).await.unwrap();
+    }
+    let big = layer_digests(&reg, "big")[1].clone();
+    wait_until(
+        "8 MiB of the layer to be durable",
+        Duration::from_secs(60),
+        || layer_local(&d, &big).0 >= 8 << 20,
+    );
+    d.kill9();
+    let (kept, state, _) = layer_local(&d, &big);
+    assert!(
+        kept >= 8 << 20 && state == "pending",
+        "progress survives SIGKILL: {kept} {state}"
+    );
+    d.restart();
+    d.wait_complete(Duration::from_secs(120));
+    let blob = d
+        .store()
+        .join("blobs/sha256")
+        .join(big.trim_start_matches("sha256:"));
+    assert_eq!(sha256_file(&blob), big);
+    assert!(d.log_text().contains("resuming fill"), "{}", d.log_text());
+    let mut c = d.client().await;
+    assert_eq!(
+        status(&mut c, &name).await.expect("image kept").repo_tags,
+        vec![name]
+    );
+    // The registry served the layer in (at most) two parts: no full refetch.
+    let log = std::fs::read_to_string(reg.log()).unwrap();
+    let gets = log
+        .lines()
+        .filter(|l| l.starts_with("127.0.0.1 ") && l.contains(&format!("/v2/big/blobs/{big} ")))
+        .count();
+    assert!(gets <= 3, "{gets} GETs of the big layer");
+}
