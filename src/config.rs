@@ -220,7 +220,7 @@ impl Config {
                 self.cri.socket
             ));
         }
-        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+        if !valid_log_filter(&self.log.level) {
             return bad(format!(
                 "log.level {:?} is not a level (error, warn, info, debug, trace) or filter",
                 self.log.level
@@ -326,6 +326,23 @@ impl Config {
     }
 }
 
+/// A level (`info`) or comma-separated `target=level` directives (`info,lazypull=debug`).
+fn valid_log_filter(s: &str) -> bool {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    let level_ok = |l: &str| LEVELS.contains(&l.to_ascii_lowercase().as_str());
+    !s.trim().is_empty()
+        && s.split(',').all(|d| match d.trim().split_once('=') {
+            Some((target, level)) => {
+                !target.is_empty()
+                    && target
+                        .chars()
+                        .all(|c| c.is_alphanumeric() || "_:-".contains(c))
+                    && level_ok(level)
+            }
+            None => level_ok(d.trim()),
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,5 +387,7 @@ registries:
         let mut bad = Config::default();
         bad.log.level = "loud!!".into();
         assert!(bad.validate().is_err());
+        assert!(valid_log_filter("info,lazypull=debug"));
+        assert!(!valid_log_filter("lazypull"));
     }
 }

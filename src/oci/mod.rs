@@ -108,6 +108,9 @@ pub fn parse_reference(s: &str) -> Result<Reference, OciError> {
     let r: Reference = s
         .parse()
         .map_err(|e: oci_client::ParseError| bad(e.to_string()))?;
+    if r.repository().bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(bad("repository name must be lowercase".into()));
+    }
     if let Some(d) = r.digest() {
         Digest::parse(d).map_err(|e| bad(e.to_string()))?;
     }

@@ -543,3 +543,100 @@ pub fn sha256_file(p: &Path) -> String {
             .unwrap_or_default()
     )
 }
+
+/// containerd (Debian's 1.6) on a temp root with its CRI plugin, for comparing CRI answers.
+pub struct Containerd {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    child: Child,
+}
+
+impl Containerd {
+    pub fn available() -> bool {
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg("command -v containerd")
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("SKIP: containerd not installed (apt-get install containerd)");
+        }
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        if !root {
+            eprintln!("SKIP: containerd tests need root");
+        }
+        ok && root
+    }
+
+    /// Start containerd trusting the given plain-HTTP registries.
+    pub fn start(http_registries: &[String]) -> Containerd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path();
+        for r in http_registries {
+            let d = p.join("certs.d").join(r);
+            std::fs::create_dir_all(&d).expect("certs.d");
+            std::fs::write(d.join("hosts.toml"), format!("server = \"http://{r}\"\n[host.\"http://{r}\"]\n  capabilities = [\"pull\", \"resolve\"]\n")).expect("hosts.toml");
+        }
+        let socket = p.join("containerd.sock");
+        let config = format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{1}\"\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = \"{0}/certs.d\"\n",
+            p.display(),
+            socket.display()
+        );
+        std::fs::write(p.join("config.toml"), config).expect("config");
+        let log = std::fs::File::create(p.join("containerd.log")).expect("log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(p.join("config.toml"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let start = Instant::now();
+        while !socket.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "containerd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Containerd { dir, socket, child }
+    }
+
+    pub async fn images(&self) -> ImageServiceClient<tonic::transport::Channel> {
+        let start = Instant::now();
+        loop {
+            match lazypull::rpc::connect_unix(&self.socket).await {
+                Ok(ch) => return ImageServiceClient::new(ch),
+                Err(e) => {
+                    assert!(
+                        start.elapsed() < Duration::from_secs(20),
+                        "connect containerd: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Unmount anything containerd left under its temp state.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep -o ' {}[^ ]*' /proc/mounts | sort -r | xargs -r -n1 umount -l",
+                self.dir.path().display()
+            ))
+            .status();
+    }
+}
