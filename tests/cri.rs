@@ -401,3 +401,54 @@ async fn restart_keeps_images_and_sigterm_is_clean() {
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(30));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_registry() {
+    need_tools!();
+    let issuer = TokenIssuer::start("alice", "s3cret");
+    let open = Registry::with_fixtures(None);
+    let reg = Registry::with_token_auth(&issuer);
+    let st = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "alice:s3cret",
+        ])
+        .arg(format!("docker://{}/multilayer:latest", open.host()))
+        .arg(format!("docker://{}/team/app:1", reg.host()))
+        .status()
+        .unwrap();
+    assert!(st.success(), "push through the token flow");
+    let name = format!("{}/team/app:1", reg.host());
+    let d = Daemon::start(&[]);
+    let mut c = d.client().await;
+    let e = pull(&mut c, &name).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let before = issuer.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let auth = cri::AuthConfig {
+        username: "alice".into(),
+        password: "s3cret".into(),
+        ..Default::default()
+    };
+    let id = c
+        .pull_image(cri::PullImageRequest {
+            image: spec(&name),
+            auth: Some(auth),
+            sandbox_config: None,
+        })
+        .await
+        .expect("pull with a bearer token")
+        .into_inner()
+        .image_ref;
+    assert_eq!(id, config_digest(&open, "multilayer"));
+    d.wait_complete(Duration::from_secs(60));
+    let tokens = issuer.requests.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(
+        (1..=3).contains(&tokens),
+        "tokens are cached, not fetched per request: {tokens}"
+    );
+    assert!(!d.log_text().contains("s3cret"));
+}

@@ -101,8 +101,19 @@ impl Registry {
         Self::start_in(tempfile::tempdir().expect("tempdir"), htpasswd)
     }
 
+    /// An empty registry that accepts only bearer tokens from `issuer`.
+    pub fn with_token_auth(issuer: &TokenIssuer) -> Registry {
+        let auth = format!(
+            "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+            issuer.port,
+            TokenIssuer::SERVICE,
+            TokenIssuer::ISSUER,
+            issuer.cert.display()
+        );
+        Self::start_with_auth(tempfile::tempdir().expect("tempdir"), auth)
+    }
+
     fn start_in(dir: tempfile::TempDir, htpasswd: Option<&Path>) -> Registry {
-        let port = free_port();
         let auth = match htpasswd {
             Some(p) => format!(
                 "auth:\n  htpasswd:\n    realm: lazypull-test\n    path: {}\n",
@@ -110,6 +121,11 @@ impl Registry {
             ),
             None => String::new(),
         };
+        Self::start_with_auth(dir, auth)
+    }
+
+    fn start_with_auth(dir: tempfile::TempDir, auth: String) -> Registry {
+        let port = free_port();
         let config = format!(
             "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
             dir.path().display()
@@ -638,5 +654,159 @@ impl Drop for Containerd {
                 self.dir.path().display()
             ))
             .status();
+    }
+}
+
+/// A bearer-token issuer for docker-registry's token auth: checks Basic credentials and mints
+/// RS256 JWTs (x5c header; the self-signed cert is the registry's root bundle), signed with the
+/// openssl CLI. Counts token requests.
+pub struct TokenIssuer {
+    pub port: u16,
+    pub cert: PathBuf,
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _dir: tempfile::TempDir,
+}
+
+impl TokenIssuer {
+    pub const SERVICE: &'static str = "lazypull-test";
+    pub const ISSUER: &'static str = "lazypull-test-issuer";
+
+    pub fn start(user: &str, password: &str) -> TokenIssuer {
+        use base64::Engine as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("key.pem");
+        let cert = dir.path().join("cert.pem");
+        let st = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=lazypull-test-issuer",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(st.success(), "openssl req");
+        let der = Command::new("openssl")
+            .args(["x509", "-outform", "DER", "-in"])
+            .arg(&cert)
+            .output()
+            .expect("openssl x509")
+            .stdout;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let (counter, key2) = (requests.clone(), key.clone());
+        let x5c = base64::engine::general_purpose::STANDARD.encode(&der);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = Self::answer(&mut stream, &expected, &key2, &x5c);
+            }
+        });
+        TokenIssuer {
+            port,
+            cert,
+            requests,
+            _dir: dir,
+        }
+    }
+
+    fn answer(
+        stream: &mut std::net::TcpStream,
+        expected: &str,
+        key: &Path,
+        x5c: &str,
+    ) -> std::io::Result<()> {
+        use base64::Engine as _;
+        use std::io::{BufRead, Write};
+        let mut reader = std::io::BufReader::new(stream.try_clone()?);
+        let mut request_line = String::new();
+        reader.read_line(&mut request_line)?;
+        let mut authorized = false;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("authorization")
+            {
+                authorized = v.trim() == expected;
+            }
+        }
+        if !authorized {
+            return stream.write_all(
+                b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+        // scope=repository:NAME:pull
+        let path = request_line
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        let scope = path
+            .split(['?', '&'])
+            .find_map(|kv| kv.strip_prefix("scope="))
+            .unwrap_or_default()
+            .replace("%3A", ":")
+            .replace("%2F", "/");
+        let repo = scope
+            .strip_prefix("repository:")
+            .and_then(|s| s.rsplit_once(':'))
+            .map(|(r, _)| r.to_string())
+            .unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5c": [x5c]});
+        let claims = serde_json::json!({
+            "iss": Self::ISSUER, "sub": "alice", "aud": Self::SERVICE, "exp": now + 600, "nbf": now - 60, "iat": now,
+            "jti": format!("{now}-{}", std::process::id()),
+            "access": [{"type": "repository", "name": repo, "actions": ["pull", "push"]}],
+        });
+        let signing_input = format!(
+            "{}.{}",
+            b64(header.to_string().as_bytes()),
+            b64(claims.to_string().as_bytes())
+        );
+        let mut child = Command::new("openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(signing_input.as_bytes())?;
+        let sig = child.wait_with_output()?.stdout;
+        let token = format!("{signing_input}.{}", b64(&sig));
+        let body = serde_json::json!({"token": token, "access_token": token, "expires_in": 600})
+            .to_string();
+        write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
     }
 }

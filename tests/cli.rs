@@ -1,0 +1,239 @@
+//! The CLI as a user runs it: prefetch (offline and through the daemon), list, status, prune,
+//! config validation, JSON logs.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+macro_rules! need_tools {
+    () => {
+        if !require_tools() {
+            return;
+        }
+    };
+}
+
+fn run(root: &std::path::Path, socket: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .arg("--root")
+        .arg(root)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run lazypull");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn offline_prefetch_list_status_prune() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let dir = tempfile::tempdir().unwrap();
+    let (root, sock) = (dir.path().join("store"), dir.path().join("none.sock"));
+    let h = reg.host();
+    let list_file = dir.path().join("images.txt");
+    std::fs::write(
+        &list_file,
+        format!("# images to warm\n{h}/shared-a:latest\n\n{h}/shared-b   # second\n"),
+    )
+    .unwrap();
+    let (ok, _, err) = run(
+        &root,
+        &sock,
+        &[
+            "prefetch",
+            "--quiet",
+            &format!("{h}/multilayer"),
+            "--file",
+            list_file.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "prefetch: {err}");
+    // Everything is local and complete: the registry can go away.
+    drop(reg);
+    let (ok, out, _) = run(&root, &sock, &["list", "--json"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3, "{v:#}");
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["complete"] == true && i["fill_percent"] == 100.0)
+    );
+    let (_, out, _) = run(&root, &sock, &["list", "*shared*"]);
+    assert_eq!(out.lines().count(), 3, "header + 2 shared images:\n{out}");
+    let (ok, out, _) = run(&root, &sock, &["status", &format!("{h}/multilayer")]);
+    assert!(
+        ok && out.contains("complete") && out.contains("gzip"),
+        "{out}"
+    );
+    let (ok, _, err) = run(&root, &sock, &["status", "no/such:image"]);
+    assert!(!ok && err.contains("no image"), "{err}");
+
+    // prune needs a filter; dry run changes nothing; a real prune frees the blobs.
+    let (ok, _, err) = run(&root, &sock, &["prune"]);
+    assert!(!ok && err.contains("refusing"), "{err}");
+    let (ok, out, _) = run(&root, &sock, &["prune", "*shared-a*", "--dry-run"]);
+    assert!(
+        ok && out.contains("would remove") && out.contains("shared-a"),
+        "{out}"
+    );
+    let blobs = || {
+        std::fs::read_dir(root.join("blobs/sha256"))
+            .unwrap()
+            .count()
+    };
+    let before = blobs();
+    let (ok, out, err) = run(&root, &sock, &["prune", "*shared-a*"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("removed 1 image"), "{out}");
+    assert!(blobs() < before, "prune freed blobs");
+    let (_, out, _) = run(&root, &sock, &["prune", "--unused-for", "1h"]);
+    assert!(
+        out.contains("0 image(s)"),
+        "nothing idle for an hour: {out}"
+    );
+    let (ok, out, _) = run(&root, &sock, &["prune", "--before", "2999-01-01", "--json"]);
+    assert!(ok && out.contains("shared-b"), "{out}");
+    let (_, out, _) = run(&root, &sock, &["list", "--json"]);
+    assert_eq!(out.trim(), "[]");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_and_prune_through_the_daemon() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let d = Daemon::start(&[]);
+    let h = reg.host();
+    let out = d.cli(&["prefetch", "--quiet", &format!("{h}/big")]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The daemon did the pull (it holds the store lock) and it is complete on return.
+    assert!(d.log_text().contains("image pulled"));
+    let s = d.status_json();
+    assert_eq!(s["daemon_running"], true);
+    assert!(
+        s["images"][0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["state"] == "complete")
+    );
+    let out = d.cli(&["pull", &format!("{h}/busybox")]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("sha256:"));
+    let out = d.cli(&["prune", "*big*"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut c = d.client().await;
+    assert!(status(&mut c, &format!("{h}/big")).await.is_none());
+    assert!(status(&mut c, &format!("{h}/busybox")).await.is_some());
+    let out = d.cli(&["pull", "bad ref"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("InvalidArgument"));
+}
+
+#[test]
+fn config_errors_and_json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(&cfg, "root: /tmp/x\nfetch: {max_parallel: 0}\n").unwrap();
+    let out = Command::new(bin())
+        .args(["--config", cfg.to_str().unwrap(), "serve"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fetch.max_parallel"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&cfg, "root: /tmp/x\nfetch: {paralel: 3}\n").unwrap();
+    let out = Command::new(bin())
+        .args(["--config", cfg.to_str().unwrap(), "list"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown field"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(bin())
+        .args(["serve", "--pull-timeout", "soon"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pull-timeout"));
+    let out = Command::new(bin())
+        .args(["serve", "--mirror", "nomirror"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("REGISTRY=MIRROR"));
+
+    // JSON logs from a daemon start and SIGTERM.
+    let root = dir.path().join("store");
+    let sock = dir.path().join("s.sock");
+    let child = Command::new(bin())
+        .arg("--root")
+        .arg(&root)
+        .arg("--socket")
+        .arg(&sock)
+        .args(["--log-format", "json", "serve"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() && start.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A second daemon on the same store is refused with a clear message.
+    let out = Command::new(bin())
+        .arg("--root")
+        .arg(&root)
+        .arg("--socket")
+        .arg(dir.path().join("t.sock"))
+        .arg("serve")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("locked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "socket is root-only"
+    );
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    let first = text.lines().next().unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(first).unwrap_or_else(|e| panic!("json log line {first:?}: {e}"));
+    assert!(
+        v["fields"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("serving"),
+        "{v}"
+    );
+}
