@@ -162,3 +162,105 @@ async fn daemon_sigkill_mid_fill_resumes_after_restart() {
         .count();
     assert!(gets <= 3, "{gets} GETs of the big layer");
 }
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_fails_the_pull_and_leaves_no_partial_blob() {
+    need_tools!();
+    if !is_root() {
+        eprintln!("SKIP: mounting a small tmpfs needs root");
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    let small = tempfile::tempdir().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(small.path())
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _u = Unmount(small.path().to_path_buf());
+    let root = small.path().join("store");
+    let sock = small.path().join("cri.sock");
+    let mut child = std::process::Command::new(bin())
+        .arg("--root")
+        .arg(&root)
+        .arg("--socket")
+        .arg(&sock)
+        .args(["serve", "--pull-mode", "full"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("socket", Duration::from_secs(10), || sock.exists());
+    let mut c = lazypull::rpc::cri::image_service_client::ImageServiceClient::new(
+        lazypull::rpc::connect_unix(&sock).await.unwrap(),
+    );
+    let t = Instant::now();
+    let e = pull(&mut c, &format!("{}/big:latest", reg.host()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "disk full is not retried for long: {:?}",
+        t.elapsed()
+    );
+    let big = layer_digests(&reg, "big")[1].clone();
+    let hex = big.trim_start_matches("sha256:");
+    assert!(
+        !root.join("blobs/sha256").join(hex).exists(),
+        "no partial blob under a final name"
+    );
+    assert!(
+        !root.join("partial/sha256").join(hex).exists(),
+        "partial file removed to give space back"
+    );
+    // The smaller layer that fitted is complete and verified.
+    let base = layer_digests(&reg, "big")[0].clone();
+    assert_eq!(
+        sha256_file(
+            &root
+                .join("blobs/sha256")
+                .join(base.trim_start_matches("sha256:"))
+        ),
+        base
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unresponsive_registry_fails_within_the_pull_timeout() {
+    need_tools!();
+    // Accepts connections and never answers.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = format!("127.0.0.1:{}", hole.local_addr().unwrap().port());
+    let d = Daemon::start(&["--pull-timeout", "2s"]);
+    let mut c = d.client().await;
+    let t = Instant::now();
+    let e = pull(&mut c, &format!("{host}/app:1")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e:?}");
+    assert!(
+        e.message().contains(&host) && e.message().contains("2s"),
+        "{}",
+        e.message()
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    drop(hole);
+}

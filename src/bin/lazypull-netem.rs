@@ -43,8 +43,10 @@ struct Bucket {
 impl Bucket {
     /// When `n` bytes may leave, reserving the link for them.
     fn reserve(&mut self, n: usize) -> Instant {
+        // Timers wake late (tokio rounds up to the millisecond): let the link catch up on up to
+        // 10 ms of time lost that way, so the emulated rate is the configured one.
         let now = Instant::now();
-        let start = self.next_free.max(now);
+        let start = self.next_free.max(now - Duration::from_millis(10));
         self.next_free = start + Duration::from_secs_f64(n as f64 / self.bytes_per_sec);
         self.next_free
     }
@@ -68,7 +70,7 @@ async fn pump(
         }
         let _ = to.shutdown().await;
     });
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     // Tamper state: find the end of headers, then count body bytes.
     let mut header_tail: Vec<u8> = Vec::new();
     let mut body_seen: Option<u64> = None;

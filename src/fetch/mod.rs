@@ -49,8 +49,18 @@ pub enum FillError {
 
 impl FillError {
     fn retryable(&self) -> bool {
-        matches!(self, FillError::Registry(e) if e.is_transient())
-            || matches!(self, FillError::Io { .. })
+        match self {
+            FillError::Registry(e) => e.is_transient(),
+            FillError::Io { source, .. } => !crate::store::is_disk_full(source),
+            _ => false,
+        }
+    }
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            FillError::Io { source, .. } => crate::store::is_disk_full(source),
+            FillError::Store(e) => e.is_disk_full(),
+            _ => false,
+        }
     }
 }
 
@@ -252,6 +262,12 @@ impl Filler {
                     };
                     if let Err(e) = lock(&self.db).set_layer_state(digest, state, Some(&msg)) {
                         tracing::error!(layer = digest, error = %e, "cannot record fill failure");
+                    }
+                    if e.is_disk_full()
+                        && let Ok(d) = Digest::parse(digest)
+                    {
+                        // Give the space back; the fill starts over once there is room.
+                        let _ = fs::remove_file(self.layout.partial(&d));
                     }
                     return FillStatus::Failed(msg);
                 }

@@ -23,8 +23,14 @@ pub fn code_of(e: &ImagesError) -> Code {
             RegistryError::TooLarge { .. } | RegistryError::Oci(_) => Code::FailedPrecondition,
             RegistryError::DigestMismatch { .. } => Code::DataLoss,
         },
+        ImagesError::Store(s) if s.is_disk_full() => Code::ResourceExhausted,
         ImagesError::Store(_) => Code::Internal,
         ImagesError::Timeout { .. } => Code::DeadlineExceeded,
+        ImagesError::Fill { reason, .. }
+            if reason.contains("No space left") || reason.contains("quota") =>
+        {
+            Code::ResourceExhausted
+        }
         ImagesError::Fill { .. } => Code::Unavailable,
         ImagesError::ShuttingDown => Code::Unavailable,
     }
