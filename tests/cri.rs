@@ -452,3 +452,146 @@ async fn bearer_token_registry() {
     );
     assert!(!d.log_text().contains("s3cret"));
 }
+
+/// Copy `repo:latest` into `to` with skopeo, passing extra copy flags (compression changes).
+fn skopeo_copy(reg: &Registry, from: &str, to: &str, extra: &[&str]) {
+    let st = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .args(extra)
+        .arg(format!("docker://{}/{from}", reg.host()))
+        .arg(format!("docker://{}/{to}", reg.host()))
+        .status()
+        .unwrap();
+    assert!(st.success(), "skopeo copy {from} -> {to} {extra:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_and_uncompressed_layers_verify_against_diff_ids() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let tar = first_layer_tar(&reg, "busybox");
+    let mut ids = vec![];
+    for comp in ["zstd", "none", "gzip"] {
+        ids.push(push_built_image(&reg, &format!("built-{comp}"), &tar, comp, comp).await);
+    }
+    // A layer whose content does not match the config's diff_id is refused.
+    push_built_image_claiming(
+        &reg,
+        "built-evil",
+        &tar[..tar.len() - 1024],
+        &tar,
+        "zstd",
+        "evil",
+    )
+    .await;
+    let d = Daemon::start(&["--pull-mode", "full"]);
+    let mut c = d.client().await;
+    let h = reg.host();
+    for (comp, want) in ["zstd", "none", "gzip"].iter().zip(&ids) {
+        let id = pull(&mut c, &format!("{h}/built-{comp}:latest"))
+            .await
+            .unwrap_or_else(|e| panic!("{comp}: {e:?}"));
+        assert_eq!(&id, want);
+    }
+    let s = d.status_json();
+    let media: Vec<String> = s["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|i| {
+            i["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["media_type"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert!(
+        media.iter().any(|m| m.ends_with("+zstd")) && media.iter().any(|m| m.ends_with(".tar")),
+        "{media:?}"
+    );
+    // The layer's blob digest is right (it is what the manifest names) but its content is not
+    // what the config declares.
+    let e = pull(&mut c, &format!("{h}/built-evil:latest"))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("diff_id"), "{}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_registry_with_custom_ca() {
+    need_tools!();
+    let dir = tempfile::tempdir().unwrap();
+    let (key, cert, ca) = (
+        dir.path().join("key.pem"),
+        dir.path().join("cert.pem"),
+        dir.path().join("ca.pem"),
+    );
+    let script = format!(
+        "set -e; cd {d}; openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=lazypull-test-ca -keyout ca.key -out ca.pem; \
+         openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr; \
+         printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext; \
+         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out cert.pem",
+        d = dir.path().display()
+    );
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "make CA and leaf certificate");
+    let open = Registry::with_fixtures(None);
+    let tls = Registry::with_tls(&cert, &key);
+    let st = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .arg(format!("docker://{}/busybox:latest", open.host()))
+        .arg(format!("docker://{}/busybox:latest", tls.host()))
+        .status()
+        .unwrap();
+    assert!(st.success(), "push to the TLS registry");
+    let name = format!("{}/busybox:latest", tls.host());
+    // Without the CA (and HTTPS forced): refused, clearly.
+    let cfg = dir.path().join("lazypull.yaml");
+    std::fs::write(
+        &cfg,
+        format!("registries:\n  - name: {}\n    scheme: https\n", tls.host()),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let mut c = d.client().await;
+    let e = pull(&mut c, &name).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().to_lowercase().contains("certificate") || e.message().contains("UnknownIssuer"),
+        "{}",
+        e.message()
+    );
+    drop(d);
+    // With the CA configured: works.
+    std::fs::write(
+        &cfg,
+        format!(
+            "registries:\n  - name: {}\n    scheme: https\n    tls: {{ca: {}}}\n",
+            tls.host(),
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap(), "--pull-mode", "full"]);
+    let mut c = d.client().await;
+    assert_eq!(
+        pull(&mut c, &name).await.expect("pull over https"),
+        config_digest(&open, "busybox")
+    );
+}

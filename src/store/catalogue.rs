@@ -223,6 +223,12 @@ impl Catalogue {
                 t
             ],
         )?;
+        // The same config can come with another manifest (recompressed layers): the latest pull
+        // defines the image's layers.
+        tx.execute(
+            "DELETE FROM image_layers WHERE image_id = ?1",
+            [img.id.as_str()],
+        )?;
         for (idx, (digest, media_type, size, diff_id)) in img.layers.iter().enumerate() {
             tx.execute(
                 "INSERT INTO layers (digest, media_type, size, diff_id, source, state) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')
@@ -588,6 +594,10 @@ mod tests {
             cat.drop_unreferenced_layers().unwrap(),
             vec![only_a.to_string()]
         );
+        // Re-pulling an id with fewer layers leaves no stale rows.
+        add(&mut cat, &b, &[], vec![]);
+        assert!(cat.image(b.as_str()).unwrap().unwrap().layers.is_empty());
+        add(&mut cat, &b, std::slice::from_ref(&shared), vec![]);
         // A tag moves to a newer image.
         add(&mut cat, &a, &[], vec![("r/y:1".into(), NameKind::Tag)]);
         assert_eq!(cat.image_by_name("r/y:1").unwrap().unwrap().id, a.as_str());

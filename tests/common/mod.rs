@@ -113,6 +113,16 @@ impl Registry {
         Self::start_with_auth(tempfile::tempdir().expect("tempdir"), auth)
     }
 
+    /// An empty registry serving HTTPS with the given certificate.
+    pub fn with_tls(cert: &Path, key: &Path) -> Registry {
+        let tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        );
+        Self::start_with_auth(tempfile::tempdir().expect("tempdir"), tls)
+    }
+
     fn start_in(dir: tempfile::TempDir, htpasswd: Option<&Path>) -> Registry {
         let auth = match htpasswd {
             Some(p) => format!(
@@ -809,4 +819,110 @@ impl TokenIssuer {
             body.len()
         )
     }
+}
+
+/// Push an image built here: one layer made of `tar` in the given compression ("gzip", "zstd",
+/// "none"), a config labelled `label` (so ids differ). Returns the config digest.
+pub async fn push_built_image(
+    reg: &Registry,
+    repo: &str,
+    tar: &[u8],
+    compression: &str,
+    label: &str,
+) -> String {
+    push_built_image_claiming(reg, repo, tar, tar, compression, label).await
+}
+
+/// Like [`push_built_image`], but the config's diff_id is that of `claimed` (to test that a
+/// layer whose content does not match its diff_id is refused).
+pub async fn push_built_image_claiming(
+    reg: &Registry,
+    repo: &str,
+    tar: &[u8],
+    claimed: &[u8],
+    compression: &str,
+    label: &str,
+) -> String {
+    use sha2::Digest as _;
+    use std::io::Write;
+    let digest = |b: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)));
+    let (layer, media_type) = match compression {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(tar).expect("gzip");
+            (
+                e.finish().expect("gzip"),
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+            )
+        }
+        "zstd" => (
+            zstd::encode_all(tar, 3).expect("zstd"),
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
+        _ => (tar.to_vec(), "application/vnd.oci.image.layer.v1.tar"),
+    };
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Labels": {"lazypull.test": label}, "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [digest(claimed)]},
+    })
+    .to_string()
+    .into_bytes();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(&config), "size": config.len()},
+        "layers": [{"mediaType": media_type, "digest": digest(&layer), "size": layer.len()}],
+    })
+    .to_string()
+    .into_bytes();
+    let client = oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::Http,
+        ..Default::default()
+    });
+    let r: oci_client::Reference = format!("{}/{repo}:latest", reg.host())
+        .parse()
+        .expect("reference");
+    client
+        .store_auth_if_needed(
+            r.resolve_registry(),
+            &oci_client::secrets::RegistryAuth::Anonymous,
+        )
+        .await;
+    client
+        .push_blob(&r, layer.clone(), &digest(&layer))
+        .await
+        .expect("push layer");
+    client
+        .push_blob(&r, config.clone(), &digest(&config))
+        .await
+        .expect("push config");
+    client
+        .push_manifest_raw(
+            &r,
+            manifest,
+            "application/vnd.oci.image.manifest.v1+json"
+                .parse()
+                .expect("header"),
+        )
+        .await
+        .expect("push manifest");
+    digest(&config)
+}
+
+/// The uncompressed tar of `repo`'s first layer (downloaded from the registry).
+pub fn first_layer_tar(reg: &Registry, repo: &str) -> Vec<u8> {
+    use std::io::Read;
+    let l = &layer_digests(reg, repo)[0];
+    let out = Command::new("curl")
+        .args(["-sf"])
+        .arg(format!("http://{}/v2/{repo}/blobs/{l}", reg.host()))
+        .output()
+        .expect("curl");
+    assert!(out.status.success(), "download layer");
+    let mut tar = Vec::new();
+    flate2::read::MultiGzDecoder::new(&out.stdout[..])
+        .read_to_end(&mut tar)
+        .expect("gunzip");
+    tar
 }
