@@ -453,23 +453,6 @@ async fn bearer_token_registry() {
     assert!(!d.log_text().contains("s3cret"));
 }
 
-/// Copy `repo:latest` into `to` with skopeo, passing extra copy flags (compression changes).
-fn skopeo_copy(reg: &Registry, from: &str, to: &str, extra: &[&str]) {
-    let st = std::process::Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-        ])
-        .args(extra)
-        .arg(format!("docker://{}/{from}", reg.host()))
-        .arg(format!("docker://{}/{to}", reg.host()))
-        .status()
-        .unwrap();
-    assert!(st.success(), "skopeo copy {from} -> {to} {extra:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zstd_and_uncompressed_layers_verify_against_diff_ids() {
     need_tools!();

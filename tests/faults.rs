@@ -264,3 +264,52 @@ async fn unresponsive_registry_fails_within_the_pull_timeout() {
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     drop(hole);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_gc_removes_orphans_and_keeps_referenced_blobs() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let mut d = Daemon::start(&["--gc-interval", "1s"]);
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &format!("{}/busybox:latest", reg.host()))
+            .await
+            .unwrap();
+    }
+    d.wait_complete(Duration::from_secs(30));
+    // Orphans, as a crash or a killed prune could leave them.
+    let blobs = d.store().join("blobs/sha256");
+    let partial = d.store().join("partial/sha256");
+    let orphan = blobs.join("ab".repeat(32));
+    let orphan_partial = partial.join("cd".repeat(32));
+    let young_tmp = blobs.join(".tmp-in-progress");
+    std::fs::write(&orphan, b"nobody needs me").unwrap();
+    std::fs::write(&orphan_partial, b"half").unwrap();
+    std::fs::write(&young_tmp, b"a write in progress").unwrap();
+    let kept: Vec<_> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| *p != orphan && *p != young_tmp)
+        .collect();
+    wait_until("the periodic gc", Duration::from_secs(10), || {
+        !orphan.exists() && !orphan_partial.exists()
+    });
+    assert!(
+        young_tmp.exists(),
+        "a young temp file of a write in progress is kept"
+    );
+    for p in &kept {
+        assert!(p.exists(), "referenced blob {} kept", p.display());
+    }
+    assert!(d.log_text().contains("garbage collected"));
+    // Cleanly restartable afterwards, image intact.
+    d.terminate();
+    d.restart();
+    let mut c = d.client().await;
+    assert!(
+        status(&mut c, &format!("{}/busybox:latest", reg.host()))
+            .await
+            .is_some()
+    );
+}
