@@ -366,6 +366,41 @@ async fn basic_auth_registry_and_credential_sources() {
         id
     );
     assert!(!d.log_text().contains("s3cret"));
+    drop(d);
+    // A docker credential helper named in credHelpers, found on PATH ($DOCKER_CONFIG this time).
+    let bin_dir = dir.path().join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let helper = bin_dir.join("docker-credential-lazytest");
+    std::fs::write(&helper, "#!/bin/sh\nread server\n[ \"$1\" = get ] || exit 1\nprintf '{\"ServerURL\":\"%s\",\"Username\":\"alice\",\"Secret\":\"s3cret\"}' \"$server\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let docker_dir = dir.path().join("docker");
+    std::fs::create_dir_all(&docker_dir).unwrap();
+    std::fs::write(
+        docker_dir.join("config.json"),
+        format!(r#"{{"credHelpers":{{"{}":"lazytest"}}}}"#, reg.host()),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let d = Daemon::start_with_env(
+        &[],
+        &[
+            ("DOCKER_CONFIG", docker_dir.to_str().unwrap()),
+            ("PATH", &path),
+        ],
+    );
+    let mut c = d.client().await;
+    assert_eq!(
+        pull(&mut c, &name)
+            .await
+            .expect("pull with a credential helper"),
+        id
+    );
+    assert!(!d.log_text().contains("s3cret"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -247,6 +247,7 @@ pub struct Daemon {
     pub log: PathBuf,
     child: Option<Child>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 pub fn bin() -> &'static str {
@@ -255,15 +256,24 @@ pub fn bin() -> &'static str {
 
 impl Daemon {
     pub fn start(args: &[&str]) -> Daemon {
+        Self::start_with_env(args, &[])
+    }
+
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let root = tempfile::tempdir().expect("tempdir");
         let socket = root.path().join("cri.sock");
         let log = root.path().join("daemon.log");
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut d = Daemon {
             socket,
             log,
             child: None,
             args: args.iter().map(|s| s.to_string()).collect(),
             root,
+            env,
         };
         d.spawn();
         d
@@ -288,6 +298,7 @@ impl Daemon {
             .arg("debug")
             .arg("serve")
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
