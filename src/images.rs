@@ -126,19 +126,31 @@ impl Images {
         let r = oci::parse_reference(reference)?;
         let started = Instant::now();
         let fut = self.pull_inner(&r, request_creds, mode);
-        let out = match mode {
+        let result = match mode {
             // A full pull is bounded by the fill, which has its own retry budget.
-            PullMode::Full => fut.await?,
+            PullMode::Full => fut.await,
             PullMode::Lazy => tokio::time::timeout(self.pull_timeout, fut)
                 .await
-                .map_err(|_| ImagesError::Timeout {
-                    reference: r.to_string(),
-                    timeout: self.pull_timeout,
-                })??,
+                .unwrap_or_else(|_| {
+                    Err(ImagesError::Timeout {
+                        reference: r.to_string(),
+                        timeout: self.pull_timeout,
+                    })
+                }),
         };
+        self.release_pull_slot(&r.to_string());
+        let out = result?;
         tracing::info!(image = %r, id = %out.id, ?mode, already_local = out.already_local,
             elapsed_ms = started.elapsed().as_millis() as u64, "image pulled");
         Ok(out)
+    }
+
+    /// Forget the per-name lock once no pull of that name holds or waits for it.
+    fn release_pull_slot(&self, key: &str) {
+        let mut locks = self.pull_locks.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.get(key).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(key);
+        }
     }
 
     async fn pull_inner(

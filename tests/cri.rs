@@ -286,20 +286,11 @@ async fn basic_auth_registry_and_credential_sources() {
     let open = Registry::with_fixtures(None);
     let reg = Registry::empty(Some(&htpasswd));
     // Put busybox into the auth registry.
-    let st = std::process::Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            "alice:s3cret",
-        ])
-        .arg(format!("docker://{}/busybox:latest", open.host()))
-        .arg(format!("docker://{}/private/busybox:latest", reg.host()))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    skopeo_copy(
+        &format!("{}/busybox:latest", open.host()),
+        &format!("{}/private/busybox:latest", reg.host()),
+        &["--dest-creds", "alice:s3cret"],
+    );
     let name = format!("{}/private/busybox:latest", reg.host());
 
     let d = Daemon::start(&[]);
@@ -443,20 +434,11 @@ async fn bearer_token_registry() {
     let issuer = TokenIssuer::start("alice", "s3cret");
     let open = Registry::with_fixtures(None);
     let reg = Registry::with_token_auth(&issuer);
-    let st = std::process::Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            "alice:s3cret",
-        ])
-        .arg(format!("docker://{}/multilayer:latest", open.host()))
-        .arg(format!("docker://{}/team/app:1", reg.host()))
-        .status()
-        .unwrap();
-    assert!(st.success(), "push through the token flow");
+    skopeo_copy(
+        &format!("{}/multilayer:latest", open.host()),
+        &format!("{}/team/app:1", reg.host()),
+        &["--dest-creds", "alice:s3cret"],
+    );
     let name = format!("{}/team/app:1", reg.host());
     let d = Daemon::start(&[]);
     let mut c = d.client().await;
@@ -566,18 +548,11 @@ async fn https_registry_with_custom_ca() {
     assert!(st.success(), "make CA and leaf certificate");
     let open = Registry::with_fixtures(None);
     let tls = Registry::with_tls(&cert, &key);
-    let st = std::process::Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-        ])
-        .arg(format!("docker://{}/busybox:latest", open.host()))
-        .arg(format!("docker://{}/busybox:latest", tls.host()))
-        .status()
-        .unwrap();
-    assert!(st.success(), "push to the TLS registry");
+    skopeo_copy(
+        &format!("{}/busybox:latest", open.host()),
+        &format!("{}/busybox:latest", tls.host()),
+        &[],
+    );
     let name = format!("{}/busybox:latest", tls.host());
     // Without the CA (and HTTPS forced): refused, clearly.
     let cfg = dir.path().join("lazypull.yaml");
@@ -611,5 +586,32 @@ async fn https_registry_with_custom_ca() {
     assert_eq!(
         pull(&mut c, &name).await.expect("pull over https"),
         config_digest(&open, "busybox")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_not_forwarded_on_redirect_to_another_host() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let front = RedirectingRegistry::start(reg.host(), "alice", "s3cret");
+    let d = Daemon::start(&["--pull-mode", "full", "--creds", "alice:s3cret"]);
+    let mut c = d.client().await;
+    let id = pull(&mut c, &format!("{}/multilayer:latest", front.host()))
+        .await
+        .expect("pull through redirects");
+    assert_eq!(id, config_digest(&reg, "multilayer"));
+    let n = front
+        .storage_requests
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        n >= 4,
+        "config and three layers came from the storage host: {n}"
+    );
+    assert_eq!(
+        front
+            .storage_saw_auth
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no credentials sent to another host"
     );
 }

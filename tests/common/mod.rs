@@ -178,20 +178,12 @@ impl Registry {
 
     /// Copy an image inside this registry (e.g. to `library/busybox` for short-name tests).
     pub fn copy(&self, from: &str, to: &str) {
-        let st = Command::new("skopeo")
-            .args([
-                "copy",
-                "--all",
-                "--preserve-digests",
-                "--src-tls-verify=false",
-                "--dest-tls-verify=false",
-                "-q",
-            ])
-            .arg(format!("docker://{}/{from}", self.host()))
-            .arg(format!("docker://{}/{to}", self.host()))
-            .status()
-            .expect("skopeo");
-        assert!(st.success(), "skopeo copy {from} -> {to}");
+        let h = self.host();
+        skopeo_copy(
+            &format!("{h}/{from}"),
+            &format!("{h}/{to}"),
+            &["--all", "--preserve-digests"],
+        );
     }
 }
 
@@ -482,15 +474,19 @@ pub async fn list(c: &mut ImageServiceClient<tonic::transport::Channel>) -> Vec<
         .images
 }
 
-/// Digest of the first layer of `repo:latest` as stored in the registry (via skopeo).
-pub fn layer_digests(reg: &Registry, repo: &str) -> Vec<String> {
+/// The manifest of `repo:latest` as the registry serves it (via skopeo).
+fn manifest_of(reg: &Registry, repo: &str) -> serde_json::Value {
     let out = Command::new("skopeo")
         .args(["inspect", "--tls-verify=false", "--raw"])
         .arg(format!("docker://{}/{repo}:latest", reg.host()))
         .output()
         .expect("skopeo inspect");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest json");
-    v["layers"]
+    serde_json::from_slice(&out.stdout).expect("manifest json")
+}
+
+/// Layer digests of `repo:latest`, in order.
+pub fn layer_digests(reg: &Registry, repo: &str) -> Vec<String> {
+    manifest_of(reg, repo)["layers"]
         .as_array()
         .expect("layers")
         .iter()
@@ -499,16 +495,27 @@ pub fn layer_digests(reg: &Registry, repo: &str) -> Vec<String> {
 }
 
 pub fn config_digest(reg: &Registry, repo: &str) -> String {
-    let out = Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false", "--raw"])
-        .arg(format!("docker://{}/{repo}:latest", reg.host()))
-        .output()
-        .expect("skopeo inspect");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("manifest json");
-    v["config"]["digest"]
+    manifest_of(reg, repo)["config"]["digest"]
         .as_str()
         .expect("config digest")
         .to_string()
+}
+
+/// `skopeo copy` between two registry references (`HOST/REPO:TAG`), TLS verification off.
+pub fn skopeo_copy(src: &str, dst: &str, extra: &[&str]) {
+    let st = Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+        ])
+        .args(extra)
+        .arg(format!("docker://{src}"))
+        .arg(format!("docker://{dst}"))
+        .status()
+        .expect("skopeo");
+    assert!(st.success(), "skopeo copy {src} -> {dst}");
 }
 
 /// The project's network-emulation proxy in front of a registry.
@@ -936,4 +943,158 @@ pub fn first_layer_tar(reg: &Registry, repo: &str) -> Vec<u8> {
         .read_to_end(&mut tar)
         .expect("gunzip");
     tar
+}
+
+/// A minimal registry front that requires basic auth, proxies manifests and configs to a real
+/// registry, and answers layer GETs with a 307 redirect to a second host (127.0.0.2, another
+/// "storage backend") which records whether credentials reached it.
+pub struct RedirectingRegistry {
+    pub port: u16,
+    pub storage_port: u16,
+    pub storage_saw_auth: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub storage_requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+fn read_request(stream: &mut std::net::TcpStream) -> Option<(String, Vec<(String, String)>)> {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(stream.try_clone().ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let path = line.split_whitespace().nth(1)?.to_string();
+    let mut headers = vec![];
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).ok()?;
+        if h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+        }
+    }
+    Some((path, headers))
+}
+
+fn respond(
+    stream: &mut std::net::TcpStream,
+    status: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) {
+    use std::io::Write;
+    let mut head = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(body);
+}
+
+fn fetch(url: &str, accept: Option<&str>) -> (Vec<u8>, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sf", "-D", "/dev/stderr"]);
+    if let Some(a) = accept {
+        cmd.args(["-H", &format!("Accept: {a}")]);
+    }
+    let out = cmd.arg(url).output().expect("curl");
+    let ct = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (out.stdout, ct)
+}
+
+impl RedirectingRegistry {
+    pub fn start(upstream: String, user: &str, password: &str) -> RedirectingRegistry {
+        use base64::Engine as _;
+        use std::sync::atomic::Ordering;
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let front = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let storage = TcpListener::bind("127.0.0.2:0").expect("bind 127.0.0.2");
+        let (port, storage_port) = (
+            front.local_addr().expect("addr").port(),
+            storage.local_addr().expect("addr").port(),
+        );
+        let saw_auth = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let up = upstream.clone();
+        std::thread::spawn(move || {
+            for s in front.incoming() {
+                let Ok(mut s) = s else { continue };
+                let Some((path, headers)) = read_request(&mut s) else {
+                    continue;
+                };
+                let authed = headers
+                    .iter()
+                    .any(|(k, v)| k == "authorization" && *v == expected);
+                if !authed {
+                    respond(
+                        &mut s,
+                        "401 Unauthorized",
+                        &[("WWW-Authenticate", "Basic realm=\"redirect-test\"".into())],
+                        b"",
+                    );
+                    continue;
+                }
+                if path == "/v2/" {
+                    respond(&mut s, "200 OK", &[], b"{}");
+                } else if path.contains("/manifests/") {
+                    let accept = headers
+                        .iter()
+                        .filter(|(k, _)| k == "accept")
+                        .map(|(_, v)| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let (body, ct) = fetch(&format!("http://{up}{path}"), Some(&accept));
+                    respond(&mut s, "200 OK", &[("Content-Type", ct)], &body);
+                } else if path.contains("/blobs/") {
+                    let loc = format!("http://127.0.0.2:{storage_port}{path}");
+                    respond(&mut s, "307 Temporary Redirect", &[("Location", loc)], b"");
+                } else {
+                    respond(&mut s, "404 Not Found", &[], b"");
+                }
+            }
+        });
+        let (sa, rq) = (saw_auth.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for s in storage.incoming() {
+                let Ok(mut s) = s else { continue };
+                let Some((path, headers)) = read_request(&mut s) else {
+                    continue;
+                };
+                rq.fetch_add(1, Ordering::SeqCst);
+                if headers.iter().any(|(k, _)| k == "authorization") {
+                    sa.fetch_add(1, Ordering::SeqCst);
+                }
+                let (body, _) = fetch(&format!("http://{upstream}{path}"), None);
+                respond(
+                    &mut s,
+                    "200 OK",
+                    &[("Content-Type", "application/octet-stream".into())],
+                    &body,
+                );
+            }
+        });
+        RedirectingRegistry {
+            port,
+            storage_port,
+            storage_saw_auth: saw_auth,
+            storage_requests: requests,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
 }
