@@ -83,6 +83,7 @@ async fn cri_naming_semantics() {
     let mut c = d.client().await;
 
     // Short names are normalised and fetched through the configured mirror.
+    // (A dead mirror in front of a reachable upstream is covered below.)
     let id = pull(&mut c, "busybox")
         .await
         .expect("pull busybox via mirror");
@@ -613,5 +614,29 @@ async fn credentials_are_not_forwarded_on_redirect_to_another_host() {
             .load(std::sync::atomic::Ordering::SeqCst),
         0,
         "no credentials sent to another host"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_mirror_falls_back_to_upstream_quickly() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let dead = free_port();
+    let mirror = format!("{}=http://127.0.0.1:{dead}", reg.host());
+    let d = Daemon::start(&["--mirror", &mirror, "--pull-mode", "full"]);
+    let mut c = d.client().await;
+    let t = Instant::now();
+    let id = pull(&mut c, &format!("{}/multilayer:latest", reg.host()))
+        .await
+        .expect("upstream after the mirror fails");
+    assert_eq!(id, config_digest(&reg, "multilayer"));
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "a dead mirror costs little: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        d.log_text().contains("mirror failed"),
+        "the fallback is logged"
     );
 }

@@ -334,7 +334,9 @@ impl Registry {
                 .await
                 {
                     Ok(v) => return Ok(v),
-                    Err(e) if e.is_transient() && attempt < self.opts.retries => {
+                    // A failing mirror hands over to the next endpoint at once; the upstream, the
+                    // last resort, gets the retries with backoff.
+                    Err(e) if e.is_transient() && !ep.is_mirror && attempt < self.opts.retries => {
                         let delay = self.opts.backoff * 2u32.pow(attempt);
                         tracing::warn!(registry = %ep.host, %what, error = %e, attempt, "transient registry error; retrying in {delay:?}");
                         tokio::time::sleep(delay).await;
