@@ -6,7 +6,7 @@ use crate::fetch::{FillStatus, Filler};
 use crate::oci::{self, Digest, Document, Reference};
 use crate::registry::auth::Secret;
 use crate::registry::{OpCreds, Registry, RegistryError};
-use crate::store::{Catalogue, ImageRecord, Layout, NameKind, NewImage, StoreError};
+use crate::store::{Catalogue, ImageRecord, Layout, NameKind, NewImage, NewLayer, StoreError};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -226,7 +226,17 @@ impl Images {
             .layers
             .iter()
             .zip(&config.diff_ids)
-            .map(|(l, diff)| (&l.digest, l.media_type.as_str(), l.size, diff))
+            .map(|(l, diff)| NewLayer {
+                digest: &l.digest,
+                media_type: l.media_type.as_str(),
+                size: l.size,
+                diff_id: diff,
+                // A malformed annotation only means the layer cannot be lazy.
+                toc_digest: l
+                    .annotations
+                    .get(crate::layer::estargz::TOC_DIGEST_ANNOTATION)
+                    .and_then(|d| Digest::parse(d).ok()),
+            })
             .collect();
         let already_local = lock(&self.db)
             .image(config_digest.as_str())?

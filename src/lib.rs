@@ -8,6 +8,7 @@ pub mod cri;
 pub mod daemon;
 pub mod fetch;
 pub mod images;
+pub mod layer;
 pub mod oci;
 pub mod registry;
 pub mod rpc;

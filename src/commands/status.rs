@@ -49,11 +49,13 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
             if i.complete() { ", complete" } else { "" }
         );
         for l in &i.layers {
-            let fmt = crate::oci::Compression::from_media_type(&l.media_type)
-                .map(|c| c.name())
-                .unwrap_or("?");
+            let fmt = match (l.toc_entries, &l.toc_error) {
+                (Some(n), _) => format!("estargz ({n} TOC entries)"),
+                (None, Some(_)) => format!("{} (TOC refused)", l.format()),
+                _ => l.format().to_string(),
+            };
             println!(
-                "  {}  {:<5} {:>10} / {:>10}  {:?}{}",
+                "  {}  {:<28} {:>10} / {:>10}  {:?}{}",
                 short_id(&l.digest),
                 fmt,
                 human_bytes(l.local_bytes()),

@@ -275,6 +275,105 @@ impl Filler {
         }
     }
 
+    /// The operation's credentials, completed with those persisted for the registry.
+    fn creds_for(&self, reference: &Reference, creds: &OpCreds) -> OpCreds {
+        let persisted = lock(&self.db)
+            .credential(reference.registry())
+            .ok()
+            .flatten();
+        OpCreds {
+            request: creds.request.clone(),
+            persisted: creds
+                .persisted
+                .clone()
+                .or_else(|| persisted.and_then(|s| serde_json::from_str(&s).ok())),
+        }
+    }
+
+    /// eStargz: fetch the footer and the TOC (two range requests), verify the TOC against the
+    /// layer's annotation, validate it and store it under its digest. A refused TOC is recorded
+    /// with the reason; the layer is then only fetched whole (which the fill does anyway).
+    async fn fetch_toc(&self, layer: &LayerRecord, creds: &OpCreds) {
+        match self.try_fetch_toc(layer, creds).await {
+            Ok(entries) => {
+                tracing::info!(layer = %layer.digest, entries, "eStargz TOC fetched and verified");
+                if let Err(e) = lock(&self.db).set_toc(&layer.digest, entries) {
+                    tracing::error!(layer = %layer.digest, error = %e, "cannot record the TOC");
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(layer = %layer.digest, %reason, "layer refused for lazy access; it is fetched whole and verified instead");
+                if let Err(e) = lock(&self.db).set_toc_error(&layer.digest, &reason) {
+                    tracing::error!(layer = %layer.digest, error = %e, "cannot record the TOC error");
+                }
+            }
+        }
+    }
+
+    async fn try_fetch_toc(&self, layer: &LayerRecord, creds: &OpCreds) -> Result<u64, String> {
+        use crate::layer::estargz::{self, FOOTER_SIZE, Limits};
+        let digest = layer.digest().map_err(|e| e.to_string())?;
+        let toc_digest = Digest::parse(layer.toc_digest.as_deref().unwrap_or_default())
+            .map_err(|e| e.to_string())?;
+        let reference = source_reference(&layer.source, &digest)
+            .ok_or_else(|| format!("bad source {:?}", layer.source))?;
+        let creds = self.creds_for(&reference, creds);
+        if layer.size < FOOTER_SIZE {
+            return Err(format!(
+                "layer of {} bytes cannot hold an eStargz footer",
+                layer.size
+            ));
+        }
+        let limits = Limits::default();
+        self.stats.blob_requests.fetch_add(2, Ordering::Relaxed);
+        let tail = self
+            .registry
+            .fetch_range(
+                &reference,
+                &digest,
+                layer.size - FOOTER_SIZE,
+                FOOTER_SIZE,
+                &creds,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let toc_offset = estargz::parse_footer(&tail).map_err(|e| e.to_string())?;
+        let end = layer.size - estargz::footer_size(&tail);
+        if toc_offset >= end {
+            return Err(format!(
+                "TOC offset {toc_offset} beyond the data ({end} bytes)"
+            ));
+        }
+        if end - toc_offset > limits.max_toc_compressed {
+            return Err(estargz::TocError::TooLarge {
+                size: end - toc_offset,
+                limit: limits.max_toc_compressed,
+            }
+            .to_string());
+        }
+        let member = self
+            .registry
+            .fetch_range(&reference, &digest, toc_offset, end - toc_offset, &creds)
+            .await
+            .map_err(|e| e.to_string())?;
+        let size = layer.size;
+        let td = toc_digest.clone();
+        let (json, entries) =
+            tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, u64), String> {
+                let json =
+                    estargz::toc_json_from_member(&member, &limits).map_err(|e| e.to_string())?;
+                let toc = estargz::parse_toc(&json, &td, size, toc_offset, &limits)
+                    .map_err(|e| e.to_string())?;
+                Ok((json, toc.entries.len() as u64))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+        self.layout
+            .put_blob(&toc_digest, &json)
+            .map_err(|e| e.to_string())?;
+        Ok(entries)
+    }
+
     async fn fill_once(&self, digest_str: &str, creds: &OpCreds) -> Result<(), FillError> {
         let layer = lock(&self.db)
             .layer(digest_str)?
@@ -284,6 +383,9 @@ impl Filler {
         if final_path.exists() {
             lock(&self.db).set_layer_state(digest_str, LayerState::Complete, None)?;
             return Ok(());
+        }
+        if layer.toc_digest.is_some() && layer.toc_entries.is_none() && layer.toc_error.is_none() {
+            self.fetch_toc(&layer, creds).await;
         }
         let compression =
             Compression::from_media_type(&layer.media_type).map_err(|e| FillError::Verify {
@@ -357,17 +459,7 @@ impl Filler {
         let mut state = Some((file, verifier));
         let mut written = have;
         if written < layer.size {
-            let persisted = lock(&self.db)
-                .credential(reference.registry())
-                .ok()
-                .flatten();
-            let creds = OpCreds {
-                request: creds.request.clone(),
-                persisted: creds
-                    .persisted
-                    .clone()
-                    .or_else(|| persisted.and_then(|s| serde_json::from_str(&s).ok())),
-            };
+            let creds = self.creds_for(&reference, creds);
             self.stats.blob_requests.fetch_add(1, Ordering::Relaxed);
             let body = self
                 .registry

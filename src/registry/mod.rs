@@ -477,6 +477,64 @@ impl Registry {
         .await
     }
 
+    /// Fetch exactly `len` bytes of a blob at `offset` with one range request (bounded: a
+    /// registry ignoring `Range` is read only as far as needed). The caller verifies the bytes.
+    pub async fn fetch_range(
+        &self,
+        r: &Reference,
+        d: &Digest,
+        offset: u64,
+        len: u64,
+        creds: &OpCreds,
+    ) -> Result<Vec<u8>> {
+        let what = format!("bytes {offset}+{len} of blob {d}");
+        self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
+            let what = what.clone();
+            async move {
+                let body = open_blob(
+                    &client,
+                    &reference,
+                    d,
+                    offset,
+                    Some(len),
+                    secret.as_ref(),
+                    &source,
+                    &ep,
+                    &what,
+                )
+                .await?;
+                let (mut skip, mut stream) = (body.skip, body.stream);
+                let mut buf = Vec::with_capacity(len.min(1 << 24) as usize);
+                while (buf.len() as u64) < len {
+                    let Some(chunk) = stream.next().await else {
+                        break;
+                    };
+                    let mut chunk = chunk.map_err(|e| RegistryError::Unreachable {
+                        registry: ep.host.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    if skip > 0 {
+                        let s = skip.min(chunk.len() as u64);
+                        skip -= s;
+                        chunk = chunk.slice(s as usize..);
+                    }
+                    let want = (len - buf.len() as u64).min(chunk.len() as u64) as usize;
+                    buf.extend_from_slice(&chunk[..want]);
+                }
+                if (buf.len() as u64) < len {
+                    return Err(RegistryError::Truncated {
+                        registry: ep.host.clone(),
+                        what,
+                        got: buf.len() as u64,
+                        expected: len,
+                    });
+                }
+                Ok(buf)
+            }
+        })
+        .await
+    }
+
     /// Open a blob for streaming from `offset` (a range request; resumption after a restart).
     /// The caller verifies the bytes: partial bodies cannot be checked here.
     pub async fn open_blob(

@@ -9,7 +9,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
+
+/// Columns of a layer row, in the order `layer_from_row` reads them.
+const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error";
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS images (
@@ -38,7 +41,10 @@ CREATE TABLE IF NOT EXISTS layers (
     state TEXT NOT NULL CHECK (state IN ('pending', 'complete', 'failed')),
     filled INTEGER NOT NULL DEFAULT 0,   -- durable, not yet verified prefix in partial/
     error TEXT,
-    completed_at INTEGER
+    completed_at INTEGER,
+    toc_digest TEXT,                     -- eStargz: digest of the TOC JSON (layer annotation)
+    toc_entries INTEGER,                 -- set once the TOC was fetched, verified and stored
+    toc_error TEXT                       -- why the TOC was refused (the layer is then fetched whole)
 );
 CREATE TABLE IF NOT EXISTS image_layers (
     image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -95,9 +101,25 @@ pub struct LayerRecord {
     pub state: LayerState,
     pub filled: u64,
     pub error: Option<String>,
+    /// eStargz TOC digest (from the layer annotation), when the layer declares one.
+    pub toc_digest: Option<String>,
+    /// Entries of the verified TOC, once fetched and stored under `blobs/` by its digest.
+    pub toc_entries: Option<u64>,
+    /// Why the TOC was refused (the layer is then only usable once fetched whole).
+    pub toc_error: Option<String>,
 }
 
 impl LayerRecord {
+    /// The layer's format for display: `estargz` once its TOC is verified.
+    pub fn format(&self) -> &'static str {
+        if self.toc_entries.is_some() {
+            return "estargz";
+        }
+        crate::oci::Compression::from_media_type(&self.media_type)
+            .map(|c| c.name())
+            .unwrap_or("?")
+    }
+
     pub fn digest(&self) -> Result<Digest> {
         Digest::parse(&self.digest).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
@@ -148,6 +170,14 @@ impl ImageRecord {
     }
 }
 
+pub struct NewLayer<'a> {
+    pub digest: &'a Digest,
+    pub media_type: &'a str,
+    pub size: u64,
+    pub diff_id: &'a Digest,
+    pub toc_digest: Option<Digest>,
+}
+
 /// What a pull records.
 pub struct NewImage<'a> {
     pub id: &'a Digest,
@@ -158,7 +188,7 @@ pub struct NewImage<'a> {
     pub user: &'a str,
     pub source: &'a str,
     /// (digest, media type, size, diff_id)
-    pub layers: Vec<(&'a Digest, &'a str, u64, &'a Digest)>,
+    pub layers: Vec<NewLayer<'a>>,
     pub names: Vec<(String, NameKind)>,
 }
 
@@ -185,6 +215,15 @@ impl Catalogue {
             });
         }
         conn.execute_batch(SCHEMA)?;
+        // Version 1 → 2: TOC columns on layers.
+        let has_toc: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('layers') WHERE name = 'toc_digest')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_toc {
+            conn.execute_batch("ALTER TABLE layers ADD COLUMN toc_digest TEXT; ALTER TABLE layers ADD COLUMN toc_entries INTEGER; ALTER TABLE layers ADD COLUMN toc_error TEXT;")?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         // The catalogue may hold registry credentials: root-only.
         use std::os::unix::fs::PermissionsExt;
@@ -229,16 +268,16 @@ impl Catalogue {
             "DELETE FROM image_layers WHERE image_id = ?1",
             [img.id.as_str()],
         )?;
-        for (idx, (digest, media_type, size, diff_id)) in img.layers.iter().enumerate() {
+        for (idx, l) in img.layers.iter().enumerate() {
             tx.execute(
-                "INSERT INTO layers (digest, media_type, size, diff_id, source, state) VALUES (?1, ?2, ?3, ?4, ?5, 'pending')
+                "INSERT INTO layers (digest, media_type, size, diff_id, source, state, toc_digest) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)
                  ON CONFLICT(digest) DO UPDATE SET state = CASE WHEN layers.state = 'failed' THEN 'pending' ELSE layers.state END,
-                    source = excluded.source, error = NULL",
-                params![digest.as_str(), media_type, *size as i64, diff_id.as_str(), img.source],
+                    source = excluded.source, error = NULL, toc_digest = COALESCE(layers.toc_digest, excluded.toc_digest)",
+                params![l.digest.as_str(), l.media_type, l.size as i64, l.diff_id.as_str(), img.source, l.toc_digest.as_ref().map(|d| d.as_str())],
             )?;
             tx.execute(
                 "INSERT OR REPLACE INTO image_layers (image_id, idx, digest) VALUES (?1, ?2, ?3)",
-                params![img.id.as_str(), idx as i64, digest.as_str()],
+                params![img.id.as_str(), idx as i64, l.digest.as_str()],
             )?;
         }
         for (name, kind) in &img.names {
@@ -258,8 +297,8 @@ impl Catalogue {
 
     fn layers_of(&self, image_id: &str) -> Result<Vec<LayerRecord>> {
         let mut st = self.conn.prepare_cached(
-            "SELECT l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error
-             FROM image_layers il JOIN layers l ON l.digest = il.digest WHERE il.image_id = ?1 ORDER BY il.idx",
+            &format!("SELECT {LAYER_COLUMNS}
+             FROM image_layers il JOIN layers l ON l.digest = il.digest WHERE il.image_id = ?1 ORDER BY il.idx"),
         )?;
         let rows = st.query_map([image_id], layer_from_row)?;
         rows.map(|r| r.map_err(StoreError::from).and_then(|x| x))
@@ -404,9 +443,9 @@ impl Catalogue {
     }
 
     pub fn layer(&self, digest: &str) -> Result<Option<LayerRecord>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT digest, media_type, size, diff_id, source, state, filled, error FROM layers WHERE digest = ?1",
-        )?;
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {LAYER_COLUMNS} FROM layers l WHERE l.digest = ?1"
+        ))?;
         st.query_row([digest], layer_from_row)
             .optional()?
             .transpose()
@@ -415,8 +454,8 @@ impl Catalogue {
     /// Layers still to fill and referenced by some image, oldest image first.
     pub fn incomplete_layers(&self) -> Result<Vec<LayerRecord>> {
         let mut st = self.conn.prepare(
-            "SELECT l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error FROM layers l
-             WHERE l.state = 'pending' AND EXISTS (SELECT 1 FROM image_layers il WHERE il.digest = l.digest)",
+            &format!("SELECT {LAYER_COLUMNS} FROM layers l
+             WHERE l.state = 'pending' AND EXISTS (SELECT 1 FROM image_layers il WHERE il.digest = l.digest)"),
         )?;
         let rows = st.query_map([], layer_from_row)?;
         rows.map(|r| r.map_err(StoreError::from).and_then(|x| x))
@@ -492,11 +531,33 @@ impl Catalogue {
             set.insert(b);
             set.extend(c);
         }
-        let mut st = self.conn.prepare("SELECT digest FROM layers")?;
-        for d in st.query_map([], |r| r.get::<_, String>(0))? {
-            set.insert(d?);
+        let mut st = self.conn.prepare(
+            "SELECT digest, CASE WHEN toc_entries IS NOT NULL THEN toc_digest END FROM layers",
+        )?;
+        for d in st.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+        })? {
+            let (layer, toc) = d?;
+            set.insert(layer);
+            set.extend(toc);
         }
         Ok(set)
+    }
+
+    pub fn set_toc(&self, digest: &str, entries: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE layers SET toc_entries = ?2, toc_error = NULL WHERE digest = ?1",
+            params![digest, entries as i64],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_toc_error(&self, digest: &str, error: &str) -> Result<()> {
+        self.conn.execute(
+            "UPDATE layers SET toc_error = ?2 WHERE digest = ?1",
+            params![digest, error],
+        )?;
+        Ok(())
     }
 
     pub fn put_credential(&self, registry: &str, secret_json: &str) -> Result<()> {
@@ -530,6 +591,12 @@ fn layer_from_row(r: &rusqlite::Row) -> rusqlite::Result<Result<LayerRecord>> {
         state,
         filled: r.get::<_, i64>(6).unwrap_or_default() as u64,
         error: r.get(7).unwrap_or_default(),
+        toc_digest: r.get(8).unwrap_or_default(),
+        toc_entries: r
+            .get::<_, Option<i64>>(9)
+            .unwrap_or_default()
+            .map(|n| n.max(0) as u64),
+        toc_error: r.get(10).unwrap_or_default(),
     }))
 }
 
@@ -553,7 +620,13 @@ mod tests {
             source: "r/x",
             layers: layers
                 .iter()
-                .map(|l| (l, "application/vnd.oci.image.layer.v1.tar+gzip", 5u64, l))
+                .map(|l| NewLayer {
+                    digest: l,
+                    media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+                    size: 5,
+                    diff_id: l,
+                    toc_digest: None,
+                })
                 .collect(),
             names,
         })

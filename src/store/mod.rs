@@ -5,7 +5,9 @@
 
 mod catalogue;
 
-pub use catalogue::{Catalogue, ImageRecord, LayerRecord, LayerState, NameKind, NewImage};
+pub use catalogue::{
+    Catalogue, ImageRecord, LayerRecord, LayerState, NameKind, NewImage, NewLayer,
+};
 
 use crate::oci::Digest;
 use std::fs::{self, File, OpenOptions};

@@ -1098,3 +1098,65 @@ impl RedirectingRegistry {
         format!("127.0.0.1:{}", self.port)
     }
 }
+
+/// Convert `REG/src` to eStargz with Debian's `ctr-remote` (an independent implementation)
+/// through `ctd`, and push it as `REG/dst`. False (with the reason printed) when unavailable.
+pub fn ctr_remote_convert(reg: &Registry, ctd: &Containerd, src: &str, dst: &str) -> bool {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg("command -v ctr-remote")
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIP: ctr-remote not installed (apt-get install stargz-snapshotter)");
+        return false;
+    }
+    let (h, sock) = (reg.host(), ctd.socket.to_string_lossy().to_string());
+    let steps: [Vec<String>; 3] = [
+        vec![
+            "images".into(),
+            "pull".into(),
+            "--plain-http".into(),
+            format!("{h}/{src}"),
+        ],
+        vec![
+            "images".into(),
+            "convert".into(),
+            "--estargz".into(),
+            "--oci".into(),
+            format!("{h}/{src}"),
+            format!("{h}/{dst}"),
+        ],
+        vec![
+            "images".into(),
+            "push".into(),
+            "--plain-http".into(),
+            format!("{h}/{dst}"),
+        ],
+    ];
+    for args in steps {
+        let out = Command::new("ctr-remote")
+            .args(["-a", &sock])
+            .args(&args)
+            .output()
+            .expect("ctr-remote");
+        assert!(
+            out.status.success(),
+            "ctr-remote {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    true
+}
+
+/// The raw manifest of `repo:tag`.
+pub fn raw_manifest(reg: &Registry, repo_tag: &str) -> serde_json::Value {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--raw"])
+        .arg(format!("docker://{}/{repo_tag}", reg.host()))
+        .output()
+        .expect("skopeo inspect");
+    serde_json::from_slice(&out.stdout).expect("manifest json")
+}

@@ -1,0 +1,673 @@
+//! eStargz: a gzip layer that is also a valid tar.gz, with each file's payload in its own gzip
+//! member(s) and a table of contents (`stargz.index.json`, in a tar, in a gzip member) near the
+//! end, located by a 51-byte footer. The layer annotation
+//! `containerd.io/snapshot/stargz/toc.digest` is the sha256 of the TOC JSON.
+//!
+//! Everything here is pure: parse the footer, decode and verify the TOC, validate every entry
+//! (paths, links, chunk ranges) against the blob it describes. Untrusted input throughout.
+
+use crate::oci::Digest;
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+
+/// Layer annotation carrying the digest of the TOC JSON.
+pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+/// Layer annotation carrying the uncompressed size.
+pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
+/// The eStargz footer: an empty gzip member whose extra field holds the TOC offset.
+pub const FOOTER_SIZE: u64 = 51;
+/// The footer of the older stargz format (no `SG` subfield header).
+pub const LEGACY_FOOTER_SIZE: u64 = 47;
+pub const TOC_NAME: &str = "stargz.index.json";
+pub const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
+pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
+
+/// Bounds on what a TOC may make us hold in memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_toc_compressed: u64,
+    pub max_toc_json: u64,
+    pub max_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_toc_compressed: 64 << 20,
+            max_toc_json: 256 << 20,
+            max_entries: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TocError {
+    #[error("footer: {0}")]
+    Footer(String),
+    #[error("TOC is {size} bytes, over the limit of {limit}")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("TOC has {count} entries, over the limit of {limit}")]
+    TooManyEntries { count: usize, limit: usize },
+    #[error("TOC member: {0}")]
+    Member(String),
+    #[error("TOC JSON: {0}")]
+    Json(String),
+    #[error("TOC digest mismatch: annotation says {expected}, TOC is {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("TOC entry {name:?}: {reason}")]
+    Entry { name: String, reason: String },
+}
+
+fn footer_err(m: impl Into<String>) -> TocError {
+    TocError::Footer(m.into())
+}
+
+/// Parse the footer from the last bytes of a blob (`tail` holds at least the last 51 bytes, or
+/// the whole blob when smaller). Returns the TOC offset.
+pub fn parse_footer(tail: &[u8]) -> Result<u64, TocError> {
+    let parse_hex = |b: &[u8]| -> Result<u64, TocError> {
+        let s = std::str::from_utf8(b).map_err(|_| footer_err("offset is not ASCII"))?;
+        u64::from_str_radix(s, 16).map_err(|_| footer_err(format!("offset {s:?} is not hex")))
+    };
+    if tail.len() >= FOOTER_SIZE as usize {
+        let f = &tail[tail.len() - FOOTER_SIZE as usize..];
+        // gzip magic, deflate, FEXTRA, XLEN = 26, subfield 'S''G' of length 22.
+        if f[..4] == [0x1f, 0x8b, 0x08, 0x04]
+            && f[10..12] == [26, 0]
+            && &f[12..14] == b"SG"
+            && f[14..16] == [22, 0]
+        {
+            if &f[32..38] != b"STARGZ" {
+                return Err(footer_err("missing STARGZ magic"));
+            }
+            return parse_hex(&f[16..32]);
+        }
+    }
+    if tail.len() >= LEGACY_FOOTER_SIZE as usize {
+        let f = &tail[tail.len() - LEGACY_FOOTER_SIZE as usize..];
+        if f[..4] == [0x1f, 0x8b, 0x08, 0x04] && f[10..12] == [22, 0] && &f[28..34] == b"STARGZ" {
+            return parse_hex(&f[12..28]);
+        }
+    }
+    Err(footer_err("not an eStargz footer"))
+}
+
+/// The size of the footer that ends `tail` (51, or 47 for legacy stargz).
+pub fn footer_size(tail: &[u8]) -> u64 {
+    if tail.len() >= FOOTER_SIZE as usize {
+        let f = &tail[tail.len() - FOOTER_SIZE as usize..];
+        if &f[12..14] == b"SG" {
+            return FOOTER_SIZE;
+        }
+    }
+    LEGACY_FOOTER_SIZE
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RawEntry {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub size: i64,
+    #[serde(default)]
+    pub modtime: Option<String>,
+    #[serde(default)]
+    pub link_name: String,
+    #[serde(default)]
+    pub mode: i64,
+    #[serde(default)]
+    pub uid: i64,
+    #[serde(default)]
+    pub gid: i64,
+    #[serde(default)]
+    pub user_name: String,
+    #[serde(default)]
+    pub group_name: String,
+    #[serde(default)]
+    pub dev_major: i64,
+    #[serde(default)]
+    pub dev_minor: i64,
+    #[serde(default)]
+    pub xattrs: HashMap<String, String>,
+    #[serde(default)]
+    pub digest: String,
+    #[serde(default)]
+    pub offset: i64,
+    #[serde(default)]
+    pub chunk_offset: i64,
+    #[serde(default)]
+    pub chunk_size: i64,
+    #[serde(default)]
+    pub chunk_digest: String,
+    #[serde(default)]
+    pub inner_offset: i64,
+}
+
+#[derive(Deserialize)]
+struct RawToc {
+    version: i64,
+    entries: Vec<RawEntry>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    Reg,
+    Symlink,
+    Hardlink,
+    Char,
+    Block,
+    Fifo,
+}
+
+/// One piece of a regular file's payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// Offset in the blob of the gzip member holding this chunk.
+    pub offset: u64,
+    /// Where the chunk's bytes start in that member's decompressed stream.
+    pub inner_offset: u64,
+    /// Offset of this chunk within the file.
+    pub file_offset: u64,
+    pub size: u64,
+    pub digest: Option<Digest>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Clean relative path (`a/b/c`; the root is "").
+    pub path: String,
+    pub kind: Kind,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: Option<String>,
+    /// Symlink target (verbatim) or hardlink target (clean path).
+    pub link: String,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub xattrs: Vec<(String, Vec<u8>)>,
+    pub digest: Option<Digest>,
+    pub chunks: Vec<Chunk>,
+}
+
+/// A decoded, verified and validated TOC.
+#[derive(Clone, Debug)]
+pub struct Toc {
+    pub digest: Digest,
+    pub toc_offset: u64,
+    pub entries: Vec<Entry>,
+    /// Index of the prefetch landmark entry, when present: files before it are prefetched first.
+    pub prefetch_landmark: Option<usize>,
+}
+
+impl Toc {
+    pub fn regular_bytes(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter(|e| e.kind == Kind::Reg)
+            .map(|e| e.size)
+            .sum()
+    }
+}
+
+/// Clean an entry name: strip `./` and `/`, refuse `..`, empty components are dropped.
+pub fn clean_path(name: &str) -> Result<String, String> {
+    let mut parts = vec![];
+    for p in name.split('/') {
+        match p {
+            "" | "." => {}
+            ".." => return Err("path escapes the layer root (..)".into()),
+            p if p.contains('\0') => return Err("NUL in path".into()),
+            p => parts.push(p),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// Decompress the TOC member (`member` = bytes from the TOC offset up to the footer) and return
+/// the JSON bytes of `stargz.index.json`, bounded by `limits`.
+pub fn toc_json_from_member(member: &[u8], limits: &Limits) -> Result<Vec<u8>, TocError> {
+    if member.len() as u64 > limits.max_toc_compressed {
+        return Err(TocError::TooLarge {
+            size: member.len() as u64,
+            limit: limits.max_toc_compressed,
+        });
+    }
+    let gz = flate2::read::GzDecoder::new(member);
+    // Bound what the decoder may produce: the tar holds the JSON plus headers and padding.
+    let bounded = gz.take(limits.max_toc_json + 4096);
+    let mut archive = tar::Archive::new(bounded);
+    let mut entries = archive
+        .entries()
+        .map_err(|e| TocError::Member(e.to_string()))?;
+    let entry = entries
+        .next()
+        .ok_or_else(|| TocError::Member("empty TOC tar".into()))?;
+    let mut entry = entry.map_err(|e| TocError::Member(e.to_string()))?;
+    let path = entry
+        .path()
+        .map_err(|e| TocError::Member(e.to_string()))?
+        .to_string_lossy()
+        .to_string();
+    if path != TOC_NAME {
+        return Err(TocError::Member(format!(
+            "first entry is {path:?}, expected {TOC_NAME}"
+        )));
+    }
+    let size = entry
+        .header()
+        .size()
+        .map_err(|e| TocError::Member(e.to_string()))?;
+    if size > limits.max_toc_json {
+        return Err(TocError::TooLarge {
+            size,
+            limit: limits.max_toc_json,
+        });
+    }
+    let mut json = Vec::with_capacity(size as usize);
+    entry
+        .read_to_end(&mut json)
+        .map_err(|e| TocError::Member(e.to_string()))?;
+    if json.len() as u64 != size {
+        return Err(TocError::Member(format!(
+            "TOC JSON truncated: {} of {size} bytes",
+            json.len()
+        )));
+    }
+    Ok(json)
+}
+
+fn entry_err(name: &str, reason: impl Into<String>) -> TocError {
+    TocError::Entry {
+        name: name.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn to_u32(name: &str, what: &str, v: i64) -> Result<u32, TocError> {
+    u32::try_from(v).map_err(|_| entry_err(name, format!("{what} {v} out of range")))
+}
+
+fn opt_digest(name: &str, s: &str) -> Result<Option<Digest>, TocError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    Digest::parse(s)
+        .map(Some)
+        .map_err(|e| entry_err(name, e.to_string()))
+}
+
+/// Verify the TOC JSON against the annotation digest, then parse and validate it against the
+/// blob it describes (`blob_size`, `toc_offset`).
+pub fn parse_toc(
+    json: &[u8],
+    expected: &Digest,
+    blob_size: u64,
+    toc_offset: u64,
+    limits: &Limits,
+) -> Result<Toc, TocError> {
+    let actual = Digest::of(json);
+    if &actual != expected {
+        return Err(TocError::DigestMismatch {
+            expected: expected.clone(),
+            actual,
+        });
+    }
+    if toc_offset >= blob_size {
+        return Err(footer_err(format!(
+            "TOC offset {toc_offset} beyond the blob ({blob_size} bytes)"
+        )));
+    }
+    let raw: RawToc = serde_json::from_slice(json).map_err(|e| TocError::Json(e.to_string()))?;
+    if raw.version != 1 {
+        return Err(TocError::Json(format!(
+            "unsupported TOC version {}",
+            raw.version
+        )));
+    }
+    if raw.entries.len() > limits.max_entries {
+        return Err(TocError::TooManyEntries {
+            count: raw.entries.len(),
+            limit: limits.max_entries,
+        });
+    }
+    let mut entries: Vec<Entry> = Vec::with_capacity(raw.entries.len());
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut prefetch_landmark = None;
+    for r in raw.entries {
+        let name = &r.name;
+        let offset = u64::try_from(r.offset).map_err(|_| entry_err(name, "negative offset"))?;
+        let chunk_offset =
+            u64::try_from(r.chunk_offset).map_err(|_| entry_err(name, "negative chunkOffset"))?;
+        let chunk_size =
+            u64::try_from(r.chunk_size).map_err(|_| entry_err(name, "negative chunkSize"))?;
+        let inner_offset =
+            u64::try_from(r.inner_offset).map_err(|_| entry_err(name, "negative innerOffset"))?;
+        if r.kind == "chunk" {
+            // A continuation of the previous regular file.
+            let prev = entries
+                .last_mut()
+                .filter(|e| e.kind == Kind::Reg)
+                .ok_or_else(|| entry_err(name, "chunk without a preceding file"))?;
+            let expected_start = prev
+                .chunks
+                .last()
+                .map(|c| c.file_offset + c.size)
+                .unwrap_or(0);
+            if chunk_offset != expected_start {
+                return Err(entry_err(
+                    name,
+                    format!("chunk at {chunk_offset}, expected {expected_start} (overlap or gap)"),
+                ));
+            }
+            let size = if chunk_size == 0 {
+                prev.size.saturating_sub(chunk_offset)
+            } else {
+                chunk_size
+            };
+            if chunk_offset + size > prev.size {
+                return Err(entry_err(name, "chunk extends past the end of the file"));
+            }
+            if offset >= toc_offset || offset < prev.chunks.last().map(|c| c.offset).unwrap_or(0) {
+                return Err(entry_err(
+                    name,
+                    format!("chunk offset {offset} out of order or beyond the TOC"),
+                ));
+            }
+            prev.chunks.push(Chunk {
+                offset,
+                inner_offset,
+                file_offset: chunk_offset,
+                size,
+                digest: opt_digest(name, &r.chunk_digest)?,
+            });
+            continue;
+        }
+        let path = clean_path(name).map_err(|e| entry_err(name, e))?;
+        let kind = match r.kind.as_str() {
+            "dir" => Kind::Dir,
+            "reg" => Kind::Reg,
+            "symlink" => Kind::Symlink,
+            "hardlink" => Kind::Hardlink,
+            "char" => Kind::Char,
+            "block" => Kind::Block,
+            "fifo" => Kind::Fifo,
+            other => return Err(entry_err(name, format!("unknown type {other:?}"))),
+        };
+        let size = u64::try_from(r.size).map_err(|_| entry_err(name, "negative size"))?;
+        let mut link = String::new();
+        match kind {
+            Kind::Symlink => {
+                if r.link_name.is_empty() {
+                    return Err(entry_err(name, "symlink without a target"));
+                }
+                link = r.link_name.clone();
+            }
+            Kind::Hardlink => {
+                let target = clean_path(&r.link_name)
+                    .map_err(|e| entry_err(name, format!("hardlink target: {e}")))?;
+                match index.get(&target).map(|&i| entries[i].kind) {
+                    Some(Kind::Dir) => return Err(entry_err(name, "hardlink to a directory")),
+                    Some(_) => link = target,
+                    None => {
+                        return Err(entry_err(
+                            name,
+                            format!("hardlink to {target:?}, not an earlier entry"),
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+        let mut chunks = vec![];
+        if kind == Kind::Reg && size > 0 {
+            if offset >= toc_offset {
+                return Err(entry_err(
+                    name,
+                    format!(
+                        "payload offset {offset} outside the layer's data (TOC at {toc_offset})"
+                    ),
+                ));
+            }
+            if chunk_offset != 0 {
+                return Err(entry_err(name, "first chunk does not start at 0"));
+            }
+            let first = if chunk_size == 0 { size } else { chunk_size };
+            if first > size {
+                return Err(entry_err(name, "chunk larger than the file"));
+            }
+            chunks.push(Chunk {
+                offset,
+                inner_offset,
+                file_offset: 0,
+                size: first,
+                digest: opt_digest(name, &r.chunk_digest)?,
+            });
+        }
+        let mut xattrs = Vec::with_capacity(r.xattrs.len());
+        for (k, v) in &r.xattrs {
+            use base64::Engine as _;
+            let value = base64::engine::general_purpose::STANDARD
+                .decode(v)
+                .map_err(|_| entry_err(name, format!("xattr {k}: not base64")))?;
+            xattrs.push((k.clone(), value));
+        }
+        xattrs.sort();
+        if path == PREFETCH_LANDMARK {
+            prefetch_landmark = Some(entries.len());
+        }
+        // A later entry for the same path replaces the earlier one (tar semantics).
+        index.insert(path.clone(), entries.len());
+        entries.push(Entry {
+            path,
+            kind,
+            size,
+            mode: to_u32(name, "mode", r.mode)?,
+            uid: to_u32(name, "uid", r.uid)?,
+            gid: to_u32(name, "gid", r.gid)?,
+            mtime: r.modtime,
+            link,
+            dev_major: to_u32(name, "devMajor", r.dev_major)?,
+            dev_minor: to_u32(name, "devMinor", r.dev_minor)?,
+            xattrs,
+            digest: opt_digest(name, &r.digest)?,
+            chunks,
+        });
+    }
+    // Every regular file's chunks must cover it exactly.
+    let mut seen_members = HashSet::new();
+    for e in &entries {
+        if e.kind == Kind::Reg && e.size > 0 {
+            let covered = e.chunks.last().map(|c| c.file_offset + c.size).unwrap_or(0);
+            if covered != e.size {
+                return Err(entry_err(
+                    &e.path,
+                    format!("chunks cover {covered} of {} bytes", e.size),
+                ));
+            }
+            seen_members.extend(e.chunks.iter().map(|c| c.offset));
+        }
+    }
+    Ok(Toc {
+        digest: actual,
+        toc_offset,
+        entries,
+        prefetch_landmark,
+    })
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A minimal eStargz writer for tests: one gzip member per file, then the TOC member and
+    /// the footer. `files`: (name, content). Returns (blob, toc digest).
+    pub fn build(
+        files: &[(&str, &[u8])],
+        tamper: impl Fn(&mut serde_json::Value),
+    ) -> (Vec<u8>, Digest) {
+        let gz = |data: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        };
+        let mut blob = vec![];
+        let mut entries = vec![];
+        for (name, content) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(content.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            let mut t = tar::Builder::new(Vec::new());
+            t.append_data(&mut h, name, *content).unwrap();
+            let tar_bytes = t.into_inner().unwrap();
+            // The header in one member, the payload (with its padding) in the next.
+            blob.extend(gz(&tar_bytes[..512]));
+            let offset = blob.len();
+            blob.extend(gz(&tar_bytes[512..tar_bytes.len() - 1024]));
+            entries.push(serde_json::json!({
+                "name": name, "type": "reg", "size": content.len(), "mode": 420, "offset": offset,
+                "digest": Digest::of(content).to_string(), "chunkDigest": Digest::of(content).to_string(),
+            }));
+        }
+        let mut toc = serde_json::json!({"version": 1, "entries": entries});
+        tamper(&mut toc);
+        let json = serde_json::to_vec(&toc).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(json.len() as u64);
+        h.set_cksum();
+        let mut t = tar::Builder::new(Vec::new());
+        t.append_data(&mut h, TOC_NAME, &json[..]).unwrap();
+        let toc_offset = blob.len();
+        blob.extend(gz(&t.into_inner().unwrap()));
+        let mut footer = vec![
+            0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 26, 0, b'S', b'G', 22, 0,
+        ];
+        footer.extend(format!("{toc_offset:016x}STARGZ").as_bytes());
+        footer.extend([1, 0, 0, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(footer.len(), 51);
+        blob.extend(footer);
+        (blob, Digest::of(&json))
+    }
+
+    fn read(blob: &[u8], d: &Digest) -> Result<Toc, TocError> {
+        let off = parse_footer(blob)?;
+        let end = blob.len() - footer_size(blob) as usize;
+        let json = toc_json_from_member(&blob[off as usize..end], &Limits::default())?;
+        parse_toc(&json, d, blob.len() as u64, off, &Limits::default())
+    }
+
+    #[test]
+    fn reads_a_built_layer() {
+        let (blob, d) = build(
+            &[
+                ("a/b.txt", b"hello"),
+                ("./c", b"world!"),
+                (".prefetch.landmark", b"\x0f"),
+            ],
+            |_| {},
+        );
+        let toc = read(&blob, &d).unwrap();
+        assert_eq!(toc.entries.len(), 3);
+        assert_eq!(toc.entries[0].path, "a/b.txt");
+        assert_eq!(toc.entries[1].path, "c");
+        assert_eq!(toc.entries[1].chunks[0].size, 6);
+        assert_eq!(toc.prefetch_landmark, Some(2));
+        assert_eq!(toc.regular_bytes(), 12);
+        // The payload member at the chunk offset decompresses to a tar with the file's bytes.
+        let off = toc.entries[1].chunks[0].offset as usize;
+        let mut out = vec![];
+        flate2::read::GzDecoder::new(&blob[off..])
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(&out[..6], b"world!");
+    }
+
+    #[test]
+    fn refuses_bad_tocs() {
+        let files: &[(&str, &[u8])] = &[("f", b"data")];
+        let (blob, d) = build(files, |_| {});
+        let wrong = Digest::of(b"other");
+        assert!(matches!(
+            read(&blob, &wrong),
+            Err(TocError::DigestMismatch { .. })
+        ));
+        type Tamper = Box<dyn Fn(&mut serde_json::Value)>;
+        let cases: Vec<(&str, Tamper)> = vec![
+            (
+                "..",
+                Box::new(|t| t["entries"][0]["name"] = "../../etc/passwd".into()),
+            ),
+            (
+                "outside",
+                Box::new(|t| t["entries"][0]["offset"] = 1_000_000.into()),
+            ),
+            (
+                "chunk larger",
+                Box::new(|t| t["entries"][0]["chunkSize"] = 99.into()),
+            ),
+            (
+                "hardlink",
+                Box::new(|t| {
+                    t["entries"].as_array_mut().unwrap().push(
+                        serde_json::json!({"name": "h", "type": "hardlink", "linkName": "../x"}),
+                    )
+                }),
+            ),
+            (
+                "dangling hardlink",
+                Box::new(|t| {
+                    t["entries"].as_array_mut().unwrap().push(
+                        serde_json::json!({"name": "h", "type": "hardlink", "linkName": "nope"}),
+                    )
+                }),
+            ),
+            (
+                "type",
+                Box::new(|t| t["entries"][0]["type"] = "socket".into()),
+            ),
+            (
+                "negative",
+                Box::new(|t| t["entries"][0]["size"] = (-1).into()),
+            ),
+            ("version", Box::new(|t| t["version"] = 2.into())),
+            (
+                "gap",
+                Box::new(|t| {
+                    t["entries"].as_array_mut().unwrap().push(serde_json::json!({"name": "f", "type": "chunk", "offset": 1, "chunkOffset": 7}))
+                }),
+            ),
+        ];
+        for (what, f) in cases {
+            let (blob, d) = build(files, f);
+            assert!(read(&blob, &d).is_err(), "{what} accepted");
+        }
+        // Not a footer at all.
+        assert!(parse_footer(b"definitely not an estargz footer, just some bytes here").is_err());
+        assert!(parse_footer(&blob[..10]).is_err());
+        // Oversized TOC member.
+        let small = Limits {
+            max_toc_compressed: 10,
+            ..Limits::default()
+        };
+        let off = parse_footer(&blob).unwrap() as usize;
+        assert!(matches!(
+            toc_json_from_member(&blob[off..blob.len() - 51], &small),
+            Err(TocError::TooLarge { .. })
+        ));
+        let _ = d;
+    }
+
+    #[test]
+    fn clean_paths() {
+        assert_eq!(clean_path("./a//b/").unwrap(), "a/b");
+        assert_eq!(clean_path("/").unwrap(), "");
+        assert!(clean_path("a/../../b").is_err());
+    }
+}
