@@ -502,7 +502,7 @@ pub fn parse_toc(
 }
 
 #[cfg(test)]
-pub mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 
@@ -669,5 +669,92 @@ pub mod tests {
         assert_eq!(clean_path("./a//b/").unwrap(), "a/b");
         assert_eq!(clean_path("/").unwrap(), "");
         assert!(clean_path("a/../../b").is_err());
+    }
+}
+
+#[cfg(test)]
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes never panic the footer or member decoders.
+        #[test]
+        fn footer_and_member_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_footer(&bytes);
+            let _ = footer_size(&bytes);
+            let _ = toc_json_from_member(&bytes, &Limits::default());
+        }
+
+        /// Any mutation of a valid layer is either read consistently or refused: no panic, and
+        /// every accepted chunk lies inside the data before the TOC.
+        #[test]
+        fn mutated_layers_are_refused_or_consistent(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let files: &[(&str, &[u8])] = &[("a/b", b"hello world"), ("c", b"x")];
+            let (mut blob, d) = tests::build(files, |_| {});
+            for (pos, val) in flips {
+                let i = pos % blob.len();
+                blob[i] ^= val | 1;
+            }
+            if let Ok(off) = parse_footer(&blob) {
+                let end = blob.len() as u64 - footer_size(&blob);
+                if off < end {
+                    if let Ok(json) = toc_json_from_member(&blob[off as usize..end as usize], &Limits::default()) {
+                        // Also try the JSON against its own digest, to exercise validation.
+                        for digest in [d.clone(), Digest::of(&json)] {
+                            if let Ok(toc) = parse_toc(&json, &digest, blob.len() as u64, off, &Limits::default()) {
+                                for e in &toc.entries {
+                                    for c in &e.chunks {
+                                        prop_assert!(c.offset < off);
+                                        prop_assert!(c.file_offset + c.size <= e.size);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Random TOC entries: whatever is accepted has clean paths, in-range chunks that cover
+        /// each file exactly, and hardlinks to earlier non-directory entries.
+        #[test]
+        fn random_tocs_uphold_invariants(entries in proptest::collection::vec(
+            (
+                prop_oneof![Just("a"), Just("a/b"), Just("./c/"), Just("../x"), Just("/abs"), Just("d/../../e"), Just("")],
+                prop_oneof![Just("reg"), Just("dir"), Just("chunk"), Just("hardlink"), Just("symlink"), Just("bogus")],
+                -2i64..40, 0i64..120, -1i64..30, 0i64..30,
+                prop_oneof![Just(""), Just("a"), Just("../a"), Just("a/b")],
+            ),
+            0..12,
+        )) {
+            let toc_offset = 100u64;
+            let json = serde_json::json!({"version": 1, "entries": entries.iter().map(|(n, k, size, off, coff, csize, link)| serde_json::json!({
+                "name": n, "type": k, "size": size, "offset": off, "chunkOffset": coff, "chunkSize": csize, "linkName": link,
+            })).collect::<Vec<_>>()});
+            let bytes = serde_json::to_vec(&json).unwrap();
+            if let Ok(toc) = parse_toc(&bytes, &Digest::of(&bytes), 200, toc_offset, &Limits::default()) {
+                let mut seen = std::collections::HashMap::new();
+                for e in &toc.entries {
+                    prop_assert!(!e.path.split('/').any(|c| c == ".." || c == "."), "{}", e.path);
+                    prop_assert!(!e.path.starts_with('/'));
+                    if e.kind == Kind::Reg && e.size > 0 {
+                        let mut at = 0;
+                        for c in &e.chunks {
+                            prop_assert_eq!(c.file_offset, at);
+                            prop_assert!(c.offset < toc_offset);
+                            at += c.size;
+                        }
+                        prop_assert_eq!(at, e.size);
+                    }
+                    if e.kind == Kind::Hardlink {
+                        prop_assert!(seen.get(&e.link).is_some_and(|k| *k != Kind::Dir), "{:?}", e);
+                    }
+                    seen.insert(e.path.clone(), e.kind);
+                }
+            }
+        }
     }
 }
