@@ -698,20 +698,19 @@ mod prop {
                 let i = pos % blob.len();
                 blob[i] ^= val | 1;
             }
-            if let Ok(off) = parse_footer(&blob) {
-                let end = blob.len() as u64 - footer_size(&blob);
-                if off < end {
-                    if let Ok(json) = toc_json_from_member(&blob[off as usize..end as usize], &Limits::default()) {
-                        // Also try the JSON against its own digest, to exercise validation.
-                        for digest in [d.clone(), Digest::of(&json)] {
-                            if let Ok(toc) = parse_toc(&json, &digest, blob.len() as u64, off, &Limits::default()) {
-                                for e in &toc.entries {
-                                    for c in &e.chunks {
-                                        prop_assert!(c.offset < off);
-                                        prop_assert!(c.file_offset + c.size <= e.size);
-                                    }
-                                }
-                            }
+            let Ok(off) = parse_footer(&blob) else { return Ok(()) };
+            let end = blob.len() as u64 - footer_size(&blob);
+            if off >= end {
+                return Ok(());
+            }
+            let Ok(json) = toc_json_from_member(&blob[off as usize..end as usize], &Limits::default()) else { return Ok(()) };
+            // Also try the JSON against its own digest, to exercise validation.
+            for digest in [d.clone(), Digest::of(&json)] {
+                if let Ok(toc) = parse_toc(&json, &digest, blob.len() as u64, off, &Limits::default()) {
+                    for e in &toc.entries {
+                        for c in &e.chunks {
+                            prop_assert!(c.offset < off);
+                            prop_assert!(c.file_offset + c.size <= e.size);
                         }
                     }
                 }
