@@ -101,6 +101,21 @@ fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
     db.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn verify_err(digest: &Digest, e: impl std::fmt::Display) -> FillError {
+    FillError::Verify {
+        digest: digest.clone(),
+        reason: e.to_string(),
+    }
+}
+
+/// A blocking task that panicked or was cancelled, reported against the file it worked on.
+fn join_err(path: &std::path::Path) -> impl FnOnce(tokio::task::JoinError) -> FillError + '_ {
+    move |e| FillError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::other(e),
+    }
+}
+
 fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> FillError + '_ {
     move |source| FillError::Io {
         path: path.display().to_string(),
@@ -388,14 +403,8 @@ impl Filler {
             self.fetch_toc(&layer, creds).await;
         }
         let compression =
-            Compression::from_media_type(&layer.media_type).map_err(|e| FillError::Verify {
-                digest: digest.clone(),
-                reason: e.to_string(),
-            })?;
-        let diff_id = Digest::parse(&layer.diff_id).map_err(|e| FillError::Verify {
-            digest: digest.clone(),
-            reason: e.to_string(),
-        })?;
+            Compression::from_media_type(&layer.media_type).map_err(|e| verify_err(&digest, e))?;
+        let diff_id = Digest::parse(&layer.diff_id).map_err(|e| verify_err(&digest, e))?;
         let reference =
             source_reference(&layer.source, &digest).ok_or_else(|| FillError::Verify {
                 digest: digest.clone(),
@@ -423,10 +432,8 @@ impl Filler {
                 let len = file.metadata().map_err(io_err(&p2))?.len();
                 let have = durable.min(len);
                 file.set_len(have).map_err(io_err(&p2))?;
-                let mut verifier = Verifier::new(compression).map_err(|e| FillError::Verify {
-                    digest: digest.clone(),
-                    reason: e.to_string(),
-                })?;
+                let mut verifier =
+                    Verifier::new(compression).map_err(|e| verify_err(&digest, e))?;
                 file.seek(SeekFrom::Start(0)).map_err(io_err(&p2))?;
                 let mut buf = vec![0u8; BLOCK];
                 let mut left = have;
@@ -437,20 +444,16 @@ impl Filler {
                     if n == 0 {
                         break;
                     }
-                    verifier.update(&buf[..n]).map_err(|e| FillError::Verify {
-                        digest: digest.clone(),
-                        reason: e.to_string(),
-                    })?;
+                    verifier
+                        .update(&buf[..n])
+                        .map_err(|e| verify_err(&digest, e))?;
                     left -= n as u64;
                 }
                 file.seek(SeekFrom::Start(have)).map_err(io_err(&p2))?;
                 Ok((file, verifier, have))
             })
             .await
-            .map_err(|e| FillError::Io {
-                path: path.display().to_string(),
-                source: std::io::Error::other(e),
-            })??;
+            .map_err(join_err(&path))??;
         let digest = layer.digest()?;
         if have > 0 {
             tracing::info!(layer = %digest, resume_at = have, size = layer.size, "resuming fill");
@@ -519,10 +522,7 @@ impl Filler {
                         Ok((file, verifier))
                     })
                     .await
-                    .map_err(|e| FillError::Io {
-                        path: path.display().to_string(),
-                        source: std::io::Error::other(e),
-                    })??;
+                    .map_err(join_err(&path))??;
                     written += n;
                     state = Some((f, v));
                     if checkpoint {
@@ -572,10 +572,7 @@ impl Filler {
                 Ok(Ok(()))
             })
             .await
-            .map_err(|e| FillError::Io {
-                path: path.display().to_string(),
-                source: std::io::Error::other(e),
-            })??;
+            .map_err(join_err(&path))??;
         if let Err(reason) = verdict {
             let _ = fs::remove_file(&path);
             lock(&self.db).set_filled(digest_str, 0)?;
