@@ -7,6 +7,7 @@ pub mod config;
 pub mod cri;
 pub mod daemon;
 pub mod fetch;
+pub mod fs;
 pub mod images;
 pub mod layer;
 pub mod oci;
