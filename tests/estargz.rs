@@ -5,7 +5,26 @@
 mod common;
 
 use common::*;
+use lazypull::fs::tree::{NodeKind, Tree};
+use lazypull::layer::estargz;
+use lazypull::oci::Digest;
 use std::time::Duration;
+
+/// Parse a stored TOC with our reader and build the layer's inode tree.
+fn tree_of(toc_path: &std::path::Path, toc_digest: &str, blob: &std::path::Path) -> Tree {
+    let json = std::fs::read(toc_path).unwrap();
+    let blob_bytes = std::fs::read(blob).unwrap();
+    let off = estargz::parse_footer(&blob_bytes).unwrap();
+    let toc = estargz::parse_toc(
+        &json,
+        &Digest::parse(toc_digest).unwrap(),
+        blob_bytes.len() as u64,
+        off,
+        &estargz::Limits::default(),
+    )
+    .expect("our reader accepts ctr-remote's TOC");
+    Tree::from_entries(&toc.entries).expect("tree")
+}
 
 fn tar_names(blob: &std::path::Path) -> Vec<String> {
     let out = std::process::Command::new("tar")
@@ -54,6 +73,7 @@ async fn reads_tocs_written_by_ctr_remote() {
     pull(&mut c, &format!("{}/multilayer:esgz", reg.host()))
         .await
         .expect("pull estargz image");
+    let mut trees = vec![];
     d.wait_complete(Duration::from_secs(60));
     let s = d.status_json();
     let st_layers = s["images"][0]["layers"].as_array().unwrap().clone();
@@ -103,7 +123,30 @@ async fn reads_tocs_written_by_ctr_remote() {
             .join("blobs/sha256")
             .join(digest.trim_start_matches("sha256:"));
         assert_eq!(names, tar_names(&blob), "TOC and tar agree for {digest}");
+        trees.push(tree_of(&toc_path, toc, &blob));
     }
+    // What overlayfs will see of each layer.
+    let sh = trees[0]
+        .resolve("bin/sh")
+        .expect("bin/sh in the base layer");
+    assert_eq!(sh.kind, NodeKind::Symlink);
+    assert_eq!(sh.link, "busybox");
+    assert_eq!(
+        trees[0].resolve("home/app").map(|n| (n.uid, n.gid)),
+        Some((1234, 1234))
+    );
+    let wh = trees[2]
+        .resolve("data/small.txt")
+        .expect("whiteout in the third layer");
+    assert_eq!((wh.kind, wh.rdev), (NodeKind::Char, (0, 0)));
+    assert_eq!(
+        trees[2].resolve("data/layer3.txt").map(|n| n.size),
+        Some(19)
+    );
+    assert_eq!(
+        trees[1].resolve("data/random.bin").map(|n| n.size),
+        Some(2 << 20)
+    );
     let out = d.cli(&["status"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("estargz ("),
