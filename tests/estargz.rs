@@ -23,6 +23,19 @@ fn tree_of(toc_path: &std::path::Path, toc_digest: &str, blob: &std::path::Path)
         &estargz::Limits::default(),
     )
     .expect("our reader accepts ctr-remote's TOC");
+    // Every regular file reads back, chunk by chunk, to the digest the TOC records.
+    let spans = estargz::Spans::new(&toc);
+    for e in toc
+        .entries
+        .iter()
+        .filter(|e| e.kind == estargz::Kind::Reg && e.size > 0)
+    {
+        let data = estargz::read_file(&spans, e, 0, e.size, |s, end| {
+            Ok(blob_bytes[s as usize..end as usize].to_vec())
+        })
+        .unwrap_or_else(|err| panic!("{}: {err}", e.path));
+        assert_eq!(Some(Digest::of(&data)), e.digest, "{}", e.path);
+    }
     Tree::from_entries(&toc.entries).expect("tree")
 }
 

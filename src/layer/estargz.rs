@@ -501,6 +501,132 @@ pub fn parse_toc(
     })
 }
 
+/// Compressed spans of the layer's payload: where each gzip member holding chunk data ends.
+/// A member ends no later than the next chunk member (or the TOC); reading from a chunk's offset
+/// to that end is enough to decode it (a gzip decoder stops at the end of its member).
+#[derive(Clone, Debug, Default)]
+pub struct Spans {
+    starts: Vec<u64>,
+    toc_offset: u64,
+}
+
+impl Spans {
+    pub fn new(toc: &Toc) -> Self {
+        let mut starts: Vec<u64> = toc
+            .entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().map(|c| c.offset))
+            .collect();
+        starts.sort_unstable();
+        starts.dedup();
+        Spans {
+            starts,
+            toc_offset: toc.toc_offset,
+        }
+    }
+
+    /// The compressed byte range `[start, end)` to fetch for a chunk.
+    pub fn span(&self, chunk: &Chunk) -> (u64, u64) {
+        let next = match self.starts.binary_search(&chunk.offset) {
+            Ok(i) => self.starts.get(i + 1),
+            Err(i) => self.starts.get(i),
+        };
+        (
+            chunk.offset,
+            next.copied()
+                .unwrap_or(self.toc_offset)
+                .min(self.toc_offset),
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChunkError {
+    #[error("chunk at {offset}: {reason}")]
+    Decode { offset: u64, reason: String },
+    #[error("chunk at {offset}: digest mismatch (expected {expected}, got {actual})")]
+    Digest {
+        offset: u64,
+        expected: Digest,
+        actual: Digest,
+    },
+    #[error("fetching bytes {start}..{end}: {reason}")]
+    Fetch {
+        start: u64,
+        end: u64,
+        reason: String,
+    },
+}
+
+/// Decode one chunk from its member's compressed bytes and verify it before returning it.
+pub fn decode_chunk(compressed: &[u8], chunk: &Chunk) -> Result<Vec<u8>, ChunkError> {
+    let err = |reason: String| ChunkError::Decode {
+        offset: chunk.offset,
+        reason,
+    };
+    let mut dec = flate2::read::GzDecoder::new(compressed);
+    if chunk.inner_offset > 0 {
+        std::io::copy(
+            &mut (&mut dec).take(chunk.inner_offset),
+            &mut std::io::sink(),
+        )
+        .map_err(|e| err(e.to_string()))?;
+    }
+    let mut out = Vec::with_capacity(chunk.size.min(64 << 20) as usize);
+    (&mut dec)
+        .take(chunk.size)
+        .read_to_end(&mut out)
+        .map_err(|e| err(e.to_string()))?;
+    if out.len() as u64 != chunk.size {
+        return Err(err(format!(
+            "member holds {} bytes, chunk needs {}",
+            out.len(),
+            chunk.size
+        )));
+    }
+    if let Some(expected) = &chunk.digest {
+        let actual = Digest::of(&out);
+        if &actual != expected {
+            return Err(ChunkError::Digest {
+                offset: chunk.offset,
+                expected: expected.clone(),
+                actual,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Read `[offset, offset+len)` of a regular file, fetching compressed spans with `fetch(start,
+/// end)`; only the chunks the range touches are fetched, each verified before use.
+pub fn read_file(
+    spans: &Spans,
+    entry: &Entry,
+    offset: u64,
+    len: u64,
+    mut fetch: impl FnMut(u64, u64) -> Result<Vec<u8>, String>,
+) -> Result<Vec<u8>, ChunkError> {
+    let end = offset.saturating_add(len).min(entry.size);
+    let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+    for c in &entry.chunks {
+        let (c_start, c_end) = (c.file_offset, c.file_offset + c.size);
+        if c_end <= offset || c_start >= end {
+            continue;
+        }
+        let (s, e) = spans.span(c);
+        let compressed = fetch(s, e).map_err(|reason| ChunkError::Fetch {
+            start: s,
+            end: e,
+            reason,
+        })?;
+        let data = decode_chunk(&compressed, c)?;
+        let from = offset.max(c_start) - c_start;
+        let to = end.min(c_end) - c_start;
+        out.extend_from_slice(&data[from as usize..to as usize]);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -662,6 +788,51 @@ pub(crate) mod tests {
             Err(TocError::TooLarge { .. })
         ));
         let _ = d;
+    }
+
+    #[test]
+    fn reads_file_ranges_fetching_only_needed_chunks() {
+        let big: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let (blob, d) = build(&[("small", b"tiny"), ("big", &big)], |_| {});
+        let toc = read(&blob, &d).unwrap();
+        let spans = Spans::new(&toc);
+        let big_e = toc.entries.iter().find(|e| e.path == "big").unwrap();
+        let mut fetched = vec![];
+        let got = read_file(&spans, big_e, 100, 50, |s, e| {
+            fetched.push((s, e));
+            Ok(blob[s as usize..e as usize].to_vec())
+        })
+        .unwrap();
+        assert_eq!(got, &big[100..150]);
+        assert_eq!(fetched.len(), 1, "one member fetched");
+        let (s, e) = fetched[0];
+        assert!(
+            e - s < blob.len() as u64 / 2,
+            "only the file's member, not the layer"
+        );
+        // Past the end: clamped.
+        let got = read_file(&spans, big_e, 4990, 100, |s, e| {
+            Ok(blob[s as usize..e as usize].to_vec())
+        })
+        .unwrap();
+        assert_eq!(got, &big[4990..]);
+        // A corrupted member is refused (decode or digest error), never returned.
+        let err = read_file(&spans, big_e, 0, 10, |s, e| {
+            let mut v = blob[s as usize..e as usize].to_vec();
+            let mid = v.len() / 2;
+            v[mid] ^= 0x55;
+            Ok(v)
+        });
+        assert!(err.is_err());
+        // A chunk digest that does not match is refused.
+        let mut bad = big_e.clone();
+        bad.chunks[0].digest = Some(Digest::of(b"nope"));
+        assert!(matches!(
+            read_file(&spans, &bad, 0, 10, |s, e| Ok(
+                blob[s as usize..e as usize].to_vec()
+            )),
+            Err(ChunkError::Digest { .. })
+        ));
     }
 
     #[test]
