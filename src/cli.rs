@@ -54,6 +54,11 @@ pub enum Command {
     /// Pull one image through the running daemon's CRI socket (like `crictl pull`): returns as
     /// soon as the image is registered, unless --full.
     Pull(PullArgs),
+    /// Stack an image's lazily loaded layers with overlayfs at DIR (the daemon's FUSE mount must
+    /// be up): `chroot DIR ...` then reads files on demand. eStargz layers only, for now.
+    Mount(MountArgs),
+    /// Undo `lazypull mount`.
+    Umount(UmountArgs),
     /// List images in the store with size, fill progress, pull and last-use times.
     List(ListArgs),
     /// Remove images (by pattern, age or idleness) and garbage-collect their blobs.
@@ -100,6 +105,17 @@ pub struct ServeArgs {
     /// Period of the background garbage collection (e.g. 1h; 0 turns it off).
     #[arg(long, value_name = "DURATION")]
     pub gc_interval: Option<String>,
+    /// Do not fill layers in the background: fetch eStargz TOCs at pull time and layer content
+    /// only when read through the lazy mount.
+    #[arg(long)]
+    pub no_fill: bool,
+    /// Where the daemon mounts its FUSE layer filesystem (a directory per layer digest)
+    /// [default: /run/lazypull/fs].
+    #[arg(long, value_name = "DIR")]
+    pub fuse_mountpoint: Option<std::path::PathBuf>,
+    /// Do not mount the FUSE layer filesystem.
+    #[arg(long)]
+    pub no_fuse: bool,
     /// Do not keep credentials received through CRI for later refetches.
     #[arg(long)]
     pub no_persist_credentials: bool,
@@ -132,6 +148,35 @@ pub struct PullArgs {
     /// Credentials USER:PASSWORD, sent as the CRI AuthConfig.
     #[arg(long, value_name = "USER:PASSWORD")]
     pub creds: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Image reference or id (pulled already).
+    pub image: String,
+    /// Where to mount the image's root filesystem.
+    pub dir: PathBuf,
+    /// Writable upper directory (changes go there); without it the mount is read-only.
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
+    /// overlayfs work directory, on the same filesystem as --upper [default: UPPER.work].
+    #[arg(long, value_name = "DIR", requires = "upper")]
+    pub work: Option<PathBuf>,
+    /// The daemon's FUSE mount [default: fuse.mountpoint, /run/lazypull/fs].
+    #[arg(long, value_name = "DIR")]
+    pub fuse_mountpoint: Option<PathBuf>,
+    /// How long to wait for the layers' TOCs after a pull (e.g. 60s).
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    pub timeout: String,
+}
+
+#[derive(Args, Debug)]
+pub struct UmountArgs {
+    /// A directory mounted by `lazypull mount`.
+    pub dir: PathBuf,
+    /// Detach even if busy (the kernel finishes when the last user goes).
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 #[derive(Args, Debug)]

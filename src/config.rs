@@ -31,6 +31,7 @@ pub struct Config {
     pub cri: CriConfig,
     pub fetch: FetchConfig,
     pub gc: GcConfig,
+    pub fuse: FuseConfig,
     /// docker config.json to read credentials from ("" = $DOCKER_CONFIG or ~/.docker).
     pub docker_config: Option<PathBuf>,
     pub registries: Vec<RegistryEntry>,
@@ -80,6 +81,30 @@ pub struct FetchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct FillConfig {
     pub enabled: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FuseConfig {
+    pub enabled: bool,
+    /// The daemon's FUSE mount: one read-only directory per eStargz layer digest.
+    pub mountpoint: PathBuf,
+    /// FUSE session threads.
+    pub threads: usize,
+    /// A read that needs the network fails with EIO after this long.
+    #[serde(with = "humantime_serde_compat")]
+    pub read_timeout: Duration,
+}
+
+impl Default for FuseConfig {
+    fn default() -> Self {
+        FuseConfig {
+            enabled: true,
+            mountpoint: PathBuf::from("/run/lazypull/fs"),
+            threads: 4,
+            read_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -135,6 +160,7 @@ impl Default for Config {
             cri: CriConfig::default(),
             fetch: FetchConfig::default(),
             gc: GcConfig::default(),
+            fuse: FuseConfig::default(),
             docker_config: None,
             registries: vec![],
         }
@@ -230,6 +256,23 @@ impl Config {
             return bad(format!(
                 "fetch.max_parallel {} must be within 1..=256",
                 self.fetch.max_parallel
+            ));
+        }
+        if self.cri.pull_mode == PullMode::Full && !self.fetch.fill.enabled {
+            return bad(
+                "cri.pull_mode full needs fetch.fill.enabled (--no-fill turns filling off)".into(),
+            );
+        }
+        if !self.fuse.mountpoint.is_absolute() {
+            return bad(format!(
+                "fuse.mountpoint {:?} must be an absolute path",
+                self.fuse.mountpoint
+            ));
+        }
+        if self.fuse.threads == 0 || self.fuse.threads > 64 {
+            return bad(format!(
+                "fuse.threads {} must be within 1..=64",
+                self.fuse.threads
             ));
         }
         if self.cri.pull_timeout.is_zero() {

@@ -287,6 +287,14 @@ impl Images {
             for (layer, rx) in waits {
                 match Filler::wait(rx).await {
                     FillStatus::Done => {}
+                    FillStatus::OnDemand => {
+                        let reason = "filling is turned off (--no-fill)".to_string();
+                        return Err(ImagesError::Fill {
+                            reference: reference.into(),
+                            layer,
+                            reason,
+                        });
+                    }
                     FillStatus::Cancelled => return Err(ImagesError::ShuttingDown),
                     FillStatus::Failed(reason) => {
                         return Err(ImagesError::Fill {

@@ -80,6 +80,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if a.no_persist_credentials {
                 cfg.cri.persist_credentials = false;
             }
+            if a.no_fill {
+                cfg.fetch.fill.enabled = false;
+            }
+            if let Some(m) = &a.fuse_mountpoint {
+                cfg.fuse.mountpoint = std::path::absolute(m)
+                    .with_context(|| format!("--fuse-mountpoint {}", m.display()))?;
+            }
+            if a.no_fuse {
+                cfg.fuse.enabled = false;
+            }
         }
         Command::Prefetch(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         _ => {}
@@ -90,6 +100,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(_) => daemon::serve(cfg, secret).await,
         Command::Prefetch(a) => commands::prefetch::run(&cfg, a, secret).await,
         Command::Pull(a) => commands::pull::run(&cfg, a).await,
+        Command::Mount(a) => commands::mount::mount(&cfg, a).await,
+        Command::Umount(a) => commands::mount::umount(a),
         Command::List(a) => commands::list::run(&cfg, a),
         Command::Prune(a) => commands::prune::run(&cfg, a).await,
         Command::Status(a) => commands::status::run(&cfg, a),

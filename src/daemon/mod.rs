@@ -38,6 +38,7 @@ impl Core {
             Arc::clone(&db),
             Arc::clone(&registry),
             cfg.fetch.max_parallel,
+            cfg.fetch.fill.enabled,
             shutdown.clone(),
         );
         let images = Arc::new(Images::new(
@@ -122,6 +123,28 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         })
     });
 
+    // The lazy layer filesystem. Without FUSE the daemon still serves CRI and fills layers.
+    let fuse = if cfg.fuse.enabled {
+        let fs = crate::fs::fuse::LayerFs::new(
+            images.layout.clone(),
+            Arc::clone(&images.db),
+            Arc::clone(&images.registry),
+            cfg.fuse.read_timeout,
+        );
+        match crate::fs::fuse::Mount::start(fs, &cfg.fuse.mountpoint, cfg.fuse.threads) {
+            Ok(m) => {
+                tracing::info!(mountpoint = %cfg.fuse.mountpoint.display(), "layer filesystem mounted");
+                Some(m)
+            }
+            Err(e) => {
+                tracing::warn!(mountpoint = %cfg.fuse.mountpoint.display(), error = %e,
+                    "cannot mount the layer filesystem (is /dev/fuse available?); lazy mounts are off");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let svc = CriImages::new(Arc::clone(&images), cfg.cri.pull_mode);
     tracing::info!(socket = %cfg.cri.socket.display(), root = %cfg.root.display(), pull_mode = ?cfg.cri.pull_mode,
         version = env!("CARGO_PKG_VERSION"), "lazypull serving CRI ImageService");
@@ -149,6 +172,9 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     }
     // Stop fills: progress up to the last checkpoint is durable and resumes at the next start.
     core.shutdown.cancel();
+    if let Some(m) = fuse {
+        m.unmount();
+    }
     if let Some(t) = gc_task {
         let _ = t.await;
     }

@@ -70,6 +70,8 @@ pub enum FillStatus {
     Done,
     Failed(String),
     Cancelled,
+    /// Filling is turned off (`--no-fill`): the layer is read on demand only.
+    OnDemand,
 }
 
 struct Inflight {
@@ -95,6 +97,8 @@ pub struct Filler {
     pub stats: Stats,
     /// Attempts per fill for transient errors (each resumes where the last stopped).
     attempts: u32,
+    /// When false, only TOCs are fetched; content comes on demand (`--no-fill`).
+    pub fill_enabled: bool,
 }
 
 fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
@@ -139,6 +143,7 @@ impl Filler {
         db: Arc<Mutex<Catalogue>>,
         registry: Arc<Registry>,
         max_parallel: usize,
+        fill_enabled: bool,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Filler {
@@ -150,6 +155,7 @@ impl Filler {
             shutdown,
             stats: Stats::default(),
             attempts: 5,
+            fill_enabled,
         })
     }
 
@@ -235,6 +241,20 @@ impl Filler {
             p = Arc::clone(&self.permits).acquire_owned() => match p { Ok(p) => p, Err(_) => return FillStatus::Cancelled },
             _ = cancel.cancelled() => return FillStatus::Cancelled,
         };
+        if !self.fill_enabled {
+            let layer = lock(&self.db)
+                .layer(digest)
+                .ok()
+                .flatten()
+                .filter(Self::needs_toc);
+            if let Some(layer) = layer {
+                tokio::select! {
+                    _ = self.fetch_toc(&layer, &creds) => {}
+                    _ = cancel.cancelled() => return FillStatus::Cancelled,
+                }
+            }
+            return FillStatus::OnDemand;
+        }
         let mut attempt = 0;
         loop {
             let started = Instant::now();
@@ -290,6 +310,11 @@ impl Filler {
         }
     }
 
+    /// An eStargz layer whose TOC was neither fetched nor refused yet.
+    fn needs_toc(layer: &LayerRecord) -> bool {
+        layer.toc_digest.is_some() && layer.toc_entries.is_none() && layer.toc_error.is_none()
+    }
+
     /// The operation's credentials, completed with those persisted for the registry.
     fn creds_for(&self, reference: &Reference, creds: &OpCreds) -> OpCreds {
         let persisted = lock(&self.db)
@@ -310,9 +335,9 @@ impl Filler {
     /// with the reason; the layer is then only fetched whole (which the fill does anyway).
     async fn fetch_toc(&self, layer: &LayerRecord, creds: &OpCreds) {
         match self.try_fetch_toc(layer, creds).await {
-            Ok(entries) => {
+            Ok((entries, toc_offset)) => {
                 tracing::info!(layer = %layer.digest, entries, "eStargz TOC fetched and verified");
-                if let Err(e) = lock(&self.db).set_toc(&layer.digest, entries) {
+                if let Err(e) = lock(&self.db).set_toc(&layer.digest, entries, toc_offset) {
                     tracing::error!(layer = %layer.digest, error = %e, "cannot record the TOC");
                 }
             }
@@ -325,7 +350,11 @@ impl Filler {
         }
     }
 
-    async fn try_fetch_toc(&self, layer: &LayerRecord, creds: &OpCreds) -> Result<u64, String> {
+    async fn try_fetch_toc(
+        &self,
+        layer: &LayerRecord,
+        creds: &OpCreds,
+    ) -> Result<(u64, u64), String> {
         use crate::layer::estargz::{self, FOOTER_SIZE, Limits};
         let digest = layer.digest().map_err(|e| e.to_string())?;
         let toc_digest = Digest::parse(layer.toc_digest.as_deref().unwrap_or_default())
@@ -386,7 +415,7 @@ impl Filler {
         self.layout
             .put_blob(&toc_digest, &json)
             .map_err(|e| e.to_string())?;
-        Ok(entries)
+        Ok((entries, toc_offset))
     }
 
     async fn fill_once(&self, digest_str: &str, creds: &OpCreds) -> Result<(), FillError> {
@@ -399,7 +428,7 @@ impl Filler {
             lock(&self.db).set_layer_state(digest_str, LayerState::Complete, None)?;
             return Ok(());
         }
-        if layer.toc_digest.is_some() && layer.toc_entries.is_none() && layer.toc_error.is_none() {
+        if Self::needs_toc(&layer) {
             self.fetch_toc(&layer, creds).await;
         }
         let compression =

@@ -12,7 +12,7 @@ use std::time::Duration;
 const SCHEMA_VERSION: i64 = 2;
 
 /// Columns of a layer row, in the order `layer_from_row` reads them.
-const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error";
+const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset";
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS images (
@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS layers (
     completed_at INTEGER,
     toc_digest TEXT,                     -- eStargz: digest of the TOC JSON (layer annotation)
     toc_entries INTEGER,                 -- set once the TOC was fetched, verified and stored
-    toc_error TEXT                       -- why the TOC was refused (the layer is then fetched whole)
+    toc_error TEXT,                      -- why the TOC was refused (the layer is then fetched whole)
+    toc_offset INTEGER                   -- where the TOC member starts in the blob
 );
 CREATE TABLE IF NOT EXISTS image_layers (
     image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -107,6 +108,8 @@ pub struct LayerRecord {
     pub toc_entries: Option<u64>,
     /// Why the TOC was refused (the layer is then only usable once fetched whole).
     pub toc_error: Option<String>,
+    /// Where the TOC member starts in the blob (the end of the payload).
+    pub toc_offset: Option<u64>,
 }
 
 impl LayerRecord {
@@ -216,13 +219,20 @@ impl Catalogue {
         }
         conn.execute_batch(SCHEMA)?;
         // Version 1 → 2: TOC columns on layers.
-        let has_toc: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('layers') WHERE name = 'toc_digest')",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_toc {
-            conn.execute_batch("ALTER TABLE layers ADD COLUMN toc_digest TEXT; ALTER TABLE layers ADD COLUMN toc_entries INTEGER; ALTER TABLE layers ADD COLUMN toc_error TEXT;")?;
+        for (col, ty) in [
+            ("toc_digest", "TEXT"),
+            ("toc_entries", "INTEGER"),
+            ("toc_error", "TEXT"),
+            ("toc_offset", "INTEGER"),
+        ] {
+            let has: bool = conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM pragma_table_info('layers') WHERE name = ?1)",
+                [col],
+                |r| r.get(0),
+            )?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE layers ADD COLUMN {col} {ty}"))?;
+            }
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         // The catalogue may hold registry credentials: root-only.
@@ -544,10 +554,10 @@ impl Catalogue {
         Ok(set)
     }
 
-    pub fn set_toc(&self, digest: &str, entries: u64) -> Result<()> {
+    pub fn set_toc(&self, digest: &str, entries: u64, toc_offset: u64) -> Result<()> {
         self.conn.execute(
-            "UPDATE layers SET toc_entries = ?2, toc_error = NULL WHERE digest = ?1",
-            params![digest, entries as i64],
+            "UPDATE layers SET toc_entries = ?2, toc_offset = ?3, toc_error = NULL WHERE digest = ?1",
+            params![digest, entries as i64, toc_offset as i64],
         )?;
         Ok(())
     }
@@ -597,6 +607,10 @@ fn layer_from_row(r: &rusqlite::Row) -> rusqlite::Result<Result<LayerRecord>> {
             .unwrap_or_default()
             .map(|n| n.max(0) as u64),
         toc_error: r.get(10).unwrap_or_default(),
+        toc_offset: r
+            .get::<_, Option<i64>>(11)
+            .unwrap_or_default()
+            .map(|n| n.max(0) as u64),
     }))
 }
 

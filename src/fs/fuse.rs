@@ -1,0 +1,567 @@
+//! The daemon's FUSE filesystem (the only file that knows fuser): one read-only mount with a
+//! directory per eStargz layer, named by the layer digest's hex. A layer directory appears when
+//! first looked up (its verified TOC is loaded from the store) and is then served from the
+//! in-memory tree. File reads never block the session: they run as tokio tasks that take the
+//! bytes from the local blob (complete, or the filled prefix) or fetch the chunk's compressed
+//! span from the registry, verify the chunk digest, and only then reply.
+
+use super::tree::{NodeKind, ROOT, Tree};
+use crate::fetch::source_reference;
+use crate::layer::estargz::{self, Spans, Toc};
+use crate::oci::Digest;
+use crate::registry::{OpCreds, Registry};
+use crate::store::{Catalogue, LayerRecord, LayerState, Layout};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
+    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Layer content is immutable: long TTLs are safe and spare round trips (overlayfs looks up
+/// every name in every lower layer).
+const TTL: Duration = Duration::from_secs(3600);
+/// Layer directories get inode numbers `(index + 1) << 32 | local inode`.
+const LAYER_SHIFT: u32 = 32;
+
+struct MountedLayer {
+    digest: Digest,
+    source: String,
+    toc: Toc,
+    spans: Spans,
+    tree: Tree,
+}
+
+#[derive(Default)]
+struct Layers {
+    by_hex: HashMap<String, usize>,
+    list: Vec<Arc<MountedLayer>>,
+}
+
+pub struct LayerFs {
+    rt: tokio::runtime::Handle,
+    layout: Layout,
+    db: Arc<Mutex<Catalogue>>,
+    registry: Arc<Registry>,
+    read_timeout: Duration,
+    layers: RwLock<Layers>,
+    started: SystemTime,
+}
+
+fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
+    db.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn split(ino: u64) -> Option<(usize, u64)> {
+    let layer = ino >> LAYER_SHIFT;
+    (layer > 0).then(|| ((layer - 1) as usize, ino & ((1 << LAYER_SHIFT) - 1)))
+}
+
+fn join(layer: usize, local: u64) -> u64 {
+    ((layer as u64 + 1) << LAYER_SHIFT) | local
+}
+
+fn file_type(k: NodeKind) -> FileType {
+    match k {
+        NodeKind::Dir => FileType::Directory,
+        NodeKind::Reg => FileType::RegularFile,
+        NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Char => FileType::CharDevice,
+        NodeKind::Block => FileType::BlockDevice,
+        NodeKind::Fifo => FileType::NamedPipe,
+    }
+}
+
+impl LayerFs {
+    pub fn new(
+        layout: Layout,
+        db: Arc<Mutex<Catalogue>>,
+        registry: Arc<Registry>,
+        read_timeout: Duration,
+    ) -> Self {
+        LayerFs {
+            rt: tokio::runtime::Handle::current(),
+            layout,
+            db,
+            registry,
+            read_timeout,
+            layers: RwLock::new(Layers::default()),
+            started: SystemTime::now(),
+        }
+    }
+
+    fn layer(&self, idx: usize) -> Option<Arc<MountedLayer>> {
+        self.layers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .list
+            .get(idx)
+            .cloned()
+    }
+
+    /// Find or load the layer directory `name` (a digest's hex).
+    fn layer_by_name(&self, name: &str) -> Option<usize> {
+        if let Some(&i) = self
+            .layers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_hex
+            .get(name)
+        {
+            return Some(i);
+        }
+        let digest = Digest::parse(&format!("sha256:{name}")).ok()?;
+        let rec = lock(&self.db).layer(digest.as_str()).ok().flatten()?;
+        let loaded = match self.load(&rec) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(layer = %digest, error = %e, "cannot mount layer lazily");
+                return None;
+            }
+        };
+        let mut layers = self.layers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(&i) = layers.by_hex.get(name) {
+            return Some(i);
+        }
+        let i = layers.list.len();
+        layers.list.push(Arc::new(loaded));
+        layers.by_hex.insert(name.to_string(), i);
+        tracing::info!(layer = %digest, "layer mounted");
+        Some(i)
+    }
+
+    fn load(&self, rec: &LayerRecord) -> Result<MountedLayer, String> {
+        let (Some(_), Some(toc_offset), Some(toc_digest)) =
+            (rec.toc_entries, rec.toc_offset, rec.toc_digest.as_deref())
+        else {
+            return Err("no verified TOC (not an eStargz layer, or not fetched yet)".into());
+        };
+        let toc_digest = Digest::parse(toc_digest).map_err(|e| e.to_string())?;
+        let json = self
+            .layout
+            .read_blob(&toc_digest)
+            .map_err(|e| e.to_string())?;
+        let limits = estargz::Limits::default();
+        let toc = estargz::parse_toc(&json, &toc_digest, rec.size, toc_offset, &limits)
+            .map_err(|e| e.to_string())?;
+        let tree = Tree::from_entries(&toc.entries).map_err(|e| e.to_string())?;
+        let spans = Spans::new(&toc);
+        Ok(MountedLayer {
+            digest: rec.digest().map_err(|e| e.to_string())?,
+            source: rec.source.clone(),
+            toc,
+            spans,
+            tree,
+        })
+    }
+
+    fn root_attr(&self) -> FileAttr {
+        let n = self
+            .layers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .list
+            .len() as u32;
+        FileAttr {
+            ino: INodeNo::ROOT,
+            size: 0,
+            blocks: 0,
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind: FileType::Directory,
+            perm: 0o755,
+            nlink: 2 + n,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn attr(&self, layer: usize, local: u64) -> Option<FileAttr> {
+        let l = self.layer(layer)?;
+        let n = l.tree.get(local)?;
+        let t = UNIX_EPOCH + Duration::from_secs(n.mtime.max(0) as u64);
+        Some(FileAttr {
+            ino: INodeNo(join(layer, local)),
+            size: n.size,
+            blocks: n.size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: file_type(n.kind),
+            perm: (n.perm & 0o7777) as u16,
+            nlink: n.nlink,
+            uid: n.uid,
+            gid: n.gid,
+            rdev: nix::sys::stat::makedev(n.rdev.0 as u64, n.rdev.1 as u64) as u32,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    fn attr_of(&self, ino: u64) -> Option<FileAttr> {
+        if ino == ROOT {
+            return Some(self.root_attr());
+        }
+        let (layer, local) = split(ino)?;
+        self.attr(layer, local)
+    }
+}
+
+/// Bytes `[start, end)` of a layer blob: from the complete local blob, the filled prefix of the
+/// partial file, or the registry (one range request).
+async fn fetch_span(
+    layout: &Layout,
+    db: &Mutex<Catalogue>,
+    registry: &Registry,
+    layer: &MountedLayer,
+    start: u64,
+    end: u64,
+) -> Result<Vec<u8>, String> {
+    let read_local = |path: std::path::PathBuf| -> Result<Vec<u8>, String> {
+        let f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        f.read_exact_at(&mut buf, start)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(buf)
+    };
+    let rec = lock(db).layer(layer.digest.as_str()).ok().flatten();
+    if let Some(rec) = rec {
+        if rec.state == LayerState::Complete && layout.has_blob(&layer.digest) {
+            return read_local(layout.blob(&layer.digest));
+        }
+        if rec.filled >= end {
+            if let Ok(b) = read_local(layout.partial(&layer.digest)) {
+                return Ok(b);
+            }
+        }
+    }
+    let reference = source_reference(&layer.source, &layer.digest).ok_or("bad layer source")?;
+    let persisted = lock(db)
+        .credential(reference.registry())
+        .ok()
+        .flatten()
+        .and_then(|s| serde_json::from_str(&s).ok());
+    let creds = OpCreds {
+        request: None,
+        persisted,
+    };
+    registry
+        .fetch_range(&reference, &layer.digest, start, end - start, &creds)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+impl fuser::Filesystem for LayerFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
+        if parent.0 == ROOT {
+            return match self.layer_by_name(name).and_then(|i| self.attr(i, ROOT)) {
+                Some(a) => reply.entry(&TTL, &a, Generation(0)),
+                None => reply.error(Errno::ENOENT),
+            };
+        }
+        let Some((layer, local)) = split(parent.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(l) = self.layer(layer) else {
+            return reply.error(Errno::ENOENT);
+        };
+        match l
+            .tree
+            .lookup(local, name)
+            .and_then(|n| self.attr(layer, n.ino))
+        {
+            Some(a) => reply.entry(&TTL, &a, Generation(0)),
+            // Negative entries are cached too: layers never change.
+            None => {
+                let mut a = self.root_attr();
+                a.ino = INodeNo(0);
+                reply.entry(&TTL, &a, Generation(0))
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr_of(ino.0) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let node = split(ino.0).and_then(|(l, n)| {
+            self.layer(l)
+                .and_then(|l| l.tree.get(n).map(|n| n.link.clone()))
+        });
+        match node {
+            Some(target) if !target.is_empty() => reply.data(target.as_bytes()),
+            _ => reply.error(Errno::EINVAL),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != fuser::OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        match self.attr_of(ino.0) {
+            Some(a) if a.kind == FileType::RegularFile => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some((layer_idx, local)) = split(ino.0) else {
+            return reply.error(Errno::EISDIR);
+        };
+        let Some(layer) = self.layer(layer_idx) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(entry_idx) = layer.tree.get(local).and_then(|n| n.entry) else {
+            // Empty files have no content entry.
+            return reply.data(&[]);
+        };
+        let (layout, db, registry, timeout) = (
+            self.layout.clone(),
+            Arc::clone(&self.db),
+            Arc::clone(&self.registry),
+            self.read_timeout,
+        );
+        self.rt.spawn(async move {
+            let Some(entry) = layer.toc.entries.get(entry_idx) else { return reply.error(Errno::EIO) };
+            let end = offset.saturating_add(size as u64).min(entry.size);
+            if offset >= end {
+                return reply.data(&[]);
+            }
+            // Fetch the compressed spans this range needs, then decode and verify off the runtime.
+            let mut spans = HashMap::new();
+            for c in entry.chunks.iter().filter(|c| c.file_offset < end && c.file_offset + c.size > offset) {
+                let (s, e) = layer.spans.span(c);
+                if spans.contains_key(&(s, e)) {
+                    continue;
+                }
+                let got = tokio::time::timeout(timeout, fetch_span(&layout, &db, &registry, &layer, s, e)).await;
+                match got {
+                    Ok(Ok(bytes)) => {
+                        spans.insert((s, e), bytes);
+                    }
+                    Ok(Err(err)) => {
+                        tracing::error!(layer = %layer.digest, file = %entry.path, error = %err, "read failed");
+                        return reply.error(Errno::EIO);
+                    }
+                    Err(_) => {
+                        tracing::error!(layer = %layer.digest, file = %entry.path, ?timeout, "read timed out");
+                        return reply.error(Errno::EIO);
+                    }
+                }
+            }
+            let layer2 = Arc::clone(&layer);
+            let decoded = tokio::task::spawn_blocking(move || {
+                let entry = &layer2.toc.entries[entry_idx];
+                estargz::read_file(&layer2.spans, entry, offset, end - offset, |s, e| {
+                    spans.remove(&(s, e)).ok_or_else(|| "span not fetched".to_string())
+                })
+            })
+            .await;
+            match decoded {
+                Ok(Ok(data)) => reply.data(&data),
+                Ok(Err(e)) => {
+                    tracing::error!(layer = %layer.digest, file = %entry.path, error = %e, "chunk refused");
+                    reply.error(Errno::EIO)
+                }
+                Err(_) => reply.error(Errno::EIO),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let mut entries: Vec<(u64, FileType, String)> = vec![];
+        if ino.0 == ROOT {
+            // Every layer with a verified TOC, loaded on the way.
+            let names: Vec<String> = lock(&self.db)
+                .list_images()
+                .map(|imgs| {
+                    imgs.into_iter()
+                        .flat_map(|i| i.layers)
+                        .filter(|l| l.toc_entries.is_some())
+                        .map(|l| l.digest)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut seen = std::collections::BTreeSet::new();
+            for d in names {
+                let hex = d.trim_start_matches("sha256:").to_string();
+                if seen.insert(hex.clone())
+                    && let Some(i) = self.layer_by_name(&hex)
+                {
+                    entries.push((join(i, ROOT), FileType::Directory, hex));
+                }
+            }
+        } else {
+            let Some((layer, local)) = split(ino.0) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let Some(l) = self.layer(layer) else {
+                return reply.error(Errno::ENOENT);
+            };
+            let Some(node) = l.tree.get(local) else {
+                return reply.error(Errno::ENOENT);
+            };
+            if node.kind != NodeKind::Dir {
+                return reply.error(Errno::ENOTDIR);
+            }
+            for (name, &child) in &node.children {
+                if let Some(c) = l.tree.get(child) {
+                    entries.push((join(layer, child), file_type(c.kind), name.clone()));
+                }
+            }
+        }
+        for (i, (child, kind, name)) in entries.into_iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let value = split(ino.0).and_then(|(l, n)| {
+            let l = self.layer(l)?;
+            let node = l.tree.get(n)?;
+            node.xattrs
+                .iter()
+                .find(|(k, _)| OsStr::new(k) == name)
+                .map(|(_, v)| v.clone())
+        });
+        match value {
+            None => reply.error(Errno::NO_XATTR),
+            Some(v) if size == 0 => reply.size(v.len() as u32),
+            Some(v) if (size as usize) < v.len() => reply.error(Errno::ERANGE),
+            Some(v) => reply.data(&v),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let mut names = vec![];
+        if let Some((l, n)) = split(ino.0)
+            && let Some(l) = self.layer(l)
+            && let Some(node) = l.tree.get(n)
+        {
+            for (k, _) in &node.xattrs {
+                names.extend_from_slice(k.as_bytes());
+                names.push(0);
+            }
+        }
+        if size == 0 {
+            reply.size(names.len() as u32)
+        } else if (size as usize) < names.len() {
+            reply.error(Errno::ERANGE)
+        } else {
+            reply.data(&names)
+        }
+    }
+}
+
+/// A mounted layer filesystem; unmounts on `unmount` (or drop).
+pub struct Mount {
+    session: Option<fuser::BackgroundSession>,
+    pub mountpoint: std::path::PathBuf,
+}
+
+impl Mount {
+    /// Mount at `mountpoint` (created if missing; a dead mount left by a crash is detached first).
+    pub fn start(
+        fs: LayerFs,
+        mountpoint: &std::path::Path,
+        threads: usize,
+    ) -> std::io::Result<Mount> {
+        if std::fs::metadata(mountpoint).is_err() {
+            // ENOTCONN from a dead FUSE mount, or missing.
+            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+        std::fs::create_dir_all(mountpoint)?;
+        let mut cfg = fuser::Config::default();
+        cfg.mount_options = vec![
+            fuser::MountOption::RO,
+            fuser::MountOption::FSName("lazypull".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoAtime,
+        ];
+        cfg.acl = fuser::SessionACL::All;
+        cfg.n_threads = Some(threads);
+        cfg.clone_fd = true;
+        let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
+        Ok(Mount {
+            session: Some(session),
+            mountpoint: mountpoint.to_path_buf(),
+        })
+    }
+
+    pub fn unmount(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        match session.umount_and_join() {
+            Ok(()) => {
+                tracing::info!(mountpoint = %self.mountpoint.display(), "layer filesystem unmounted")
+            }
+            Err(e) => {
+                // EINVAL: already unmounted from outside. EBUSY: still in use (a container's
+                // overlay): detach it, the kernel finishes once the last user goes.
+                tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount; detaching");
+                let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

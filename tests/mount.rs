@@ -1,0 +1,214 @@
+//! Lazy mounts end to end: the daemon's FUSE layer filesystem over eStargz layers converted by
+//! Debian's ctr-remote, stacked with overlayfs by `lazypull mount`, used with chroot.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+fn mounted(dir: &std::path::Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap_or("?")))
+}
+
+/// Bytes the registry sent for GETs of one blob (access log: `"GET ..." STATUS BYTES`), and
+/// whether any was a full (200) answer.
+fn served(reg: &Registry, repo: &str, digest: &str) -> (u64, usize, bool) {
+    let needle = format!("\"GET /v2/{repo}/blobs/{digest} ");
+    let log = std::fs::read_to_string(reg.log()).unwrap_or_default();
+    let (mut bytes, mut n, mut full) = (0, 0, false);
+    for l in log
+        .lines()
+        .filter(|l| l.starts_with("127.0.0.1 ") && l.contains(&needle))
+    {
+        let after = l.split("HTTP/1.1\" ").nth(1).unwrap_or_default();
+        let mut f = after.split_whitespace();
+        let status = f.next().unwrap_or_default();
+        bytes += f.next().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
+        n += 1;
+        full |= status == "200";
+    }
+    (bytes, n, full)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chroot_into_a_lazily_mounted_estargz_image() {
+    if !require_tools() || !Containerd::available() {
+        return;
+    }
+    if !std::path::Path::new("/dev/fuse").exists() {
+        eprintln!("SKIP: /dev/fuse missing");
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    let ctd = Containerd::start(&[reg.host()]);
+    if !ctr_remote_convert(&reg, &ctd, "multilayer:latest", "multilayer:esgz")
+        || !ctr_remote_convert(&reg, &ctd, "big:latest", "big:esgz")
+    {
+        return;
+    }
+    drop(ctd);
+    let work = tempfile::tempdir().unwrap();
+    let fs = work.path().join("fs");
+    let d = Daemon::start(&["--no-fill", "--fuse-mountpoint", fs.to_str().unwrap()]);
+    let mut c = d.client().await;
+    let h = reg.host();
+
+    // Correctness: multilayer, with a whiteout in its top layer.
+    let name = format!("{h}/multilayer:esgz");
+    pull(&mut c, &name).await.expect("lazy pull");
+    let root = work.path().join("root");
+    let out = d.cli(&[
+        "mount",
+        "--fuse-mountpoint",
+        fs.to_str().unwrap(),
+        &name,
+        root.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "mount: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    assert!(mounted(&root));
+    let run = Command::new("chroot")
+        .arg(&root)
+        .args(["/bin/sh", "-c", "cat /data/layer3.txt; ls /data; busybox sha256sum /data/random.bin; busybox grep ^app: /etc/passwd"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "chroot: {}\n{stdout}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("hello from layer 3"));
+    assert_eq!(
+        lines.next(),
+        Some("layer3.txt"),
+        "whiteout hides small.txt:\n{stdout}"
+    );
+    assert_eq!(lines.next(), Some("random.bin"));
+    let sum = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let toc_random = {
+        let s = d.status_json();
+        let layer = &s["images"][0]["layers"][1];
+        let toc: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(
+                d.store().join("blobs/sha256").join(
+                    layer["toc_digest"]
+                        .as_str()
+                        .unwrap()
+                        .trim_start_matches("sha256:"),
+                ),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        toc["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "data/random.bin")
+            .unwrap()["digest"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        format!("sha256:{sum}"),
+        toc_random,
+        "random.bin reads back verified"
+    );
+    assert!(
+        lines.next().unwrap_or_default().starts_with("app:x:1234:"),
+        "{stdout}"
+    );
+    let out = d.cli(&["umount", root.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!mounted(&root));
+
+    // Laziness: a small file of a 32 MiB image costs a small fraction of the blob.
+    let name = format!("{h}/big:esgz");
+    pull(&mut c, &name).await.expect("lazy pull");
+    let out = d.cli(&[
+        "mount",
+        "--fuse-mountpoint",
+        fs.to_str().unwrap(),
+        &name,
+        root.to_str().unwrap(),
+        "--upper",
+        work.path().join("upper").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = Command::new("chroot")
+        .arg(&root)
+        .args([
+            "/bin/sh",
+            "-c",
+            "busybox wc -c /etc/passwd; ls -l /big; echo changed > /tmp/new",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(String::from_utf8_lossy(&run.stdout).contains("big.bin"));
+    assert!(
+        work.path().join("upper/tmp/new").exists(),
+        "writes go to the upper dir"
+    );
+    let manifest = raw_manifest(&reg, "big:esgz");
+    let big_layer = &manifest["layers"][1];
+    let (digest, size) = (
+        big_layer["digest"].as_str().unwrap(),
+        big_layer["size"].as_u64().unwrap(),
+    );
+    let (bytes, requests, full) = served(&reg, "big", digest);
+    eprintln!("big layer: {size} bytes, served {bytes} bytes in {requests} requests");
+    assert!(!full, "no full-blob GET with --no-fill");
+    assert!(
+        bytes * 100 < size,
+        "served {bytes} of {size} bytes: less than 1%"
+    );
+    let out = d.cli(&["umount", root.to_str().unwrap()]);
+    assert!(out.status.success());
+    // Non-eStargz images are refused with a clear message.
+    pull(&mut c, &format!("{h}/busybox:latest")).await.unwrap();
+    let out = d.cli(&[
+        "mount",
+        "--fuse-mountpoint",
+        fs.to_str().unwrap(),
+        &format!("{h}/busybox:latest"),
+        root.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not eStargz"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut d = d;
+    assert!(d.terminate().success());
+    assert!(!mounted(&fs), "FUSE unmounted on shutdown");
+}
