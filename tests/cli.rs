@@ -190,7 +190,8 @@ fn config_errors_and_json_logs() {
         .arg(&root)
         .arg("--socket")
         .arg(&sock)
-        .args(["--log-format", "json", "serve"])
+        .args(["--log-format", "json", "serve", "--fuse-mountpoint"])
+        .arg(dir.path().join("fs"))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -226,14 +227,16 @@ fn config_errors_and_json_logs() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stderr);
-    let first = text.lines().next().unwrap_or_default();
-    let v: serde_json::Value =
-        serde_json::from_str(first).unwrap_or_else(|e| panic!("json log line {first:?}: {e}"));
+    let serving = text
+        .lines()
+        .find(|l| l.contains("serving"))
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(serving)
+        .unwrap_or_else(|e| panic!("json log line {serving:?}: {e}\n{text}"));
+    assert_eq!(v["level"], "INFO", "{v}");
     assert!(
-        v["fields"]["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("serving"),
-        "{v}"
+        text.lines()
+            .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+        "every line is JSON:\n{text}"
     );
 }

@@ -203,7 +203,7 @@ async fn disk_full_fails_the_pull_and_leaves_no_partial_blob() {
         .arg(&root)
         .arg("--socket")
         .arg(&sock)
-        .args(["serve", "--pull-mode", "full"])
+        .args(["serve", "--pull-mode", "full", "--no-fuse"])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -290,6 +290,20 @@ impl Daemon {
             .arg("debug")
             .arg("serve")
             .args(&self.args)
+            .args(
+                if self
+                    .args
+                    .iter()
+                    .any(|a| a == "--fuse-mountpoint" || a == "--no-fuse")
+                {
+                    vec![]
+                } else {
+                    vec![
+                        "--fuse-mountpoint".to_string(),
+                        self.root.path().join("fs").display().to_string(),
+                    ]
+                },
+            )
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -414,11 +428,38 @@ fn unsafe_kill(pid: i32, sig: i32) {
         .status();
 }
 
+impl Daemon {
+    /// The daemon's FUSE mountpoint (the harness default, or the one given).
+    pub fn fuse_mountpoint(&self) -> Option<PathBuf> {
+        if self.args.iter().any(|a| a == "--no-fuse") {
+            return None;
+        }
+        let given = self
+            .args
+            .iter()
+            .position(|a| a == "--fuse-mountpoint")
+            .and_then(|i| self.args.get(i + 1));
+        Some(
+            given
+                .map(PathBuf::from)
+                .unwrap_or_else(|| self.root.path().join("fs")),
+        )
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        // A killed daemon leaves its FUSE mount dead: detach it.
+        if let Some(mp) = self.fuse_mountpoint() {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&mp)
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
