@@ -212,3 +212,149 @@ async fn chroot_into_a_lazily_mounted_estargz_image() {
     assert!(d.terminate().success());
     assert!(!mounted(&fs), "FUSE unmounted on shutdown");
 }
+
+/// (relative path, kind, mode, uid, gid, size, content digest or link target) of every entry.
+fn snapshot(root: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = vec![];
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let ft = m.file_type();
+            let what = if ft.is_symlink() {
+                format!("-> {}", std::fs::read_link(&p).unwrap().display())
+            } else if ft.is_file() {
+                lazypull::oci::Digest::of(&std::fs::read(&p).unwrap()).to_string()
+            } else if ft.is_dir() {
+                stack.push(p.clone());
+                "dir".into()
+            } else {
+                format!("special rdev={}", m.rdev())
+            };
+            out.push(format!(
+                "{rel} mode={:o} uid={} gid={} size={} {what}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                if ft.is_dir() { 0 } else { m.size() }
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mounted_tree_equals_umoci_unpack_and_survives_registry_loss_and_kill9() {
+    if !require_tools() || !Containerd::available() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let mut reg = Registry::with_fixtures(None);
+    let ctd = Containerd::start(&[reg.host()]);
+    if !ctr_remote_convert(&reg, &ctd, "multilayer:latest", "multilayer:esgz") {
+        return;
+    }
+    drop(ctd);
+    let work = tempfile::tempdir().unwrap();
+    let h = reg.host();
+    let name = format!("{h}/multilayer:esgz");
+    // The reference tree: umoci unpack of the same image (an independent implementation).
+    let layout = work.path().join("layout");
+    let st = Command::new("skopeo")
+        .args(["copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{name}"))
+        .arg(format!("oci:{}:esgz", layout.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bundle = work.path().join("bundle");
+    let st = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:esgz", layout.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "umoci unpack: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    // eStargz's own files (the TOC and the landmark) are tar entries to umoci; lazy mounts hide them.
+    let want: Vec<String> = snapshot(&bundle.join("rootfs"))
+        .into_iter()
+        .filter(|l| {
+            !l.starts_with("stargz.index.json ")
+                && !l.starts_with(".no.prefetch.landmark ")
+                && !l.starts_with(".prefetch.landmark ")
+        })
+        .collect();
+
+    let mut d = Daemon::start(&[]);
+    let fs = d.fuse_mountpoint().unwrap();
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &name).await.expect("lazy pull");
+    }
+    let root = work.path().join("root");
+    let mount = |d: &Daemon| {
+        let out = d.cli(&[
+            "mount",
+            "--fuse-mountpoint",
+            fs.to_str().unwrap(),
+            &name,
+            root.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "mount: {} {} {:?}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout),
+            out.status,
+            d.log_text()
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    };
+    mount(&d);
+    let got = snapshot(&root);
+    assert_eq!(got, want, "lazily mounted tree equals umoci unpack");
+
+    // Concurrent readers of the same file all get the verified bytes.
+    let file = root.join("data/random.bin");
+    let expected = lazypull::oci::Digest::of(&std::fs::read(&file).unwrap());
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let f = file.clone();
+            std::thread::spawn(move || lazypull::oci::Digest::of(&std::fs::read(f).unwrap()))
+        })
+        .collect();
+    for r in readers {
+        assert_eq!(r.join().unwrap(), expected);
+    }
+    let out = d.cli(&["umount", root.to_str().unwrap()]);
+    assert!(out.status.success());
+
+    // Registry gone after the fill completed: every file still readable.
+    d.wait_complete(std::time::Duration::from_secs(60));
+    reg.stop();
+    mount(&d);
+    assert_eq!(snapshot(&root), want, "air-gapped reads after the fill");
+    let out = d.cli(&["umount", root.to_str().unwrap()]);
+    assert!(out.status.success());
+
+    // kill -9: the dead FUSE mount is replaced at restart and the image mounts again.
+    d.kill9();
+    d.restart();
+    mount(&d);
+    assert_eq!(snapshot(&root), want, "after kill -9 and restart");
+    let out = d.cli(&["umount", root.to_str().unwrap()]);
+    assert!(out.status.success());
+}

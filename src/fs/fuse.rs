@@ -503,6 +503,26 @@ impl fuser::Filesystem for LayerFs {
     }
 }
 
+/// Whether `/proc/self/mountinfo` shows a lazypull FUSE mount at `path`.
+fn is_our_mount(path: &std::path::Path) -> bool {
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let mut halves = l.splitn(2, " - ");
+            let (left, right) = (
+                halves.next().unwrap_or_default(),
+                halves.next().unwrap_or_default(),
+            );
+            let mut r = right.split(' ');
+            let (fstype, source) = (r.next().unwrap_or_default(), r.next().unwrap_or_default());
+            left.split(' ').nth(4) == Some(want.as_str())
+                && fstype.starts_with("fuse")
+                && source == "lazypull"
+        })
+}
+
 /// A mounted layer filesystem; unmounts on `unmount` (or drop).
 pub struct Mount {
     session: Option<fuser::BackgroundSession>,
@@ -510,15 +530,25 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// Mount at `mountpoint` (created if missing; a dead mount left by a crash is detached first).
+    /// Mount at `mountpoint` (created if missing). Our own mounts left there by a crashed daemon
+    /// are detached first: a stat cannot tell them dead, the kernel may answer from its cache.
+    /// The caller holds the store lock, so no live daemon of this store uses the mountpoint.
     pub fn start(
         fs: LayerFs,
         mountpoint: &std::path::Path,
         threads: usize,
     ) -> std::io::Result<Mount> {
-        if std::fs::metadata(mountpoint).is_err() {
-            // ENOTCONN from a dead FUSE mount, or missing.
-            let _ = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        for _ in 0..16 {
+            if !is_our_mount(mountpoint) {
+                break;
+            }
+            tracing::warn!(mountpoint = %mountpoint.display(), "detaching a layer filesystem left by a previous run");
+            if let Err(e) = nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH) {
+                return Err(std::io::Error::other(format!(
+                    "cannot detach the stale mount at {}: {e}",
+                    mountpoint.display()
+                )));
+            }
         }
         std::fs::create_dir_all(mountpoint)?;
         let mut cfg = fuser::Config::default();
