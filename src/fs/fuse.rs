@@ -238,10 +238,10 @@ async fn fetch_span(
         if rec.state == LayerState::Complete && layout.has_blob(&layer.digest) {
             return read_local(layout.blob(&layer.digest));
         }
-        if rec.filled >= end {
-            if let Ok(b) = read_local(layout.partial(&layer.digest)) {
-                return Ok(b);
-            }
+        if rec.filled >= end
+            && let Ok(b) = read_local(layout.partial(&layer.digest))
+        {
+            return Ok(b);
         }
     }
     let reference = source_reference(&layer.source, &layer.digest).ok_or("bad layer source")?;
