@@ -94,6 +94,8 @@ pub struct FuseConfig {
     /// A read that needs the network fails with EIO after this long.
     #[serde(with = "humantime_serde_compat")]
     pub read_timeout: Duration,
+    /// Memory for decoded chunks, in MiB.
+    pub chunk_cache_mib: usize,
 }
 
 impl Default for FuseConfig {
@@ -103,6 +105,7 @@ impl Default for FuseConfig {
             mountpoint: PathBuf::from("/run/lazypull/fs"),
             threads: 4,
             read_timeout: Duration::from_secs(60),
+            chunk_cache_mib: 64,
         }
     }
 }

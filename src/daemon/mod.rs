@@ -130,6 +130,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             Arc::clone(&images.db),
             Arc::clone(&images.registry),
             cfg.fuse.read_timeout,
+            cfg.fuse.chunk_cache_mib << 20,
         );
         match crate::fs::fuse::Mount::start(fs, &cfg.fuse.mountpoint, cfg.fuse.threads) {
             Ok(m) => {

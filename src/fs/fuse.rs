@@ -49,6 +49,83 @@ pub struct LayerFs {
     read_timeout: Duration,
     layers: RwLock<Layers>,
     started: SystemTime,
+    cache: Arc<ChunkCache>,
+}
+
+/// Decoded, verified chunks in memory, bounded by bytes, least recently used out first; loads
+/// of one chunk by concurrent readers (and kernel read-ahead) share a single fetch.
+type ChunkData = Arc<Vec<u8>>;
+/// The chunks by key, and the bytes they hold.
+type Lru = (lru::LruCache<String, ChunkData>, usize);
+type Pending = HashMap<String, Arc<tokio::sync::OnceCell<ChunkData>>>;
+
+pub struct ChunkCache {
+    lru: Mutex<Lru>,
+    budget: usize,
+    inflight: Mutex<Pending>,
+}
+
+impl ChunkCache {
+    pub fn new(budget: usize) -> Self {
+        ChunkCache {
+            lru: Mutex::new((lru::LruCache::unbounded(), 0)),
+            budget,
+            inflight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, k: &str) -> Option<Arc<Vec<u8>>> {
+        self.lru
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .get(k)
+            .cloned()
+    }
+
+    fn put(&self, k: String, v: Arc<Vec<u8>>) {
+        let mut g = self.lru.lock().unwrap_or_else(|p| p.into_inner());
+        let (lru, bytes) = &mut *g;
+        *bytes += v.len();
+        if let Some(old) = lru.put(k, v) {
+            *bytes -= old.len();
+        }
+        while *bytes > self.budget {
+            match lru.pop_lru() {
+                Some((_, old)) => *bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    pub async fn get_or_load<F, Fut>(&self, k: String, load: F) -> Result<Arc<Vec<u8>>, String>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<u8>, String>>,
+    {
+        if let Some(v) = self.get(&k) {
+            return Ok(v);
+        }
+        let cell = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(k.clone())
+            .or_default()
+            .clone();
+        let r = cell
+            .get_or_try_init(|| async { load().await.map(Arc::new) })
+            .await
+            .cloned();
+        if let Ok(v) = &r {
+            self.put(k.clone(), Arc::clone(v));
+        }
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&k);
+        r
+    }
 }
 
 fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
@@ -81,6 +158,7 @@ impl LayerFs {
         db: Arc<Mutex<Catalogue>>,
         registry: Arc<Registry>,
         read_timeout: Duration,
+        cache_bytes: usize,
     ) -> Self {
         LayerFs {
             rt: tokio::runtime::Handle::current(),
@@ -90,6 +168,7 @@ impl LayerFs {
             read_timeout,
             layers: RwLock::new(Layers::default()),
             started: SystemTime::now(),
+            cache: Arc::new(ChunkCache::new(cache_bytes)),
         }
     }
 
@@ -350,50 +429,41 @@ impl fuser::Filesystem for LayerFs {
             Arc::clone(&self.registry),
             self.read_timeout,
         );
+        let cache = Arc::clone(&self.cache);
         self.rt.spawn(async move {
             let Some(entry) = layer.toc.entries.get(entry_idx) else { return reply.error(Errno::EIO) };
             let end = offset.saturating_add(size as u64).min(entry.size);
             if offset >= end {
                 return reply.data(&[]);
             }
-            // Fetch the compressed spans this range needs, then decode and verify off the runtime.
-            let mut spans = HashMap::new();
+            let mut out = Vec::with_capacity((end - offset) as usize);
             for c in entry.chunks.iter().filter(|c| c.file_offset < end && c.file_offset + c.size > offset) {
-                let (s, e) = layer.spans.span(c);
-                if spans.contains_key(&(s, e)) {
-                    continue;
-                }
-                let got = tokio::time::timeout(timeout, fetch_span(&layout, &db, &registry, &layer, s, e)).await;
-                match got {
-                    Ok(Ok(bytes)) => {
-                        spans.insert((s, e), bytes);
+                // Chunks are verified against their digest, so the digest is a safe cache key
+                // (and identical chunks of different layers share an entry).
+                let key = c.digest.as_ref().map(|d| d.to_string()).unwrap_or_else(|| format!("{}@{}+{}", layer.digest, c.offset, c.inner_offset));
+                let load = || async {
+                    let (s, e) = layer.spans.span(c);
+                    let bytes = tokio::time::timeout(timeout, fetch_span(&layout, &db, &registry, &layer, s, e))
+                        .await
+                        .map_err(|_| format!("timed out after {timeout:?}"))??;
+                    let chunk = c.clone();
+                    tokio::task::spawn_blocking(move || estargz::decode_chunk(&bytes, &chunk).map_err(|e| e.to_string()))
+                        .await
+                        .map_err(|e| e.to_string())?
+                };
+                match cache.get_or_load(key, load).await {
+                    Ok(data) => {
+                        let from = (offset.max(c.file_offset) - c.file_offset) as usize;
+                        let to = (end.min(c.file_offset + c.size) - c.file_offset) as usize;
+                        out.extend_from_slice(&data[from..to]);
                     }
-                    Ok(Err(err)) => {
+                    Err(err) => {
                         tracing::error!(layer = %layer.digest, file = %entry.path, error = %err, "read failed");
                         return reply.error(Errno::EIO);
                     }
-                    Err(_) => {
-                        tracing::error!(layer = %layer.digest, file = %entry.path, ?timeout, "read timed out");
-                        return reply.error(Errno::EIO);
-                    }
                 }
             }
-            let layer2 = Arc::clone(&layer);
-            let decoded = tokio::task::spawn_blocking(move || {
-                let entry = &layer2.toc.entries[entry_idx];
-                estargz::read_file(&layer2.spans, entry, offset, end - offset, |s, e| {
-                    spans.remove(&(s, e)).ok_or_else(|| "span not fetched".to_string())
-                })
-            })
-            .await;
-            match decoded {
-                Ok(Ok(data)) => reply.data(&data),
-                Ok(Err(e)) => {
-                    tracing::error!(layer = %layer.digest, file = %entry.path, error = %e, "chunk refused");
-                    reply.error(Errno::EIO)
-                }
-                Err(_) => reply.error(Errno::EIO),
-            }
+            reply.data(&out)
         });
     }
 
