@@ -497,7 +497,6 @@ impl Filler {
                 .registry
                 .open_blob(&reference, &digest, written, &creds)
                 .await?;
-            let mut skip = body.skip;
             let mut stream = body.stream;
             let mut block: Vec<u8> = Vec::with_capacity(BLOCK);
             let mut last_checkpoint = (written, Instant::now());
@@ -505,15 +504,10 @@ impl Filler {
                 let next = stream.next().await;
                 let end = next.is_none();
                 if let Some(chunk) = next {
-                    let mut chunk = chunk.map_err(|e| RegistryError::Unreachable {
+                    let chunk = chunk.map_err(|e| RegistryError::Unreachable {
                         registry: reference.registry().into(),
                         reason: e.to_string(),
                     })?;
-                    if skip > 0 {
-                        let s = skip.min(chunk.len() as u64);
-                        skip -= s;
-                        chunk = chunk.slice(s as usize..);
-                    }
                     self.stats
                         .bytes_fetched
                         .fetch_add(chunk.len() as u64, Ordering::Relaxed);

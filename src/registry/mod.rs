@@ -173,11 +173,36 @@ pub struct Registry {
     clients: Mutex<HashMap<(String, Scheme, u64), oci_client::Client>>,
 }
 
-/// A blob body stream positioned at the requested offset.
+/// A blob body stream positioned at the requested offset (when the registry ignores `Range`
+/// and sends the whole blob, the bytes before the offset are dropped here).
 pub struct BlobBody {
     pub stream: BoxStream<'static, std::io::Result<Bytes>>,
-    /// Bytes to discard first: the registry ignored `Range` and sent the whole blob.
-    pub skip: u64,
+}
+
+/// Drop the first `skip` bytes of a stream.
+fn skip_prefix(
+    stream: BoxStream<'static, std::io::Result<Bytes>>,
+    mut skip: u64,
+) -> BoxStream<'static, std::io::Result<Bytes>> {
+    if skip == 0 {
+        return stream;
+    }
+    stream
+        .filter_map(move |item| {
+            let out = match item {
+                Ok(chunk) if skip >= chunk.len() as u64 => {
+                    skip -= chunk.len() as u64;
+                    None
+                }
+                Ok(chunk) => {
+                    let s = std::mem::take(&mut skip) as usize;
+                    Some(Ok(chunk.slice(s..)))
+                }
+                Err(e) => Some(Err(e)),
+            };
+            futures_util::future::ready(out)
+        })
+        .boxed()
 }
 
 impl Registry {
@@ -503,21 +528,16 @@ impl Registry {
                     &what,
                 )
                 .await?;
-                let (mut skip, mut stream) = (body.skip, body.stream);
+                let mut stream = body.stream;
                 let mut buf = Vec::with_capacity(len.min(1 << 24) as usize);
                 while (buf.len() as u64) < len {
                     let Some(chunk) = stream.next().await else {
                         break;
                     };
-                    let mut chunk = chunk.map_err(|e| RegistryError::Unreachable {
+                    let chunk = chunk.map_err(|e| RegistryError::Unreachable {
                         registry: ep.host.clone(),
                         reason: e.to_string(),
                     })?;
-                    if skip > 0 {
-                        let s = skip.min(chunk.len() as u64);
-                        skip -= s;
-                        chunk = chunk.slice(s as usize..);
-                    }
                     let want = (len - buf.len() as u64).min(chunk.len() as u64) as usize;
                     buf.extend_from_slice(&chunk[..want]);
                 }
@@ -593,13 +613,9 @@ async fn open_blob(
         .await
         .map_err(|e| classify(e, &ep.host, reference.repository(), what, source))?;
     Ok(match resp {
-        oci_client::client::BlobResponse::Partial(s) => BlobBody {
-            stream: s.stream,
-            skip: 0,
-        },
+        oci_client::client::BlobResponse::Partial(s) => BlobBody { stream: s.stream },
         oci_client::client::BlobResponse::Full(s) => BlobBody {
-            stream: s.stream,
-            skip: offset,
+            stream: skip_prefix(s.stream, offset),
         },
     })
 }
@@ -733,6 +749,35 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn skip_prefix_positions_a_full_body() {
+        let chunks: Vec<std::io::Result<Bytes>> = vec![
+            Ok(Bytes::from_static(b"abc")),
+            Ok(Bytes::from_static(b"defg")),
+            Ok(Bytes::from_static(b"hij")),
+        ];
+        for (skip, want) in [
+            (0, "abcdefghij"),
+            (3, "defghij"),
+            (5, "fghij"),
+            (10, ""),
+            (12, ""),
+        ] {
+            let s = skip_prefix(
+                futures_util::stream::iter(
+                    chunks
+                        .iter()
+                        .map(|c| Ok(c.as_ref().unwrap().clone()))
+                        .collect::<Vec<_>>(),
+                )
+                .boxed(),
+                skip,
+            );
+            let got: Vec<Bytes> = s.map(|c| c.unwrap()).collect().await;
+            assert_eq!(got.concat(), want.as_bytes(), "skip {skip}");
+        }
+    }
 
     #[test]
     fn endpoints_and_schemes() {
