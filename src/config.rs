@@ -74,6 +74,9 @@ pub struct FetchConfig {
     #[serde(with = "humantime_serde_compat")]
     pub read_timeout: Duration,
     pub retries: u32,
+    /// A read that must go to the registry also fetches the file's next chunks, up to this
+    /// many KiB, in the same request (the reply does not wait for them).
+    pub read_ahead_kib: u64,
     pub fill: FillConfig,
 }
 
@@ -196,6 +199,7 @@ impl Default for FetchConfig {
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
             retries: 3,
+            read_ahead_kib: 1024,
             fill: FillConfig { enabled: true },
         }
     }
@@ -259,6 +263,12 @@ impl Config {
             return bad(format!(
                 "fetch.max_parallel {} must be within 1..=256",
                 self.fetch.max_parallel
+            ));
+        }
+        if self.fetch.read_ahead_kib > 64 << 10 {
+            return bad(format!(
+                "fetch.read_ahead_kib {} must be at most 65536 (64 MiB)",
+                self.fetch.read_ahead_kib
             ));
         }
         if self.cri.pull_mode == PullMode::Full && !self.fetch.fill.enabled {

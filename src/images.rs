@@ -381,6 +381,9 @@ impl Images {
             let mut db = lock(&self.db);
             for d in db.drop_unreferenced_layers()? {
                 self.filler.cancel(&d);
+                if let Ok(d) = crate::oci::Digest::parse(&d) {
+                    self.filler.partials().discard(&d);
+                }
             }
             db.referenced_digests()?
         };
@@ -405,6 +408,12 @@ impl Images {
                         .metadata()
                         .and_then(|m| m.modified())
                         .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(3600))
+                } else if dir == self.layout.partial_dir() {
+                    // `<hex>`, `<hex>.map`, `<hex>.map.tmp`: kept while the layer is referenced
+                    // and not yet complete.
+                    let hex = fname.split('.').next().unwrap_or_default();
+                    referenced.contains(&format!("sha256:{hex}"))
+                        && !self.layout.blobs_dir().join(hex).exists()
                 } else {
                     referenced.contains(&format!("sha256:{fname}"))
                 };

@@ -358,3 +358,124 @@ async fn mounted_tree_equals_umoci_unpack_and_survives_registry_loss_and_kill9()
     let out = d.cli(&["umount", root.to_str().unwrap()]);
     assert!(out.status.success());
 }
+
+/// Bytes read on demand are kept in the layer's partial file and its range map: they survive a
+/// clean restart and kill -9 (once flushed), are served with the registry down, and the filler
+/// later fetches only what is still missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_ranges_persist_across_restarts_and_the_fill_skips_them() {
+    if !require_tools() || !Containerd::available() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let mut reg = Registry::with_fixtures(None);
+    let ctd = Containerd::start(&[reg.host()]);
+    if !ctr_remote_convert(&reg, &ctd, "big:latest", "big:esgz") {
+        return;
+    }
+    drop(ctd);
+    let name = format!("{}/big:esgz", reg.host());
+    let manifest = raw_manifest(&reg, "big:esgz");
+    let layer = &manifest["layers"][1];
+    let (digest, size) = (
+        layer["digest"].as_str().unwrap().to_string(),
+        layer["size"].as_u64().unwrap(),
+    );
+    let hex = digest.trim_start_matches("sha256:").to_string();
+    let mut d = Daemon::start(&["--no-fill"]);
+    let fs = d.fuse_mountpoint().unwrap();
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &name).await.expect("lazy pull");
+    }
+    // The TOC is fetched right after the pull returns.
+    let started = std::time::Instant::now();
+    while d.status_json()["images"][0]["layers"][1]["toc_entries"].is_null() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "no TOC:
+{}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let file = fs.join(&hex).join("big/big.bin");
+    let read = |off: u64, len: usize| -> std::io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&file)?;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, off)?;
+        Ok(buf)
+    };
+    let first = read(0, 1 << 20).expect("lazy read");
+    let (after_first, _, _) = served(&reg, "big", &digest);
+    assert!(
+        after_first < size / 4,
+        "one MiB read fetched {after_first} of {size} bytes"
+    );
+    // A clean stop records the ranges; with the registry down they are read back locally.
+    assert!(d.terminate().success());
+    reg.stop();
+    d.restart_with(&["--no-fill"]);
+    assert_eq!(
+        read(0, 1 << 20).expect("read after restart, registry down"),
+        first
+    );
+    // A region never read cannot be served with the registry down: EIO, not a hang.
+    let mut d = d;
+    {
+        let started = std::time::Instant::now();
+        assert!(
+            read(size / 2, 4096).is_err(),
+            "unfetched bytes with no registry"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(70));
+    }
+    // kill -9 after the flush delay: ranges read before are kept too.
+    reg.restart();
+    let middle = read(8 << 20, 1 << 20).expect("read another MiB");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    d.kill9();
+    reg.stop();
+    d.restart_with(&["--no-fill"]);
+    assert_eq!(read(8 << 20, 1 << 20).expect("read after kill -9"), middle);
+    assert_eq!(read(0, 1 << 20).unwrap(), first);
+    let s = d.status_json();
+    let l = &s["images"][0]["layers"][1];
+    assert!(
+        l["ondemand"].as_u64().unwrap() >= 2 << 20,
+        "status counts on-demand bytes: {l}"
+    );
+    // The fill completes the layer fetching only the gaps: in total the registry sent each
+    // byte of the blob about once.
+    d.kill9();
+    reg.restart();
+    let before_fill = served(&reg, "big", &digest).0;
+    d.restart_with(&[]);
+    d.wait_complete(std::time::Duration::from_secs(120));
+    let (total, requests, _) = served(&reg, "big", &digest);
+    eprintln!(
+        "layer {size} bytes; on demand {before_fill}, fill {} in {requests} requests in all",
+        total - before_fill
+    );
+    assert!(
+        total - before_fill < size - (2 << 20),
+        "the fill skipped the bytes read on demand ({} of {size})",
+        total - before_fill
+    );
+    assert!(
+        total < size + size / 20,
+        "about one copy of the blob: {total} of {size}"
+    );
+    assert_eq!(
+        sha256_file(&d.store().join("blobs/sha256").join(&hex)),
+        digest,
+        "the completed blob verifies"
+    );
+    assert!(
+        !d.store()
+            .join("partial/sha256")
+            .join(format!("{hex}.map"))
+            .exists(),
+        "the range map goes with the partial file"
+    );
+}

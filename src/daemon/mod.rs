@@ -35,6 +35,7 @@ impl Core {
         let shutdown = CancellationToken::new();
         let filler = Filler::new(
             layout.clone(),
+            crate::store::Partials::new(layout.clone()),
             Arc::clone(&db),
             Arc::clone(&registry),
             cfg.fetch.max_parallel,
@@ -125,13 +126,17 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
 
     // The lazy layer filesystem. Without FUSE the daemon still serves CRI and fills layers.
     let fuse = if cfg.fuse.enabled {
-        let fs = crate::fs::fuse::LayerFs::new(
+        let reader = crate::fs::reader::Reader::new(
             images.layout.clone(),
             Arc::clone(&images.db),
             Arc::clone(&images.registry),
+            Arc::clone(images.filler.partials()),
             cfg.fuse.read_timeout,
             cfg.fuse.chunk_cache_mib << 20,
+            cfg.fetch.read_ahead_kib << 10,
         );
+        let fs =
+            crate::fs::fuse::LayerFs::new(images.layout.clone(), Arc::clone(&images.db), reader);
         match crate::fs::fuse::Mount::start(fs, &cfg.fuse.mountpoint, cfg.fuse.threads) {
             Ok(m) => {
                 tracing::info!(mountpoint = %cfg.fuse.mountpoint.display(), "layer filesystem mounted");
@@ -176,6 +181,8 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     if let Some(m) = fuse {
         m.unmount();
     }
+    // Record the ranges reads fetched since the last flush, so a restart reuses them.
+    images.filler.partials().flush_all();
     if let Some(t) = gc_task {
         let _ = t.await;
     }

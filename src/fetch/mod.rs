@@ -1,20 +1,20 @@
 //! The background filler: completes every layer of every image in the store.
 //!
 //! One fill per layer digest at a time (single flight: a layer shared by many images, or asked
-//! for by racing pulls, is fetched once). A fill resumes from the durable prefix recorded in the
-//! catalogue (HTTP Range), verifies the blob digest and the uncompressed diff_id, and only then
-//! renames the file into `blobs/`.
+//! for by racing pulls, is fetched once). The fill shares the layer's partial file with on-demand
+//! reads: it hashes the ranges already present and fetches only the gaps (HTTP Range), so bytes
+//! read on demand and progress before a crash are not fetched again. It verifies the blob digest
+//! and the uncompressed diff_id, and only then renames the file into `blobs/`.
 
 pub mod verify;
 
 use crate::oci::{Compression, Digest, Reference};
 use crate::registry::{OpCreds, Registry, RegistryError};
-use crate::store::{Catalogue, LayerRecord, LayerState, Layout, StoreError};
+use crate::store::partial::WriteError;
+use crate::store::{Catalogue, LayerRecord, LayerState, Layout, PartialBlob, Partials, StoreError};
 use futures_util::StreamExt;
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -89,6 +89,7 @@ pub struct Stats {
 
 pub struct Filler {
     layout: Layout,
+    partials: Arc<Partials>,
     db: Arc<Mutex<Catalogue>>,
     registry: Arc<Registry>,
     inflight: Mutex<HashMap<String, Inflight>>,
@@ -140,6 +141,7 @@ pub fn source_reference(source: &str, digest: &Digest) -> Option<Reference> {
 impl Filler {
     pub fn new(
         layout: Layout,
+        partials: Arc<Partials>,
         db: Arc<Mutex<Catalogue>>,
         registry: Arc<Registry>,
         max_parallel: usize,
@@ -148,6 +150,7 @@ impl Filler {
     ) -> Arc<Self> {
         Arc::new(Filler {
             layout,
+            partials,
             db,
             registry,
             inflight: Mutex::new(HashMap::new()),
@@ -209,6 +212,11 @@ impl Filler {
         {
             f.cancel.cancel();
         }
+    }
+
+    /// The partial files shared with on-demand reads.
+    pub fn partials(&self) -> &Arc<Partials> {
+        &self.partials
     }
 
     pub fn in_flight(&self) -> usize {
@@ -302,7 +310,7 @@ impl Filler {
                         && let Ok(d) = Digest::parse(digest)
                     {
                         // Give the space back; the fill starts over once there is room.
-                        let _ = fs::remove_file(self.layout.partial(&d));
+                        self.partials.discard(&d);
                     }
                     return FillStatus::Failed(msg);
                 }
@@ -402,10 +410,12 @@ impl Filler {
             .map_err(|e| e.to_string())?;
         let size = layer.size;
         let td = toc_digest.clone();
+        let member = Arc::new(member);
+        let m2 = Arc::clone(&member);
         let (json, entries) =
             tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, u64), String> {
                 let json =
-                    estargz::toc_json_from_member(&member, &limits).map_err(|e| e.to_string())?;
+                    estargz::toc_json_from_member(&m2, &limits).map_err(|e| e.to_string())?;
                 let toc = estargz::parse_toc(&json, &td, size, toc_offset, &limits)
                     .map_err(|e| e.to_string())?;
                 Ok((json, toc.entries.len() as u64))
@@ -415,6 +425,21 @@ impl Filler {
         self.layout
             .put_blob(&toc_digest, &json)
             .map_err(|e| e.to_string())?;
+        // The footer and TOC are part of the blob: keep them so the fill does not fetch them
+        // again (the blob digest check at the end covers them like every other byte).
+        let (partials, filled) = (Arc::clone(&self.partials), layer.filled);
+        let stored = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
+            let p = partials.open(&digest, size, filled)?;
+            let io = |e| crate::store::io_err(p.path())(e);
+            p.write_missing(size - tail.len() as u64, &tail)
+                .map_err(io)?;
+            p.write_missing(toc_offset, &member).map_err(io)?;
+            p.flush()
+        })
+        .await;
+        if let Ok(Err(e)) = stored {
+            tracing::warn!(layer = %layer.digest, error = %e, "cannot keep the TOC bytes in the partial file");
+        }
         Ok((entries, toc_offset))
     }
 
@@ -440,170 +465,170 @@ impl Filler {
                 reason: format!("bad source {:?}", layer.source),
             })?;
 
-        // Open the partial file and re-hash its durable prefix (blocking work off the runtime).
+        // Open the shared partial file. A failed verification starts again from nothing.
+        if layer.state == LayerState::Failed {
+            self.partials.discard(&digest);
+        }
+        let partials = Arc::clone(&self.partials);
+        let (d2, size, legacy) = (digest.clone(), layer.size, layer.filled);
         let path = self.layout.partial(&digest);
-        let durable = if layer.state == LayerState::Failed {
-            0
-        } else {
-            layer.filled.min(layer.size)
-        };
-        let p2 = path.clone();
-        let (file, verifier, have) =
-            tokio::task::spawn_blocking(move || -> Result<_, FillError> {
-                let mut file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600)
-                    .open(&p2)
-                    .map_err(io_err(&p2))?;
-                let len = file.metadata().map_err(io_err(&p2))?.len();
-                let have = durable.min(len);
-                file.set_len(have).map_err(io_err(&p2))?;
-                let mut verifier =
-                    Verifier::new(compression).map_err(|e| verify_err(&digest, e))?;
-                file.seek(SeekFrom::Start(0)).map_err(io_err(&p2))?;
-                let mut buf = vec![0u8; BLOCK];
-                let mut left = have;
-                while left > 0 {
-                    let n = file
-                        .read(&mut buf[..BLOCK.min(left as usize)])
-                        .map_err(io_err(&p2))?;
-                    if n == 0 {
-                        break;
-                    }
-                    verifier
-                        .update(&buf[..n])
-                        .map_err(|e| verify_err(&digest, e))?;
-                    left -= n as u64;
-                }
-                file.seek(SeekFrom::Start(have)).map_err(io_err(&p2))?;
-                Ok((file, verifier, have))
-            })
+        let blob = tokio::task::spawn_blocking(move || partials.open(&d2, size, legacy))
             .await
             .map_err(join_err(&path))??;
-        let digest = layer.digest()?;
+        let have = blob.present_bytes();
         if have > 0 {
-            tracing::info!(layer = %digest, resume_at = have, size = layer.size, "resuming fill");
+            tracing::info!(layer = %digest, present = have, size = layer.size, "resuming fill; present ranges are hashed, not fetched");
         }
 
-        let mut state = Some((file, verifier));
-        let mut written = have;
-        if written < layer.size {
+        // Walk the blob in order: hash present ranges from the file, stream the gaps.
+        let mut verifier = Some(Verifier::new(compression).map_err(|e| verify_err(&digest, e))?);
+        let mut pos = 0u64;
+        let mut last_checkpoint = (0u64, Instant::now());
+        let mut fetched_since = 0u64;
+        while pos < layer.size {
+            if let Some(end) = blob.covered_until(pos) {
+                let (b, mut v) = (
+                    Arc::clone(&blob),
+                    verifier
+                        .take()
+                        .ok_or_else(|| FillError::Unknown(digest_str.into()))?,
+                );
+                let d2 = digest.clone();
+                let v = tokio::task::spawn_blocking(move || -> Result<Verifier, FillError> {
+                    let mut buf = vec![0u8; BLOCK];
+                    let mut at = pos;
+                    while at < end {
+                        let n = BLOCK.min((end - at) as usize);
+                        b.read_at(&mut buf[..n], at).map_err(io_err(b.path()))?;
+                        v.update(&buf[..n]).map_err(|e| verify_err(&d2, e))?;
+                        at += n as u64;
+                    }
+                    Ok(v)
+                })
+                .await
+                .map_err(join_err(&path))??;
+                verifier = Some(v);
+                pos = end;
+                continue;
+            }
+            let gap_end = blob.next_start(pos).unwrap_or(layer.size).min(layer.size);
             let creds = self.creds_for(&reference, creds);
             self.stats.blob_requests.fetch_add(1, Ordering::Relaxed);
             let body = self
                 .registry
-                .open_blob(&reference, &digest, written, &creds)
+                .open_blob(&reference, &digest, pos, Some(gap_end - pos), &creds)
                 .await?;
             let mut stream = body.stream;
             let mut block: Vec<u8> = Vec::with_capacity(BLOCK);
-            let mut last_checkpoint = (written, Instant::now());
+            let start = pos;
+            let mut received = 0u64;
             loop {
                 let next = stream.next().await;
-                let end = next.is_none();
+                let end = next.is_none() || start + received >= gap_end;
                 if let Some(chunk) = next {
                     let chunk = chunk.map_err(|e| RegistryError::Unreachable {
                         registry: reference.registry().into(),
                         reason: e.to_string(),
                     })?;
+                    // A registry ignoring Range sends on to the blob's end: keep only the gap.
+                    let want = ((gap_end - start - received) as usize).min(chunk.len());
                     self.stats
                         .bytes_fetched
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                    if written + (block.len() + chunk.len()) as u64 > layer.size {
-                        return Err(FillError::Verify {
-                            digest,
-                            reason: format!(
-                                "registry sent more than the {} bytes the manifest declares",
-                                layer.size
-                            ),
-                        });
-                    }
-                    block.extend_from_slice(&chunk);
+                        .fetch_add(want as u64, Ordering::Relaxed);
+                    block.extend_from_slice(&chunk[..want]);
+                    received += want as u64;
                 }
+                let end = end || start + received >= gap_end;
                 if block.len() >= BLOCK || (end && !block.is_empty()) {
                     let data = std::mem::replace(&mut block, Vec::with_capacity(BLOCK));
                     let n = data.len() as u64;
-                    let (mut file, mut verifier) = state
+                    let mut v = verifier
                         .take()
                         .ok_or_else(|| FillError::Unknown(digest_str.into()))?;
-                    let checkpoint = written + data.len() as u64 - last_checkpoint.0
-                        >= CHECKPOINT_BYTES
-                        || last_checkpoint.1.elapsed() >= CHECKPOINT_INTERVAL;
-                    let p2 = path.clone();
+                    let b = Arc::clone(&blob);
                     let d2 = digest.clone();
-                    let (f, v) = tokio::task::spawn_blocking(move || -> Result<_, FillError> {
-                        file.write_all(&data).map_err(io_err(&p2))?;
-                        verifier.update(&data).map_err(|e| FillError::Verify {
-                            digest: d2,
-                            reason: e.to_string(),
+                    let at = pos;
+                    let v = tokio::task::spawn_blocking(move || -> Result<Verifier, FillError> {
+                        b.write_checked(at, &data).map_err(|e| match e {
+                            WriteError::Io(e) => io_err(b.path())(e),
+                            WriteError::Mismatch(m) => verify_err(&d2, m),
                         })?;
-                        if checkpoint {
-                            file.sync_data().map_err(io_err(&p2))?;
-                        }
-                        Ok((file, verifier))
+                        v.update(&data).map_err(|e| verify_err(&d2, e))?;
+                        Ok(v)
                     })
                     .await
                     .map_err(join_err(&path))??;
-                    written += n;
-                    state = Some((f, v));
-                    if checkpoint {
-                        lock(&self.db).set_filled(digest_str, written)?;
-                        last_checkpoint = (written, Instant::now());
+                    verifier = Some(v);
+                    pos += n;
+                    fetched_since += n;
+                    if fetched_since - last_checkpoint.0 >= CHECKPOINT_BYTES
+                        || last_checkpoint.1.elapsed() >= CHECKPOINT_INTERVAL
+                    {
+                        self.checkpoint(&blob, digest_str).await?;
+                        last_checkpoint = (fetched_since, Instant::now());
                     }
                 }
                 if end {
                     break;
                 }
             }
-        }
-        let (file, verifier) = state.ok_or_else(|| FillError::Unknown(digest_str.into()))?;
-        if written != layer.size {
-            lock(&self.db).set_filled(digest_str, written)?;
-            return Err(RegistryError::Truncated {
-                registry: reference.registry().into(),
-                what: format!("layer {digest}"),
-                got: written,
-                expected: layer.size,
+            if pos < gap_end {
+                self.checkpoint(&blob, digest_str).await?;
+                return Err(RegistryError::Truncated {
+                    registry: reference.registry().into(),
+                    what: format!("layer {digest}"),
+                    got: pos,
+                    expected: gap_end,
+                }
+                .into());
             }
-            .into());
         }
+        let verifier = verifier.ok_or_else(|| FillError::Unknown(digest_str.into()))?;
         // Verify, then publish under the final name.
         let layout = self.layout.clone();
         let d2 = digest.clone();
-        let p2 = path.clone();
+        let b = Arc::clone(&blob);
         let verdict =
             tokio::task::spawn_blocking(move || -> Result<Result<(), String>, FillError> {
-                let (blob, diff) = match verifier.finish() {
+                let (blob_digest, diff) = match verifier.finish() {
                     Ok(x) => x,
                     Err(e) => return Ok(Err(e.to_string())),
                 };
-                if blob != d2 {
-                    return Ok(Err(format!("blob digest mismatch: got {blob}")));
+                if blob_digest != d2 {
+                    return Ok(Err(format!("blob digest mismatch: got {blob_digest}")));
                 }
                 if diff != diff_id {
                     return Ok(Err(format!(
                         "uncompressed digest {diff} does not match the config's diff_id {diff_id}"
                     )));
                 }
-                file.sync_all().map_err(io_err(&p2))?;
-                drop(file);
+                b.sync().map_err(io_err(b.path()))?;
                 let dest = layout.blob(&d2);
-                fs::rename(&p2, &dest).map_err(io_err(&dest))?;
+                fs::rename(b.path(), &dest).map_err(io_err(&dest))?;
                 crate::store::sync_dir(&layout.blobs_dir()).map_err(io_err(&dest))?;
                 Ok(Ok(()))
             })
             .await
             .map_err(join_err(&path))??;
         if let Err(reason) = verdict {
-            let _ = fs::remove_file(&path);
+            self.partials.discard(&digest);
             lock(&self.db).set_filled(digest_str, 0)?;
             return Err(FillError::Verify { digest, reason });
         }
+        self.partials.published(&blob);
         let db = lock(&self.db);
         db.set_filled(digest_str, layer.size)?;
         db.set_layer_state(digest_str, LayerState::Complete, None)?;
+        Ok(())
+    }
+
+    /// Make the bytes written so far durable and record them (map, then catalogue).
+    async fn checkpoint(&self, blob: &Arc<PartialBlob>, digest: &str) -> Result<(), FillError> {
+        let b = Arc::clone(blob);
+        let recorded = tokio::task::spawn_blocking(move || b.flush())
+            .await
+            .map_err(join_err(blob.path()))??;
+        lock(&self.db).set_filled(digest, recorded)?;
         Ok(())
     }
 }

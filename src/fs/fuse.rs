@@ -1,23 +1,21 @@
 //! The daemon's FUSE filesystem (the only file that knows fuser): one read-only mount with a
 //! directory per eStargz layer, named by the layer digest's hex. A layer directory appears when
 //! first looked up (its verified TOC is loaded from the store) and is then served from the
-//! in-memory tree. File reads never block the session: they run as tokio tasks that take the
-//! bytes from the local blob (complete, or the filled prefix) or fetch the chunk's compressed
-//! span from the registry, verify the chunk digest, and only then reply.
+//! in-memory tree. File reads never block the session: they run as tokio tasks on the
+//! [`Reader`], which takes verified chunks from memory, the local blob or partial file, or the
+//! registry, and only then reply.
 
+use super::reader::{LazyLayer, Reader};
 use super::tree::{NodeKind, ROOT, Tree};
-use crate::fetch::source_reference;
-use crate::layer::estargz::{self, Spans, Toc};
+use crate::layer::estargz;
 use crate::oci::Digest;
-use crate::registry::{OpCreds, Registry};
-use crate::store::{Catalogue, LayerRecord, LayerState, Layout};
+use crate::store::{Catalogue, LayerRecord, Layout};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
     ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,105 +25,19 @@ const TTL: Duration = Duration::from_secs(3600);
 /// Layer directories get inode numbers `(index + 1) << 32 | local inode`.
 const LAYER_SHIFT: u32 = 32;
 
-struct MountedLayer {
-    digest: Digest,
-    source: String,
-    toc: Toc,
-    spans: Spans,
-    tree: Tree,
-}
-
 #[derive(Default)]
 struct Layers {
     by_hex: HashMap<String, usize>,
-    list: Vec<Arc<MountedLayer>>,
+    list: Vec<Arc<LazyLayer>>,
 }
 
 pub struct LayerFs {
     rt: tokio::runtime::Handle,
     layout: Layout,
     db: Arc<Mutex<Catalogue>>,
-    registry: Arc<Registry>,
-    read_timeout: Duration,
+    reader: Arc<Reader>,
     layers: RwLock<Layers>,
     started: SystemTime,
-    cache: Arc<ChunkCache>,
-}
-
-/// Decoded, verified chunks in memory, bounded by bytes, least recently used out first; loads
-/// of one chunk by concurrent readers (and kernel read-ahead) share a single fetch.
-type ChunkData = Arc<Vec<u8>>;
-/// The chunks by key, and the bytes they hold.
-type Lru = (lru::LruCache<String, ChunkData>, usize);
-type Pending = HashMap<String, Arc<tokio::sync::OnceCell<ChunkData>>>;
-
-pub struct ChunkCache {
-    lru: Mutex<Lru>,
-    budget: usize,
-    inflight: Mutex<Pending>,
-}
-
-impl ChunkCache {
-    pub fn new(budget: usize) -> Self {
-        ChunkCache {
-            lru: Mutex::new((lru::LruCache::unbounded(), 0)),
-            budget,
-            inflight: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn get(&self, k: &str) -> Option<Arc<Vec<u8>>> {
-        self.lru
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .get(k)
-            .cloned()
-    }
-
-    fn put(&self, k: String, v: Arc<Vec<u8>>) {
-        let mut g = self.lru.lock().unwrap_or_else(|p| p.into_inner());
-        let (lru, bytes) = &mut *g;
-        *bytes += v.len();
-        if let Some(old) = lru.put(k, v) {
-            *bytes -= old.len();
-        }
-        while *bytes > self.budget {
-            match lru.pop_lru() {
-                Some((_, old)) => *bytes -= old.len(),
-                None => break,
-            }
-        }
-    }
-
-    pub async fn get_or_load<F, Fut>(&self, k: String, load: F) -> Result<Arc<Vec<u8>>, String>
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Vec<u8>, String>>,
-    {
-        if let Some(v) = self.get(&k) {
-            return Ok(v);
-        }
-        let cell = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(k.clone())
-            .or_default()
-            .clone();
-        let r = cell
-            .get_or_try_init(|| async { load().await.map(Arc::new) })
-            .await
-            .cloned();
-        if let Ok(v) = &r {
-            self.put(k.clone(), Arc::clone(v));
-        }
-        self.inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&k);
-        r
-    }
 }
 
 fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
@@ -153,26 +65,18 @@ fn file_type(k: NodeKind) -> FileType {
 }
 
 impl LayerFs {
-    pub fn new(
-        layout: Layout,
-        db: Arc<Mutex<Catalogue>>,
-        registry: Arc<Registry>,
-        read_timeout: Duration,
-        cache_bytes: usize,
-    ) -> Self {
+    pub fn new(layout: Layout, db: Arc<Mutex<Catalogue>>, reader: Arc<Reader>) -> Self {
         LayerFs {
             rt: tokio::runtime::Handle::current(),
             layout,
             db,
-            registry,
-            read_timeout,
+            reader,
             layers: RwLock::new(Layers::default()),
             started: SystemTime::now(),
-            cache: Arc::new(ChunkCache::new(cache_bytes)),
         }
     }
 
-    fn layer(&self, idx: usize) -> Option<Arc<MountedLayer>> {
+    fn layer(&self, idx: usize) -> Option<Arc<LazyLayer>> {
         self.layers
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -206,13 +110,19 @@ impl LayerFs {
             return Some(i);
         }
         let i = layers.list.len();
-        layers.list.push(Arc::new(loaded));
+        let loaded = Arc::new(loaded);
+        layers.list.push(Arc::clone(&loaded));
         layers.by_hex.insert(name.to_string(), i);
+        drop(layers);
         tracing::info!(layer = %digest, "layer mounted");
+        let reader = Arc::clone(&self.reader);
+        // Files a converter marked as needed at start-up come first (in the background).
+        self.rt
+            .spawn(async move { reader.prefetch_landmark(&loaded) });
         Some(i)
     }
 
-    fn load(&self, rec: &LayerRecord) -> Result<MountedLayer, String> {
+    fn load(&self, rec: &LayerRecord) -> Result<LazyLayer, String> {
         let (Some(_), Some(toc_offset), Some(toc_digest)) =
             (rec.toc_entries, rec.toc_offset, rec.toc_digest.as_deref())
         else {
@@ -227,14 +137,13 @@ impl LayerFs {
         let toc = estargz::parse_toc(&json, &toc_digest, rec.size, toc_offset, &limits)
             .map_err(|e| e.to_string())?;
         let tree = Tree::from_entries(&toc.entries).map_err(|e| e.to_string())?;
-        let spans = Spans::new(&toc);
-        Ok(MountedLayer {
-            digest: rec.digest().map_err(|e| e.to_string())?,
-            source: rec.source.clone(),
+        Ok(LazyLayer::new(
+            rec.digest().map_err(|e| e.to_string())?,
+            rec.source.clone(),
+            rec.size,
             toc,
-            spans,
             tree,
-        })
+        ))
     }
 
     fn root_attr(&self) -> FileAttr {
@@ -293,50 +202,6 @@ impl LayerFs {
         let (layer, local) = split(ino)?;
         self.attr(layer, local)
     }
-}
-
-/// Bytes `[start, end)` of a layer blob: from the complete local blob, the filled prefix of the
-/// partial file, or the registry (one range request).
-async fn fetch_span(
-    layout: &Layout,
-    db: &Mutex<Catalogue>,
-    registry: &Registry,
-    layer: &MountedLayer,
-    start: u64,
-    end: u64,
-) -> Result<Vec<u8>, String> {
-    let read_local = |path: std::path::PathBuf| -> Result<Vec<u8>, String> {
-        let f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut buf = vec![0u8; (end - start) as usize];
-        f.read_exact_at(&mut buf, start)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(buf)
-    };
-    let rec = lock(db).layer(layer.digest.as_str()).ok().flatten();
-    if let Some(rec) = rec {
-        if rec.state == LayerState::Complete && layout.has_blob(&layer.digest) {
-            return read_local(layout.blob(&layer.digest));
-        }
-        if rec.filled >= end
-            && let Ok(b) = read_local(layout.partial(&layer.digest))
-        {
-            return Ok(b);
-        }
-    }
-    let reference = source_reference(&layer.source, &layer.digest).ok_or("bad layer source")?;
-    let persisted = lock(db)
-        .credential(reference.registry())
-        .ok()
-        .flatten()
-        .and_then(|s| serde_json::from_str(&s).ok());
-    let creds = OpCreds {
-        request: None,
-        persisted,
-    };
-    registry
-        .fetch_range(&reference, &layer.digest, start, end - start, &creds)
-        .await
-        .map_err(|e| e.to_string())
 }
 
 impl fuser::Filesystem for LayerFs {
@@ -423,47 +288,16 @@ impl fuser::Filesystem for LayerFs {
             // Empty files have no content entry.
             return reply.data(&[]);
         };
-        let (layout, db, registry, timeout) = (
-            self.layout.clone(),
-            Arc::clone(&self.db),
-            Arc::clone(&self.registry),
-            self.read_timeout,
-        );
-        let cache = Arc::clone(&self.cache);
+        let reader = Arc::clone(&self.reader);
         self.rt.spawn(async move {
-            let Some(entry) = layer.toc.entries.get(entry_idx) else { return reply.error(Errno::EIO) };
-            let end = offset.saturating_add(size as u64).min(entry.size);
-            if offset >= end {
-                return reply.data(&[]);
-            }
-            let mut out = Vec::with_capacity((end - offset) as usize);
-            for c in entry.chunks.iter().filter(|c| c.file_offset < end && c.file_offset + c.size > offset) {
-                // Chunks are verified against their digest, so the digest is a safe cache key
-                // (and identical chunks of different layers share an entry).
-                let key = c.digest.as_ref().map(|d| d.to_string()).unwrap_or_else(|| format!("{}@{}+{}", layer.digest, c.offset, c.inner_offset));
-                let load = || async {
-                    let (s, e) = layer.spans.span(c);
-                    let bytes = tokio::time::timeout(timeout, fetch_span(&layout, &db, &registry, &layer, s, e))
-                        .await
-                        .map_err(|_| format!("timed out after {timeout:?}"))??;
-                    let chunk = c.clone();
-                    tokio::task::spawn_blocking(move || estargz::decode_chunk(&bytes, &chunk).map_err(|e| e.to_string()))
-                        .await
-                        .map_err(|e| e.to_string())?
-                };
-                match cache.get_or_load(key, load).await {
-                    Ok(data) => {
-                        let from = (offset.max(c.file_offset) - c.file_offset) as usize;
-                        let to = (end.min(c.file_offset + c.size) - c.file_offset) as usize;
-                        out.extend_from_slice(&data[from..to]);
-                    }
-                    Err(err) => {
-                        tracing::error!(layer = %layer.digest, file = %entry.path, error = %err, "read failed");
-                        return reply.error(Errno::EIO);
-                    }
+            match reader.read(&layer, entry_idx, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(err) => {
+                    let path = layer.toc.entries.get(entry_idx).map(|e| e.path.as_str()).unwrap_or("?");
+                    tracing::error!(layer = %layer.digest, file = path, offset, error = %err, "read failed");
+                    reply.error(Errno::EIO)
                 }
             }
-            reply.data(&out)
         });
     }
 

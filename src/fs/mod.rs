@@ -1,5 +1,7 @@
-//! The layer filesystem: a pure inode tree built from a layer's entries (`tree.rs`); the FUSE
-//! adapter that serves it comes next.
+//! The layer filesystem: a pure inode tree built from a layer's entries (`tree.rs`), the read
+//! path from a file range to verified bytes (`reader.rs`), and the FUSE adapter (`fuse.rs`, the
+//! only file that knows fuser).
 
 pub mod fuse;
+pub mod reader;
 pub mod tree;

@@ -555,13 +555,15 @@ impl Registry {
         .await
     }
 
-    /// Open a blob for streaming from `offset` (a range request; resumption after a restart).
+    /// Open a blob for streaming from `offset`, `len` bytes or to its end (a range request).
+    /// The body may run past `len` when the registry ignores `Range`: the caller stops reading.
     /// The caller verifies the bytes: partial bodies cannot be checked here.
     pub async fn open_blob(
         &self,
         r: &Reference,
         d: &Digest,
         offset: u64,
+        len: Option<u64>,
         creds: &OpCreds,
     ) -> Result<BlobBody> {
         let what = format!("blob {d}");
@@ -573,7 +575,7 @@ impl Registry {
                     &reference,
                     d,
                     offset,
-                    None,
+                    len,
                     secret.as_ref(),
                     &source,
                     &ep,

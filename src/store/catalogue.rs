@@ -9,10 +9,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Columns of a layer row, in the order `layer_from_row` reads them.
-const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset";
+const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset, l.ondemand";
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS images (
@@ -39,13 +39,14 @@ CREATE TABLE IF NOT EXISTS layers (
     diff_id TEXT NOT NULL,
     source TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN ('pending', 'complete', 'failed')),
-    filled INTEGER NOT NULL DEFAULT 0,   -- durable, not yet verified prefix in partial/
+    filled INTEGER NOT NULL DEFAULT 0,   -- bytes durable in partial/ (recorded in its .map)
     error TEXT,
     completed_at INTEGER,
     toc_digest TEXT,                     -- eStargz: digest of the TOC JSON (layer annotation)
     toc_entries INTEGER,                 -- set once the TOC was fetched, verified and stored
     toc_error TEXT,                      -- why the TOC was refused (the layer is then fetched whole)
-    toc_offset INTEGER                   -- where the TOC member starts in the blob
+    toc_offset INTEGER,                  -- where the TOC member starts in the blob
+    ondemand INTEGER NOT NULL DEFAULT 0  -- bytes fetched on demand by reads (not by the filler)
 );
 CREATE TABLE IF NOT EXISTS image_layers (
     image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -110,6 +111,8 @@ pub struct LayerRecord {
     pub toc_error: Option<String>,
     /// Where the TOC member starts in the blob (the end of the payload).
     pub toc_offset: Option<u64>,
+    /// Bytes fetched on demand by reads (the filler fetches the rest).
+    pub ondemand: u64,
 }
 
 impl LayerRecord {
@@ -126,7 +129,7 @@ impl LayerRecord {
     pub fn digest(&self) -> Result<Digest> {
         Digest::parse(&self.digest).map_err(|e| StoreError::Corrupt(e.to_string()))
     }
-    /// Bytes present locally: everything when complete, the durable prefix otherwise.
+    /// Bytes present locally: everything when complete, the durable ranges otherwise.
     pub fn local_bytes(&self) -> u64 {
         if self.state == LayerState::Complete {
             self.size
@@ -218,12 +221,13 @@ impl Catalogue {
             });
         }
         conn.execute_batch(SCHEMA)?;
-        // Version 1 → 2: TOC columns on layers.
+        // Version 1 → 2: TOC columns on layers; 2 → 3: on-demand byte count.
         for (col, ty) in [
             ("toc_digest", "TEXT"),
             ("toc_entries", "INTEGER"),
             ("toc_error", "TEXT"),
             ("toc_offset", "INTEGER"),
+            ("ondemand", "INTEGER NOT NULL DEFAULT 0"),
         ] {
             let has: bool = conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM pragma_table_info('layers') WHERE name = ?1)",
@@ -472,6 +476,15 @@ impl Catalogue {
             .collect()
     }
 
+    /// Count bytes a read fetched on demand.
+    pub fn add_ondemand(&self, digest: &str, bytes: u64) -> Result<()> {
+        self.conn.execute(
+            "UPDATE layers SET ondemand = ondemand + ?2 WHERE digest = ?1",
+            params![digest, bytes as i64],
+        )?;
+        Ok(())
+    }
+
     pub fn set_filled(&self, digest: &str, filled: u64) -> Result<()> {
         self.conn.execute(
             "UPDATE layers SET filled = ?2 WHERE digest = ?1",
@@ -611,6 +624,7 @@ fn layer_from_row(r: &rusqlite::Row) -> rusqlite::Result<Result<LayerRecord>> {
             .get::<_, Option<i64>>(11)
             .unwrap_or_default()
             .map(|n| n.max(0) as u64),
+        ondemand: r.get::<_, i64>(12).unwrap_or_default().max(0) as u64,
     }))
 }
 

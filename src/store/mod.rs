@@ -1,13 +1,16 @@
 //! The store: a SQLite catalogue plus content-addressed files under one root (DESIGN.md §3).
 //!
 //! Layout: `catalogue.db`, `blobs/sha256/<hex>` (complete, verified), `partial/sha256/<hex>`
-//! (a layer being filled; its durable prefix length is recorded in the catalogue), `lock`.
+//! (a sparse file of a layer being fetched) with `<hex>.map` (the byte ranges it holds), `lock`.
 
 mod catalogue;
+pub mod partial;
+pub mod ranges;
 
 pub use catalogue::{
     Catalogue, ImageRecord, LayerRecord, LayerState, NameKind, NewImage, NewLayer,
 };
+pub use partial::{PartialBlob, Partials};
 
 use crate::oci::Digest;
 use std::fs::{self, File, OpenOptions};

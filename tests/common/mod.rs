@@ -366,6 +366,12 @@ impl Daemon {
         self.spawn();
     }
 
+    /// Restart with other `serve` arguments (same store, socket and log).
+    pub fn restart_with(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|s| s.to_string()).collect();
+        self.restart();
+    }
+
     pub async fn client(&self) -> ImageServiceClient<tonic::transport::Channel> {
         ImageServiceClient::new(
             lazypull::rpc::connect_unix(&self.socket)

@@ -1,0 +1,523 @@
+//! Reading files of lazily mounted layers: the path from a FUSE read to verified bytes.
+//!
+//! A read needs the chunks (TOC pieces of a file) overlapping it, plus read-ahead: the file's
+//! following chunks up to `read_ahead` bytes. Each chunk comes, in order of preference, from
+//! the in-memory cache of decoded chunks (keyed by chunk digest, so identical chunks of different
+//! layers share an entry), from the layer's local bytes (the complete blob, or ranges of its
+//! partial file), or from the registry. Chunks missing locally are grouped by position in the
+//! blob and fetched with one range request per group of neighbours; each chunk is decoded and
+//! verified against its `chunkDigest` as soon as its bytes have arrived, then written to the
+//! partial file (so the filler and later reads, even after a restart, do not fetch it again) and
+//! handed to every reader waiting for it (single flight). The reader replies as soon as the
+//! chunks it needs are in, while read-ahead chunks of the same request keep arriving.
+
+use super::tree::Tree;
+use crate::fetch::source_reference;
+use crate::layer::estargz::{self, Chunk, Spans, Toc};
+use crate::oci::Digest;
+use crate::registry::{OpCreds, Registry};
+use crate::store::{Catalogue, Layout, PartialBlob, Partials};
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// Missing chunks closer than this are fetched in one request (the bytes between are cheaper
+/// than a round trip: 64 KiB is 5 ms at 100 Mbit/s).
+const COALESCE_GAP: u64 = 64 << 10;
+/// Upper bound of one coalesced request.
+const MAX_RUN: u64 = 16 << 20;
+/// How long fetched ranges may sit in the page cache before being recorded as durable.
+const FLUSH_DELAY: Duration = Duration::from_secs(1);
+
+/// A layer mounted lazily: its verified TOC, the tree built from it, and where its bytes live.
+pub struct LazyLayer {
+    pub digest: Digest,
+    /// `registry/repository` the layer is fetched from.
+    pub source: String,
+    pub size: u64,
+    pub toc: Toc,
+    pub spans: Spans,
+    pub tree: Tree,
+    /// The complete blob, opened once it exists.
+    blob: OnceLock<Arc<File>>,
+}
+
+impl LazyLayer {
+    pub fn new(digest: Digest, source: String, size: u64, toc: Toc, tree: Tree) -> Self {
+        let spans = Spans::new(&toc);
+        LazyLayer {
+            digest,
+            source,
+            size,
+            toc,
+            spans,
+            tree,
+            blob: OnceLock::new(),
+        }
+    }
+}
+
+/// Counters for `status` and metrics.
+#[derive(Default)]
+pub struct ReadStats {
+    pub reads: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub local_chunks: AtomicU64,
+    pub fetched_chunks: AtomicU64,
+    pub requests: AtomicU64,
+    pub bytes_fetched: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+type ChunkData = Arc<Vec<u8>>;
+type ChunkResult = Result<ChunkData, String>;
+type Waiter = watch::Receiver<Option<ChunkResult>>;
+
+/// A chunk this reader promised to load; waiters hold the matching receiver.
+struct Claim {
+    key: String,
+    chunk: Chunk,
+    span: (u64, u64),
+    tx: watch::Sender<Option<ChunkResult>>,
+    /// Keep the decoded bytes in memory (not for prefetch: those are only stored on disk).
+    keep: bool,
+}
+
+enum Slot {
+    Ready(ChunkData),
+    Wait(Waiter),
+}
+
+/// Where a layer's bytes can be read locally.
+enum Local {
+    Blob(Arc<File>),
+    Partial(Arc<PartialBlob>),
+    Nothing,
+}
+
+pub struct Reader {
+    layout: Layout,
+    db: Arc<Mutex<Catalogue>>,
+    registry: Arc<Registry>,
+    partials: Arc<Partials>,
+    timeout: Duration,
+    read_ahead: u64,
+    lru: Mutex<(lru::LruCache<String, ChunkData>, usize)>,
+    budget: usize,
+    inflight: Mutex<HashMap<String, Waiter>>,
+    pub stats: ReadStats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn key_of(layer: &Digest, c: &Chunk) -> String {
+    // Chunks are verified against their digest, so the digest is a safe key across layers.
+    c.digest
+        .as_ref()
+        .map(|d| d.to_string())
+        .unwrap_or_else(|| format!("{layer}@{}+{}", c.offset, c.inner_offset))
+}
+
+impl Reader {
+    pub fn new(
+        layout: Layout,
+        db: Arc<Mutex<Catalogue>>,
+        registry: Arc<Registry>,
+        partials: Arc<Partials>,
+        timeout: Duration,
+        cache_bytes: usize,
+        read_ahead: u64,
+    ) -> Arc<Self> {
+        Arc::new(Reader {
+            layout,
+            db,
+            registry,
+            partials,
+            timeout,
+            read_ahead,
+            lru: Mutex::new((lru::LruCache::unbounded(), 0)),
+            budget: cache_bytes,
+            inflight: Mutex::new(HashMap::new()),
+            stats: ReadStats::default(),
+        })
+    }
+
+    fn cache_get(&self, k: &str) -> Option<ChunkData> {
+        lock(&self.lru).0.get(k).cloned()
+    }
+
+    fn cache_put(&self, k: String, v: ChunkData) {
+        let mut g = lock(&self.lru);
+        let (lru, bytes) = &mut *g;
+        *bytes += v.len();
+        if let Some(old) = lru.put(k, v) {
+            *bytes -= old.len();
+        }
+        while *bytes > self.budget {
+            match lru.pop_lru() {
+                Some((_, old)) => *bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The chunk's data if cached, or a receiver for it; claims it (adds to `claims`) when
+    /// nobody is loading it yet.
+    fn slot(&self, layer: &LazyLayer, c: &Chunk, keep: bool, claims: &mut Vec<Claim>) -> Slot {
+        let key = key_of(&layer.digest, c);
+        let mut inflight = lock(&self.inflight);
+        if let Some(rx) = inflight.get(&key) {
+            return Slot::Wait(rx.clone());
+        }
+        // Under the inflight lock: a finishing load puts into the cache before it leaves
+        // `inflight`, so a chunk is either in one of them or not loaded at all.
+        if let Some(d) = self.cache_get(&key) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Slot::Ready(d);
+        }
+        let (tx, rx) = watch::channel(None);
+        inflight.insert(key.clone(), rx.clone());
+        claims.push(Claim {
+            key,
+            chunk: c.clone(),
+            span: layer.spans.span(c),
+            tx,
+            keep,
+        });
+        Slot::Wait(rx)
+    }
+
+    fn finish(&self, claim: Claim, result: ChunkResult) {
+        if let (Ok(d), true) = (&result, claim.keep) {
+            self.cache_put(claim.key.clone(), Arc::clone(d));
+        }
+        if result.is_err() {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = claim.tx.send(Some(result));
+        lock(&self.inflight).remove(&claim.key);
+    }
+
+    /// Read `[offset, offset + size)` of the TOC entry `entry_idx` (a regular file).
+    pub async fn read(
+        self: &Arc<Self>,
+        layer: &Arc<LazyLayer>,
+        entry_idx: usize,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, String> {
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        let entry = layer
+            .toc
+            .entries
+            .get(entry_idx)
+            .ok_or("no such TOC entry")?;
+        let end = offset.saturating_add(size as u64).min(entry.size);
+        if offset >= end {
+            return Ok(vec![]);
+        }
+        let mut claims = vec![];
+        let mut slots = vec![];
+        let mut last = None;
+        for (i, c) in entry.chunks.iter().enumerate() {
+            if c.file_offset < end && c.file_offset + c.size > offset {
+                slots.push((c, self.slot(layer, c, true, &mut claims)));
+                last = Some(i);
+            }
+        }
+        // Read-ahead: the file's next chunks, loaded by the same requests, not waited for.
+        if let Some(last) = last {
+            let mut budget = self.read_ahead;
+            for c in &entry.chunks[last + 1..] {
+                if c.size > budget {
+                    break;
+                }
+                budget -= c.size;
+                let _ = self.slot(layer, c, true, &mut claims);
+            }
+        }
+        if !claims.is_empty() {
+            self.load(layer, claims);
+        }
+        let wait = async {
+            let mut out = Vec::with_capacity((end - offset) as usize);
+            for (c, slot) in slots {
+                let data = match slot {
+                    Slot::Ready(d) => d,
+                    Slot::Wait(mut rx) => {
+                        let v = rx
+                            .wait_for(|v| v.is_some())
+                            .await
+                            .map_err(|_| "chunk load abandoned".to_string())?;
+                        match v.as_ref() {
+                            Some(Ok(d)) => Arc::clone(d),
+                            Some(Err(e)) => return Err(e.clone()),
+                            None => return Err("chunk load abandoned".into()),
+                        }
+                    }
+                };
+                let from = (offset.max(c.file_offset) - c.file_offset) as usize;
+                let to = (end.min(c.file_offset + c.size) - c.file_offset) as usize;
+                out.extend_from_slice(
+                    data.get(from..to)
+                        .ok_or("chunk shorter than its TOC size")?,
+                );
+            }
+            Ok(out)
+        };
+        tokio::time::timeout(self.timeout, wait)
+            .await
+            .map_err(|_| format!("timed out after {:?}", self.timeout))?
+    }
+
+    /// Fetch the files before the layer's `.prefetch.landmark` into the partial file, in the
+    /// background (one request per group of neighbouring chunks).
+    pub fn prefetch_landmark(self: &Arc<Self>, layer: &Arc<LazyLayer>) -> usize {
+        let Some(landmark) = layer.toc.prefetch_landmark else {
+            return 0;
+        };
+        let mut claims = vec![];
+        for e in &layer.toc.entries[..landmark] {
+            for c in &e.chunks {
+                let _ = self.slot(layer, c, false, &mut claims);
+            }
+        }
+        let n = claims.len();
+        if n > 0 {
+            tracing::info!(layer = %layer.digest, chunks = n, "prefetching files before the landmark");
+            self.load(layer, claims);
+        }
+        n
+    }
+
+    /// Load claimed chunks in the background: local ones first, the rest from the registry.
+    fn load(self: &Arc<Self>, layer: &Arc<LazyLayer>, claims: Vec<Claim>) {
+        let this = Arc::clone(self);
+        let layer = Arc::clone(layer);
+        tokio::spawn(async move {
+            let (this2, layer2) = (Arc::clone(&this), Arc::clone(&layer));
+            let split = tokio::task::spawn_blocking(move || {
+                let local = this2.local(&layer2);
+                let mut remote = vec![];
+                for claim in claims {
+                    match this2.load_local(&layer2, &local, &claim) {
+                        Some(Ok(d)) => {
+                            this2.stats.local_chunks.fetch_add(1, Ordering::Relaxed);
+                            this2.finish(claim, Ok(Arc::new(d)));
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(layer = %layer2.digest, error = %e, "local chunk unusable; fetching it again");
+                            remote.push(claim);
+                        }
+                        None => remote.push(claim),
+                    }
+                }
+                (remote, local)
+            })
+            .await;
+            let Ok((mut remote, local)) = split else {
+                return; // the blocking task panicked: its claims were dropped, waiters see an error
+            };
+            let partial = match local {
+                Local::Partial(p) => Some(p),
+                _ => None,
+            };
+            remote.sort_by_key(|c| c.span);
+            let mut runs: Vec<Vec<Claim>> = vec![];
+            for claim in remote {
+                match runs.last_mut() {
+                    Some(run)
+                        if claim.span.0 <= run[run.len() - 1].span.1 + COALESCE_GAP
+                            && claim.span.1 - run[0].span.0 <= MAX_RUN =>
+                    {
+                        run.push(claim)
+                    }
+                    _ => runs.push(vec![claim]),
+                }
+            }
+            for run in runs {
+                let (this, layer, partial) =
+                    (Arc::clone(&this), Arc::clone(&layer), partial.clone());
+                tokio::spawn(async move { this.fetch_run(&layer, partial, run).await });
+            }
+        });
+    }
+
+    /// Where the layer's bytes are locally (blocking: may open files).
+    fn local(&self, layer: &LazyLayer) -> Local {
+        if let Some(f) = layer.blob.get() {
+            return Local::Blob(Arc::clone(f));
+        }
+        if let Ok(f) = File::open(self.layout.blob(&layer.digest)) {
+            return Local::Blob(Arc::clone(layer.blob.get_or_init(|| Arc::new(f))));
+        }
+        if let Some(p) = self.partials.get(&layer.digest) {
+            return Local::Partial(p);
+        }
+        let legacy = lock(&self.db)
+            .layer(layer.digest.as_str())
+            .ok()
+            .flatten()
+            .map(|r| r.filled)
+            .unwrap_or(0);
+        match self.partials.open(&layer.digest, layer.size, legacy) {
+            Ok(p) => Local::Partial(p),
+            Err(e) => {
+                tracing::warn!(layer = %layer.digest, error = %e, "cannot open the partial file; reads are not cached on disk");
+                Local::Nothing
+            }
+        }
+    }
+
+    /// Decode a chunk from local bytes: `None` when they are not there.
+    fn load_local(
+        &self,
+        layer: &LazyLayer,
+        local: &Local,
+        claim: &Claim,
+    ) -> Option<Result<Vec<u8>, String>> {
+        let (s, e) = claim.span;
+        let mut buf = vec![0u8; (e - s) as usize];
+        let read = match local {
+            Local::Blob(f) => f.read_exact_at(&mut buf, s),
+            Local::Partial(p) if p.contains(s, e) => p.read_at(&mut buf, s),
+            _ => return None,
+        };
+        Some(
+            read.map_err(|e| format!("reading layer {}: {e}", layer.digest))
+                .and_then(|()| {
+                    estargz::decode_chunk(&buf, &claim.chunk).map_err(|e| e.to_string())
+                }),
+        )
+    }
+
+    /// One range request for a group of neighbouring chunks; each chunk is decoded, verified,
+    /// stored and handed out as soon as its bytes are in.
+    async fn fetch_run(
+        self: &Arc<Self>,
+        layer: &Arc<LazyLayer>,
+        partial: Option<Arc<PartialBlob>>,
+        mut run: Vec<Claim>,
+    ) {
+        let (start, end) = (
+            run[0].span.0,
+            run.iter().map(|c| c.span.1).max().unwrap_or(0),
+        );
+        let started = Instant::now();
+        let mut stored = 0u64;
+        let result = tokio::time::timeout(self.timeout, async {
+            let reference = source_reference(&layer.source, &layer.digest)
+                .ok_or_else(|| format!("bad layer source {:?}", layer.source))?;
+            let persisted = lock(&self.db)
+                .credential(reference.registry())
+                .ok()
+                .flatten()
+                .and_then(|s| serde_json::from_str(&s).ok());
+            let creds = OpCreds {
+                request: None,
+                persisted,
+            };
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let body = self
+                .registry
+                .open_blob(&reference, &layer.digest, start, Some(end - start), &creds)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut stream = body.stream;
+            let mut buf: Vec<u8> = Vec::with_capacity((end - start).min(MAX_RUN) as usize);
+            while !run.is_empty() {
+                let Some(bytes) = stream.next().await else {
+                    return Err(format!(
+                        "registry sent {} of {} bytes at {start}",
+                        buf.len(),
+                        end - start
+                    ));
+                };
+                let bytes = bytes.map_err(|e| e.to_string())?;
+                let want = ((end - start) as usize - buf.len()).min(bytes.len());
+                buf.extend_from_slice(&bytes[..want]);
+                self.stats.bytes_fetched.fetch_add(want as u64, Ordering::Relaxed);
+                // Chunks whose bytes are all in (spans are sorted, so are their ends).
+                let have = start + buf.len() as u64;
+                let ready = run.iter().take_while(|c| c.span.1 <= have).count();
+                if ready == 0 {
+                    continue;
+                }
+                let done: Vec<Claim> = run.drain(..ready).collect();
+                let pieces: Vec<Vec<u8>> = done
+                    .iter()
+                    .map(|c| buf[(c.span.0 - start) as usize..(c.span.1 - start) as usize].to_vec())
+                    .collect();
+                let (this, partial) = (Arc::clone(self), partial.clone());
+                let n = tokio::task::spawn_blocking(move || {
+                    let mut stored = 0;
+                    for (claim, compressed) in done.into_iter().zip(pieces) {
+                        match estargz::decode_chunk(&compressed, &claim.chunk) {
+                            Ok(data) => {
+                                if let Some(p) = &partial {
+                                    match p.write_missing(claim.span.0, &compressed) {
+                                        Ok(n) => stored += n,
+                                        Err(e) => tracing::warn!(layer = %p.digest, error = %e, "cannot store a fetched chunk"),
+                                    }
+                                }
+                                this.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+                                this.finish(claim, Ok(Arc::new(data)));
+                            }
+                            Err(e) => this.finish(claim, Err(e.to_string())),
+                        }
+                    }
+                    stored
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                stored += n;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("timed out after {:?}", self.timeout)));
+        tracing::debug!(layer = %layer.digest, start, len = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "on-demand fetch");
+        if let Err(e) = &result {
+            tracing::error!(layer = %layer.digest, start, len = end - start, error = %e, "on-demand fetch failed");
+        }
+        for claim in run {
+            self.finish(
+                claim,
+                Err(result
+                    .clone()
+                    .err()
+                    .unwrap_or_else(|| "chunk not in the response".into())),
+            );
+        }
+        if stored > 0 {
+            if let Err(e) = lock(&self.db).add_ondemand(layer.digest.as_str(), stored) {
+                tracing::warn!(layer = %layer.digest, error = %e, "cannot count on-demand bytes");
+            }
+            if let Some(p) = partial
+                && p.want_flush()
+            {
+                let db = Arc::clone(&self.db);
+                tokio::spawn(async move {
+                    tokio::time::sleep(FLUSH_DELAY).await;
+                    let digest = p.digest.to_string();
+                    match tokio::task::spawn_blocking(move || p.flush()).await {
+                        Ok(Ok(recorded)) => {
+                            let _ = lock(&db).set_filled(&digest, recorded);
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(layer = %digest, error = %e, "cannot record fetched ranges")
+                        }
+                        Err(_) => {}
+                    }
+                });
+            }
+        }
+    }
+}
