@@ -171,7 +171,15 @@ pub fn parse_endpoint(url: &str) -> std::result::Result<(Scheme, String), String
 pub struct Registry {
     opts: Options,
     clients: Mutex<HashMap<(String, Scheme, u64), oci_client::Client>>,
+    /// Endpoints that challenged an anonymous blob request (they want the token flow even
+    /// without credentials).
+    needs_token: Mutex<std::collections::HashSet<(String, Scheme)>>,
 }
+
+/// Client-cache key of the "bare" anonymous client: it never stores auth, so oci-client does
+/// not probe `/v2/` before each request (it re-probes on every request when a registry needs
+/// no auth, which doubles the latency of each on-demand read).
+const BARE: u64 = u64::MAX;
 
 /// A blob body stream positioned at the requested offset (when the registry ignores `Range`
 /// and sends the whole blob, the bytes before the offset are dropped here).
@@ -210,6 +218,7 @@ impl Registry {
         Arc::new(Registry {
             opts,
             clients: Mutex::new(HashMap::new()),
+            needs_token: Mutex::new(Default::default()),
         })
     }
 
@@ -276,11 +285,11 @@ impl Registry {
     }
 
     fn client(&self, ep: &Endpoint, secret: Option<&Secret>) -> oci_client::Client {
-        let key = (
-            ep.host.clone(),
-            ep.scheme,
-            secret.map(Secret::fingerprint).unwrap_or(0),
-        );
+        self.client_keyed(ep, secret.map(Secret::fingerprint).unwrap_or(0))
+    }
+
+    fn client_keyed(&self, ep: &Endpoint, fingerprint: u64) -> oci_client::Client {
+        let key = (ep.host.clone(), ep.scheme, fingerprint);
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
             .entry(key)
@@ -458,18 +467,19 @@ impl Registry {
         self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
             let what = what.clone();
             async move {
-                let body = open_blob(
-                    &client,
-                    &reference,
-                    d,
-                    0,
-                    None,
-                    secret.as_ref(),
-                    &source,
-                    &ep,
-                    &what,
-                )
-                .await?;
+                let body = self
+                    .blob_request(
+                        &client,
+                        &reference,
+                        d,
+                        0,
+                        None,
+                        secret.as_ref(),
+                        &source,
+                        &ep,
+                        &what,
+                    )
+                    .await?;
                 let mut stream = body.stream;
                 let mut buf = Vec::new();
                 while let Some(chunk) = stream.next().await {
@@ -516,18 +526,19 @@ impl Registry {
         self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
             let what = what.clone();
             async move {
-                let body = open_blob(
-                    &client,
-                    &reference,
-                    d,
-                    offset,
-                    Some(len),
-                    secret.as_ref(),
-                    &source,
-                    &ep,
-                    &what,
-                )
-                .await?;
+                let body = self
+                    .blob_request(
+                        &client,
+                        &reference,
+                        d,
+                        offset,
+                        Some(len),
+                        secret.as_ref(),
+                        &source,
+                        &ep,
+                        &what,
+                    )
+                    .await?;
                 let mut stream = body.stream;
                 let mut buf = Vec::with_capacity(len.min(1 << 24) as usize);
                 while (buf.len() as u64) < len {
@@ -570,7 +581,7 @@ impl Registry {
         self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
             let what = what.clone();
             async move {
-                open_blob(
+                self.blob_request(
                     &client,
                     &reference,
                     d,
@@ -588,6 +599,53 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// A blob request; anonymous ones first go through the bare client (no `/v2/` probe) and
+    /// fall back to the token flow when the endpoint challenges them.
+    #[allow(clippy::too_many_arguments)]
+    async fn blob_request(
+        &self,
+        client: &oci_client::Client,
+        reference: &Reference,
+        d: &Digest,
+        offset: u64,
+        len: Option<u64>,
+        secret: Option<&Secret>,
+        source: &Source,
+        ep: &Endpoint,
+        what: &str,
+    ) -> Result<BlobBody> {
+        let key = (ep.host.clone(), ep.scheme);
+        let challenged = || {
+            self.needs_token
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&key)
+        };
+        if secret.is_none() && !challenged() {
+            let bare = self.client_keyed(ep, BARE);
+            match open_blob(
+                &bare, reference, d, offset, len, None, source, ep, what, false,
+            )
+            .await
+            {
+                Err(RegistryError::Unauthorized { .. }) => {
+                    tracing::debug!(registry = %ep.host, "anonymous request challenged; using the token flow");
+                    self.needs_token
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key);
+                }
+                other => return other,
+            }
+        }
+        open_blob(
+            client, reference, d, offset, len, secret, source, ep, what, true,
+        )
+        .await
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn open_blob(
     client: &oci_client::Client,
@@ -599,13 +657,16 @@ async fn open_blob(
     source: &Source,
     ep: &Endpoint,
     what: &str,
+    store_auth: bool,
 ) -> Result<BlobBody> {
     let auth = secret
         .map(Secret::to_registry_auth)
         .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
-    client
-        .store_auth_if_needed(reference.resolve_registry(), &auth)
-        .await;
+    if store_auth {
+        client
+            .store_auth_if_needed(reference.resolve_registry(), &auth)
+            .await;
+    }
     let desc = oci_client::manifest::OciDescriptor {
         digest: d.to_string(),
         ..Default::default()
