@@ -165,8 +165,9 @@ pub struct MountArgs {
     /// The daemon's FUSE mount [default: fuse.mountpoint, /run/lazypull/fs].
     #[arg(long, value_name = "DIR")]
     pub fuse_mountpoint: Option<PathBuf>,
-    /// How long to wait for the layers' TOCs after a pull (e.g. 60s).
-    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    /// How long to wait after a pull for the layers to be mountable: eStargz layers need their
+    /// TOC, other layers must be fetched whole first (e.g. 60s, 10m).
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
     pub timeout: String,
 }
 

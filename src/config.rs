@@ -99,6 +99,9 @@ pub struct FuseConfig {
     pub read_timeout: Duration,
     /// Memory for decoded chunks, in MiB.
     pub chunk_cache_mib: usize,
+    /// Unpack complete eStargz layers into the file cache and pass their open files through
+    /// to the kernel (native read speed) where it supports FUSE passthrough.
+    pub passthrough: bool,
 }
 
 impl Default for FuseConfig {
@@ -109,6 +112,7 @@ impl Default for FuseConfig {
             threads: 4,
             read_timeout: Duration::from_secs(60),
             chunk_cache_mib: 64,
+            passthrough: true,
         }
     }
 }

@@ -319,7 +319,13 @@ impl Images {
 
     /// Resume the fills of every incomplete layer (at start-up). Never waits on the network.
     pub fn resume_fills(&self) -> Result<usize> {
-        let pending = lock(&self.db).incomplete_layers()?;
+        let pending: Vec<_> = lock(&self.db)
+            .layers_to_work_on(true)?
+            .into_iter()
+            .filter(|l| {
+                l.state != crate::store::LayerState::Complete || self.filler.unpack.wants(l)
+            })
+            .collect();
         for l in &pending {
             let registry = l.source.split('/').next().unwrap_or_default().to_string();
             let _ = self.filler.ensure(l, self.op_creds(&registry, None));
@@ -372,6 +378,75 @@ impl Images {
             tracing::info!(image = %img.id, name, "tag removed; image kept for its other tags");
         }
         Ok(removed)
+    }
+
+    /// Content digests of files some unpacked, referenced layer names (its TOC or its index).
+    fn referenced_files(&self) -> Result<std::collections::HashSet<String>> {
+        use crate::layer::{estargz, tar};
+        let layers: Vec<crate::store::LayerRecord> = {
+            let db = lock(&self.db);
+            let mut out = vec![];
+            for img in db.list_images()? {
+                out.extend(img.layers.into_iter().filter(|l| l.unpacked));
+            }
+            out
+        };
+        let mut set = std::collections::HashSet::new();
+        for l in layers {
+            let entries = if let Some(index) = &l.index_digest {
+                let d = Digest::parse(index).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                tar::decode_index(&self.layout.read_blob(&d)?, &tar::Limits::default())
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?
+            } else if let (Some(td), Some(off)) = (&l.toc_digest, l.toc_offset) {
+                let d = Digest::parse(td).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                estargz::parse_toc(
+                    &self.layout.read_blob(&d)?,
+                    &d,
+                    l.size,
+                    off,
+                    &estargz::Limits::default(),
+                )
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                .entries
+            } else {
+                continue;
+            };
+            set.extend(
+                entries
+                    .into_iter()
+                    .filter_map(|e| e.digest)
+                    .map(|d| d.hex().to_string()),
+            );
+        }
+        Ok(set)
+    }
+
+    /// Remove cached files no unpacked layer names (young files may belong to an unpack that
+    /// has not recorded itself yet: they are kept an hour).
+    fn gc_file_cache(&self, report: &mut GcReport) -> Result<()> {
+        let keep = self.referenced_files()?;
+        let dir = self.layout.files_dir();
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            let meta = entry.metadata();
+            let young = meta
+                .as_ref()
+                .ok()
+                .and_then(|m| m.modified().ok())
+                .is_some_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(3600));
+            if keep.contains(&name) || young {
+                continue;
+            }
+            let size = meta.map(|m| m.len()).unwrap_or(0);
+            if std::fs::remove_file(entry.path()).is_ok() {
+                report.files_removed += 1;
+                report.bytes_freed += size;
+            }
+        }
+        Ok(())
     }
 
     /// Delete everything no image references: layer rows, blobs, partial files, stale temp files.
@@ -431,6 +506,7 @@ impl Images {
                 }
             }
         }
+        self.gc_file_cache(&mut report)?;
         if report.files_removed > 0 {
             tracing::info!(
                 files = report.files_removed,

@@ -193,10 +193,12 @@ async fn chroot_into_a_lazily_mounted_estargz_image() {
     );
     let out = d.cli(&["umount", root.to_str().unwrap()]);
     assert!(out.status.success());
-    // Non-eStargz images are refused with a clear message.
+    // A plain gzip image cannot be read lazily and the filler is off: the mount says why.
     pull(&mut c, &format!("{h}/busybox:latest")).await.unwrap();
     let out = d.cli(&[
         "mount",
+        "--timeout",
+        "2s",
         "--fuse-mountpoint",
         fs.to_str().unwrap(),
         &format!("{h}/busybox:latest"),
@@ -204,7 +206,7 @@ async fn chroot_into_a_lazily_mounted_estargz_image() {
     ]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not eStargz"),
+        String::from_utf8_lossy(&out.stderr).contains("not fetched whole"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -478,4 +480,123 @@ async fn on_demand_ranges_persist_across_restarts_and_the_fill_skips_them() {
             .exists(),
         "the range map goes with the partial file"
     );
+}
+
+/// Layers without a TOC (plain gzip) are fetched whole, unpacked into the file cache and
+/// mounted from it; complete layers' files are passed through to the kernel; identical files
+/// of different layers are stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_layers_mount_from_the_file_cache_with_passthrough() {
+    if !require_tools() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    let work = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&[]);
+    let fs = d.fuse_mountpoint().unwrap();
+    let name = format!("{}/multilayer:latest", reg.host());
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &name).await.expect("pull");
+    }
+    let root = work.path().join("root");
+    let out = d.cli(&[
+        "mount",
+        "--fuse-mountpoint",
+        fs.to_str().unwrap(),
+        &name,
+        root.to_str().unwrap(),
+        "--upper",
+        work.path().join("upper").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "mount: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    let run = Command::new("chroot")
+        .arg(&root)
+        .args([
+            "/bin/sh",
+            "-c",
+            "cat /data/layer3.txt; ls /data; busybox sha256sum /data/random.bin",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("hello from layer 3"));
+    assert_eq!(
+        lines.next(),
+        Some("layer3.txt"),
+        "whiteout applies: {stdout}"
+    );
+    assert_eq!(lines.next(), Some("random.bin"));
+    // The same tree as umoci unpack of the image.
+    let layout = work.path().join("layout");
+    let st = Command::new("skopeo")
+        .args(["copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{name}"))
+        .arg(format!("oci:{}:plain", layout.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bundle = work.path().join("bundle");
+    let st = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:plain", layout.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let out = d.cli(&["umount", root.to_str().unwrap()]);
+    assert!(out.status.success());
+    let out = d.cli(&[
+        "mount",
+        "--fuse-mountpoint",
+        fs.to_str().unwrap(),
+        &name,
+        root.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    assert_eq!(
+        snapshot(&root),
+        snapshot(&bundle.join("rootfs")),
+        "mounted tree equals umoci unpack"
+    );
+    let out = d.cli(&["umount", root.to_str().unwrap()]);
+    assert!(out.status.success());
+    let log = d.log_text();
+    assert!(
+        log.contains("FUSE passthrough on"),
+        "passthrough negotiated:\n{log}"
+    );
+    assert!(
+        !log.contains("passthrough refused"),
+        "passthrough used:\n{log}"
+    );
+    // Each distinct content once in the file cache.
+    let files = std::fs::read_dir(d.store().join("files/sha256"))
+        .unwrap()
+        .count();
+    let s = d.status_json();
+    assert!(
+        s["images"][0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["unpacked"] == true),
+        "{s:#}"
+    );
+    assert!(files > 0);
 }

@@ -11,8 +11,13 @@ use std::time::{Duration, Instant};
 /// The mount options of one overlay mount must fit in a page.
 const MAX_OPTIONS: usize = 4095;
 
-/// Wait until every layer of the image has a verified TOC; refuse layers that cannot be lazy.
-async fn wait_for_tocs(cfg: &Config, name: &str, timeout: Duration) -> anyhow::Result<ImageRecord> {
+/// Wait until every layer of the image can be served: eStargz layers once their TOC is verified
+/// (lazily), other layers once fetched whole, verified and unpacked into the file cache.
+async fn wait_for_layers(
+    cfg: &Config,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<ImageRecord> {
     let start = Instant::now();
     loop {
         let db = super::open_read_only(cfg)?.with_context(|| {
@@ -23,33 +28,32 @@ async fn wait_for_tocs(cfg: &Config, name: &str, timeout: Duration) -> anyhow::R
         })?;
         let img = crate::images::resolve_in(&db, name)?
             .with_context(|| format!("no image {name:?} in the store: pull it first"))?;
-        let mut waiting = 0;
+        let (mut tocs, mut whole) = (0, 0);
         for l in &img.layers {
-            if l.toc_entries.is_some() {
+            if l.toc_entries.is_some() || (l.unpacked && l.index_digest.is_some()) {
                 continue;
             }
-            if let Some(e) = &l.toc_error {
+            if l.state == crate::store::LayerState::Failed {
                 bail!(
-                    "layer {} cannot be mounted lazily: its TOC was refused ({e})",
-                    l.digest
-                );
-            }
-            if l.toc_digest.is_none() {
-                bail!(
-                    "layer {} is {}, not eStargz: lazy mounts need eStargz layers for now \
-                     (convert the image, e.g. `ctr-remote images convert --estargz --oci`)",
+                    "layer {} failed to fetch: {}",
                     l.digest,
-                    l.format()
+                    l.error.as_deref().unwrap_or("unknown error")
                 );
             }
-            waiting += 1;
+            if l.toc_digest.is_some() && l.toc_error.is_none() {
+                tocs += 1;
+            } else {
+                // No TOC (or a refused one): served once fetched whole and unpacked.
+                whole += 1;
+            }
         }
-        if waiting == 0 {
+        if tocs + whole == 0 {
             return Ok(img);
         }
         if start.elapsed() > timeout {
             bail!(
-                "{waiting} layer TOC(s) of {name} not fetched within {timeout:?}: is `lazypull serve` running and the registry reachable?"
+                "{name}: {tocs} layer TOC(s) not fetched and {whole} non-lazy layer(s) not fetched whole within {timeout:?}: \
+                 is `lazypull serve` running (with its filler on: not --no-fill) and the registry reachable?"
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -63,7 +67,7 @@ pub async fn mount(cfg: &Config, args: &MountArgs) -> anyhow::Result<()> {
         .fuse_mountpoint
         .clone()
         .unwrap_or_else(|| cfg.fuse.mountpoint.clone());
-    let img = wait_for_tocs(cfg, &args.image, timeout).await?;
+    let img = wait_for_layers(cfg, &args.image, timeout).await?;
     if img.layers.is_empty() {
         bail!("{} has no layers", args.image);
     }

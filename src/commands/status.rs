@@ -1,4 +1,5 @@
-//! `lazypull status [IMAGE] [--json]`: per-image and per-layer fill progress.
+//! `lazypull status [IMAGE] [--json]`: per-image and per-layer progress: format, bytes local
+//! (filled or read on demand), bytes read on demand, complete, files unpacked.
 
 use super::{display_name, human_bytes, open_read_only, short_id};
 use crate::cli::StatusArgs;
@@ -54,13 +55,25 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
                 (None, Some(_)) => format!("{} (TOC refused)", l.format()),
                 _ => l.format().to_string(),
             };
+            let mut notes = vec![];
+            if l.ondemand > 0 {
+                notes.push(format!("{} on demand", human_bytes(l.ondemand)));
+            }
+            if l.unpacked {
+                notes.push("files cached".to_string());
+            }
             println!(
-                "  {}  {:<28} {:>10} / {:>10}  {:?}{}",
+                "  {}  {:<28} {:>10} / {:>10}  {:?}{}{}",
                 short_id(&l.digest),
                 fmt,
                 human_bytes(l.local_bytes()),
                 human_bytes(l.size),
                 l.state,
+                if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", notes.join(", "))
+                },
                 l.error
                     .as_deref()
                     .map(|e| format!("  ({e})"))

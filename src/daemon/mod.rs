@@ -38,8 +38,14 @@ impl Core {
             crate::store::Partials::new(layout.clone()),
             Arc::clone(&db),
             Arc::clone(&registry),
-            cfg.fetch.max_parallel,
-            cfg.fetch.fill.enabled,
+            crate::fetch::FillerOptions {
+                max_parallel: cfg.fetch.max_parallel,
+                fill_enabled: cfg.fetch.fill.enabled,
+                unpack: crate::fetch::UnpackPolicy {
+                    plain: cfg.fuse.enabled,
+                    estargz: cfg.fuse.enabled && cfg.fuse.passthrough,
+                },
+            },
             shutdown.clone(),
         );
         let images = Arc::new(Images::new(
@@ -135,8 +141,12 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             cfg.fuse.chunk_cache_mib << 20,
             cfg.fetch.read_ahead_kib << 10,
         );
-        let fs =
-            crate::fs::fuse::LayerFs::new(images.layout.clone(), Arc::clone(&images.db), reader);
+        let fs = crate::fs::fuse::LayerFs::new(
+            images.layout.clone(),
+            Arc::clone(&images.db),
+            reader,
+            cfg.fuse.passthrough,
+        );
         match crate::fs::fuse::Mount::start(fs, &cfg.fuse.mountpoint, cfg.fuse.threads) {
             Ok(m) => {
                 tracing::info!(mountpoint = %cfg.fuse.mountpoint.display(), "layer filesystem mounted");

@@ -100,6 +100,28 @@ pub struct Filler {
     attempts: u32,
     /// When false, only TOCs are fetched; content comes on demand (`--no-fill`).
     pub fill_enabled: bool,
+    /// Which complete layers are unpacked into the file cache.
+    pub unpack: UnpackPolicy,
+}
+
+/// Which complete layers get their files unpacked into `files/sha256` (DESIGN.md §3).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UnpackPolicy {
+    /// Layers without a TOC: the only way to mount them.
+    pub plain: bool,
+    /// eStargz layers: lets FUSE pass their files through to the kernel.
+    pub estargz: bool,
+}
+
+impl UnpackPolicy {
+    pub fn wants(&self, layer: &LayerRecord) -> bool {
+        !layer.unpacked
+            && if layer.toc_entries.is_some() {
+                self.estargz
+            } else {
+                self.plain
+            }
+    }
 }
 
 fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
@@ -138,16 +160,28 @@ pub fn source_reference(source: &str, digest: &Digest) -> Option<Reference> {
     ))
 }
 
+/// How the filler works: parallel fills, whether it fills at all, what it unpacks.
+#[derive(Clone, Copy, Debug)]
+pub struct FillerOptions {
+    pub max_parallel: usize,
+    pub fill_enabled: bool,
+    pub unpack: UnpackPolicy,
+}
+
 impl Filler {
     pub fn new(
         layout: Layout,
         partials: Arc<Partials>,
         db: Arc<Mutex<Catalogue>>,
         registry: Arc<Registry>,
-        max_parallel: usize,
-        fill_enabled: bool,
+        opts: FillerOptions,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let FillerOptions {
+            max_parallel,
+            fill_enabled,
+            unpack,
+        } = opts;
         Arc::new(Filler {
             layout,
             partials,
@@ -159,6 +193,7 @@ impl Filler {
             stats: Stats::default(),
             attempts: 5,
             fill_enabled,
+            unpack,
         })
     }
 
@@ -169,6 +204,7 @@ impl Filler {
         creds: OpCreds,
     ) -> watch::Receiver<FillStatus> {
         if layer.state == LayerState::Complete
+            && !self.unpack.wants(layer)
             && let Ok(d) = layer.digest()
             && self.layout.has_blob(&d)
         {
@@ -278,6 +314,13 @@ impl Filler {
                         elapsed_ms = started.elapsed().as_millis() as u64,
                         "layer complete"
                     );
+                    let layer = lock(&self.db).layer(digest).ok().flatten();
+                    if let Some(layer) = layer.filter(|l| self.unpack.wants(l)) {
+                        tokio::select! {
+                            _ = self.unpack_layer(&layer) => {}
+                            _ = cancel.cancelled() => return FillStatus::Cancelled,
+                        }
+                    }
                     return FillStatus::Done;
                 }
                 Err(FillError::Cancelled(_)) => {
@@ -620,6 +663,52 @@ impl Filler {
         db.set_filled(digest_str, layer.size)?;
         db.set_layer_state(digest_str, LayerState::Complete, None)?;
         Ok(())
+    }
+
+    /// Unpack a complete layer's files into the file cache; layers without a TOC also get their
+    /// file index. A failure is logged: the layer stays complete, mounts of plain layers wait.
+    async fn unpack_layer(&self, layer: &LayerRecord) {
+        use crate::layer::tar as ltar;
+        let started = Instant::now();
+        let (layout, rec) = (self.layout.clone(), layer.clone());
+        let res = tokio::task::spawn_blocking(
+            move || -> Result<(ltar::Unpacked, Option<Digest>), String> {
+                let digest = rec.digest().map_err(|e| e.to_string())?;
+                let compression =
+                    Compression::from_media_type(&rec.media_type).map_err(|e| e.to_string())?;
+                let path = layout.blob(&digest);
+                let blob = fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let tar = ltar::decoder(compression, blob).map_err(|e| e.to_string())?;
+                let u = ltar::unpack(tar, &layout.files_dir(), &ltar::Limits::default())
+                    .map_err(|e| e.to_string())?;
+                let index = if rec.toc_entries.is_none() {
+                    let json = ltar::encode_index(&u.entries);
+                    let d = Digest::of(&json);
+                    layout.put_blob(&d, &json).map_err(|e| e.to_string())?;
+                    Some(d)
+                } else {
+                    None
+                };
+                Ok((u, index))
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        match res {
+            Ok((u, index)) => {
+                let idx = index.as_ref().map(|d| d.to_string());
+                if let Err(e) = lock(&self.db).set_unpacked(&layer.digest, idx.as_deref()) {
+                    tracing::error!(layer = %layer.digest, error = %e, "cannot record the unpack");
+                    return;
+                }
+                tracing::info!(layer = %layer.digest, entries = u.entries.len(), new_files = u.files_written,
+                    new_bytes = u.bytes_written, elapsed_ms = started.elapsed().as_millis() as u64, "layer unpacked into the file cache");
+            }
+            Err(e) => {
+                tracing::error!(layer = %layer.digest, error = %e, "cannot unpack the layer; plain layers cannot be mounted until it succeeds")
+            }
+        }
     }
 
     /// Make the bytes written so far durable and record them (map, then catalogue).

@@ -11,11 +11,13 @@ use crate::layer::estargz;
 use crate::oci::Digest;
 use crate::store::{Catalogue, LayerRecord, Layout};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
-    ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr,
+    Request,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -38,6 +40,20 @@ pub struct LayerFs {
     reader: Arc<Reader>,
     layers: RwLock<Layers>,
     started: SystemTime,
+    /// Asked for by the configuration; `passthrough_on` once the kernel agreed at init.
+    passthrough_wanted: bool,
+    passthrough_on: std::sync::atomic::AtomicBool,
+    handles: Mutex<Handles>,
+}
+
+/// Open files served from the file cache: by passthrough (one backing id per inode, shared by
+/// its open handles, closed with the last one) or by pread from the cached file.
+#[derive(Default)]
+struct Handles {
+    next: u64,
+    files: HashMap<u64, Arc<std::fs::File>>,
+    backing: HashMap<u64, Arc<BackingId>>,
+    by_inode: HashMap<u64, std::sync::Weak<BackingId>>,
 }
 
 fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
@@ -65,7 +81,12 @@ fn file_type(k: NodeKind) -> FileType {
 }
 
 impl LayerFs {
-    pub fn new(layout: Layout, db: Arc<Mutex<Catalogue>>, reader: Arc<Reader>) -> Self {
+    pub fn new(
+        layout: Layout,
+        db: Arc<Mutex<Catalogue>>,
+        reader: Arc<Reader>,
+        passthrough: bool,
+    ) -> Self {
         LayerFs {
             rt: tokio::runtime::Handle::current(),
             layout,
@@ -73,7 +94,22 @@ impl LayerFs {
             reader,
             layers: RwLock::new(Layers::default()),
             started: SystemTime::now(),
+            passthrough_wanted: passthrough,
+            passthrough_on: std::sync::atomic::AtomicBool::new(false),
+            handles: Mutex::new(Handles {
+                next: 1,
+                ..Default::default()
+            }),
         }
+    }
+
+    /// The file cache's copy of a regular file, if there is one of the right size (named by
+    /// its content digest, so it holds exactly the bytes the TOC or index promises).
+    fn cached_file(&self, layer: &LazyLayer, local: u64) -> Option<std::fs::File> {
+        let node = layer.tree.get(local)?;
+        let entry = layer.toc.entries.get(node.entry?)?;
+        let f = std::fs::File::open(self.layout.file(entry.digest.as_ref()?)).ok()?;
+        (f.metadata().ok()?.len() == entry.size).then_some(f)
     }
 
     fn layer(&self, idx: usize) -> Option<Arc<LazyLayer>> {
@@ -123,10 +159,35 @@ impl LayerFs {
     }
 
     fn load(&self, rec: &LayerRecord) -> Result<LazyLayer, String> {
+        if rec.toc_entries.is_none()
+            && rec.unpacked
+            && let Some(index) = rec.index_digest.as_deref()
+        {
+            // A layer without TOC, complete and unpacked: served from the file cache.
+            let index = Digest::parse(index).map_err(|e| e.to_string())?;
+            let json = self.layout.read_blob(&index).map_err(|e| e.to_string())?;
+            let entries =
+                crate::layer::tar::decode_index(&json, &crate::layer::tar::Limits::default())
+                    .map_err(|e| e.to_string())?;
+            let tree = Tree::from_entries(&entries).map_err(|e| e.to_string())?;
+            let toc = estargz::Toc {
+                digest: index,
+                toc_offset: 0,
+                entries,
+                prefetch_landmark: None,
+            };
+            return Ok(LazyLayer::new(
+                rec.digest().map_err(|e| e.to_string())?,
+                rec.source.clone(),
+                rec.size,
+                toc,
+                tree,
+            ));
+        }
         let (Some(_), Some(toc_offset), Some(toc_digest)) =
             (rec.toc_entries, rec.toc_offset, rec.toc_digest.as_deref())
         else {
-            return Err("no verified TOC (not an eStargz layer, or not fetched yet)".into());
+            return Err("no verified TOC (not an eStargz layer, or not fetched yet) and not unpacked (a plain layer not fetched yet)".into());
         };
         let toc_digest = Digest::parse(toc_digest).map_err(|e| e.to_string())?;
         let json = self
@@ -259,25 +320,124 @@ impl fuser::Filesystem for LayerFs {
             return reply.error(Errno::EROFS);
         }
         match self.attr_of(ino.0) {
-            Some(a) if a.kind == FileType::RegularFile => {
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
-            }
-            Some(_) => reply.error(Errno::EINVAL),
-            None => reply.error(Errno::ENOENT),
+            Some(a) if a.kind == FileType::RegularFile => {}
+            Some(_) => return reply.error(Errno::EINVAL),
+            None => return reply.error(Errno::ENOENT),
         }
+        let cached =
+            split(ino.0).and_then(|(l, n)| self.layer(l).and_then(|l| self.cached_file(&l, n)));
+        let Some(file) = cached else {
+            // Not in the file cache: reads go through the chunk reader.
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        };
+        let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        let fh = h.next;
+        h.next += 1;
+        if self
+            .passthrough_on
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // One backing id per inode, shared by its open handles.
+            let existing = h.by_inode.get(&ino.0).and_then(std::sync::Weak::upgrade);
+            let id = match existing {
+                Some(id) => Ok(id),
+                None => reply.open_backing(&file).map(Arc::new),
+            };
+            match id {
+                Ok(id) => {
+                    h.by_inode.insert(ino.0, Arc::downgrade(&id));
+                    h.backing.insert(fh, Arc::clone(&id));
+                    drop(h);
+                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                }
+                Err(e) => {
+                    // E.g. ELOOP: the store is on a stacked filesystem. Serve by pread instead.
+                    tracing::warn!(error = %e, "FUSE passthrough refused by the kernel; serving cached files by read instead");
+                    self.passthrough_on
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        h.files.insert(fh, Arc::new(file));
+        drop(h);
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+        h.files.remove(&fh.0);
+        h.backing.remove(&fh.0);
+        reply.ok();
+    }
+
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        if !self.passthrough_wanted {
+            return Ok(());
+        }
+        // Depth 1: backing files on a real filesystem, and the mount can still be a lower
+        // layer of overlayfs (docs/dev/fuser-0.18.md §5).
+        let on = config
+            .add_capabilities(fuser::InitFlags::FUSE_PASSTHROUGH)
+            .is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        if on {
+            tracing::info!(
+                "FUSE passthrough on: open files of cached layers are read by the kernel directly"
+            );
+        } else {
+            tracing::info!(
+                "the kernel offers no FUSE passthrough; cached files are served by read"
+            );
+        }
+        self.passthrough_on
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn read(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let cached = self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .files
+            .get(&fh.0)
+            .cloned();
+        if let Some(file) = cached {
+            // A local file: pread off the session thread like every other read.
+            self.rt.spawn_blocking(move || {
+                let mut buf = vec![0u8; size as usize];
+                let mut got = 0;
+                while got < buf.len() {
+                    match file.read_at(&mut buf[got..], offset + got as u64) {
+                        Ok(0) => break,
+                        Ok(n) => got += n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return reply.error(Errno::from(e)),
+                    }
+                }
+                reply.data(&buf[..got])
+            });
+            return;
+        }
         let Some((layer_idx, local)) = split(ino.0) else {
             return reply.error(Errno::EISDIR);
         };
@@ -328,7 +488,7 @@ impl fuser::Filesystem for LayerFs {
                 .map(|imgs| {
                     imgs.into_iter()
                         .flat_map(|i| i.layers)
-                        .filter(|l| l.toc_entries.is_some())
+                        .filter(|l| l.toc_entries.is_some() || l.index_digest.is_some())
                         .map(|l| l.digest)
                         .collect()
                 })

@@ -223,6 +223,24 @@ impl Reader {
         if offset >= end {
             return Ok(vec![]);
         }
+        if entry.chunks.is_empty() {
+            // A layer without TOC: its files exist only in the file cache.
+            let d = entry
+                .digest
+                .as_ref()
+                .ok_or("regular file without content digest")?;
+            let path = self.layout.file(d);
+            let len = (end - offset) as usize;
+            return tokio::task::spawn_blocking(move || {
+                let f = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let mut buf = vec![0u8; len];
+                f.read_exact_at(&mut buf, offset)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok(buf)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        }
         let mut claims = vec![];
         let mut slots = vec![];
         let mut last = None;

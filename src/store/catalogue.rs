@@ -12,7 +12,7 @@ use std::time::Duration;
 const SCHEMA_VERSION: i64 = 3;
 
 /// Columns of a layer row, in the order `layer_from_row` reads them.
-const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset, l.ondemand";
+const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset, l.ondemand, l.unpacked, l.index_digest";
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS images (
@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS layers (
     toc_entries INTEGER,                 -- set once the TOC was fetched, verified and stored
     toc_error TEXT,                      -- why the TOC was refused (the layer is then fetched whole)
     toc_offset INTEGER,                  -- where the TOC member starts in the blob
-    ondemand INTEGER NOT NULL DEFAULT 0  -- bytes fetched on demand by reads (not by the filler)
+    ondemand INTEGER NOT NULL DEFAULT 0, -- bytes fetched on demand by reads (not by the filler)
+    unpacked INTEGER NOT NULL DEFAULT 0, -- files of the complete layer are in files/sha256
+    index_digest TEXT                    -- layers without TOC: JSON file index (a blob)
 );
 CREATE TABLE IF NOT EXISTS image_layers (
     image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -113,6 +115,10 @@ pub struct LayerRecord {
     pub toc_offset: Option<u64>,
     /// Bytes fetched on demand by reads (the filler fetches the rest).
     pub ondemand: u64,
+    /// The complete layer's files are in the file cache (`files/sha256/<content digest>`).
+    pub unpacked: bool,
+    /// Layers without a TOC: digest of the file index written when they were unpacked.
+    pub index_digest: Option<String>,
 }
 
 impl LayerRecord {
@@ -228,6 +234,8 @@ impl Catalogue {
             ("toc_error", "TEXT"),
             ("toc_offset", "INTEGER"),
             ("ondemand", "INTEGER NOT NULL DEFAULT 0"),
+            ("unpacked", "INTEGER NOT NULL DEFAULT 0"),
+            ("index_digest", "TEXT"),
         ] {
             let has: bool = conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM pragma_table_info('layers') WHERE name = ?1)",
@@ -465,15 +473,29 @@ impl Catalogue {
             .transpose()
     }
 
-    /// Layers still to fill and referenced by some image, oldest image first.
+    /// Layers still to fill and referenced by some image (with `unpack`, also complete layers
+    /// not yet unpacked).
     pub fn incomplete_layers(&self) -> Result<Vec<LayerRecord>> {
+        self.layers_to_work_on(false)
+    }
+
+    pub fn layers_to_work_on(&self, unpack: bool) -> Result<Vec<LayerRecord>> {
         let mut st = self.conn.prepare(
             &format!("SELECT {LAYER_COLUMNS} FROM layers l
-             WHERE l.state = 'pending' AND EXISTS (SELECT 1 FROM image_layers il WHERE il.digest = l.digest)"),
+             WHERE (l.state = 'pending' OR (?1 AND l.state = 'complete' AND l.unpacked = 0)) AND EXISTS (SELECT 1 FROM image_layers il WHERE il.digest = l.digest)"),
         )?;
-        let rows = st.query_map([], layer_from_row)?;
+        let rows = st.query_map([unpack], layer_from_row)?;
         rows.map(|r| r.map_err(StoreError::from).and_then(|x| x))
             .collect()
+    }
+
+    /// The complete layer's files are in the file cache; `index` for layers without a TOC.
+    pub fn set_unpacked(&self, digest: &str, index: Option<&str>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE layers SET unpacked = 1, index_digest = ?2 WHERE digest = ?1",
+            params![digest, index],
+        )?;
+        Ok(())
     }
 
     /// Count bytes a read fetched on demand.
@@ -555,14 +577,19 @@ impl Catalogue {
             set.extend(c);
         }
         let mut st = self.conn.prepare(
-            "SELECT digest, CASE WHEN toc_entries IS NOT NULL THEN toc_digest END FROM layers",
+            "SELECT digest, CASE WHEN toc_entries IS NOT NULL THEN toc_digest END, index_digest FROM layers",
         )?;
         for d in st.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, Option<String>>(2)?,
+            ))
         })? {
-            let (layer, toc) = d?;
+            let (layer, toc, index) = d?;
             set.insert(layer);
             set.extend(toc);
+            set.extend(index);
         }
         Ok(set)
     }
@@ -625,6 +652,8 @@ fn layer_from_row(r: &rusqlite::Row) -> rusqlite::Result<Result<LayerRecord>> {
             .unwrap_or_default()
             .map(|n| n.max(0) as u64),
         ondemand: r.get::<_, i64>(12).unwrap_or_default().max(0) as u64,
+        unpacked: r.get::<_, i64>(13).unwrap_or_default() != 0,
+        index_digest: r.get(14).unwrap_or_default(),
     }))
 }
 

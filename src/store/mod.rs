@@ -79,6 +79,13 @@ impl Layout {
     pub fn blobs_dir(&self) -> PathBuf {
         self.root.join("blobs/sha256")
     }
+    /// The file cache: contents of regular files of complete layers, by content digest.
+    pub fn files_dir(&self) -> PathBuf {
+        self.root.join("files/sha256")
+    }
+    pub fn file(&self, d: &Digest) -> PathBuf {
+        self.files_dir().join(d.hex())
+    }
     pub fn partial_dir(&self) -> PathBuf {
         self.root.join("partial/sha256")
     }
@@ -88,7 +95,12 @@ impl Layout {
 
     /// Create the directory tree (root-only permissions: the catalogue may hold credentials).
     pub fn create(&self) -> Result<()> {
-        for dir in [self.root.clone(), self.blobs_dir(), self.partial_dir()] {
+        for dir in [
+            self.root.clone(),
+            self.blobs_dir(),
+            self.partial_dir(),
+            self.files_dir(),
+        ] {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))

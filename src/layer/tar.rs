@@ -1,0 +1,487 @@
+//! Unpacking a verified layer into the store's file cache, and the file index of layers that
+//! have no TOC.
+//!
+//! A complete layer's regular files are written to `files/sha256/<content digest>` (one copy per
+//! distinct content across all layers). They serve plain gzip/zstd/tar layers, which cannot be
+//! read in place, and FUSE passthrough for complete layers of any format. A file appears under
+//! its final name only after its data is durable (`syncfs` before the renames), and the name is
+//! the digest of the bytes actually written, so a name always matches its content.
+//!
+//! For layers without a TOC, the tar's entries (paths, kinds, modes, owners, times, links,
+//! devices, xattrs, content digests) are kept as a small JSON index, stored as a blob under its
+//! own digest, so a restart rebuilds the layer directory without reading the tar again.
+
+use super::estargz::{Entry, Kind, clean_path};
+use crate::oci::{Compression, Digest};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("layer tar: {0}")]
+    Tar(String),
+    #[error("layer tar entry {path:?}: {reason}")]
+    Entry { path: String, reason: String },
+    #[error("file cache i/o at {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("file index: {0}")]
+    Index(String),
+}
+
+static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Caps on what a layer may hold (a hostile tar must not exhaust memory).
+pub struct Limits {
+    pub max_entries: usize,
+    pub max_path: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_entries: 1_000_000,
+            max_path: 4096,
+        }
+    }
+}
+
+/// A decompressing reader over a layer blob.
+pub fn decoder(c: Compression, blob: File) -> io::Result<Box<dyn Read + Send>> {
+    let r = io::BufReader::with_capacity(1 << 20, blob);
+    Ok(match c {
+        Compression::None => Box::new(r),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
+    })
+}
+
+fn rfc3339(secs: u64) -> Option<String> {
+    chrono::DateTime::from_timestamp(secs.min(i64::MAX as u64) as i64, 0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+}
+
+/// Result of an unpack: the layer's entries and what was written.
+pub struct Unpacked {
+    pub entries: Vec<Entry>,
+    pub files_written: u64,
+    pub bytes_written: u64,
+}
+
+/// Read a layer tar, store every regular file's content under `files_dir/<hex>` and return the
+/// entries. Blocking. Paths are cleaned and `..` refused; hardlinks must name an earlier entry.
+pub fn unpack(tar: impl Read, files_dir: &Path, limits: &Limits) -> Result<Unpacked, UnpackError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| UnpackError::Io { path, source }
+    };
+    fs::create_dir_all(files_dir).map_err(io_err(files_dir))?;
+    let mut archive = tar::Archive::new(tar);
+    let mut entries = vec![];
+    let mut seen: HashSet<String> = HashSet::new();
+    // Temp files to rename once their data is durable.
+    let mut pending: Vec<(PathBuf, PathBuf)> = vec![];
+    let mut pending_names: HashSet<String> = HashSet::new();
+    let (mut files_written, mut bytes_written) = (0u64, 0u64);
+    let cleanup = |pending: &[(PathBuf, PathBuf)]| {
+        for (tmp, _) in pending {
+            let _ = fs::remove_file(tmp);
+        }
+    };
+    let iter = archive
+        .entries()
+        .map_err(|e| UnpackError::Tar(e.to_string()))?;
+    let result = (|| {
+        for item in iter {
+            let mut e = item.map_err(|e| UnpackError::Tar(e.to_string()))?;
+            if entries.len() >= limits.max_entries {
+                return Err(UnpackError::Tar(format!(
+                    "more than {} entries",
+                    limits.max_entries
+                )));
+            }
+            let raw_path = e.path_bytes().into_owned();
+            let raw = String::from_utf8_lossy(&raw_path).into_owned();
+            let bad = |reason: String| UnpackError::Entry {
+                path: raw.clone(),
+                reason,
+            };
+            if raw.len() > limits.max_path {
+                return Err(bad("path too long".into()));
+            }
+            let path = clean_path(&raw).map_err(&bad)?;
+            let h = e.header();
+            let et = h.entry_type();
+            let kind = match et {
+                tar::EntryType::Regular | tar::EntryType::Continuous => Kind::Reg,
+                tar::EntryType::Directory => Kind::Dir,
+                tar::EntryType::Symlink => Kind::Symlink,
+                tar::EntryType::Link => Kind::Hardlink,
+                tar::EntryType::Char => Kind::Char,
+                tar::EntryType::Block => Kind::Block,
+                tar::EntryType::Fifo => Kind::Fifo,
+                // Metadata records the tar crate has already applied, or nothing to show.
+                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
+                other => return Err(bad(format!("unsupported entry type {other:?}"))),
+            };
+            let mode = h.mode().map_err(|x| bad(x.to_string()))?;
+            let uid = h.uid().map_err(|x| bad(x.to_string()))?;
+            let gid = h.gid().map_err(|x| bad(x.to_string()))?;
+            let mtime = h.mtime().ok().and_then(rfc3339);
+            let (dev_major, dev_minor) = match kind {
+                Kind::Char | Kind::Block => (
+                    h.device_major().ok().flatten().unwrap_or(0),
+                    h.device_minor().ok().flatten().unwrap_or(0),
+                ),
+                _ => (0, 0),
+            };
+            let link = match kind {
+                Kind::Symlink => e
+                    .link_name_bytes()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .ok_or_else(|| bad("symlink without a target".into()))?,
+                Kind::Hardlink => {
+                    let t = e
+                        .link_name_bytes()
+                        .map(|b| String::from_utf8_lossy(&b).into_owned())
+                        .ok_or_else(|| bad("hardlink without a target".into()))?;
+                    let t = clean_path(&t).map_err(&bad)?;
+                    if !seen.contains(&t) {
+                        return Err(bad(format!(
+                            "hardlink to {t:?}, which is not an earlier entry"
+                        )));
+                    }
+                    t
+                }
+                _ => String::new(),
+            };
+            let mut xattrs = vec![];
+            if let Ok(Some(exts)) = e.pax_extensions() {
+                for ext in exts.flatten() {
+                    if let Ok(k) = ext.key()
+                        && let Some(name) = k.strip_prefix("SCHILY.xattr.")
+                    {
+                        xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+                    }
+                }
+            }
+            let (mut size, mut digest) = (0, None);
+            if kind == Kind::Reg {
+                // Unique across concurrent unpacks in this process and across processes.
+                let tmp = files_dir.join(format!(
+                    ".tmp-{}-{}",
+                    std::process::id(),
+                    TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ));
+                let mut out = fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o644)
+                    .open(&tmp)
+                    .map_err(io_err(&tmp))?;
+                let mut hash = Sha256::new();
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    let n = e.read(&mut buf).map_err(|x| bad(x.to_string()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    hash.update(&buf[..n]);
+                    out.write_all(&buf[..n]).map_err(io_err(&tmp))?;
+                    size += n as u64;
+                }
+                let d = Digest::from_sha256(&hash.finalize());
+                let dest = files_dir.join(d.hex());
+                if dest.exists() || !pending_names.insert(d.hex().to_string()) {
+                    let _ = fs::remove_file(&tmp);
+                } else {
+                    pending.push((tmp, dest));
+                    files_written += 1;
+                    bytes_written += size;
+                }
+                digest = Some(d);
+            }
+            seen.insert(path.clone());
+            entries.push(Entry {
+                path,
+                kind,
+                size,
+                mode,
+                uid: uid.min(u32::MAX as u64) as u32,
+                gid: gid.min(u32::MAX as u64) as u32,
+                mtime,
+                link,
+                dev_major,
+                dev_minor,
+                xattrs,
+                digest,
+                chunks: vec![],
+            });
+        }
+        // Data first, names second: a crash leaves temp files (GC removes them), never a
+        // file under its digest with missing bytes.
+        let dir = File::open(files_dir).map_err(io_err(files_dir))?;
+        nix::unistd::syncfs(&dir).map_err(|e| UnpackError::Io {
+            path: files_dir.to_path_buf(),
+            source: io::Error::from(e),
+        })?;
+        for (tmp, dest) in &pending {
+            fs::rename(tmp, dest).map_err(io_err(dest))?;
+        }
+        dir.sync_all().map_err(io_err(files_dir))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        cleanup(&pending);
+        return Err(e);
+    }
+    Ok(Unpacked {
+        entries,
+        files_written,
+        bytes_written,
+    })
+}
+
+#[derive(Serialize, Deserialize)]
+struct IndexFile {
+    version: u32,
+    entries: Vec<IndexEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct IndexEntry {
+    path: String,
+    kind: String,
+    #[serde(default)]
+    size: u64,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    #[serde(default)]
+    mtime: Option<String>,
+    #[serde(default)]
+    link: String,
+    #[serde(default)]
+    dev: (u32, u32),
+    /// name → base64 value
+    #[serde(default)]
+    xattrs: Vec<(String, String)>,
+    #[serde(default)]
+    digest: Option<String>,
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Dir => "dir",
+        Kind::Reg => "reg",
+        Kind::Symlink => "symlink",
+        Kind::Hardlink => "hardlink",
+        Kind::Char => "char",
+        Kind::Block => "block",
+        Kind::Fifo => "fifo",
+    }
+}
+
+/// The JSON index of a layer's entries.
+pub fn encode_index(entries: &[Entry]) -> Vec<u8> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let file = IndexFile {
+        version: 1,
+        entries: entries
+            .iter()
+            .map(|e| IndexEntry {
+                path: e.path.clone(),
+                kind: kind_name(e.kind).into(),
+                size: e.size,
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                mtime: e.mtime.clone(),
+                link: e.link.clone(),
+                dev: (e.dev_major, e.dev_minor),
+                xattrs: e
+                    .xattrs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), b64.encode(v)))
+                    .collect(),
+                digest: e.digest.as_ref().map(|d| d.to_string()),
+            })
+            .collect(),
+    };
+    // Serialising plain owned data to a Vec cannot fail.
+    serde_json::to_vec(&file).unwrap_or_default()
+}
+
+/// Parse and validate an index written by [`encode_index`].
+pub fn decode_index(bytes: &[u8], limits: &Limits) -> Result<Vec<Entry>, UnpackError> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let file: IndexFile =
+        serde_json::from_slice(bytes).map_err(|e| UnpackError::Index(e.to_string()))?;
+    if file.version != 1 {
+        return Err(UnpackError::Index(format!("version {}", file.version)));
+    }
+    if file.entries.len() > limits.max_entries {
+        return Err(UnpackError::Index("too many entries".into()));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(file.entries.len());
+    for e in file.entries {
+        let bad = |r: String| UnpackError::Index(format!("{:?}: {r}", e.path));
+        let path = clean_path(&e.path).map_err(&bad)?;
+        let kind = match e.kind.as_str() {
+            "dir" => Kind::Dir,
+            "reg" => Kind::Reg,
+            "symlink" => Kind::Symlink,
+            "hardlink" => Kind::Hardlink,
+            "char" => Kind::Char,
+            "block" => Kind::Block,
+            "fifo" => Kind::Fifo,
+            other => return Err(bad(format!("kind {other:?}"))),
+        };
+        if kind == Kind::Hardlink && !seen.contains(&clean_path(&e.link).map_err(&bad)?) {
+            return Err(bad("hardlink to a later entry".into()));
+        }
+        let digest = match (&e.digest, kind) {
+            (Some(d), Kind::Reg) => Some(Digest::parse(d).map_err(|x| bad(x.to_string()))?),
+            (None, Kind::Reg) => return Err(bad("regular file without a digest".into())),
+            _ => None,
+        };
+        let mut xattrs = vec![];
+        for (k, v) in &e.xattrs {
+            xattrs.push((k.clone(), b64.decode(v).map_err(|x| bad(x.to_string()))?));
+        }
+        seen.insert(path.clone());
+        out.push(Entry {
+            path,
+            kind,
+            size: e.size,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            mtime: e.mtime,
+            link: e.link,
+            dev_major: e.dev.0,
+            dev_minor: e.dev.1,
+            xattrs,
+            digest,
+            chunks: vec![],
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    fn header(kind: tar::EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(size);
+        h.set_mode(0o640);
+        h.set_uid(7);
+        h.set_gid(8);
+        h.set_mtime(1_704_067_200);
+        h
+    }
+
+    #[test]
+    fn unpacks_files_once_and_round_trips_the_index() {
+        let data = tar_of(|b| {
+            b.append_data(&mut header(tar::EntryType::Directory, 0), "etc/", &[][..])
+                .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 5),
+                "etc/a",
+                &b"hello"[..],
+            )
+            .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 5),
+                "./etc/b",
+                &b"hello"[..],
+            )
+            .unwrap();
+            let mut l = header(tar::EntryType::Link, 0);
+            b.append_link(&mut l, "etc/c", "etc/a").unwrap();
+            let mut s = header(tar::EntryType::Symlink, 0);
+            b.append_link(&mut s, "etc/s", "../x").unwrap();
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let files = dir.path().join("files");
+        let u = unpack(&data[..], &files, &Limits::default()).unwrap();
+        assert_eq!(u.files_written, 1, "identical contents stored once");
+        let d = Digest::of(b"hello");
+        assert_eq!(fs::read(files.join(d.hex())).unwrap(), b"hello");
+        assert_eq!(u.entries[1].digest.as_ref(), Some(&d));
+        assert_eq!(u.entries[2].path, "etc/b");
+        assert_eq!(u.entries[3].kind, Kind::Hardlink);
+        assert_eq!(u.entries[3].link, "etc/a");
+        assert_eq!(
+            u.entries[4].link, "../x",
+            "symlink targets are kept verbatim"
+        );
+        assert_eq!(u.entries[1].mtime.as_deref(), Some("2024-01-01T00:00:00Z"));
+        let back = decode_index(&encode_index(&u.entries), &Limits::default()).unwrap();
+        assert_eq!(back, u.entries);
+        // Again: nothing new is written.
+        assert_eq!(
+            unpack(&data[..], &files, &Limits::default())
+                .unwrap()
+                .files_written,
+            0
+        );
+        assert_eq!(
+            fs::read_dir(&files).unwrap().count(),
+            1,
+            "no temp files left"
+        );
+    }
+
+    #[test]
+    fn refuses_escapes_and_forward_hardlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        // The tar crate refuses to write `..` paths: patch the name bytes by hand.
+        let mut evil = tar_of(|b| {
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 1),
+                "xx/evil",
+                &b"x"[..],
+            )
+            .unwrap();
+        });
+        evil[..7].copy_from_slice(b"../evil");
+        let mut h = tar::Header::from_byte_slice(&evil[..512]).clone();
+        h.set_cksum();
+        evil[..512].copy_from_slice(h.as_bytes());
+        assert!(matches!(
+            unpack(&evil[..], dir.path(), &Limits::default()),
+            Err(UnpackError::Entry { .. })
+        ));
+        let fwd = tar_of(|b| {
+            let mut l = header(tar::EntryType::Link, 0);
+            b.append_link(&mut l, "a", "b").unwrap();
+        });
+        assert!(unpack(&fwd[..], dir.path(), &Limits::default()).is_err());
+        assert!(
+            fs::read_dir(dir.path()).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".tmp")),
+            "failed unpacks leave no temp files"
+        );
+    }
+}
