@@ -116,6 +116,10 @@ pub struct ServeArgs {
     /// Do not mount the FUSE layer filesystem.
     #[arg(long)]
     pub no_fuse: bool,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. 127.0.0.1:9101
+    /// [default: metrics.listen, off].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
     /// Do not keep credentials received through CRI for later refetches.
     #[arg(long)]
     pub no_persist_credentials: bool,

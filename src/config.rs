@@ -32,9 +32,18 @@ pub struct Config {
     pub fetch: FetchConfig,
     pub gc: GcConfig,
     pub fuse: FuseConfig,
+    pub metrics: MetricsConfig,
     /// docker config.json to read credentials from ("" = $DOCKER_CONFIG or ~/.docker).
     pub docker_config: Option<PathBuf>,
     pub registries: Vec<RegistryEntry>,
+}
+
+/// The opt-in Prometheus endpoint.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `HOST:PORT` to serve `GET /metrics` on; empty = off.
+    pub listen: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -171,6 +180,7 @@ impl Default for Config {
             fetch: FetchConfig::default(),
             gc: GcConfig::default(),
             fuse: FuseConfig::default(),
+            metrics: MetricsConfig::default(),
             docker_config: None,
             registries: vec![],
         }
@@ -267,6 +277,14 @@ impl Config {
             return bad(format!(
                 "fetch.max_parallel {} must be within 1..=256",
                 self.fetch.max_parallel
+            ));
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad(format!(
+                "metrics.listen {:?} must be HOST:PORT with an IP address, e.g. 127.0.0.1:9101",
+                self.metrics.listen
             ));
         }
         if self.fetch.read_ahead_kib > 64 << 10 {

@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod fs;
 pub mod images;
 pub mod layer;
+pub mod metrics;
 pub mod oci;
 pub mod registry;
 pub mod rpc;

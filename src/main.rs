@@ -90,6 +90,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if a.no_fuse {
                 cfg.fuse.enabled = false;
             }
+            if let Some(l) = &a.metrics_listen {
+                cfg.metrics.listen = l.clone();
+            }
         }
         Command::Prefetch(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         _ => {}

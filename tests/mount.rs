@@ -383,7 +383,8 @@ async fn on_demand_ranges_persist_across_restarts_and_the_fill_skips_them() {
         layer["size"].as_u64().unwrap(),
     );
     let hex = digest.trim_start_matches("sha256:").to_string();
-    let mut d = Daemon::start(&["--no-fill"]);
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let mut d = Daemon::start(&["--no-fill", "--metrics-listen", &metrics_addr]);
     let fs = d.fuse_mountpoint().unwrap();
     {
         let mut c = d.client().await;
@@ -414,6 +415,22 @@ async fn on_demand_ranges_persist_across_restarts_and_the_fill_skips_them() {
         after_first < size / 4,
         "one MiB read fetched {after_first} of {size} bytes"
     );
+    // The Prometheus endpoint counts the on-demand fetch.
+    let m = metrics(&metrics_addr);
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{m}"))
+    };
+    assert!(value("lazypull_ondemand_requests_total") >= 1.0, "{m}");
+    assert!(
+        value("lazypull_ondemand_bytes_total") >= (1 << 20) as f64,
+        "{m}"
+    );
+    assert!(value("lazypull_ondemand_fetch_seconds_count") >= 1.0, "{m}");
+    assert!(value("lazypull_images") == 1.0, "{m}");
     // A clean stop records the ranges; with the registry down they are read back locally.
     assert!(d.terminate().success());
     reg.stop();
@@ -599,4 +616,16 @@ async fn plain_layers_mount_from_the_file_cache_with_passthrough() {
         "{s:#}"
     );
     assert!(files > 0);
+}
+
+/// `GET /metrics` from the daemon's Prometheus endpoint.
+fn metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
 }

@@ -131,6 +131,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     });
 
     // The lazy layer filesystem. Without FUSE the daemon still serves CRI and fills layers.
+    let mut fuse_reader = None;
     let fuse = if cfg.fuse.enabled {
         let reader = crate::fs::reader::Reader::new(
             images.layout.clone(),
@@ -141,6 +142,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             cfg.fuse.chunk_cache_mib << 20,
             cfg.fetch.read_ahead_kib << 10,
         );
+        fuse_reader = Some(Arc::clone(&reader));
         let fs = crate::fs::fuse::LayerFs::new(
             images.layout.clone(),
             Arc::clone(&images.db),
@@ -160,6 +162,25 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         }
     } else {
         None
+    };
+    let metrics_stop = CancellationToken::new();
+    let metrics_task = if cfg.metrics.listen.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {}", cfg.metrics.listen))?;
+        tracing::info!(listen = %cfg.metrics.listen, "serving Prometheus metrics at /metrics");
+        let src = Arc::new(crate::metrics::Sources {
+            filler: Arc::clone(&images.filler),
+            reader: fuse_reader.clone(),
+            images: Arc::clone(&images),
+        });
+        Some(tokio::spawn(crate::metrics::serve(
+            listener,
+            src,
+            metrics_stop.clone(),
+        )))
     };
     let svc = CriImages::new(Arc::clone(&images), cfg.cri.pull_mode);
     tracing::info!(socket = %cfg.cri.socket.display(), root = %cfg.root.display(), pull_mode = ?cfg.cri.pull_mode,
@@ -194,6 +215,10 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     // Record the ranges reads fetched since the last flush, so a restart reuses them.
     images.filler.partials().flush_all();
     if let Some(t) = gc_task {
+        let _ = t.await;
+    }
+    metrics_stop.cancel();
+    if let Some(t) = metrics_task {
         let _ = t.await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

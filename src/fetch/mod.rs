@@ -13,9 +13,9 @@ use crate::registry::{OpCreds, Registry, RegistryError};
 use crate::store::partial::WriteError;
 use crate::store::{Catalogue, LayerRecord, LayerState, Layout, PartialBlob, Partials, StoreError};
 use futures_util::StreamExt;
+use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
 use std::fs;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, watch};
@@ -79,12 +79,13 @@ struct Inflight {
     cancel: CancellationToken,
 }
 
-/// Counters exposed by `status` and benchmarks.
+/// Counters exported by the metrics endpoint.
 #[derive(Default)]
 pub struct Stats {
-    pub bytes_fetched: AtomicU64,
-    pub blob_requests: AtomicU64,
-    pub layers_completed: AtomicU64,
+    pub bytes_fetched: Counter,
+    pub blob_requests: Counter,
+    pub layers_completed: Counter,
+    pub layers_failed: Counter,
 }
 
 pub struct Filler {
@@ -308,7 +309,7 @@ impl Filler {
             };
             match result {
                 Ok(()) => {
-                    self.stats.layers_completed.fetch_add(1, Ordering::Relaxed);
+                    self.stats.layers_completed.inc();
                     tracing::info!(
                         layer = digest,
                         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -339,6 +340,7 @@ impl Filler {
                 Err(e) => {
                     let msg = e.to_string();
                     tracing::error!(layer = digest, error = %msg, "fill failed");
+                    self.stats.layers_failed.inc();
                     // Transient failures keep their progress and stay pending (retried at the next
                     // start or pull); verification failures start again from zero.
                     let state = if e.retryable() {
@@ -420,7 +422,7 @@ impl Filler {
             ));
         }
         let limits = Limits::default();
-        self.stats.blob_requests.fetch_add(2, Ordering::Relaxed);
+        self.stats.blob_requests.inc_by(2);
         let tail = self
             .registry
             .fetch_range(
@@ -556,7 +558,7 @@ impl Filler {
             }
             let gap_end = blob.next_start(pos).unwrap_or(layer.size).min(layer.size);
             let creds = self.creds_for(&reference, creds);
-            self.stats.blob_requests.fetch_add(1, Ordering::Relaxed);
+            self.stats.blob_requests.inc();
             let body = self
                 .registry
                 .open_blob(&reference, &digest, pos, Some(gap_end - pos), &creds)
@@ -575,9 +577,7 @@ impl Filler {
                     })?;
                     // A registry ignoring Range sends on to the blob's end: keep only the gap.
                     let want = ((gap_end - start - received) as usize).min(chunk.len());
-                    self.stats
-                        .bytes_fetched
-                        .fetch_add(want as u64, Ordering::Relaxed);
+                    self.stats.bytes_fetched.inc_by(want as u64);
                     block.extend_from_slice(&chunk[..want]);
                     received += want as u64;
                 }

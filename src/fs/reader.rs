@@ -18,10 +18,11 @@ use crate::oci::Digest;
 use crate::registry::{OpCreds, Registry};
 use crate::store::{Catalogue, Layout, PartialBlob, Partials};
 use futures_util::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -62,16 +63,33 @@ impl LazyLayer {
     }
 }
 
-/// Counters for `status` and metrics.
-#[derive(Default)]
+/// Counters and the fetch latency histogram, exported by the metrics endpoint.
 pub struct ReadStats {
-    pub reads: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub local_chunks: AtomicU64,
-    pub fetched_chunks: AtomicU64,
-    pub requests: AtomicU64,
-    pub bytes_fetched: AtomicU64,
-    pub errors: AtomicU64,
+    pub reads: Counter,
+    pub cache_hits: Counter,
+    pub local_chunks: Counter,
+    pub fetched_chunks: Counter,
+    pub requests: Counter,
+    pub bytes_fetched: Counter,
+    pub errors: Counter,
+    /// Seconds from sending an on-demand range request to its last chunk verified.
+    pub fetch_seconds: Histogram,
+}
+
+impl Default for ReadStats {
+    fn default() -> Self {
+        ReadStats {
+            reads: Counter::default(),
+            cache_hits: Counter::default(),
+            local_chunks: Counter::default(),
+            fetched_chunks: Counter::default(),
+            requests: Counter::default(),
+            bytes_fetched: Counter::default(),
+            errors: Counter::default(),
+            // 1 ms .. ~33 s
+            fetch_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+        }
+    }
 }
 
 type ChunkData = Arc<Vec<u8>>;
@@ -179,7 +197,7 @@ impl Reader {
         // Under the inflight lock: a finishing load puts into the cache before it leaves
         // `inflight`, so a chunk is either in one of them or not loaded at all.
         if let Some(d) = self.cache_get(&key) {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            self.stats.cache_hits.inc();
             return Slot::Ready(d);
         }
         let (tx, rx) = watch::channel(None);
@@ -199,7 +217,7 @@ impl Reader {
             self.cache_put(claim.key.clone(), Arc::clone(d));
         }
         if result.is_err() {
-            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            self.stats.errors.inc();
         }
         let _ = claim.tx.send(Some(result));
         lock(&self.inflight).remove(&claim.key);
@@ -213,7 +231,7 @@ impl Reader {
         offset: u64,
         size: u32,
     ) -> Result<Vec<u8>, String> {
-        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats.reads.inc();
         let entry = layer
             .toc
             .entries
@@ -327,7 +345,7 @@ impl Reader {
                 for claim in claims {
                     match this2.load_local(&layer2, &local, &claim) {
                         Some(Ok(d)) => {
-                            this2.stats.local_chunks.fetch_add(1, Ordering::Relaxed);
+                            this2.stats.local_chunks.inc();
                             this2.finish(claim, Ok(Arc::new(d)));
                         }
                         Some(Err(e)) => {
@@ -442,7 +460,7 @@ impl Reader {
                 request: None,
                 persisted,
             };
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.stats.requests.inc();
             let body = self
                 .registry
                 .open_blob(&reference, &layer.digest, start, Some(end - start), &creds)
@@ -461,7 +479,7 @@ impl Reader {
                 let bytes = bytes.map_err(|e| e.to_string())?;
                 let want = ((end - start) as usize - buf.len()).min(bytes.len());
                 buf.extend_from_slice(&bytes[..want]);
-                self.stats.bytes_fetched.fetch_add(want as u64, Ordering::Relaxed);
+                self.stats.bytes_fetched.inc_by(want as u64);
                 // Chunks whose bytes are all in (spans are sorted, so are their ends).
                 let have = start + buf.len() as u64;
                 let ready = run.iter().take_while(|c| c.span.1 <= have).count();
@@ -485,7 +503,7 @@ impl Reader {
                                         Err(e) => tracing::warn!(layer = %p.digest, error = %e, "cannot store a fetched chunk"),
                                     }
                                 }
-                                this.stats.fetched_chunks.fetch_add(1, Ordering::Relaxed);
+                                this.stats.fetched_chunks.inc();
                                 this.finish(claim, Ok(Arc::new(data)));
                             }
                             Err(e) => this.finish(claim, Err(e.to_string())),
@@ -502,6 +520,9 @@ impl Reader {
         .await
         .unwrap_or_else(|_| Err(format!("timed out after {:?}", self.timeout)));
         tracing::debug!(layer = %layer.digest, start, len = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "on-demand fetch");
+        self.stats
+            .fetch_seconds
+            .observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
             tracing::error!(layer = %layer.digest, start, len = end - start, error = %e, "on-demand fetch failed");
         }

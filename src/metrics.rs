@@ -1,0 +1,175 @@
+//! The opt-in Prometheus endpoint (`metrics.listen`, `--metrics-listen`): `GET /metrics` in the
+//! text exposition format (prometheus-client), served with hyper. Counters live where the work
+//! happens (the reader's and the filler's stats); a scrape registers clones of them (they share
+//! their value) plus gauges read at that moment, so nothing is sampled in the background.
+
+use crate::fetch::Filler;
+use crate::fs::reader::ReadStats;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// What a scrape reports.
+pub struct Sources {
+    pub filler: Arc<Filler>,
+    pub reader: Option<Arc<crate::fs::reader::Reader>>,
+    pub images: Arc<crate::images::Images>,
+}
+
+fn reader_metrics(reg: &mut Registry, s: &ReadStats) {
+    reg.register(
+        "lazypull_fuse_reads",
+        "File reads served by the lazy layer filesystem (chunk path)",
+        s.reads.clone(),
+    );
+    reg.register(
+        "lazypull_chunk_cache_hits",
+        "Chunks found decoded in memory",
+        s.cache_hits.clone(),
+    );
+    reg.register(
+        "lazypull_chunks_local",
+        "Chunks decoded from the local blob or partial file",
+        s.local_chunks.clone(),
+    );
+    reg.register(
+        "lazypull_chunks_fetched",
+        "Chunks fetched on demand from the registry and verified",
+        s.fetched_chunks.clone(),
+    );
+    reg.register(
+        "lazypull_ondemand_requests",
+        "Range requests sent for on-demand reads (each may carry several chunks)",
+        s.requests.clone(),
+    );
+    reg.register(
+        "lazypull_ondemand_bytes",
+        "Bytes received for on-demand reads",
+        s.bytes_fetched.clone(),
+    );
+    reg.register(
+        "lazypull_chunk_errors",
+        "Chunks that could not be loaded (fetch, decode or digest errors)",
+        s.errors.clone(),
+    );
+    reg.register(
+        "lazypull_ondemand_fetch_seconds",
+        "Duration of on-demand range requests, until their last chunk was verified",
+        s.fetch_seconds.clone(),
+    );
+}
+
+/// The current metrics in the text format.
+pub fn render(src: &Sources) -> String {
+    let mut reg = Registry::default();
+    if let Some(r) = &src.reader {
+        reader_metrics(&mut reg, &r.stats);
+    }
+    let f = &src.filler.stats;
+    reg.register(
+        "lazypull_fill_bytes",
+        "Bytes the background filler received",
+        f.bytes_fetched.clone(),
+    );
+    reg.register(
+        "lazypull_fill_requests",
+        "Blob requests of the filler (TOC footer and TOC included)",
+        f.blob_requests.clone(),
+    );
+    reg.register(
+        "lazypull_layers_completed",
+        "Layers filled and verified",
+        f.layers_completed.clone(),
+    );
+    reg.register(
+        "lazypull_layers_failed",
+        "Fills that failed for good",
+        f.layers_failed.clone(),
+    );
+    reg.register(
+        "lazypull_fills_in_flight",
+        "Layers being filled now",
+        ConstGauge::new(src.filler.in_flight() as i64),
+    );
+    if let Ok(images) = src.images.list() {
+        let layers: Vec<_> = images.iter().flat_map(|i| i.layers.iter()).collect();
+        reg.register(
+            "lazypull_images",
+            "Images in the store",
+            ConstGauge::new(images.len() as i64),
+        );
+        let (size, local, ondemand) = layers.iter().fold((0, 0, 0), |(s, l, o), x| {
+            (s + x.size, l + x.local_bytes(), o + x.ondemand)
+        });
+        reg.register(
+            "lazypull_layer_bytes",
+            "Compressed size of the layers of all images (shared layers counted per image)",
+            ConstGauge::new(size as i64),
+        );
+        reg.register(
+            "lazypull_layer_local_bytes",
+            "Bytes of those layers present locally",
+            ConstGauge::new(local as i64),
+        );
+        reg.register(
+            "lazypull_layer_ondemand_bytes",
+            "Bytes of those layers that reads fetched on demand (persisted)",
+            ConstGauge::new(ondemand as i64),
+        );
+    }
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &reg);
+    out
+}
+
+/// Serve `GET /metrics` on `listener` until `stop`.
+pub async fn serve(listener: tokio::net::TcpListener, src: Arc<Sources>, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            a = listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                    continue;
+                }
+            },
+            _ = stop.cancelled() => return,
+        };
+        let src = Arc::clone(&src);
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let src = Arc::clone(&src);
+                    async move {
+                        if req.method() == hyper::Method::GET && req.uri().path() == "/metrics" {
+                            let body = tokio::task::spawn_blocking(move || render(&src))
+                                .await
+                                .unwrap_or_default();
+                            hyper::Response::builder()
+                                .header(
+                                    "content-type",
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )
+                                .body(Full::new(Bytes::from(body)))
+                        } else {
+                            hyper::Response::builder()
+                                .status(404)
+                                .body(Full::new(Bytes::from_static(b"only GET /metrics here\n")))
+                        }
+                    }
+                });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection");
+            }
+        });
+    }
+}
