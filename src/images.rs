@@ -76,6 +76,18 @@ pub struct Images {
     gc_lock: tokio::sync::RwLock<()>,
 }
 
+/// A zstd:chunked layer's TOC checksum and position (a malformed pair is logged, and the layer
+/// is then fetched whole like any zstd layer).
+fn zstd_toc(l: &oci::Layer) -> Option<(Digest, crate::layer::zstd_chunked::Position)> {
+    match crate::layer::zstd_chunked::from_annotations(&l.annotations)? {
+        Ok(x) => Some(x),
+        Err(e) => {
+            tracing::warn!(layer = %l.digest, error = %e, "zstd:chunked annotations refused; the layer is fetched whole");
+            None
+        }
+    }
+}
+
 fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
     db.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -232,10 +244,12 @@ impl Images {
                 size: l.size,
                 diff_id: diff,
                 // A malformed annotation only means the layer cannot be lazy.
-                toc_digest: l
-                    .annotations
-                    .get(crate::layer::estargz::TOC_DIGEST_ANNOTATION)
-                    .and_then(|d| Digest::parse(d).ok()),
+                toc_digest: zstd_toc(l).map(|(d, _)| d).or_else(|| {
+                    l.annotations
+                        .get(crate::layer::estargz::TOC_DIGEST_ANNOTATION)
+                        .and_then(|d| Digest::parse(d).ok())
+                }),
+                toc_position: zstd_toc(l).map(|(_, p)| p.encode()),
             })
             .collect();
         let already_local = lock(&self.db)
@@ -382,7 +396,7 @@ impl Images {
 
     /// Content digests of files some unpacked, referenced layer names (its TOC or its index).
     fn referenced_files(&self) -> Result<std::collections::HashSet<String>> {
-        use crate::layer::{estargz, tar};
+        use crate::layer::tar;
         let layers: Vec<crate::store::LayerRecord> = {
             let db = lock(&self.db);
             let mut out = vec![];
@@ -399,14 +413,14 @@ impl Images {
                     .map_err(|e| StoreError::Corrupt(e.to_string()))?
             } else if let (Some(td), Some(off)) = (&l.toc_digest, l.toc_offset) {
                 let d = Digest::parse(td).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                estargz::parse_toc(
+                crate::layer::parse_stored_toc(
                     &self.layout.read_blob(&d)?,
                     &d,
+                    l.toc_position.as_deref(),
                     l.size,
                     off,
-                    &estargz::Limits::default(),
                 )
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?
+                .map_err(StoreError::Corrupt)?
                 .entries
             } else {
                 continue;

@@ -629,3 +629,139 @@ fn metrics(addr: &str) -> String {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     out
 }
+
+/// zstd:chunked images written by Debian's skopeo (an independent implementation, the legacy
+/// `io.containers.*` flavour) mount lazily: the tree equals umoci's unpack of the original, and
+/// a small file of a big layer costs a small fraction of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zstd_chunked_images_from_skopeo_mount_lazily() {
+    if !require_tools() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    let h = reg.host();
+    let tmp = tempfile::tempdir().unwrap();
+    for repo in ["multilayer", "big"] {
+        // Through an uncompressed `dir:` copy, so skopeo recompresses every layer.
+        let dir = tmp.path().join(repo);
+        let st = Command::new("skopeo")
+            .args(["copy", "-q", "--src-tls-verify=false", "--dest-decompress"])
+            .arg(format!("docker://{h}/{repo}:latest"))
+            .arg(format!("dir:{}", dir.display()))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // skopeo's blob-info cache would map the layers back to the gzip blobs in this
+        // registry and reuse them: give it an empty cache (a private tmpfs over its directory).
+        let st = Command::new("unshare")
+            .args(["-m", "sh", "-c"])
+            .arg(format!(
+                "mkdir -p /var/lib/containers/cache && mount -t tmpfs none /var/lib/containers/cache && \
+                 skopeo copy -q --dest-tls-verify=false --dest-compress-format zstd:chunked dir:{} docker://{h}/{repo}:zstdchunked",
+                dir.display()
+            ))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let manifest = raw_manifest(&reg, "big:zstdchunked");
+    let big = &manifest["layers"][1];
+    assert!(
+        big["annotations"]["io.containers.zstd-chunked.manifest-checksum"].is_string(),
+        "skopeo wrote zstd:chunked: {manifest:#}"
+    );
+    let work = tempfile::tempdir().unwrap();
+    // The reference tree: umoci unpack of the original gzip image.
+    let layout = work.path().join("layout");
+    let st = Command::new("skopeo")
+        .args(["copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{h}/multilayer:latest"))
+        .arg(format!("oci:{}:gz", layout.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bundle = work.path().join("bundle");
+    let st = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:gz", layout.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+
+    let d = Daemon::start(&["--no-fill"]);
+    let fs = d.fuse_mountpoint().unwrap();
+    let mut c = d.client().await;
+    let root = work.path().join("root");
+    let name = format!("{h}/multilayer:zstdchunked");
+    pull(&mut c, &name).await.expect("lazy pull");
+    let out = d.cli(&[
+        "mount",
+        "--fuse-mountpoint",
+        fs.to_str().unwrap(),
+        &name,
+        root.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "mount: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    assert_eq!(
+        snapshot(&root),
+        snapshot(&bundle.join("rootfs")),
+        "zstd:chunked tree equals umoci unpack"
+    );
+    let s = d.status_json();
+    assert!(
+        s["images"][0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["toc_position"].is_string()),
+        "{s:#}"
+    );
+    assert!(d.cli(&["umount", root.to_str().unwrap()]).status.success());
+
+    let name = format!("{h}/big:zstdchunked");
+    pull(&mut c, &name).await.expect("lazy pull");
+    let out = d.cli(&[
+        "mount",
+        "--fuse-mountpoint",
+        fs.to_str().unwrap(),
+        &name,
+        root.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = Command::new("chroot")
+        .arg(&root)
+        .args(["/bin/sh", "-c", "busybox wc -c /etc/passwd; ls -l /big"])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(String::from_utf8_lossy(&run.stdout).contains("big.bin"));
+    let (digest, size) = (
+        big["digest"].as_str().unwrap(),
+        big["size"].as_u64().unwrap(),
+    );
+    let (bytes, requests, full) = served(&reg, "big", digest);
+    eprintln!("zstd:chunked big layer: {size} bytes, served {bytes} in {requests} requests");
+    assert!(!full && bytes * 100 < size, "served {bytes} of {size}");
+    // Reading the big file verifies every chunk against its digest.
+    let data = std::fs::read(root.join("big/big.bin")).unwrap();
+    assert_eq!(data.len(), 32 << 20);
+    assert!(d.cli(&["umount", root.to_str().unwrap()]).status.success());
+}

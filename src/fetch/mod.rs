@@ -389,7 +389,7 @@ impl Filler {
     async fn fetch_toc(&self, layer: &LayerRecord, creds: &OpCreds) {
         match self.try_fetch_toc(layer, creds).await {
             Ok((entries, toc_offset)) => {
-                tracing::info!(layer = %layer.digest, entries, "eStargz TOC fetched and verified");
+                tracing::info!(layer = %layer.digest, entries, format = if layer.toc_position.is_some() { "zstd:chunked" } else { "estargz" }, "TOC fetched and verified");
                 if let Err(e) = lock(&self.db).set_toc(&layer.digest, entries, toc_offset) {
                     tracing::error!(layer = %layer.digest, error = %e, "cannot record the TOC");
                 }
@@ -415,6 +415,11 @@ impl Filler {
         let reference = source_reference(&layer.source, &digest)
             .ok_or_else(|| format!("bad source {:?}", layer.source))?;
         let creds = self.creds_for(&reference, creds);
+        if let Some(position) = &layer.toc_position {
+            return self
+                .fetch_zstd_toc(layer, &digest, &toc_digest, position, &reference, &creds)
+                .await;
+        }
         if layer.size < FOOTER_SIZE {
             return Err(format!(
                 "layer of {} bytes cannot hold an eStargz footer",
@@ -486,6 +491,64 @@ impl Filler {
             tracing::warn!(layer = %layer.digest, error = %e, "cannot keep the TOC bytes in the partial file");
         }
         Ok((entries, toc_offset))
+    }
+
+    /// zstd:chunked: the annotations locate the compressed TOC: one range request, verified
+    /// against the checksum before it is decompressed.
+    async fn fetch_zstd_toc(
+        &self,
+        layer: &LayerRecord,
+        digest: &Digest,
+        checksum: &Digest,
+        position: &str,
+        reference: &Reference,
+        creds: &OpCreds,
+    ) -> Result<(u64, u64), String> {
+        use crate::layer::{estargz::Limits, zstd_chunked};
+        let pos = zstd_chunked::Position::parse(position)?;
+        let limits = Limits::default();
+        if pos.length > limits.max_toc_compressed {
+            return Err(format!(
+                "TOC of {} bytes compressed is over the {} byte limit",
+                pos.length, limits.max_toc_compressed
+            ));
+        }
+        if pos.offset + pos.length > layer.size {
+            return Err(format!(
+                "TOC at {}+{} beyond the blob ({} bytes)",
+                pos.offset, pos.length, layer.size
+            ));
+        }
+        self.stats.blob_requests.inc();
+        let compressed = self
+            .registry
+            .fetch_range(reference, digest, pos.offset, pos.length, creds)
+            .await
+            .map_err(|e| e.to_string())?;
+        let compressed = Arc::new(compressed);
+        let (c2, ck, size) = (Arc::clone(&compressed), checksum.clone(), layer.size);
+        let entries = tokio::task::spawn_blocking(move || {
+            zstd_chunked::parse_toc(&c2, &ck, &pos, size, &limits)
+                .map(|t| t.entries.len() as u64)
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        self.layout
+            .put_blob(checksum, &compressed)
+            .map_err(|e| e.to_string())?;
+        let (partials, filled, d2) = (Arc::clone(&self.partials), layer.filled, digest.clone());
+        let stored = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
+            let p = partials.open(&d2, size, filled)?;
+            p.write_missing(pos.offset, &compressed)
+                .map_err(|e| crate::store::io_err(p.path())(e))?;
+            p.flush()
+        })
+        .await;
+        if let Ok(Err(e)) = stored {
+            tracing::warn!(layer = %layer.digest, error = %e, "cannot keep the TOC bytes in the partial file");
+        }
+        Ok((entries, pos.data_end()))
     }
 
     async fn fill_once(&self, digest_str: &str, creds: &OpCreds) -> Result<(), FillError> {

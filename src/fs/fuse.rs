@@ -194,9 +194,13 @@ impl LayerFs {
             .layout
             .read_blob(&toc_digest)
             .map_err(|e| e.to_string())?;
-        let limits = estargz::Limits::default();
-        let toc = estargz::parse_toc(&json, &toc_digest, rec.size, toc_offset, &limits)
-            .map_err(|e| e.to_string())?;
+        let toc = crate::layer::parse_stored_toc(
+            &json,
+            &toc_digest,
+            rec.toc_position.as_deref(),
+            rec.size,
+            toc_offset,
+        )?;
         let tree = Tree::from_entries(&toc.entries).map_err(|e| e.to_string())?;
         Ok(LazyLayer::new(
             rec.digest().map_err(|e| e.to_string())?,

@@ -144,6 +144,9 @@ pub struct RawEntry {
     pub chunk_digest: String,
     #[serde(default)]
     pub inner_offset: i64,
+    /// zstd:chunked: end of the file's last payload frame.
+    #[serde(default)]
+    pub end_offset: i64,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +177,9 @@ pub struct Chunk {
     pub file_offset: u64,
     pub size: u64,
     pub digest: Option<Digest>,
+    /// zstd:chunked: end of this chunk's zstd frame(s) (the chunk is `[offset, end)`, decoded
+    /// with zstd). eStargz (None): the chunk is in a gzip member starting at `offset`.
+    pub end: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -318,6 +324,19 @@ pub fn parse_toc(
             actual,
         });
     }
+    parse_entries(json, actual, blob_size, toc_offset, limits, false)
+}
+
+/// Parse and validate TOC JSON whose authenticity the caller checked (`digest` names it).
+/// `zstd`: the zstd:chunked dialect (explicit `endOffset`, chunks decoded with zstd).
+pub(crate) fn parse_entries(
+    json: &[u8],
+    actual: Digest,
+    blob_size: u64,
+    toc_offset: u64,
+    limits: &Limits,
+    zstd: bool,
+) -> Result<Toc, TocError> {
     if toc_offset >= blob_size {
         return Err(footer_err(format!(
             "TOC offset {toc_offset} beyond the blob ({blob_size} bytes)"
@@ -379,12 +398,28 @@ pub fn parse_toc(
                     format!("chunk offset {offset} out of order or beyond the TOC"),
                 ));
             }
+            // zstd:chunked: the previous chunk ends where this one starts; this one ends where
+            // the file's payload ends (until a further chunk follows).
+            let mut end = None;
+            if let Some(last) = prev.chunks.last_mut()
+                && let Some(file_end) = last.end
+            {
+                if offset <= last.offset || offset >= file_end {
+                    return Err(entry_err(
+                        name,
+                        format!("chunk frame at {offset} outside the file's payload"),
+                    ));
+                }
+                last.end = Some(offset);
+                end = Some(file_end);
+            }
             prev.chunks.push(Chunk {
                 offset,
                 inner_offset,
                 file_offset: chunk_offset,
                 size,
                 digest: opt_digest(name, &r.chunk_digest)?,
+                end,
             });
             continue;
         }
@@ -441,12 +476,28 @@ pub fn parse_toc(
             if first > size {
                 return Err(entry_err(name, "chunk larger than the file"));
             }
+            let end = if zstd {
+                let end = u64::try_from(r.end_offset)
+                    .map_err(|_| entry_err(name, "negative endOffset"))?;
+                if end <= offset || end > toc_offset {
+                    return Err(entry_err(
+                        name,
+                        format!(
+                            "payload {offset}..{end} outside the layer's data (TOC at {toc_offset})"
+                        ),
+                    ));
+                }
+                Some(end)
+            } else {
+                None
+            };
             chunks.push(Chunk {
                 offset,
                 inner_offset,
                 file_offset: 0,
                 size: first,
                 digest: opt_digest(name, &r.chunk_digest)?,
+                end,
             });
         }
         let mut xattrs = Vec::with_capacity(r.xattrs.len());
@@ -478,6 +529,12 @@ pub fn parse_toc(
             digest: opt_digest(name, &r.digest)?,
             chunks,
         });
+    }
+    // A file in one chunk: its digest is the chunk's (zstd:chunked writes no chunkDigest then).
+    for e in &mut entries {
+        if e.chunks.len() == 1 && e.chunks[0].digest.is_none() && e.chunks[0].size == e.size {
+            e.chunks[0].digest = e.digest.clone();
+        }
     }
     // Every regular file's chunks must cover it exactly.
     let mut seen_members = HashSet::new();
@@ -527,6 +584,9 @@ impl Spans {
 
     /// The compressed byte range `[start, end)` to fetch for a chunk.
     pub fn span(&self, chunk: &Chunk) -> (u64, u64) {
+        if let Some(end) = chunk.end {
+            return (chunk.offset, end);
+        }
         let next = match self.starts.binary_search(&chunk.offset) {
             Ok(i) => self.starts.get(i + 1),
             Err(i) => self.starts.get(i),
@@ -564,7 +624,13 @@ pub fn decode_chunk(compressed: &[u8], chunk: &Chunk) -> Result<Vec<u8>, ChunkEr
         offset: chunk.offset,
         reason,
     };
-    let mut dec = flate2::read::GzDecoder::new(compressed);
+    let mut dec: Box<dyn Read + '_> = if chunk.end.is_some() {
+        Box::new(
+            zstd::stream::read::Decoder::with_buffer(compressed).map_err(|e| err(e.to_string()))?,
+        )
+    } else {
+        Box::new(flate2::read::GzDecoder::new(compressed))
+    };
     if chunk.inner_offset > 0 {
         std::io::copy(
             &mut (&mut dec).take(chunk.inner_offset),

@@ -12,7 +12,7 @@ use std::time::Duration;
 const SCHEMA_VERSION: i64 = 3;
 
 /// Columns of a layer row, in the order `layer_from_row` reads them.
-const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset, l.ondemand, l.unpacked, l.index_digest";
+const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset, l.ondemand, l.unpacked, l.index_digest, l.toc_position";
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS images (
@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS layers (
     toc_offset INTEGER,                  -- where the TOC member starts in the blob
     ondemand INTEGER NOT NULL DEFAULT 0, -- bytes fetched on demand by reads (not by the filler)
     unpacked INTEGER NOT NULL DEFAULT 0, -- files of the complete layer are in files/sha256
-    index_digest TEXT                    -- layers without TOC: JSON file index (a blob)
+    index_digest TEXT,                   -- layers without TOC: JSON file index (a blob)
+    toc_position TEXT                    -- zstd:chunked: offset:length:uncompressed:1 of the TOC
 );
 CREATE TABLE IF NOT EXISTS image_layers (
     image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -119,13 +120,19 @@ pub struct LayerRecord {
     pub unpacked: bool,
     /// Layers without a TOC: digest of the file index written when they were unpacked.
     pub index_digest: Option<String>,
+    /// zstd:chunked: where the compressed TOC is (`toc_digest` is then its checksum).
+    pub toc_position: Option<String>,
 }
 
 impl LayerRecord {
     /// The layer's format for display: `estargz` once its TOC is verified.
     pub fn format(&self) -> &'static str {
         if self.toc_entries.is_some() {
-            return "estargz";
+            return if self.toc_position.is_some() {
+                "zstd:chunked"
+            } else {
+                "estargz"
+            };
         }
         crate::oci::Compression::from_media_type(&self.media_type)
             .map(|c| c.name())
@@ -188,6 +195,8 @@ pub struct NewLayer<'a> {
     pub size: u64,
     pub diff_id: &'a Digest,
     pub toc_digest: Option<Digest>,
+    /// zstd:chunked TOC position (with `toc_digest` its checksum).
+    pub toc_position: Option<String>,
 }
 
 /// What a pull records.
@@ -236,6 +245,7 @@ impl Catalogue {
             ("ondemand", "INTEGER NOT NULL DEFAULT 0"),
             ("unpacked", "INTEGER NOT NULL DEFAULT 0"),
             ("index_digest", "TEXT"),
+            ("toc_position", "TEXT"),
         ] {
             let has: bool = conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM pragma_table_info('layers') WHERE name = ?1)",
@@ -292,10 +302,11 @@ impl Catalogue {
         )?;
         for (idx, l) in img.layers.iter().enumerate() {
             tx.execute(
-                "INSERT INTO layers (digest, media_type, size, diff_id, source, state, toc_digest) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6)
+                "INSERT INTO layers (digest, media_type, size, diff_id, source, state, toc_digest, toc_position) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7)
                  ON CONFLICT(digest) DO UPDATE SET state = CASE WHEN layers.state = 'failed' THEN 'pending' ELSE layers.state END,
-                    source = excluded.source, error = NULL, toc_digest = COALESCE(layers.toc_digest, excluded.toc_digest)",
-                params![l.digest.as_str(), l.media_type, l.size as i64, l.diff_id.as_str(), img.source, l.toc_digest.as_ref().map(|d| d.as_str())],
+                    source = excluded.source, error = NULL, toc_digest = COALESCE(layers.toc_digest, excluded.toc_digest),
+                    toc_position = COALESCE(layers.toc_position, excluded.toc_position)",
+                params![l.digest.as_str(), l.media_type, l.size as i64, l.diff_id.as_str(), img.source, l.toc_digest.as_ref().map(|d| d.as_str()), l.toc_position],
             )?;
             tx.execute(
                 "INSERT OR REPLACE INTO image_layers (image_id, idx, digest) VALUES (?1, ?2, ?3)",
@@ -654,6 +665,7 @@ fn layer_from_row(r: &rusqlite::Row) -> rusqlite::Result<Result<LayerRecord>> {
         ondemand: r.get::<_, i64>(12).unwrap_or_default().max(0) as u64,
         unpacked: r.get::<_, i64>(13).unwrap_or_default() != 0,
         index_digest: r.get(14).unwrap_or_default(),
+        toc_position: r.get(15).unwrap_or_default(),
     }))
 }
 
@@ -683,6 +695,7 @@ mod tests {
                     size: 5,
                     diff_id: l,
                     toc_digest: None,
+                    toc_position: None,
                 })
                 .collect(),
             names,
