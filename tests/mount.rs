@@ -764,4 +764,31 @@ async fn zstd_chunked_images_from_skopeo_mount_lazily() {
     let data = std::fs::read(root.join("big/big.bin")).unwrap();
     assert_eq!(data.len(), 32 << 20);
     assert!(d.cli(&["umount", root.to_str().unwrap()]).status.success());
+    // With the filler on, the layers complete: blob digest and diff_id verify (the skippable
+    // frames decode to nothing), and the files are unpacked.
+    drop(c);
+    let mut d = d;
+    d.kill9();
+    d.restart_with(&[]);
+    d.wait_complete(std::time::Duration::from_secs(120));
+    let started = std::time::Instant::now();
+    loop {
+        // Unpacking follows completion.
+        let s = d.status_json();
+        let all = s["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|i| i["layers"].as_array().unwrap())
+            .all(|l| l["unpacked"] == true);
+        if all {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{s:#}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
