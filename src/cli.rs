@@ -116,6 +116,14 @@ pub struct ServeArgs {
     /// Do not mount the FUSE layer filesystem.
     #[arg(long)]
     pub no_fuse: bool,
+    /// On-demand reads also fetch the file's next chunks, up to this many KiB
+    /// [default: fetch.read_ahead_kib, 1024].
+    #[arg(long, value_name = "KIB")]
+    pub read_ahead_kib: Option<u64>,
+    /// On-demand reads also fetch the files that follow in the layer, up to this many KiB
+    /// (0 = off) [default: fetch.read_ahead_neighbours_kib, 256].
+    #[arg(long, value_name = "KIB")]
+    pub read_ahead_neighbours_kib: Option<u64>,
     /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. 127.0.0.1:9101
     /// [default: metrics.listen, off].
     #[arg(long, value_name = "HOST:PORT")]

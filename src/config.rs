@@ -86,6 +86,9 @@ pub struct FetchConfig {
     /// A read that must go to the registry also fetches the file's next chunks, up to this
     /// many KiB, in the same request (the reply does not wait for them).
     pub read_ahead_kib: u64,
+    /// ... and the chunks of the files that follow in the blob, up to this many KiB past the
+    /// end of the fetched span (files of a directory are neighbours in the tar).
+    pub read_ahead_neighbours_kib: u64,
     pub fill: FillConfig,
 }
 
@@ -214,6 +217,7 @@ impl Default for FetchConfig {
             read_timeout: Duration::from_secs(30),
             retries: 3,
             read_ahead_kib: 1024,
+            read_ahead_neighbours_kib: 256,
             fill: FillConfig { enabled: true },
         }
     }
@@ -285,6 +289,12 @@ impl Config {
             return bad(format!(
                 "metrics.listen {:?} must be HOST:PORT with an IP address, e.g. 127.0.0.1:9101",
                 self.metrics.listen
+            ));
+        }
+        if self.fetch.read_ahead_neighbours_kib > 64 << 10 {
+            return bad(format!(
+                "fetch.read_ahead_neighbours_kib {} must be at most 65536 (64 MiB)",
+                self.fetch.read_ahead_neighbours_kib
             ));
         }
         if self.fetch.read_ahead_kib > 64 << 10 {

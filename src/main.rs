@@ -90,6 +90,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if a.no_fuse {
                 cfg.fuse.enabled = false;
             }
+            if let Some(k) = a.read_ahead_kib {
+                cfg.fetch.read_ahead_kib = k;
+            }
+            if let Some(k) = a.read_ahead_neighbours_kib {
+                cfg.fetch.read_ahead_neighbours_kib = k;
+            }
             if let Some(l) = &a.metrics_listen {
                 cfg.metrics.listen = l.clone();
             }

@@ -74,25 +74,8 @@ async fn chroot_into_a_lazily_mounted_estargz_image() {
         d.log_text()
     );
     assert!(mounted(&root));
-    let run = Command::new("chroot")
-        .arg(&root)
-        .args(["/bin/sh", "-c", "cat /data/layer3.txt; ls /data; busybox sha256sum /data/random.bin; busybox grep ^app: /etc/passwd"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "chroot: {}\n{stdout}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let mut lines = stdout.lines();
-    assert_eq!(lines.next(), Some("hello from layer 3"));
-    assert_eq!(
-        lines.next(),
-        Some("layer3.txt"),
-        "whiteout hides small.txt:\n{stdout}"
-    );
-    assert_eq!(lines.next(), Some("random.bin"));
+    let (stdout, rest) = chroot_multilayer(&root, "busybox grep ^app: /etc/passwd");
+    let mut lines = rest.iter().map(String::as_str);
     let sum = lines
         .next()
         .unwrap_or_default()
@@ -266,26 +249,7 @@ async fn mounted_tree_equals_umoci_unpack_and_survives_registry_loss_and_kill9()
     let h = reg.host();
     let name = format!("{h}/multilayer:esgz");
     // The reference tree: umoci unpack of the same image (an independent implementation).
-    let layout = work.path().join("layout");
-    let st = Command::new("skopeo")
-        .args(["copy", "-q", "--src-tls-verify=false"])
-        .arg(format!("docker://{name}"))
-        .arg(format!("oci:{}:esgz", layout.display()))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let bundle = work.path().join("bundle");
-    let st = Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:esgz", layout.display()))
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "umoci unpack: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    let bundle = umoci_unpack(&name, work.path());
     // eStargz's own files (the TOC and the landmark) are tar entries to umoci; lazy mounts hide them.
     let want: Vec<String> = snapshot(&bundle.join("rootfs"))
         .into_iter()
@@ -532,50 +496,9 @@ async fn plain_layers_mount_from_the_file_cache_with_passthrough() {
         String::from_utf8_lossy(&out.stderr),
         d.log_text()
     );
-    let run = Command::new("chroot")
-        .arg(&root)
-        .args([
-            "/bin/sh",
-            "-c",
-            "cat /data/layer3.txt; ls /data; busybox sha256sum /data/random.bin",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let mut lines = stdout.lines();
-    assert_eq!(lines.next(), Some("hello from layer 3"));
-    assert_eq!(
-        lines.next(),
-        Some("layer3.txt"),
-        "whiteout applies: {stdout}"
-    );
-    assert_eq!(lines.next(), Some("random.bin"));
+    chroot_multilayer(&root, "true");
     // The same tree as umoci unpack of the image.
-    let layout = work.path().join("layout");
-    let st = Command::new("skopeo")
-        .args(["copy", "-q", "--src-tls-verify=false"])
-        .arg(format!("docker://{name}"))
-        .arg(format!("oci:{}:plain", layout.display()))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let bundle = work.path().join("bundle");
-    let st = Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:plain", layout.display()))
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    let bundle = umoci_unpack(&name, work.path());
     let out = d.cli(&["umount", root.to_str().unwrap()]);
     assert!(out.status.success());
     let out = d.cli(&[
@@ -672,26 +595,7 @@ async fn zstd_chunked_images_from_skopeo_mount_lazily() {
     );
     let work = tempfile::tempdir().unwrap();
     // The reference tree: umoci unpack of the original gzip image.
-    let layout = work.path().join("layout");
-    let st = Command::new("skopeo")
-        .args(["copy", "-q", "--src-tls-verify=false"])
-        .arg(format!("docker://{h}/multilayer:latest"))
-        .arg(format!("oci:{}:gz", layout.display()))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let bundle = work.path().join("bundle");
-    let st = Command::new("umoci")
-        .args(["unpack", "--image"])
-        .arg(format!("{}:gz", layout.display()))
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    let bundle = umoci_unpack(&format!("{h}/multilayer:latest"), work.path());
 
     let d = Daemon::start(&["--no-fill"]);
     let fs = d.fuse_mountpoint().unwrap();
@@ -791,4 +695,68 @@ async fn zstd_chunked_images_from_skopeo_mount_lazily() {
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+}
+
+/// The reference tree of an image in a registry: skopeo to an OCI layout, `umoci unpack`
+/// (an independent implementation). Returns the bundle (its tree is `rootfs/`).
+fn umoci_unpack(name: &str, work: &std::path::Path) -> std::path::PathBuf {
+    let layout = work.join("layout");
+    let st = Command::new("skopeo")
+        .args(["copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{name}"))
+        .arg(format!("oci:{}:ref", layout.display()))
+        .status()
+        .unwrap();
+    assert!(st.success(), "skopeo copy {name}");
+    let bundle = work.join("bundle");
+    let st = Command::new("umoci")
+        .args(["unpack", "--image"])
+        .arg(format!("{}:ref", layout.display()))
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "umoci unpack: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    bundle
+}
+
+/// Run the multilayer fixture's checks by chroot in `root` (layer 3's file, the whiteout that
+/// hides small.txt, random.bin's checksum), then `extra`. Returns stdout and the lines after
+/// the `ls`, starting with the checksum line.
+fn chroot_multilayer(root: &std::path::Path, extra: &str) -> (String, Vec<String>) {
+    let run = Command::new("chroot")
+        .arg(root)
+        .args(["/bin/sh", "-c"])
+        .arg(format!(
+            "cat /data/layer3.txt; ls /data; busybox sha256sum /data/random.bin; {extra}"
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
+    assert!(
+        run.status.success(),
+        "chroot: {}\n{stdout}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let lines: Vec<String> = stdout.lines().map(String::from).collect();
+    assert_eq!(
+        lines.first().map(String::as_str),
+        Some("hello from layer 3"),
+        "{stdout}"
+    );
+    assert_eq!(
+        lines.get(1).map(String::as_str),
+        Some("layer3.txt"),
+        "whiteout hides small.txt: {stdout}"
+    );
+    assert_eq!(
+        lines.get(2).map(String::as_str),
+        Some("random.bin"),
+        "{stdout}"
+    );
+    let rest = lines[3..].to_vec();
+    (stdout, rest)
 }

@@ -138,9 +138,12 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             Arc::clone(&images.db),
             Arc::clone(&images.registry),
             Arc::clone(images.filler.partials()),
-            cfg.fuse.read_timeout,
-            cfg.fuse.chunk_cache_mib << 20,
-            cfg.fetch.read_ahead_kib << 10,
+            crate::fs::reader::ReadOptions {
+                timeout: cfg.fuse.read_timeout,
+                cache_bytes: cfg.fuse.chunk_cache_mib << 20,
+                read_ahead: cfg.fetch.read_ahead_kib << 10,
+                neighbours: cfg.fetch.read_ahead_neighbours_kib << 10,
+            },
         );
         fuse_reader = Some(Arc::clone(&reader));
         let fs = crate::fs::fuse::LayerFs::new(

@@ -46,11 +46,26 @@ pub struct LazyLayer {
     pub tree: Tree,
     /// The complete blob, opened once it exists.
     blob: OnceLock<Arc<File>>,
+    /// Every chunk by its position in the blob: (offset, entry index, chunk index).
+    by_offset: Vec<(u64, u32, u32)>,
 }
 
 impl LazyLayer {
     pub fn new(digest: Digest, source: String, size: u64, toc: Toc, tree: Tree) -> Self {
         let spans = Spans::new(&toc);
+        let mut by_offset: Vec<(u64, u32, u32)> = toc
+            .entries
+            .iter()
+            .enumerate()
+            .flat_map(|(e, entry)| {
+                entry
+                    .chunks
+                    .iter()
+                    .enumerate()
+                    .map(move |(c, ch)| (ch.offset, e as u32, c as u32))
+            })
+            .collect();
+        by_offset.sort_unstable();
         LazyLayer {
             digest,
             source,
@@ -59,6 +74,7 @@ impl LazyLayer {
             spans,
             tree,
             blob: OnceLock::new(),
+            by_offset,
         }
     }
 }
@@ -125,6 +141,7 @@ pub struct Reader {
     partials: Arc<Partials>,
     timeout: Duration,
     read_ahead: u64,
+    neighbours: u64,
     lru: Mutex<(lru::LruCache<String, ChunkData>, usize)>,
     budget: usize,
     inflight: Mutex<HashMap<String, Waiter>>,
@@ -143,17 +160,35 @@ fn key_of(layer: &Digest, c: &Chunk) -> String {
         .unwrap_or_else(|| format!("{layer}@{}+{}", c.offset, c.inner_offset))
 }
 
+/// Tuning of the read path (from `fuse.*` and `fetch.*`).
+#[derive(Clone, Copy, Debug)]
+pub struct ReadOptions {
+    /// A read needing the network fails after this long.
+    pub timeout: Duration,
+    /// Memory for decoded chunks.
+    pub cache_bytes: usize,
+    /// The file's next chunks fetched with a miss.
+    pub read_ahead: u64,
+    /// Bytes of the following files fetched with a miss.
+    pub neighbours: u64,
+}
+
 impl Reader {
     pub fn new(
         layout: Layout,
         db: Arc<Mutex<Catalogue>>,
         registry: Arc<Registry>,
         partials: Arc<Partials>,
-        timeout: Duration,
-        cache_bytes: usize,
-        read_ahead: u64,
+        opts: ReadOptions,
     ) -> Arc<Self> {
+        let ReadOptions {
+            timeout,
+            cache_bytes,
+            read_ahead,
+            neighbours,
+        } = opts;
         Arc::new(Reader {
+            neighbours,
             layout,
             db,
             registry,
@@ -277,6 +312,35 @@ impl Reader {
                 }
                 budget -= c.size;
                 let _ = self.slot(layer, c, true, &mut claims);
+            }
+        }
+        // Neighbours: chunks of the files that follow in the blob (often the same directory, read
+        // next), when this read goes to the registry anyway. Stored on disk, not kept in memory.
+        if self.neighbours > 0
+            && layer.blob.get().is_none()
+            && let Some(anchor) = claims.iter().map(|c| c.span.1).max()
+        {
+            let partial = self.partials.get(&layer.digest);
+            let from = layer.by_offset.partition_point(|&(o, _, _)| o < anchor);
+            for &(o, e, c) in &layer.by_offset[from..] {
+                if o >= anchor + self.neighbours {
+                    break;
+                }
+                let Some(chunk) = layer
+                    .toc
+                    .entries
+                    .get(e as usize)
+                    .and_then(|e| e.chunks.get(c as usize))
+                else {
+                    continue;
+                };
+                let (s, end) = layer.spans.span(chunk);
+                if end > anchor + self.neighbours
+                    || partial.as_ref().is_some_and(|p| p.contains(s, end))
+                {
+                    continue;
+                }
+                let _ = self.slot(layer, chunk, false, &mut claims);
             }
         }
         if !claims.is_empty() {

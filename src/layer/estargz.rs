@@ -166,6 +166,31 @@ pub enum Kind {
     Fifo,
 }
 
+const KIND_NAMES: [(Kind, &str); 7] = [
+    (Kind::Dir, "dir"),
+    (Kind::Reg, "reg"),
+    (Kind::Symlink, "symlink"),
+    (Kind::Hardlink, "hardlink"),
+    (Kind::Char, "char"),
+    (Kind::Block, "block"),
+    (Kind::Fifo, "fifo"),
+];
+
+impl Kind {
+    /// The TOC's `type` name (also used by the file index of unpacked layers).
+    pub fn name(self) -> &'static str {
+        KIND_NAMES
+            .iter()
+            .find(|(k, _)| *k == self)
+            .map(|(_, n)| *n)
+            .unwrap_or("?")
+    }
+
+    pub fn from_name(name: &str) -> Option<Kind> {
+        KIND_NAMES.iter().find(|(_, n)| *n == name).map(|(k, _)| *k)
+    }
+}
+
 /// One piece of a regular file's payload.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Chunk {
@@ -424,16 +449,8 @@ pub(crate) fn parse_entries(
             continue;
         }
         let path = clean_path(name).map_err(|e| entry_err(name, e))?;
-        let kind = match r.kind.as_str() {
-            "dir" => Kind::Dir,
-            "reg" => Kind::Reg,
-            "symlink" => Kind::Symlink,
-            "hardlink" => Kind::Hardlink,
-            "char" => Kind::Char,
-            "block" => Kind::Block,
-            "fifo" => Kind::Fifo,
-            other => return Err(entry_err(name, format!("unknown type {other:?}"))),
-        };
+        let kind = Kind::from_name(&r.kind)
+            .ok_or_else(|| entry_err(name, format!("unknown type {:?}", r.kind)))?;
         let size = u64::try_from(r.size).map_err(|_| entry_err(name, "negative size"))?;
         let mut link = String::new();
         match kind {

@@ -276,18 +276,6 @@ struct IndexEntry {
     digest: Option<String>,
 }
 
-fn kind_name(k: Kind) -> &'static str {
-    match k {
-        Kind::Dir => "dir",
-        Kind::Reg => "reg",
-        Kind::Symlink => "symlink",
-        Kind::Hardlink => "hardlink",
-        Kind::Char => "char",
-        Kind::Block => "block",
-        Kind::Fifo => "fifo",
-    }
-}
-
 /// The JSON index of a layer's entries.
 pub fn encode_index(entries: &[Entry]) -> Vec<u8> {
     let b64 = base64::engine::general_purpose::STANDARD;
@@ -297,7 +285,7 @@ pub fn encode_index(entries: &[Entry]) -> Vec<u8> {
             .iter()
             .map(|e| IndexEntry {
                 path: e.path.clone(),
-                kind: kind_name(e.kind).into(),
+                kind: e.kind.name().into(),
                 size: e.size,
                 mode: e.mode,
                 uid: e.uid,
@@ -334,16 +322,7 @@ pub fn decode_index(bytes: &[u8], limits: &Limits) -> Result<Vec<Entry>, UnpackE
     for e in file.entries {
         let bad = |r: String| UnpackError::Index(format!("{:?}: {r}", e.path));
         let path = clean_path(&e.path).map_err(&bad)?;
-        let kind = match e.kind.as_str() {
-            "dir" => Kind::Dir,
-            "reg" => Kind::Reg,
-            "symlink" => Kind::Symlink,
-            "hardlink" => Kind::Hardlink,
-            "char" => Kind::Char,
-            "block" => Kind::Block,
-            "fifo" => Kind::Fifo,
-            other => return Err(bad(format!("kind {other:?}"))),
-        };
+        let kind = Kind::from_name(&e.kind).ok_or_else(|| bad(format!("kind {:?}", e.kind)))?;
         if kind == Kind::Hardlink && !seen.contains(&clean_path(&e.link).map_err(&bad)?) {
             return Err(bad("hardlink to a later entry".into()));
         }
