@@ -760,3 +760,76 @@ fn chroot_multilayer(root: &std::path::Path, extra: &str) -> (String, Vec<String
     let rest = lines[3..].to_vec();
     (stdout, rest)
 }
+
+/// Files a converter prioritised (before `.prefetch.landmark`) are fetched as soon as the layer
+/// is mounted, before anything reads them: with the registry gone they are still readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_before_the_prefetch_landmark_are_fetched_at_mount() {
+    if !require_tools() || !Containerd::available() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let mut reg = Registry::with_fixtures(None);
+    let work = tempfile::tempdir().unwrap();
+    // ctr-remote's record format: JSON entries with the paths a workload opened.
+    let record = work.path().join("record.json");
+    std::fs::write(&record, "{\"path\":\"data/random.bin\"}\n").unwrap();
+    let ctd = Containerd::start(&[reg.host()]);
+    if !ctr_remote_convert_with(
+        &reg,
+        &ctd,
+        "multilayer:latest",
+        "multilayer:prefetch",
+        &["--estargz-record-in", record.to_str().unwrap()],
+    ) {
+        return;
+    }
+    drop(ctd);
+    let d = Daemon::start(&["--no-fill"]);
+    let fs = d.fuse_mountpoint().unwrap();
+    let name = format!("{}/multilayer:prefetch", reg.host());
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &name).await.expect("lazy pull");
+    }
+    let root = work.path().join("root");
+    let out = d.cli(&[
+        "mount",
+        "--fuse-mountpoint",
+        fs.to_str().unwrap(),
+        &name,
+        root.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The layer holding random.bin has a landmark after it: its bytes arrive unasked.
+    let started = std::time::Instant::now();
+    loop {
+        let s = d.status_json();
+        let prefetched = s["images"][0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["ondemand"].as_u64().unwrap_or(0) >= 1 << 20);
+        if prefetched {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "nothing prefetched: {s:#}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        d.log_text()
+            .contains("prefetching files before the landmark")
+    );
+    reg.stop();
+    let data = std::fs::read(root.join("data/random.bin"))
+        .expect("prefetched file readable with the registry down");
+    assert_eq!(data.len(), 2 << 20);
+    assert!(d.cli(&["umount", root.to_str().unwrap()]).status.success());
+}

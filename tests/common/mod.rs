@@ -1149,6 +1149,17 @@ impl RedirectingRegistry {
 /// Convert `REG/src` to eStargz with Debian's `ctr-remote` (an independent implementation)
 /// through `ctd`, and push it as `REG/dst`. False (with the reason printed) when unavailable.
 pub fn ctr_remote_convert(reg: &Registry, ctd: &Containerd, src: &str, dst: &str) -> bool {
+    ctr_remote_convert_with(reg, ctd, src, dst, &[])
+}
+
+/// Like [`ctr_remote_convert`], with extra `convert` flags (e.g. `--estargz-record-in FILE`).
+pub fn ctr_remote_convert_with(
+    reg: &Registry,
+    ctd: &Containerd,
+    src: &str,
+    dst: &str,
+    extra: &[&str],
+) -> bool {
     let ok = Command::new("sh")
         .arg("-c")
         .arg("command -v ctr-remote")
@@ -1173,9 +1184,11 @@ pub fn ctr_remote_convert(reg: &Registry, ctd: &Containerd, src: &str, dst: &str
             "convert".into(),
             "--estargz".into(),
             "--oci".into(),
-            format!("{h}/{src}"),
-            format!("{h}/{dst}"),
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|s| s.to_string()))
+        .chain([format!("{h}/{src}"), format!("{h}/{dst}")])
+        .collect(),
         vec![
             "images".into(),
             "push".into(),
