@@ -120,12 +120,10 @@ impl Images {
     }
 
     fn op_creds(&self, registry: &str, request: Option<Secret>) -> OpCreds {
-        let persisted = lock(&self.db)
-            .credential(registry)
-            .ok()
-            .flatten()
-            .and_then(|s| serde_json::from_str(&s).ok());
-        OpCreds { request, persisted }
+        OpCreds {
+            request,
+            persisted: crate::fetch::persisted_secret(&self.db, registry),
+        }
     }
 
     /// Pull `reference`. Returns the image id (config digest).

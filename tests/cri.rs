@@ -303,36 +303,12 @@ async fn basic_auth_registry_and_credential_sources() {
         "names registry and source: {}",
         e.message()
     );
-    let auth = cri::AuthConfig {
-        username: "alice".into(),
-        password: "wrong".into(),
-        ..Default::default()
-    };
-    let e = c
-        .pull_image(cri::PullImageRequest {
-            image: spec(&name),
-            auth: Some(auth),
-            sandbox_config: None,
-        })
-        .await
-        .unwrap_err();
+    let e = pull_as(&mut c, &name, "alice", "wrong").await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().contains("AuthConfig"), "{}", e.message());
-    let auth = cri::AuthConfig {
-        username: "alice".into(),
-        password: "s3cret".into(),
-        ..Default::default()
-    };
-    let id = c
-        .pull_image(cri::PullImageRequest {
-            image: spec(&name),
-            auth: Some(auth),
-            sandbox_config: None,
-        })
+    let id = pull_as(&mut c, &name, "alice", "s3cret")
         .await
-        .expect("pull with AuthConfig")
-        .into_inner()
-        .image_ref;
+        .expect("pull with AuthConfig");
     d.wait_complete(Duration::from_secs(30));
     assert!(!d.log_text().contains("s3cret"), "credentials never logged");
     drop(d);
@@ -446,21 +422,9 @@ async fn bearer_token_registry() {
     let e = pull(&mut c, &name).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     let before = issuer.requests.load(std::sync::atomic::Ordering::SeqCst);
-    let auth = cri::AuthConfig {
-        username: "alice".into(),
-        password: "s3cret".into(),
-        ..Default::default()
-    };
-    let id = c
-        .pull_image(cri::PullImageRequest {
-            image: spec(&name),
-            auth: Some(auth),
-            sandbox_config: None,
-        })
+    let id = pull_as(&mut c, &name, "alice", "s3cret")
         .await
-        .expect("pull with a bearer token")
-        .into_inner()
-        .image_ref;
+        .expect("pull with a bearer token");
     assert_eq!(id, config_digest(&open, "multilayer"));
     d.wait_complete(Duration::from_secs(60));
     let tokens = issuer.requests.load(std::sync::atomic::Ordering::SeqCst) - before;

@@ -60,19 +60,7 @@ async fn chroot_into_a_lazily_mounted_estargz_image() {
     let name = format!("{h}/multilayer:esgz");
     pull(&mut c, &name).await.expect("lazy pull");
     let root = work.path().join("root");
-    let out = d.cli(&[
-        "mount",
-        "--fuse-mountpoint",
-        fs.to_str().unwrap(),
-        &name,
-        root.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "mount: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        d.log_text()
-    );
+    mount_image(&d, &name, &root, &[]);
     assert!(mounted(&root));
     let (stdout, rest) = chroot_multilayer(&root, "busybox grep ^app: /etc/passwd");
     let mut lines = rest.iter().map(String::as_str);
@@ -128,19 +116,11 @@ async fn chroot_into_a_lazily_mounted_estargz_image() {
     // Laziness: a small file of a 32 MiB image costs a small fraction of the blob.
     let name = format!("{h}/big:esgz");
     pull(&mut c, &name).await.expect("lazy pull");
-    let out = d.cli(&[
-        "mount",
-        "--fuse-mountpoint",
-        fs.to_str().unwrap(),
+    mount_image(
+        &d,
         &name,
-        root.to_str().unwrap(),
-        "--upper",
-        work.path().join("upper").to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "mount: {}",
-        String::from_utf8_lossy(&out.stderr)
+        &root,
+        &["--upper", work.path().join("upper").to_str().unwrap()],
     );
     let run = Command::new("chroot")
         .arg(&root)
@@ -261,34 +241,12 @@ async fn mounted_tree_equals_umoci_unpack_and_survives_registry_loss_and_kill9()
         .collect();
 
     let mut d = Daemon::start(&[]);
-    let fs = d.fuse_mountpoint().unwrap();
     {
         let mut c = d.client().await;
         pull(&mut c, &name).await.expect("lazy pull");
     }
     let root = work.path().join("root");
-    let mount = |d: &Daemon| {
-        let out = d.cli(&[
-            "mount",
-            "--fuse-mountpoint",
-            fs.to_str().unwrap(),
-            &name,
-            root.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "mount: {} {} {:?}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            String::from_utf8_lossy(&out.stdout),
-            out.status,
-            d.log_text()
-                .lines()
-                .rev()
-                .take(15)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-    };
+    let mount = |d: &Daemon| mount_image(d, &name, &root, &[]);
     mount(&d);
     let got = snapshot(&root);
     assert_eq!(got, want, "lazily mounted tree equals umoci unpack");
@@ -474,41 +432,24 @@ async fn plain_layers_mount_from_the_file_cache_with_passthrough() {
     let reg = Registry::with_fixtures(None);
     let work = tempfile::tempdir().unwrap();
     let d = Daemon::start(&[]);
-    let fs = d.fuse_mountpoint().unwrap();
     let name = format!("{}/multilayer:latest", reg.host());
     {
         let mut c = d.client().await;
         pull(&mut c, &name).await.expect("pull");
     }
     let root = work.path().join("root");
-    let out = d.cli(&[
-        "mount",
-        "--fuse-mountpoint",
-        fs.to_str().unwrap(),
+    mount_image(
+        &d,
         &name,
-        root.to_str().unwrap(),
-        "--upper",
-        work.path().join("upper").to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "mount: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        d.log_text()
+        &root,
+        &["--upper", work.path().join("upper").to_str().unwrap()],
     );
     chroot_multilayer(&root, "true");
     // The same tree as umoci unpack of the image.
     let bundle = umoci_unpack(&name, work.path());
     let out = d.cli(&["umount", root.to_str().unwrap()]);
     assert!(out.status.success());
-    let out = d.cli(&[
-        "mount",
-        "--fuse-mountpoint",
-        fs.to_str().unwrap(),
-        &name,
-        root.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
+    mount_image(&d, &name, &root, &[]);
     assert_eq!(
         snapshot(&root),
         snapshot(&bundle.join("rootfs")),
@@ -598,24 +539,11 @@ async fn zstd_chunked_images_from_skopeo_mount_lazily() {
     let bundle = umoci_unpack(&format!("{h}/multilayer:latest"), work.path());
 
     let d = Daemon::start(&["--no-fill"]);
-    let fs = d.fuse_mountpoint().unwrap();
     let mut c = d.client().await;
     let root = work.path().join("root");
     let name = format!("{h}/multilayer:zstdchunked");
     pull(&mut c, &name).await.expect("lazy pull");
-    let out = d.cli(&[
-        "mount",
-        "--fuse-mountpoint",
-        fs.to_str().unwrap(),
-        &name,
-        root.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "mount: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        d.log_text()
-    );
+    mount_image(&d, &name, &root, &[]);
     assert_eq!(
         snapshot(&root),
         snapshot(&bundle.join("rootfs")),
@@ -634,18 +562,7 @@ async fn zstd_chunked_images_from_skopeo_mount_lazily() {
 
     let name = format!("{h}/big:zstdchunked");
     pull(&mut c, &name).await.expect("lazy pull");
-    let out = d.cli(&[
-        "mount",
-        "--fuse-mountpoint",
-        fs.to_str().unwrap(),
-        &name,
-        root.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "mount: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mount_image(&d, &name, &root, &[]);
     let run = Command::new("chroot")
         .arg(&root)
         .args(["/bin/sh", "-c", "busybox wc -c /etc/passwd; ls -l /big"])
@@ -785,25 +702,13 @@ async fn files_before_the_prefetch_landmark_are_fetched_at_mount() {
     }
     drop(ctd);
     let d = Daemon::start(&["--no-fill"]);
-    let fs = d.fuse_mountpoint().unwrap();
     let name = format!("{}/multilayer:prefetch", reg.host());
     {
         let mut c = d.client().await;
         pull(&mut c, &name).await.expect("lazy pull");
     }
     let root = work.path().join("root");
-    let out = d.cli(&[
-        "mount",
-        "--fuse-mountpoint",
-        fs.to_str().unwrap(),
-        &name,
-        root.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "mount: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    mount_image(&d, &name, &root, &[]);
     // The layer holding random.bin has a landmark after it: its bytes arrive unasked.
     let started = std::time::Instant::now();
     loop {
@@ -832,4 +737,28 @@ async fn files_before_the_prefetch_landmark_are_fetched_at_mount() {
         .expect("prefetched file readable with the registry down");
     assert_eq!(data.len(), 2 << 20);
     assert!(d.cli(&["umount", root.to_str().unwrap()]).status.success());
+}
+
+/// `lazypull mount NAME ROOT [EXTRA...]` through the daemon's FUSE mount; a failure panics with
+/// the command's stderr and the end of the daemon's log.
+fn mount_image(d: &Daemon, name: &str, root: &std::path::Path, extra: &[&str]) {
+    let fs = d.fuse_mountpoint().expect("the daemon has a FUSE mount");
+    let mut args = vec![
+        "mount",
+        "--fuse-mountpoint",
+        fs.to_str().unwrap(),
+        name,
+        root.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = d.cli(&args);
+    let log = d.log_text();
+    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+    assert!(
+        out.status.success(),
+        "mount: {} {:?}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        out.status,
+        tail.join("\n")
+    );
 }

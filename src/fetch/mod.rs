@@ -151,6 +151,18 @@ fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> FillError + 
     }
 }
 
+/// Credentials persisted for `registry` from an earlier CRI pull (for refetches).
+pub fn persisted_secret(
+    db: &Mutex<Catalogue>,
+    registry: &str,
+) -> Option<crate::registry::auth::Secret> {
+    lock(db)
+        .credential(registry)
+        .ok()
+        .flatten()
+        .and_then(|s| serde_json::from_str(&s).ok())
+}
+
 /// A layer's `source` column is `registry/repository`.
 pub fn source_reference(source: &str, digest: &Digest) -> Option<Reference> {
     let (registry, repo) = source.split_once('/')?;
@@ -370,16 +382,12 @@ impl Filler {
 
     /// The operation's credentials, completed with those persisted for the registry.
     fn creds_for(&self, reference: &Reference, creds: &OpCreds) -> OpCreds {
-        let persisted = lock(&self.db)
-            .credential(reference.registry())
-            .ok()
-            .flatten();
         OpCreds {
             request: creds.request.clone(),
             persisted: creds
                 .persisted
                 .clone()
-                .or_else(|| persisted.and_then(|s| serde_json::from_str(&s).ok())),
+                .or_else(|| persisted_secret(&self.db, reference.registry())),
         }
     }
 
@@ -475,22 +483,42 @@ impl Filler {
         self.layout
             .put_blob(&toc_digest, &json)
             .map_err(|e| e.to_string())?;
-        // The footer and TOC are part of the blob: keep them so the fill does not fetch them
-        // again (the blob digest check at the end covers them like every other byte).
-        let (partials, filled) = (Arc::clone(&self.partials), layer.filled);
+        let tail_at = size - tail.len() as u64;
+        self.keep_in_partial(
+            layer,
+            &digest,
+            vec![(tail_at, Arc::new(tail)), (toc_offset, member)],
+        )
+        .await;
+        Ok((entries, toc_offset))
+    }
+
+    /// The footer and TOC are part of the blob: keep them in the partial file so the fill does
+    /// not fetch them again (the blob digest check at the end covers them like every byte).
+    async fn keep_in_partial(
+        &self,
+        layer: &LayerRecord,
+        digest: &Digest,
+        pieces: Vec<(u64, Arc<Vec<u8>>)>,
+    ) {
+        let (partials, filled, d, size) = (
+            Arc::clone(&self.partials),
+            layer.filled,
+            digest.clone(),
+            layer.size,
+        );
         let stored = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
-            let p = partials.open(&digest, size, filled)?;
-            let io = |e| crate::store::io_err(p.path())(e);
-            p.write_missing(size - tail.len() as u64, &tail)
-                .map_err(io)?;
-            p.write_missing(toc_offset, &member).map_err(io)?;
+            let p = partials.open(&d, size, filled)?;
+            for (at, bytes) in pieces {
+                p.write_missing(at, &bytes)
+                    .map_err(|e| crate::store::io_err(p.path())(e))?;
+            }
             p.flush()
         })
         .await;
         if let Ok(Err(e)) = stored {
             tracing::warn!(layer = %layer.digest, error = %e, "cannot keep the TOC bytes in the partial file");
         }
-        Ok((entries, toc_offset))
     }
 
     /// zstd:chunked: the annotations locate the compressed TOC: one range request, verified
@@ -537,17 +565,8 @@ impl Filler {
         self.layout
             .put_blob(checksum, &compressed)
             .map_err(|e| e.to_string())?;
-        let (partials, filled, d2) = (Arc::clone(&self.partials), layer.filled, digest.clone());
-        let stored = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
-            let p = partials.open(&d2, size, filled)?;
-            p.write_missing(pos.offset, &compressed)
-                .map_err(|e| crate::store::io_err(p.path())(e))?;
-            p.flush()
-        })
-        .await;
-        if let Ok(Err(e)) = stored {
-            tracing::warn!(layer = %layer.digest, error = %e, "cannot keep the TOC bytes in the partial file");
-        }
+        self.keep_in_partial(layer, digest, vec![(pos.offset, compressed)])
+            .await;
         Ok((entries, pos.data_end()))
     }
 

@@ -515,14 +515,9 @@ impl Reader {
         let result = tokio::time::timeout(self.timeout, async {
             let reference = source_reference(&layer.source, &layer.digest)
                 .ok_or_else(|| format!("bad layer source {:?}", layer.source))?;
-            let persisted = lock(&self.db)
-                .credential(reference.registry())
-                .ok()
-                .flatten()
-                .and_then(|s| serde_json::from_str(&s).ok());
             let creds = OpCreds {
                 request: None,
-                persisted,
+                persisted: crate::fetch::persisted_secret(&self.db, reference.registry()),
             };
             self.stats.requests.inc();
             let body = self

@@ -486,10 +486,6 @@ impl Catalogue {
 
     /// Layers still to fill and referenced by some image (with `unpack`, also complete layers
     /// not yet unpacked).
-    pub fn incomplete_layers(&self) -> Result<Vec<LayerRecord>> {
-        self.layers_to_work_on(false)
-    }
-
     pub fn layers_to_work_on(&self, unpack: bool) -> Result<Vec<LayerRecord>> {
         let mut st = self.conn.prepare(
             &format!("SELECT {LAYER_COLUMNS} FROM layers l
@@ -753,7 +749,7 @@ mod tests {
         let mut cat = Catalogue::open(&dir.path().join("c.db")).unwrap();
         let (a, l) = (d('a'), d('1'));
         add(&mut cat, &a, std::slice::from_ref(&l), vec![]);
-        assert_eq!(cat.incomplete_layers().unwrap().len(), 1);
+        assert_eq!(cat.layers_to_work_on(false).unwrap().len(), 1);
         cat.set_filled(l.as_str(), 3).unwrap();
         assert_eq!(cat.image(a.as_str()).unwrap().unwrap().local_bytes(), 3);
         cat.set_layer_state(l.as_str(), LayerState::Complete, None)
@@ -761,7 +757,7 @@ mod tests {
         let img = cat.image(a.as_str()).unwrap().unwrap();
         assert!(img.complete());
         assert_eq!(img.fill_percent(), 100.0);
-        assert!(cat.incomplete_layers().unwrap().is_empty());
+        assert!(cat.layers_to_work_on(false).unwrap().is_empty());
         // A failed layer is retried on the next pull that needs it.
         cat.set_layer_state(l.as_str(), LayerState::Failed, Some("boom"))
             .unwrap();

@@ -490,6 +490,26 @@ pub async fn pull(
     .map(|r| r.into_inner().image_ref)
 }
 
+/// PullImage with a username and password in the request's AuthConfig.
+pub async fn pull_as(
+    c: &mut ImageServiceClient<tonic::transport::Channel>,
+    image: &str,
+    username: &str,
+    password: &str,
+) -> Result<String, tonic::Status> {
+    c.pull_image(cri::PullImageRequest {
+        image: spec(image),
+        auth: Some(cri::AuthConfig {
+            username: username.into(),
+            password: password.into(),
+            ..Default::default()
+        }),
+        sandbox_config: None,
+    })
+    .await
+    .map(|r| r.into_inner().image_ref)
+}
+
 pub async fn status(
     c: &mut ImageServiceClient<tonic::transport::Channel>,
     image: &str,
