@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod convert;
 pub mod cri;
 pub mod daemon;
 pub mod fetch;

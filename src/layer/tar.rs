@@ -66,6 +66,97 @@ fn rfc3339(secs: u64) -> Option<String> {
         .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
 }
 
+/// The metadata of one tar entry (no content digest; `size` is 0 until the caller reads the
+/// content): the path cleaned and checked, the kind, mode, owner, time, link, device and
+/// xattrs. `None` for records that carry no file (PAX headers). `seen` holds the paths of
+/// earlier entries: a hardlink must name one of them.
+pub fn entry_meta<R: Read>(
+    e: &mut tar::Entry<'_, R>,
+    seen: &HashSet<String>,
+    limits: &Limits,
+) -> Result<Option<Entry>, UnpackError> {
+    let raw_path = e.path_bytes().into_owned();
+    let raw = String::from_utf8_lossy(&raw_path).into_owned();
+    let bad = |reason: String| UnpackError::Entry {
+        path: raw.clone(),
+        reason,
+    };
+    if raw.len() > limits.max_path {
+        return Err(bad("path too long".into()));
+    }
+    let path = clean_path(&raw).map_err(&bad)?;
+    let h = e.header();
+    let et = h.entry_type();
+    let kind = match et {
+        tar::EntryType::Regular | tar::EntryType::Continuous => Kind::Reg,
+        tar::EntryType::Directory => Kind::Dir,
+        tar::EntryType::Symlink => Kind::Symlink,
+        tar::EntryType::Link => Kind::Hardlink,
+        tar::EntryType::Char => Kind::Char,
+        tar::EntryType::Block => Kind::Block,
+        tar::EntryType::Fifo => Kind::Fifo,
+        // Metadata records the tar crate has already applied, or nothing to show.
+        tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => return Ok(None),
+        other => return Err(bad(format!("unsupported entry type {other:?}"))),
+    };
+    let mode = h.mode().map_err(|x| bad(x.to_string()))?;
+    let uid = h.uid().map_err(|x| bad(x.to_string()))?;
+    let gid = h.gid().map_err(|x| bad(x.to_string()))?;
+    let mtime = h.mtime().ok().and_then(rfc3339);
+    let (dev_major, dev_minor) = match kind {
+        Kind::Char | Kind::Block => (
+            h.device_major().ok().flatten().unwrap_or(0),
+            h.device_minor().ok().flatten().unwrap_or(0),
+        ),
+        _ => (0, 0),
+    };
+    let link = match kind {
+        Kind::Symlink => e
+            .link_name_bytes()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .ok_or_else(|| bad("symlink without a target".into()))?,
+        Kind::Hardlink => {
+            let t = e
+                .link_name_bytes()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .ok_or_else(|| bad("hardlink without a target".into()))?;
+            let t = clean_path(&t).map_err(&bad)?;
+            if !seen.contains(&t) {
+                return Err(bad(format!(
+                    "hardlink to {t:?}, which is not an earlier entry"
+                )));
+            }
+            t
+        }
+        _ => String::new(),
+    };
+    let mut xattrs = vec![];
+    if let Ok(Some(exts)) = e.pax_extensions() {
+        for ext in exts.flatten() {
+            if let Ok(k) = ext.key()
+                && let Some(name) = k.strip_prefix("SCHILY.xattr.")
+            {
+                xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    Ok(Some(Entry {
+        path,
+        kind,
+        size: 0,
+        mode,
+        uid: uid.min(u32::MAX as u64) as u32,
+        gid: gid.min(u32::MAX as u64) as u32,
+        mtime,
+        link,
+        dev_major,
+        dev_minor,
+        xattrs,
+        digest: None,
+        chunks: vec![],
+    }))
+}
+
 /// Result of an unpack: the layer's entries and what was written.
 pub struct Unpacked {
     pub entries: Vec<Entry>,
@@ -105,71 +196,15 @@ pub fn unpack(tar: impl Read, files_dir: &Path, limits: &Limits) -> Result<Unpac
                     limits.max_entries
                 )));
             }
-            let raw_path = e.path_bytes().into_owned();
-            let raw = String::from_utf8_lossy(&raw_path).into_owned();
+            let Some(mut entry) = entry_meta(&mut e, &seen, limits)? else {
+                continue;
+            };
+            let path = entry.path.clone();
+            let kind = entry.kind;
             let bad = |reason: String| UnpackError::Entry {
-                path: raw.clone(),
+                path: path.clone(),
                 reason,
             };
-            if raw.len() > limits.max_path {
-                return Err(bad("path too long".into()));
-            }
-            let path = clean_path(&raw).map_err(&bad)?;
-            let h = e.header();
-            let et = h.entry_type();
-            let kind = match et {
-                tar::EntryType::Regular | tar::EntryType::Continuous => Kind::Reg,
-                tar::EntryType::Directory => Kind::Dir,
-                tar::EntryType::Symlink => Kind::Symlink,
-                tar::EntryType::Link => Kind::Hardlink,
-                tar::EntryType::Char => Kind::Char,
-                tar::EntryType::Block => Kind::Block,
-                tar::EntryType::Fifo => Kind::Fifo,
-                // Metadata records the tar crate has already applied, or nothing to show.
-                tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => continue,
-                other => return Err(bad(format!("unsupported entry type {other:?}"))),
-            };
-            let mode = h.mode().map_err(|x| bad(x.to_string()))?;
-            let uid = h.uid().map_err(|x| bad(x.to_string()))?;
-            let gid = h.gid().map_err(|x| bad(x.to_string()))?;
-            let mtime = h.mtime().ok().and_then(rfc3339);
-            let (dev_major, dev_minor) = match kind {
-                Kind::Char | Kind::Block => (
-                    h.device_major().ok().flatten().unwrap_or(0),
-                    h.device_minor().ok().flatten().unwrap_or(0),
-                ),
-                _ => (0, 0),
-            };
-            let link = match kind {
-                Kind::Symlink => e
-                    .link_name_bytes()
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .ok_or_else(|| bad("symlink without a target".into()))?,
-                Kind::Hardlink => {
-                    let t = e
-                        .link_name_bytes()
-                        .map(|b| String::from_utf8_lossy(&b).into_owned())
-                        .ok_or_else(|| bad("hardlink without a target".into()))?;
-                    let t = clean_path(&t).map_err(&bad)?;
-                    if !seen.contains(&t) {
-                        return Err(bad(format!(
-                            "hardlink to {t:?}, which is not an earlier entry"
-                        )));
-                    }
-                    t
-                }
-                _ => String::new(),
-            };
-            let mut xattrs = vec![];
-            if let Ok(Some(exts)) = e.pax_extensions() {
-                for ext in exts.flatten() {
-                    if let Ok(k) = ext.key()
-                        && let Some(name) = k.strip_prefix("SCHILY.xattr.")
-                    {
-                        xattrs.push((name.to_string(), ext.value_bytes().to_vec()));
-                    }
-                }
-            }
             let (mut size, mut digest) = (0, None);
             if kind == Kind::Reg {
                 // Unique across concurrent unpacks in this process and across processes.
@@ -207,22 +242,10 @@ pub fn unpack(tar: impl Read, files_dir: &Path, limits: &Limits) -> Result<Unpac
                 }
                 digest = Some(d);
             }
+            entry.size = size;
+            entry.digest = digest;
             seen.insert(path.clone());
-            entries.push(Entry {
-                path,
-                kind,
-                size,
-                mode,
-                uid: uid.min(u32::MAX as u64) as u32,
-                gid: gid.min(u32::MAX as u64) as u32,
-                mtime,
-                link,
-                dev_major,
-                dev_minor,
-                xattrs,
-                digest,
-                chunks: vec![],
-            });
+            entries.push(entry);
         }
         // Data first, names second: a crash leaves temp files (GC removes them), never a
         // file under its digest with missing bytes.

@@ -12,7 +12,7 @@ use crate::oci::Digest;
 use std::collections::HashMap;
 use std::io::Read;
 
-const FLAVOURS: [(&str, &str); 2] = [
+pub const FLAVOURS: [(&str, &str); 2] = [
     (
         "io.github.containers.zstd-chunked.manifest-checksum",
         "io.github.containers.zstd-chunked.manifest-position",
