@@ -1,10 +1,10 @@
 //! Compile the gRPC APIs we serve and call from our own .proto files (no system protoc).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/cri/api.proto"];
+    let protos = ["proto/cri/api.proto", "proto/lazypull/control.proto"];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
-    let fds = protox::compile(protos, ["proto/cri"])?;
+    let fds = protox::compile(protos, ["proto/cri", "proto/lazypull"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -59,6 +59,9 @@ pub enum Command {
     Mount(MountArgs),
     /// Undo `lazypull mount`.
     Umount(UmountArgs),
+    /// Convert an image to eStargz or zstd:chunked (lazily pullable) and push it. SRC and DST
+    /// are registry references or OCI image layouts (oci:DIR[:TAG]).
+    Convert(ConvertArgs),
     /// List images in the store with size, fill progress, pull and last-use times.
     List(ListArgs),
     /// Remove images (by pattern, age or idleness) and garbage-collect their blobs.
@@ -229,4 +232,56 @@ pub struct StatusArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    lazypull convert 127.0.0.1:5000/app:1 127.0.0.1:5000/app:1-esgz\n  \
+    lazypull convert --format zstd-chunked oci:/tmp/layout:app 127.0.0.1:5000/app:1-zc\n  \
+    lazypull convert --prefetch-files list.txt SRC DST\n  \
+    lazypull convert --record SRC DST -- /usr/bin/python3 -c 'import json'   (needs `lazypull serve`)")]
+pub struct ConvertArgs {
+    /// Source image: a registry reference, or oci:DIR[:TAG] for an OCI image layout.
+    pub source: String,
+    /// Destination: a registry reference, or oci:DIR[:TAG] (created if missing).
+    pub dest: String,
+    /// Layer format to write.
+    #[arg(long, value_enum, default_value = "estargz")]
+    pub format: crate::convert::Format,
+    /// Split files larger than this many bytes into separately fetchable chunks.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::convert::DEFAULT_CHUNK_SIZE)]
+    pub chunk_size: u64,
+    /// Compression level: gzip 1-9 [default: 6], zstd 1-22 [default: 3].
+    #[arg(long, value_name = "N")]
+    pub compression_level: Option<u32>,
+    /// Files to put first in every layer and fetch first at mount, one path per line.
+    #[arg(long, value_name = "FILE", conflicts_with = "record")]
+    pub prefetch_files: Option<PathBuf>,
+    /// Run the command after `--` chrooted in a lazy mount of SRC (through the running daemon)
+    /// and prefetch the files it opens.
+    #[arg(long, requires = "cmd")]
+    pub record: bool,
+    /// Stop the recorded command after this long (what it opened until then is kept).
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    pub record_timeout: String,
+    /// The daemon's FUSE mount, for --record [default: fuse.mountpoint, /run/lazypull/fs].
+    #[arg(long, value_name = "DIR", requires = "record")]
+    pub fuse_mountpoint: Option<PathBuf>,
+    /// Also write the recorded paths to FILE (usable as --prefetch-files).
+    #[arg(long, value_name = "FILE", requires = "record")]
+    pub record_out: Option<PathBuf>,
+    /// Platform to pick from a multi-platform SRC, OS/ARCH[/VARIANT] [default: this host's].
+    #[arg(long, value_name = "OS/ARCH")]
+    pub platform: Option<String>,
+    /// Threads compressing each layer [default: the number of CPUs].
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Where to keep temporary files (uncompressed layers) [default: /var/tmp].
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// The command to record (after `--`).
+    #[arg(last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
 }

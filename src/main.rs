@@ -101,6 +101,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Prefetch(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
+        Command::Convert(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         _ => {}
     }
     cfg.validate()?;
@@ -111,6 +112,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pull(a) => commands::pull::run(&cfg, a).await,
         Command::Mount(a) => commands::mount::mount(&cfg, a).await,
         Command::Umount(a) => commands::mount::umount(a),
+        Command::Convert(a) => commands::convert::run(&cfg, a, secret).await,
         Command::List(a) => commands::list::run(&cfg, a),
         Command::Prune(a) => commands::prune::run(&cfg, a).await,
         Command::Status(a) => commands::status::run(&cfg, a),

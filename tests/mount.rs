@@ -710,24 +710,7 @@ async fn files_before_the_prefetch_landmark_are_fetched_at_mount() {
     let root = work.path().join("root");
     mount_image(&d, &name, &root, &[]);
     // The layer holding random.bin has a landmark after it: its bytes arrive unasked.
-    let started = std::time::Instant::now();
-    loop {
-        let s = d.status_json();
-        let prefetched = s["images"][0]["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|l| l["ondemand"].as_u64().unwrap_or(0) >= 1 << 20);
-        if prefetched {
-            break;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
-            "nothing prefetched: {s:#}\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    wait_prefetched(&d, 1 << 20);
     assert!(
         d.log_text()
             .contains("prefetching files before the landmark")
@@ -761,4 +744,290 @@ fn mount_image(d: &Daemon, name: &str, root: &std::path::Path, extra: &[&str]) {
         out.status,
         tail.join("\n")
     );
+}
+
+/// `ctr-remote -a SOCKET ARGS...`, asserting success; returns stdout.
+fn ctr_remote(ctd: &Containerd, args: &[&str]) -> String {
+    let out = Command::new("ctr-remote")
+        .arg("-a")
+        .arg(&ctd.socket)
+        .args(args)
+        .output()
+        .expect("ctr-remote");
+    assert!(
+        out.status.success(),
+        "ctr-remote {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `lazypull ARGS...` (through the daemon's config), asserting success; returns stdout.
+fn lazypull_ok(d: &Daemon, args: &[&str]) -> String {
+    let out = d.cli(args);
+    assert!(
+        out.status.success(),
+        "lazypull {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// umoci's tree without eStargz's own files (tar entries to umoci, hidden by lazy mounts).
+fn without_estargz_files(tree: Vec<String>) -> Vec<String> {
+    tree.into_iter()
+        .filter(|l| {
+            !l.starts_with("stargz.index.json ")
+                && !l.starts_with(".no.prefetch.landmark ")
+                && !l.starts_with(".prefetch.landmark ")
+        })
+        .collect()
+}
+
+/// `lazypull convert` writes eStargz and zstd:chunked that Debian's ctr-remote reads (footer,
+/// TOC digests) and containerd runs, and that lazypull mounts lazily with the same tree as
+/// umoci's unpack of the original; lazypull also mounts ctr-remote's zstd:chunked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converted_images_read_by_ctr_remote_containerd_and_lazypull() {
+    if !require_tools() || !Containerd::available() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    let work = tempfile::tempdir().unwrap();
+    let h = reg.host();
+    let bundle = umoci_unpack(&format!("{h}/multilayer:latest"), work.path());
+    let want = without_estargz_files(snapshot(&bundle.join("rootfs")));
+    let d = Daemon::start(&["--no-fill"]);
+
+    // From the registry to eStargz, and from an OCI layout (umoci_unpack's) to zstd:chunked.
+    let out = lazypull_ok(
+        &d,
+        &[
+            "convert",
+            &format!("{h}/multilayer:latest"),
+            &format!("{h}/multilayer:lp-esgz"),
+        ],
+    );
+    assert!(out.contains("as eStargz"), "{out}");
+    let layout = format!("oci:{}:ref", work.path().join("layout").display());
+    lazypull_ok(
+        &d,
+        &[
+            "convert",
+            "--format",
+            "zstd-chunked",
+            &layout,
+            &format!("{h}/multilayer:lp-zc"),
+        ],
+    );
+
+    let ctd = Containerd::start(std::slice::from_ref(&h));
+    let esgz = raw_manifest(&reg, "multilayer:lp-esgz");
+    ctr_remote(
+        &ctd,
+        &[
+            "images",
+            "pull",
+            "--plain-http",
+            &format!("{h}/multilayer:lp-esgz"),
+        ],
+    );
+    for l in esgz["layers"].as_array().unwrap() {
+        let got = ctr_remote(
+            &ctd,
+            &["images", "get-toc-digest", l["digest"].as_str().unwrap()],
+        );
+        assert_eq!(
+            got.trim(),
+            l["annotations"]["containerd.io/snapshot/stargz/toc.digest"],
+            "ctr-remote reads our footer and TOC"
+        );
+    }
+    let zc = raw_manifest(&reg, "multilayer:lp-zc");
+    ctr_remote(
+        &ctd,
+        &[
+            "images",
+            "pull",
+            "--plain-http",
+            &format!("{h}/multilayer:lp-zc"),
+        ],
+    );
+    let top = zc["layers"].as_array().unwrap().last().unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let toc = ctr_remote(
+        &ctd,
+        &[
+            "images",
+            "get-toc-digest",
+            "--zstdchunked",
+            "--dump-toc",
+            &top,
+        ],
+    );
+    assert!(toc.contains("data/layer3.txt"), "{toc}");
+    // containerd unpacks both the ordinary way and runs a container on them.
+    for (tag, id) in [("lp-esgz", "t1"), ("lp-zc", "t2")] {
+        let out = ctr_remote(
+            &ctd,
+            &[
+                "run",
+                "--rm",
+                &format!("{h}/multilayer:{tag}"),
+                id,
+                "/bin/busybox",
+                "cat",
+                "/data/layer3.txt",
+            ],
+        );
+        assert_eq!(out.trim(), "hello from layer 3", "{tag}");
+    }
+    // The other direction for zstd:chunked: ctr-remote's output, read by lazypull.
+    ctr_remote(
+        &ctd,
+        &[
+            "images",
+            "pull",
+            "--plain-http",
+            &format!("{h}/multilayer:latest"),
+        ],
+    );
+    ctr_remote(
+        &ctd,
+        &[
+            "images",
+            "convert",
+            "--zstdchunked",
+            "--oci",
+            &format!("{h}/multilayer:latest"),
+            &format!("{h}/multilayer:ctr-zc"),
+        ],
+    );
+    ctr_remote(
+        &ctd,
+        &[
+            "images",
+            "push",
+            "--plain-http",
+            &format!("{h}/multilayer:ctr-zc"),
+        ],
+    );
+    drop(ctd);
+
+    let mut c = d.client().await;
+    let root = work.path().join("root");
+    for tag in ["lp-esgz", "lp-zc", "ctr-zc"] {
+        let name = format!("{h}/{}", format_args!("multilayer:{tag}"));
+        pull(&mut c, &name).await.expect("lazy pull");
+        let s = d.status_json();
+        let img = s["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i.to_string().contains(tag))
+            .unwrap()
+            .clone();
+        assert!(
+            img["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["toc_digest"].is_string()),
+            "{tag}: every layer is lazy: {img:#}"
+        );
+        mount_image(&d, &name, &root, &[]);
+        assert_eq!(
+            snapshot(&root),
+            want,
+            "{tag}: the lazily mounted tree equals umoci's"
+        );
+        chroot_multilayer(&root, "true");
+        lazypull_ok(&d, &["umount", root.to_str().unwrap()]);
+    }
+}
+
+/// `lazypull convert --record -- CMD` runs CMD in a lazy mount of the source, records the files
+/// it opens through our FUSE layer and puts them before `.prefetch.landmark`; a lazy mount of
+/// the result fetches them unasked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convert_record_prefetches_the_files_a_command_opens() {
+    if !require_tools() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let mut reg = Registry::with_fixtures(None);
+    let work = tempfile::tempdir().unwrap();
+    let h = reg.host();
+    let list = work.path().join("recorded.txt");
+    {
+        // The source is plain gzip: the mount waits for the filler to fetch it whole.
+        let d = Daemon::start(&[]);
+        let out = lazypull_ok(
+            &d,
+            &[
+                "convert",
+                "--record",
+                "--record-out",
+                list.to_str().unwrap(),
+                "--fuse-mountpoint",
+                d.fuse_mountpoint().unwrap().to_str().unwrap(),
+                &format!("{h}/multilayer:latest"),
+                &format!("{h}/multilayer:rec"),
+                "--",
+                "/bin/busybox",
+                "sha256sum",
+                "/data/random.bin",
+            ],
+        );
+        assert!(out.contains("recorded"), "{out}");
+    }
+    let recorded = std::fs::read_to_string(&list).unwrap();
+    let lines: Vec<&str> = recorded.lines().collect();
+    assert!(lines.contains(&"/bin/busybox"), "{recorded}");
+    assert!(lines.contains(&"/data/random.bin"), "{recorded}");
+    assert!(!lines.contains(&"/data/layer3.txt"), "{recorded}");
+
+    let d = Daemon::start(&["--no-fill"]);
+    let name = format!("{h}/multilayer:rec");
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &name).await.expect("lazy pull");
+    }
+    let root = work.path().join("root");
+    mount_image(&d, &name, &root, &[]);
+    wait_prefetched(&d, 2 << 20);
+    assert!(
+        d.log_text()
+            .contains("prefetching files before the landmark")
+    );
+    reg.stop();
+    let data = std::fs::read(root.join("data/random.bin"))
+        .expect("recorded file readable with the registry down");
+    assert_eq!(data.len(), 2 << 20);
+    assert!(d.cli(&["umount", root.to_str().unwrap()]).status.success());
+}
+
+/// Wait until some layer of the daemon's first image has `min` bytes read on demand (the
+/// landmark prefetch persists them as on-demand ranges).
+fn wait_prefetched(d: &Daemon, min: u64) {
+    let started = std::time::Instant::now();
+    loop {
+        let s = d.status_json();
+        let prefetched = s["images"][0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["ondemand"].as_u64().unwrap_or(0) >= min);
+        if prefetched {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "nothing prefetched: {s:#}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -1,10 +1,12 @@
 //! One module per subcommand; `anyhow` lives here at the CLI edge.
 
+pub mod convert;
 pub mod list;
 pub mod mount;
 pub mod prefetch;
 pub mod prune;
 pub mod pull;
+pub mod record;
 pub mod status;
 
 use crate::config::Config;

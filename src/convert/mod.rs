@@ -187,6 +187,14 @@ fn scan(tar_path: &Path, tar: &File, limits: &TarLimits) -> Result<Vec<Segment>,
             String::from_utf8_lossy(e.header().username_bytes().unwrap_or_default()).into_owned(),
             String::from_utf8_lossy(e.header().groupname_bytes().unwrap_or_default()).into_owned(),
         );
+        if matches!(
+            estargz::clean_path(&name).as_deref(),
+            Ok(estargz::TOC_NAME | estargz::PREFETCH_LANDMARK | estargz::NO_PREFETCH_LANDMARK)
+        ) {
+            // The input is eStargz already: its TOC and landmark are made anew.
+            start = end;
+            continue;
+        }
         let Some(mut entry) = entry_meta(&mut e, &seen, limits)? else {
             // A PAX global header: its bytes travel with the next entry's header.
             continue;
@@ -840,18 +848,23 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// Read a layer blob's tar (decompressing gzip or zstd) into `dest`.
+/// Read a layer blob's tar (decompressing gzip or zstd) into `dest`; returns its size and
+/// digest (the diff ID).
 pub fn decompress_to(
     blob: &Path,
     compression: crate::oci::Compression,
     dest: &Path,
-) -> Result<u64, ConvertError> {
+) -> Result<(u64, Digest), ConvertError> {
     let f = File::open(blob).map_err(io_at(blob))?;
     let mut r = crate::layer::tar::decoder(compression, f).map_err(io_at(blob))?;
-    let mut out = BufWriter::with_capacity(1 << 20, File::create(dest).map_err(io_at(dest))?);
-    let n = io::copy(&mut r, &mut out).map_err(io_at(blob))?;
+    let mut out = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, File::create(dest).map_err(io_at(dest))?),
+        hash: Sha256::new(),
+        n: 0,
+    };
+    io::copy(&mut r, &mut out).map_err(io_at(blob))?;
     out.flush().map_err(io_at(dest))?;
-    Ok(n)
+    Ok((out.n, Digest::from_sha256(&out.hash.finalize())))
 }
 
 #[cfg(test)]

@@ -1,11 +1,14 @@
 //! Composition root: builds the store, registry client, filler and image service, and serves
 //! them. `Core` is also what offline commands (`prefetch`, `prune`) use when no daemon runs.
 
+mod control;
+
 use crate::config::Config;
 use crate::cri::CriImages;
 use crate::fetch::Filler;
 use crate::images::Images;
 use crate::registry::{Registry, auth::Secret};
+use crate::rpc::control::control_server::ControlServer;
 use crate::rpc::cri::image_service_server::ImageServiceServer;
 use crate::store::{Catalogue, Layout, StoreLock};
 use anyhow::Context;
@@ -132,6 +135,8 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
 
     // The lazy layer filesystem. Without FUSE the daemon still serves CRI and fills layers.
     let mut fuse_reader = None;
+    let mut fuse_recorder = None;
+    let recorder = Arc::new(crate::fs::record::Recorder::default());
     let fuse = if cfg.fuse.enabled {
         let reader = crate::fs::reader::Reader::new(
             images.layout.clone(),
@@ -151,9 +156,11 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             Arc::clone(&images.db),
             reader,
             cfg.fuse.passthrough,
+            Arc::clone(&recorder),
         );
         match crate::fs::fuse::Mount::start(fs, &cfg.fuse.mountpoint, cfg.fuse.threads) {
             Ok(m) => {
+                fuse_recorder = Some(Arc::clone(&recorder));
                 tracing::info!(mountpoint = %cfg.fuse.mountpoint.display(), "layer filesystem mounted");
                 Some(m)
             }
@@ -193,6 +200,12 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     let stop2 = stop.clone();
     let server = tonic::transport::Server::builder()
         .add_service(ImageServiceServer::new(svc).max_decoding_message_size(4 << 20))
+        .add_service(
+            ControlServer::new(control::ControlService {
+                recorder: fuse_recorder,
+            })
+            .max_decoding_message_size(1 << 20),
+        )
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::UnixListenerStream::new(listener),
             async move { stop2.cancelled().await },

@@ -21,11 +21,24 @@ impl Write for HashWriter {
     }
 }
 
-fn hw() -> HashWriter {
-    HashWriter {
-        hash: Sha256::new(),
-        bytes: 0,
+impl Default for HashWriter {
+    fn default() -> Self {
+        HashWriter {
+            hash: Sha256::new(),
+            bytes: 0,
+        }
     }
+}
+
+impl HashWriter {
+    /// The digest of what was written so far.
+    pub fn digest(&self) -> Digest {
+        Digest::from_sha256(&self.hash.clone().finalize())
+    }
+}
+
+fn hw() -> HashWriter {
+    HashWriter::default()
 }
 
 enum Diff {

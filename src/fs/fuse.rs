@@ -44,6 +44,7 @@ pub struct LayerFs {
     passthrough_wanted: bool,
     passthrough_on: std::sync::atomic::AtomicBool,
     handles: Mutex<Handles>,
+    recorder: Arc<super::record::Recorder>,
 }
 
 /// Open files served from the file cache: by passthrough (one backing id per inode, shared by
@@ -86,6 +87,7 @@ impl LayerFs {
         db: Arc<Mutex<Catalogue>>,
         reader: Arc<Reader>,
         passthrough: bool,
+        recorder: Arc<super::record::Recorder>,
     ) -> Self {
         LayerFs {
             rt: tokio::runtime::Handle::current(),
@@ -100,6 +102,7 @@ impl LayerFs {
                 next: 1,
                 ..Default::default()
             }),
+            recorder,
         }
     }
 
@@ -327,6 +330,14 @@ impl fuser::Filesystem for LayerFs {
             Some(a) if a.kind == FileType::RegularFile => {}
             Some(_) => return reply.error(Errno::EINVAL),
             None => return reply.error(Errno::ENOENT),
+        }
+        if self.recorder.is_active()
+            && let Some((l, n)) = split(ino.0)
+            && let Some(layer) = self.layer(l)
+            && let Some(entry) = layer.tree.get(n).and_then(|node| node.entry)
+            && let Some(e) = layer.toc.entries.get(entry)
+        {
+            self.recorder.opened(layer.digest.hex(), &e.path);
         }
         let cached =
             split(ino.0).and_then(|(l, n)| self.layer(l).and_then(|l| self.cached_file(&l, n)));

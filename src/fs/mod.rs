@@ -4,4 +4,5 @@
 
 pub mod fuse;
 pub mod reader;
+pub mod record;
 pub mod tree;

@@ -493,7 +493,7 @@ pub(crate) fn parse_entries(
             if first > size {
                 return Err(entry_err(name, "chunk larger than the file"));
             }
-            let end = if zstd {
+            let end = if zstd && r.end_offset != 0 {
                 let end = u64::try_from(r.end_offset)
                     .map_err(|_| entry_err(name, "negative endOffset"))?;
                 if end <= offset || end > toc_offset {
@@ -546,6 +546,23 @@ pub(crate) fn parse_entries(
             digest: opt_digest(name, &r.digest)?,
             chunks,
         });
+    }
+    // zstd:chunked as stargz-snapshotter writes it has no `endOffset`: a chunk's frames end
+    // where the next chunk's start (or the TOC). Decoding stops after the chunk's bytes, so any
+    // tar header frames in between cost a few bytes of transfer, nothing else.
+    if zstd {
+        let mut starts: Vec<u64> = entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().map(|c| c.offset))
+            .collect();
+        starts.sort_unstable();
+        starts.dedup();
+        for c in entries.iter_mut().flat_map(|e| e.chunks.iter_mut()) {
+            if c.end.is_none() {
+                let i = starts.partition_point(|&s| s <= c.offset);
+                c.end = Some(starts.get(i).copied().unwrap_or(toc_offset));
+            }
+        }
     }
     // A file in one chunk: its digest is the chunk's (zstd:chunked writes no chunkDigest then).
     for e in &mut entries {

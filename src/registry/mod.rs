@@ -600,6 +600,106 @@ impl Registry {
 }
 
 impl Registry {
+    /// The upstream endpoint of `r`, its credential and a client (pushes never go to mirrors).
+    fn upstream(
+        &self,
+        r: &Reference,
+        creds: &OpCreds,
+    ) -> (
+        oci_client::Client,
+        Reference,
+        Option<Secret>,
+        Source,
+        Endpoint,
+    ) {
+        // endpoints() always ends with the upstream.
+        let ep = self
+            .endpoints(r.registry())
+            .pop()
+            .unwrap_or_else(|| Endpoint {
+                host: r.registry().to_string(),
+                scheme: Scheme::Https,
+                is_mirror: false,
+            });
+        let (secret, source) = self.credential(r.registry(), creds, true);
+        let client = self.client(&ep, secret.as_ref());
+        (client, Self::reference_at(r, &ep, None), secret, source, ep)
+    }
+
+    /// Upload the file at `path` as blob `d` of `r`'s repository, unless the registry has it.
+    /// Returns whether bytes were sent.
+    pub async fn push_blob_file(
+        &self,
+        r: &Reference,
+        d: &Digest,
+        path: &std::path::Path,
+        creds: &OpCreds,
+    ) -> Result<bool> {
+        let what = format!("blob {d}");
+        let (client, reference, secret, source, ep) = self.upstream(r, creds);
+        let err = |e| classify(e, &ep.host, reference.repository(), &what, &source);
+        let auth = secret
+            .as_ref()
+            .map(Secret::to_registry_auth)
+            .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+        client
+            .auth(&reference, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(err)?;
+        if client
+            .blob_exists(&reference, d.as_str())
+            .await
+            .map_err(err)?
+        {
+            return Ok(false);
+        }
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| RegistryError::Unreachable {
+                registry: ep.host.clone(),
+                reason: format!("reading {}: {e}", path.display()),
+            })?;
+        let size = file.metadata().await.map(|m| m.len()).ok();
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
+            .map(|r| r.map_err(OciDistributionError::IoError));
+        client
+            .push_blob_stream(&reference, stream, d.as_str(), size)
+            .await
+            .map_err(err)?;
+        Ok(true)
+    }
+
+    /// Upload a manifest under `r`'s tag (or digest).
+    pub async fn push_manifest(
+        &self,
+        r: &Reference,
+        body: Vec<u8>,
+        media_type: &str,
+        creds: &OpCreds,
+    ) -> Result<()> {
+        let what = format!("manifest {r}");
+        let (client, reference, secret, source, ep) = self.upstream(r, creds);
+        let err = |e| classify(e, &ep.host, reference.repository(), &what, &source);
+        let auth = secret
+            .as_ref()
+            .map(Secret::to_registry_auth)
+            .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+        client
+            .auth(&reference, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(err)?;
+        let content_type = http::HeaderValue::from_str(media_type).map_err(|_| {
+            RegistryError::Oci(oci::OciError::UnsupportedMediaType(media_type.to_string()))
+        })?;
+        client
+            .push_manifest_raw(&reference, body, content_type)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+}
+
+impl Registry {
     /// A blob request; anonymous ones first go through the bare client (no `/v2/` probe) and
     /// fall back to the token flow when the endpoint challenges them.
     #[allow(clippy::too_many_arguments)]

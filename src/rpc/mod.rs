@@ -7,6 +7,11 @@ pub mod cri {
     tonic::include_proto!("runtime.v1");
 }
 
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod control {
+    tonic::include_proto!("lazypull.v1");
+}
+
 /// A gRPC channel over a unix socket (for the CLI talking to the daemon, and tests).
 pub async fn connect_unix(
     path: &std::path::Path,

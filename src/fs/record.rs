@@ -1,0 +1,120 @@
+//! Recording which files are opened through the layer filesystem (for `lazypull convert
+//! --record`): a session names the layers it watches and gets every (layer, path) first
+//! opened while it runs, in order.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Sessions kept at once: an abandoned one (its client died) is dropped when a new one would
+/// go over.
+const MAX_SESSIONS: usize = 16;
+/// Files one session keeps (more are not recorded).
+const MAX_FILES: usize = 1_000_000;
+
+#[derive(Default)]
+pub struct Recorder {
+    /// Sessions running: `opened` takes no lock while there are none.
+    active: AtomicUsize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next: u64,
+    sessions: HashMap<u64, Session>,
+}
+
+struct Session {
+    /// Layer digests' hex.
+    layers: HashSet<String>,
+    seen: HashSet<(String, String)>,
+    files: Vec<(String, String)>,
+}
+
+impl Recorder {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Start a session watching the layers (digest hex); returns its id.
+    pub fn start(&self, layers: impl IntoIterator<Item = String>) -> u64 {
+        let mut g = self.lock();
+        if g.sessions.len() >= MAX_SESSIONS
+            && let Some(&oldest) = g.sessions.keys().min()
+        {
+            tracing::warn!(
+                session = oldest,
+                "dropping the oldest open-recording session"
+            );
+            g.sessions.remove(&oldest);
+        }
+        g.next += 1;
+        let id = g.next;
+        g.sessions.insert(
+            id,
+            Session {
+                layers: layers.into_iter().collect(),
+                seen: HashSet::new(),
+                files: vec![],
+            },
+        );
+        self.active.store(g.sessions.len(), Ordering::Relaxed);
+        id
+    }
+
+    /// End a session: the (layer hex, path) pairs it saw, first opens first.
+    pub fn stop(&self, id: u64) -> Option<Vec<(String, String)>> {
+        let mut g = self.lock();
+        let s = g.sessions.remove(&id);
+        self.active.store(g.sessions.len(), Ordering::Relaxed);
+        s.map(|s| s.files)
+    }
+
+    /// Is any session running (cheap; callers skip the path lookup when not)?
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed) > 0
+    }
+
+    /// A file of layer `layer` (hex) was opened.
+    pub fn opened(&self, layer: &str, path: &str) {
+        if !self.is_active() {
+            return;
+        }
+        let mut g = self.lock();
+        for s in g.sessions.values_mut() {
+            if s.files.len() < MAX_FILES
+                && s.layers.contains(layer)
+                && s.seen.insert((layer.to_string(), path.to_string()))
+            {
+                s.files.push((layer.to_string(), path.to_string()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_see_their_layers_once_in_order() {
+        let r = Recorder::default();
+        r.opened("a", "ignored");
+        let one = r.start(["a".to_string()]);
+        let two = r.start(["a".to_string(), "b".to_string()]);
+        for (l, p) in [("a", "x"), ("b", "y"), ("a", "x"), ("a", "z")] {
+            r.opened(l, p);
+        }
+        let pairs = |v: Vec<(String, String)>| {
+            v.into_iter()
+                .map(|(l, p)| format!("{l}:{p}"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(pairs(r.stop(one).unwrap()), ["a:x", "a:z"]);
+        assert!(r.is_active());
+        assert_eq!(pairs(r.stop(two).unwrap()), ["a:x", "b:y", "a:z"]);
+        assert!(!r.is_active());
+        assert!(r.stop(one).is_none());
+    }
+}
