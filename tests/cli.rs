@@ -240,3 +240,130 @@ fn config_errors_and_json_logs() {
         "every line is JSON:\n{text}"
     );
 }
+
+/// `lazypull convert` between OCI layouts with a prefetch list: the listed file, after its
+/// parent directory, opens the layer, then the landmark; bad input gets clear errors.
+#[test]
+fn convert_between_layouts_with_a_prefetch_list_and_bad_input() {
+    need_tools!();
+    let reg = Registry::with_fixtures(None);
+    let dir = tempfile::tempdir().unwrap();
+    let (root, sock) = (dir.path().join("store"), dir.path().join("none.sock"));
+    let src = dir.path().join("src");
+    let st = Command::new("skopeo")
+        .args(["copy", "-q", "--src-tls-verify=false"])
+        .arg(format!("docker://{}/multilayer:latest", reg.host()))
+        .arg(format!("oci:{}:ref", src.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    drop(reg);
+    let list = dir.path().join("prefetch.txt");
+    std::fs::write(
+        &list,
+        "# what the app reads first\n/data/random.bin\n/not/there\n",
+    )
+    .unwrap();
+    let dst = dir.path().join("dst");
+    let (ok, out, err) = run(
+        &root,
+        &sock,
+        &[
+            "convert",
+            "--prefetch-files",
+            list.to_str().unwrap(),
+            &format!("oci:{}:ref", src.display()),
+            &format!("oci:{}:esgz", dst.display()),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("2 to prefetch"), "{out}");
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dst.join("index.json")).unwrap()).unwrap();
+    assert_eq!(
+        index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"],
+        "esgz"
+    );
+    let blob = |d: &str| {
+        std::fs::read(
+            dst.join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )
+        .unwrap()
+    };
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+    let mut firsts = vec![];
+    for (i, l) in manifest["layers"].as_array().unwrap().iter().enumerate() {
+        let bytes = blob(l["digest"].as_str().unwrap());
+        assert_eq!(lazypull::oci::Digest::of(&bytes).as_str(), l["digest"]);
+        let mut tar = vec![];
+        std::io::Read::read_to_end(&mut flate2::read::MultiGzDecoder::new(&bytes[..]), &mut tar)
+            .unwrap();
+        assert_eq!(
+            lazypull::oci::Digest::of(&tar).as_str(),
+            config["rootfs"]["diff_ids"][i],
+            "diff ID of layer {i}"
+        );
+        let names: Vec<String> = tar::Archive::new(&tar[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        firsts.push(names[..names.len().min(3)].join(" "));
+    }
+    assert!(
+        firsts.contains(&"data/ data/random.bin .prefetch.landmark".to_string()),
+        "{firsts:?}"
+    );
+    assert!(
+        firsts
+            .iter()
+            .any(|f| f.starts_with(".no.prefetch.landmark")),
+        "{firsts:?}"
+    );
+
+    // Bad input: each refused with a message that says what to do.
+    let s = format!("oci:{}:ref", src.display());
+    let o = format!("oci:{}:x", dir.path().join("o").display());
+    for (args, want) in [
+        (
+            vec!["convert", "--chunk-size", "1", &s, &o],
+            "--chunk-size 1",
+        ),
+        (
+            vec!["convert", "oci:/nonexistent/x", &o],
+            "is not an OCI image layout",
+        ),
+        (vec!["convert", &s.replace(":ref", ":nope"), &o], "no image"),
+        (vec!["convert", "--record", &s, &o, "--", "true"], "push"),
+    ] {
+        let (ok, _, err) = run(&root, &sock, &args);
+        assert!(!ok && err.contains(want), "{args:?}: {err}");
+    }
+    // A layer blob that does not match its digest is refused.
+    let m: serde_json::Value = {
+        let idx: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(src.join("index.json")).unwrap()).unwrap();
+        let d = idx["manifests"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string();
+        serde_json::from_slice(&std::fs::read(src.join("blobs/sha256").join(d)).unwrap()).unwrap()
+    };
+    let victim = src.join("blobs/sha256").join(
+        m["layers"][0]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:"),
+    );
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&victim, bytes).unwrap();
+    let (ok, _, err) = run(&root, &sock, &["convert", &s, &o]);
+    assert!(!ok && err.contains("does not match its digest"), "{err}");
+}

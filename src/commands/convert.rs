@@ -306,6 +306,13 @@ pub fn parse_prefetch_list(text: &str) -> anyhow::Result<Vec<String>> {
 
 pub async fn run(cfg: &Config, args: &ConvertArgs, secret: Option<Secret>) -> anyhow::Result<()> {
     let started = Instant::now();
+    if !(4096..=1 << 30).contains(&args.chunk_size) {
+        bail!(
+            "--chunk-size {}: give 4096 to {} bytes",
+            args.chunk_size,
+            1u64 << 30
+        );
+    }
     let src = parse_location(&args.source)?;
     let dst = parse_location(&args.dest)?;
     let platform = match &args.platform {

@@ -51,7 +51,7 @@ pub const MT_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 pub enum Format {
     /// gzip, readable by any runtime; lazily by lazypull and stargz-snapshotter.
     Estargz,
-    /// zstd, readable by runtimes with zstd support; lazily by lazypull and c/storage.
+    /// zstd, readable by runtimes with zstd support; lazily by lazypull.
     ZstdChunked,
 }
 
@@ -509,7 +509,7 @@ fn compress_part(
             let mut file_hash = Sha256::new();
             let mut done = 0u64;
             while done < s.size {
-                let n = (s.size - done).min(opts.chunk_size);
+                let n = (s.size - done).min(opts.chunk_size.max(BLOCK));
                 buf.resize(n as usize, 0);
                 s.read(tar, s.data + done, &mut buf)?;
                 let offset = w.begin()?;
@@ -527,7 +527,7 @@ fn compress_part(
                 ent.chunk_digest = Digest::of(&buf).to_string();
                 ent.chunk_size = match opts.format {
                     // The reference eStargz writer leaves the size off a short last chunk.
-                    Format::Estargz if n < opts.chunk_size => 0,
+                    Format::Estargz if n < opts.chunk_size.max(BLOCK) => 0,
                     _ => n,
                 };
                 toc.push(ent.clone());
@@ -538,7 +538,7 @@ fn compress_part(
             file.digest = Digest::from_sha256(&file_hash.finalize()).to_string();
             if opts.format == Format::ZstdChunked {
                 file.end_offset = end;
-                if done <= opts.chunk_size {
+                if done <= opts.chunk_size.max(BLOCK) {
                     // One chunk: c/storage writes no chunk fields (the file digest covers it).
                     file.chunk_size = 0;
                     file.chunk_digest.clear();
