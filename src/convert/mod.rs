@@ -916,22 +916,19 @@ mod tests {
         add(&mut b, "z", tar::EntryType::Regular, b"second z wins\n");
         files.retain(|(n, _)| n != "z");
         files.push(("z".into(), b"second z wins\n".to_vec()));
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        h.set_mode(0o777);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        b.append_link(&mut h, "a/link", "one").unwrap();
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Link);
-        h.set_size(0);
-        h.set_mode(0o777);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        b.append_link(&mut h, "a/hard", "a/b/large").unwrap();
+        for (kind, name, target) in [
+            (tar::EntryType::Symlink, "a/link", "one"),
+            (tar::EntryType::Link, "a/hard", "a/b/large"),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_size(0);
+            h.set_mode(0o777);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            b.append_link(&mut h, name, target).unwrap();
+        }
         b.append_pax_extensions([("SCHILY.xattr.user.k", b"v\0x".as_slice())])
             .unwrap();
         add(&mut b, "a/x", tar::EntryType::Regular, b"with xattr");

@@ -599,19 +599,30 @@ impl Registry {
     }
 }
 
+/// Where a push goes: the upstream's client, the reference there, whose credential it uses.
+struct Upstream {
+    client: oci_client::Client,
+    reference: Reference,
+    source: Source,
+    host: String,
+}
+
+impl Upstream {
+    fn err(&self, e: OciDistributionError, what: &str) -> RegistryError {
+        classify(
+            e,
+            &self.host,
+            self.reference.repository(),
+            what,
+            &self.source,
+        )
+    }
+}
+
 impl Registry {
-    /// The upstream endpoint of `r`, its credential and a client (pushes never go to mirrors).
-    fn upstream(
-        &self,
-        r: &Reference,
-        creds: &OpCreds,
-    ) -> (
-        oci_client::Client,
-        Reference,
-        Option<Secret>,
-        Source,
-        Endpoint,
-    ) {
+    /// A client for the upstream endpoint of `r` (pushes never go to mirrors), authenticated
+    /// for pushing with the credential `r`'s registry gets.
+    async fn push_target(&self, r: &Reference, creds: &OpCreds, what: &str) -> Result<Upstream> {
         // endpoints() always ends with the upstream.
         let ep = self
             .endpoints(r.registry())
@@ -622,8 +633,21 @@ impl Registry {
                 is_mirror: false,
             });
         let (secret, source) = self.credential(r.registry(), creds, true);
-        let client = self.client(&ep, secret.as_ref());
-        (client, Self::reference_at(r, &ep, None), secret, source, ep)
+        let up = Upstream {
+            client: self.client(&ep, secret.as_ref()),
+            reference: Self::reference_at(r, &ep, None),
+            source,
+            host: ep.host,
+        };
+        let auth = secret
+            .as_ref()
+            .map(Secret::to_registry_auth)
+            .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+        up.client
+            .auth(&up.reference, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(|e| up.err(e, what))?;
+        Ok(up)
     }
 
     /// Upload the file at `path` as blob `d` of `r`'s repository, unless the registry has it.
@@ -636,18 +660,11 @@ impl Registry {
         creds: &OpCreds,
     ) -> Result<bool> {
         let what = format!("blob {d}");
-        let (client, reference, secret, source, ep) = self.upstream(r, creds);
-        let err = |e| classify(e, &ep.host, reference.repository(), &what, &source);
-        let auth = secret
-            .as_ref()
-            .map(Secret::to_registry_auth)
-            .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
-        client
-            .auth(&reference, &auth, oci_client::RegistryOperation::Push)
-            .await
-            .map_err(err)?;
-        if client
-            .blob_exists(&reference, d.as_str())
+        let up = self.push_target(r, creds, &what).await?;
+        let err = |e| up.err(e, &what);
+        if up
+            .client
+            .blob_exists(&up.reference, d.as_str())
             .await
             .map_err(err)?
         {
@@ -656,14 +673,14 @@ impl Registry {
         let file = tokio::fs::File::open(path)
             .await
             .map_err(|e| RegistryError::Unreachable {
-                registry: ep.host.clone(),
+                registry: up.host.clone(),
                 reason: format!("reading {}: {e}", path.display()),
             })?;
         let size = file.metadata().await.map(|m| m.len()).ok();
         let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
             .map(|r| r.map_err(OciDistributionError::IoError));
-        client
-            .push_blob_stream(&reference, stream, d.as_str(), size)
+        up.client
+            .push_blob_stream(&up.reference, stream, d.as_str(), size)
             .await
             .map_err(err)?;
         Ok(true)
@@ -678,23 +695,14 @@ impl Registry {
         creds: &OpCreds,
     ) -> Result<()> {
         let what = format!("manifest {r}");
-        let (client, reference, secret, source, ep) = self.upstream(r, creds);
-        let err = |e| classify(e, &ep.host, reference.repository(), &what, &source);
-        let auth = secret
-            .as_ref()
-            .map(Secret::to_registry_auth)
-            .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
-        client
-            .auth(&reference, &auth, oci_client::RegistryOperation::Push)
-            .await
-            .map_err(err)?;
+        let up = self.push_target(r, creds, &what).await?;
         let content_type = http::HeaderValue::from_str(media_type).map_err(|_| {
             RegistryError::Oci(oci::OciError::UnsupportedMediaType(media_type.to_string()))
         })?;
-        client
-            .push_manifest_raw(&reference, body, content_type)
+        up.client
+            .push_manifest_raw(&up.reference, body, content_type)
             .await
-            .map_err(err)?;
+            .map_err(|e| up.err(e, &what))?;
         Ok(())
     }
 }
