@@ -67,16 +67,22 @@ impl Core {
     }
 }
 
-/// Bind the CRI socket: create its directory, refuse if a live daemon answers there, replace a
-/// stale socket file, and make it root-only (0600).
-fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+/// Before start-up: create the CRI socket's directory and refuse if a live daemon answers there.
+fn check_socket(path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!("{} is in use by a running service", path.display());
+    }
+    Ok(())
+}
+
+/// Once everything else is up (a client that can connect finds the layer filesystem mounted):
+/// replace a stale socket file, bind, and make it root-only (0600).
+fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    check_socket(path)?;
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!("{} is in use by a running service", path.display());
-        }
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
@@ -105,7 +111,7 @@ async fn signal() -> &'static str {
 pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Result<()> {
     let core = Core::open(&cfg, default_secret).context("opening the store")?;
     let images = Arc::clone(&core.images);
-    let listener = bind_socket(&cfg.cri.socket)?;
+    check_socket(&cfg.cri.socket)?;
     // Start-up never waits on the network: fills resume in the background.
     if cfg.fetch.fill.enabled {
         let n = images.resume_fills()?;
@@ -192,6 +198,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             metrics_stop.clone(),
         )))
     };
+    let listener = bind_socket(&cfg.cri.socket)?;
     let svc = CriImages::new(Arc::clone(&images), cfg.cri.pull_mode);
     tracing::info!(socket = %cfg.cri.socket.display(), root = %cfg.root.display(), pull_mode = ?cfg.cri.pull_mode,
         version = env!("CARGO_PKG_VERSION"), "lazypull serving CRI ImageService");
