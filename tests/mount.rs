@@ -231,14 +231,7 @@ async fn mounted_tree_equals_umoci_unpack_and_survives_registry_loss_and_kill9()
     // The reference tree: umoci unpack of the same image (an independent implementation).
     let bundle = umoci_unpack(&name, work.path());
     // eStargz's own files (the TOC and the landmark) are tar entries to umoci; lazy mounts hide them.
-    let want: Vec<String> = snapshot(&bundle.join("rootfs"))
-        .into_iter()
-        .filter(|l| {
-            !l.starts_with("stargz.index.json ")
-                && !l.starts_with(".no.prefetch.landmark ")
-                && !l.starts_with(".prefetch.landmark ")
-        })
-        .collect();
+    let want = without_estargz_files(snapshot(&bundle.join("rootfs")));
 
     let mut d = Daemon::start(&[]);
     {
@@ -701,16 +694,22 @@ async fn files_before_the_prefetch_landmark_are_fetched_at_mount() {
         return;
     }
     drop(ctd);
-    let d = Daemon::start(&["--no-fill"]);
+    // The layer holding random.bin has a landmark after it: its bytes arrive unasked.
     let name = format!("{}/multilayer:prefetch", reg.host());
+    random_bin_prefetched(&mut reg, &name, work.path(), 1 << 20).await;
+}
+
+/// Pull `name` with a daemon whose filler is off, mount it, wait until `min` bytes arrived by
+/// the landmark prefetch, stop the registry and read `/data/random.bin` (2 MiB).
+async fn random_bin_prefetched(reg: &mut Registry, name: &str, work: &std::path::Path, min: u64) {
+    let d = Daemon::start(&["--no-fill"]);
     {
         let mut c = d.client().await;
-        pull(&mut c, &name).await.expect("lazy pull");
+        pull(&mut c, name).await.expect("lazy pull");
     }
-    let root = work.path().join("root");
-    mount_image(&d, &name, &root, &[]);
-    // The layer holding random.bin has a landmark after it: its bytes arrive unasked.
-    wait_prefetched(&d, 1 << 20);
+    let root = work.join("root");
+    mount_image(&d, name, &root, &[]);
+    wait_prefetched(&d, min);
     assert!(
         d.log_text()
             .contains("prefetching files before the landmark")
@@ -920,7 +919,7 @@ async fn converted_images_read_by_ctr_remote_containerd_and_lazypull() {
     let mut c = d.client().await;
     let root = work.path().join("root");
     for tag in ["lp-esgz", "lp-zc", "ctr-zc"] {
-        let name = format!("{h}/{}", format_args!("multilayer:{tag}"));
+        let name = format!("{h}/multilayer:{tag}");
         pull(&mut c, &name).await.expect("lazy pull");
         let s = d.status_json();
         let img = s["images"]
@@ -989,24 +988,13 @@ async fn convert_record_prefetches_the_files_a_command_opens() {
     assert!(lines.contains(&"/data/random.bin"), "{recorded}");
     assert!(!lines.contains(&"/data/layer3.txt"), "{recorded}");
 
-    let d = Daemon::start(&["--no-fill"]);
-    let name = format!("{h}/multilayer:rec");
-    {
-        let mut c = d.client().await;
-        pull(&mut c, &name).await.expect("lazy pull");
-    }
-    let root = work.path().join("root");
-    mount_image(&d, &name, &root, &[]);
-    wait_prefetched(&d, 2 << 20);
-    assert!(
-        d.log_text()
-            .contains("prefetching files before the landmark")
-    );
-    reg.stop();
-    let data = std::fs::read(root.join("data/random.bin"))
-        .expect("recorded file readable with the registry down");
-    assert_eq!(data.len(), 2 << 20);
-    assert!(d.cli(&["umount", root.to_str().unwrap()]).status.success());
+    random_bin_prefetched(
+        &mut reg,
+        &format!("{h}/multilayer:rec"),
+        work.path(),
+        2 << 20,
+    )
+    .await;
 }
 
 /// Wait until some layer of the daemon's first image has `min` bytes read on demand (the

@@ -16,7 +16,6 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::AsyncWriteExt;
 
@@ -479,7 +478,6 @@ pub async fn run(cfg: &Config, args: &ConvertArgs, secret: Option<Secret>) -> an
             )?;
         }
         Location::Remote(r) => {
-            let registry = Arc::clone(&registry);
             let mut sent = 0u64;
             for (c, path) in &converted {
                 if registry.push_blob_file(r, &c.digest, path, &creds).await? {

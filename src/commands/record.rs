@@ -12,7 +12,6 @@ use anyhow::{Context, bail};
 use nix::mount::{MntFlags, MsFlags};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// Mounts made for the command, undone in reverse order on drop.
 struct Mounts(Vec<PathBuf>);
@@ -174,7 +173,5 @@ pub async fn record(
         });
         per[i].1.push(f.path);
     }
-    // Give a slow-to-detach mount a moment before the scratch dir goes.
-    tokio::time::sleep(Duration::from_millis(50)).await;
     Ok(per)
 }

@@ -154,8 +154,9 @@ fn scan(tar_path: &Path, tar: &File, limits: &TarLimits) -> Result<Vec<Segment>,
     let mut segs = vec![];
     let mut seen = HashSet::new();
     let mut start = 0u64;
+    // Payloads are skipped by seeking: the scan reads headers only.
     let entries = archive
-        .entries()
+        .entries_with_seek()
         .map_err(|e| ConvertError::Malformed(e.to_string()))?;
     for item in entries {
         let mut e = item.map_err(|e| ConvertError::Malformed(e.to_string()))?;
@@ -579,8 +580,9 @@ fn skippable(payload: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Hash the uncompressed stream the converted layer decompresses to.
-fn hash_stream(segs: &[&Segment], tar: &File, trailer: &[u8]) -> io::Result<(Digest, u64)> {
+/// Hash the entries of the uncompressed stream the converted layer decompresses to (the caller
+/// adds what follows them: the TOC entry or the end of the tar).
+fn hash_entries(segs: &[&Segment], tar: &File) -> io::Result<(Sha256, u64)> {
     let mut h = Sha256::new();
     let mut n = 0u64;
     let mut buf = vec![0u8; 1 << 20];
@@ -594,9 +596,7 @@ fn hash_stream(segs: &[&Segment], tar: &File, trailer: &[u8]) -> io::Result<(Dig
             n += k as u64;
         }
     }
-    h.update(trailer);
-    n += trailer.len() as u64;
-    Ok((Digest::from_sha256(&h.finalize()), n))
+    Ok((h, n))
 }
 
 /// Convert the layer tar at `tar_path` into `out_path`.
@@ -649,7 +649,8 @@ pub fn convert_layer(
     // diff ID covers them, so they are known before hashing ends: hash in parallel up to the
     // parts' end, and finish below.
     let results = std::thread::scope(|scope| {
-        let hasher = scope.spawn(|| hash_stream(&ordered, &tar, &[]));
+        // The diff ID's hash runs alongside the compression.
+        let hasher = scope.spawn(|| hash_entries(&ordered, &tar));
         let workers: Vec<_> = parts
             .iter()
             .enumerate()
@@ -696,11 +697,14 @@ pub fn convert_layer(
             }
         }
     }
-    if let Err(e) = hashed {
-        cleanup();
-        return Err(io_at(tar_path)(e));
-    }
-    let r = assemble(out_path, &part_files, toc, &ordered, &tar, opts);
+    let hashed = match hashed {
+        Ok(h) => h,
+        Err(e) => {
+            cleanup();
+            return Err(io_at(tar_path)(e));
+        }
+    };
+    let r = assemble(out_path, &part_files, toc, hashed, opts);
     cleanup();
     let mut c = r?;
     c.entries = ordered.len();
@@ -708,13 +712,13 @@ pub fn convert_layer(
     Ok(c)
 }
 
-/// Concatenate the parts (shifting their TOC offsets), append TOC and footer, hash it all.
+/// Concatenate the parts (shifting their TOC offsets), append TOC and footer, hash it all;
+/// finish the diff ID from the entries' hash.
 fn assemble(
     out_path: &Path,
     parts: &[PathBuf],
     toc_parts: Vec<Vec<TocEntry>>,
-    ordered: &[&Segment],
-    tar: &File,
+    (mut diff, entries_len): (Sha256, u64),
     opts: &LayerOptions,
 ) -> Result<ConvertedLayer, ConvertError> {
     let io_out = io_at(out_path);
@@ -811,7 +815,11 @@ fn assemble(
         .map_err(|e| io_out(e.into_error()))?
         .sync_all()
         .map_err(&io_out)?;
-    let (diff_id, uncompressed_size) = hash_stream(ordered, tar, &trailer).map_err(&io_out)?;
+    diff.update(&trailer);
+    let (diff_id, uncompressed_size) = (
+        Digest::from_sha256(&diff.finalize()),
+        entries_len + trailer.len() as u64,
+    );
     if opts.format == Format::Estargz {
         annotations.insert(
             estargz::UNCOMPRESSED_SIZE_ANNOTATION.to_string(),
