@@ -330,15 +330,26 @@ async fn on_demand_ranges_persist_across_restarts_and_the_fill_skips_them() {
         after_first < size / 4,
         "one MiB read fetched {after_first} of {size} bytes"
     );
-    // The Prometheus endpoint counts the on-demand fetch.
-    let m = metrics(&metrics_addr);
-    let value = |name: &str| -> f64 {
+    // The Prometheus endpoint counts the on-demand fetch. The duration is observed when the
+    // whole range request ends, which may be just after the reader got its chunk: poll briefly.
+    let value_in = |m: &str, name: &str| -> f64 {
         m.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
             .and_then(|l| l.split_whitespace().last())
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{name} missing in\n{m}"))
     };
+    let started = std::time::Instant::now();
+    let m = loop {
+        let m = metrics(&metrics_addr);
+        if value_in(&m, "lazypull_ondemand_fetch_seconds_count") >= 1.0
+            || started.elapsed() > std::time::Duration::from_secs(10)
+        {
+            break m;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let value = |name: &str| value_in(&m, name);
     assert!(value("lazypull_ondemand_requests_total") >= 1.0, "{m}");
     assert!(
         value("lazypull_ondemand_bytes_total") >= (1 << 20) as f64,
