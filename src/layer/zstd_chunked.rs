@@ -59,6 +59,10 @@ impl Position {
         if p.offset < SKIPPABLE_HEADER || p.length == 0 {
             return Err(format!("manifest position {s:?}: empty or misplaced"));
         }
+        // Callers compute `offset + length`; found by the fuzz target.
+        if p.offset.checked_add(p.length).is_none() {
+            return Err(format!("manifest position {s:?}: ends past 2^64"));
+        }
         Ok(p)
     }
 
@@ -153,6 +157,10 @@ mod tests {
         assert!(Position::parse("1:2:3:2").is_err(), "type 2");
         assert!(Position::parse("1:2:3").is_err());
         assert!(Position::parse("x:2:3:1").is_err());
+        assert!(
+            Position::parse("18446744073709551615:2:3:1").is_err(),
+            "overflow"
+        );
         let mut a = HashMap::new();
         assert!(from_annotations(&a).is_none());
         a.insert(
