@@ -137,6 +137,13 @@ pub struct ServeArgs {
     /// Time running RPCs get to finish after SIGTERM/SIGINT.
     #[arg(long, value_name = "DURATION")]
     pub shutdown_grace: Option<String>,
+    /// Serve containerd's snapshots API (proxy plugin `lazypull`) on this socket
+    /// [default: snapshotter.socket, /run/lazypull/snapshotter.sock].
+    #[arg(long, value_name = "PATH")]
+    pub snapshotter_socket: Option<std::path::PathBuf>,
+    /// Do not serve the containerd snapshotter.
+    #[arg(long)]
+    pub no_snapshotter: bool,
 }
 
 #[derive(Args, Debug)]

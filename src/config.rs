@@ -33,9 +33,33 @@ pub struct Config {
     pub gc: GcConfig,
     pub fuse: FuseConfig,
     pub metrics: MetricsConfig,
+    pub snapshotter: SnapshotterConfig,
     /// docker config.json to read credentials from ("" = $DOCKER_CONFIG or ~/.docker).
     pub docker_config: Option<PathBuf>,
     pub registries: Vec<RegistryEntry>,
+}
+
+/// The containerd snapshotter (proxy plugin) the daemon also serves.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotterConfig {
+    pub enabled: bool,
+    /// Unix socket containerd's `[proxy_plugins.lazypull] address` points at (mode 0600).
+    pub socket: PathBuf,
+    /// How long a Prepare for a lazily servable layer waits for its TOC before containerd is
+    /// told to download the layer instead.
+    #[serde(with = "humantime_serde_compat")]
+    pub remote_wait: Duration,
+}
+
+impl Default for SnapshotterConfig {
+    fn default() -> Self {
+        SnapshotterConfig {
+            enabled: true,
+            socket: PathBuf::from("/run/lazypull/snapshotter.sock"),
+            remote_wait: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The opt-in Prometheus endpoint.
@@ -184,6 +208,7 @@ impl Default for Config {
             gc: GcConfig::default(),
             fuse: FuseConfig::default(),
             metrics: MetricsConfig::default(),
+            snapshotter: SnapshotterConfig::default(),
             docker_config: None,
             registries: vec![],
         }
@@ -307,6 +332,15 @@ impl Config {
             return bad(
                 "cri.pull_mode full needs fetch.fill.enabled (--no-fill turns filling off)".into(),
             );
+        }
+        if self.snapshotter.enabled && !self.snapshotter.socket.is_absolute() {
+            return bad(format!(
+                "snapshotter.socket {:?} must be an absolute path",
+                self.snapshotter.socket
+            ));
+        }
+        if self.snapshotter.enabled && self.snapshotter.socket == self.cri.socket {
+            return bad("snapshotter.socket and cri.socket must differ".into());
         }
         if !self.fuse.mountpoint.is_absolute() {
             return bad(format!(

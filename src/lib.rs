@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod oci;
 pub mod registry;
 pub mod rpc;
+pub mod snapshot;
 pub mod store;
 pub mod telemetry;

@@ -99,6 +99,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = &a.metrics_listen {
                 cfg.metrics.listen = l.clone();
             }
+            if let Some(p) = &a.snapshotter_socket {
+                cfg.snapshotter.socket = std::path::absolute(p)
+                    .with_context(|| format!("--snapshotter-socket {}", p.display()))?;
+            }
+            if a.no_snapshotter {
+                cfg.snapshotter.enabled = false;
+            }
         }
         Command::Prefetch(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         Command::Convert(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,

@@ -190,7 +190,9 @@ fn config_errors_and_json_logs() {
         .arg(&root)
         .arg("--socket")
         .arg(&sock)
-        .args(["--log-format", "json", "serve", "--fuse-mountpoint"])
+        .args(["--log-format", "json", "serve", "--snapshotter-socket"])
+        .arg(dir.path().join("snap.sock"))
+        .arg("--fuse-mountpoint")
         .arg(dir.path().join("fs"))
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -205,7 +207,7 @@ fn config_errors_and_json_logs() {
         .arg(&root)
         .arg("--socket")
         .arg(dir.path().join("t.sock"))
-        .arg("serve")
+        .args(["serve", "--no-snapshotter"])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -203,7 +203,13 @@ async fn disk_full_fails_the_pull_and_leaves_no_partial_blob() {
         .arg(&root)
         .arg("--socket")
         .arg(&sock)
-        .args(["serve", "--pull-mode", "full", "--no-fuse"])
+        .args([
+            "serve",
+            "--pull-mode",
+            "full",
+            "--no-fuse",
+            "--no-snapshotter",
+        ])
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -13,26 +13,6 @@ fn mounted(dir: &std::path::Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap_or("?")))
 }
 
-/// Bytes the registry sent for GETs of one blob (access log: `"GET ..." STATUS BYTES`), and
-/// whether any was a full (200) answer.
-fn served(reg: &Registry, repo: &str, digest: &str) -> (u64, usize, bool) {
-    let needle = format!("\"GET /v2/{repo}/blobs/{digest} ");
-    let log = std::fs::read_to_string(reg.log()).unwrap_or_default();
-    let (mut bytes, mut n, mut full) = (0, 0, false);
-    for l in log
-        .lines()
-        .filter(|l| l.starts_with("127.0.0.1 ") && l.contains(&needle))
-    {
-        let after = l.split("HTTP/1.1\" ").nth(1).unwrap_or_default();
-        let mut f = after.split_whitespace();
-        let status = f.next().unwrap_or_default();
-        bytes += f.next().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
-        n += 1;
-        full |= status == "200";
-    }
-    (bytes, n, full)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chroot_into_a_lazily_mounted_estargz_image() {
     if !require_tools() || !Containerd::available() {

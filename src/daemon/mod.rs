@@ -8,6 +8,7 @@ use crate::cri::CriImages;
 use crate::fetch::Filler;
 use crate::images::Images;
 use crate::registry::{Registry, auth::Secret};
+use crate::rpc::containerd::services::snapshots::v1::snapshots_server::SnapshotsServer;
 use crate::rpc::control::control_server::ControlServer;
 use crate::rpc::cri::image_service_server::ImageServiceServer;
 use crate::store::{Catalogue, Layout, StoreLock};
@@ -112,6 +113,9 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     let core = Core::open(&cfg, default_secret).context("opening the store")?;
     let images = Arc::clone(&core.images);
     check_socket(&cfg.cri.socket)?;
+    if cfg.snapshotter.enabled {
+        check_socket(&cfg.snapshotter.socket)?;
+    }
     // Start-up never waits on the network: fills resume in the background.
     if cfg.fetch.fill.enabled {
         let n = images.resume_fills()?;
@@ -198,12 +202,40 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             metrics_stop.clone(),
         )))
     };
+    let stop = CancellationToken::new();
+    // The containerd snapshotter: remote snapshots need the FUSE mount.
+    let snapshot_task = if cfg.snapshotter.enabled {
+        let snapshotter = crate::snapshot::Snapshotter::new(
+            Arc::clone(&images),
+            crate::snapshot::SnapshotterOptions {
+                fuse_root: fuse.as_ref().map(|_| cfg.fuse.mountpoint.clone()),
+                remote_wait: cfg.snapshotter.remote_wait,
+            },
+        )
+        .context("starting the snapshotter")?;
+        let listener = bind_socket(&cfg.snapshotter.socket)?;
+        tracing::info!(socket = %cfg.snapshotter.socket.display(), lazy = fuse.is_some(),
+            "serving the containerd snapshotter (proxy plugin)");
+        let stop2 = stop.clone();
+        Some(tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    SnapshotsServer::new(crate::snapshot::service::SnapshotService { snapshotter })
+                        .max_decoding_message_size(4 << 20),
+                )
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(listener),
+                    async move { stop2.cancelled().await },
+                ),
+        ))
+    } else {
+        None
+    };
     let listener = bind_socket(&cfg.cri.socket)?;
     let svc = CriImages::new(Arc::clone(&images), cfg.cri.pull_mode);
     tracing::info!(socket = %cfg.cri.socket.display(), root = %cfg.root.display(), pull_mode = ?cfg.cri.pull_mode,
         version = env!("CARGO_PKG_VERSION"), "lazypull serving CRI ImageService");
 
-    let stop = CancellationToken::new();
     let stop2 = stop.clone();
     let server = tonic::transport::Server::builder()
         .add_service(ImageServiceServer::new(svc).max_decoding_message_size(4 << 20))
@@ -229,6 +261,14 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         .is_err()
     {
         tracing::warn!("running requests did not finish within the grace period; dropping them");
+    }
+    if let Some(t) = snapshot_task {
+        match tokio::time::timeout(cfg.cri.shutdown_grace, t).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "snapshotter server failed"),
+            Err(_) => tracing::warn!("snapshotter requests did not finish within the grace period"),
+            _ => {}
+        }
+        let _ = std::fs::remove_file(&cfg.snapshotter.socket);
     }
     // Stop fills: progress up to the last checkpoint is durable and resumes at the next start.
     core.shutdown.cancel();

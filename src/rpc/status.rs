@@ -3,6 +3,7 @@
 use crate::images::ImagesError;
 use crate::oci::OciError;
 use crate::registry::RegistryError;
+use crate::snapshot::SnapshotError;
 use tonic::{Code, Status};
 
 pub fn code_of(e: &ImagesError) -> Code {
@@ -38,6 +39,26 @@ pub fn code_of(e: &ImagesError) -> Code {
 
 pub fn to_status(e: ImagesError) -> Status {
     Status::new(code_of(&e), e.to_string())
+}
+
+/// Snapshotter errors, with the codes containerd's `errdefs.FromGRPC` understands.
+pub fn snapshot_code(e: &SnapshotError) -> Code {
+    match e {
+        SnapshotError::NotFound(_) => Code::NotFound,
+        SnapshotError::AlreadyExists(_) => Code::AlreadyExists,
+        SnapshotError::FailedPrecondition(_) => Code::FailedPrecondition,
+        SnapshotError::InvalidArgument(_) => Code::InvalidArgument,
+        SnapshotError::Unavailable(_) => Code::Unavailable,
+        SnapshotError::Store(s) if s.is_disk_full() => Code::ResourceExhausted,
+        SnapshotError::Io { source, .. } if crate::store::is_disk_full(source) => {
+            Code::ResourceExhausted
+        }
+        SnapshotError::Store(_) | SnapshotError::Io { .. } => Code::Internal,
+    }
+}
+
+pub fn snapshot_status(e: SnapshotError) -> Status {
+    Status::new(snapshot_code(&e), e.to_string())
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Columns of a layer row, in the order `layer_from_row` reads them.
 const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset, l.ondemand, l.unpacked, l.index_digest, l.toc_position";
@@ -58,6 +58,20 @@ CREATE TABLE IF NOT EXISTS image_layers (
     PRIMARY KEY (image_id, idx)
 );
 CREATE INDEX IF NOT EXISTS image_layers_by_digest ON image_layers(digest);
+CREATE TABLE IF NOT EXISTS snapshots (   -- containerd snapshots (the snapshotter service)
+    id INTEGER PRIMARY KEY AUTOINCREMENT, -- names the directory snapshots/<id>
+    name TEXT NOT NULL UNIQUE,           -- the key of an active/view snapshot, the name of a committed one
+    parent_id INTEGER REFERENCES snapshots(id),
+    kind TEXT NOT NULL CHECK (kind IN ('active', 'view', 'committed')),
+    labels TEXT NOT NULL DEFAULT '{}',   -- JSON object
+    created_ns INTEGER NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    remote_layer TEXT,                   -- a lazily served layer: its FUSE directory is the content
+    size INTEGER NOT NULL DEFAULT 0,     -- usage of a committed snapshot (its own files only)
+    inodes INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS snapshots_by_parent ON snapshots(parent_id);
+CREATE INDEX IF NOT EXISTS snapshots_by_layer ON snapshots(remote_layer);
 CREATE TABLE IF NOT EXISTS credentials (
     registry TEXT PRIMARY KEY,
     secret TEXT NOT NULL                 -- JSON; the database file is root-only (0600)
@@ -214,7 +228,7 @@ pub struct NewImage<'a> {
 }
 
 pub struct Catalogue {
-    conn: Connection,
+    pub(super) conn: Connection,
 }
 
 pub fn now() -> i64 {
@@ -538,21 +552,22 @@ impl Catalogue {
         Ok(())
     }
 
-    /// Whether any image still references this layer.
+    /// Whether any image or snapshot still references this layer.
     pub fn layer_referenced(&self, digest: &str) -> Result<bool> {
         Ok(self.conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM image_layers WHERE digest = ?1)",
+            "SELECT EXISTS (SELECT 1 FROM image_layers WHERE digest = ?1) OR EXISTS (SELECT 1 FROM snapshots WHERE remote_layer = ?1)",
             [digest],
             |r| r.get(0),
         )?)
     }
 
-    /// Delete layer rows no image references; returns their digests (the caller removes files).
+    /// Delete layer rows no image and no snapshot references; returns their digests (the caller removes files).
     pub fn drop_unreferenced_layers(&mut self) -> Result<Vec<String>> {
         let tx = self.conn.transaction()?;
         let gone: Vec<String> = {
             let mut st = tx.prepare(
-                "SELECT digest FROM layers l WHERE NOT EXISTS (SELECT 1 FROM image_layers il WHERE il.digest = l.digest)",
+                "SELECT digest FROM layers l WHERE NOT EXISTS (SELECT 1 FROM image_layers il WHERE il.digest = l.digest) \
+                 AND NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.remote_layer = l.digest)",
             )?;
             st.query_map([], |r| r.get(0))?
                 .collect::<std::result::Result<_, _>>()?

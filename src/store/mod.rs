@@ -6,6 +6,7 @@
 mod catalogue;
 pub mod partial;
 pub mod ranges;
+pub mod snapshots;
 
 pub use catalogue::{
     Catalogue, ImageRecord, LayerRecord, LayerState, NameKind, NewImage, NewLayer,
@@ -88,6 +89,10 @@ impl Layout {
     }
     pub fn partial_dir(&self) -> PathBuf {
         self.root.join("partial/sha256")
+    }
+    /// The snapshotter's directories: `snapshots/<id>/{fs,work}`.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
     }
     pub fn lock(&self) -> PathBuf {
         self.root.join("lock")

@@ -275,6 +275,14 @@ impl Daemon {
         self.root.path().join("store")
     }
 
+    /// The snapshotter socket the harness gives the daemon (unless the test chose one).
+    pub fn snapshotter_socket(&self) -> PathBuf {
+        match self.args.iter().position(|a| a == "--snapshotter-socket") {
+            Some(i) => PathBuf::from(&self.args[i + 1]),
+            None => self.root.path().join("snapshotter.sock"),
+        }
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -301,6 +309,20 @@ impl Daemon {
                     vec![
                         "--fuse-mountpoint".to_string(),
                         self.root.path().join("fs").display().to_string(),
+                    ]
+                },
+            )
+            .args(
+                if self
+                    .args
+                    .iter()
+                    .any(|a| a == "--snapshotter-socket" || a == "--no-snapshotter")
+                {
+                    vec![]
+                } else {
+                    vec![
+                        "--snapshotter-socket".to_string(),
+                        self.snapshotter_socket().display().to_string(),
                     ]
                 },
             )
@@ -687,6 +709,49 @@ impl Containerd {
 
     /// Start containerd trusting the given plain-HTTP registries.
     pub fn start(http_registries: &[String]) -> Containerd {
+        Self::start_with(http_registries, "")
+    }
+
+    /// Containerd with lazypull as its proxy snapshotter `lazypull` (and its CRI plugin set to
+    /// use it, with the layer labels on).
+    pub fn start_with_snapshotter(http_registries: &[String], socket: &Path) -> Containerd {
+        Self::start_with(
+            http_registries,
+            &format!(
+                "    snapshotter = \"lazypull\"\n    disable_snapshot_annotations = false\n[proxy_plugins]\n  [proxy_plugins.lazypull]\n    type = \"snapshot\"\n    address = \"{}\"\n",
+                socket.display()
+            ),
+        )
+    }
+
+    /// `ctr ARGS...` against this containerd, asserting success; returns stdout.
+    pub fn ctr(&self, args: &[&str]) -> String {
+        let out = self.ctr_output(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn ctr_output(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("ctr")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// `extra` is appended inside the CRI plugin's `containerd` table, so it may set keys there
+    /// and then open new tables.
+    fn start_with(http_registries: &[String], extra: &str) -> Containerd {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path();
         for r in http_registries {
@@ -696,9 +761,10 @@ impl Containerd {
         }
         let socket = p.join("containerd.sock");
         let config = format!(
-            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{1}\"\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = \"{0}/certs.d\"\n",
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{1}\"\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = \"{0}/certs.d\"\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n{2}",
             p.display(),
-            socket.display()
+            socket.display(),
+            extra
         );
         std::fs::write(p.join("config.toml"), config).expect("config");
         let log = std::fs::File::create(p.join("containerd.log")).expect("log");
@@ -1239,4 +1305,24 @@ pub fn raw_manifest(reg: &Registry, repo_tag: &str) -> serde_json::Value {
         .output()
         .expect("skopeo inspect");
     serde_json::from_slice(&out.stdout).expect("manifest json")
+}
+
+/// Bytes the registry sent for GETs of one blob (access log: `"GET ..." STATUS BYTES`), and
+/// whether any was a full (200) answer.
+pub fn served(reg: &Registry, repo: &str, digest: &str) -> (u64, usize, bool) {
+    let needle = format!("\"GET /v2/{repo}/blobs/{digest} ");
+    let log = std::fs::read_to_string(reg.log()).unwrap_or_default();
+    let (mut bytes, mut n, mut full) = (0, 0, false);
+    for l in log
+        .lines()
+        .filter(|l| l.starts_with("127.0.0.1 ") && l.contains(&needle))
+    {
+        let after = l.split("HTTP/1.1\" ").nth(1).unwrap_or_default();
+        let mut f = after.split_whitespace();
+        let status = f.next().unwrap_or_default();
+        bytes += f.next().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
+        n += 1;
+        full |= status == "200";
+    }
+    (bytes, n, full)
 }

@@ -1,0 +1,721 @@
+//! The containerd snapshotter (`containerd.services.snapshots.v1`, served as a proxy plugin):
+//! an overlayfs snapshotter whose committed snapshots may be *remote*, i.e. the lazily served
+//! directory of a layer on the daemon's FUSE mount. See docs/dev/snapshotter.md for the
+//! protocol as containerd 1.6 drives it.
+//!
+//! - Metadata lives in the catalogue (`store::snapshots`); directories under
+//!   `<root>/snapshots/<id>/{fs,work}` (the upper and work dirs of overlayfs).
+//! - Remote flow: a `Prepare` whose labels name a target (`containerd.io/snapshot.ref`) and a
+//!   layer (CRI's `containerd.io/snapshot/cri.*` labels or ctr-remote's
+//!   `containerd.io/snapshot/remote/stargz.*`) that can be served lazily creates the committed
+//!   snapshot `target` backed by that layer's FUSE directory and answers AlreadyExists, so
+//!   containerd skips the download. Otherwise it is an ordinary snapshot into which containerd
+//!   applies the layer.
+
+pub mod filter;
+pub mod service;
+
+use crate::images::{Images, PullMode};
+use crate::oci::{self, Digest};
+use crate::store::snapshots::{NewSnapshot, SnapshotKind, SnapshotRecord};
+use crate::store::{Catalogue, Layout, StoreError};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const LABEL_REF: &str = "containerd.io/snapshot.ref";
+pub const LABEL_REMOTE: &str = "containerd.io/snapshot/remote";
+pub const LABEL_CRI_IMAGE_REF: &str = "containerd.io/snapshot/cri.image-ref";
+pub const LABEL_CRI_LAYER_DIGEST: &str = "containerd.io/snapshot/cri.layer-digest";
+pub const LABEL_STARGZ_REF: &str = "containerd.io/snapshot/remote/stargz.reference";
+pub const LABEL_STARGZ_DIGEST: &str = "containerd.io/snapshot/remote/stargz.digest";
+
+/// containerd's limit for one label (key + value).
+const MAX_LABEL: usize = 4096;
+const MAX_LABELS: usize = 512;
+const MAX_KEY: usize = 4096;
+/// overlayfs mount options must fit in a page.
+const MAX_OPTIONS: usize = 4095;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {0}: not found")]
+    NotFound(String),
+    #[error("{0}: already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, SnapshotError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A mount as containerd's `types.Mount` carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountSpec {
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// Where a remote snapshot's layer comes from, as the labels say.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RemoteRequest {
+    pub target: String,
+    pub image_ref: String,
+    pub layer: Digest,
+}
+
+/// The remote-snapshot labels of a Prepare: `None` when the request is an ordinary one (no
+/// target, or no layer labels); an error when they are there but malformed.
+pub fn remote_request(labels: &BTreeMap<String, String>) -> Result<Option<RemoteRequest>> {
+    let Some(target) = labels.get(LABEL_REF) else {
+        return Ok(None);
+    };
+    let pair = [
+        (LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST),
+        (LABEL_STARGZ_REF, LABEL_STARGZ_DIGEST),
+    ]
+    .into_iter()
+    .find_map(|(r, d)| Some((labels.get(r)?, labels.get(d)?)));
+    let Some((image_ref, digest)) = pair else {
+        return Ok(None);
+    };
+    let bad = |m: String| SnapshotError::InvalidArgument(m);
+    if target.is_empty() {
+        return Err(bad(format!("label {LABEL_REF} is empty")));
+    }
+    let layer =
+        Digest::parse(digest).map_err(|e| bad(format!("layer digest label {digest:?}: {e}")))?;
+    oci::parse_reference(image_ref)
+        .map_err(|e| bad(format!("image reference label {image_ref:?}: {e}")))?;
+    Ok(Some(RemoteRequest {
+        target: target.clone(),
+        image_ref: image_ref.clone(),
+        layer,
+    }))
+}
+
+/// Bound what a request may store.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > MAX_LABELS {
+        return Err(SnapshotError::InvalidArgument(format!(
+            "{} labels, more than {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() + v.len() > MAX_LABEL {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "label {:?}: key must be non-empty and key + value at most {MAX_LABEL} bytes",
+                k.chars().take(64).collect::<String>()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_key(what: &str, key: &str) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_KEY || key.contains('\0') {
+        return Err(SnapshotError::InvalidArgument(format!(
+            "{what} must be 1 to {MAX_KEY} bytes without NUL"
+        )));
+    }
+    Ok(())
+}
+
+/// The mounts of a snapshot: `own` is its directory (`fs` and `work` inside), `lowers` the
+/// content directories of its ancestors, nearest first (containerd's overlay layout).
+pub fn build_mounts(kind: SnapshotKind, own: &Path, lowers: &[PathBuf]) -> Result<Vec<MountSpec>> {
+    let bind = |src: &Path, rw: bool| MountSpec {
+        kind: "bind".into(),
+        source: src.display().to_string(),
+        options: vec![if rw { "rw" } else { "ro" }.into(), "rbind".into()],
+    };
+    let lowerdir = || {
+        let joined = lowers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        format!("lowerdir={joined}")
+    };
+    let mounts = match (kind, lowers.len()) {
+        (SnapshotKind::Active, 0) => vec![bind(&own.join("fs"), true)],
+        (SnapshotKind::Active, _) => vec![MountSpec {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                "index=off".into(),
+                format!("workdir={}", own.join("work").display()),
+                format!("upperdir={}", own.join("fs").display()),
+                lowerdir(),
+            ],
+        }],
+        (SnapshotKind::View, 0) => vec![bind(&own.join("fs"), false)],
+        (SnapshotKind::View, 1) => vec![bind(&lowers[0], false)],
+        (SnapshotKind::View, _) => vec![MountSpec {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![lowerdir()],
+        }],
+        (SnapshotKind::Committed, _) => {
+            return Err(SnapshotError::FailedPrecondition(
+                "a committed snapshot has no mounts (not active or view)".into(),
+            ));
+        }
+    };
+    if let Some(m) = mounts.iter().find(|m| m.kind == "overlay") {
+        let len: usize = m.options.iter().map(|o| o.len() + 1).sum();
+        if len > MAX_OPTIONS {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "{} layers need {len} bytes of overlayfs mount options, more than the kernel's {MAX_OPTIONS}: \
+                 an image this deep cannot be mounted (flatten it)",
+                lowers.len()
+            )));
+        }
+    }
+    Ok(mounts)
+}
+
+pub struct SnapshotterOptions {
+    /// The daemon's FUSE mount (None: no remote snapshots, everything is applied locally).
+    pub fuse_root: Option<PathBuf>,
+    /// How long a remote Prepare waits for a layer's TOC before falling back to a download.
+    pub remote_wait: Duration,
+}
+
+pub struct Snapshotter {
+    layout: Layout,
+    db: Arc<Mutex<Catalogue>>,
+    images: Arc<Images>,
+    opts: SnapshotterOptions,
+}
+
+fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
+    db.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Snapshotter {
+    pub fn new(images: Arc<Images>, opts: SnapshotterOptions) -> Result<Arc<Snapshotter>> {
+        let layout = images.layout.clone();
+        let dir = layout.snapshots_dir();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        Ok(Arc::new(Snapshotter {
+            layout,
+            db: Arc::clone(&images.db),
+            images,
+            opts,
+        }))
+    }
+
+    fn dir(&self, id: i64) -> PathBuf {
+        self.layout.snapshots_dir().join(id.to_string())
+    }
+
+    /// The directory holding a committed snapshot's content.
+    fn content_dir(&self, s: &SnapshotRecord) -> Result<PathBuf> {
+        match &s.remote_layer {
+            Some(layer) => {
+                let Some(root) = &self.opts.fuse_root else {
+                    return Err(SnapshotError::Unavailable(format!(
+                        "snapshot {} is served lazily but the layer filesystem is not mounted",
+                        s.name
+                    )));
+                };
+                let dir = root.join(layer.trim_start_matches("sha256:"));
+                // The layer must be servable now (the FUSE mount up, its TOC known).
+                std::fs::metadata(&dir).map_err(|e| {
+                    SnapshotError::Unavailable(format!(
+                        "layer {layer} of snapshot {} is unavailable at {}: {e}",
+                        s.name,
+                        dir.display()
+                    ))
+                })?;
+                Ok(dir)
+            }
+            None => Ok(self.dir(s.id).join("fs")),
+        }
+    }
+
+    pub fn stat(&self, key: &str) -> Result<SnapshotRecord> {
+        lock(&self.db)
+            .snapshot(key)?
+            .ok_or_else(|| SnapshotError::NotFound(key.into()))
+    }
+
+    pub fn mounts(&self, key: &str) -> Result<Vec<MountSpec>> {
+        let (s, ancestors) = {
+            let db = lock(&self.db);
+            let s = db
+                .snapshot(key)?
+                .ok_or_else(|| SnapshotError::NotFound(key.into()))?;
+            let a = db.snapshot_ancestors(&s)?;
+            (s, a)
+        };
+        let lowers = ancestors
+            .iter()
+            .map(|a| self.content_dir(a))
+            .collect::<Result<Vec<_>>>()?;
+        build_mounts(s.kind, &self.dir(s.id), &lowers)
+    }
+
+    /// Prepare (kind Active) or View: a new snapshot on top of `parent`.
+    pub async fn prepare(
+        &self,
+        kind: SnapshotKind,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Vec<MountSpec>> {
+        check_key("key", key)?;
+        check_labels(&labels)?;
+        let parent_rec = self.parent(key, parent)?;
+        if kind == SnapshotKind::Active
+            && let Some(req) = remote_request(&labels)?
+            && self.try_remote(&req, parent_rec.as_ref(), &labels).await?
+        {
+            return Err(SnapshotError::AlreadyExists(format!(
+                "target snapshot {:?}",
+                req.target
+            )));
+        }
+        let rec = {
+            let mut db = lock(&self.db);
+            if db.snapshot(key)?.is_some() {
+                return Err(SnapshotError::AlreadyExists(format!("snapshot {key:?}")));
+            }
+            db.insert_snapshot(
+                &NewSnapshot {
+                    name: key,
+                    parent: parent_rec.as_ref(),
+                    kind,
+                    labels: &labels,
+                    remote_layer: None,
+                },
+                |id| self.make_dirs(id),
+            )?
+        };
+        tracing::debug!(
+            key,
+            parent,
+            kind = kind.as_str(),
+            id = rec.id,
+            "snapshot prepared"
+        );
+        self.mounts(&rec.name)
+    }
+
+    fn parent(&self, key: &str, parent: &str) -> Result<Option<SnapshotRecord>> {
+        let db = lock(&self.db);
+        if db.snapshot(key)?.is_some() {
+            return Err(SnapshotError::AlreadyExists(format!("snapshot {key:?}")));
+        }
+        if parent.is_empty() {
+            return Ok(None);
+        }
+        let p = db
+            .snapshot(parent)?
+            .ok_or_else(|| SnapshotError::NotFound(format!("parent {parent:?}")))?;
+        if p.kind != SnapshotKind::Committed {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "parent {parent:?} is not a committed snapshot"
+            )));
+        }
+        Ok(Some(p))
+    }
+
+    fn make_dirs(&self, id: i64) -> Result<()> {
+        let dir = self.dir(id);
+        // A directory left by a crash between mkdir and the catalogue commit.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+        }
+        for d in [dir.join("fs"), dir.join("work")] {
+            std::fs::create_dir_all(&d).map_err(io(&d))?;
+        }
+        // The root of the container's filesystem: 0755 like overlay's.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("fs"), std::fs::Permissions::from_mode(0o755))
+            .map_err(io(&dir))?;
+        Ok(())
+    }
+
+    /// The remote flow: true when `req.target` now exists as a committed snapshot served
+    /// lazily (the caller answers AlreadyExists); false to fall back to a local snapshot.
+    async fn try_remote(
+        &self,
+        req: &RemoteRequest,
+        parent: Option<&SnapshotRecord>,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<bool> {
+        if self.opts.fuse_root.is_none() {
+            return Ok(false);
+        }
+        if let Some(existing) = lock(&self.db).snapshot(&req.target)? {
+            // Already there (another namespace, or a retry): containerd finds it by List.
+            return Ok(existing.kind == SnapshotKind::Committed);
+        }
+        let started = Instant::now();
+        match self.layer_ready(req).await {
+            Ok(()) => {}
+            Err(why) => {
+                tracing::info!(layer = %req.layer, image = %req.image_ref, reason = %why,
+                    "layer not served lazily; containerd downloads and applies it");
+                return Ok(false);
+            }
+        }
+        let mut labels = labels.clone();
+        labels.insert(LABEL_REMOTE.into(), "remote snapshot".into());
+        let mut db = lock(&self.db);
+        if db.snapshot(&req.target)?.is_some() {
+            return Ok(true);
+        }
+        db.insert_snapshot::<SnapshotError>(
+            &NewSnapshot {
+                name: &req.target,
+                parent,
+                kind: SnapshotKind::Committed,
+                labels: &labels,
+                remote_layer: Some(req.layer.as_str()),
+            },
+            |_| Ok(()),
+        )?;
+        tracing::info!(layer = %req.layer, image = %req.image_ref, target = %req.target,
+            elapsed_ms = started.elapsed().as_millis() as u64, "remote snapshot: layer served lazily");
+        Ok(true)
+    }
+
+    /// Wait until the layer can be served by the FUSE mount: its TOC verified (lazy), or its
+    /// files unpacked (a complete plain layer). Pulls the image (manifest and config) first if
+    /// the daemon does not know the layer. Err: why it cannot be served lazily.
+    async fn layer_ready(&self, req: &RemoteRequest) -> std::result::Result<(), String> {
+        let deadline = Instant::now() + self.opts.remote_wait;
+        let mut pulled = false;
+        loop {
+            let layer = lock(&self.db)
+                .layer(req.layer.as_str())
+                .map_err(|e| e.to_string())?;
+            match layer {
+                Some(l) if l.toc_entries.is_some() => return Ok(()),
+                Some(l) if l.unpacked && l.index_digest.is_some() => return Ok(()),
+                Some(l) if l.toc_error.is_some() => {
+                    return Err(format!(
+                        "its TOC was refused: {}",
+                        l.toc_error.unwrap_or_default()
+                    ));
+                }
+                Some(l) if l.toc_digest.is_none() => {
+                    return Err(format!(
+                        "it has no TOC ({}) and is not fetched yet",
+                        l.media_type
+                    ));
+                }
+                Some(_) => {}
+                None if !pulled => {
+                    pulled = true;
+                    let wait = deadline.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(
+                        wait,
+                        self.images.pull(&req.image_ref, None, PullMode::Lazy),
+                    )
+                    .await
+                    {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(e)) => return Err(format!("pulling {}: {e}", req.image_ref)),
+                        Err(_) => return Err(format!("pulling {} timed out", req.image_ref)),
+                    }
+                }
+                None => {
+                    return Err(format!(
+                        "{} does not contain layer {}",
+                        req.image_ref, req.layer
+                    ));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "its TOC was not fetched within {:?}",
+                    self.opts.remote_wait
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn commit(&self, name: &str, key: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        check_key("name", name)?;
+        check_labels(&labels)?;
+        let s = self.stat(key)?;
+        if s.kind != SnapshotKind::Active {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "snapshot {key:?} is {}, not active",
+                s.kind.as_str()
+            )));
+        }
+        // Usage is taken before the rename: the directory does not change any more.
+        let usage = crate::images::disk_usage(&self.dir(s.id).join("fs"));
+        let mut db = lock(&self.db);
+        if db.snapshot(name)?.is_some() {
+            return Err(SnapshotError::AlreadyExists(format!("snapshot {name:?}")));
+        }
+        // Re-read under the lock: a concurrent Remove or Commit of the same key.
+        match db.snapshot(key)? {
+            Some(now) if now.id == s.id && now.kind == SnapshotKind::Active => {}
+            _ => return Err(SnapshotError::NotFound(key.into())),
+        }
+        db.commit_snapshot(s.id, name, &labels, usage)?;
+        tracing::debug!(key, name, "snapshot committed");
+        Ok(())
+    }
+
+    pub fn remove(&self, key: &str) -> Result<()> {
+        let s = self.stat(key)?;
+        if !lock(&self.db).delete_snapshot(s.id)? {
+            return Err(SnapshotError::FailedPrecondition(format!(
+                "cannot remove snapshot {key:?}: it has children"
+            )));
+        }
+        // The row is gone first: a crash leaves at worst an orphan directory for Cleanup.
+        if s.remote_layer.is_none() {
+            let dir = self.dir(s.id);
+            if let Err(e) = std::fs::remove_dir_all(&dir)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a snapshot directory; Cleanup retries");
+            }
+        }
+        tracing::debug!(key, "snapshot removed");
+        Ok(())
+    }
+
+    /// Only labels can change. `paths`: `labels` (replace all) or `labels.KEY` (set or, with an
+    /// empty value, delete one); none = replace all.
+    pub fn update(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        paths: &[String],
+    ) -> Result<SnapshotRecord> {
+        check_labels(&labels)?;
+        let mut db = lock(&self.db);
+        let mut s = db
+            .snapshot(name)?
+            .ok_or_else(|| SnapshotError::NotFound(name.into()))?;
+        let mut new = s.labels.clone();
+        if paths.is_empty() || paths.iter().any(|p| p == "labels") {
+            new = labels.clone();
+        }
+        for p in paths {
+            if p == "labels" {
+                continue;
+            }
+            let Some(k) = p.strip_prefix("labels.") else {
+                return Err(SnapshotError::InvalidArgument(format!(
+                    "cannot update field {p:?} of snapshot {name:?}: only labels are mutable"
+                )));
+            };
+            match labels.get(k) {
+                Some(v) if !v.is_empty() => {
+                    new.insert(k.to_string(), v.clone());
+                }
+                _ => {
+                    new.remove(k);
+                }
+            }
+        }
+        new.retain(|_, v| !v.is_empty());
+        check_labels(&new)?;
+        s.updated_ns = db.update_snapshot_labels(s.id, &new)?;
+        s.labels = new;
+        Ok(s)
+    }
+
+    /// Bytes and inodes of the snapshot's own files (0 for a remote snapshot).
+    pub fn usage(&self, key: &str) -> Result<(u64, u64)> {
+        let s = self.stat(key)?;
+        Ok(match (&s.remote_layer, s.kind) {
+            (Some(_), _) => (0, 0),
+            (None, SnapshotKind::Committed) => (s.size, s.inodes),
+            (None, _) => crate::images::disk_usage(&self.dir(s.id).join("fs")),
+        })
+    }
+
+    pub fn list(&self, filters: &[filter::Filter]) -> Result<Vec<SnapshotRecord>> {
+        let all = lock(&self.db).snapshots()?;
+        Ok(all
+            .into_iter()
+            .filter(|s| {
+                filter::any_matches(
+                    filters,
+                    &filter::Fields {
+                        name: &s.name,
+                        parent: &s.parent,
+                        kind: s.kind.as_str(),
+                        labels: &s.labels,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// Remove directories no snapshot owns (left by a crash or a failed removal). Returns how
+    /// many were removed.
+    pub fn cleanup(&self) -> Result<usize> {
+        let root = self.layout.snapshots_dir();
+        let mut trash = vec![];
+        {
+            // Under the lock: a Prepare in flight holds it between mkdir and its commit.
+            let db = lock(&self.db);
+            let ids = db.snapshot_ids()?;
+            for e in std::fs::read_dir(&root).map_err(io(&root))?.flatten() {
+                let name = e.file_name();
+                let owned = name
+                    .to_str()
+                    .and_then(|n| n.parse::<i64>().ok())
+                    .is_some_and(|id| ids.contains(&id));
+                if !owned {
+                    let to = root.join(format!(
+                        ".trash-{}-{}",
+                        name.to_string_lossy().trim_start_matches(".trash-"),
+                        std::process::id()
+                    ));
+                    if e.path() == to || std::fs::rename(e.path(), &to).is_ok() {
+                        trash.push(to);
+                    } else {
+                        trash.push(e.path());
+                    }
+                }
+            }
+        }
+        let mut n = 0;
+        for t in trash {
+            match std::fs::remove_dir_all(&t).or_else(|_| std::fs::remove_file(&t)) {
+                Ok(()) => n += 1,
+                Err(e) => {
+                    tracing::warn!(path = %t.display(), error = %e, "cleanup: cannot remove")
+                }
+            }
+        }
+        if n > 0 {
+            tracing::info!(removed = n, "snapshot cleanup removed orphan directories");
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn remote_labels() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(remote_request(&l(&[])).unwrap(), None);
+        assert_eq!(
+            remote_request(&l(&[(LABEL_REF, "sha256:x")])).unwrap(),
+            None,
+            "no layer labels: an ordinary unpack"
+        );
+        let cri = remote_request(&l(&[
+            (LABEL_REF, "sha256:chain"),
+            (LABEL_CRI_IMAGE_REF, "127.0.0.1:5000/a:b"),
+            (LABEL_CRI_LAYER_DIGEST, &d),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(cri.target, "sha256:chain");
+        assert_eq!(cri.layer.as_str(), d);
+        let stargz = remote_request(&l(&[
+            (LABEL_REF, "sha256:chain"),
+            (LABEL_STARGZ_REF, "127.0.0.1:5000/a:b"),
+            (LABEL_STARGZ_DIGEST, &d),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(stargz.image_ref, "127.0.0.1:5000/a:b");
+        for bad in [
+            l(&[
+                (LABEL_REF, "c"),
+                (LABEL_CRI_IMAGE_REF, "x"),
+                (LABEL_CRI_LAYER_DIGEST, "sha256:zz"),
+            ]),
+            l(&[
+                (LABEL_REF, "c"),
+                (LABEL_CRI_IMAGE_REF, "UPPER:bad ref"),
+                (LABEL_CRI_LAYER_DIGEST, &d),
+            ]),
+            l(&[
+                (LABEL_REF, ""),
+                (LABEL_CRI_IMAGE_REF, "a/b"),
+                (LABEL_CRI_LAYER_DIGEST, &d),
+            ]),
+        ] {
+            assert!(
+                matches!(remote_request(&bad), Err(SnapshotError::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(check_labels(&l(&[("k", &"v".repeat(5000))])).is_err());
+        assert!(check_labels(&l(&[("", "v")])).is_err());
+    }
+
+    #[test]
+    fn mounts_follow_containerd_overlay() {
+        let own = Path::new("/s/7");
+        let lowers = [PathBuf::from("/f/a"), PathBuf::from("/s/3/fs")];
+        let m = build_mounts(SnapshotKind::Active, own, &[]).unwrap();
+        assert_eq!(m[0].kind, "bind");
+        assert_eq!(m[0].source, "/s/7/fs");
+        assert_eq!(m[0].options, ["rw", "rbind"]);
+        let m = build_mounts(SnapshotKind::Active, own, &lowers).unwrap();
+        assert_eq!(
+            m[0].options,
+            [
+                "index=off",
+                "workdir=/s/7/work",
+                "upperdir=/s/7/fs",
+                "lowerdir=/f/a:/s/3/fs"
+            ]
+        );
+        let m = build_mounts(SnapshotKind::View, own, &lowers[..1]).unwrap();
+        assert_eq!(
+            (m[0].source.as_str(), &m[0].options[..]),
+            ("/f/a", &["ro".to_string(), "rbind".to_string()][..])
+        );
+        let m = build_mounts(SnapshotKind::View, own, &lowers).unwrap();
+        assert_eq!(m[0].options, ["lowerdir=/f/a:/s/3/fs"]);
+        assert!(build_mounts(SnapshotKind::Committed, own, &lowers).is_err());
+        let deep: Vec<PathBuf> = (0..60)
+            .map(|i| PathBuf::from(format!("/run/lazypull/fs/{i:064}")))
+            .collect();
+        assert!(matches!(
+            build_mounts(SnapshotKind::Active, own, &deep),
+            Err(SnapshotError::FailedPrecondition(_))
+        ));
+    }
+}

@@ -1,0 +1,521 @@
+//! The containerd snapshotter: the snapshots API on its own (semantics, error codes, crash
+//! consistency, cleanup), then driven by a real containerd 1.6 through its proxy plugin.
+
+mod common;
+
+use common::*;
+use lazypull::rpc::containerd::services::snapshots::v1 as pb;
+use pb::snapshots_client::SnapshotsClient;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tonic::Code;
+
+type Client = SnapshotsClient<tonic::transport::Channel>;
+
+async fn snapshots(d: &Daemon) -> Client {
+    SnapshotsClient::new(
+        lazypull::rpc::connect_unix(&d.snapshotter_socket())
+            .await
+            .expect("snapshotter socket"),
+    )
+}
+
+fn labels(kv: &[(&str, &str)]) -> HashMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn prepare(
+    c: &mut Client,
+    key: &str,
+    parent: &str,
+    l: HashMap<String, String>,
+) -> Result<Vec<lazypull::rpc::containerd::types::Mount>, tonic::Status> {
+    c.prepare(pb::PrepareSnapshotRequest {
+        snapshotter: "lazypull".into(),
+        key: key.into(),
+        parent: parent.into(),
+        labels: l,
+    })
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn stat(c: &mut Client, key: &str) -> Result<pb::Info, tonic::Status> {
+    c.stat(pb::StatSnapshotRequest {
+        snapshotter: "lazypull".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|r| r.into_inner().info.expect("info"))
+}
+
+async fn commit(c: &mut Client, name: &str, key: &str) -> Result<(), tonic::Status> {
+    c.commit(pb::CommitSnapshotRequest {
+        snapshotter: "lazypull".into(),
+        name: name.into(),
+        key: key.into(),
+        labels: labels(&[("x", "y")]),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn remove(c: &mut Client, key: &str) -> Result<(), tonic::Status> {
+    c.remove(pb::RemoveSnapshotRequest {
+        snapshotter: "lazypull".into(),
+        key: key.into(),
+    })
+    .await
+    .map(|_| ())
+}
+
+async fn list(c: &mut Client, filters: &[&str]) -> Result<Vec<pb::Info>, tonic::Status> {
+    let mut s = c
+        .list(pb::ListSnapshotsRequest {
+            snapshotter: "lazypull".into(),
+            filters: filters.iter().map(|f| f.to_string()).collect(),
+        })
+        .await?
+        .into_inner();
+    let mut out = vec![];
+    while let Some(m) = s.message().await? {
+        out.extend(m.info);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn names(infos: &[pb::Info]) -> Vec<&str> {
+    infos.iter().map(|i| i.name.as_str()).collect()
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> Code {
+    r.expect_err("expected an error").code()
+}
+
+/// Every method, its error codes, labels, filters, usage; the metadata survives kill -9;
+/// Cleanup removes orphan directories and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_api_semantics_persistence_and_cleanup() {
+    let mut d = Daemon::start(&["--no-fill", "--no-fuse"]);
+    let sock = d.snapshotter_socket();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let mut c = snapshots(&d).await;
+
+    // A first active snapshot: a writable bind mount of an empty directory.
+    let m = prepare(&mut c, "a", "", labels(&[])).await.unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!(
+        (m[0].r#type.as_str(), &m[0].options[..]),
+        ("bind", &["rw".to_string(), "rbind".to_string()][..])
+    );
+    let a_fs = PathBuf::from(&m[0].source);
+    std::fs::write(a_fs.join("hello"), b"hello from a").unwrap();
+    assert_eq!(
+        code(prepare(&mut c, "a", "", labels(&[])).await),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        code(prepare(&mut c, "b", "nope", labels(&[])).await),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(prepare(&mut c, "b", "a", labels(&[])).await),
+        Code::InvalidArgument,
+        "an active parent"
+    );
+    assert_eq!(
+        code(prepare(&mut c, "", "", labels(&[])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(prepare(&mut c, "big", "", labels(&[("k", &"v".repeat(5000))])).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(
+            prepare(
+                &mut c,
+                "bad-remote",
+                "",
+                labels(&[
+                    ("containerd.io/snapshot.ref", "sha256:chain"),
+                    ("containerd.io/snapshot/cri.image-ref", "127.0.0.1:1/x:y"),
+                    ("containerd.io/snapshot/cri.layer-digest", "sha256:nothex"),
+                ])
+            )
+            .await
+        ),
+        Code::InvalidArgument,
+        "malformed remote labels"
+    );
+    let mounts = |c: &mut Client, key: &str| {
+        let mut c = c.clone();
+        let key = key.to_string();
+        async move {
+            c.mounts(pb::MountsRequest {
+                snapshotter: "lazypull".into(),
+                key,
+            })
+            .await
+            .map(|r| r.into_inner().mounts)
+        }
+    };
+    assert_eq!(mounts(&mut c, "a").await.unwrap(), m);
+    assert_eq!(code(mounts(&mut c, "zz").await), Code::NotFound);
+
+    // Commit: the key becomes the name; usage counts its own files.
+    commit(&mut c, "c1", "a").await.unwrap();
+    assert_eq!(code(stat(&mut c, "a").await), Code::NotFound);
+    assert_eq!(code(commit(&mut c, "c2", "a").await), Code::NotFound);
+    let c1 = stat(&mut c, "c1").await.unwrap();
+    assert_eq!(c1.kind, pb::Kind::Committed as i32);
+    assert_eq!(c1.labels, labels(&[("x", "y")]));
+    assert!(c1.created_at.is_some() && c1.updated_at.is_some());
+    assert_eq!(code(mounts(&mut c, "c1").await), Code::FailedPrecondition);
+    let u = c
+        .usage(pb::UsageRequest {
+            snapshotter: "lazypull".into(),
+            key: "c1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(u.size > 0 && u.inodes >= 1, "{u:?}");
+
+    // Children: an overlay over the committed one, and a read-only view.
+    let b = prepare(&mut c, "b", "c1", labels(&[])).await.unwrap();
+    assert_eq!(b[0].r#type, "overlay");
+    assert!(
+        b[0].options
+            .contains(&format!("lowerdir={}", a_fs.display())),
+        "{:?}",
+        b[0].options
+    );
+    let v = c
+        .view(pb::ViewSnapshotRequest {
+            snapshotter: "lazypull".into(),
+            key: "v".into(),
+            parent: "c1".into(),
+            labels: labels(&[]),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(
+        (v[0].r#type.as_str(), v[0].source.as_str()),
+        ("bind", a_fs.to_str().unwrap())
+    );
+    assert!(v[0].options.contains(&"ro".to_string()));
+    // The overlay really mounts and shows the parent's file.
+    let mnt = tempfile::tempdir().unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &b[0].options.join(",")])
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let seen = std::fs::read(mnt.path().join("hello"));
+    std::fs::write(mnt.path().join("new"), b"x").unwrap();
+    let _ = std::process::Command::new("umount")
+        .arg(mnt.path())
+        .status();
+    assert_eq!(seen.unwrap(), b"hello from a");
+    assert_eq!(code(commit(&mut c, "c1", "b").await), Code::AlreadyExists);
+    assert_eq!(
+        code(commit(&mut c, "cv", "v").await),
+        Code::FailedPrecondition
+    );
+    assert_eq!(code(remove(&mut c, "c1").await), Code::FailedPrecondition);
+    assert_eq!(code(remove(&mut c, "nope").await), Code::NotFound);
+
+    // Update: only labels; one key, or all.
+    let update = |c: &mut Client, name: &str, l: HashMap<String, String>, paths: &[&str]| {
+        let mut c = c.clone();
+        let req = pb::UpdateSnapshotRequest {
+            snapshotter: "lazypull".into(),
+            info: Some(pb::Info {
+                name: name.into(),
+                labels: l,
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: paths.iter().map(|p| p.to_string()).collect(),
+            }),
+        };
+        async move { c.update(req).await.map(|r| r.into_inner().info.unwrap()) }
+    };
+    let i = update(
+        &mut c,
+        "c1",
+        labels(&[("z", "w")]),
+        &["labels.z", "labels.x"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(i.labels, labels(&[("z", "w")]), "x deleted, z set");
+    assert_eq!(
+        code(update(&mut c, "c1", labels(&[]), &["name"]).await),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        code(update(&mut c, "nope", labels(&[]), &[]).await),
+        Code::NotFound
+    );
+
+    // List with containerd's filters (any filter may match; selectors in one must all).
+    assert_eq!(names(&list(&mut c, &[]).await.unwrap()), ["b", "c1", "v"]);
+    assert_eq!(
+        names(&list(&mut c, &["kind==committed"]).await.unwrap()),
+        ["c1"]
+    );
+    assert_eq!(
+        names(
+            &list(&mut c, &[r#"labels."z"==w"#, "name==v"])
+                .await
+                .unwrap()
+        ),
+        ["c1", "v"]
+    );
+    assert_eq!(
+        names(&list(&mut c, &["parent==c1,kind==active"]).await.unwrap()),
+        ["b"]
+    );
+    assert_eq!(code(list(&mut c, &["name=="]).await), Code::InvalidArgument);
+
+    // kill -9: the same snapshots afterwards.
+    let before = list(&mut c, &[]).await.unwrap();
+    d.kill9();
+    d.restart();
+    let mut c = snapshots(&d).await;
+    assert_eq!(list(&mut c, &[]).await.unwrap(), before);
+
+    // Cleanup removes what no snapshot owns (as left by a crash), nothing else.
+    let dir = d.store().join("snapshots");
+    std::fs::create_dir_all(dir.join("999/fs")).unwrap();
+    std::fs::create_dir_all(dir.join("junk")).unwrap();
+    c.cleanup(pb::CleanupRequest {
+        snapshotter: "lazypull".into(),
+    })
+    .await
+    .unwrap();
+    assert!(!dir.join("999").exists() && !dir.join("junk").exists());
+    assert!(a_fs.join("hello").exists());
+    for k in ["v", "b", "c1"] {
+        remove(&mut c, k).await.unwrap();
+    }
+    c.cleanup(pb::CleanupRequest {
+        snapshotter: "lazypull".into(),
+    })
+    .await
+    .unwrap();
+    assert!(list(&mut c, &[]).await.unwrap().is_empty());
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "no directories left"
+    );
+}
+
+fn ctr_remote(ctd: &Containerd, args: &[&str]) -> String {
+    let out = std::process::Command::new("ctr-remote")
+        .arg("-a")
+        .arg(&ctd.socket)
+        .args(args)
+        .output()
+        .expect("ctr-remote");
+    assert!(
+        out.status.success(),
+        "ctr-remote {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctd.log_text()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Mounts under `dir` according to /proc/mounts.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&*dir.to_string_lossy()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// containerd 1.6 with lazypull as its proxy snapshotter: `ctr-remote images rpull` of an
+/// eStargz image creates remote snapshots (the registry sends a small part of the image), `ctr
+/// run` runs a container on them; a plain image falls back to containerd applying the layers
+/// into our snapshots; lazypull killed and restarted keeps everything; removing the images
+/// leaves no snapshots and no mounts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_runs_containers_on_lazy_snapshots() {
+    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    {
+        let ctd = Containerd::start(&[reg.host()]);
+        if !ctr_remote_convert(&reg, &ctd, "big:latest", "big:esgz") {
+            return;
+        }
+    }
+    let mut d = Daemon::start(&["--no-fill"]);
+    let ctd = Containerd::start_with_snapshotter(&[reg.host()], &d.snapshotter_socket());
+    let big = format!("{}/big:esgz", reg.host());
+    let manifest = raw_manifest(&reg, "big:esgz");
+    let layers: Vec<(String, u64)> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let image_size: u64 = layers.iter().map(|l| l.1).sum();
+
+    ctr_remote(
+        &ctd,
+        &[
+            "images",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "lazypull",
+            &big,
+        ],
+    );
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazypull",
+        &big,
+        "lazy1",
+        "/bin/sh",
+        "-c",
+        "echo hello from a lazy container; head -c 4096 /big/big.bin | wc -c",
+    ]);
+    assert!(
+        out.contains("hello from a lazy container") && out.contains("4096"),
+        "{out}"
+    );
+    let sent: u64 = layers.iter().map(|(dg, _)| served(&reg, "big", dg).0).sum();
+    eprintln!("registry sent {sent} of {image_size} layer bytes for pull + run");
+    assert!(
+        sent < image_size / 4,
+        "lazy: the registry sent {sent} of {image_size} layer bytes"
+    );
+    // Our side: one committed remote snapshot per layer, served from the FUSE mount.
+    let mut c = snapshots(&d).await;
+    let remote = list(&mut c, &[r#"labels."containerd.io/snapshot/remote""#])
+        .await
+        .unwrap();
+    assert_eq!(remote.len(), layers.len(), "{remote:?}");
+    // containerd sees them through its metadata.
+    let ls = ctd.ctr(&["snapshots", "--snapshotter", "lazypull", "ls"]);
+    assert_eq!(
+        ls.lines().filter(|l| l.contains("Committed")).count(),
+        layers.len(),
+        "{ls}"
+    );
+
+    // A plain gzip image (no TOC, no remote labels from plain ctr): containerd applies it.
+    let plain = format!("{}/busybox:latest", reg.host());
+    ctd.ctr(&[
+        "images",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "lazypull",
+        &plain,
+    ]);
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazypull",
+        &plain,
+        "plain1",
+        "/bin/sh",
+        "-c",
+        "echo plain ok",
+    ]);
+    assert!(out.contains("plain ok"), "{out}");
+
+    // lazypull killed and restarted: the same snapshots, and containers still run.
+    let before = list(&mut c, &[]).await.unwrap();
+    d.kill9();
+    d.restart();
+    let mut c = snapshots(&d).await;
+    assert_eq!(list(&mut c, &[]).await.unwrap(), before);
+    // containerd redials a proxy plugin with a backoff of at most 3 s.
+    let started = std::time::Instant::now();
+    while !ctd
+        .ctr_output(&["snapshots", "--snapshotter", "lazypull", "ls"])
+        .status
+        .success()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "containerd did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "containerd reconnected {:?} after the restart",
+        started.elapsed()
+    );
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazypull",
+        &big,
+        "lazy2",
+        "/bin/sh",
+        "-c",
+        "tail -c 100 /big/big.bin | wc -c",
+    ]);
+    assert!(out.contains("100"), "{out}");
+
+    // Removing the images: containerd's GC removes every snapshot through us; no mounts left.
+    ctd.ctr(&["images", "rm", "--sync", &big, &plain]);
+    let started = std::time::Instant::now();
+    loop {
+        let left = list(&mut c, &[]).await.unwrap();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "snapshots left: {:?}\n{}",
+            names(&left),
+            ctd.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.cleanup(pb::CleanupRequest {
+        snapshotter: "lazypull".into(),
+    })
+    .await
+    .unwrap();
+    let snaps = d.store().join("snapshots");
+    assert_eq!(std::fs::read_dir(&snaps).unwrap().count(), 0);
+    assert!(
+        mounts_under(&snaps).is_empty(),
+        "{:?}",
+        mounts_under(&snaps)
+    );
+}
