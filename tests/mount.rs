@@ -736,22 +736,6 @@ fn mount_image(d: &Daemon, name: &str, root: &std::path::Path, extra: &[&str]) {
     );
 }
 
-/// `ctr-remote -a SOCKET ARGS...`, asserting success; returns stdout.
-fn ctr_remote(ctd: &Containerd, args: &[&str]) -> String {
-    let out = Command::new("ctr-remote")
-        .arg("-a")
-        .arg(&ctd.socket)
-        .args(args)
-        .output()
-        .expect("ctr-remote");
-    assert!(
-        out.status.success(),
-        "ctr-remote {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// `lazypull ARGS...` (through the daemon's config), asserting success; returns stdout.
 fn lazypull_ok(d: &Daemon, args: &[&str]) -> String {
     let out = d.cli(args);

@@ -88,6 +88,14 @@ async fn list(c: &mut Client, filters: &[&str]) -> Result<Vec<pb::Info>, tonic::
     Ok(out)
 }
 
+async fn cleanup(c: &mut Client) {
+    c.cleanup(pb::CleanupRequest {
+        snapshotter: "lazypull".into(),
+    })
+    .await
+    .expect("cleanup");
+}
+
 fn names(infos: &[pb::Info]) -> Vec<&str> {
     infos.iter().map(|i| i.name.as_str()).collect()
 }
@@ -302,43 +310,19 @@ async fn snapshot_api_semantics_persistence_and_cleanup() {
     let dir = d.store().join("snapshots");
     std::fs::create_dir_all(dir.join("999/fs")).unwrap();
     std::fs::create_dir_all(dir.join("junk")).unwrap();
-    c.cleanup(pb::CleanupRequest {
-        snapshotter: "lazypull".into(),
-    })
-    .await
-    .unwrap();
+    cleanup(&mut c).await;
     assert!(!dir.join("999").exists() && !dir.join("junk").exists());
     assert!(a_fs.join("hello").exists());
     for k in ["v", "b", "c1"] {
         remove(&mut c, k).await.unwrap();
     }
-    c.cleanup(pb::CleanupRequest {
-        snapshotter: "lazypull".into(),
-    })
-    .await
-    .unwrap();
+    cleanup(&mut c).await;
     assert!(list(&mut c, &[]).await.unwrap().is_empty());
     assert_eq!(
         std::fs::read_dir(&dir).unwrap().count(),
         0,
         "no directories left"
     );
-}
-
-fn ctr_remote(ctd: &Containerd, args: &[&str]) -> String {
-    let out = std::process::Command::new("ctr-remote")
-        .arg("-a")
-        .arg(&ctd.socket)
-        .args(args)
-        .output()
-        .expect("ctr-remote");
-    assert!(
-        out.status.success(),
-        "ctr-remote {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        ctd.log_text()
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Mounts under `dir` according to /proc/mounts.
@@ -506,11 +490,7 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    c.cleanup(pb::CleanupRequest {
-        snapshotter: "lazypull".into(),
-    })
-    .await
-    .unwrap();
+    cleanup(&mut c).await;
     let snaps = d.store().join("snapshots");
     assert_eq!(std::fs::read_dir(&snaps).unwrap().count(), 0);
     assert!(

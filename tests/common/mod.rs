@@ -1326,3 +1326,21 @@ pub fn served(reg: &Registry, repo: &str, digest: &str) -> (u64, usize, bool) {
     }
     (bytes, n, full)
 }
+
+/// `ctr-remote -a SOCKET ARGS...`, asserting success (with containerd's log on failure);
+/// returns stdout.
+pub fn ctr_remote(ctd: &Containerd, args: &[&str]) -> String {
+    let out = Command::new("ctr-remote")
+        .arg("-a")
+        .arg(&ctd.socket)
+        .args(args)
+        .output()
+        .expect("ctr-remote");
+    assert!(
+        out.status.success(),
+        "ctr-remote {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctd.log_text()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
