@@ -26,6 +26,7 @@
 #   multiarch    OCI image index: linux/amd64 = the busybox manifest,
 #                linux/arm64 = 1 layer with /arch.txt ("arm64\n"), config arch arm64
 #   big          busybox + /big/big.bin (N MiB incompressible data)
+#   pause        busybox whose entrypoint sleeps for ever (a CRI sandbox image)
 #
 # All file mtimes and "created" timestamps are fixed (2024-01-01T00:00:00Z) and
 # pseudo-random data comes from AES-128-CTR with fixed keys, so digests are
@@ -151,6 +152,9 @@ cfg multilayer
 # ---- user-numeric / user-named -------------------------------------------
 cfg busybox --tag user-numeric --config.user 1234
 cfg busybox --tag user-named --config.user app
+# A CRI sandbox ("pause") image: busybox sleeping for ever.
+cfg busybox --tag pause --clear config.cmd --config.entrypoint /bin/busybox \
+  --config.entrypoint sleep --config.entrypoint 2147483647
 
 # ---- shared-a / shared-b --------------------------------------------------
 for x in a b; do
@@ -202,7 +206,7 @@ mv "$GEN/layout-index.json" "$LAYOUT/index.json"
 T1=$(date +%s.%N)
 
 # ---- push -----------------------------------------------------------------
-IMAGES=(busybox multilayer user-numeric user-named shared-a shared-b multiarch big)
+IMAGES=(busybox multilayer user-numeric user-named shared-a shared-b multiarch big pause)
 for name in "${IMAGES[@]}"; do
   log "push $name -> $REGISTRY/$name:latest"
   skopeo copy --quiet --all --preserve-digests --dest-tls-verify=false "${DEST_AUTH[@]}" \

@@ -499,3 +499,191 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
         mounts_under(&snaps)
     );
 }
+
+/// containerd's CRI plugin on `snapshotter = "lazypull"` with snapshot annotations on: a pod
+/// (host network, sandbox image from the local registry) whose container image is eStargz
+/// starts on lazily loaded layers, through the CRI RuntimeService, as kubelet drives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pods_start_on_lazy_layers() {
+    use lazypull::rpc::cri;
+    use lazypull::rpc::cri::runtime_service_client::RuntimeServiceClient;
+    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    {
+        let ctd = Containerd::start(&[reg.host()]);
+        if !ctr_remote_convert(&reg, &ctd, "big:latest", "big:esgz") {
+            return;
+        }
+    }
+    let d = Daemon::start(&["--no-fill"]);
+    let h = reg.host();
+    let ctd = Containerd::start_with_snapshotter_and_sandbox(
+        std::slice::from_ref(&h),
+        &d.snapshotter_socket(),
+        &format!("{h}/pause:latest"),
+    );
+    let big = format!("{h}/big:esgz");
+    let layers: Vec<(String, u64)> = raw_manifest(&reg, "big:esgz")["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let image_size: u64 = layers.iter().map(|l| l.1).sum();
+    let mut images = ctd.images().await;
+    let ch = lazypull::rpc::connect_unix(&ctd.socket).await.unwrap();
+    let mut rt = RuntimeServiceClient::new(ch);
+
+    let started = std::time::Instant::now();
+    pull(&mut images, &big)
+        .await
+        .expect("CRI pull through containerd");
+    let pulled = started.elapsed();
+    let logs = tempfile::tempdir().unwrap();
+    let sandbox_config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "lazy".into(),
+            uid: "lazy-uid".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        // Host network: the node's hostname (runc cannot set one without a UTS namespace).
+        log_directory: logs.path().display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log_text()))
+        .into_inner()
+        .pod_sandbox_id;
+    let container = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: "app".into(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: big.clone(),
+                    ..Default::default()
+                }),
+                command: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "echo hello from a lazy pod; head -c 4096 /big/big.bin | wc -c".into(),
+                ],
+                log_path: "app.log".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(sandbox_config),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", ctd.log_text()))
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: container.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", ctd.log_text()));
+    loop {
+        let st = rt
+            .container_status(cri::ContainerStatusRequest {
+                container_id: container.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        if st.state == cri::ContainerState::ContainerExited as i32 {
+            assert_eq!(st.exit_code, 0, "{st:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "container did not exit: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ran = started.elapsed();
+    let log = std::fs::read_to_string(logs.path().join("app.log")).unwrap();
+    assert!(
+        log.contains("hello from a lazy pod") && log.contains(" 4096"),
+        "{log}"
+    );
+    let sent: u64 = layers.iter().map(|(dg, _)| served(&reg, "big", dg).0).sum();
+    eprintln!(
+        "CRI pull {pulled:?}, pod + container done {ran:?}; registry sent {sent} of {image_size} layer bytes"
+    );
+    assert!(sent < image_size / 4, "lazy: {sent} of {image_size}");
+    let mut c = snapshots(&d).await;
+    let remote = list(&mut c, &[r#"labels."containerd.io/snapshot/remote""#])
+        .await
+        .unwrap();
+    assert_eq!(remote.len(), layers.len(), "{remote:?}");
+    assert!(
+        remote.iter().all(|i| i
+            .labels
+            .contains_key("containerd.io/snapshot/cri.layer-digest")),
+        "CRI labels: {remote:?}"
+    );
+
+    // Tear down as kubelet would; removing the images leaves no snapshots and no mounts.
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+    for image in [big.clone(), format!("{h}/pause:latest")] {
+        common::remove(&mut images, &image).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let left = list(&mut c, &[]).await.unwrap();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "snapshots left: {:?}",
+            names(&left)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cleanup(&mut c).await;
+    let snaps = d.store().join("snapshots");
+    assert!(
+        mounts_under(&snaps).is_empty(),
+        "{:?}",
+        mounts_under(&snaps)
+    );
+}

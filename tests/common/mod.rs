@@ -709,14 +709,31 @@ impl Containerd {
 
     /// Start containerd trusting the given plain-HTTP registries.
     pub fn start(http_registries: &[String]) -> Containerd {
-        Self::start_with(http_registries, "")
+        Self::start_with(http_registries, "", "")
     }
 
     /// Containerd with lazypull as its proxy snapshotter `lazypull` (and its CRI plugin set to
     /// use it, with the layer labels on).
     pub fn start_with_snapshotter(http_registries: &[String], socket: &Path) -> Containerd {
+        Self::start_with_snapshotter_and_sandbox(http_registries, socket, "")
+    }
+
+    /// Like [`Containerd::start_with_snapshotter`], with the CRI plugin's pod sandbox image
+    /// (`sandbox_image`; "" keeps containerd's default).
+    pub fn start_with_snapshotter_and_sandbox(
+        http_registries: &[String],
+        socket: &Path,
+        sandbox_image: &str,
+    ) -> Containerd {
+        // Test machines may be containers themselves, without CAP_SYS_RESOURCE: the sandbox's
+        // default oom_score_adj (-998) would be refused.
+        let mut cri_keys = "  restrict_oom_score_adj = true\n".to_string();
+        if !sandbox_image.is_empty() {
+            cri_keys.push_str(&format!("  sandbox_image = \"{sandbox_image}\"\n"));
+        }
         Self::start_with(
             http_registries,
+            &cri_keys,
             &format!(
                 "    snapshotter = \"lazypull\"\n    disable_snapshot_annotations = false\n[proxy_plugins]\n  [proxy_plugins.lazypull]\n    type = \"snapshot\"\n    address = \"{}\"\n",
                 socket.display()
@@ -749,9 +766,9 @@ impl Containerd {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
 
-    /// `extra` is appended inside the CRI plugin's `containerd` table, so it may set keys there
-    /// and then open new tables.
-    fn start_with(http_registries: &[String], extra: &str) -> Containerd {
+    /// `cri_keys` go into the CRI plugin's table; `extra` is appended inside its `containerd`
+    /// table, so it may set keys there and then open new tables.
+    fn start_with(http_registries: &[String], cri_keys: &str, extra: &str) -> Containerd {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path();
         for r in http_registries {
@@ -761,10 +778,11 @@ impl Containerd {
         }
         let socket = p.join("containerd.sock");
         let config = format!(
-            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{1}\"\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = \"{0}/certs.d\"\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n{2}",
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{1}\"\n[plugins.\"io.containerd.grpc.v1.cri\"]\n{3}  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = \"{0}/certs.d\"\n  [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n{2}",
             p.display(),
             socket.display(),
-            extra
+            extra,
+            cri_keys
         );
         std::fs::write(p.join("config.toml"), config).expect("config");
         let log = std::fs::File::create(p.join("containerd.log")).expect("log");
