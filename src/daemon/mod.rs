@@ -273,7 +273,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     // Stop fills: progress up to the last checkpoint is durable and resumes at the next start.
     core.shutdown.cancel();
     if let Some(m) = fuse {
-        m.unmount();
+        m.unmount_within(cfg.cri.shutdown_grace);
     }
     // Record the ranges reads fetched since the last flush, so a restart reuses them.
     images.filler.partials().flush_all();

@@ -647,23 +647,39 @@ impl Mount {
         })
     }
 
-    pub fn unmount(mut self) {
-        self.stop();
+    /// Unmount, and serve the users that still hold the (then detached) filesystem for at most
+    /// `grace`: overlay mounts of running containers keep the FUSE connection alive after the
+    /// unmount, and the session only ends when the last of them goes. Past `grace` the process
+    /// moves on; when it exits, the kernel aborts the connection and those containers get
+    /// ENOTCONN for what they had not read (README, "Restarts").
+    pub fn unmount_within(mut self, grace: std::time::Duration) {
+        self.stop(grace);
     }
 
-    fn stop(&mut self) {
+    fn stop(&mut self, grace: std::time::Duration) {
         let Some(session) = self.session.take() else {
             return;
         };
-        match session.umount_and_join() {
-            Ok(()) => {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let unmounting = std::thread::spawn(move || {
+            let _ = tx.send(session.umount_and_join());
+        });
+        match rx.recv_timeout(grace) {
+            Ok(Ok(())) => {
+                let _ = unmounting.join();
                 tracing::info!(mountpoint = %self.mountpoint.display(), "layer filesystem unmounted")
             }
-            Err(e) => {
-                // EINVAL: already unmounted from outside. EBUSY: still in use (a container's
-                // overlay): detach it, the kernel finishes once the last user goes.
+            Ok(Err(e)) => {
+                let _ = unmounting.join();
+                // EINVAL: already unmounted from outside. EBUSY: still in use: detach it, the
+                // kernel finishes once the last user goes.
                 tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount; detaching");
                 let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+            }
+            Err(_) => {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), grace = ?grace,
+                    "the layer filesystem is still in use (running containers on lazy layers): \
+                     detached; they lose it when this process exits");
             }
         }
     }
@@ -671,6 +687,6 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        self.stop();
+        self.stop(std::time::Duration::from_secs(10));
     }
 }
