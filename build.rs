@@ -5,6 +5,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/lazypull/control.proto",
         "proto/containerd/github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto",
         "proto/containerd/github.com/containerd/containerd/api/types/mount.proto",
+        "proto/containerd/github.com/containerd/containerd/api/types/descriptor.proto",
+        "proto/containerd/github.com/containerd/containerd/api/services/content/v1/content.proto",
+        "proto/containerd/github.com/containerd/containerd/api/services/images/v1/images.proto",
+        "proto/containerd/github.com/containerd/containerd/api/services/leases/v1/leases.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

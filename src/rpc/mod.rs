@@ -7,8 +7,8 @@ pub mod cri {
     tonic::include_proto!("runtime.v1");
 }
 
-/// containerd's snapshots API (served as a proxy snapshotter plugin), nested as the generated
-/// code expects.
+/// containerd's APIs: snapshots (served as a proxy snapshotter plugin); content, images and
+/// leases (called to register images in containerd). Nested as the generated code expects.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod containerd {
     pub mod types {
@@ -18,6 +18,21 @@ pub mod containerd {
         pub mod snapshots {
             pub mod v1 {
                 tonic::include_proto!("containerd.services.snapshots.v1");
+            }
+        }
+        pub mod content {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.content.v1");
+            }
+        }
+        pub mod images {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.images.v1");
+            }
+        }
+        pub mod leases {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.leases.v1");
             }
         }
     }
@@ -76,5 +91,49 @@ mod tests {
             super::containerd::types::Mount::decode(&m.encode_to_vec()[..]).unwrap(),
             m
         );
+    }
+
+    /// The vendored content, images and leases APIs keep containerd's field numbers.
+    #[test]
+    fn content_images_leases_wire_format() {
+        use super::containerd::services::{content::v1 as content, images::v1 as images};
+        let w = content::WriteContentRequest {
+            action: content::WriteAction::Commit as i32,
+            r#ref: "r".into(),
+            total: 3,
+            expected: "sha256:x".into(),
+            offset: 0,
+            data: vec![],
+            labels: Default::default(),
+        };
+        // action=1 (varint 2), ref=2, total=3, expected=4.
+        assert_eq!(
+            w.encode_to_vec(),
+            [&[0x08, 2, 0x12, 1, b'r', 0x18, 3, 0x22, 8][..], b"sha256:x"].concat()
+        );
+        let img = images::Image {
+            name: "n".into(),
+            labels: Default::default(),
+            target: Some(super::containerd::types::Descriptor {
+                media_type: "m".into(),
+                digest: "d".into(),
+                size: 1,
+                annotations: Default::default(),
+            }),
+            created_at: None,
+            updated_at: None,
+        };
+        // name=1, target=3 {media_type=1, digest=2, size=3}.
+        assert_eq!(
+            img.encode_to_vec(),
+            [
+                0x0a, 1, b'n', 0x1a, 8, 0x0a, 1, b'm', 0x12, 1, b'd', 0x18, 1
+            ]
+        );
+        let lease = super::containerd::services::leases::v1::CreateRequest {
+            id: "l".into(),
+            labels: Default::default(),
+        };
+        assert_eq!(lease.encode_to_vec(), [0x0a, 1, b'l']);
     }
 }
