@@ -88,9 +88,7 @@ fn zstd_toc(l: &oci::Layer) -> Option<(Digest, crate::layer::zstd_chunked::Posit
     }
 }
 
-fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
-    db.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::store::locked as lock;
 
 fn is_hex(s: &str) -> bool {
     !s.is_empty()

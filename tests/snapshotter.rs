@@ -325,6 +325,41 @@ async fn snapshot_api_semantics_persistence_and_cleanup() {
     );
 }
 
+/// The layers (digest, size) of a manifest in the registry, and their total size.
+fn layers_of(reg: &Registry, repo_tag: &str) -> (Vec<(String, u64)>, u64) {
+    let layers: Vec<(String, u64)> = raw_manifest(reg, repo_tag)["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let total = layers.iter().map(|l| l.1).sum();
+    (layers, total)
+}
+
+/// Wait (30 s at most) until containerd's GC has removed every snapshot through us.
+async fn wait_no_snapshots(c: &mut Client, ctd: &Containerd) {
+    let started = std::time::Instant::now();
+    loop {
+        let left = list(c, &[]).await.unwrap();
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "snapshots left: {:?}\n{}",
+            names(&left),
+            ctd.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Mounts under `dir` according to /proc/mounts.
 fn mounts_under(dir: &Path) -> Vec<String> {
     std::fs::read_to_string("/proc/mounts")
@@ -355,19 +390,7 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
     let mut d = Daemon::start(&["--no-fill"]);
     let ctd = Containerd::start_with_snapshotter(&[reg.host()], &d.snapshotter_socket());
     let big = format!("{}/big:esgz", reg.host());
-    let manifest = raw_manifest(&reg, "big:esgz");
-    let layers: Vec<(String, u64)> = manifest["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["digest"].as_str().unwrap().to_string(),
-                l["size"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    let image_size: u64 = layers.iter().map(|l| l.1).sum();
+    let (layers, image_size) = layers_of(&reg, "big:esgz");
 
     ctr_remote(
         &ctd,
@@ -476,20 +499,7 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
 
     // Removing the images: containerd's GC removes every snapshot through us; no mounts left.
     ctd.ctr(&["images", "rm", "--sync", &big, &plain]);
-    let started = std::time::Instant::now();
-    loop {
-        let left = list(&mut c, &[]).await.unwrap();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "snapshots left: {:?}\n{}",
-            names(&left),
-            ctd.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_no_snapshots(&mut c, &ctd).await;
     cleanup(&mut c).await;
     let snaps = d.store().join("snapshots");
     assert_eq!(std::fs::read_dir(&snaps).unwrap().count(), 0);
@@ -525,18 +535,7 @@ async fn cri_pods_start_on_lazy_layers() {
         &format!("{h}/pause:latest"),
     );
     let big = format!("{h}/big:esgz");
-    let layers: Vec<(String, u64)> = raw_manifest(&reg, "big:esgz")["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| {
-            (
-                l["digest"].as_str().unwrap().to_string(),
-                l["size"].as_u64().unwrap(),
-            )
-        })
-        .collect();
-    let image_size: u64 = layers.iter().map(|l| l.1).sum();
+    let (layers, image_size) = layers_of(&reg, "big:esgz");
     let mut images = ctd.images().await;
     let ch = lazypull::rpc::connect_unix(&ctd.socket).await.unwrap();
     let mut rt = RuntimeServiceClient::new(ch);
@@ -666,19 +665,7 @@ async fn cri_pods_start_on_lazy_layers() {
     for image in [big.clone(), format!("{h}/pause:latest")] {
         common::remove(&mut images, &image).await.unwrap();
     }
-    let started = std::time::Instant::now();
-    loop {
-        let left = list(&mut c, &[]).await.unwrap();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "snapshots left: {:?}",
-            names(&left)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_no_snapshots(&mut c, &ctd).await;
     cleanup(&mut c).await;
     let snaps = d.store().join("snapshots");
     assert!(

@@ -125,9 +125,7 @@ impl UnpackPolicy {
     }
 }
 
-fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
-    db.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::store::locked as lock;
 
 fn verify_err(digest: &Digest, e: impl std::fmt::Display) -> FillError {
     FillError::Verify {

@@ -57,9 +57,7 @@ struct Handles {
     by_inode: HashMap<u64, std::sync::Weak<BackingId>>,
 }
 
-fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
-    db.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::store::locked as lock;
 
 fn split(ino: u64) -> Option<(usize, u64)> {
     let layer = ino >> LAYER_SHIFT;

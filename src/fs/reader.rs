@@ -148,9 +148,7 @@ pub struct Reader {
     pub stats: ReadStats,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::store::locked as lock;
 
 fn key_of(layer: &Digest, c: &Chunk) -> String {
     // Chunks are verified against their digest, so the digest is a safe key across layers.

@@ -210,9 +210,7 @@ pub struct Snapshotter {
     opts: SnapshotterOptions,
 }
 
-fn lock(db: &Mutex<Catalogue>) -> std::sync::MutexGuard<'_, Catalogue> {
-    db.lock().unwrap_or_else(|p| p.into_inner())
-}
+use crate::store::locked as lock;
 
 impl Snapshotter {
     pub fn new(images: Arc<Images>, opts: SnapshotterOptions) -> Result<Arc<Snapshotter>> {
@@ -592,17 +590,16 @@ impl Snapshotter {
                     .to_str()
                     .and_then(|n| n.parse::<i64>().ok())
                     .is_some_and(|id| ids.contains(&id));
-                if !owned {
-                    let to = root.join(format!(
-                        ".trash-{}-{}",
-                        name.to_string_lossy().trim_start_matches(".trash-"),
-                        std::process::id()
-                    ));
-                    if e.path() == to || std::fs::rename(e.path(), &to).is_ok() {
-                        trash.push(to);
-                    } else {
-                        trash.push(e.path());
-                    }
+                if owned {
+                    continue;
+                }
+                // Out of the way first, so the slow removal below can run without the lock.
+                let to = root.join(format!(".trash-{}", name.to_string_lossy()));
+                let is_trash = name.to_string_lossy().starts_with(".trash-");
+                if !is_trash && std::fs::rename(e.path(), &to).is_ok() {
+                    trash.push(to);
+                } else {
+                    trash.push(e.path());
                 }
             }
         }

@@ -40,6 +40,12 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// Lock a mutex, ignoring poisoning: what these mutexes guard (the catalogue, whose changes are
+/// transactions; caches and waiter tables) stays consistent when a holder panics.
+pub fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// ENOSPC or EDQUOT: retrying will not help until space is freed.
 pub fn is_disk_full(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(c) if c == nix::errno::Errno::ENOSPC as i32 || c == nix::errno::Errno::EDQUOT as i32)

@@ -92,7 +92,7 @@ fn labels_json(labels: &BTreeMap<String, String>) -> String {
     serde_json::to_string(labels).unwrap_or_else(|_| "{}".into())
 }
 
-pub fn now_ns() -> i64 {
+fn now_ns() -> i64 {
     chrono::Utc::now()
         .timestamp_nanos_opt()
         .unwrap_or_else(|| chrono::Utc::now().timestamp() * 1_000_000_000)
@@ -142,14 +142,6 @@ impl Catalogue {
             out.push(p);
         }
         Ok(out)
-    }
-
-    pub fn snapshot_has_children(&self, id: i64) -> Result<bool> {
-        Ok(self.conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM snapshots WHERE parent_id = ?1)",
-            [id],
-            |r| r.get(0),
-        )?)
     }
 
     /// Insert a snapshot and run `prepare_dir(id)` (which creates its directory) inside the
