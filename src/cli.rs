@@ -144,6 +144,12 @@ pub struct ServeArgs {
     /// Do not serve the containerd snapshotter.
     #[arg(long)]
     pub no_snapshotter: bool,
+    /// Also make every CRI pull known to the containerd at this socket (namespace k8s.io,
+    /// snapshots through this daemon's snapshotter), for kubelet's
+    /// --image-service-endpoint=lazypull with containerd as the runtime; RemoveImage removes it
+    /// there too [default: containerd.address, off].
+    #[arg(long, value_name = "PATH")]
+    pub containerd_address: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -34,6 +34,7 @@ pub struct Config {
     pub fuse: FuseConfig,
     pub metrics: MetricsConfig,
     pub snapshotter: SnapshotterConfig,
+    pub containerd: ContainerdConfig,
     /// docker config.json to read credentials from ("" = $DOCKER_CONFIG or ~/.docker).
     pub docker_config: Option<PathBuf>,
     pub registries: Vec<RegistryEntry>,
@@ -58,6 +59,34 @@ impl Default for SnapshotterConfig {
             enabled: true,
             socket: PathBuf::from("/run/lazypull/snapshotter.sock"),
             remote_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Registering CRI pulls in containerd, for when lazypull is the node's CRI image endpoint
+/// and containerd its runtime (off unless `address` is set).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerdConfig {
+    /// containerd's socket, e.g. /run/containerd/containerd.sock.
+    pub address: Option<PathBuf>,
+    /// The namespace containerd's CRI plugin uses.
+    pub namespace: String,
+    /// The name of lazypull's proxy plugin in containerd's config (`[proxy_plugins.NAME]`).
+    pub snapshotter: String,
+    /// How long a CRI pull waits for its layers to be mountable before it is registered
+    /// (eStargz layers: the TOC; others are fetched and unpacked whole first).
+    #[serde(with = "humantime_serde_compat")]
+    pub layer_timeout: Duration,
+}
+
+impl Default for ContainerdConfig {
+    fn default() -> Self {
+        ContainerdConfig {
+            address: None,
+            namespace: "k8s.io".into(),
+            snapshotter: "lazypull".into(),
+            layer_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -209,6 +238,7 @@ impl Default for Config {
             fuse: FuseConfig::default(),
             metrics: MetricsConfig::default(),
             snapshotter: SnapshotterConfig::default(),
+            containerd: ContainerdConfig::default(),
             docker_config: None,
             registries: vec![],
         }
@@ -341,6 +371,29 @@ impl Config {
         }
         if self.snapshotter.enabled && self.snapshotter.socket == self.cri.socket {
             return bad("snapshotter.socket and cri.socket must differ".into());
+        }
+        if let Some(a) = &self.containerd.address {
+            if !a.is_absolute() {
+                return bad(format!("containerd.address {a:?} must be an absolute path"));
+            }
+            if !self.snapshotter.enabled || !self.fuse.enabled {
+                return bad("containerd.address (registering images in containerd) needs the snapshotter and the FUSE mount: containerd's snapshots of those images are lazypull's".into());
+            }
+            let name_ok = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 76
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            };
+            if !name_ok(&self.containerd.namespace) || !name_ok(&self.containerd.snapshotter) {
+                return bad(format!(
+                    "containerd.namespace {:?} and containerd.snapshotter {:?} must be non-empty names of letters, digits, '.', '_' or '-'",
+                    self.containerd.namespace, self.containerd.snapshotter
+                ));
+            }
+            if self.containerd.layer_timeout.is_zero() {
+                return bad("containerd.layer_timeout must be above 0".into());
+            }
         }
         if !self.fuse.mountpoint.is_absolute() {
             return bad(format!(

@@ -57,6 +57,26 @@ pub struct PullOutcome {
     pub already_local: bool,
 }
 
+/// What a removal by name does: untag only (the image keeps other tags), or remove the image.
+#[derive(Debug, Clone)]
+pub struct Removal {
+    pub image: ImageRecord,
+    pub untag_only: Option<String>,
+}
+
+impl Removal {
+    /// The names that go: the tag, or every name of the image (its id included).
+    pub fn names(&self) -> Vec<String> {
+        match &self.untag_only {
+            Some(t) => vec![t.clone()],
+            None => std::iter::once(self.image.id.clone())
+                .chain(self.image.tags.iter().cloned())
+                .chain(self.image.digests.iter().cloned())
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct GcReport {
     pub files_removed: u64,
@@ -354,27 +374,36 @@ impl Images {
         }
     }
 
-    /// Remove by tag (untag; the image goes with its last tag) or by id/digest (the image with
-    /// all its names). Absent images are not an error. Returns whether an image was removed.
-    pub async fn remove(&self, name: &str) -> Result<bool> {
-        let Some(img) = self.resolve(name)? else {
-            return Ok(false);
+    /// What removing `name` would do: `None` if no image has that name.
+    pub fn removal(&self, name: &str) -> Result<Option<Removal>> {
+        let Some(image) = self.resolve(name)? else {
+            return Ok(None);
         };
-        let by_tag = {
-            let bare = name.strip_prefix("sha256:").unwrap_or(name);
-            if is_hex(bare) {
-                None
-            } else {
+        let bare = name.strip_prefix("sha256:").unwrap_or(name);
+        let tag = (!is_hex(bare))
+            .then(|| {
                 oci::parse_reference(name)
                     .ok()
                     .and_then(|r| oci::tag_name(&r))
-            }
+            })
+            .flatten();
+        let untag_only = tag.filter(|t| image.tags.contains(t) && image.tags.len() > 1);
+        Ok(Some(Removal { image, untag_only }))
+    }
+
+    /// Remove by tag (untag; the image goes with its last tag) or by id/digest (the image with
+    /// all its names). Absent images are not an error. Returns whether an image was removed.
+    pub async fn remove(&self, name: &str) -> Result<bool> {
+        let Some(Removal {
+            image: img,
+            untag_only,
+        }) = self.removal(name)?
+        else {
+            return Ok(false);
         };
-        let removed = match by_tag {
-            Some(tag) if img.tags.contains(&tag) && img.tags.len() > 1 => {
-                lock(&self.db).untag(&tag)?
-            }
-            _ => lock(&self.db).remove_image(&img.id)?,
+        let removed = match untag_only {
+            Some(tag) => lock(&self.db).untag(&tag)?,
+            None => lock(&self.db).remove_image(&img.id)?,
         };
         if removed {
             tracing::info!(image = %img.id, name, "image removed");

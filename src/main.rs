@@ -106,6 +106,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if a.no_snapshotter {
                 cfg.snapshotter.enabled = false;
             }
+            if let Some(p) = &a.containerd_address {
+                cfg.containerd.address = Some(
+                    std::path::absolute(p)
+                        .with_context(|| format!("--containerd-address {}", p.display()))?,
+                );
+            }
         }
         Command::Prefetch(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         Command::Convert(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,

@@ -5,6 +5,8 @@ mod common;
 
 use common::*;
 use lazypull::rpc::containerd::services::snapshots::v1 as pb;
+use lazypull::rpc::cri;
+use lazypull::rpc::cri::runtime_service_client::RuntimeServiceClient;
 use pb::snapshots_client::SnapshotsClient;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -515,8 +517,6 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
 /// starts on lazily loaded layers, through the CRI RuntimeService, as kubelet drives it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_pods_start_on_lazy_layers() {
-    use lazypull::rpc::cri;
-    use lazypull::rpc::cri::runtime_service_client::RuntimeServiceClient;
     if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
         return;
     }
@@ -545,91 +545,14 @@ async fn cri_pods_start_on_lazy_layers() {
         .await
         .expect("CRI pull through containerd");
     let pulled = started.elapsed();
-    let logs = tempfile::tempdir().unwrap();
-    let sandbox_config = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "lazy".into(),
-            uid: "lazy-uid".into(),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        // Host network: the node's hostname (runc cannot set one without a UTS namespace).
-        log_directory: logs.path().display().to_string(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Node as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(sandbox_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log_text()))
-        .into_inner()
-        .pod_sandbox_id;
-    let container = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: "app".into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: big.clone(),
-                    ..Default::default()
-                }),
-                command: vec![
-                    "/bin/sh".into(),
-                    "-c".into(),
-                    "echo hello from a lazy pod; head -c 4096 /big/big.bin | wc -c".into(),
-                ],
-                log_path: "app.log".into(),
-                ..Default::default()
-            }),
-            sandbox_config: Some(sandbox_config),
-        })
-        .await
-        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", ctd.log_text()))
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: container.clone(),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", ctd.log_text()));
-    loop {
-        let st = rt
-            .container_status(cri::ContainerStatusRequest {
-                container_id: container.clone(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
-        if st.state == cri::ContainerState::ContainerExited as i32 {
-            assert_eq!(st.exit_code, 0, "{st:?}");
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "container did not exit: {st:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (pod, log) = run_in_pod(
+        &mut rt,
+        &ctd,
+        &big,
+        "echo hello from a lazy pod; head -c 4096 /big/big.bin | wc -c",
+    )
+    .await;
     let ran = started.elapsed();
-    let log = std::fs::read_to_string(logs.path().join("app.log")).unwrap();
     assert!(
         log.contains("hello from a lazy pod") && log.contains(" 4096"),
         "{log}"
@@ -665,6 +588,259 @@ async fn cri_pods_start_on_lazy_layers() {
     for image in [big.clone(), format!("{h}/pause:latest")] {
         common::remove(&mut images, &image).await.unwrap();
     }
+    wait_no_snapshots(&mut c, &ctd).await;
+    cleanup(&mut c).await;
+    let snaps = d.store().join("snapshots");
+    assert!(
+        mounts_under(&snaps).is_empty(),
+        "{:?}",
+        mounts_under(&snaps)
+    );
+}
+
+/// Run `cmd` (through /bin/sh) in a new pod on containerd's CRI, as kubelet would: host
+/// network, the harness's pause image. Returns the pod id and the container's log once it
+/// exited 0.
+async fn run_in_pod(
+    rt: &mut RuntimeServiceClient<tonic::transport::Channel>,
+    ctd: &Containerd,
+    image: &str,
+    cmd: &str,
+) -> (String, String) {
+    static PODS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = PODS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let logs = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let sandbox_config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: format!("lazy-{n}"),
+            uid: format!("lazy-uid-{n}"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        // Host network: the node's hostname (runc cannot set one without a UTS namespace).
+        log_directory: logs.path().display().to_string(),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log_text()))
+        .into_inner()
+        .pod_sandbox_id;
+    let container = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: "app".into(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: image.to_string(),
+                    ..Default::default()
+                }),
+                command: vec!["/bin/sh".into(), "-c".into(), cmd.into()],
+                log_path: "app.log".into(),
+                ..Default::default()
+            }),
+            sandbox_config: Some(sandbox_config),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", ctd.log_text()))
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: container.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", ctd.log_text()));
+    loop {
+        let st = rt
+            .container_status(cri::ContainerStatusRequest {
+                container_id: container.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        if st.state == cri::ContainerState::ContainerExited as i32 {
+            assert_eq!(st.exit_code, 0, "{st:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "container did not exit: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(logs.path().join("app.log")).unwrap();
+    (pod, log)
+}
+
+/// lazypull as the node's CRI image endpoint, containerd as the runtime (kubelet
+/// `--image-service-endpoint`): a PullImage on lazypull makes the image known to containerd's
+/// CRI plugin in k8s.io, backed by lazypull's snapshots, so CreateContainer on containerd finds
+/// it without containerd downloading a layer; RemoveImage on lazypull removes it there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_image_endpoint_registers_images_in_containerd() {
+    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    {
+        let ctd = Containerd::start(&[reg.host()]);
+        if !ctr_remote_convert(&reg, &ctd, "big:latest", "big:esgz") {
+            return;
+        }
+    }
+    let h = reg.host();
+    // containerd first (its proxy plugin dials lazily), so lazypull can be given its socket.
+    let socks = tempfile::tempdir().unwrap();
+    let snap_sock = socks.path().join("snapshotter.sock");
+    let ctd = Containerd::start_with_snapshotter_and_sandbox(
+        std::slice::from_ref(&h),
+        &snap_sock,
+        &format!("{h}/pause:latest"),
+    );
+    let snap_arg = snap_sock.display().to_string();
+    let ctd_arg = ctd.socket.display().to_string();
+    let mut d = Daemon::start(&[
+        "--no-fill",
+        "--snapshotter-socket",
+        &snap_arg,
+        "--containerd-address",
+        &ctd_arg,
+    ]);
+    let big = format!("{h}/big:esgz");
+    let (layers, image_size) = layers_of(&reg, "big:esgz");
+    let mut lp = d.client().await;
+    let mut ctd_images = ctd.images().await;
+    let mut rt = RuntimeServiceClient::new(lazypull::rpc::connect_unix(&ctd.socket).await.unwrap());
+
+    let started = std::time::Instant::now();
+    let id = pull(&mut lp, &big)
+        .await
+        .unwrap_or_else(|e| panic!("PullImage on lazypull: {e}\n{}", d.log_text()));
+    let pulled = started.elapsed();
+    // containerd's CRI plugin lists it as soon as PullImage returned, under all its names.
+    let img = status(&mut ctd_images, &id)
+        .await
+        .unwrap_or_else(|| panic!("containerd's CRI does not know {id}\n{}", ctd.log_text()));
+    assert_eq!(img.id, id);
+    assert!(img.repo_tags.contains(&big), "{img:?}");
+    assert!(
+        img.repo_digests
+            .iter()
+            .any(|d| d.starts_with(&format!("{h}/big@sha256:"))),
+        "{img:?}"
+    );
+    let records = ctd.ctr(&["-n", "k8s.io", "images", "ls"]);
+    assert!(records.contains(&big) && records.contains(&id), "{records}");
+    // Registering again (a second pull) is idempotent.
+    assert_eq!(pull(&mut lp, &big).await.unwrap(), id);
+
+    let (pod, log) = run_in_pod(
+        &mut rt,
+        &ctd,
+        &id,
+        "echo hello from the image endpoint; head -c 4096 /big/big.bin | wc -c",
+    )
+    .await;
+    let ran = started.elapsed();
+    assert!(
+        log.contains("hello from the image endpoint") && log.contains(" 4096"),
+        "{log}"
+    );
+    let sent: u64 = layers.iter().map(|(dg, _)| served(&reg, "big", dg).0).sum();
+    eprintln!(
+        "PullImage on lazypull (registered in containerd) {pulled:?}, pod + container done {ran:?}; registry sent {sent} of {image_size} layer bytes"
+    );
+    assert!(sent < image_size / 4, "lazy: {sent} of {image_size}");
+    let mut c = snapshots(&d).await;
+    let remote = list(&mut c, &[r#"labels."containerd.io/snapshot/remote""#])
+        .await
+        .unwrap();
+    assert_eq!(remote.len(), layers.len(), "{remote:?}");
+
+    // A layer that cannot be served lazily (no TOC) while filling is off: a clear refusal.
+    let busybox = format!("{h}/busybox:latest");
+    let err = pull(&mut lp, &busybox).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("--no-fill"), "{err:?}");
+
+    // RemoveImage on lazypull removes the records in containerd (and its GC the snapshots,
+    // once the pod that used them is gone).
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+    common::remove(&mut lp, &big).await.unwrap();
+    assert!(status(&mut lp, &id).await.is_none());
+    assert!(
+        status(&mut ctd_images, &id).await.is_none(),
+        "{}",
+        ctd.log_text()
+    );
+    let records = ctd.ctr(&["-n", "k8s.io", "images", "ls", "-q"]);
+    assert!(!records.contains("big"), "{records}");
+    assert!(
+        list(&mut c, &[r#"labels."containerd.io/snapshot/remote""#])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // With filling on, layers without a TOC are fetched and unpacked first, then registered.
+    d.terminate();
+    d.restart_with(&[
+        "--snapshotter-socket",
+        &snap_arg,
+        "--containerd-address",
+        &ctd_arg,
+    ]);
+    let mut lp = d.client().await;
+    let bid = pull(&mut lp, &busybox)
+        .await
+        .unwrap_or_else(|e| panic!("PullImage of a plain image: {e}\n{}", d.log_text()));
+    let (pod, log) = run_in_pod(&mut rt, &ctd, &busybox, "echo plain layers work too").await;
+    assert!(log.contains("plain layers work too"), "{log}");
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+    common::remove(&mut lp, &bid).await.unwrap();
+    common::remove(&mut ctd_images, &format!("{h}/pause:latest"))
+        .await
+        .unwrap();
+    let mut c = snapshots(&d).await;
     wait_no_snapshots(&mut c, &ctd).await;
     cleanup(&mut c).await;
     let snaps = d.store().join("snapshots");

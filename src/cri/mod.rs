@@ -1,10 +1,13 @@
-//! CRI `runtime.v1.ImageService`: a thin adapter over [`Images`].
+//! CRI `runtime.v1.ImageService`: a thin adapter over [`Images`], which also registers pulled
+//! images in containerd when configured to (see [`containerd`]).
+
+pub mod containerd;
 
 use crate::images::{Images, PullMode, disk_usage};
 use crate::oci::{self, Digest};
 use crate::registry::auth::Secret;
 use crate::rpc::cri::{self, image_service_server::ImageService};
-use crate::rpc::status::to_status;
+use crate::rpc::status::{containerd_status, to_status};
 use crate::store::ImageRecord;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,14 +19,49 @@ pub const PULL_MODE_ANNOTATION: &str = "lazypull.io/pull-mode";
 pub struct CriImages {
     images: Arc<Images>,
     default_mode: PullMode,
+    /// Where pulls are also registered (`--containerd-address`), if anywhere.
+    containerd: Option<Arc<containerd::Containerd>>,
 }
 
 impl CriImages {
-    pub fn new(images: Arc<Images>, default_mode: PullMode) -> Self {
+    pub fn new(
+        images: Arc<Images>,
+        default_mode: PullMode,
+        containerd: Option<Arc<containerd::Containerd>>,
+    ) -> Self {
         CriImages {
             images,
             default_mode,
+            containerd,
         }
+    }
+
+    /// Make the image `id`, just pulled as `name`, usable by containerd's CRI runtime.
+    async fn register(
+        &self,
+        ctd: &containerd::Containerd,
+        name: &str,
+        id: &str,
+    ) -> Result<(), Status> {
+        let img = self.images.resolve(id).map_err(to_status)?.ok_or_else(|| {
+            Status::aborted(format!("image {id} was removed while it was pulled"))
+        })?;
+        let tag = oci::parse_reference(name)
+            .ok()
+            .and_then(|r| oci::tag_name(&r));
+        let plan = containerd::plan(
+            &img,
+            &self.images.layout,
+            tag.as_deref(),
+            &ctd.options().snapshotter,
+        )
+        .map_err(containerd_status)?;
+        ctd.wait_layers(&img, self.images.filler.fill_enabled, |d| {
+            crate::store::locked(&self.images.db).layer(d)
+        })
+        .await
+        .map_err(containerd_status)?;
+        ctd.register(&plan).await.map_err(containerd_status)
     }
 }
 
@@ -169,6 +207,9 @@ impl ImageService for CriImages {
             .pull(name, secret, mode)
             .await
             .map_err(to_status)?;
+        if let Some(ctd) = &self.containerd {
+            self.register(ctd, name, &out.id).await?;
+        }
         Ok(Response::new(cri::PullImageResponse { image_ref: out.id }))
     }
 
@@ -178,6 +219,15 @@ impl ImageService for CriImages {
     ) -> Result<Response<cri::RemoveImageResponse>, Status> {
         let req = req.into_inner();
         let name = image_ref_of(req.image.as_ref())?;
+        // containerd first: if it cannot be reached, nothing is removed and a retry still knows
+        // which names to delete there.
+        if let Some(ctd) = &self.containerd
+            && let Some(removal) = self.images.removal(name).map_err(to_status)?
+        {
+            ctd.remove(&removal.names())
+                .await
+                .map_err(containerd_status)?;
+        }
         self.images.remove(name).await.map_err(to_status)?;
         Ok(Response::new(cri::RemoveImageResponse {}))
     }

@@ -232,7 +232,20 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         None
     };
     let listener = bind_socket(&cfg.cri.socket)?;
-    let svc = CriImages::new(Arc::clone(&images), cfg.cri.pull_mode);
+    let containerd = cfg.containerd.address.as_ref().map(|address| {
+        tracing::info!(address = %address.display(), namespace = %cfg.containerd.namespace,
+            snapshotter = %cfg.containerd.snapshotter, "CRI pulls are also registered in containerd");
+        Arc::new(crate::cri::containerd::Containerd::new(
+            crate::cri::containerd::ContainerdOptions {
+                address: address.clone(),
+                namespace: cfg.containerd.namespace.clone(),
+                snapshotter: cfg.containerd.snapshotter.clone(),
+                layer_timeout: cfg.containerd.layer_timeout,
+                cri_timeout: Duration::from_secs(30),
+            },
+        ))
+    });
+    let svc = CriImages::new(Arc::clone(&images), cfg.cri.pull_mode, containerd);
     tracing::info!(socket = %cfg.cri.socket.display(), root = %cfg.root.display(), pull_mode = ?cfg.cri.pull_mode,
         version = env!("CARGO_PKG_VERSION"), "lazypull serving CRI ImageService");
 

@@ -1,5 +1,6 @@
 //! Errors become gRPC status codes here and nowhere else.
 
+use crate::cri::containerd::ContainerdError;
 use crate::images::ImagesError;
 use crate::oci::OciError;
 use crate::registry::RegistryError;
@@ -59,6 +60,31 @@ pub fn snapshot_code(e: &SnapshotError) -> Code {
 
 pub fn snapshot_status(e: SnapshotError) -> Status {
     Status::new(snapshot_code(&e), e.to_string())
+}
+
+/// Registering an image in containerd (CRI PullImage/RemoveImage with `--containerd-address`).
+pub fn containerd_code(e: &ContainerdError) -> Code {
+    match e {
+        ContainerdError::Rpc { status, .. } => match status.code() {
+            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
+                Code::Unavailable
+            }
+            // Our requests are well-formed: containerd refusing one means its configuration
+            // (e.g. no snapshotter of that name) does not fit ours.
+            Code::InvalidArgument | Code::NotFound => Code::FailedPrecondition,
+            c => c,
+        },
+        ContainerdError::Layer { .. } | ContainerdError::NotRemote { .. } => {
+            Code::FailedPrecondition
+        }
+        ContainerdError::LayerTimeout { .. } => Code::DeadlineExceeded,
+        ContainerdError::Store(s) if s.is_disk_full() => Code::ResourceExhausted,
+        ContainerdError::Malformed(..) | ContainerdError::Store(_) => Code::Internal,
+    }
+}
+
+pub fn containerd_status(e: ContainerdError) -> Status {
+    Status::new(containerd_code(&e), e.to_string())
 }
 
 #[cfg(test)]

@@ -413,8 +413,7 @@ impl Snapshotter {
                 .layer(req.layer.as_str())
                 .map_err(|e| e.to_string())?;
             match layer {
-                Some(l) if l.toc_entries.is_some() => return Ok(()),
-                Some(l) if l.unpacked && l.index_digest.is_some() => return Ok(()),
+                Some(l) if l.mountable() => return Ok(()),
                 Some(l) if l.toc_error.is_some() => {
                     return Err(format!(
                         "its TOC was refused: {}",

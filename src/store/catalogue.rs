@@ -139,6 +139,11 @@ pub struct LayerRecord {
 }
 
 impl LayerRecord {
+    /// Whether the FUSE mount can serve the layer: its TOC verified (lazy), or its files
+    /// unpacked (a complete layer without a TOC).
+    pub fn mountable(&self) -> bool {
+        self.toc_entries.is_some() || (self.unpacked && self.index_digest.is_some())
+    }
     /// The layer's format for display: `estargz` once its TOC is verified.
     pub fn format(&self) -> &'static str {
         if self.toc_entries.is_some() {
