@@ -850,3 +850,109 @@ async fn cri_image_endpoint_registers_images_in_containerd() {
         mounts_under(&snaps)
     );
 }
+
+/// The Debian bookworm + python3 image (eStargz by ctr-remote, one 120 MB layer) runs on lazy
+/// layers through containerd both ways: `ctr-remote images rpull` + `ctr run`, and as a pod on
+/// containerd's CRI after a PullImage on lazypull (the image endpoint), with the registry
+/// sending a small part of the image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_image_runs_on_lazy_layers_through_containerd() {
+    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    if !python_image(&reg) {
+        return;
+    }
+    let h = reg.host();
+    let socks = tempfile::tempdir().unwrap();
+    let snap_sock = socks.path().join("snapshotter.sock");
+    let ctd = Containerd::start_with_snapshotter_and_sandbox(
+        std::slice::from_ref(&h),
+        &snap_sock,
+        &format!("{h}/pause:latest"),
+    );
+    let snap_arg = snap_sock.display().to_string();
+    let ctd_arg = ctd.socket.display().to_string();
+    let d = Daemon::start(&[
+        "--no-fill",
+        "--snapshotter-socket",
+        &snap_arg,
+        "--containerd-address",
+        &ctd_arg,
+    ]);
+    let py = format!("{h}/py:esgz");
+    let (layers, image_size) = layers_of(&reg, "py:esgz");
+
+    let started = std::time::Instant::now();
+    ctr_remote(
+        &ctd,
+        &[
+            "images",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "lazypull",
+            &py,
+        ],
+    );
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazypull",
+        &py,
+        "py1",
+        "python3",
+        "-c",
+        "import json, sqlite3; print(json.dumps({'lazy': bool(sqlite3.sqlite_version)}))",
+    ]);
+    let ran = started.elapsed();
+    assert!(out.contains(r#"{"lazy": true}"#), "{out}");
+    let sent: u64 = layers.iter().map(|(dg, _)| served(&reg, "py", dg).0).sum();
+    eprintln!(
+        "python image: rpull + ctr run {ran:?}; registry sent {sent} of {image_size} layer bytes"
+    );
+    assert!(sent < image_size / 4, "lazy: {sent} of {image_size}");
+
+    // The same image through lazypull's CRI endpoint, run as a pod by containerd's CRI.
+    let mut lp = d.client().await;
+    let mut rt = RuntimeServiceClient::new(lazypull::rpc::connect_unix(&ctd.socket).await.unwrap());
+    let id = pull(&mut lp, &py)
+        .await
+        .unwrap_or_else(|e| panic!("PullImage on lazypull: {e}\n{}", d.log_text()));
+    let (pod, log) = run_in_pod(
+        &mut rt,
+        &ctd,
+        &id,
+        "python3 -c 'import decimal; print(sum(range(10)), decimal.Decimal(1) / 4)'",
+    )
+    .await;
+    assert!(log.contains("45 0.25"), "{log}");
+
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+    common::remove(&mut lp, &py).await.unwrap();
+    ctd.ctr(&["images", "rm", "--sync", &py]);
+    let mut ctd_images = ctd.images().await;
+    common::remove(&mut ctd_images, &format!("{h}/pause:latest"))
+        .await
+        .unwrap();
+    let mut c = snapshots(&d).await;
+    wait_no_snapshots(&mut c, &ctd).await;
+    cleanup(&mut c).await;
+    let snaps = d.store().join("snapshots");
+    assert!(
+        mounts_under(&snaps).is_empty(),
+        "{:?}",
+        mounts_under(&snaps)
+    );
+}

@@ -1362,3 +1362,33 @@ pub fn ctr_remote(ctd: &Containerd, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Push the Debian bookworm + python3 image to `reg` as `py:gzip` and `py:esgz` (eStargz by
+/// ctr-remote) with scripts/make-python-image.sh (debootstrap, cached across runs in
+/// /var/tmp/lazypull-python). False (with the reason printed) when it cannot be built here.
+pub fn python_image(reg: &Registry) -> bool {
+    let have = |tool: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    for tool in ["debootstrap", "ctr-remote", "umoci"] {
+        if !have(tool) {
+            eprintln!("SKIP: {tool} not installed (scripts/install-deps installs it)");
+            return false;
+        }
+    }
+    let out = Command::new(repo_root().join("scripts/make-python-image.sh"))
+        .args(["--registry", &reg.host()])
+        .output()
+        .expect("scripts/make-python-image.sh");
+    assert!(
+        out.status.success(),
+        "make-python-image.sh failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}
