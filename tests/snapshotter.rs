@@ -956,3 +956,104 @@ async fn python_image_runs_on_lazy_layers_through_containerd() {
         mounts_under(&snaps)
     );
 }
+
+/// An uncompressed tar holding one file, `layers/<name>` (with its directory).
+fn one_file_tar(name: &str, body: &[u8]) -> Vec<u8> {
+    let header = |kind, mode, size| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h
+    };
+    let mut b = tar::Builder::new(Vec::new());
+    let mut dir = header(tar::EntryType::Directory, 0o755, 0);
+    b.append_data(&mut dir, "layers/", &[][..]).unwrap();
+    let mut h = header(tar::EntryType::Regular, 0o644, body.len() as u64);
+    b.append_data(&mut h, format!("layers/{name}"), body)
+        .unwrap();
+    b.into_inner().unwrap()
+}
+
+/// An image deeper than one page of absolute overlay lower paths: 150 lazy layers. Every
+/// snapshot's content is `<root>/snapshots/<id>/fs` (a symlink into the FUSE mount for lazy
+/// layers), so containerd mounts it with relative lower paths and the container runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_images_mount_past_a_page_of_lower_paths() {
+    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
+        return;
+    }
+    const DEPTH: usize = 150;
+    let reg = Registry::with_fixtures(None);
+    let mut tars = vec![first_layer_tar(&reg, "busybox")];
+    tars.extend(
+        (1..DEPTH).map(|i| one_file_tar(&format!("{i:03}"), format!("layer {i}\n").as_bytes())),
+    );
+    push_layers(&reg, "deep", &tars).await;
+    let d = Daemon::start(&["--no-fill"]);
+    let h = reg.host();
+    let (plain, esgz) = (format!("{h}/deep:latest"), format!("{h}/deep:esgz"));
+    let out = d.cli(&["convert", &plain, &esgz]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ctd = Containerd::start_with_snapshotter(std::slice::from_ref(&h), &d.snapshotter_socket());
+    ctr_remote(
+        &ctd,
+        &[
+            "images",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "lazypull",
+            &esgz,
+        ],
+    );
+    let mut c = snapshots(&d).await;
+    let remote = list(&mut c, &[r#"labels."containerd.io/snapshot/remote""#])
+        .await
+        .unwrap();
+    assert_eq!(remote.len(), DEPTH, "every layer is lazy");
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazypull",
+        &esgz,
+        "deep1",
+        "/bin/sh",
+        "-c",
+        "ls /layers | wc -l; cat /layers/149",
+    ]);
+    assert!(
+        out.contains(&format!("{}", DEPTH - 1)) && out.contains("layer 149"),
+        "{out}"
+    );
+    // The absolute form would not have fitted in a page.
+    let lower_bytes = DEPTH
+        * d.store()
+            .join("snapshots/100/fs:")
+            .display()
+            .to_string()
+            .len();
+    assert!(lower_bytes > 4096, "{lower_bytes}");
+    ctd.ctr(&["images", "rm", "--sync", &esgz]);
+    wait_no_snapshots(&mut c, &ctd).await;
+    cleanup(&mut c).await;
+    let snaps = d.store().join("snapshots");
+    assert!(
+        mounts_under(&snaps).is_empty(),
+        "{:?}",
+        mounts_under(&snaps)
+    );
+    assert_eq!(
+        std::fs::read_dir(&snaps).unwrap().count(),
+        0,
+        "no snapshot directories left"
+    );
+}

@@ -36,7 +36,8 @@ const MAX_LABEL: usize = 4096;
 const MAX_LABELS: usize = 512;
 const MAX_KEY: usize = 4096;
 /// overlayfs mount options must fit in a page.
-const MAX_OPTIONS: usize = 4095;
+/// mount(2) takes at most a page of mount data.
+const PAGE_SIZE: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -184,16 +185,52 @@ pub fn build_mounts(kind: SnapshotKind, own: &Path, lowers: &[PathBuf]) -> Resul
         }
     };
     if let Some(m) = mounts.iter().find(|m| m.kind == "overlay") {
-        let len: usize = m.options.iter().map(|o| o.len() + 1).sum();
-        if len > MAX_OPTIONS {
+        let len = mount_data_len(&m.options);
+        if len > PAGE_SIZE {
             return Err(SnapshotError::FailedPrecondition(format!(
-                "{} layers need {len} bytes of overlayfs mount options, more than the kernel's {MAX_OPTIONS}: \
-                 an image this deep cannot be mounted (flatten it)",
+                "{} layers need {len} bytes of overlayfs mount options even with relative lower \
+                 directories, more than the kernel's {PAGE_SIZE}: an image this deep cannot be mounted (flatten it)",
                 lowers.len()
             )));
         }
     }
     Ok(mounts)
+}
+
+/// The size of the mount data containerd passes to mount(2) for these overlay options: when
+/// they come near a page, containerd (`mount/mount_linux.go`, `compactLowerdirOption`) mounts
+/// from the lower directories' common parent with relative lower paths. Every snapshot's
+/// content is `<root>/snapshots/<id>/fs` (for a lazy layer a symlink into the FUSE mount), so
+/// a lower layer costs `<id>/fs:`, a few bytes, and the kernel's 500-layer limit comes first.
+pub fn mount_data_len(options: &[String]) -> usize {
+    let size = |opts: &[String]| opts.iter().map(|o| o.len() + 1).sum::<usize>();
+    let full = size(options);
+    if full < PAGE_SIZE - 512 {
+        return full;
+    }
+    let Some(lower) = options.iter().find_map(|o| o.strip_prefix("lowerdir=")) else {
+        return full;
+    };
+    let dirs: Vec<&str> = lower.split(':').collect();
+    if dirs.len() < 2 {
+        return full;
+    }
+    // containerd: the longest common string prefix, then its parent directory.
+    let mut common = dirs[0];
+    for d in &dirs[1..] {
+        let n = common
+            .bytes()
+            .zip(d.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        common = &common[..n];
+    }
+    let parent = match common.rfind('/') {
+        Some(0) | None => return full,
+        Some(i) => &common[..i],
+    };
+    let relative: usize = dirs.iter().map(|d| d.len() - parent.len() - 1 + 1).sum();
+    full - lower.len() + relative.saturating_sub(1)
 }
 
 pub struct SnapshotterOptions {
@@ -229,29 +266,49 @@ impl Snapshotter {
         self.layout.snapshots_dir().join(id.to_string())
     }
 
+    /// A remote snapshot's `<id>/fs`: a symlink to its layer's directory on the FUSE mount, so
+    /// that every snapshot's content has the same short form of path (see [`mount_data_len`]).
+    fn link_remote(&self, id: i64, layer: &str) -> Result<()> {
+        let Some(root) = &self.opts.fuse_root else {
+            return Err(SnapshotError::Unavailable(
+                "the layer filesystem is not mounted".into(),
+            ));
+        };
+        let dir = self.dir(id);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let link = dir.join("fs");
+        let target = root.join(layer.trim_start_matches("sha256:"));
+        match std::os::unix::fs::symlink(&target, &link) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(io(&link)(e)),
+            _ => Ok(()),
+        }
+    }
+
     /// The directory holding a committed snapshot's content.
     fn content_dir(&self, s: &SnapshotRecord) -> Result<PathBuf> {
-        match &s.remote_layer {
-            Some(layer) => {
-                let Some(root) = &self.opts.fuse_root else {
-                    return Err(SnapshotError::Unavailable(format!(
-                        "snapshot {} is served lazily but the layer filesystem is not mounted",
-                        s.name
-                    )));
-                };
-                let dir = root.join(layer.trim_start_matches("sha256:"));
-                // The layer must be servable now (the FUSE mount up, its TOC known).
-                std::fs::metadata(&dir).map_err(|e| {
-                    SnapshotError::Unavailable(format!(
-                        "layer {layer} of snapshot {} is unavailable at {}: {e}",
-                        s.name,
-                        dir.display()
-                    ))
-                })?;
-                Ok(dir)
-            }
-            None => Ok(self.dir(s.id).join("fs")),
+        let dir = self.dir(s.id).join("fs");
+        let Some(layer) = &s.remote_layer else {
+            return Ok(dir);
+        };
+        if self.opts.fuse_root.is_none() {
+            return Err(SnapshotError::Unavailable(format!(
+                "snapshot {} is served lazily but the layer filesystem is not mounted",
+                s.name
+            )));
         }
+        // Snapshots made before the link existed get it now.
+        if std::fs::symlink_metadata(&dir).is_err() {
+            self.link_remote(s.id, layer)?;
+        }
+        // The layer must be servable now (the FUSE mount up, its TOC known).
+        std::fs::metadata(&dir).map_err(|e| {
+            SnapshotError::Unavailable(format!(
+                "layer {layer} of snapshot {} is unavailable at {}: {e}",
+                s.name,
+                dir.display()
+            ))
+        })?;
+        Ok(dir)
     }
 
     pub fn stat(&self, key: &str) -> Result<SnapshotRecord> {
@@ -395,7 +452,7 @@ impl Snapshotter {
                 labels: &labels,
                 remote_layer: Some(req.layer.as_str()),
             },
-            |_| Ok(()),
+            |id| self.link_remote(id, req.layer.as_str()),
         )?;
         tracing::info!(layer = %req.layer, image = %req.image_ref, target = %req.target,
             elapsed_ms = started.elapsed().as_millis() as u64, "remote snapshot: layer served lazily");
@@ -492,13 +549,12 @@ impl Snapshotter {
             )));
         }
         // The row is gone first: a crash leaves at worst an orphan directory for Cleanup.
-        if s.remote_layer.is_none() {
-            let dir = self.dir(s.id);
-            if let Err(e) = std::fs::remove_dir_all(&dir)
-                && e.kind() != std::io::ErrorKind::NotFound
-            {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a snapshot directory; Cleanup retries");
-            }
+        // (A remote snapshot's directory holds only the symlink, which is not followed.)
+        let dir = self.dir(s.id);
+        if let Err(e) = std::fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a snapshot directory; Cleanup retries");
         }
         tracing::debug!(key, "snapshot removed");
         Ok(())
@@ -706,12 +762,49 @@ mod tests {
         let m = build_mounts(SnapshotKind::View, own, &lowers).unwrap();
         assert_eq!(m[0].options, ["lowerdir=/f/a:/s/3/fs"]);
         assert!(build_mounts(SnapshotKind::Committed, own, &lowers).is_err());
-        let deep: Vec<PathBuf> = (0..60)
-            .map(|i| PathBuf::from(format!("/run/lazypull/fs/{i:064}")))
-            .collect();
+        // Deep images: containerd mounts with relative lower paths (from their common parent),
+        // so 400 layers of `<root>/snapshots/<id>/fs` fit; 1000 would not.
+        let deep = |n: usize| -> Vec<PathBuf> {
+            (0..n)
+                .map(|i| PathBuf::from(format!("/var/lib/lazypull/snapshots/{}/fs", 1000 + i)))
+                .collect()
+        };
+        let m = build_mounts(SnapshotKind::Active, own, &deep(400)).unwrap();
+        let full: usize = m[0].options.iter().map(|o| o.len() + 1).sum();
+        assert!(full > PAGE_SIZE);
+        assert!(mount_data_len(&m[0].options) <= PAGE_SIZE);
         assert!(matches!(
-            build_mounts(SnapshotKind::Active, own, &deep),
+            build_mounts(SnapshotKind::Active, own, &deep(1000)),
             Err(SnapshotError::FailedPrecondition(_))
         ));
+    }
+
+    /// The compacted size is what containerd's compactLowerdirOption produces.
+    #[test]
+    fn mount_data_len_mirrors_containerd() {
+        let o = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let short = o(&["index=off", "lowerdir=/a/1/fs:/a/2/fs"]);
+        assert_eq!(
+            mount_data_len(&short),
+            10 + 25,
+            "short options are not compacted"
+        );
+        // 250 lowers under /x/snapshots: relative `<id>/fs`, joined by ':'.
+        let dirs: Vec<String> = (100..350).map(|i| format!("/x/snapshots/{i}/fs")).collect();
+        let long = vec![
+            "workdir=/w".to_string(),
+            format!("lowerdir={}", dirs.join(":")),
+        ];
+        let relative: Vec<String> = (100..350).map(|i| format!("{i}/fs")).collect();
+        let want = "workdir=/w".len() + 1 + "lowerdir=".len() + relative.join(":").len() + 1;
+        let full: usize = long.iter().map(|s| s.len() + 1).sum();
+        assert!(full >= PAGE_SIZE - 512);
+        assert_eq!(mount_data_len(&long), want);
+        // No common parent below the root: nothing to compact.
+        let dirs: Vec<String> = (0..300)
+            .map(|i| format!("/{i}/fs/{}", "x".repeat(10)))
+            .collect();
+        let spread = vec![format!("lowerdir={}", dirs.join(":"))];
+        assert_eq!(mount_data_len(&spread), spread[0].len() + 1);
     }
 }

@@ -1002,6 +1002,13 @@ pub async fn push_built_image(
     push_built_image_claiming(reg, repo, tar, tar, compression, label).await
 }
 
+/// Push `repo:latest` made of these uncompressed layer tars (gzip each, bottom first).
+/// Returns the config digest.
+pub async fn push_layers(reg: &Registry, repo: &str, tars: &[Vec<u8>]) -> String {
+    let refs: Vec<&[u8]> = tars.iter().map(Vec::as_slice).collect();
+    push_image(reg, repo, &refs, &refs, "gzip", repo).await
+}
+
 /// Like [`push_built_image`], but the config's diff_id is that of `claimed` (to test that a
 /// layer whose content does not match its diff_id is refused).
 pub async fn push_built_image_claiming(
@@ -1012,10 +1019,21 @@ pub async fn push_built_image_claiming(
     compression: &str,
     label: &str,
 ) -> String {
+    push_image(reg, repo, &[tar], &[claimed], compression, label).await
+}
+
+async fn push_image(
+    reg: &Registry,
+    repo: &str,
+    tars: &[&[u8]],
+    claimed: &[&[u8]],
+    compression: &str,
+    label: &str,
+) -> String {
     use sha2::Digest as _;
     use std::io::Write;
     let digest = |b: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)));
-    let (layer, media_type) = match compression {
+    let compress = |tar: &[u8]| match compression {
         "gzip" => {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
             e.write_all(tar).expect("gzip");
@@ -1030,18 +1048,24 @@ pub async fn push_built_image_claiming(
         ),
         _ => (tar.to_vec(), "application/vnd.oci.image.layer.v1.tar"),
     };
+    let layers: Vec<(Vec<u8>, &str)> = tars.iter().map(|t| compress(t)).collect();
+    let diff_ids: Vec<String> = claimed.iter().map(|c| digest(c)).collect();
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Labels": {"lazypull.test": label}, "Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [digest(claimed)]},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
     })
     .to_string()
     .into_bytes();
+    let descriptors: Vec<serde_json::Value> = layers
+        .iter()
+        .map(|(l, mt)| serde_json::json!({"mediaType": mt, "digest": digest(l), "size": l.len()}))
+        .collect();
     let manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest(&config), "size": config.len()},
-        "layers": [{"mediaType": media_type, "digest": digest(&layer), "size": layer.len()}],
+        "layers": descriptors,
     })
     .to_string()
     .into_bytes();
@@ -1058,10 +1082,12 @@ pub async fn push_built_image_claiming(
             &oci_client::secrets::RegistryAuth::Anonymous,
         )
         .await;
-    client
-        .push_blob(&r, layer.clone(), &digest(&layer))
-        .await
-        .expect("push layer");
+    for (layer, _) in &layers {
+        client
+            .push_blob(&r, layer.clone(), &digest(layer))
+            .await
+            .expect("push layer");
+    }
     client
         .push_blob(&r, config.clone(), &digest(&config))
         .await
