@@ -428,9 +428,7 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
     );
     // Our side: one committed remote snapshot per layer, served from the FUSE mount.
     let mut c = snapshots(&d).await;
-    let remote = list(&mut c, &[r#"labels."containerd.io/snapshot/remote""#])
-        .await
-        .unwrap();
+    let remote = remote_snapshots(&mut c).await;
     assert_eq!(remote.len(), layers.len(), "{remote:?}");
     // containerd sees them through its metadata.
     let ls = ctd.ctr(&["snapshots", "--snapshotter", "lazypull", "ls"]);
@@ -501,15 +499,7 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
 
     // Removing the images: containerd's GC removes every snapshot through us; no mounts left.
     ctd.ctr(&["images", "rm", "--sync", &big, &plain]);
-    wait_no_snapshots(&mut c, &ctd).await;
-    cleanup(&mut c).await;
-    let snaps = d.store().join("snapshots");
-    assert_eq!(std::fs::read_dir(&snaps).unwrap().count(), 0);
-    assert!(
-        mounts_under(&snaps).is_empty(),
-        "{:?}",
-        mounts_under(&snaps)
-    );
+    assert_all_gone(&mut c, &ctd, &d).await;
 }
 
 /// containerd's CRI plugin on `snapshotter = "lazypull"` with snapshot annotations on: a pod
@@ -563,9 +553,7 @@ async fn cri_pods_start_on_lazy_layers() {
     );
     assert!(sent < image_size / 4, "lazy: {sent} of {image_size}");
     let mut c = snapshots(&d).await;
-    let remote = list(&mut c, &[r#"labels."containerd.io/snapshot/remote""#])
-        .await
-        .unwrap();
+    let remote = remote_snapshots(&mut c).await;
     assert_eq!(remote.len(), layers.len(), "{remote:?}");
     assert!(
         remote.iter().all(|i| i
@@ -575,27 +563,11 @@ async fn cri_pods_start_on_lazy_layers() {
     );
 
     // Tear down as kubelet would; removing the images leaves no snapshots and no mounts.
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap();
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await
-    .unwrap();
+    remove_pod(&mut rt, pod).await;
     for image in [big.clone(), format!("{h}/pause:latest")] {
         common::remove(&mut images, &image).await.unwrap();
     }
-    wait_no_snapshots(&mut c, &ctd).await;
-    cleanup(&mut c).await;
-    let snaps = d.store().join("snapshots");
-    assert!(
-        mounts_under(&snaps).is_empty(),
-        "{:?}",
-        mounts_under(&snaps)
-    );
+    assert_all_gone(&mut c, &ctd, &d).await;
 }
 
 /// Run `cmd` (through /bin/sh) in a new pod on containerd's CRI, as kubelet would: host
@@ -773,9 +745,7 @@ async fn cri_image_endpoint_registers_images_in_containerd() {
     );
     assert!(sent < image_size / 4, "lazy: {sent} of {image_size}");
     let mut c = snapshots(&d).await;
-    let remote = list(&mut c, &[r#"labels."containerd.io/snapshot/remote""#])
-        .await
-        .unwrap();
+    let remote = remote_snapshots(&mut c).await;
     assert_eq!(remote.len(), layers.len(), "{remote:?}");
 
     // A layer that cannot be served lazily (no TOC) while filling is off: a clear refusal.
@@ -786,16 +756,7 @@ async fn cri_image_endpoint_registers_images_in_containerd() {
 
     // RemoveImage on lazypull removes the records in containerd (and its GC the snapshots,
     // once the pod that used them is gone).
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap();
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await
-    .unwrap();
+    remove_pod(&mut rt, pod).await;
     common::remove(&mut lp, &big).await.unwrap();
     assert!(status(&mut lp, &id).await.is_none());
     assert!(
@@ -826,29 +787,13 @@ async fn cri_image_endpoint_registers_images_in_containerd() {
         .unwrap_or_else(|e| panic!("PullImage of a plain image: {e}\n{}", d.log_text()));
     let (pod, log) = run_in_pod(&mut rt, &ctd, &busybox, "echo plain layers work too").await;
     assert!(log.contains("plain layers work too"), "{log}");
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap();
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await
-    .unwrap();
+    remove_pod(&mut rt, pod).await;
     common::remove(&mut lp, &bid).await.unwrap();
     common::remove(&mut ctd_images, &format!("{h}/pause:latest"))
         .await
         .unwrap();
     let mut c = snapshots(&d).await;
-    wait_no_snapshots(&mut c, &ctd).await;
-    cleanup(&mut c).await;
-    let snaps = d.store().join("snapshots");
-    assert!(
-        mounts_under(&snaps).is_empty(),
-        "{:?}",
-        mounts_under(&snaps)
-    );
+    assert_all_gone(&mut c, &ctd, &d).await;
 }
 
 /// The Debian bookworm + python3 image (eStargz by ctr-remote, one 120 MB layer) runs on lazy
@@ -930,16 +875,7 @@ async fn python_image_runs_on_lazy_layers_through_containerd() {
     .await;
     assert!(log.contains("45 0.25"), "{log}");
 
-    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap();
-    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
-        pod_sandbox_id: pod,
-    })
-    .await
-    .unwrap();
+    remove_pod(&mut rt, pod).await;
     common::remove(&mut lp, &py).await.unwrap();
     ctd.ctr(&["images", "rm", "--sync", &py]);
     let mut ctd_images = ctd.images().await;
@@ -947,14 +883,7 @@ async fn python_image_runs_on_lazy_layers_through_containerd() {
         .await
         .unwrap();
     let mut c = snapshots(&d).await;
-    wait_no_snapshots(&mut c, &ctd).await;
-    cleanup(&mut c).await;
-    let snaps = d.store().join("snapshots");
-    assert!(
-        mounts_under(&snaps).is_empty(),
-        "{:?}",
-        mounts_under(&snaps)
-    );
+    assert_all_gone(&mut c, &ctd, &d).await;
 }
 
 /// An uncompressed tar holding one file, `layers/<name>` (with its directory).
@@ -1015,9 +944,7 @@ async fn deep_images_mount_past_a_page_of_lower_paths() {
         ],
     );
     let mut c = snapshots(&d).await;
-    let remote = list(&mut c, &[r#"labels."containerd.io/snapshot/remote""#])
-        .await
-        .unwrap();
+    let remote = remote_snapshots(&mut c).await;
     assert_eq!(remote.len(), DEPTH, "every layer is lazy");
     let out = ctd.ctr(&[
         "run",
@@ -1043,17 +970,45 @@ async fn deep_images_mount_past_a_page_of_lower_paths() {
             .len();
     assert!(lower_bytes > 4096, "{lower_bytes}");
     ctd.ctr(&["images", "rm", "--sync", &esgz]);
-    wait_no_snapshots(&mut c, &ctd).await;
-    cleanup(&mut c).await;
+    assert_all_gone(&mut c, &ctd, &d).await;
+}
+
+/// Stop and remove a pod (containerd's CRI), as kubelet does.
+async fn remove_pod(rt: &mut RuntimeServiceClient<tonic::transport::Channel>, pod: String) {
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await
+    .unwrap();
+}
+
+/// The snapshots served lazily (labelled by the remote flow).
+async fn remote_snapshots(c: &mut Client) -> Vec<pb::Info> {
+    list(c, &[r#"labels."containerd.io/snapshot/remote""#])
+        .await
+        .unwrap()
+}
+
+/// Once containerd let go of everything: no snapshots (containerd's GC removed them through
+/// us), and after Cleanup no snapshot directories and no mounts under the store.
+async fn assert_all_gone(c: &mut Client, ctd: &Containerd, d: &Daemon) {
+    wait_no_snapshots(c, ctd).await;
+    cleanup(c).await;
     let snaps = d.store().join("snapshots");
     assert!(
         mounts_under(&snaps).is_empty(),
         "{:?}",
         mounts_under(&snaps)
     );
-    assert_eq!(
-        std::fs::read_dir(&snaps).unwrap().count(),
-        0,
-        "no snapshot directories left"
-    );
+    let left: Vec<_> = std::fs::read_dir(&snaps)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "snapshot directories left: {left:?}");
 }
