@@ -565,4 +565,30 @@ registries:
         assert!(valid_log_filter("info,lazypull=debug"));
         assert!(!valid_log_filter("lazypull"));
     }
+
+    #[test]
+    fn containerd_registration_settings() {
+        let c: Config = serde_yaml_ng::from_str(
+            "containerd: {address: /run/containerd/containerd.sock, layer_timeout: 2m}",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.containerd.namespace, "k8s.io");
+        assert_eq!(c.containerd.snapshotter, "lazypull");
+        assert_eq!(c.containerd.layer_timeout, Duration::from_secs(120));
+        assert!(
+            Config::default().containerd.address.is_none(),
+            "off by default"
+        );
+        let err = |f: &dyn Fn(&mut Config)| {
+            let mut c = c.clone();
+            f(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert!(err(&|c| c.containerd.address = Some("rel.sock".into())).contains("absolute"));
+        assert!(err(&|c| c.fuse.enabled = false).contains("FUSE"));
+        assert!(err(&|c| c.snapshotter.enabled = false).contains("snapshotter"));
+        assert!(err(&|c| c.containerd.namespace = "k8s io".into()).contains("namespace"));
+        assert!(err(&|c| c.containerd.layer_timeout = Duration::ZERO).contains("layer_timeout"));
+    }
 }
