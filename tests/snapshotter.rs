@@ -420,7 +420,7 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
         out.contains("hello from a lazy container") && out.contains("4096"),
         "{out}"
     );
-    let sent: u64 = layers.iter().map(|(dg, _)| served(&reg, "big", dg).0).sum();
+    let sent = bytes_sent(&reg, "big", &layers);
     eprintln!("registry sent {sent} of {image_size} layer bytes for pull + run");
     assert!(
         sent < image_size / 4,
@@ -547,7 +547,7 @@ async fn cri_pods_start_on_lazy_layers() {
         log.contains("hello from a lazy pod") && log.contains(" 4096"),
         "{log}"
     );
-    let sent: u64 = layers.iter().map(|(dg, _)| served(&reg, "big", dg).0).sum();
+    let sent = bytes_sent(&reg, "big", &layers);
     eprintln!(
         "CRI pull {pulled:?}, pod + container done {ran:?}; registry sent {sent} of {image_size} layer bytes"
     );
@@ -739,7 +739,7 @@ async fn cri_image_endpoint_registers_images_in_containerd() {
         log.contains("hello from the image endpoint") && log.contains(" 4096"),
         "{log}"
     );
-    let sent: u64 = layers.iter().map(|(dg, _)| served(&reg, "big", dg).0).sum();
+    let sent = bytes_sent(&reg, "big", &layers);
     eprintln!(
         "PullImage on lazypull (registered in containerd) {pulled:?}, pod + container done {ran:?}; registry sent {sent} of {image_size} layer bytes"
     );
@@ -854,7 +854,7 @@ async fn python_image_runs_on_lazy_layers_through_containerd() {
     ]);
     let ran = started.elapsed();
     assert!(out.contains(r#"{"lazy": true}"#), "{out}");
-    let sent: u64 = layers.iter().map(|(dg, _)| served(&reg, "py", dg).0).sum();
+    let sent = bytes_sent(&reg, "py", &layers);
     eprintln!(
         "python image: rpull + ctr run {ran:?}; registry sent {sent} of {image_size} layer bytes"
     );
@@ -1011,4 +1011,9 @@ async fn assert_all_gone(c: &mut Client, ctd: &Containerd, d: &Daemon) {
         .map(|e| e.path())
         .collect();
     assert!(left.is_empty(), "snapshot directories left: {left:?}");
+}
+
+/// Layer bytes the registry sent for `repo`'s layers so far (its access log).
+fn bytes_sent(reg: &Registry, repo: &str, layers: &[(String, u64)]) -> u64 {
+    layers.iter().map(|(dg, _)| served(reg, repo, dg).0).sum()
 }
