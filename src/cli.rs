@@ -70,6 +70,17 @@ pub enum Command {
     Status(StatusArgs),
     /// Print the version.
     Version,
+    /// Internal: keep the daemon's FUSE connection open across its restarts (started by
+    /// `serve`; see README, "Restarts").
+    #[command(hide = true)]
+    FuseHolder(FuseHolderArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FuseHolderArgs {
+    /// Unix socket to serve the descriptor on.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
 }
 
 #[derive(Args, Debug, Clone, Default)]

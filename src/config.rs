@@ -167,6 +167,9 @@ pub struct FuseConfig {
     /// Unpack complete eStargz layers into the file cache and pass their open files through
     /// to the kernel (native read speed) where it supports FUSE passthrough.
     pub passthrough: bool,
+    /// Keep the FUSE connection across daemon restarts (a `fuse-holder` process keeps its
+    /// descriptor), so running containers keep reading their lazy layers.
+    pub handover: bool,
 }
 
 impl Default for FuseConfig {
@@ -178,6 +181,7 @@ impl Default for FuseConfig {
             read_timeout: Duration::from_secs(60),
             chunk_cache_mib: 64,
             passthrough: true,
+            handover: true,
         }
     }
 }

@@ -129,6 +129,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(a) => commands::list::run(&cfg, a),
         Command::Prune(a) => commands::prune::run(&cfg, a).await,
         Command::Status(a) => commands::status::run(&cfg, a),
+        Command::FuseHolder(a) => {
+            let socket = a.socket.clone();
+            tokio::task::spawn_blocking(move || lazypull::fs::handover::run_holder(&socket))
+                .await
+                .context("fuse holder")??;
+            Ok(())
+        }
         Command::Version => {
             println!("lazypull {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -405,6 +405,159 @@ async fn on_demand_ranges_persist_across_restarts_and_the_fill_skips_them() {
     );
 }
 
+/// Files open on the lazy mount, as a running container's are, keep working across daemon
+/// restarts: a SIGTERM while the mount is in use leaves it to the fuse holder and the next
+/// daemon resumes it; a read issued while no daemon runs waits and then completes; after kill -9
+/// the requests in flight are sent again to the next daemon. Once unused, a stop unmounts it and
+/// the holder goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_files_keep_their_lazy_layers_across_daemon_restarts() {
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, Instant};
+    if !require_tools() || !Containerd::available() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    let ctd = Containerd::start(&[reg.host()]);
+    if !ctr_remote_convert(&reg, &ctd, "big:latest", "big:esgz") {
+        return;
+    }
+    drop(ctd);
+    let work = tempfile::tempdir().unwrap();
+    let want = std::fs::read(
+        umoci_unpack(&format!("{}/big:latest", reg.host()), work.path()).join("rootfs/big/big.bin"),
+    )
+    .unwrap();
+    let manifest = raw_manifest(&reg, "big:esgz");
+    let hex = |i: usize| {
+        manifest["layers"][i]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string()
+    };
+    let mut d = Daemon::start(&["--no-fill"]);
+    let fs = d.fuse_mountpoint().unwrap();
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &format!("{}/big:esgz", reg.host()))
+            .await
+            .expect("lazy pull");
+    }
+    let started = Instant::now();
+    while d.status_json()["images"][0]["layers"][1]["toc_entries"].is_null() {
+        assert!(started.elapsed() < Duration::from_secs(30), "no TOC");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let f = std::sync::Arc::new(std::fs::File::open(fs.join(hex(1)).join("big/big.bin")).unwrap());
+    let want = std::sync::Arc::new(want);
+    let check = |f: &std::fs::File, off: usize, len: usize| {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, off as u64)
+            .unwrap_or_else(|e| panic!("read {len} at {off}: {e}"));
+        assert!(buf == want[off..off + len], "bytes at {off} differ");
+    };
+    check(&f, 0, 64 << 10);
+
+    // SIGTERM with the file open: the mount stays, the holder keeps it.
+    let t = Instant::now();
+    assert!(d.terminate().success());
+    let stop = t.elapsed();
+    assert!(mounted(&fs), "the mount in use is left for the next daemon");
+    assert!(
+        d.log_text().contains("left mounted for the next start"),
+        "{}",
+        d.log_text()
+    );
+    // A read of bytes never fetched, while no daemon runs: it waits.
+    let (f2, w2) = (std::sync::Arc::clone(&f), std::sync::Arc::clone(&want));
+    let waiting = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        f2.read_exact_at(&mut buf, 8 << 20)
+            .map(|_| buf == w2[8 << 20..(8 << 20) + (256 << 10)])
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        !waiting.is_finished(),
+        "a read with no daemon waits for the next one"
+    );
+    let t = Instant::now();
+    d.restart_with(&["--no-fill"]);
+    while !waiting.is_finished() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the waiting read never completed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let resumed_in = t.elapsed();
+    assert!(
+        waiting.join().unwrap().expect("the waiting read"),
+        "its bytes are right"
+    );
+    assert!(
+        d.log_text().contains("resumed the layer filesystem"),
+        "{}",
+        d.log_text()
+    );
+    // The open file at new offsets, a new path in the same layer, and a layer first looked up
+    // after the restart (its inode numbers must not clash with those the kernel holds).
+    check(&f, 20 << 20, 64 << 10);
+    let busybox = std::fs::metadata(fs.join(hex(0)).join("bin/busybox")).expect("another layer");
+    assert!(busybox.len() > 100_000);
+    assert!(
+        std::fs::read_dir(fs.join(hex(1)).join("big"))
+            .unwrap()
+            .count()
+            == 1
+    );
+
+    // kill -9 with reads in flight: they are sent again to the next daemon.
+    let (f3, w3) = (std::sync::Arc::clone(&f), std::sync::Arc::clone(&want));
+    let inflight = std::thread::spawn(move || {
+        let off = 24 << 20;
+        let mut buf = vec![0u8; 4 << 20];
+        f3.read_exact_at(&mut buf, off as u64)
+            .map(|_| buf == w3[off..off + (4 << 20)])
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    d.kill9();
+    d.restart_with(&["--no-fill"]);
+    let t = Instant::now();
+    while !inflight.is_finished() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "a read in flight at kill -9 never completed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        inflight.join().unwrap().expect("the read across kill -9"),
+        "its bytes are right"
+    );
+    check(&f, 0, 1 << 20);
+    eprintln!(
+        "restart: stop {stop:?}; a read waiting for the daemon completed {resumed_in:?} after the restart began"
+    );
+
+    // Unused, a stop unmounts, and the holder exits.
+    drop(f);
+    assert!(d.terminate().success());
+    assert!(!mounted(&fs), "unmounted once nothing uses it");
+    let sock = fs.with_file_name(format!(
+        "{}.holder.sock",
+        fs.file_name().unwrap().to_string_lossy()
+    ));
+    let t = Instant::now();
+    while sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the holder outlived the mount"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Layers without a TOC (plain gzip) are fetched whole, unpacked into the file cache and
 /// mounted from it; complete layers' files are passed through to the kernel; identical files
 /// of different layers are stored once.

@@ -168,10 +168,17 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             cfg.fuse.passthrough,
             Arc::clone(&recorder),
         );
-        match crate::fs::fuse::Mount::start(fs, &cfg.fuse.mountpoint, cfg.fuse.threads) {
+        match crate::fs::fuse::Mount::start(
+            fs,
+            &cfg.fuse.mountpoint,
+            cfg.fuse.threads,
+            cfg.fuse.handover,
+        ) {
             Ok(m) => {
                 fuse_recorder = Some(Arc::clone(&recorder));
-                tracing::info!(mountpoint = %cfg.fuse.mountpoint.display(), "layer filesystem mounted");
+                if !m.resumed {
+                    tracing::info!(mountpoint = %cfg.fuse.mountpoint.display(), "layer filesystem mounted");
+                }
                 Some(m)
             }
             Err(e) => {

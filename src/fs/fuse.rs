@@ -5,6 +5,7 @@
 //! [`Reader`], which takes verified chunks from memory, the local blob or partial file, or the
 //! registry, and only then reply.
 
+use super::handover::{self, Paths};
 use super::reader::{LazyLayer, Reader};
 use super::tree::{NodeKind, ROOT, Tree};
 use crate::layer::estargz;
@@ -24,13 +25,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Layer content is immutable: long TTLs are safe and spare round trips (overlayfs looks up
 /// every name in every lower layer).
 const TTL: Duration = Duration::from_secs(3600);
-/// Layer directories get inode numbers `(index + 1) << 32 | local inode`.
+/// Layer directories get inode numbers `(index + 1) << 32 | local inode`. The index is the
+/// order in which layers were first looked up on this mount; it is persisted (one hex per line,
+/// `handover::Paths::layers`) so that a daemon resuming the mount after a restart gives every
+/// layer the inode numbers the kernel already caches.
 const LAYER_SHIFT: u32 = 32;
+/// Read-only files have nothing to flush: no FLUSH round trip at every close(2), and no close
+/// (nor an exec of a process holding the file) that waits while the daemon restarts.
+const NOFLUSH: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
 #[derive(Default)]
 struct Layers {
     by_hex: HashMap<String, usize>,
-    list: Vec<Arc<LazyLayer>>,
+    /// Digest hex per index; `loaded` is filled on first use (a resumed mount knows the names
+    /// before it has loaded anything).
+    names: Vec<String>,
+    loaded: Vec<Option<Arc<LazyLayer>>>,
+    /// Where new indexes are appended, when the mount can be handed over.
+    persist: Option<std::fs::File>,
 }
 
 pub struct LayerFs {
@@ -42,22 +54,37 @@ pub struct LayerFs {
     started: SystemTime,
     /// Asked for by the configuration; `passthrough_on` once the kernel agreed at init.
     passthrough_wanted: bool,
-    passthrough_on: std::sync::atomic::AtomicBool,
+    passthrough_on: Arc<std::sync::atomic::AtomicBool>,
     handles: Mutex<Handles>,
     recorder: Arc<super::record::Recorder>,
+    /// Set when the layer list could not be persisted: the mount must not be handed over.
+    handover_broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Open files served from the file cache: by passthrough (one backing id per inode, shared by
-/// its open handles, closed with the last one) or by pread from the cached file.
+/// its open handles, closed with the last one) or by pread from the cached file. After a
+/// restart the kernel still holds handles of the previous process: unknown ones are read
+/// through the chunk reader, and `files` keeps the inode so a reused number is never taken for
+/// another file.
 #[derive(Default)]
 struct Handles {
     next: u64,
-    files: HashMap<u64, Arc<std::fs::File>>,
+    files: HashMap<u64, (u64, Arc<std::fs::File>)>,
     backing: HashMap<u64, Arc<BackingId>>,
     by_inode: HashMap<u64, std::sync::Weak<BackingId>>,
 }
 
 use crate::store::locked as lock;
+
+/// Handle numbers start from the clock (µs since the epoch, shifted), so a restarted daemon
+/// does not hand out the numbers its predecessor's open files still carry.
+fn first_handle() -> u64 {
+    let us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    (us << 8).max(1)
+}
 
 fn split(ino: u64) -> Option<(usize, u64)> {
     let layer = ino >> LAYER_SHIFT;
@@ -95,12 +122,13 @@ impl LayerFs {
             layers: RwLock::new(Layers::default()),
             started: SystemTime::now(),
             passthrough_wanted: passthrough,
-            passthrough_on: std::sync::atomic::AtomicBool::new(false),
+            passthrough_on: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             handles: Mutex::new(Handles {
-                next: 1,
+                next: first_handle(),
                 ..Default::default()
             }),
             recorder,
+            handover_broken: Arc::default(),
         }
     }
 
@@ -114,48 +142,110 @@ impl LayerFs {
     }
 
     fn layer(&self, idx: usize) -> Option<Arc<LazyLayer>> {
+        let name = {
+            let layers = self.layers.read().unwrap_or_else(|p| p.into_inner());
+            if let Some(Some(l)) = layers.loaded.get(idx) {
+                return Some(Arc::clone(l));
+            }
+            layers.names.get(idx)?.clone()
+        };
+        // Known by name only (a resumed mount): load it now.
+        let loaded = Arc::new(self.load_hex(&name)?);
+        let mut layers = self.layers.write().unwrap_or_else(|p| p.into_inner());
+        let slot = layers.loaded.get_mut(idx)?;
+        if let Some(l) = slot {
+            return Some(Arc::clone(l));
+        }
+        *slot = Some(Arc::clone(&loaded));
+        drop(layers);
+        self.mounted(&loaded);
+        Some(loaded)
+    }
+
+    fn load_hex(&self, name: &str) -> Option<LazyLayer> {
+        let digest = Digest::parse(&format!("sha256:{name}")).ok()?;
+        let rec = lock(&self.db).layer(digest.as_str()).ok().flatten()?;
+        match self.load(&rec) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(layer = %digest, error = %e, "cannot mount layer lazily");
+                None
+            }
+        }
+    }
+
+    fn mounted(&self, layer: &Arc<LazyLayer>) {
+        tracing::info!(layer = %layer.digest, "layer mounted");
+        let reader = Arc::clone(&self.reader);
+        let layer = Arc::clone(layer);
+        // Files a converter marked as needed at start-up come first (in the background).
+        self.rt
+            .spawn(async move { reader.prefetch_landmark(&layer) });
+    }
+
+    /// Persist new layer indexes to `file` from now on (a fresh mount that can be handed over).
+    pub fn persist_layers(&self, file: std::fs::File) {
         self.layers
-            .read()
+            .write()
             .unwrap_or_else(|p| p.into_inner())
-            .list
-            .get(idx)
-            .cloned()
+            .persist = Some(file);
+    }
+
+    /// Continue a mount a previous daemon served: its layer indexes, its passthrough setting
+    /// (the kernel negotiated it once, at INIT), and `file` to append new indexes to.
+    pub fn adopt(&self, names: Vec<String>, file: std::fs::File, passthrough: bool) {
+        let mut layers = self.layers.write().unwrap_or_else(|p| p.into_inner());
+        layers.by_hex = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        layers.loaded = vec![None; names.len()];
+        layers.names = names;
+        layers.persist = Some(file);
+        self.passthrough_on
+            .store(passthrough, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the kernel agreed to passthrough (known once the session is initialised).
+    pub fn passthrough_flag(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.passthrough_on)
     }
 
     /// Find or load the layer directory `name` (a digest's hex).
     fn layer_by_name(&self, name: &str) -> Option<usize> {
-        if let Some(&i) = self
+        let known = self
             .layers
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .by_hex
             .get(name)
-        {
-            return Some(i);
+            .copied();
+        if let Some(i) = known {
+            return self.layer(i).map(|_| i);
         }
-        let digest = Digest::parse(&format!("sha256:{name}")).ok()?;
-        let rec = lock(&self.db).layer(digest.as_str()).ok().flatten()?;
-        let loaded = match self.load(&rec) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(layer = %digest, error = %e, "cannot mount layer lazily");
-                return None;
-            }
-        };
+        let loaded = Arc::new(self.load_hex(name)?);
         let mut layers = self.layers.write().unwrap_or_else(|p| p.into_inner());
         if let Some(&i) = layers.by_hex.get(name) {
             return Some(i);
         }
-        let i = layers.list.len();
-        let loaded = Arc::new(loaded);
-        layers.list.push(Arc::clone(&loaded));
+        let i = layers.names.len();
+        // Recorded before any inode number of it reaches the kernel. If it cannot be, a
+        // resumed mount would misnumber layers: the list is removed, and the next daemon
+        // mounts afresh instead of resuming.
+        if let Some(f) = layers.persist.as_mut()
+            && let Err(e) = std::io::Write::write_all(f, format!("{name}\n").as_bytes())
+        {
+            tracing::error!(error = %e, "cannot record the layer list; the mount will not be handed over at restart");
+            layers.persist = None;
+            self.handover_broken
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        layers.names.push(name.to_string());
+        layers.loaded.push(Some(Arc::clone(&loaded)));
         layers.by_hex.insert(name.to_string(), i);
         drop(layers);
-        tracing::info!(layer = %digest, "layer mounted");
-        let reader = Arc::clone(&self.reader);
-        // Files a converter marked as needed at start-up come first (in the background).
-        self.rt
-            .spawn(async move { reader.prefetch_landmark(&loaded) });
+        self.mounted(&loaded);
         Some(i)
     }
 
@@ -217,7 +307,7 @@ impl LayerFs {
             .layers
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .list
+            .names
             .len() as u32;
         FileAttr {
             ino: INodeNo::ROOT,
@@ -341,7 +431,7 @@ impl fuser::Filesystem for LayerFs {
             split(ino.0).and_then(|(l, n)| self.layer(l).and_then(|l| self.cached_file(&l, n)));
         let Some(file) = cached else {
             // Not in the file cache: reads go through the chunk reader.
-            return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | NOFLUSH);
         };
         let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let fh = h.next;
@@ -361,7 +451,7 @@ impl fuser::Filesystem for LayerFs {
                     h.by_inode.insert(ino.0, Arc::downgrade(&id));
                     h.backing.insert(fh, Arc::clone(&id));
                     drop(h);
-                    return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    return reply.opened_passthrough(FileHandle(fh), NOFLUSH, &id);
                 }
                 Err(e) => {
                     // E.g. ELOOP: the store is on a stacked filesystem. Serve by pread instead.
@@ -371,15 +461,15 @@ impl fuser::Filesystem for LayerFs {
                 }
             }
         }
-        h.files.insert(fh, Arc::new(file));
+        h.files.insert(fh, (ino.0, Arc::new(file)));
         drop(h);
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | NOFLUSH)
     }
 
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock: Option<LockOwner>,
@@ -387,7 +477,9 @@ impl fuser::Filesystem for LayerFs {
         reply: ReplyEmpty,
     ) {
         let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-        h.files.remove(&fh.0);
+        if h.files.get(&fh.0).is_some_and(|(i, _)| *i == ino.0) {
+            h.files.remove(&fh.0);
+        }
         h.backing.remove(&fh.0);
         reply.ok();
     }
@@ -433,7 +525,8 @@ impl fuser::Filesystem for LayerFs {
             .unwrap_or_else(|p| p.into_inner())
             .files
             .get(&fh.0)
-            .cloned();
+            .filter(|(i, _)| *i == ino.0)
+            .map(|(_, f)| Arc::clone(f));
         if let Some(file) = cached {
             // A local file: pread off the session thread like every other read.
             self.rt.spawn_blocking(move || {
@@ -482,7 +575,9 @@ impl fuser::Filesystem for LayerFs {
         _lock: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Files opened before FOPEN_NOFLUSH (or by kernels without it): ENOSYS makes the
+        // kernel stop sending FLUSH for good.
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
@@ -580,43 +675,95 @@ impl fuser::Filesystem for LayerFs {
     }
 }
 
-/// Whether `/proc/self/mountinfo` shows a lazypull FUSE mount at `path`.
-fn is_our_mount(path: &std::path::Path) -> bool {
-    let want = path.to_string_lossy().replace(' ', "\\040");
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| {
-            let mut halves = l.splitn(2, " - ");
-            let (left, right) = (
-                halves.next().unwrap_or_default(),
-                halves.next().unwrap_or_default(),
-            );
-            let mut r = right.split(' ');
-            let (fstype, source) = (r.next().unwrap_or_default(), r.next().unwrap_or_default());
-            left.split(' ').nth(4) == Some(want.as_str())
-                && fstype.starts_with("fuse")
-                && source == "lazypull"
-        })
-}
-
-/// A mounted layer filesystem; unmounts on `unmount` (or drop).
+/// A mounted layer filesystem; unmounts on `unmount_within` (or drop), unless running
+/// containers use it and a holder keeps it for the next daemon (module `handover`).
 pub struct Mount {
     session: Option<fuser::BackgroundSession>,
     pub mountpoint: std::path::PathBuf,
+    /// Set when a holder process keeps the connection for the next daemon.
+    handover: Option<Paths>,
+    handover_broken: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether this process resumed a mount (its fuser session did not mount it).
+    pub resumed: bool,
+}
+
+/// Why a mount a holder keeps cannot be resumed, if it cannot.
+fn unresumable(
+    held: &handover::Held,
+    fd: &std::os::fd::OwnedFd,
+    mountpoint: &std::path::Path,
+) -> Option<String> {
+    use std::os::fd::AsFd;
+    if held.mountpoint != mountpoint {
+        return Some(format!("it is mounted at {}", held.mountpoint.display()));
+    }
+    if !handover::connection_alive(fd.as_fd()) {
+        return Some("its connection has ended".into());
+    }
+    if handover::mount_dev(mountpoint).as_deref() != Some(held.dev.as_str()) {
+        return Some("it is no longer at the mountpoint".into());
+    }
+    None
 }
 
 impl Mount {
-    /// Mount at `mountpoint` (created if missing). Our own mounts left there by a crashed daemon
-    /// are detached first: a stat cannot tell them dead, the kernel may answer from its cache.
-    /// The caller holds the store lock, so no live daemon of this store uses the mountpoint.
+    /// Mount at `mountpoint` (created if missing), or with `handover`, resume the mount a
+    /// previous daemon left to a holder process: running containers then keep their layers.
+    /// Our own mounts left there by a crashed daemon without a holder are detached first: a
+    /// stat cannot tell them dead, the kernel may answer from its cache. The caller holds the
+    /// store lock, so no live daemon of this store uses the mountpoint.
     pub fn start(
         fs: LayerFs,
         mountpoint: &std::path::Path,
         threads: usize,
+        handover: bool,
     ) -> std::io::Result<Mount> {
+        let paths = Paths::for_mountpoint(mountpoint);
+        let mut cfg = fuser::Config::default();
+        cfg.mount_options = vec![
+            fuser::MountOption::RO,
+            fuser::MountOption::FSName("lazypull".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoAtime,
+        ];
+        cfg.acl = fuser::SessionACL::All;
+        cfg.n_threads = Some(threads);
+        // Cloned descriptors die with this process, and the kernel fails the requests read on
+        // them (ECONNABORTED). On the one shared descriptor the holder keeps, requests in flight
+        // at a restart stay queued and are sent again to the next daemon.
+        cfg.clone_fd = !handover;
+        let broken = Arc::clone(&fs.handover_broken);
+        if handover {
+            match handover::take(&paths.socket) {
+                Ok(Some((fd, held))) => {
+                    let layers = std::fs::read_to_string(&paths.layers)
+                        .ok()
+                        .and_then(|t| handover::parse_layer_list(&t));
+                    let why = unresumable(&held, &fd, mountpoint).or_else(|| {
+                        layers.is_none().then(|| {
+                            format!("its layer list {} is unreadable", paths.layers.display())
+                        })
+                    });
+                    match (why, layers) {
+                        (None, Some(names)) => {
+                            return Self::resume(fs, fd, held, names, &paths, cfg, broken);
+                        }
+                        (why, _) => {
+                            tracing::warn!(mountpoint = %mountpoint.display(), reason = why.unwrap_or_default(),
+                                "cannot resume the layer filesystem a previous run left; mounting afresh (containers still on the old one lose their lazy layers)");
+                            handover::release(&paths.socket);
+                        }
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(socket = %paths.socket.display(), error = %e, "the fuse holder did not answer; mounting afresh");
+                    handover::release(&paths.socket);
+                }
+            }
+        }
         for _ in 0..16 {
-            if !is_our_mount(mountpoint) {
+            if handover::mount_dev(mountpoint).is_none() {
                 break;
             }
             tracing::warn!(mountpoint = %mountpoint.display(), "detaching a layer filesystem left by a previous run");
@@ -628,28 +775,96 @@ impl Mount {
             }
         }
         std::fs::create_dir_all(mountpoint)?;
-        let mut cfg = fuser::Config::default();
-        cfg.mount_options = vec![
-            fuser::MountOption::RO,
-            fuser::MountOption::FSName("lazypull".into()),
-            fuser::MountOption::DefaultPermissions,
-            fuser::MountOption::NoAtime,
-        ];
-        cfg.acl = fuser::SessionACL::All;
-        cfg.n_threads = Some(threads);
-        cfg.clone_fd = true;
-        let session = fuser::spawn_mount(fs, mountpoint, &cfg)?;
+        let list = if handover {
+            match std::fs::File::create(&paths.layers) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(path = %paths.layers.display(), error = %e,
+                        "cannot write the layer list; running containers will not survive a restart");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let handover = list.is_some();
+        if let Some(f) = list {
+            fs.persist_layers(f);
+        }
+        let passthrough = fs.passthrough_flag();
+        let session = fuser::Session::new(fs, mountpoint, &cfg)?;
+        let mut held_by = None;
+        if handover {
+            use std::os::fd::AsFd;
+            let held = handover::mount_dev(mountpoint).map(|dev| handover::Held {
+                mountpoint: mountpoint.to_path_buf(),
+                dev,
+                proto: session.proto_version().unwrap_or((7, 31)),
+                passthrough: passthrough.load(std::sync::atomic::Ordering::Relaxed),
+            });
+            let spawned = match held {
+                Some(h) => handover::spawn_holder(&paths.socket, session.as_fd(), &h),
+                None => Err(handover::HandoverError::Protocol(
+                    "the new mount is not in mountinfo".into(),
+                )),
+            };
+            match spawned {
+                Ok(()) => {
+                    tracing::info!(socket = %paths.socket.display(), "a fuse holder keeps the connection: running containers survive restarts");
+                    held_by = Some(paths);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the fuse holder; running containers will not survive a restart")
+                }
+            }
+        }
         Ok(Mount {
-            session: Some(session),
+            session: Some(session.spawn()?),
             mountpoint: mountpoint.to_path_buf(),
+            handover: held_by,
+            handover_broken: broken,
+            resumed: false,
         })
     }
 
-    /// Unmount, and serve the users that still hold the (then detached) filesystem for at most
-    /// `grace`: overlay mounts of running containers keep the FUSE connection alive after the
-    /// unmount, and the session only ends when the last of them goes. Past `grace` the process
-    /// moves on; when it exits, the kernel aborts the connection and those containers get
-    /// ENOTCONN for what they had not read (README, "Restarts").
+    fn resume(
+        fs: LayerFs,
+        fd: std::os::fd::OwnedFd,
+        held: handover::Held,
+        names: Vec<String>,
+        paths: &Paths,
+        cfg: fuser::Config,
+        broken: Arc<std::sync::atomic::AtomicBool>,
+    ) -> std::io::Result<Mount> {
+        use std::os::fd::AsFd;
+        let list = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&paths.layers)?;
+        let n = names.len();
+        fs.adopt(names, list, held.passthrough);
+        let acl = cfg.acl;
+        let session = fuser::Session::from_fd_initialized(fs, fd, acl, cfg, held.proto);
+        match handover::resend(session.as_fd()) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e,
+                "the kernel cannot resend requests a previous run read but did not answer (Linux < 6.9); those reads may hang"),
+        }
+        tracing::info!(mountpoint = %held.mountpoint.display(), layers = n, passthrough = held.passthrough,
+            "resumed the layer filesystem a previous run left: running containers keep their lazy layers");
+        Ok(Mount {
+            session: Some(session.spawn()?),
+            mountpoint: held.mountpoint,
+            handover: Some(paths.clone()),
+            handover_broken: broken,
+            resumed: true,
+        })
+    }
+
+    /// Stop serving. Without running containers on it, the filesystem is unmounted (and the
+    /// holder, if any, released). With running containers and a holder, it stays mounted for
+    /// the next daemon: their reads wait until it resumes. With running containers and no
+    /// holder, they are served for at most `grace`; when this process exits the kernel aborts
+    /// the connection and they get ENOTCONN (README, "Restarts").
     pub fn unmount_within(mut self, grace: std::time::Duration) {
         self.stop(grace);
     }
@@ -658,6 +873,36 @@ impl Mount {
         let Some(session) = self.session.take() else {
             return;
         };
+        if let Some(paths) = self.handover.take() {
+            let broken = self
+                .handover_broken
+                .load(std::sync::atomic::Ordering::Relaxed);
+            match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
+                Err(nix::errno::Errno::EBUSY) if !broken => {
+                    tracing::info!(mountpoint = %self.mountpoint.display(), holder = %paths.socket.display(),
+                        "the layer filesystem is in use (running containers on lazy layers): left mounted for the next start, \
+                         which resumes it; their reads wait until then");
+                    // Keep the session's threads and descriptors as they are until the process
+                    // exits: dropping it would try to unmount.
+                    std::mem::forget(session);
+                    return;
+                }
+                Ok(()) | Err(nix::errno::Errno::EINVAL) => {
+                    handover::release(&paths.socket);
+                    let _ = std::fs::remove_file(&paths.layers);
+                    if session.join().is_ok() {
+                        tracing::info!(mountpoint = %self.mountpoint.display(), "layer filesystem unmounted");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, broken,
+                        "cannot leave the layer filesystem to the next start");
+                    handover::release(&paths.socket);
+                    let _ = std::fs::remove_file(&paths.layers);
+                }
+            }
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         let unmounting = std::thread::spawn(move || {
             let _ = tx.send(session.umount_and_join());

@@ -3,6 +3,7 @@
 //! only file that knows fuser).
 
 pub mod fuse;
+pub mod handover;
 pub mod reader;
 pub mod record;
 pub mod tree;

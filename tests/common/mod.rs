@@ -481,13 +481,11 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // A killed daemon leaves its FUSE mount dead: detach it.
+        // A killed daemon leaves its FUSE mount to its fuse holder: detach it (by syscall, as
+        // umount(8) may stat it first and wait for a daemon that is gone). The holder sees the
+        // mount go and exits, which ends the connection and fails any read still waiting.
         if let Some(mp) = self.fuse_mountpoint() {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(&mp)
-                .stderr(Stdio::null())
-                .status();
+            let _ = nix::mount::umount2(&mp, nix::mount::MntFlags::MNT_DETACH);
         }
     }
 }
