@@ -4,7 +4,28 @@ use crate::config::LogFormat;
 use std::path::Path;
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
+/// The logging flags a helper process started by this one should get, so that its lines go
+/// where ours go, in the same format (set by [`init`]).
+static CHILD_ARGS: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::OnceLock::new();
+
+pub fn child_args() -> Vec<std::ffi::OsString> {
+    CHILD_ARGS.get().cloned().unwrap_or_default()
+}
+
 pub fn init(level: &str, format: LogFormat, file: Option<&Path>) -> anyhow::Result<()> {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--log-format".into(),
+        match format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+        .into(),
+    ];
+    if let Some(f) = file {
+        args.push("--log-file".into());
+        args.push(f.into());
+    }
+    let _ = CHILD_ARGS.set(args);
     let filter = || EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let stderr = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()

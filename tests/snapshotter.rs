@@ -461,6 +461,20 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
     ]);
     assert!(out.contains("plain ok"), "{out}");
 
+    // A container running across the restart: it has read a little, then waits for /go.
+    ctd.ctr(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "lazypull",
+        &big,
+        "long",
+        "/bin/sh",
+        "-c",
+        "head -c 4096 /big/big.bin >/dev/null; while [ ! -e /go ]; do sleep 0.1; done; \
+         tail -c 1000000 /big/big.bin | wc -c > /result; sleep 600",
+    ]);
+
     // lazypull killed and restarted: the same snapshots, and containers still run.
     let before = list(&mut c, &[]).await.unwrap();
     d.kill9();
@@ -496,6 +510,30 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
         "tail -c 100 /big/big.bin | wc -c",
     ]);
     assert!(out.contains("100"), "{out}");
+    // The running container kept its lazy layers: it reads bytes never fetched before, and an
+    // exec into it (its /bin/sh comes from a lazy layer too) works.
+    let out = ctd.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "check",
+        "long",
+        "/bin/sh",
+        "-c",
+        "touch /go; while [ ! -s /result ]; do sleep 0.1; done; cat /result",
+    ]);
+    assert_eq!(
+        out.trim(),
+        "1000000",
+        "the running container after the restart"
+    );
+    ctd.ctr(&["task", "kill", "-s", "KILL", "long"]);
+    let started = std::time::Instant::now();
+    while !ctd.ctr_output(&["task", "rm", "long"]).status.success() {
+        assert!(started.elapsed() < Duration::from_secs(15), "task rm long");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ctd.ctr(&["containers", "rm", "long"]);
 
     // Removing the images: containerd's GC removes every snapshot through us; no mounts left.
     ctd.ctr(&["images", "rm", "--sync", &big, &plain]);

@@ -246,7 +246,9 @@ pub fn spawn_holder(socket: &Path, fd: BorrowedFd, held: &Held) -> Result<(), Ha
     let exe = std::env::current_exe().map_err(io("locate the lazypull binary"))?;
     let _ = std::fs::remove_file(socket);
     let mut child = std::process::Command::new(exe)
-        .args(["--log-level", "info", "fuse-holder"])
+        .args(["--log-level", "info"])
+        .args(crate::telemetry::child_args())
+        .arg("fuse-holder")
         .arg("--socket")
         .arg(socket)
         .stdin(std::process::Stdio::null())
