@@ -203,8 +203,11 @@ impl LayerFs {
         layers.loaded = vec![None; names.len()];
         layers.names = names;
         layers.persist = Some(file);
-        self.passthrough_on
-            .store(passthrough, std::sync::atomic::Ordering::Relaxed);
+        // Only where the kernel agreed at INIT, and only if this run's configuration wants it.
+        self.passthrough_on.store(
+            passthrough && self.passthrough_wanted,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     /// Whether the kernel agreed to passthrough (known once the session is initialised).
