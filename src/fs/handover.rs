@@ -509,11 +509,17 @@ mod tests {
         assert_eq!(p.layers, Path::new("/run/lazypull/fs.layers"));
     }
 
-    #[test]
-    fn a_holder_keeps_and_gives_back_a_descriptor() {
-        // The holder's loop in a thread, holding a pipe's read end instead of /dev/fuse.
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("h.sock");
+    /// The holder's loop in a thread, given a pipe's read end instead of /dev/fuse: returns
+    /// the thread, the socket, the held note and the pipe's write end.
+    fn holder_with_a_pipe(
+        dir: &Path,
+    ) -> (
+        std::thread::JoinHandle<Result<(), HandoverError>>,
+        PathBuf,
+        Held,
+        OwnedFd,
+    ) {
+        let sock = dir.join("h.sock");
         let s2 = sock.clone();
         let holder = std::thread::spawn(move || hold(&s2, |_| true));
         let (r, w) = nix::unistd::pipe().unwrap();
@@ -532,9 +538,15 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        drop(r);
         // A put without a descriptor is refused; the held one stays.
         assert!(call(&sock, &put, None).is_err());
+        (holder, sock, held, w)
+    }
+
+    #[test]
+    fn a_holder_keeps_and_gives_back_a_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (holder, sock, held, w) = holder_with_a_pipe(dir.path());
         for _ in 0..2 {
             let (got, back) = take(&sock).unwrap().unwrap();
             assert_eq!(back, held);
@@ -557,26 +569,7 @@ mod tests {
     #[test]
     fn a_holder_exits_when_its_connection_ends() {
         let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("h.sock");
-        let s2 = sock.clone();
-        let holder = std::thread::spawn(move || hold(&s2, |_| true));
-        let (r, w) = nix::unistd::pipe().unwrap();
-        let put = Request::Put {
-            held: Held {
-                mountpoint: "/x".into(),
-                dev: "0:1".into(),
-                proto: (7, 41),
-                passthrough: false,
-            },
-        };
-        let t = Instant::now();
-        while call(&sock, &put, Some(r.as_fd())).is_err() {
-            assert!(
-                t.elapsed() < Duration::from_secs(5),
-                "holder never answered"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let (holder, sock, _, w) = holder_with_a_pipe(dir.path());
         // The pipe's other end closing is what an ended FUSE connection looks like to poll.
         drop(w);
         holder.join().unwrap().unwrap();
