@@ -558,6 +558,70 @@ async fn open_files_keep_their_lazy_layers_across_daemon_restarts() {
     }
 }
 
+/// A mounted layer whose registry went away keeps working once the same image is pulled from
+/// another registry: on-demand reads follow the catalogue's current source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mounted_layer_follows_its_image_to_another_registry() {
+    use std::os::unix::fs::FileExt;
+    if !require_tools() || !Containerd::available() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let mut reg1 = Registry::with_fixtures(None);
+    let ctd = Containerd::start(&[reg1.host()]);
+    if !ctr_remote_convert(&reg1, &ctd, "big:latest", "big:esgz") {
+        return;
+    }
+    drop(ctd);
+    let reg2 = Registry::with_fixtures(None);
+    let st = Command::new("skopeo")
+        .args(["copy", "-q", "--preserve-digests"])
+        .args(["--src-tls-verify=false", "--dest-tls-verify=false"])
+        .arg(format!("docker://{}/big:esgz", reg1.host()))
+        .arg(format!("docker://{}/big:esgz", reg2.host()))
+        .status()
+        .unwrap();
+    assert!(st.success(), "skopeo copy");
+    let manifest = raw_manifest(&reg1, "big:esgz");
+    let digest = manifest["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let hex = digest.trim_start_matches("sha256:").to_string();
+    let d = Daemon::start(&["--no-fill"]);
+    let fs = d.fuse_mountpoint().unwrap();
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &format!("{}/big:esgz", reg1.host()))
+            .await
+            .expect("lazy pull from the first registry");
+    }
+    let started = std::time::Instant::now();
+    while d.status_json()["images"][0]["layers"][1]["toc_entries"].is_null() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "no TOC"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let f = std::fs::File::open(fs.join(&hex).join("big/big.bin")).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    f.read_exact_at(&mut buf, 0)
+        .expect("read from the first registry");
+    reg1.stop();
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &format!("{}/big:esgz", reg2.host()))
+            .await
+            .expect("the same image from the second registry");
+    }
+    f.read_exact_at(&mut buf, 16 << 20)
+        .expect("a read of the mounted layer after its first registry went away");
+    assert!(
+        served(&reg2, "big", &digest).0 > 0,
+        "the bytes came from the second registry"
+    );
+}
+
 /// Layers without a TOC (plain gzip) are fetched whole, unpacked into the file cache and
 /// mounted from it; complete layers' files are passed through to the kernel; identical files
 /// of different layers are stored once.

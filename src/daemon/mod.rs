@@ -293,7 +293,12 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     // Stop fills: progress up to the last checkpoint is durable and resumes at the next start.
     core.shutdown.cancel();
     if let Some(m) = fuse {
-        m.unmount_within(cfg.cri.shutdown_grace);
+        // Containers on lazy layers: the mount is left to the next start (see Mount::stop).
+        let users = crate::store::locked(&images.db)
+            .snapshots()
+            .map(|all| crate::store::snapshots::on_remote_layers(&all))
+            .unwrap_or(0);
+        m.unmount_within(cfg.cri.shutdown_grace, users);
     }
     // Record the ranges reads fetched since the last flush, so a restart reuses them.
     images.filler.partials().flush_all();

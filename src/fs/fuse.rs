@@ -868,11 +868,17 @@ impl Mount {
     /// the next daemon: their reads wait until it resumes. With running containers and no
     /// holder, they are served for at most `grace`; when this process exits the kernel aborts
     /// the connection and they get ENOTCONN (README, "Restarts").
-    pub fn unmount_within(mut self, grace: std::time::Duration) {
-        self.stop(grace);
+    ///
+    /// `users` counts what the caller knows stands on the mount (containers' snapshots on lazy
+    /// layers). It matters because a busy umount is no sign of them: overlayfs holds private
+    /// clones of its lower mounts, so our mount unmounts fine under running containers, and only
+    /// the connection stays alive for them. Overlays in our namespace over the mountpoint
+    /// (`lazypull mount`) are counted here.
+    pub fn unmount_within(mut self, grace: std::time::Duration, users: usize) {
+        self.stop(grace, users);
     }
 
-    fn stop(&mut self, grace: std::time::Duration) {
+    fn stop(&mut self, grace: std::time::Duration, users: usize) {
         let Some(session) = self.session.take() else {
             return;
         };
@@ -880,9 +886,17 @@ impl Mount {
             let broken = self
                 .handover_broken
                 .load(std::sync::atomic::Ordering::Relaxed);
-            match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
-                Err(nix::errno::Errno::EBUSY) if !broken => {
-                    tracing::info!(mountpoint = %self.mountpoint.display(), holder = %paths.socket.display(),
+            let users = users + handover::overlays_over(&self.mountpoint);
+            let outcome = if broken {
+                Err(nix::errno::Errno::ENOENT)
+            } else if users > 0 {
+                Err(nix::errno::Errno::EBUSY)
+            } else {
+                nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty())
+            };
+            match outcome {
+                Err(nix::errno::Errno::EBUSY) => {
+                    tracing::info!(mountpoint = %self.mountpoint.display(), holder = %paths.socket.display(), users,
                         "the layer filesystem is in use (running containers on lazy layers): left mounted for the next start, \
                          which resumes it; their reads wait until then");
                     // Keep the session's threads and descriptors as they are until the process
@@ -893,8 +907,20 @@ impl Mount {
                 Ok(()) | Err(nix::errno::Errno::EINVAL) => {
                     handover::release(&paths.socket);
                     let _ = std::fs::remove_file(&paths.layers);
-                    if session.join().is_ok() {
-                        tracing::info!(mountpoint = %self.mountpoint.display(), "layer filesystem unmounted");
+                    // The session ends when the kernel ends the connection, at once unless
+                    // something we could not see still uses it.
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    std::thread::spawn(move || {
+                        let _ = tx.send(session.join());
+                    });
+                    match rx.recv_timeout(grace) {
+                        Ok(_) => {
+                            tracing::info!(mountpoint = %self.mountpoint.display(), "layer filesystem unmounted")
+                        }
+                        Err(_) => {
+                            tracing::warn!(mountpoint = %self.mountpoint.display(), grace = ?grace,
+                            "unmounted, but something still uses the layer filesystem; it loses it when this process exits")
+                        }
                     }
                     return;
                 }
@@ -933,6 +959,6 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        self.stop(std::time::Duration::from_secs(10));
+        self.stop(std::time::Duration::from_secs(10), 0);
     }
 }

@@ -326,6 +326,28 @@ fn mount_dev_in(mountinfo: &str, path: &Path) -> Option<String> {
     })
 }
 
+/// How many overlay mounts in this namespace take lower layers from under `mountpoint`
+/// (`lazypull mount` makes them; containerd's go through the snapshotter's paths).
+pub fn overlays_over(mountpoint: &Path) -> usize {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    overlays_over_in(&info, mountpoint)
+}
+
+fn overlays_over_in(mountinfo: &str, mountpoint: &Path) -> usize {
+    let prefix = format!("{}/", mountpoint.to_string_lossy().replace(' ', "\\040"));
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split_once(" - ").map(|(_, r)| r))
+        .filter(|r| r.starts_with("overlay "))
+        .filter(|r| {
+            r.split(',').any(|o| {
+                o.strip_prefix("lowerdir=")
+                    .is_some_and(|v| v.contains(&prefix))
+            })
+        })
+        .count()
+}
+
 /// The holder: keep `fd` until told to drop it, until the connection ends, or until its mount
 /// is gone from the mountpoint. Blocking; this is all the `fuse-holder` process does.
 pub fn run_holder(socket: &Path) -> Result<(), HandoverError> {
@@ -487,6 +509,18 @@ mod tests {
             Some("0:46")
         );
         assert_eq!(mount_dev_in(info, Path::new("/nowhere")), None);
+    }
+
+    #[test]
+    fn overlays_over_the_mountpoint_are_counted() {
+        let info = "\
+50 25 0:50 / /tmp/root rw - overlay overlay rw,lowerdir=/run/lazypull/fs/aa:/run/lazypull/fs/bb,upperdir=/u,workdir=/w
+51 25 0:51 / /tmp/other rw - overlay overlay rw,lowerdir=/var/lib/x:/var/lib/y
+52 25 0:52 / /tmp/fs2 rw - overlay overlay rw,lowerdir=/run/lazypull/fs2/aa
+53 25 0:31 / /run/lazypull/fs rw - fuse lazypull rw
+";
+        assert_eq!(overlays_over_in(info, Path::new("/run/lazypull/fs")), 1);
+        assert_eq!(overlays_over_in(info, Path::new("/elsewhere")), 0);
     }
 
     #[test]

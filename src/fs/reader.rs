@@ -511,8 +511,16 @@ impl Reader {
         let started = Instant::now();
         let mut stored = 0u64;
         let result = tokio::time::timeout(self.timeout, async {
-            let reference = source_reference(&layer.source, &layer.digest)
-                .ok_or_else(|| format!("bad layer source {:?}", layer.source))?;
+            // The catalogue's source, which a pull of the layer from another registry updates
+            // while this layer is mounted; the one it was mounted with otherwise.
+            let source = lock(&self.db)
+                .layer(layer.digest.as_str())
+                .ok()
+                .flatten()
+                .map(|l| l.source)
+                .unwrap_or_else(|| layer.source.clone());
+            let reference = source_reference(&source, &layer.digest)
+                .ok_or_else(|| format!("bad layer source {source:?}"))?;
             let creds = OpCreds {
                 request: None,
                 persisted: crate::fetch::persisted_secret(&self.db, reference.registry()),

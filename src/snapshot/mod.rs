@@ -470,7 +470,38 @@ impl Snapshotter {
                 .layer(req.layer.as_str())
                 .map_err(|e| e.to_string())?;
             match layer {
-                Some(l) if l.mountable() => return Ok(()),
+                Some(l) if l.mountable() => {
+                    // Known from another registry or repository, and still needing the network:
+                    // pull this image too (manifest and config), which points the layer at it.
+                    // The old source may be gone; this one was just used by containerd.
+                    let here = crate::oci::parse_reference(&req.image_ref)
+                        .map(|r| crate::oci::repo_name(&r))
+                        .ok();
+                    if !pulled
+                        && l.state != crate::store::LayerState::Complete
+                        && here.is_some_and(|h| h != l.source)
+                    {
+                        let wait = deadline.saturating_duration_since(Instant::now());
+                        match tokio::time::timeout(
+                            wait,
+                            self.images.pull(&req.image_ref, None, PullMode::Lazy),
+                        )
+                        .await
+                        {
+                            Ok(Ok(_)) => {
+                                tracing::info!(layer = %req.layer, old = %l.source, image = %req.image_ref,
+                                "layer now fetched from the image containerd pulled")
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!(layer = %req.layer, image = %req.image_ref, error = %e,
+                                "cannot pull the image; the layer keeps its previous source")
+                            }
+                            Err(_) => tracing::warn!(layer = %req.layer, image = %req.image_ref,
+                                "pulling the image timed out; the layer keeps its previous source"),
+                        }
+                    }
+                    return Ok(());
+                }
                 Some(l) if l.toc_error.is_some() => {
                     return Err(format!(
                         "its TOC was refused: {}",

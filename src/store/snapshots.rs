@@ -98,6 +98,28 @@ fn now_ns() -> i64 {
         .unwrap_or_else(|| chrono::Utc::now().timestamp() * 1_000_000_000)
 }
 
+/// How many active snapshots and views stand on a lazily served layer (their own chain has a
+/// `remote_layer`): containers whose root filesystems need the FUSE mount.
+pub fn on_remote_layers(all: &[SnapshotRecord]) -> usize {
+    let by_name: std::collections::HashMap<&str, &SnapshotRecord> =
+        all.iter().map(|r| (r.name.as_str(), r)).collect();
+    all.iter()
+        .filter(|r| r.kind != SnapshotKind::Committed)
+        .filter(|r| {
+            let mut cur = by_name.get(r.parent.as_str());
+            // Bounded: a chain cannot be longer than the table.
+            for _ in 0..all.len() {
+                match cur {
+                    Some(p) if p.remote_layer.is_some() => return true,
+                    Some(p) => cur = by_name.get(p.parent.as_str()),
+                    None => return false,
+                }
+            }
+            false
+        })
+        .count()
+}
+
 impl Catalogue {
     pub fn snapshot(&self, name: &str) -> Result<Option<SnapshotRecord>> {
         self.conn
@@ -243,6 +265,35 @@ mod tests {
         kv.iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn containers_on_remote_layers_are_counted() {
+        let rec = |name: &str, parent: &str, kind, remote: bool| SnapshotRecord {
+            id: 0,
+            name: name.into(),
+            parent: parent.into(),
+            kind,
+            labels: BTreeMap::new(),
+            created_ns: 0,
+            updated_ns: 0,
+            remote_layer: remote.then(|| "sha256:aa".to_string()),
+            size: 0,
+            inodes: 0,
+        };
+        use SnapshotKind::*;
+        let all = vec![
+            rec("lazy-base", "", Committed, true),
+            rec("lazy-top", "lazy-base", Committed, false),
+            rec("plain", "", Committed, false),
+            rec("c1", "lazy-top", Active, false),
+            rec("v1", "lazy-base", View, false),
+            rec("c2", "plain", Active, false),
+            rec("c3", "", Active, false),
+            rec("dangling", "gone", Active, false),
+        ];
+        assert_eq!(on_remote_layers(&all), 2, "c1 (through lazy-top) and v1");
+        assert_eq!(on_remote_layers(&all[2..]), 0);
     }
 
     #[test]
