@@ -13,6 +13,34 @@ fn mounted(dir: &std::path::Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(dir.to_str().unwrap_or("?")))
 }
 
+/// A registry with the fixtures and `big:esgz` (ctr-remote's conversion of `big`); None when
+/// the tools, containerd or /dev/fuse are missing (the test then skips, having said why).
+fn big_esgz_registry() -> Option<Registry> {
+    if !require_tools() || !Containerd::available() {
+        return None;
+    }
+    if !std::path::Path::new("/dev/fuse").exists() {
+        eprintln!("SKIP: /dev/fuse missing");
+        return None;
+    }
+    let reg = Registry::with_fixtures(None);
+    let ctd = Containerd::start(&[reg.host()]);
+    ctr_remote_convert(&reg, &ctd, "big:latest", "big:esgz").then_some(reg)
+}
+
+/// Wait for the TOC of big.bin's layer, which is fetched right after a lazy pull returns.
+fn wait_big_toc(d: &Daemon) {
+    let started = std::time::Instant::now();
+    while d.status_json()["images"][0]["layers"][1]["toc_entries"].is_null() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "no TOC:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chroot_into_a_lazily_mounted_estargz_image() {
     if !require_tools() || !Containerd::available() {
@@ -261,15 +289,9 @@ async fn mounted_tree_equals_umoci_unpack_and_survives_registry_loss_and_kill9()
 /// later fetches only what is still missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_demand_ranges_persist_across_restarts_and_the_fill_skips_them() {
-    if !require_tools() || !Containerd::available() || !std::path::Path::new("/dev/fuse").exists() {
+    let Some(mut reg) = big_esgz_registry() else {
         return;
-    }
-    let mut reg = Registry::with_fixtures(None);
-    let ctd = Containerd::start(&[reg.host()]);
-    if !ctr_remote_convert(&reg, &ctd, "big:latest", "big:esgz") {
-        return;
-    }
-    drop(ctd);
+    };
     let name = format!("{}/big:esgz", reg.host());
     let manifest = raw_manifest(&reg, "big:esgz");
     let layer = &manifest["layers"][1];
@@ -285,17 +307,7 @@ async fn on_demand_ranges_persist_across_restarts_and_the_fill_skips_them() {
         let mut c = d.client().await;
         pull(&mut c, &name).await.expect("lazy pull");
     }
-    // The TOC is fetched right after the pull returns.
-    let started = std::time::Instant::now();
-    while d.status_json()["images"][0]["layers"][1]["toc_entries"].is_null() {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
-            "no TOC:
-{}",
-            d.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_big_toc(&d);
     let file = fs.join(&hex).join("big/big.bin");
     let read = |off: u64, len: usize| -> std::io::Result<Vec<u8>> {
         use std::os::unix::fs::FileExt;
@@ -414,15 +426,9 @@ async fn on_demand_ranges_persist_across_restarts_and_the_fill_skips_them() {
 async fn open_files_keep_their_lazy_layers_across_daemon_restarts() {
     use std::os::unix::fs::FileExt;
     use std::time::{Duration, Instant};
-    if !require_tools() || !Containerd::available() || !std::path::Path::new("/dev/fuse").exists() {
+    let Some(reg) = big_esgz_registry() else {
         return;
-    }
-    let reg = Registry::with_fixtures(None);
-    let ctd = Containerd::start(&[reg.host()]);
-    if !ctr_remote_convert(&reg, &ctd, "big:latest", "big:esgz") {
-        return;
-    }
-    drop(ctd);
+    };
     let work = tempfile::tempdir().unwrap();
     let want = std::fs::read(
         umoci_unpack(&format!("{}/big:latest", reg.host()), work.path()).join("rootfs/big/big.bin"),
@@ -444,11 +450,7 @@ async fn open_files_keep_their_lazy_layers_across_daemon_restarts() {
             .await
             .expect("lazy pull");
     }
-    let started = Instant::now();
-    while d.status_json()["images"][0]["layers"][1]["toc_entries"].is_null() {
-        assert!(started.elapsed() < Duration::from_secs(30), "no TOC");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_big_toc(&d);
     let f = std::sync::Arc::new(std::fs::File::open(fs.join(hex(1)).join("big/big.bin")).unwrap());
     let want = std::sync::Arc::new(want);
     let check = |f: &std::fs::File, off: usize, len: usize| {
@@ -563,15 +565,9 @@ async fn open_files_keep_their_lazy_layers_across_daemon_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mounted_layer_follows_its_image_to_another_registry() {
     use std::os::unix::fs::FileExt;
-    if !require_tools() || !Containerd::available() || !std::path::Path::new("/dev/fuse").exists() {
+    let Some(mut reg1) = big_esgz_registry() else {
         return;
-    }
-    let mut reg1 = Registry::with_fixtures(None);
-    let ctd = Containerd::start(&[reg1.host()]);
-    if !ctr_remote_convert(&reg1, &ctd, "big:latest", "big:esgz") {
-        return;
-    }
-    drop(ctd);
+    };
     let reg2 = Registry::with_fixtures(None);
     let st = Command::new("skopeo")
         .args(["copy", "-q", "--preserve-digests"])
@@ -595,14 +591,7 @@ async fn a_mounted_layer_follows_its_image_to_another_registry() {
             .await
             .expect("lazy pull from the first registry");
     }
-    let started = std::time::Instant::now();
-    while d.status_json()["images"][0]["layers"][1]["toc_entries"].is_null() {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
-            "no TOC"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_big_toc(&d);
     let f = std::fs::File::open(fs.join(&hex).join("big/big.bin")).unwrap();
     let mut buf = vec![0u8; 64 << 10];
     f.read_exact_at(&mut buf, 0)
