@@ -887,15 +887,19 @@ impl Mount {
                 .handover_broken
                 .load(std::sync::atomic::Ordering::Relaxed);
             let users = users + handover::overlays_over(&self.mountpoint);
-            let outcome = if broken {
-                Err(nix::errno::Errno::ENOENT)
-            } else if users > 0 {
-                Err(nix::errno::Errno::EBUSY)
-            } else {
-                nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty())
+            let unmounted = match (broken, users) {
+                (true, _) => Err("its layer list could not be recorded".to_string()),
+                (false, 0) => {
+                    match nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::empty()) {
+                        Ok(()) | Err(nix::errno::Errno::EINVAL) => Ok(true),
+                        Err(nix::errno::Errno::EBUSY) => Ok(false),
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+                (false, _) => Ok(false),
             };
-            match outcome {
-                Err(nix::errno::Errno::EBUSY) => {
+            match unmounted {
+                Ok(false) => {
                     tracing::info!(mountpoint = %self.mountpoint.display(), holder = %paths.socket.display(), users,
                         "the layer filesystem is in use (running containers on lazy layers): left mounted for the next start, \
                          which resumes it; their reads wait until then");
@@ -904,57 +908,60 @@ impl Mount {
                     std::mem::forget(session);
                     return;
                 }
-                Ok(()) | Err(nix::errno::Errno::EINVAL) => {
+                Ok(true) => {
                     handover::release(&paths.socket);
                     let _ = std::fs::remove_file(&paths.layers);
                     // The session ends when the kernel ends the connection, at once unless
                     // something we could not see still uses it.
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    std::thread::spawn(move || {
-                        let _ = tx.send(session.join());
-                    });
-                    match rx.recv_timeout(grace) {
-                        Ok(_) => {
+                    match within(grace, move || session.join()) {
+                        Some(_) => {
                             tracing::info!(mountpoint = %self.mountpoint.display(), "layer filesystem unmounted")
                         }
-                        Err(_) => {
+                        None => {
                             tracing::warn!(mountpoint = %self.mountpoint.display(), grace = ?grace,
                             "unmounted, but something still uses the layer filesystem; it loses it when this process exits")
                         }
                     }
                     return;
                 }
-                Err(e) => {
-                    tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, broken,
+                Err(why) => {
+                    tracing::warn!(mountpoint = %self.mountpoint.display(), reason = why,
                         "cannot leave the layer filesystem to the next start");
                     handover::release(&paths.socket);
                     let _ = std::fs::remove_file(&paths.layers);
                 }
             }
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let unmounting = std::thread::spawn(move || {
-            let _ = tx.send(session.umount_and_join());
-        });
-        match rx.recv_timeout(grace) {
-            Ok(Ok(())) => {
-                let _ = unmounting.join();
+        match within(grace, move || session.umount_and_join()) {
+            Some(Ok(())) => {
                 tracing::info!(mountpoint = %self.mountpoint.display(), "layer filesystem unmounted")
             }
-            Ok(Err(e)) => {
-                let _ = unmounting.join();
+            Some(Err(e)) => {
                 // EINVAL: already unmounted from outside. EBUSY: still in use: detach it, the
                 // kernel finishes once the last user goes.
                 tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount; detaching");
                 let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
             }
-            Err(_) => {
+            None => {
                 tracing::warn!(mountpoint = %self.mountpoint.display(), grace = ?grace,
                     "the layer filesystem is still in use (running containers on lazy layers): \
                      detached; they lose it when this process exits");
             }
         }
     }
+}
+
+/// Run `f` on a thread and wait at most `grace` for its result (None past it; the thread is
+/// left to finish on its own).
+fn within<T: Send + 'static>(
+    grace: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(grace).ok()
 }
 
 impl Drop for Mount {

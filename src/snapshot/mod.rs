@@ -481,23 +481,15 @@ impl Snapshotter {
                         && l.state != crate::store::LayerState::Complete
                         && here.is_some_and(|h| h != l.source)
                     {
-                        let wait = deadline.saturating_duration_since(Instant::now());
-                        match tokio::time::timeout(
-                            wait,
-                            self.images.pull(&req.image_ref, None, PullMode::Lazy),
-                        )
-                        .await
-                        {
-                            Ok(Ok(_)) => {
+                        match self.pull_until(&req.image_ref, deadline).await {
+                            Ok(()) => {
                                 tracing::info!(layer = %req.layer, old = %l.source, image = %req.image_ref,
                                 "layer now fetched from the image containerd pulled")
                             }
-                            Ok(Err(e)) => {
-                                tracing::warn!(layer = %req.layer, image = %req.image_ref, error = %e,
-                                "cannot pull the image; the layer keeps its previous source")
+                            Err(e) => {
+                                tracing::warn!(layer = %req.layer, error = %e,
+                                "the layer keeps its previous source")
                             }
-                            Err(_) => tracing::warn!(layer = %req.layer, image = %req.image_ref,
-                                "pulling the image timed out; the layer keeps its previous source"),
                         }
                     }
                     return Ok(());
@@ -517,17 +509,8 @@ impl Snapshotter {
                 Some(_) => {}
                 None if !pulled => {
                     pulled = true;
-                    let wait = deadline.saturating_duration_since(Instant::now());
-                    match tokio::time::timeout(
-                        wait,
-                        self.images.pull(&req.image_ref, None, PullMode::Lazy),
-                    )
-                    .await
-                    {
-                        Ok(Ok(_)) => continue,
-                        Ok(Err(e)) => return Err(format!("pulling {}: {e}", req.image_ref)),
-                        Err(_) => return Err(format!("pulling {} timed out", req.image_ref)),
-                    }
+                    self.pull_until(&req.image_ref, deadline).await?;
+                    continue;
                 }
                 None => {
                     return Err(format!(
@@ -543,6 +526,20 @@ impl Snapshotter {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Pull `image_ref` (manifest and config: lazy) by `deadline`.
+    async fn pull_until(
+        &self,
+        image_ref: &str,
+        deadline: Instant,
+    ) -> std::result::Result<(), String> {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(wait, self.images.pull(image_ref, None, PullMode::Lazy)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("pulling {image_ref}: {e}")),
+            Err(_) => Err(format!("pulling {image_ref} timed out")),
         }
     }
 
