@@ -611,6 +611,57 @@ async fn a_mounted_layer_follows_its_image_to_another_registry() {
     );
 }
 
+/// A file opened while its layer was still lazy (the kernel caches its pages) stays readable,
+/// and opens again after the layer is unpacked: the kernel refuses a passthrough open of an
+/// inode that has page-cache opens, so those are served by pread (a shell exec'ing busybox
+/// again, as `scripts/demo` does, hit EIO before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_open_before_its_layer_is_unpacked_opens_again_after() {
+    use std::os::unix::fs::FileExt;
+    let Some(reg) = big_esgz_registry() else {
+        return;
+    };
+    let proxy = Netem::start(&reg.host(), &["--mbit", "100"]);
+    let manifest = raw_manifest(&reg, "big:esgz");
+    let hex = manifest["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let d = Daemon::start(&[]);
+    let fs = d.fuse_mountpoint().unwrap();
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &format!("{}/big:esgz", proxy.host()))
+            .await
+            .expect("lazy pull");
+    }
+    wait_big_toc(&d);
+    let path = fs.join(&hex).join("big/big.bin");
+    let early = std::fs::File::open(&path).unwrap();
+    let mut want = vec![0u8; 64 << 10];
+    early.read_exact_at(&mut want, 1 << 20).expect("lazy read");
+    assert!(
+        d.status_json()["images"][0]["layers"][1]["unpacked"] != true,
+        "the layer was still lazy at the first open"
+    );
+    d.wait_complete(std::time::Duration::from_secs(120));
+    let started = std::time::Instant::now();
+    while d.status_json()["images"][0]["layers"][1]["unpacked"] != true {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "never unpacked"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let again = std::fs::File::open(&path).expect("open after the unpack");
+    let mut got = vec![0u8; 64 << 10];
+    again
+        .read_exact_at(&mut got, 1 << 20)
+        .expect("read after the unpack, the first open still there");
+    assert!(got == want);
+}
+
 /// Layers without a TOC (plain gzip) are fetched whole, unpacked into the file cache and
 /// mounted from it; complete layers' files are passed through to the kernel; identical files
 /// of different layers are stored once.

@@ -59,6 +59,10 @@ pub struct LayerFs {
     recorder: Arc<super::record::Recorder>,
     /// Set when the layer list could not be persisted: the mount must not be handed over.
     handover_broken: Arc<std::sync::atomic::AtomicBool>,
+    /// Layers with an index below this were served by a previous daemon of this mount: their
+    /// inodes may have page-cache opens this process never saw (see `Handles::cached_io`), so
+    /// their cached files are read by pread, never passed through.
+    adopted: std::sync::atomic::AtomicUsize,
 }
 
 /// Open files served from the file cache: by passthrough (one backing id per inode, shared by
@@ -72,6 +76,10 @@ struct Handles {
     files: HashMap<u64, (u64, Arc<std::fs::File>)>,
     backing: HashMap<u64, Arc<BackingId>>,
     by_inode: HashMap<u64, std::sync::Weak<BackingId>>,
+    /// Open handles per inode that the kernel serves through its page cache (chunk reader or
+    /// pread). The kernel refuses a passthrough open of an inode with such opens (EIO), e.g.
+    /// the busybox binary a shell runs from before its layer was unpacked, exec'd again after.
+    cached_io: HashMap<u64, usize>,
 }
 
 use crate::store::locked as lock;
@@ -129,6 +137,7 @@ impl LayerFs {
             }),
             recorder,
             handover_broken: Arc::default(),
+            adopted: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -201,6 +210,8 @@ impl LayerFs {
             .map(|(i, n)| (n.clone(), i))
             .collect();
         layers.loaded = vec![None; names.len()];
+        self.adopted
+            .store(names.len(), std::sync::atomic::Ordering::Relaxed);
         layers.names = names;
         layers.persist = Some(file);
         // Only where the kernel agreed at INIT, and only if this run's configuration wants it.
@@ -432,16 +443,21 @@ impl fuser::Filesystem for LayerFs {
         }
         let cached =
             split(ino.0).and_then(|(l, n)| self.layer(l).and_then(|l| self.cached_file(&l, n)));
+        let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let Some(file) = cached else {
             // Not in the file cache: reads go through the chunk reader.
+            *h.cached_io.entry(ino.0).or_default() += 1;
+            drop(h);
             return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | NOFLUSH);
         };
-        let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let fh = h.next;
         h.next += 1;
         if self
             .passthrough_on
             .load(std::sync::atomic::Ordering::Relaxed)
+            && !h.cached_io.contains_key(&ino.0)
+            && split(ino.0)
+                .is_some_and(|(l, _)| l >= self.adopted.load(std::sync::atomic::Ordering::Relaxed))
         {
             // One backing id per inode, shared by its open handles.
             let existing = h.by_inode.get(&ino.0).and_then(std::sync::Weak::upgrade);
@@ -465,6 +481,7 @@ impl fuser::Filesystem for LayerFs {
             }
         }
         h.files.insert(fh, (ino.0, Arc::new(file)));
+        *h.cached_io.entry(ino.0).or_default() += 1;
         drop(h);
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | NOFLUSH)
     }
@@ -483,7 +500,14 @@ impl fuser::Filesystem for LayerFs {
         if h.files.get(&fh.0).is_some_and(|(i, _)| *i == ino.0) {
             h.files.remove(&fh.0);
         }
-        h.backing.remove(&fh.0);
+        if h.backing.remove(&fh.0).is_none()
+            && let Some(n) = h.cached_io.get_mut(&ino.0)
+        {
+            *n -= 1;
+            if *n == 0 {
+                h.cached_io.remove(&ino.0);
+            }
+        }
         reply.ok();
     }
 
