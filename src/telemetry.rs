@@ -1,6 +1,7 @@
 //! Logging: tracing to stderr (text or JSON), optionally also appended to a file.
 
 use crate::config::LogFormat;
+use std::io::IsTerminal;
 use std::path::Path;
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
@@ -10,6 +11,12 @@ static CHILD_ARGS: std::sync::OnceLock<Vec<std::ffi::OsString>> = std::sync::Onc
 
 pub fn child_args() -> Vec<std::ffi::OsString> {
     CHILD_ARGS.get().cloned().unwrap_or_default()
+}
+
+/// Colour codes only for a person at a terminal: not into files, pipes or journald, and not when
+/// `NO_COLOR` is set (<https://no-color.org>).
+fn colour(stderr_is_terminal: bool) -> bool {
+    stderr_is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 pub fn init(level: &str, format: LogFormat, file: Option<&Path>) -> anyhow::Result<()> {
@@ -30,6 +37,7 @@ pub fn init(level: &str, format: LogFormat, file: Option<&Path>) -> anyhow::Resu
     let stderr = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(colour(std::io::stderr().is_terminal()))
             .with_target(false)
             .with_filter(filter())
             .boxed(),
@@ -68,4 +76,17 @@ pub fn init(level: &str, format: LogFormat, file: Option<&Path>) -> anyhow::Resu
         .try_init()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Files, pipes and journald get plain text; a terminal gets colour unless NO_COLOR is set
+    /// (the test does not set it, and the environment of `cargo test` has no reason to).
+    #[test]
+    fn colour_only_on_a_terminal() {
+        assert!(!super::colour(false));
+        if std::env::var_os("NO_COLOR").is_none() {
+            assert!(super::colour(true));
+        }
+    }
 }

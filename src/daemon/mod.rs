@@ -223,18 +223,14 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         let listener = bind_socket(&cfg.snapshotter.socket)?;
         tracing::info!(socket = %cfg.snapshotter.socket.display(), lazy = fuse.is_some(),
             "serving the containerd snapshotter (proxy plugin)");
-        let stop2 = stop.clone();
-        Some(tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(
-                    SnapshotsServer::new(crate::snapshot::service::SnapshotService { snapshotter })
-                        .max_decoding_message_size(4 << 20),
-                )
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(listener),
-                    async move { stop2.cancelled().await },
-                ),
-        ))
+        Some(tokio::spawn(crate::rpc::serve_unix(
+            tonic::service::Routes::new(
+                SnapshotsServer::new(crate::snapshot::service::SnapshotService { snapshotter })
+                    .max_decoding_message_size(4 << 20),
+            ),
+            listener,
+            stop.clone(),
+        )))
     } else {
         None
     };
@@ -256,19 +252,19 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     tracing::info!(socket = %cfg.cri.socket.display(), root = %cfg.root.display(), pull_mode = ?cfg.cri.pull_mode,
         version = env!("CARGO_PKG_VERSION"), "lazypull serving CRI ImageService");
 
-    let stop2 = stop.clone();
-    let server = tonic::transport::Server::builder()
-        .add_service(ImageServiceServer::new(svc).max_decoding_message_size(4 << 20))
+    let server = crate::rpc::serve_unix(
+        tonic::service::Routes::new(
+            ImageServiceServer::new(svc).max_decoding_message_size(4 << 20),
+        )
         .add_service(
             ControlServer::new(control::ControlService {
                 recorder: fuse_recorder,
             })
             .max_decoding_message_size(1 << 20),
-        )
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            async move { stop2.cancelled().await },
-        );
+        ),
+        listener,
+        stop.clone(),
+    );
     tokio::pin!(server);
     let sig = tokio::select! {
         r = &mut server => { r.context("gRPC server failed")?; "server exit" }

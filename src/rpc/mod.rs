@@ -43,6 +43,27 @@ pub mod control {
     tonic::include_proto!("lazypull.v1");
 }
 
+/// Serve gRPC `routes` on a bound unix socket until `stop` is cancelled (running requests are
+/// then drained by the caller's deadline). Every gRPC server of lazypull goes through here.
+///
+/// Requests are accepted whatever their HTTP/2 `:authority` says: clients that dial a socket
+/// path send that path there (kubelet and crictl before kubernetes#123463, grpc-java,
+/// grpcurl), some send it empty or percent-encoded. The HTTP/2 crate refused those; its
+/// vendored copy does not (vendor/h2/PATCHED.md, tested by tests/clients.rs).
+pub async fn serve_unix(
+    routes: tonic::service::Routes,
+    listener: tokio::net::UnixListener,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            stop.cancelled_owned(),
+        )
+        .await
+}
+
 /// A gRPC channel over a unix socket (for the CLI talking to the daemon, and tests).
 pub async fn connect_unix(
     path: &std::path::Path,
