@@ -369,3 +369,99 @@ fn convert_between_layouts_with_a_prefetch_list_and_bad_input() {
     let (ok, _, err) = run(&root, &sock, &["convert", &s, &o]);
     assert!(!ok && err.contains("does not match its digest"), "{err}");
 }
+
+/// `scripts/install` (what `make install` and `scripts/setup` run) into a staging directory:
+/// binary, config, unit and doc where a user looks for them, idempotent, the user's config
+/// edits kept; and the make targets call the scripts the README names.
+#[test]
+fn install_into_a_destdir_and_make_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("dest");
+    let install = || {
+        let out = Command::new(repo_root().join("scripts/install"))
+            .args(["--binary", bin(), "--prefix", "/opt/lp", "--destdir"])
+            .arg(&dest)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let changed = install();
+    for f in [
+        "/opt/lp/bin/lazypull",
+        "/etc/lazypull/config.yaml",
+        "/etc/systemd/system/lazypull.service",
+    ] {
+        assert!(changed.lines().any(|l| l == f), "{f} installed: {changed}");
+    }
+    let staged = |p: &str| dest.join(p.trim_start_matches('/'));
+    let unit = std::fs::read_to_string(staged("/etc/systemd/system/lazypull.service")).unwrap();
+    assert!(
+        unit.contains(
+            "\nExecStart=/opt/lp/bin/lazypull --config /etc/lazypull/config.yaml serve\n"
+        ),
+        "{unit}"
+    );
+    assert!(unit.contains("KillMode=process"), "{unit}");
+    assert!(staged("/opt/lp/share/doc/lazypull/README.md").exists());
+    // The installed binary runs and accepts the installed config.
+    let conf = staged("/etc/lazypull/config.yaml");
+    let out = Command::new(staged("/opt/lp/bin/lazypull"))
+        .arg("--config")
+        .arg(&conf)
+        .arg("--root")
+        .arg(dir.path().join("store"))
+        .args(["list", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Again: nothing changes, and a user's edit of the config is kept.
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    text.push_str("# edited by the user\n");
+    std::fs::write(&conf, &text).unwrap();
+    assert_eq!(install(), "", "a second install changes nothing");
+    assert_eq!(std::fs::read_to_string(&conf).unwrap(), text);
+
+    // The make targets are the scripts (make itself is run by .ci/run: release build, install).
+    if Command::new("make").arg("--version").output().is_err() {
+        eprintln!("SKIP (make targets): make is not installed (scripts/install-deps installs it)");
+        return;
+    }
+    let dry = |args: &[&str]| {
+        let out = Command::new("make")
+            .arg("-n")
+            .args(args)
+            .current_dir(repo_root())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(dry(&["test"]).contains("scripts/test"));
+    assert!(dry(&["build"]).contains("cargo build --release"));
+    assert!(
+        dry(&[]).contains("cargo build --release"),
+        "make = make build"
+    );
+    assert!(dry(&["fmt"]).contains("cargo fmt"));
+    assert!(dry(&["clean"]).contains("cargo clean"));
+    let i = dry(&["install", "DESTDIR=/tmp/stage", "PREFIX=/opt/lp"]);
+    assert!(
+        i.contains(
+            "scripts/install --binary target/release/lazypull --prefix /opt/lp --destdir /tmp/stage"
+        ),
+        "{i}"
+    );
+}

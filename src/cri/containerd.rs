@@ -64,6 +64,15 @@ pub enum ContainerdError {
         "containerd's snapshotter {snapshotter:?} did not take layer {layer} as a remote snapshot; is its proxy plugin this daemon's snapshotter socket?"
     )]
     NotRemote { snapshotter: String, layer: String },
+    #[error(
+        "containerd's CRI plugin did not list image {id} under {missing:?} within {timeout:?} (it lists it as {listed:?}); the records are written, so a retried pull only waits again"
+    )]
+    CriTimeout {
+        id: String,
+        missing: Vec<String>,
+        listed: Vec<String>,
+        timeout: Duration,
+    },
     #[error("image {0} is malformed in the store: {1}")]
     Malformed(String, String),
     #[error(transparent)]
@@ -92,7 +101,8 @@ pub struct ContainerdOptions {
 pub struct Plan {
     /// `sha256:<config>`: the image id, also a record name.
     pub id: String,
-    /// Record names: the id, the tag (if pulled by tag), `repo@<target digest>`.
+    /// Record names: the id, then every name lazypull reports for the image (its CRI
+    /// RepoTags, then RepoDigests), the pull's own tag and `repo@<target digest>` first.
     pub names: Vec<String>,
     /// The reference CRI labels carry (`cri.image-ref`).
     pub reference: String,
@@ -103,6 +113,33 @@ pub struct Plan {
     pub manifest_digest: String,
     /// Layer digest and chain id, bottom-up.
     pub layers: Vec<(String, String)>,
+}
+
+impl Plan {
+    /// The names CRI shows as RepoTags (`repo:tag`) and RepoDigests (`repo@digest`).
+    fn cri_names(&self) -> (Vec<&str>, Vec<&str>) {
+        self.names
+            .iter()
+            .filter(|n| **n != self.id)
+            .map(String::as_str)
+            .partition(|n| !n.contains('@'))
+    }
+}
+
+/// The names of `plan` that containerd's CRI does not list yet, given its `repo_tags` and
+/// `repo_digests` for the image.
+fn missing_names(plan: &Plan, repo_tags: &[String], repo_digests: &[String]) -> Vec<String> {
+    let (tags, digests) = plan.cri_names();
+    let absent = |names: Vec<&str>, listed: &[String]| {
+        names
+            .into_iter()
+            .filter(|n| !listed.iter().any(|l| l == n))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let mut missing = absent(tags, repo_tags);
+    missing.extend(absent(digests, repo_digests));
+    missing
 }
 
 #[derive(Debug, PartialEq)]
@@ -239,8 +276,17 @@ pub fn plan(
     };
     let repo_digest = format!("{}@{}", img.source, target.digest);
     let mut names = vec![img.id.clone()];
-    names.extend(tag.map(str::to_string));
-    names.push(repo_digest.clone());
+    for n in tag
+        .map(str::to_string)
+        .into_iter()
+        .chain(img.tags.iter().cloned())
+        .chain([repo_digest.clone()])
+        .chain(img.digests.iter().cloned())
+    {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    }
     Ok(Plan {
         id: img.id.clone(),
         names,
@@ -409,7 +455,7 @@ impl Containerd {
             tracing::warn!(lease, error = %e, "cannot delete containerd lease; it expires within an hour");
         }
         result?;
-        self.wait_cri(&plan.id).await;
+        self.wait_cri(plan).await?;
         tracing::info!(image = %plan.id, names = ?plan.names, namespace = %self.opts.namespace,
             elapsed_ms = started.elapsed().as_millis() as u64, "image registered in containerd");
         Ok(())
@@ -642,12 +688,16 @@ impl Containerd {
         }
     }
 
-    /// containerd's CRI plugin learns of new images from events, asynchronously: wait until it
-    /// lists `id`, so a CreateContainer right after our PullImage finds it. Without a CRI
-    /// plugin (or past the timeout) this only logs.
-    async fn wait_cri(&self, id: &str) {
+    /// containerd's CRI plugin learns of new images from events, one event per record name,
+    /// asynchronously: wait until it lists the image under every name of `plan`, so that a
+    /// kubelet's ImageStatus or CreateContainer right after our PullImage sees what we report.
+    /// Without a CRI plugin this only logs; past the timeout it is an error (the pull can be
+    /// retried: registering is idempotent).
+    async fn wait_cri(&self, plan: &Plan) -> Result<()> {
+        let id = plan.id.as_str();
         let mut client = cri::image_service_client::ImageServiceClient::new(self.channel.clone());
         let deadline = Instant::now() + self.opts.cri_timeout;
+        let mut listed = vec![];
         loop {
             let r = client
                 .image_status(self.req(
@@ -661,18 +711,36 @@ impl Containerd {
                     None,
                 ))
                 .await;
-            match r {
-                Ok(r) if r.get_ref().image.is_some() => return,
-                Ok(_) => {}
-                Err(s) => {
-                    tracing::info!(image = id, error = %s, "containerd's CRI plugin does not answer ImageStatus; not waiting for it");
-                    return;
+            let missing = match r {
+                Ok(r) => match &r.get_ref().image {
+                    Some(img) => {
+                        let missing = missing_names(plan, &img.repo_tags, &img.repo_digests);
+                        listed = img
+                            .repo_tags
+                            .iter()
+                            .chain(&img.repo_digests)
+                            .cloned()
+                            .collect();
+                        missing
+                    }
+                    None => missing_names(plan, &[], &[]),
+                },
+                Err(s) if s.code() == Code::Unimplemented => {
+                    tracing::info!(image = id, error = %s, "containerd has no CRI plugin; not waiting for it");
+                    return Ok(());
                 }
+                Err(s) => return Err(self.err("CRI ImageStatus")(s)),
+            };
+            if missing.is_empty() {
+                return Ok(());
             }
             if Instant::now() >= deadline {
-                tracing::warn!(image = id, timeout = ?self.opts.cri_timeout,
-                    "containerd's CRI plugin has not listed the image yet; CreateContainer may not find it at once");
-                return;
+                return Err(ContainerdError::CriTimeout {
+                    id: id.to_string(),
+                    missing,
+                    listed,
+                    timeout: self.opts.cri_timeout,
+                });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -825,11 +893,68 @@ mod tests {
             index_digest: None,
             ..img
         };
-        let p = plan(&img, &layout, None, "lazypull").unwrap();
+        let p = plan(
+            &ImageRecord {
+                tags: vec![],
+                digests: vec![format!("r.example/app@{md}")],
+                ..img.clone()
+            },
+            &layout,
+            None,
+            "lazypull",
+        )
+        .unwrap();
         assert_eq!(p.names, [cd.to_string(), format!("r.example/app@{md}")]);
         assert_eq!(p.reference, format!("r.example/app@{md}"));
         assert_eq!(p.target.digest, md.as_str());
         assert_eq!(p.blobs.len(), 2);
+
+        // Known under other names too (pulled earlier by another tag, from a mirror): every
+        // name lazypull reports is registered, and waited for.
+        let img = ImageRecord {
+            tags: vec!["r.example/app:1".into(), "r.example/app:old".into()],
+            digests: vec![
+                format!("mirror.example/app@{md}"),
+                format!("r.example/app@{md}"),
+            ],
+            ..img
+        };
+        let p = plan(&img, &layout, Some("r.example/app:1"), "lazypull").unwrap();
+        assert_eq!(
+            p.names,
+            [
+                cd.to_string(),
+                "r.example/app:1".into(),
+                "r.example/app:old".into(),
+                format!("r.example/app@{md}"),
+                format!("mirror.example/app@{md}"),
+            ]
+        );
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // containerd's CRI learns names one event at a time: the tag alone is not enough.
+        assert_eq!(
+            missing_names(&p, &s(&["r.example/app:1", "r.example/app:old"]), &[]),
+            [
+                format!("r.example/app@{md}"),
+                format!("mirror.example/app@{md}")
+            ]
+        );
+        let all_digests = s(&[
+            &format!("mirror.example/app@{md}"),
+            &format!("r.example/app@{md}"),
+        ]);
+        assert_eq!(
+            missing_names(&p, &s(&["r.example/app:1"]), &all_digests),
+            ["r.example/app:old"]
+        );
+        assert!(
+            missing_names(
+                &p,
+                &s(&["r.example/app:old", "r.example/app:1", "other:x"]),
+                &all_digests
+            )
+            .is_empty()
+        );
     }
 
     #[test]

@@ -77,7 +77,9 @@ pub fn containerd_code(e: &ContainerdError) -> Code {
         ContainerdError::Layer { .. } | ContainerdError::NotRemote { .. } => {
             Code::FailedPrecondition
         }
-        ContainerdError::LayerTimeout { .. } => Code::DeadlineExceeded,
+        ContainerdError::LayerTimeout { .. } | ContainerdError::CriTimeout { .. } => {
+            Code::DeadlineExceeded
+        }
         ContainerdError::Store(s) if s.is_disk_full() => Code::ResourceExhausted,
         ContainerdError::Malformed(..) | ContainerdError::Store(_) => Code::Internal,
     }
