@@ -108,8 +108,10 @@ async fn cri_naming_semantics() {
             "lookup {q}"
         );
     }
-    // Pull by digest adds no tag; pulling the same digest again answers locally.
+    // Pull by digest adds no tag; pulling the same digest again answers locally. (The filler
+    // finishes first: its own layer GETs are not the pull's.)
     let by_digest = img.repo_digests[0].clone();
+    d.wait_complete(Duration::from_secs(60));
     let gets_before = reg.all_blob_gets();
     assert_eq!(pull(&mut c, &by_digest).await.unwrap(), id);
     assert_eq!(

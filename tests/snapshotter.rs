@@ -782,6 +782,29 @@ async fn cri_image_endpoint_registers_images_in_containerd() {
     assert!(records.contains(&big) && records.contains(&id), "{records}");
     // Registering again (a second pull) is idempotent.
     assert_eq!(pull(&mut lp, &big).await.unwrap(), id);
+    // The same image under a second tag: as soon as PullImage returns, containerd's CRI lists
+    // every name lazypull does; untagging takes the tag away from both at once.
+    reg.copy("big:esgz", "big:v2");
+    let v2 = format!("{h}/big:v2");
+    assert_eq!(pull(&mut lp, &v2).await.unwrap(), id);
+    let names = |i: &cri::Image| {
+        let mut v = [i.repo_tags.clone(), i.repo_digests.clone()].concat();
+        v.sort();
+        v
+    };
+    let ours = status(&mut lp, &id).await.unwrap();
+    assert_eq!(ours.repo_tags.len(), 2, "{ours:?}");
+    assert_eq!(
+        names(&status(&mut ctd_images, &id).await.unwrap()),
+        names(&ours)
+    );
+    common::remove(&mut lp, &v2).await.unwrap();
+    let ours = status(&mut lp, &id).await.unwrap();
+    assert_eq!(ours.repo_tags, std::slice::from_ref(&big));
+    assert_eq!(
+        names(&status(&mut ctd_images, &id).await.unwrap()),
+        names(&ours)
+    );
 
     let (pod, log) = run_in_pod(
         &mut rt,

@@ -767,9 +767,54 @@ impl Containerd {
             }
         }
         if !names.is_empty() {
+            self.wait_cri_gone(names).await;
             tracing::info!(names = ?names, namespace = %self.opts.namespace, "image records removed from containerd");
         }
         Ok(())
+    }
+
+    /// containerd's CRI plugin also forgets names from events: wait (at most `cri_timeout`)
+    /// until its ImageStatus resolves none of `names`, so that a kubelet asking right after our
+    /// RemoveImage sees what we report. Past the timeout this only logs: the records are gone.
+    async fn wait_cri_gone(&self, names: &[String]) {
+        let mut client = cri::image_service_client::ImageServiceClient::new(self.channel.clone());
+        let deadline = Instant::now() + self.opts.cri_timeout;
+        let mut left: Vec<&String> = names.iter().collect();
+        loop {
+            let mut still = vec![];
+            for name in left {
+                let r = client
+                    .image_status(self.req(
+                        cri::ImageStatusRequest {
+                            image: Some(cri::ImageSpec {
+                                image: name.clone(),
+                                ..Default::default()
+                            }),
+                            verbose: false,
+                        },
+                        None,
+                    ))
+                    .await;
+                match r {
+                    Ok(r) if r.get_ref().image.is_some() => still.push(name),
+                    Ok(_) => {}
+                    Err(s) => {
+                        tracing::debug!(error = %s, "containerd's CRI plugin does not answer ImageStatus; not waiting for it");
+                        return;
+                    }
+                }
+            }
+            if still.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(names = ?still, timeout = ?self.opts.cri_timeout,
+                    "containerd's CRI plugin still lists removed image names");
+                return;
+            }
+            left = still;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
