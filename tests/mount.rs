@@ -560,6 +560,85 @@ async fn open_files_keep_their_lazy_layers_across_daemon_restarts() {
     }
 }
 
+/// A file the kernel reads by passthrough (its layer filled and unpacked) while a container
+/// keeps it open, e.g. the busybox a shell runs from, opens again after a restart (SIGTERM and
+/// kill -9): `kubectl exec` of that shell must not get EIO. The kernel ties such an inode to the
+/// backing file the first daemon registered and refuses any other open of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_open_by_passthrough_open_again_after_restarts() {
+    use std::os::unix::fs::FileExt;
+    let Some(reg) = big_esgz_registry() else {
+        return;
+    };
+    let manifest = raw_manifest(&reg, "big:esgz");
+    let hex = |i: usize| {
+        manifest["layers"][i]["digest"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:")
+            .to_string()
+    };
+    let mut d = Daemon::start(&[]);
+    let fs = d.fuse_mountpoint().unwrap();
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &format!("{}/big:esgz", reg.host()))
+            .await
+            .expect("lazy pull");
+    }
+    d.wait_complete(std::time::Duration::from_secs(120));
+    let started = std::time::Instant::now();
+    while d.status_json()["images"][0]["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["unpacked"] != true)
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "never unpacked"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        d.log_text().contains("FUSE passthrough on"),
+        "{}",
+        d.log_text()
+    );
+    let busybox = fs.join(hex(0)).join("bin/busybox");
+    let big = fs.join(hex(1)).join("big/big.bin");
+    let held = std::fs::File::open(&busybox).expect("open (passthrough)");
+    let mut want = vec![0u8; 64 << 10];
+    held.read_exact_at(&mut want, 4096).unwrap();
+    for kill9 in [false, true] {
+        if kill9 {
+            d.kill9();
+        } else {
+            assert!(d.terminate().success());
+        }
+        assert!(mounted(&fs), "the mount in use is left for the next daemon");
+        d.restart_with(&[]);
+        let again = std::fs::File::open(&busybox).unwrap_or_else(|e| {
+            panic!(
+                "open again after {}: {e}\n{}",
+                if kill9 { "kill -9" } else { "SIGTERM" },
+                d.log_text()
+            )
+        });
+        let mut got = vec![0u8; 64 << 10];
+        again.read_exact_at(&mut got, 4096).expect("read it");
+        assert!(got == want);
+        held.read_exact_at(&mut got, 4096)
+            .expect("the first open still reads");
+        assert!(got == want);
+        // A file of the same mount never opened before: served as before.
+        let other = std::fs::File::open(&big).expect("another file");
+        other.read_exact_at(&mut got, 1 << 20).expect("read it");
+    }
+    drop(held);
+    assert!(d.terminate().success());
+}
+
 /// A mounted layer whose registry went away keeps working once the same image is pulled from
 /// another registry: on-demand reads follow the catalogue's current source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,6 +80,13 @@ struct Handles {
     /// pread). The kernel refuses a passthrough open of an inode with such opens (EIO), e.g.
     /// the busybox binary a shell runs from before its layer was unpacked, exec'd again after.
     cached_io: HashMap<u64, usize>,
+    /// Where backing ids are recorded for the next daemon (a mount that can be handed over).
+    log: Option<handover::BackingLog>,
+    /// Backing ids a previous daemon of this connection left open, per inode: the kernel may
+    /// still tie the inode to that backing file (a container holds it open), so every
+    /// passthrough open of it must use the same id. Kept open until the connection ends.
+    adopted_ids: std::collections::BTreeMap<u64, u32>,
+    adopted_backing: HashMap<u64, Arc<BackingId>>,
 }
 
 use crate::store::locked as lock;
@@ -200,9 +207,27 @@ impl LayerFs {
             .persist = Some(file);
     }
 
+    /// Record the backing ids given out from now on (a fresh mount that can be handed over).
+    pub fn persist_backing(&self, log: handover::BackingLog) {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner()).log = Some(log);
+    }
+
     /// Continue a mount a previous daemon served: its layer indexes, its passthrough setting
-    /// (the kernel negotiated it once, at INIT), and `file` to append new indexes to.
-    pub fn adopt(&self, names: Vec<String>, file: std::fs::File, passthrough: bool) {
+    /// (the kernel negotiated it once, at INIT), `file` to append new indexes to, and the
+    /// backing ids it left open with their log.
+    pub fn adopt(
+        &self,
+        names: Vec<String>,
+        file: std::fs::File,
+        passthrough: bool,
+        backing: Option<(handover::BackingLog, std::collections::BTreeMap<u64, u32>)>,
+    ) {
+        let passthrough = passthrough && backing.is_some();
+        if let Some((log, ids)) = backing {
+            let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            h.log = Some(log);
+            h.adopted_ids = ids;
+        }
         let mut layers = self.layers.write().unwrap_or_else(|p| p.into_inner());
         layers.by_hex = names
             .iter()
@@ -452,9 +477,27 @@ impl fuser::Filesystem for LayerFs {
         };
         let fh = h.next;
         h.next += 1;
-        if self
+        let passthrough = self
             .passthrough_on
-            .load(std::sync::atomic::Ordering::Relaxed)
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if passthrough && let Some(&raw) = h.adopted_ids.get(&ino.0) {
+            // Opened by passthrough under a previous daemon: the same backing id, or EIO.
+            let id = match h.adopted_backing.get(&ino.0) {
+                Some(id) => Arc::clone(id),
+                None => {
+                    // SAFETY: `raw` was registered on this connection by a previous daemon and
+                    // never closed (the log records a close before it happens); this process
+                    // keeps it open until the connection ends (`adopted_backing`).
+                    let id = Arc::new(unsafe { reply.wrap_backing(raw) });
+                    h.adopted_backing.insert(ino.0, Arc::clone(&id));
+                    id
+                }
+            };
+            h.backing.insert(fh, Arc::clone(&id));
+            drop(h);
+            return reply.opened_passthrough(FileHandle(fh), NOFLUSH, &id);
+        }
+        if passthrough
             && !h.cached_io.contains_key(&ino.0)
             && split(ino.0)
                 .is_some_and(|(l, _)| l >= self.adopted.load(std::sync::atomic::Ordering::Relaxed))
@@ -463,7 +506,13 @@ impl fuser::Filesystem for LayerFs {
             let existing = h.by_inode.get(&ino.0).and_then(std::sync::Weak::upgrade);
             let id = match existing {
                 Some(id) => Ok(id),
-                None => reply.open_backing(&file).map(Arc::new),
+                None => reply.open_backing(&file).map(Arc::new).inspect(|id| {
+                    if let Some(log) = h.log.as_mut()
+                        && let Err(e) = log.opened(ino.0, id.id())
+                    {
+                        tracing::warn!(error = %e, "cannot record a passthrough backing id; the next daemon may fail opens of this file while it stays open");
+                    }
+                }),
             };
             match id {
                 Ok(id) => {
@@ -500,9 +549,19 @@ impl fuser::Filesystem for LayerFs {
         if h.files.get(&fh.0).is_some_and(|(i, _)| *i == ino.0) {
             h.files.remove(&fh.0);
         }
-        if h.backing.remove(&fh.0).is_none()
-            && let Some(n) = h.cached_io.get_mut(&ino.0)
+        let backing = h.backing.remove(&fh.0);
+        let was_cached = backing.is_none();
+        if let Some(id) = &backing
+            && Arc::strong_count(id) == 1
+            && let Some(log) = h.log.as_mut()
         {
+            // The last handle: the id is closed when `backing` drops, recorded just before.
+            if let Err(e) = log.closing(ino.0, id.id()) {
+                tracing::warn!(error = %e, "cannot record a closed passthrough backing id");
+            }
+        }
+        drop(backing);
+        if was_cached && let Some(n) = h.cached_io.get_mut(&ino.0) {
             *n -= 1;
             if *n == 0 {
                 h.cached_io.remove(&ino.0);
@@ -740,7 +799,7 @@ impl Mount {
     /// stat cannot tell them dead, the kernel may answer from its cache. The caller holds the
     /// store lock, so no live daemon of this store uses the mountpoint.
     pub fn start(
-        fs: LayerFs,
+        mut fs: LayerFs,
         mountpoint: &std::path::Path,
         threads: usize,
         handover: bool,
@@ -817,6 +876,16 @@ impl Mount {
         let handover = list.is_some();
         if let Some(f) = list {
             fs.persist_layers(f);
+            match handover::BackingLog::create(&paths.backing) {
+                Ok(log) => fs.persist_backing(log),
+                Err(e) => {
+                    // Without it, a restart could not reopen files a container holds by
+                    // passthrough: serve cached files by read instead.
+                    tracing::warn!(path = %paths.backing.display(), error = %e,
+                        "cannot write the backing id log; FUSE passthrough off");
+                    fs.passthrough_wanted = false;
+                }
+            }
         }
         let passthrough = fs.passthrough_flag();
         let session = fuser::Session::new(fs, mountpoint, &cfg)?;
@@ -867,8 +936,24 @@ impl Mount {
         let list = std::fs::OpenOptions::new()
             .append(true)
             .open(&paths.layers)?;
+        let backing = match handover::BackingLog::resume(&paths.backing) {
+            Ok(b) => {
+                if !b.1.is_empty() {
+                    tracing::info!(
+                        inodes = b.1.len(),
+                        "files open by passthrough under the previous run keep their backing files"
+                    );
+                }
+                Some(b)
+            }
+            Err(e) => {
+                tracing::warn!(path = %paths.backing.display(), error = %e,
+                    "cannot read the backing id log; FUSE passthrough off for this run");
+                None
+            }
+        };
         let n = names.len();
-        fs.adopt(names, list, held.passthrough);
+        fs.adopt(names, list, held.passthrough, backing);
         let acl = cfg.acl;
         let session = fuser::Session::from_fd_initialized(fs, fd, acl, cfg, held.proto);
         match handover::resend(session.as_fd()) {
@@ -935,6 +1020,7 @@ impl Mount {
                 Ok(true) => {
                     handover::release(&paths.socket);
                     let _ = std::fs::remove_file(&paths.layers);
+                    let _ = std::fs::remove_file(&paths.backing);
                     // The session ends when the kernel ends the connection, at once unless
                     // something we could not see still uses it.
                     match within(grace, move || session.join()) {
@@ -953,6 +1039,7 @@ impl Mount {
                         "cannot leave the layer filesystem to the next start");
                     handover::release(&paths.socket);
                     let _ = std::fs::remove_file(&paths.layers);
+                    let _ = std::fs::remove_file(&paths.backing);
                 }
             }
         }

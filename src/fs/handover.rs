@@ -82,6 +82,8 @@ struct Reply {
 pub struct Paths {
     pub socket: PathBuf,
     pub layers: PathBuf,
+    /// The passthrough backing ids given out on this connection ([`BackingLog`]).
+    pub backing: PathBuf,
 }
 
 impl Paths {
@@ -94,6 +96,7 @@ impl Paths {
         Paths {
             socket: dir.join(format!("{name}.holder.sock")),
             layers: dir.join(format!("{name}.layers")),
+            backing: dir.join(format!("{name}.backing")),
         }
     }
 }
@@ -475,6 +478,87 @@ impl Drop for RemoveOnDrop {
 
 /// The layer directories in inode order, one digest hex per line, as persisted in
 /// [`Paths::layers`]. Lines that are not a digest's hex make the whole list unusable.
+/// The passthrough backing ids a FUSE connection has open, per inode, kept across daemons.
+///
+/// The kernel ties an inode opened by passthrough to its backing file until the last such open
+/// is closed, and fails any open of it with another backing file, or without one, with EIO.
+/// Backing ids belong to the connection, not to the process, so after a restart the inodes a
+/// container still holds (the binary its shell runs from) must be opened with the id the
+/// previous daemon registered. Each daemon appends a record when it registers an id and
+/// before it closes one; the next reads the ids still open. A record is 16 bytes: inode (u64
+/// LE), id (u32 LE), 1 open / 0 closed (u32 LE). Written without fsync: the log matters only
+/// while the connection lives, and a machine crash ends both.
+pub struct BackingLog {
+    file: std::fs::File,
+}
+
+const BACKING_RECORD: usize = 16;
+
+fn backing_record(ino: u64, id: u32, open: bool) -> [u8; BACKING_RECORD] {
+    let mut r = [0u8; BACKING_RECORD];
+    r[..8].copy_from_slice(&ino.to_le_bytes());
+    r[8..12].copy_from_slice(&id.to_le_bytes());
+    r[12..].copy_from_slice(&u32::from(open).to_le_bytes());
+    r
+}
+
+/// The ids still open after replaying `log` (a torn last record is ignored).
+pub fn parse_backing_log(log: &[u8]) -> std::collections::BTreeMap<u64, u32> {
+    let mut open = std::collections::BTreeMap::new();
+    for r in log.chunks_exact(BACKING_RECORD) {
+        let ino = u64::from_le_bytes(r[..8].try_into().unwrap_or_default());
+        let id = u32::from_le_bytes(r[8..12].try_into().unwrap_or_default());
+        match u32::from_le_bytes(r[12..].try_into().unwrap_or_default()) {
+            1 => {
+                open.insert(ino, id);
+            }
+            _ => {
+                if open.get(&ino) == Some(&id) {
+                    open.remove(&ino);
+                }
+            }
+        }
+    }
+    open
+}
+
+impl BackingLog {
+    /// A fresh connection: no ids yet.
+    pub fn create(path: &Path) -> std::io::Result<BackingLog> {
+        Ok(BackingLog {
+            file: std::fs::File::create(path)?,
+        })
+    }
+
+    /// A resumed connection: the ids the previous daemons left open, and the log rewritten to
+    /// just those (so it does not grow across restarts).
+    pub fn resume(
+        path: &Path,
+    ) -> std::io::Result<(BackingLog, std::collections::BTreeMap<u64, u32>)> {
+        let open = match std::fs::read(path) {
+            Ok(b) => parse_backing_log(&b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => return Err(e),
+        };
+        let tmp = path.with_extension("backing.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        for (&ino, &id) in &open {
+            f.write_all(&backing_record(ino, id, true))?;
+        }
+        std::fs::rename(&tmp, path)?;
+        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        Ok((BackingLog { file }, open))
+    }
+
+    pub fn opened(&mut self, ino: u64, id: u32) -> std::io::Result<()> {
+        self.file.write_all(&backing_record(ino, id, true))
+    }
+
+    pub fn closing(&mut self, ino: u64, id: u32) -> std::io::Result<()> {
+        self.file.write_all(&backing_record(ino, id, false))
+    }
+}
+
 pub fn parse_layer_list(text: &str) -> Option<Vec<String>> {
     text.lines()
         .map(|l| {
@@ -489,6 +573,36 @@ pub fn parse_layer_list(text: &str) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backing_log_replays_to_the_ids_still_open() {
+        let mut log = vec![];
+        log.extend(backing_record(7, 1, true));
+        log.extend(backing_record(9, 2, true));
+        log.extend(backing_record(7, 1, false));
+        log.extend(backing_record(7, 3, true));
+        // A stale close of an id the inode no longer has changes nothing.
+        log.extend(backing_record(9, 5, false));
+        log.extend(&[1, 2, 3]); // torn record
+        let open = parse_backing_log(&log);
+        assert_eq!(open.into_iter().collect::<Vec<_>>(), [(7, 3), (9, 2)]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fs.backing");
+        let (_, none) = BackingLog::resume(&p).unwrap();
+        assert!(none.is_empty(), "no log: nothing open");
+        let mut l = BackingLog::create(&p).unwrap();
+        l.opened(1 << 32 | 5, 4).unwrap();
+        l.opened(2 << 32 | 6, 8).unwrap();
+        l.closing(1 << 32 | 5, 4).unwrap();
+        drop(l);
+        let (mut l, open) = BackingLog::resume(&p).unwrap();
+        assert_eq!(open.into_iter().collect::<Vec<_>>(), [(2 << 32 | 6, 8)]);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 16, "compacted");
+        l.opened(3, 9).unwrap();
+        drop(l);
+        assert_eq!(BackingLog::resume(&p).unwrap().1.len(), 2);
+    }
 
     #[test]
     fn mount_dev_finds_the_last_lazypull_mount_at_a_path() {

@@ -75,6 +75,13 @@ impl BackingId {
         }
     }
 
+    /// lazypull patch: the raw `backing_id` value, still owned by this `BackingId`. A process
+    /// that hands its FUSE connection over records it, so that the next one can reuse an id the
+    /// kernel still ties to an open inode (see `ReplyOpen::wrap_backing`).
+    pub fn id(&self) -> u32 {
+        self.backing_id
+    }
+
     /// Converts this backing file reference into the raw `backing_id` value as returned by the kernel.
     ///
     /// This method transfers ownership of the backing file to the caller, who must invoke the
