@@ -123,6 +123,15 @@ pub struct ServeArgs {
     /// only when read through the lazy mount.
     #[arg(long)]
     pub no_fill: bool,
+    /// Longest single request of the background filler, in MiB; it asks for the link again
+    /// after each [default: fetch.fill.request_mib, 8].
+    #[arg(long, value_name = "MIB")]
+    pub fill_request_mib: Option<u64>,
+    /// The filler starts or resumes only after the link has carried no on-demand read (or
+    /// prefetch, or TOC) for this long, e.g. 500ms; such a read stops a running fill request at
+    /// once [default: fetch.fill.yield_for, 500ms].
+    #[arg(long, value_name = "DURATION")]
+    pub fill_yield_for: Option<String>,
     /// Where the daemon mounts its FUSE layer filesystem (a directory per layer digest)
     /// [default: /run/lazypull/fs].
     #[arg(long, value_name = "DIR")]

@@ -149,6 +149,21 @@ pub struct FetchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct FillConfig {
     pub enabled: bool,
+    /// Longest single fill request, in MiB: the filler asks for the link again after each.
+    pub request_mib: u64,
+    /// How long the link must carry no foreground request (on-demand read, prefetch, TOC)
+    /// before the filler starts or resumes; a foreground request stops a running fill request.
+    #[serde(with = "humantime_serde_compat")]
+    pub yield_for: Duration,
+}
+
+impl FillConfig {
+    pub fn policy(&self) -> crate::fetch::schedule::FillPolicy {
+        crate::fetch::schedule::FillPolicy {
+            request_bytes: self.request_mib << 20,
+            yield_for: self.yield_for,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -277,13 +292,17 @@ impl Default for FetchConfig {
             retries: 3,
             read_ahead_kib: 1024,
             read_ahead_neighbours_kib: 256,
-            fill: FillConfig { enabled: true },
+            fill: FillConfig::default(),
         }
     }
 }
 impl Default for FillConfig {
     fn default() -> Self {
-        FillConfig { enabled: true }
+        FillConfig {
+            enabled: true,
+            request_mib: 8,
+            yield_for: Duration::from_millis(500),
+        }
     }
 }
 impl Default for GcConfig {
@@ -355,6 +374,18 @@ impl Config {
                 "fetch.read_ahead_neighbours_kib {} must be at most 65536 (64 MiB)",
                 self.fetch.read_ahead_neighbours_kib
             ));
+        }
+        if !(1..=1024).contains(&self.fetch.fill.request_mib) {
+            return Err(ConfigError::Invalid(format!(
+                "fetch.fill.request_mib {} must be between 1 and 1024",
+                self.fetch.fill.request_mib
+            )));
+        }
+        if self.fetch.fill.yield_for > Duration::from_secs(600) {
+            return Err(ConfigError::Invalid(format!(
+                "fetch.fill.yield_for {:?} must be at most 10m",
+                self.fetch.fill.yield_for
+            )));
         }
         if self.fetch.read_ahead_kib > 64 << 10 {
             return bad(format!(

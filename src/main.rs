@@ -83,6 +83,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if a.no_fill {
                 cfg.fetch.fill.enabled = false;
             }
+            if let Some(m) = a.fill_request_mib {
+                cfg.fetch.fill.request_mib = m;
+            }
+            if let Some(t) = &a.fill_yield_for {
+                cfg.fetch.fill.yield_for = duration("--fill-yield-for", t)?;
+            }
             if let Some(m) = &a.fuse_mountpoint {
                 cfg.fuse.mountpoint = std::path::absolute(m)
                     .with_context(|| format!("--fuse-mountpoint {}", m.display()))?;

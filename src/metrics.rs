@@ -90,6 +90,22 @@ pub fn render(src: &Sources) -> String {
         "Fills that failed for good",
         f.layers_failed.clone(),
     );
+    let link = &src.filler.link().stats;
+    reg.register(
+        "lazypull_foreground_requests",
+        "Range requests the filler yields the link to (on-demand reads, prefetch, TOCs)",
+        link.foreground_requests.clone(),
+    );
+    reg.register(
+        "lazypull_fill_preemptions",
+        "Fill requests stopped because a foreground request began",
+        link.fill_preemptions.clone(),
+    );
+    reg.register(
+        "lazypull_fill_wait_seconds",
+        "Time fill requests waited for the link",
+        link.fill_wait_seconds.clone(),
+    );
     reg.register(
         "lazypull_fills_in_flight",
         "Layers being filled now",

@@ -44,13 +44,17 @@ async fn lazy_pull_registers_image_then_fills_layers() {
         "no User in config"
     );
     d.wait_complete(Duration::from_secs(60));
-    for l in layer_digests(&reg, "multilayer") {
+    for (l, size) in layer_sizes(&reg, "multilayer") {
         let f = d
             .store()
             .join("blobs/sha256")
             .join(l.trim_start_matches("sha256:"));
         assert!(f.exists(), "layer {l} stored under its digest");
-        assert_eq!(reg.blob_gets("multilayer", &l), 1, "layer {l} fetched once");
+        assert_eq!(
+            bytes_served(&reg, "multilayer", &l),
+            size,
+            "layer {l} fetched once"
+        );
     }
     // Verbose status carries the config and fill state.
     let v = c
@@ -252,10 +256,10 @@ async fn twenty_concurrent_pulls_fetch_each_blob_once() {
     }
     ids.dedup();
     assert_eq!(ids.len(), 1);
-    for l in layer_digests(&reg, "big") {
+    for (l, size) in layer_sizes(&reg, "big") {
         assert_eq!(
-            reg.blob_gets("big", &l),
-            1,
+            bytes_served(&reg, "big", &l),
+            size,
             "layer {l} fetched exactly once"
         );
     }

@@ -324,13 +324,7 @@ async fn on_demand_ranges_persist_across_restarts_and_the_fill_skips_them() {
     );
     // The Prometheus endpoint counts the on-demand fetch. The duration is observed when the
     // whole range request ends, which may be just after the reader got its chunk: poll briefly.
-    let value_in = |m: &str, name: &str| -> f64 {
-        m.lines()
-            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} missing in\n{m}"))
-    };
+    let value_in = metric;
     let started = std::time::Instant::now();
     let m = loop {
         let m = metrics(&metrics_addr);
@@ -800,18 +794,6 @@ async fn plain_layers_mount_from_the_file_cache_with_passthrough() {
         "{s:#}"
     );
     assert!(files > 0);
-}
-
-/// `GET /metrics` from the daemon's Prometheus endpoint.
-fn metrics(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
 }
 
 /// zstd:chunked images written by Debian's skopeo (an independent implementation, the legacy

@@ -49,6 +49,7 @@ impl Core {
                     plain: cfg.fuse.enabled,
                     estargz: cfg.fuse.enabled && cfg.fuse.passthrough,
                 },
+                policy: cfg.fetch.fill.policy(),
             },
             shutdown.clone(),
         );
@@ -153,6 +154,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             Arc::clone(&images.db),
             Arc::clone(&images.registry),
             Arc::clone(images.filler.partials()),
+            Arc::clone(images.filler.link()),
             crate::fs::reader::ReadOptions {
                 timeout: cfg.fuse.read_timeout,
                 cache_bytes: cfg.fuse.chunk_cache_mib << 20,

@@ -5,7 +5,12 @@
 //! reads: it hashes the ranges already present and fetches only the gaps (HTTP Range), so bytes
 //! read on demand and progress before a crash are not fetched again. It verifies the blob digest
 //! and the uncompressed diff_id, and only then renames the file into `blobs/`.
+//!
+//! The filler never competes with a container for the link: it fetches in bounded range
+//! requests when no foreground request runs, and stops a running one when one begins
+//! ([`schedule`]).
 
+pub mod schedule;
 pub mod verify;
 
 use crate::oci::{Compression, Digest, Reference};
@@ -103,6 +108,8 @@ pub struct Filler {
     pub fill_enabled: bool,
     /// Which complete layers are unpacked into the file cache.
     pub unpack: UnpackPolicy,
+    /// The link shared with on-demand reads, which go first.
+    link: Arc<schedule::Link>,
 }
 
 /// Which complete layers get their files unpacked into `files/sha256` (DESIGN.md §3).
@@ -177,6 +184,7 @@ pub struct FillerOptions {
     pub max_parallel: usize,
     pub fill_enabled: bool,
     pub unpack: UnpackPolicy,
+    pub policy: schedule::FillPolicy,
 }
 
 impl Filler {
@@ -192,6 +200,7 @@ impl Filler {
             max_parallel,
             fill_enabled,
             unpack,
+            policy,
         } = opts;
         Arc::new(Filler {
             layout,
@@ -205,7 +214,13 @@ impl Filler {
             attempts: 5,
             fill_enabled,
             unpack,
+            link: schedule::Link::new(policy),
         })
+    }
+
+    /// The link the filler shares with on-demand reads (they report to it, it yields to them).
+    pub fn link(&self) -> &Arc<schedule::Link> {
+        &self.link
     }
 
     /// Make sure `layer` is being filled; returns a receiver that reports its end.
@@ -393,7 +408,11 @@ impl Filler {
     /// layer's annotation, validate it and store it under its digest. A refused TOC is recorded
     /// with the reason; the layer is then only fetched whole (which the fill does anyway).
     async fn fetch_toc(&self, layer: &LayerRecord, creds: &OpCreds) {
-        match self.try_fetch_toc(layer, creds).await {
+        // A mount waits for the TOC: it is foreground traffic.
+        let fg = self.link.foreground();
+        let fetched = self.try_fetch_toc(layer, creds).await;
+        drop(fg);
+        match fetched {
             Ok((entries, toc_offset)) => {
                 tracing::info!(layer = %layer.digest, entries, format = if layer.toc_position.is_some() { "zstd:chunked" } else { "estargz" }, "TOC fetched and verified");
                 if let Err(e) = lock(&self.db).set_toc(&layer.digest, entries, toc_offset) {
@@ -636,32 +655,51 @@ impl Filler {
                 pos = end;
                 continue;
             }
+            // One bounded request at a time, sent when no foreground request runs, stopped when
+            // one begins (what arrived is kept): see schedule.rs.
+            self.link.fill_turn().await;
+            if blob.covered_until(pos).is_some() {
+                continue; // on-demand reads fetched it while we waited
+            }
             let gap_end = blob.next_start(pos).unwrap_or(layer.size).min(layer.size);
+            let req_end =
+                gap_end.min(pos.saturating_add(self.link.policy().request_bytes.max(BLOCK as u64)));
+            let begun = self.link.begun();
             let creds = self.creds_for(&reference, creds);
             self.stats.blob_requests.inc();
             let body = self
                 .registry
-                .open_blob(&reference, &digest, pos, Some(gap_end - pos), &creds)
+                .open_blob(&reference, &digest, pos, Some(req_end - pos), &creds)
                 .await?;
             let mut stream = body.stream;
             let mut block: Vec<u8> = Vec::with_capacity(BLOCK);
             let start = pos;
             let mut received = 0u64;
+            let preempt = self.link.preempted(begun);
+            tokio::pin!(preempt);
+            let mut preempted = false;
             loop {
-                let next = stream.next().await;
-                let end = next.is_none() || start + received >= gap_end;
+                let next = tokio::select! {
+                    biased;
+                    _ = &mut preempt, if !preempted => {
+                        preempted = true;
+                        None
+                    }
+                    n = stream.next() => n,
+                };
+                let end = next.is_none() || start + received >= req_end;
                 if let Some(chunk) = next {
                     let chunk = chunk.map_err(|e| RegistryError::Unreachable {
                         registry: reference.registry().into(),
                         reason: e.to_string(),
                     })?;
                     // A registry ignoring Range sends on to the blob's end: keep only the gap.
-                    let want = ((gap_end - start - received) as usize).min(chunk.len());
+                    let want = ((req_end - start - received) as usize).min(chunk.len());
                     self.stats.bytes_fetched.inc_by(want as u64);
                     block.extend_from_slice(&chunk[..want]);
                     received += want as u64;
                 }
-                let end = end || start + received >= gap_end;
+                let end = end || start + received >= req_end;
                 if block.len() >= BLOCK || (end && !block.is_empty()) {
                     let data = std::mem::replace(&mut block, Vec::with_capacity(BLOCK));
                     let n = data.len() as u64;
@@ -695,13 +733,19 @@ impl Filler {
                     break;
                 }
             }
-            if pos < gap_end {
+            drop(stream);
+            if preempted {
+                self.link.stats.fill_preemptions.inc();
+                tracing::debug!(layer = %digest, at = pos, "fill request stopped: a foreground request began");
+                continue;
+            }
+            if pos < req_end {
                 self.checkpoint(&blob, digest_str).await?;
                 return Err(RegistryError::Truncated {
                     registry: reference.registry().into(),
                     what: format!("layer {digest}"),
                     got: pos,
-                    expected: gap_end,
+                    expected: req_end,
                 }
                 .into());
             }

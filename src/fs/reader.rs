@@ -145,6 +145,8 @@ pub struct Reader {
     lru: Mutex<(lru::LruCache<String, ChunkData>, usize)>,
     budget: usize,
     inflight: Mutex<HashMap<String, Waiter>>,
+    /// Every range request here is foreground traffic: the filler yields the link to it.
+    link: Arc<crate::fetch::schedule::Link>,
     pub stats: ReadStats,
 }
 
@@ -177,6 +179,7 @@ impl Reader {
         db: Arc<Mutex<Catalogue>>,
         registry: Arc<Registry>,
         partials: Arc<Partials>,
+        link: Arc<crate::fetch::schedule::Link>,
         opts: ReadOptions,
     ) -> Arc<Self> {
         let ReadOptions {
@@ -196,6 +199,7 @@ impl Reader {
             lru: Mutex::new((lru::LruCache::unbounded(), 0)),
             budget: cache_bytes,
             inflight: Mutex::new(HashMap::new()),
+            link,
             stats: ReadStats::default(),
         })
     }
@@ -510,6 +514,7 @@ impl Reader {
         );
         let started = Instant::now();
         let mut stored = 0u64;
+        let foreground = self.link.foreground();
         let result = tokio::time::timeout(self.timeout, async {
             // The catalogue's source, which a pull of the layer from another registry updates
             // while this layer is mounted; the one it was mounted with otherwise.
@@ -584,6 +589,7 @@ impl Reader {
         })
         .await
         .unwrap_or_else(|_| Err(format!("timed out after {:?}", self.timeout)));
+        drop(foreground);
         tracing::debug!(layer = %layer.digest, start, len = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "on-demand fetch");
         self.stats
             .fetch_seconds

@@ -581,6 +581,27 @@ pub fn layer_digests(reg: &Registry, repo: &str) -> Vec<String> {
         .collect()
 }
 
+/// Layer digests and sizes of `repo:latest`, in order.
+pub fn layer_sizes(reg: &Registry, repo: &str) -> Vec<(String, u64)> {
+    manifest_of(reg, repo)["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap_or_default().to_string(),
+                l["size"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Bytes of blob `digest` the registry sent, in as many range requests as it took (the filler
+/// fetches in bounded requests): "fetched once" means this equals the blob's size.
+pub fn bytes_served(reg: &Registry, repo: &str, digest: &str) -> u64 {
+    served(reg, repo, digest).0
+}
+
 pub fn config_digest(reg: &Registry, repo: &str) -> String {
     manifest_of(reg, repo)["config"]["digest"]
         .as_str()
@@ -1415,4 +1436,26 @@ pub fn python_image(reg: &Registry) -> bool {
         String::from_utf8_lossy(&out.stderr)
     );
     true
+}
+
+/// `GET /metrics` from a daemon's Prometheus endpoint (`--metrics-listen ADDR`).
+pub fn metrics(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("metrics endpoint");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of metric `name` (without labels) in `metrics` text.
+pub fn metric(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing in\n{metrics}"))
 }

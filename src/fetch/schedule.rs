@@ -1,0 +1,287 @@
+//! Who gets the node's link to its registries: on-demand reads first, the background filler
+//! when they leave it idle.
+//!
+//! A real access link has one queue. A bulk download keeps it full, so every short request of a
+//! starting container waits behind it and gets a fraction of the bandwidth: with the filler
+//! downloading at full speed, a container's start took 1.4 to 1.6 times as long through a
+//! 100 Mbit/s bottleneck. So the filler fetches in bounded range requests, asks for its turn
+//! before each one, and gives the link up at once when a foreground request (an on-demand read,
+//! the prefetch of the files a start needs, a TOC a mount waits for) begins: its running request
+//! is aborted, the bytes it already received are kept, and it resumes where it stopped once no
+//! foreground request has run for `yield_for`. Alone on the link it takes the whole link back.
+//!
+//! [`FillPolicy`] is the decision, a pure function of the link's state; [`Link`] is the shared
+//! state the reader and the filler report to and wait on.
+
+use std::sync::Arc;
+use std::time::Duration;
+// tokio's clock: the same as std's, except that tests can pause it.
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The filler's manners (config `fetch.fill`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FillPolicy {
+    /// Longest single fill request in bytes; the filler asks for its turn again after each.
+    pub request_bytes: u64,
+    /// How long the link must have carried no foreground request before the filler starts or
+    /// resumes (a starting container reads in bursts with short pauses between them).
+    pub yield_for: Duration,
+}
+
+impl Default for FillPolicy {
+    fn default() -> Self {
+        FillPolicy {
+            request_bytes: 8 << 20,
+            yield_for: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What the filler may do now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// Fetch (one request of at most `request_bytes`).
+    Go,
+    /// Foreground requests are running: wait until they end.
+    Busy,
+    /// The link has been free of foreground requests only briefly: wait until then.
+    Until(Instant),
+}
+
+/// The link as the policy sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkState {
+    /// Foreground requests running now.
+    pub active: usize,
+    /// Foreground requests begun so far (a fill request compares it to notice a new one).
+    pub begun: u64,
+    /// When the last foreground request ended.
+    pub last_end: Option<Instant>,
+}
+
+impl FillPolicy {
+    pub fn turn(&self, now: Instant, s: &LinkState) -> Turn {
+        if s.active > 0 {
+            return Turn::Busy;
+        }
+        match s.last_end {
+            Some(t) if now < t + self.yield_for => Turn::Until(t + self.yield_for),
+            _ => Turn::Go,
+        }
+    }
+
+    /// Whether a fill request begun when `begun` foreground requests had begun must stop now.
+    pub fn preempts(&self, begun_at_start: u64, s: &LinkState) -> bool {
+        s.begun > begun_at_start
+    }
+}
+
+/// Counters of the link, exported as metrics.
+#[derive(Default)]
+pub struct LinkStats {
+    pub foreground_requests: prometheus_client::metrics::counter::Counter,
+    /// Fill requests aborted because a foreground request began.
+    pub fill_preemptions: prometheus_client::metrics::counter::Counter,
+    /// Seconds fill requests waited for their turn.
+    pub fill_wait_seconds:
+        prometheus_client::metrics::counter::Counter<f64, std::sync::atomic::AtomicU64>,
+}
+
+/// The node's link, shared by the reader (foreground) and the filler.
+pub struct Link {
+    policy: FillPolicy,
+    state: watch::Sender<LinkState>,
+    pub stats: LinkStats,
+}
+
+/// A foreground request in progress: the filler stays off the link until it is dropped.
+pub struct Foreground {
+    link: Arc<Link>,
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        self.link.state.send_modify(|s| {
+            s.active = s.active.saturating_sub(1);
+            s.last_end = Some(now);
+        });
+    }
+}
+
+impl Link {
+    pub fn new(policy: FillPolicy) -> Arc<Self> {
+        Arc::new(Link {
+            policy,
+            state: watch::Sender::new(LinkState::default()),
+            stats: LinkStats::default(),
+        })
+    }
+
+    pub fn policy(&self) -> FillPolicy {
+        self.policy
+    }
+
+    /// Mark a foreground request as running until the guard is dropped.
+    pub fn foreground(self: &Arc<Self>) -> Foreground {
+        self.stats.foreground_requests.inc();
+        self.state.send_modify(|s| {
+            s.active += 1;
+            s.begun += 1;
+        });
+        Foreground {
+            link: Arc::clone(self),
+        }
+    }
+
+    /// Foreground requests begun so far (pass it to [`Link::preempted`]).
+    pub fn begun(&self) -> u64 {
+        self.state.borrow().begun
+    }
+
+    /// Wait until the policy lets the filler send a request.
+    pub async fn fill_turn(&self) {
+        let mut rx = self.state.subscribe();
+        let started = Instant::now();
+        loop {
+            let turn = self.policy.turn(Instant::now(), &rx.borrow_and_update());
+            match turn {
+                Turn::Go => break,
+                Turn::Busy => {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+                Turn::Until(t) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(t) => {}
+                        r = rx.changed() => if r.is_err() { break },
+                    }
+                }
+            }
+        }
+        let waited = started.elapsed().as_secs_f64();
+        if waited > 0.0 {
+            self.stats.fill_wait_seconds.inc_by(waited);
+        }
+    }
+
+    /// Resolves when a foreground request begins after `begun` had begun.
+    pub async fn preempted(&self, begun: u64) {
+        let mut rx = self.state.subscribe();
+        let policy = self.policy;
+        if rx.wait_for(|s| policy.preempts(begun, s)).await.is_err() {
+            // The link is gone (never: `self` holds the sender); never preempt then.
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> FillPolicy {
+        FillPolicy {
+            request_bytes: 1 << 20,
+            yield_for: Duration::from_millis(500),
+        }
+    }
+
+    #[test]
+    fn the_filler_goes_only_on_a_quiet_link() {
+        let p = policy();
+        let t0 = Instant::now();
+        let idle = LinkState::default();
+        assert_eq!(
+            p.turn(t0, &idle),
+            Turn::Go,
+            "nothing ever ran: fill at once"
+        );
+        let busy = LinkState {
+            active: 2,
+            begun: 2,
+            last_end: None,
+        };
+        assert_eq!(p.turn(t0, &busy), Turn::Busy);
+        let just_ended = LinkState {
+            active: 0,
+            begun: 2,
+            last_end: Some(t0),
+        };
+        assert_eq!(
+            p.turn(t0 + Duration::from_millis(100), &just_ended),
+            Turn::Until(t0 + Duration::from_millis(500)),
+            "a start reads in bursts: wait out the pause"
+        );
+        assert_eq!(
+            p.turn(t0 + Duration::from_millis(500), &just_ended),
+            Turn::Go
+        );
+        // A request still running counts even if an earlier one ended long ago.
+        let mixed = LinkState {
+            active: 1,
+            begun: 3,
+            last_end: Some(t0),
+        };
+        assert_eq!(p.turn(t0 + Duration::from_secs(9), &mixed), Turn::Busy);
+    }
+
+    #[test]
+    fn a_new_foreground_request_preempts_a_running_fill() {
+        let p = policy();
+        let s = LinkState {
+            active: 0,
+            begun: 5,
+            last_end: None,
+        };
+        assert!(!p.preempts(5, &s));
+        assert!(
+            p.preempts(4, &s),
+            "one began since the fill request started"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fill_turn_waits_for_foreground_and_quiet() {
+        let link = Link::new(policy());
+        // Idle: at once.
+        tokio::time::timeout(Duration::from_millis(1), link.fill_turn())
+            .await
+            .expect("an idle link is the filler's");
+        let fg = link.foreground();
+        let begun = link.begun() - 1;
+        // The fill request that started before `fg` is preempted.
+        tokio::time::timeout(Duration::from_millis(1), link.preempted(begun))
+            .await
+            .expect("preempted");
+        let waiter = {
+            let link = Arc::clone(&link);
+            tokio::spawn(async move {
+                let t = Instant::now();
+                link.fill_turn().await;
+                t.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            !waiter.is_finished(),
+            "busy while the foreground request runs"
+        );
+        drop(fg);
+        let waited = waiter.await.unwrap();
+        assert!(
+            waited >= Duration::from_millis(3500) && waited < Duration::from_millis(3600),
+            "{waited:?}: 3 s busy, then the quiet period"
+        );
+        assert_eq!(link.stats.foreground_requests.get(), 1);
+        // Nothing new began: a fill request is not preempted.
+        let b = link.begun();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), link.preempted(b))
+                .await
+                .is_err()
+        );
+    }
+}
