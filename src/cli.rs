@@ -124,7 +124,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub no_fill: bool,
     /// Longest single request of the background filler, in MiB; it asks for the link again
-    /// after each [default: fetch.fill.request_mib, 8].
+    /// after each [default: fetch.fill.request_mib, 32].
     #[arg(long, value_name = "MIB")]
     pub fill_request_mib: Option<u64>,
     /// The filler starts or resumes only after the link has carried no on-demand read (or

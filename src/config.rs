@@ -300,7 +300,7 @@ impl Default for FillConfig {
     fn default() -> Self {
         FillConfig {
             enabled: true,
-            request_mib: 8,
+            request_mib: 32,
             yield_for: Duration::from_millis(500),
         }
     }

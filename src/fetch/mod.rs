@@ -408,8 +408,8 @@ impl Filler {
     /// layer's annotation, validate it and store it under its digest. A refused TOC is recorded
     /// with the reason; the layer is then only fetched whole (which the fill does anyway).
     async fn fetch_toc(&self, layer: &LayerRecord, creds: &OpCreds) {
-        // A mount waits for the TOC: it is foreground traffic.
-        let fg = self.link.foreground();
+        // A mount waits for the TOC: it is foreground traffic, but no start is reading yet.
+        let fg = self.link.one_off();
         let fetched = self.try_fetch_toc(layer, creds).await;
         drop(fg);
         match fetched {

@@ -32,7 +32,7 @@ pub struct FillPolicy {
 impl Default for FillPolicy {
     fn default() -> Self {
         FillPolicy {
-            request_bytes: 8 << 20,
+            request_bytes: 32 << 20,
             yield_for: Duration::from_millis(500),
         }
     }
@@ -95,17 +95,22 @@ pub struct Link {
     pub stats: LinkStats,
 }
 
-/// A foreground request in progress: the filler stays off the link until it is dropped.
+/// A foreground request in progress: the filler stays off the link until it is dropped (and,
+/// unless it is a one-off, for `yield_for` after).
 pub struct Foreground {
     link: Arc<Link>,
+    quiet_after: bool,
 }
 
 impl Drop for Foreground {
     fn drop(&mut self) {
         let now = Instant::now();
+        let quiet_after = self.quiet_after;
         self.link.state.send_modify(|s| {
             s.active = s.active.saturating_sub(1);
-            s.last_end = Some(now);
+            if quiet_after {
+                s.last_end = Some(now);
+            }
         });
     }
 }
@@ -123,8 +128,19 @@ impl Link {
         self.policy
     }
 
-    /// Mark a foreground request as running until the guard is dropped.
+    /// Mark a foreground request (a read of a running container) as running until the guard
+    /// is dropped; the filler then waits `yield_for`, since more such reads usually follow.
     pub fn foreground(self: &Arc<Self>) -> Foreground {
+        self.begin(true)
+    }
+
+    /// A one-off foreground request (a layer's TOC, fetched at pull time): the filler waits
+    /// for it but not after it.
+    pub fn one_off(self: &Arc<Self>) -> Foreground {
+        self.begin(false)
+    }
+
+    fn begin(self: &Arc<Self>, quiet_after: bool) -> Foreground {
         self.stats.foreground_requests.inc();
         self.state.send_modify(|s| {
             s.active += 1;
@@ -132,6 +148,7 @@ impl Link {
         });
         Foreground {
             link: Arc::clone(self),
+            quiet_after,
         }
     }
 
@@ -276,6 +293,20 @@ mod tests {
             "{waited:?}: 3 s busy, then the quiet period"
         );
         assert_eq!(link.stats.foreground_requests.get(), 1);
+        // A one-off (a TOC at pull time) holds the filler while it runs, not after.
+        let toc = link.one_off();
+        let waiter = {
+            let link = Arc::clone(&link);
+            tokio::spawn(async move {
+                let t = Instant::now();
+                link.fill_turn().await;
+                t.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished());
+        drop(toc);
+        assert!(waiter.await.unwrap() < Duration::from_millis(1100));
         // Nothing new began: a fill request is not preempted.
         let b = link.begun();
         assert!(

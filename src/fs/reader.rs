@@ -34,6 +34,40 @@ const COALESCE_GAP: u64 = 64 << 10;
 const MAX_RUN: u64 = 16 << 20;
 /// How long fetched ranges may sit in the page cache before being recorded as durable.
 const FLUSH_DELAY: Duration = Duration::from_secs(1);
+/// After this many misses of a layer in a row, each starting where the previous fetch ended,
+/// its reader is scanning the layer (`tar -c`, a checksum of everything): see [`Scan`].
+const SCAN_STREAK: u32 = 8;
+/// Neighbours fetched with each miss of a scanning reader.
+const SCAN_NEIGHBOURS: u64 = 4 << 20;
+
+/// How a layer's on-demand fetches follow each other. A reader that walks the layer in blob
+/// order wants bandwidth, not latency: its fetches are not foreground requests (the filler,
+/// which fetches in the same order, keeps the link, and the reader mostly finds its bytes
+/// already local) and take bigger neighbour windows. A container's start jumps around the
+/// layer and stays foreground.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    /// End of the last fetch.
+    end: u64,
+    /// Fetches in a row that started where the one before ended.
+    streak: u32,
+}
+
+impl Scan {
+    /// Record a fetch of `[start, end)`.
+    pub fn fetched(&mut self, start: u64, end: u64) {
+        if self.end > 0 && start >= self.end && start <= self.end + COALESCE_GAP {
+            self.streak = self.streak.saturating_add(1);
+        } else {
+            self.streak = 0;
+        }
+        self.end = end;
+    }
+
+    pub fn scanning(&self) -> bool {
+        self.streak >= SCAN_STREAK
+    }
+}
 
 /// A layer mounted lazily: its verified TOC, the tree built from it, and where its bytes live.
 pub struct LazyLayer {
@@ -48,6 +82,7 @@ pub struct LazyLayer {
     blob: OnceLock<Arc<File>>,
     /// Every chunk by its position in the blob: (offset, entry index, chunk index).
     by_offset: Vec<(u64, u32, u32)>,
+    scan: Mutex<Scan>,
 }
 
 impl LazyLayer {
@@ -75,6 +110,7 @@ impl LazyLayer {
             tree,
             blob: OnceLock::new(),
             by_offset,
+            scan: Mutex::new(Scan::default()),
         }
     }
 }
@@ -318,14 +354,19 @@ impl Reader {
         }
         // Neighbours: chunks of the files that follow in the blob (often the same directory, read
         // next), when this read goes to the registry anyway. Stored on disk, not kept in memory.
-        if self.neighbours > 0
+        let neighbours = if lock(&layer.scan).scanning() {
+            self.neighbours.max(SCAN_NEIGHBOURS)
+        } else {
+            self.neighbours
+        };
+        if neighbours > 0
             && layer.blob.get().is_none()
             && let Some(anchor) = claims.iter().map(|c| c.span.1).max()
         {
             let partial = self.partials.get(&layer.digest);
             let from = layer.by_offset.partition_point(|&(o, _, _)| o < anchor);
             for &(o, e, c) in &layer.by_offset[from..] {
-                if o >= anchor + self.neighbours {
+                if o >= anchor + neighbours {
                     break;
                 }
                 let Some(chunk) = layer
@@ -337,8 +378,7 @@ impl Reader {
                     continue;
                 };
                 let (s, end) = layer.spans.span(chunk);
-                if end > anchor + self.neighbours
-                    || partial.as_ref().is_some_and(|p| p.contains(s, end))
+                if end > anchor + neighbours || partial.as_ref().is_some_and(|p| p.contains(s, end))
                 {
                     continue;
                 }
@@ -514,7 +554,12 @@ impl Reader {
         );
         let started = Instant::now();
         let mut stored = 0u64;
-        let foreground = self.link.foreground();
+        let scanning = {
+            let mut scan = lock(&layer.scan);
+            scan.fetched(start, end);
+            scan.scanning()
+        };
+        let foreground = (!scanning).then(|| self.link.foreground());
         let result = tokio::time::timeout(self.timeout, async {
             // The catalogue's source, which a pull of the layer from another registry updates
             // while this layer is mounted; the one it was mounted with otherwise.
@@ -629,5 +674,37 @@ impl Reader {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_walking_the_layer_in_order_is_scanning() {
+        let mut s = Scan::default();
+        let mut at = 1000;
+        for _ in 0..SCAN_STREAK {
+            assert!(!s.scanning());
+            s.fetched(at, at + 300_000);
+            at += 300_000 + 10_000; // the next miss starts just past the last fetch
+        }
+        s.fetched(at, at + 300_000);
+        assert!(s.scanning(), "{s:?}");
+        // A jump elsewhere (a container's start) ends it.
+        s.fetched(50, 100);
+        assert!(!s.scanning());
+        // Backwards or far ahead is no streak either.
+        let mut s = Scan::default();
+        for i in 0..20u64 {
+            s.fetched(10_000_000 - i * 100_000, 10_000_000 - i * 100_000 + 50_000);
+        }
+        assert!(!s.scanning());
+        let mut s = Scan::default();
+        for i in 0..20u64 {
+            s.fetched(i << 20, (i << 20) + 1000);
+        }
+        assert!(!s.scanning(), "gaps of a MiB are not a scan");
     }
 }
