@@ -199,6 +199,108 @@ async fn a_daemon_killed_again_and_again_keeps_its_fill_progress() {
     assert_eq!(sha256_file(&blob), big);
 }
 
+/// A registry that stalls (connections open, no bytes: SIGSTOP) fails a read of a file not
+/// yet local with EIO within `fuse.read_timeout` in all, although the kernel asks twice; reads
+/// work again within a second of the registry coming back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_registry_fails_reads_within_the_read_timeout() {
+    need_tools!();
+    if !std::path::Path::new("/dev/fuse").exists() {
+        eprintln!("SKIP: /dev/fuse missing");
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    let h = reg.host();
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(bin())
+        .arg("--root")
+        .arg(dir.path().join("convert"))
+        .args([
+            "convert",
+            &format!("{h}/big:latest"),
+            &format!("{h}/big:esgz"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = dir.path().join("config.yaml");
+    // A request that gets no bytes for 2 s fails (fetch.read_timeout), within the 3 s a read
+    // may take in all.
+    std::fs::write(
+        &cfg,
+        "fuse: {read_timeout: 3s}\nfetch: {read_timeout: 2s, retries: 0}\n",
+    )
+    .unwrap();
+    let d = Daemon::start(&["--no-fill", "--config", cfg.to_str().unwrap()]);
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &format!("{h}/big:esgz")).await.unwrap();
+    }
+    let layer = raw_manifest(&reg, "big:esgz")["layers"][1]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_until("the TOC", Duration::from_secs(30), || {
+        d.status_json()["images"][0]["layers"][1]["toc_entries"].is_u64()
+    });
+    let file = d
+        .fuse_mountpoint()
+        .unwrap()
+        .join(layer.trim_start_matches("sha256:"))
+        .join("big/big.bin");
+    let md5 = || {
+        std::process::Command::new("md5sum")
+            .arg(&file)
+            .output()
+            .unwrap()
+    };
+    let signal = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &reg.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    signal("-STOP");
+    let t = Instant::now();
+    let out = md5();
+    let failed_in = t.elapsed();
+    signal("-CONT");
+    assert!(!out.status.success(), "read on a stalled registry");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Input/output error"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        failed_in < Duration::from_millis(3500),
+        "EIO after {failed_in:?}; fuse.read_timeout is 3 s"
+    );
+    let t = Instant::now();
+    let mut last = md5();
+    while !last.status.success() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "reads do not work again: {}",
+            String::from_utf8_lossy(&last.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        last = md5();
+    }
+    let back_in = t.elapsed();
+    assert!(
+        back_in < Duration::from_secs(3),
+        "reads work again after {back_in:?}"
+    );
+    eprintln!(
+        "stalled registry: EIO after {failed_in:?}; reads work again {back_in:?} after it came back"
+    );
+}
+
 fn is_root() -> bool {
     std::process::Command::new("id")
         .arg("-u")

@@ -34,6 +34,12 @@ const COALESCE_GAP: u64 = 64 << 10;
 const MAX_RUN: u64 = 16 << 20;
 /// How long fetched ranges may sit in the page cache before being recorded as durable.
 const FLUSH_DELAY: Duration = Duration::from_secs(1);
+/// A chunk whose load failed fails again at once for this long. When a read fails (EIO after
+/// `fuse.read_timeout`, a registry that stalled), the kernel asks again for the same pages
+/// right away: without this it waited a second full timeout (md5sum of a file on a stalled
+/// registry failed after 120 s with the default 60 s). Short, so that reads work again as soon
+/// as the registry is back.
+const FAILURE_MEMORY: Duration = Duration::from_millis(500);
 /// After this many misses of a layer in a row, each starting where the previous fetch ended,
 /// its reader is scanning the layer (`tar -c`, a checksum of everything): see [`Scan`].
 const SCAN_STREAK: u32 = 8;
@@ -161,6 +167,8 @@ struct Claim {
 enum Slot {
     Ready(ChunkData),
     Wait(Waiter),
+    /// Its load failed just now (see `FAILURE_MEMORY`).
+    Failed(String),
 }
 
 /// Where a layer's bytes can be read locally.
@@ -181,6 +189,8 @@ pub struct Reader {
     lru: Mutex<(lru::LruCache<String, ChunkData>, usize)>,
     budget: usize,
     inflight: Mutex<HashMap<String, Waiter>>,
+    /// Chunks whose last load failed: when, and why.
+    failed: Mutex<HashMap<String, (Instant, String)>>,
     /// Every range request here is foreground traffic: the filler yields the link to it.
     link: Arc<crate::fetch::schedule::Link>,
     pub stats: ReadStats,
@@ -235,6 +245,7 @@ impl Reader {
             lru: Mutex::new((lru::LruCache::unbounded(), 0)),
             budget: cache_bytes,
             inflight: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
             link,
             stats: ReadStats::default(),
         })
@@ -273,6 +284,11 @@ impl Reader {
             self.stats.cache_hits.inc();
             return Slot::Ready(d);
         }
+        if let Some((at, why)) = lock(&self.failed).get(&key)
+            && at.elapsed() < FAILURE_MEMORY
+        {
+            return Slot::Failed(why.clone());
+        }
         let (tx, rx) = watch::channel(None);
         inflight.insert(key.clone(), rx.clone());
         claims.push(Claim {
@@ -289,8 +305,18 @@ impl Reader {
         if let (Ok(d), true) = (&result, claim.keep) {
             self.cache_put(claim.key.clone(), Arc::clone(d));
         }
-        if result.is_err() {
-            self.stats.errors.inc();
+        {
+            let mut failed = lock(&self.failed);
+            match &result {
+                Ok(_) => {
+                    failed.remove(&claim.key);
+                }
+                Err(why) => {
+                    self.stats.errors.inc();
+                    failed.retain(|_, (at, _)| at.elapsed() < FAILURE_MEMORY);
+                    failed.insert(claim.key.clone(), (Instant::now(), why.clone()));
+                }
+            }
         }
         let _ = claim.tx.send(Some(result));
         lock(&self.inflight).remove(&claim.key);
@@ -388,11 +414,18 @@ impl Reader {
         if !claims.is_empty() {
             self.load(layer, claims);
         }
+        if let Some(why) = slots.iter().find_map(|(_, s)| match s {
+            Slot::Failed(why) => Some(why.clone()),
+            _ => None,
+        }) {
+            return Err(format!("{why} (a moment ago; not retried yet)"));
+        }
         let wait = async {
             let mut out = Vec::with_capacity((end - offset) as usize);
             for (c, slot) in slots {
                 let data = match slot {
                     Slot::Ready(d) => d,
+                    Slot::Failed(why) => return Err(why),
                     Slot::Wait(mut rx) => {
                         let v = rx
                             .wait_for(|v| v.is_some())

@@ -57,6 +57,10 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The registry's process (tests stop it with SIGSTOP to make it stall).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
