@@ -378,17 +378,11 @@ fn install_into_a_destdir_and_make_targets() {
     let dir = tempfile::tempdir().unwrap();
     let dest = dir.path().join("dest");
     let install = || {
-        let out = Command::new(repo_root().join("scripts/install"))
-            .args(["--binary", bin(), "--prefix", "/opt/lp", "--destdir"])
-            .arg(&dest)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        run_ok(
+            Command::new(repo_root().join("scripts/install"))
+                .args(["--binary", bin(), "--prefix", "/opt/lp", "--destdir"])
+                .arg(&dest),
+        )
     };
     let changed = install();
     for f in [

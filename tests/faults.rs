@@ -107,17 +107,24 @@ async fn registry_killed_mid_fill_resumes_with_range() {
     assert!(d.log_text().contains("resuming fill"), "{}", d.log_text());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn daemon_sigkill_mid_fill_resumes_after_restart() {
-    need_tools!();
+/// `big:latest` pulled lazily by a daemon (filler on) through a link of `mbit`: the fixture
+/// registry, the link, the daemon and the name pulled.
+async fn big_pulled_through(mbit: u32) -> (Registry, Netem, Daemon, String) {
     let reg = Registry::with_fixtures(None);
-    let proxy = Netem::start(&reg.host(), &["--mbit", "40"]);
-    let mut d = Daemon::start(&[]);
+    let proxy = Netem::start(&reg.host(), &["--mbit", &mbit.to_string()]);
+    let d = Daemon::start(&[]);
     let name = format!("{}/big:latest", proxy.host());
     {
         let mut c = d.client().await;
         pull(&mut c, &name).await.unwrap();
     }
+    (reg, proxy, d, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_sigkill_mid_fill_resumes_after_restart() {
+    need_tools!();
+    let (reg, _proxy, mut d, name) = big_pulled_through(40).await;
     let big = layer_digests(&reg, "big")[1].clone();
     wait_until(
         "8 MiB of the layer to be durable",
@@ -158,14 +165,7 @@ async fn daemon_sigkill_mid_fill_resumes_after_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_daemon_killed_again_and_again_keeps_its_fill_progress() {
     need_tools!();
-    let reg = Registry::with_fixtures(None);
-    let proxy = Netem::start(&reg.host(), &["--mbit", "100"]);
-    let mut d = Daemon::start(&[]);
-    let name = format!("{}/big:latest", proxy.host());
-    {
-        let mut c = d.client().await;
-        pull(&mut c, &name).await.unwrap();
-    }
+    let (reg, _proxy, mut d, _) = big_pulled_through(100).await;
     let (big, size) = layer_sizes(&reg, "big")[1].clone();
     let mut kept = vec![];
     for i in 0..20u64 {
@@ -212,21 +212,7 @@ async fn a_stalled_registry_fails_reads_within_the_read_timeout() {
     let reg = Registry::with_fixtures(None);
     let h = reg.host();
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(bin())
-        .arg("--root")
-        .arg(dir.path().join("convert"))
-        .args([
-            "convert",
-            &format!("{h}/big:latest"),
-            &format!("{h}/big:esgz"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lazypull_convert(&reg, "big:latest", "big:esgz", &[]);
     let cfg = dir.path().join("config.yaml");
     // A request that gets no bytes for 2 s fails (fetch.read_timeout), within the 3 s a read
     // may take in all.

@@ -80,27 +80,9 @@ async fn on_demand_reads_are_not_slowed_by_the_filler() {
         return;
     }
     let reg = Registry::with_fixtures(None);
-    let h = reg.host();
     // big (busybox + 32 MiB of random bytes) as eStargz with 64 KiB chunks: each read below
     // costs one small range request.
-    let conv = tempfile::tempdir().unwrap();
-    let out = Command::new(bin())
-        .arg("--root")
-        .arg(conv.path())
-        .args([
-            "convert",
-            "--chunk-size",
-            "65536",
-            &format!("{h}/big:latest"),
-            &format!("{h}/big:small"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lazypull_convert(&reg, "big:latest", "big:small", &["--chunk-size", "65536"]);
     // 10 Mbit/s with a queue of 100 ms: a bulk flow adds ~100 ms to every request behind it.
     let Some(link) = Bottleneck::start(reg.dir.path(), 10, 100) else {
         return;

@@ -28,6 +28,22 @@ fn big_esgz_registry() -> Option<Registry> {
     ctr_remote_convert(&reg, &ctd, "big:latest", "big:esgz").then_some(reg)
 }
 
+/// The layers of `repo_tag` as their digests' hex (their directories on the FUSE mount).
+fn layer_hexes(reg: &Registry, repo_tag: &str) -> Vec<String> {
+    raw_manifest(reg, repo_tag)["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            l["digest"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("sha256:")
+                .to_string()
+        })
+        .collect()
+}
+
 /// Wait for the TOC of big.bin's layer, which is fetched right after a lazy pull returns.
 fn wait_big_toc(d: &Daemon) {
     let started = std::time::Instant::now();
@@ -428,14 +444,8 @@ async fn open_files_keep_their_lazy_layers_across_daemon_restarts() {
         umoci_unpack(&format!("{}/big:latest", reg.host()), work.path()).join("rootfs/big/big.bin"),
     )
     .unwrap();
-    let manifest = raw_manifest(&reg, "big:esgz");
-    let hex = |i: usize| {
-        manifest["layers"][i]["digest"]
-            .as_str()
-            .unwrap()
-            .trim_start_matches("sha256:")
-            .to_string()
-    };
+    let hexes = layer_hexes(&reg, "big:esgz");
+    let hex = |i: usize| hexes[i].clone();
     let mut d = Daemon::start(&["--no-fill"]);
     let fs = d.fuse_mountpoint().unwrap();
     {
@@ -564,14 +574,8 @@ async fn files_open_by_passthrough_open_again_after_restarts() {
     let Some(reg) = big_esgz_registry() else {
         return;
     };
-    let manifest = raw_manifest(&reg, "big:esgz");
-    let hex = |i: usize| {
-        manifest["layers"][i]["digest"]
-            .as_str()
-            .unwrap()
-            .trim_start_matches("sha256:")
-            .to_string()
-    };
+    let hexes = layer_hexes(&reg, "big:esgz");
+    let hex = |i: usize| hexes[i].clone();
     let mut d = Daemon::start(&[]);
     let fs = d.fuse_mountpoint().unwrap();
     {

@@ -260,6 +260,16 @@ mod tests {
         );
     }
 
+    /// How long a fill request waits for its turn, from now.
+    fn spawn_fill_turn(link: &Arc<Link>) -> tokio::task::JoinHandle<Duration> {
+        let link = Arc::clone(link);
+        tokio::spawn(async move {
+            let t = Instant::now();
+            link.fill_turn().await;
+            t.elapsed()
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn fill_turn_waits_for_foreground_and_quiet() {
         let link = Link::new(policy());
@@ -273,14 +283,7 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(1), link.preempted(begun))
             .await
             .expect("preempted");
-        let waiter = {
-            let link = Arc::clone(&link);
-            tokio::spawn(async move {
-                let t = Instant::now();
-                link.fill_turn().await;
-                t.elapsed()
-            })
-        };
+        let waiter = spawn_fill_turn(&link);
         tokio::time::sleep(Duration::from_secs(3)).await;
         assert!(
             !waiter.is_finished(),
@@ -295,14 +298,7 @@ mod tests {
         assert_eq!(link.stats.foreground_requests.get(), 1);
         // A one-off (a TOC at pull time) holds the filler while it runs, not after.
         let toc = link.one_off();
-        let waiter = {
-            let link = Arc::clone(&link);
-            tokio::spawn(async move {
-                let t = Instant::now();
-                link.fill_turn().await;
-                t.elapsed()
-            })
-        };
+        let waiter = spawn_fill_turn(&link);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!waiter.is_finished());
         drop(toc);

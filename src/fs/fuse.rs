@@ -481,6 +481,7 @@ impl fuser::Filesystem for LayerFs {
             .passthrough_on
             .load(std::sync::atomic::Ordering::Relaxed);
         if passthrough && let Some(&raw) = h.adopted_ids.get(&ino.0) {
+            tracing::debug!(ino = ino.0, backing = raw, "open by passthrough with a previous run's backing id");
             // Opened by passthrough under a previous daemon: the same backing id, or EIO.
             let id = match h.adopted_backing.get(&ino.0) {
                 Some(id) => Arc::clone(id),
@@ -494,8 +495,13 @@ impl fuser::Filesystem for LayerFs {
                 }
             };
             h.backing.insert(fh, Arc::clone(&id));
+            // Reply under the lock and drop our reference first: a RELEASE of this handle
+            // (the reader may close it at once) must find the handle table's reference the
+            // last one, or the id would close here unrecorded.
+            reply.opened_passthrough(FileHandle(fh), NOFLUSH, &id);
+            drop(id);
             drop(h);
-            return reply.opened_passthrough(FileHandle(fh), NOFLUSH, &id);
+            return;
         }
         if passthrough
             && !h.cached_io.contains_key(&ino.0)
@@ -507,6 +513,7 @@ impl fuser::Filesystem for LayerFs {
             let id = match existing {
                 Some(id) => Ok(id),
                 None => reply.open_backing(&file).map(Arc::new).inspect(|id| {
+                    tracing::debug!(ino = ino.0, backing = id.id(), "backing id registered");
                     if let Some(log) = h.log.as_mut()
                         && let Err(e) = log.opened(ino.0, id.id())
                     {
@@ -518,8 +525,12 @@ impl fuser::Filesystem for LayerFs {
                 Ok(id) => {
                     h.by_inode.insert(ino.0, Arc::downgrade(&id));
                     h.backing.insert(fh, Arc::clone(&id));
+                    // As above: the handle table holds the only reference once we unlock, so
+                    // the id closes in `release`, after its close is recorded.
+                    reply.opened_passthrough(FileHandle(fh), NOFLUSH, &id);
+                    drop(id);
                     drop(h);
-                    return reply.opened_passthrough(FileHandle(fh), NOFLUSH, &id);
+                    return;
                 }
                 Err(e) => {
                     // E.g. ELOOP: the store is on a stacked filesystem. Serve by pread instead.
@@ -556,6 +567,7 @@ impl fuser::Filesystem for LayerFs {
             && let Some(log) = h.log.as_mut()
         {
             // The last handle: the id is closed when `backing` drops, recorded just before.
+            tracing::debug!(ino = ino.0, backing = id.id(), "backing id closed");
             if let Err(e) = log.closing(ino.0, id.id()) {
                 tracing::warn!(error = %e, "cannot record a closed passthrough backing id");
             }

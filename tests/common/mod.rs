@@ -1475,3 +1475,28 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Run `cmd` and return its stdout; fail the test with its stderr unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `lazypull convert HOST/from HOST/to EXTRA...` in `reg`, with a throwaway store.
+pub fn lazypull_convert(reg: &Registry, from: &str, to: &str, extra: &[&str]) {
+    let store = tempfile::tempdir().expect("tempdir");
+    let h = reg.host();
+    run_ok(
+        Command::new(bin())
+            .arg("--root")
+            .arg(store.path())
+            .arg("convert")
+            .args(extra)
+            .args([format!("{h}/{from}"), format!("{h}/{to}")]),
+    );
+}
