@@ -481,7 +481,11 @@ impl fuser::Filesystem for LayerFs {
             .passthrough_on
             .load(std::sync::atomic::Ordering::Relaxed);
         if passthrough && let Some(&raw) = h.adopted_ids.get(&ino.0) {
-            tracing::debug!(ino = ino.0, backing = raw, "open by passthrough with a previous run's backing id");
+            tracing::debug!(
+                ino = ino.0,
+                backing = raw,
+                "open by passthrough with a previous run's backing id"
+            );
             // Opened by passthrough under a previous daemon: the same backing id, or EIO.
             let id = match h.adopted_backing.get(&ino.0) {
                 Some(id) => Arc::clone(id),
