@@ -32,6 +32,8 @@ pub enum ImagesError {
         reference: String,
         layer: String,
         reason: String,
+        /// The store ran out of space (or quota).
+        disk_full: bool,
     },
     #[error("the service is shutting down")]
     ShuttingDown,
@@ -323,14 +325,16 @@ impl Images {
                             reference: reference.into(),
                             layer,
                             reason,
+                            disk_full: false,
                         });
                     }
                     FillStatus::Cancelled => return Err(ImagesError::ShuttingDown),
-                    FillStatus::Failed(reason) => {
+                    FillStatus::Failed { reason, disk_full } => {
                         return Err(ImagesError::Fill {
                             reference: reference.into(),
                             layer,
                             reason,
+                            disk_full,
                         });
                     }
                     FillStatus::Running => {
@@ -339,6 +343,7 @@ impl Images {
                             reference: reference.into(),
                             layer,
                             reason,
+                            disk_full: false,
                         });
                     }
                 }

@@ -76,7 +76,11 @@ impl FillError {
 pub enum FillStatus {
     Running,
     Done,
-    Failed(String),
+    /// Why, and whether for want of disk space (the pull then reports ResourceExhausted).
+    Failed {
+        reason: String,
+        disk_full: bool,
+    },
     Cancelled,
     /// Filling is turned off (`--no-fill`): the layer is read on demand only.
     OnDemand,
@@ -424,7 +428,10 @@ impl Filler {
                         // Give the space back; the fill starts over once there is room.
                         self.partials.discard(&d);
                     }
-                    return FillStatus::Failed(msg);
+                    return FillStatus::Failed {
+                        reason: msg,
+                        disk_full: e.is_disk_full(),
+                    };
                 }
             }
         }

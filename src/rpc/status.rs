@@ -28,11 +28,9 @@ pub fn code_of(e: &ImagesError) -> Code {
         ImagesError::Store(s) if s.is_disk_full() => Code::ResourceExhausted,
         ImagesError::Store(_) => Code::Internal,
         ImagesError::Timeout { .. } => Code::DeadlineExceeded,
-        ImagesError::Fill { reason, .. }
-            if reason.contains("No space left") || reason.contains("quota") =>
-        {
-            Code::ResourceExhausted
-        }
+        ImagesError::Fill {
+            disk_full: true, ..
+        } => Code::ResourceExhausted,
         ImagesError::Fill { .. } => Code::Unavailable,
         ImagesError::ShuttingDown => Code::Unavailable,
     }
@@ -108,5 +106,20 @@ mod tests {
         });
         assert_eq!(code_of(&auth), Code::PermissionDenied);
         assert!(to_status(auth).message().contains("anonymous"));
+        // Disk full is a typed fact of the fill, not a phrase in its message.
+        let fill = |disk_full: bool, reason: &str| ImagesError::Fill {
+            reference: "r".into(),
+            layer: "l".into(),
+            reason: reason.into(),
+            disk_full,
+        };
+        assert_eq!(
+            code_of(&fill(true, "i/o on x: os error 28")),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            code_of(&fill(false, "registry said: No space left in its bucket")),
+            Code::Unavailable
+        );
     }
 }
