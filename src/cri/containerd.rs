@@ -695,36 +695,15 @@ impl Containerd {
     /// retried: registering is idempotent).
     async fn wait_cri(&self, plan: &Plan) -> Result<()> {
         let id = plan.id.as_str();
-        let mut client = cri::image_service_client::ImageServiceClient::new(self.channel.clone());
         let deadline = Instant::now() + self.opts.cri_timeout;
         let mut listed = vec![];
         loop {
-            let r = client
-                .image_status(self.req(
-                    cri::ImageStatusRequest {
-                        image: Some(cri::ImageSpec {
-                            image: id.to_string(),
-                            ..Default::default()
-                        }),
-                        verbose: false,
-                    },
-                    None,
-                ))
-                .await;
-            let missing = match r {
-                Ok(r) => match &r.get_ref().image {
-                    Some(img) => {
-                        let missing = missing_names(plan, &img.repo_tags, &img.repo_digests);
-                        listed = img
-                            .repo_tags
-                            .iter()
-                            .chain(&img.repo_digests)
-                            .cloned()
-                            .collect();
-                        missing
-                    }
-                    None => missing_names(plan, &[], &[]),
-                },
+            let missing = match self.cri_image(id).await {
+                Ok(Some(img)) => {
+                    listed = [img.repo_tags.as_slice(), &img.repo_digests].concat();
+                    missing_names(plan, &img.repo_tags, &img.repo_digests)
+                }
+                Ok(None) => missing_names(plan, &[], &[]),
                 Err(s) if s.code() == Code::Unimplemented => {
                     tracing::info!(image = id, error = %s, "containerd has no CRI plugin; not waiting for it");
                     return Ok(());
@@ -773,31 +752,39 @@ impl Containerd {
         Ok(())
     }
 
+    /// The image containerd's CRI plugin resolves `name` (an id, tag or digest) to, if any.
+    async fn cri_image(
+        &self,
+        name: &str,
+    ) -> std::result::Result<Option<cri::Image>, tonic::Status> {
+        let mut client = cri::image_service_client::ImageServiceClient::new(self.channel.clone());
+        let r = client
+            .image_status(self.req(
+                cri::ImageStatusRequest {
+                    image: Some(cri::ImageSpec {
+                        image: name.to_string(),
+                        ..Default::default()
+                    }),
+                    verbose: false,
+                },
+                None,
+            ))
+            .await?;
+        Ok(r.into_inner().image)
+    }
+
     /// containerd's CRI plugin also forgets names from events: wait (at most `cri_timeout`)
     /// until its ImageStatus resolves none of `names`, so that a kubelet asking right after our
     /// RemoveImage sees what we report. Past the timeout this only logs: the records are gone.
     async fn wait_cri_gone(&self, names: &[String]) {
-        let mut client = cri::image_service_client::ImageServiceClient::new(self.channel.clone());
         let deadline = Instant::now() + self.opts.cri_timeout;
         let mut left: Vec<&String> = names.iter().collect();
         loop {
             let mut still = vec![];
             for name in left {
-                let r = client
-                    .image_status(self.req(
-                        cri::ImageStatusRequest {
-                            image: Some(cri::ImageSpec {
-                                image: name.clone(),
-                                ..Default::default()
-                            }),
-                            verbose: false,
-                        },
-                        None,
-                    ))
-                    .await;
-                match r {
-                    Ok(r) if r.get_ref().image.is_some() => still.push(name),
-                    Ok(_) => {}
+                match self.cri_image(name).await {
+                    Ok(Some(_)) => still.push(name),
+                    Ok(None) => {}
                     Err(s) => {
                         tracing::debug!(error = %s, "containerd's CRI plugin does not answer ImageStatus; not waiting for it");
                         return;

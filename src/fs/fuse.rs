@@ -101,6 +101,22 @@ fn first_handle() -> u64 {
     (us << 8).max(1)
 }
 
+/// Answer an open with handle `fh` passed through to backing `id`, which the handle table
+/// keeps. The reply goes out under the lock and our reference is dropped first: a RELEASE of
+/// this handle (a reader may close it at once) must find the table's reference the last one,
+/// so that the id closes in `release`, after its close is recorded for the next daemon.
+fn opened_passthrough(
+    mut h: std::sync::MutexGuard<'_, Handles>,
+    fh: u64,
+    id: Arc<BackingId>,
+    reply: ReplyOpen,
+) {
+    h.backing.insert(fh, Arc::clone(&id));
+    reply.opened_passthrough(FileHandle(fh), NOFLUSH, &id);
+    drop(id);
+    drop(h);
+}
+
 fn split(ino: u64) -> Option<(usize, u64)> {
     let layer = ino >> LAYER_SHIFT;
     (layer > 0).then(|| ((layer - 1) as usize, ino & ((1 << LAYER_SHIFT) - 1)))
@@ -498,14 +514,7 @@ impl fuser::Filesystem for LayerFs {
                     id
                 }
             };
-            h.backing.insert(fh, Arc::clone(&id));
-            // Reply under the lock and drop our reference first: a RELEASE of this handle
-            // (the reader may close it at once) must find the handle table's reference the
-            // last one, or the id would close here unrecorded.
-            reply.opened_passthrough(FileHandle(fh), NOFLUSH, &id);
-            drop(id);
-            drop(h);
-            return;
+            return opened_passthrough(h, fh, id, reply);
         }
         if passthrough
             && !h.cached_io.contains_key(&ino.0)
@@ -528,13 +537,7 @@ impl fuser::Filesystem for LayerFs {
             match id {
                 Ok(id) => {
                     h.by_inode.insert(ino.0, Arc::downgrade(&id));
-                    h.backing.insert(fh, Arc::clone(&id));
-                    // As above: the handle table holds the only reference once we unlock, so
-                    // the id closes in `release`, after its close is recorded.
-                    reply.opened_passthrough(FileHandle(fh), NOFLUSH, &id);
-                    drop(id);
-                    drop(h);
-                    return;
+                    return opened_passthrough(h, fh, id, reply);
                 }
                 Err(e) => {
                     // E.g. ELOOP: the store is on a stacked filesystem. Serve by pread instead.
