@@ -404,18 +404,13 @@ fn install_into_a_destdir_and_make_targets() {
     assert!(staged("/opt/lp/share/doc/lazypull/README.md").exists());
     // The installed binary runs and accepts the installed config.
     let conf = staged("/etc/lazypull/config.yaml");
-    let out = Command::new(staged("/opt/lp/bin/lazypull"))
-        .arg("--config")
-        .arg(&conf)
-        .arg("--root")
-        .arg(dir.path().join("store"))
-        .args(["list", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new(staged("/opt/lp/bin/lazypull"))
+            .arg("--config")
+            .arg(&conf)
+            .arg("--root")
+            .arg(dir.path().join("store"))
+            .args(["list", "--json"]),
     );
     // Again: nothing changes, and a user's edit of the config is kept.
     let mut text = std::fs::read_to_string(&conf).unwrap();

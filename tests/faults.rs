@@ -90,11 +90,7 @@ async fn registry_killed_mid_fill_resumes_with_range() {
     std::thread::sleep(Duration::from_millis(1500));
     reg.restart();
     d.wait_complete(Duration::from_secs(120));
-    let blob = d
-        .store()
-        .join("blobs/sha256")
-        .join(big.trim_start_matches("sha256:"));
-    assert_eq!(sha256_file(&blob), big, "resumed blob verifies");
+    assert_eq!(sha256_file(&d.blob(&big)), big, "resumed blob verifies");
     let log = std::fs::read_to_string(reg.log()).unwrap();
     let gets: Vec<&str> = log
         .lines()
@@ -192,11 +188,7 @@ async fn a_daemon_killed_again_and_again_keeps_its_fill_progress() {
         d.restart();
     }
     d.wait_complete(Duration::from_secs(120));
-    let blob = d
-        .store()
-        .join("blobs/sha256")
-        .join(big.trim_start_matches("sha256:"));
-    assert_eq!(sha256_file(&blob), big);
+    assert_eq!(sha256_file(&d.blob(&big)), big);
 }
 
 /// A registry that stalls (connections open, no bytes: SIGSTOP) fails a read of a file not

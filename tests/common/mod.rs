@@ -279,6 +279,13 @@ impl Daemon {
         self.root.path().join("store")
     }
 
+    /// Where the store keeps the complete blob `digest` (`sha256:…`).
+    pub fn blob(&self, digest: &str) -> PathBuf {
+        self.store()
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    }
+
     /// The snapshotter socket the harness gives the daemon (unless the test chose one).
     pub fn snapshotter_socket(&self) -> PathBuf {
         match self.args.iter().position(|a| a == "--snapshotter-socket") {
