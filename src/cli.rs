@@ -68,6 +68,9 @@ pub enum Command {
     Prune(PruneArgs),
     /// Show per-image and per-layer fill progress.
     Status(StatusArgs),
+    /// Show (or --forget) an image's learned start-up prefetch list: the files its first start
+    /// through the snapshotter read, in order, prefetched at its next cold start.
+    Learned(LearnedArgs),
     /// Print the version.
     Version,
     /// Internal: keep the daemon's FUSE connection open across its restarts (started by
@@ -256,6 +259,18 @@ pub struct PruneArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LearnedArgs {
+    /// The image (tag, digest reference or id).
+    pub image: String,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// Remove the list: the image's next start is recorded again.
+    #[arg(long, conflicts_with = "json")]
+    pub forget: bool,
 }
 
 #[derive(Args, Debug)]

@@ -143,6 +143,24 @@ pub struct FetchConfig {
     /// end of the fetched span (files of a directory are neighbours in the tar).
     pub read_ahead_neighbours_kib: u64,
     pub fill: FillConfig,
+    pub learn: LearnConfig,
+}
+
+/// Learned start-up prefetch (`crate::learned`): the files the first start of an image read,
+/// in order, prefetched at its next cold start.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LearnConfig {
+    /// Record a start when the image has no list and no prefetch landmark; use lists.
+    pub enabled: bool,
+    /// A recording ends when no new file was opened for this long...
+    #[serde(with = "humantime_serde_compat")]
+    pub quiet: Duration,
+    /// ...or this long after its first open...
+    #[serde(with = "humantime_serde_compat")]
+    pub window: Duration,
+    /// ...or at this many files.
+    pub max_files: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -293,6 +311,17 @@ impl Default for FetchConfig {
             read_ahead_kib: 1024,
             read_ahead_neighbours_kib: 256,
             fill: FillConfig::default(),
+            learn: LearnConfig::default(),
+        }
+    }
+}
+impl Default for LearnConfig {
+    fn default() -> Self {
+        LearnConfig {
+            enabled: true,
+            quiet: Duration::from_secs(2),
+            window: Duration::from_secs(30),
+            max_files: 10_000,
         }
     }
 }
@@ -379,6 +408,19 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "fetch.fill.request_mib {} must be between 1 and 1024",
                 self.fetch.fill.request_mib
+            )));
+        }
+        if !(1..=crate::learned::MAX_FILES).contains(&self.fetch.learn.max_files) {
+            return Err(ConfigError::Invalid(format!(
+                "fetch.learn.max_files {} must be between 1 and {}",
+                self.fetch.learn.max_files,
+                crate::learned::MAX_FILES
+            )));
+        }
+        if self.fetch.learn.quiet.is_zero() || self.fetch.learn.window < self.fetch.learn.quiet {
+            return Err(ConfigError::Invalid(format!(
+                "fetch.learn.quiet {:?} must be above zero and at most fetch.learn.window {:?}",
+                self.fetch.learn.quiet, self.fetch.learn.window
             )));
         }
         if self.fetch.fill.yield_for > Duration::from_secs(600) {

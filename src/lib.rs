@@ -11,6 +11,7 @@ pub mod fetch;
 pub mod fs;
 pub mod images;
 pub mod layer;
+pub mod learned;
 pub mod metrics;
 pub mod oci;
 pub mod registry;

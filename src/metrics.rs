@@ -5,12 +5,16 @@
 
 use crate::fetch::Filler;
 use crate::fs::reader::ReadStats;
+use crate::store::LayerRecord;
 use http_body_util::Full;
 use hyper::body::Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use tokio_util::sync::CancellationToken;
 
 /// What a scrape reports.
@@ -57,9 +61,83 @@ fn reader_metrics(reg: &mut Registry, s: &ReadStats) {
         s.errors.clone(),
     );
     reg.register(
+        "lazypull_read_wait_seconds",
+        "How long reads that needed the network waited for their bytes",
+        s.wait_seconds.clone(),
+    );
+    reg.register(
+        "lazypull_prefetch_requests",
+        "Range requests sent for start-up prefetch (landmark or learned list)",
+        s.prefetch_requests.clone(),
+    );
+    reg.register(
+        "lazypull_prefetch_bytes",
+        "Bytes received for start-up prefetch (landmark or learned list)",
+        s.prefetch_bytes.clone(),
+    );
+    reg.register(
         "lazypull_ondemand_fetch_seconds",
         "Duration of on-demand range requests, until their last chunk was verified",
         s.fetch_seconds.clone(),
+    );
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LayerLabels {
+    layer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FetchedLabels {
+    layer: String,
+    by: &'static str,
+}
+
+/// Per layer (each once, however many images share it), from the catalogue: bytes fetched on
+/// demand, by start-up prefetch and by the filler; reads that waited and how long.
+fn layer_metrics<'a>(reg: &mut Registry, layers: impl Iterator<Item = &'a LayerRecord>) {
+    let fetched = Family::<FetchedLabels, Gauge>::default();
+    let waits = Family::<LayerLabels, Gauge>::default();
+    let wait_seconds = Family::<LayerLabels, Gauge<f64, AtomicU64>>::default();
+    let mut seen = std::collections::HashSet::new();
+    for l in layers {
+        if !seen.insert(l.digest.as_str()) {
+            continue;
+        }
+        for (by, n) in [
+            ("on_demand", l.ondemand),
+            ("prefetch", l.prefetched),
+            ("fill", l.fill_fetched),
+        ] {
+            fetched
+                .get_or_create(&FetchedLabels {
+                    layer: l.digest.clone(),
+                    by,
+                })
+                .set(n as i64);
+        }
+        let label = LayerLabels {
+            layer: l.digest.clone(),
+        };
+        waits.get_or_create(&label).set(l.read_waits as i64);
+        wait_seconds
+            .get_or_create(&label)
+            .set(l.read_wait_ms as f64 / 1000.0);
+    }
+    reg.register(
+        "lazypull_layer_fetched_bytes",
+        "Bytes of each layer fetched from the registry, by who fetched them (persisted)",
+        fetched,
+    );
+    reg.register(
+        "lazypull_layer_read_waits",
+        "Reads of each layer that waited for the network (persisted)",
+        waits,
+    );
+    reg.register(
+        "lazypull_layer_read_wait_seconds",
+        "Total time reads of each layer waited for the network (persisted)",
+        wait_seconds,
     );
 }
 
@@ -136,6 +214,9 @@ pub fn render(src: &Sources) -> String {
             "Bytes of those layers that reads fetched on demand (persisted)",
             ConstGauge::new(ondemand as i64),
         );
+    }
+    if let Ok(images) = src.images.list() {
+        layer_metrics(&mut reg, images.iter().flat_map(|i| i.layers.iter()));
     }
     let mut out = String::new();
     // Writing into a String cannot fail.

@@ -1307,8 +1307,8 @@ async fn convert_record_prefetches_the_files_a_command_opens() {
     .await;
 }
 
-/// Wait until some layer of the daemon's first image has `min` bytes read on demand (the
-/// landmark prefetch persists them as on-demand ranges).
+/// Wait until some layer of the daemon's first image has `min` bytes fetched by start-up
+/// prefetch (the landmark's files).
 fn wait_prefetched(d: &Daemon, min: u64) {
     let started = std::time::Instant::now();
     loop {
@@ -1317,7 +1317,7 @@ fn wait_prefetched(d: &Daemon, min: u64) {
             .as_array()
             .unwrap()
             .iter()
-            .any(|l| l["ondemand"].as_u64().unwrap_or(0) >= min);
+            .any(|l| l["prefetched"].as_u64().unwrap_or(0) >= min);
         if prefetched {
             return;
         }

@@ -505,17 +505,7 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
     assert_eq!(list(&mut c, &[]).await.unwrap(), before);
     // containerd redials a proxy plugin with a backoff of at most 3 s.
     let started = std::time::Instant::now();
-    while !ctd
-        .ctr_output(&["snapshots", "--snapshotter", "lazypull", "ls"])
-        .status
-        .success()
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "containerd did not reconnect"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    ctd.wait_snapshotter(Duration::from_secs(15));
     eprintln!(
         "containerd reconnected {:?} after the restart",
         started.elapsed()
@@ -1095,4 +1085,174 @@ async fn assert_all_gone(c: &mut Client, ctd: &Containerd, d: &Daemon) {
 /// Layer bytes the registry sent for `repo`'s layers so far (its access log).
 fn bytes_sent(reg: &Registry, repo: &str, layers: &[(String, u64)]) -> u64 {
     layers.iter().map(|(dg, _)| served(reg, repo, dg).0).sum()
+}
+
+/// Learned start-up prefetch: the first start of an image without a prefetch landmark is
+/// recorded (which files, in which order); after the image was removed and the daemon
+/// restarted, the next cold start prefetches that list and its own reads go to the registry
+/// less often. A list naming files the image lacks does no harm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
+    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    if !python_image(&reg) {
+        return;
+    }
+    let h = reg.host();
+    let socks = tempfile::tempdir().unwrap();
+    let snap_sock = socks.path().join("snapshotter.sock");
+    let ctd = Containerd::start_with_snapshotter(std::slice::from_ref(&h), &snap_sock);
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let snap_arg = snap_sock.display().to_string();
+    let mut d = Daemon::start(&[
+        "--no-fill",
+        "--snapshotter-socket",
+        &snap_arg,
+        "--metrics-listen",
+        &metrics_addr,
+    ]);
+    let py = format!("{h}/py:esgz");
+    let script = "import json, decimal, sqlite3; print('started', decimal.Decimal(1) / 8)";
+    let start = |name: &str| {
+        ctr_remote(
+            &ctd,
+            &[
+                "images",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "lazypull",
+                &py,
+            ],
+        );
+        let out = ctd.ctr(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lazypull",
+            &py,
+            name,
+            "python3",
+            "-c",
+            script,
+        ]);
+        assert!(out.contains("started 0.125"), "{out}");
+    };
+    let image = |d: &Daemon| d.status_json()["images"][0].clone();
+
+    // First start: nothing known, so it is recorded.
+    start("learn1");
+    wait_until("the learned list", Duration::from_secs(60), || {
+        image(&d)["start_prefetch"]["kind"] == "learned"
+    });
+    let img = image(&d);
+    let files = img["start_prefetch"]["files"].as_u64().unwrap();
+    assert!(files > 20, "{img:#}");
+    let manifest = img["manifest_digest"].as_str().unwrap().to_string();
+    let list_path = d
+        .store()
+        .join("learned/sha256")
+        .join(format!("{}.json", manifest.trim_start_matches("sha256:")));
+    let list: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&list_path).unwrap()).unwrap();
+    let paths: Vec<&str> = list["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert!(
+        paths
+            .iter()
+            .any(|p| p.contains("json/__pycache__/__init__"))
+            && paths.iter().any(|p| p.contains("_decimal.cpython")),
+        "{paths:?}"
+    );
+    let m = metrics(&metrics_addr);
+    let first_requests = metric(&m, "lazypull_ondemand_requests_total");
+    assert_eq!(metric(&m, "lazypull_prefetch_bytes_total"), 0.0, "{m}");
+    let text = String::from_utf8_lossy(&d.cli(&["status"]).stdout).into_owned();
+    assert!(text.contains("start prefetch: learned list of"), "{text}");
+    // `lazypull learned` prices the list from the TOC in the store.
+    let out = d.cli(&["learned", &py, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        shown["files"].as_array().unwrap().len() as u64,
+        files,
+        "{shown:#}"
+    );
+    assert_eq!(shown["not_found"], 0, "{shown:#}");
+    assert!(shown["compressed"].as_u64().unwrap() > 100_000, "{shown:#}");
+
+    // The image goes (containerd's and ours: its fetched bytes with it), the daemon restarts.
+    ctd.ctr(&["images", "rm", "--sync", &py]);
+    let mut c = snapshots(&d).await;
+    wait_no_snapshots(&mut c, &ctd).await;
+    let mut lp = d.client().await;
+    assert!(common::remove(&mut lp, &py).await.is_ok());
+    assert!(
+        d.status_json()["images"].as_array().unwrap().is_empty(),
+        "{}",
+        d.status_json()
+    );
+    // A list that also names files the image lacks, and a layer it does not have.
+    let mut list = list;
+    let first_layer = list["files"][0]["layer"].clone();
+    let files_mut = list["files"].as_array_mut().unwrap();
+    files_mut.insert(
+        0,
+        serde_json::json!({"layer": first_layer, "path": "no/such/file.py"}),
+    );
+    files_mut.push(serde_json::json!({"layer": format!("sha256:{}", "0".repeat(64)), "path": "x"}));
+    std::fs::write(&list_path, serde_json::to_vec(&list).unwrap()).unwrap();
+    assert!(d.terminate().success());
+    d.restart();
+    ctd.wait_snapshotter(Duration::from_secs(20));
+
+    // Second cold start: the list is prefetched beside the start's own reads.
+    start("learn2");
+    let m = metrics(&metrics_addr);
+    let second_requests = metric(&m, "lazypull_ondemand_requests_total");
+    let prefetched = metric(&m, "lazypull_prefetch_bytes_total");
+    eprintln!(
+        "on-demand requests: first start {first_requests}, second {second_requests} \
+         ({prefetched} bytes prefetched from the learned list)"
+    );
+    assert!(prefetched > 0.0, "{}", d.log_text());
+    assert!(
+        second_requests < first_requests,
+        "first {first_requests}, second {second_requests}"
+    );
+    let img = image(&d);
+    let by_prefetch: u64 = img["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["prefetched"].as_u64().unwrap())
+        .sum();
+    assert!(by_prefetch > 0, "{img:#}");
+    assert!(
+        d.log_text()
+            .contains("prefetching the files a previous start read"),
+        "{}",
+        d.log_text()
+    );
+    // Forgotten: the image is back to recording its next start.
+    let out = d.cli(&["learned", &py, "--forget"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!list_path.exists());
+    assert_eq!(image(&d)["start_prefetch"]["kind"], "none");
+    ctd.ctr(&["images", "rm", "--sync", &py]);
+    assert_all_gone(&mut c, &ctd, &d).await;
 }

@@ -1,9 +1,12 @@
 //! `lazypull status [IMAGE] [--json]`: per-image and per-layer progress: format, bytes local
-//! (filled or read on demand), bytes read on demand, complete, files unpacked.
+//! (filled or read on demand), bytes fetched on demand, by start-up prefetch and by the
+//! filler, how long reads waited, what tells a start which files to prefetch (a landmark, a
+//! learned list, or nothing yet), complete, files unpacked.
 
 use super::{display_name, human_bytes, open_read_only, short_id};
 use crate::cli::StatusArgs;
 use crate::config::Config;
+use crate::learned::StartPrefetch;
 use crate::store::{Layout, StoreLock};
 
 pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
@@ -20,7 +23,20 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
         },
         None => vec![],
     };
+    let prefetch: Vec<StartPrefetch> = images
+        .iter()
+        .map(|i| StartPrefetch::of(&layout, i))
+        .collect();
     if args.json {
+        let images: Vec<serde_json::Value> = images
+            .iter()
+            .zip(&prefetch)
+            .map(|(i, p)| {
+                let mut v = serde_json::to_value(i)?;
+                v["start_prefetch"] = serde_json::to_value(p)?;
+                Ok(v)
+            })
+            .collect::<Result<_, serde_json::Error>>()?;
         println!(
             "{}",
             serde_json::to_string_pretty(
@@ -39,7 +55,7 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
         },
         images.len()
     );
-    for i in &images {
+    for (i, start) in images.iter().zip(&prefetch) {
         println!(
             "\n{}  id {}  {} of {} local ({:.1}%){}",
             display_name(i),
@@ -49,6 +65,27 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
             i.fill_percent(),
             if i.complete() { ", complete" } else { "" }
         );
+        println!(
+            "  start prefetch: {}",
+            match start {
+                StartPrefetch::Landmark { layers } => format!(
+                    "prefetch landmark ({} files before it)",
+                    layers.values().sum::<u64>()
+                ),
+                StartPrefetch::Learned {
+                    files, recorded_at, ..
+                } => format!(
+                    "learned list of {files} files, recorded {}",
+                    chrono::DateTime::from_timestamp(*recorded_at, 0)
+                        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                        .unwrap_or_default()
+                ),
+                StartPrefetch::Refused { reason } => format!("none ({reason})"),
+                StartPrefetch::None => {
+                    "none yet (the next start through the snapshotter is recorded)".into()
+                }
+            }
+        );
         for l in &i.layers {
             let fmt = match (l.toc_entries, &l.toc_error) {
                 (Some(n), _) => format!("estargz ({n} TOC entries)"),
@@ -56,8 +93,34 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
                 _ => l.format().to_string(),
             };
             let mut notes = vec![];
-            if l.ondemand > 0 {
-                notes.push(format!("{} on demand", human_bytes(l.ondemand)));
+            for (n, by) in [
+                (l.ondemand, "on demand"),
+                (l.prefetched, "by prefetch"),
+                (l.fill_fetched, "by the filler"),
+            ] {
+                if n > 0 {
+                    notes.push(format!("{} {by}", human_bytes(n)));
+                }
+            }
+            if l.read_waits > 0 {
+                notes.push(format!(
+                    "{} reads waited {:.2} s",
+                    l.read_waits,
+                    l.read_wait_ms as f64 / 1000.0
+                ));
+            }
+            match start {
+                StartPrefetch::Landmark { layers } => {
+                    if let Some(n) = layers.get(&l.digest) {
+                        notes.push(format!("landmark: {n} files"));
+                    }
+                }
+                StartPrefetch::Learned { layers, .. } => {
+                    if let Some(n) = layers.get(&l.digest) {
+                        notes.push(format!("learned: {n} files"));
+                    }
+                }
+                _ => {}
             }
             if l.unpacked {
                 notes.push("files cached".to_string());

@@ -842,6 +842,11 @@ mod tests {
             unpacked: false,
             index_digest: None,
             toc_position: None,
+            prefetched: 0,
+            fill_fetched: 0,
+            read_waits: 0,
+            read_wait_ms: 0,
+            landmark_files: None,
         }
     }
 

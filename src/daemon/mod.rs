@@ -147,6 +147,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     // The lazy layer filesystem. Without FUSE the daemon still serves CRI and fills layers.
     let mut fuse_reader = None;
     let mut fuse_recorder = None;
+    let mut fuse_table = None;
     let recorder = Arc::new(crate::fs::record::Recorder::default());
     let fuse = if cfg.fuse.enabled {
         let reader = crate::fs::reader::Reader::new(
@@ -163,10 +164,17 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             },
         );
         fuse_reader = Some(Arc::clone(&reader));
+        let table = crate::fs::layers::LayerTable::new(
+            images.layout.clone(),
+            Arc::clone(&images.db),
+            Arc::clone(&reader),
+        );
+        fuse_table = Some(Arc::clone(&table));
         let fs = crate::fs::fuse::LayerFs::new(
             images.layout.clone(),
             Arc::clone(&images.db),
             reader,
+            table,
             cfg.fuse.passthrough,
             Arc::clone(&recorder),
         );
@@ -219,6 +227,15 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             crate::snapshot::SnapshotterOptions {
                 fuse_root: fuse.as_ref().map(|_| cfg.fuse.mountpoint.clone()),
                 remote_wait: cfg.snapshotter.remote_wait,
+                learner: fuse.as_ref().and(fuse_table.clone()).map(|table| {
+                    crate::learned::Learner::new(
+                        images.layout.clone(),
+                        Arc::clone(&images.db),
+                        Arc::clone(&recorder),
+                        table as Arc<dyn crate::learned::Prefetch>,
+                        cfg.fetch.learn.clone(),
+                    )
+                }),
             },
         )
         .context("starting the snapshotter")?;

@@ -16,7 +16,9 @@ pub mod verify;
 use crate::oci::{Compression, Digest, Reference};
 use crate::registry::{OpCreds, Registry, RegistryError};
 use crate::store::partial::WriteError;
-use crate::store::{Catalogue, LayerRecord, LayerState, Layout, PartialBlob, Partials, StoreError};
+use crate::store::{
+    Catalogue, FetchedBy, LayerRecord, LayerState, Layout, PartialBlob, Partials, StoreError,
+};
 use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use std::collections::HashMap;
@@ -84,6 +86,15 @@ pub enum FillStatus {
     Cancelled,
     /// Filling is turned off (`--no-fill`): the layer is read on demand only.
     OnDemand,
+}
+
+/// What a verified TOC tells the catalogue.
+struct Toc {
+    entries: u64,
+    /// Where the TOC starts (the end of the file payload).
+    toc_offset: u64,
+    /// Entries before the prefetch landmark, if the TOC has one.
+    landmark: Option<u64>,
 }
 
 struct Inflight {
@@ -462,9 +473,14 @@ impl Filler {
         let fetched = self.try_fetch_toc(layer, creds).await;
         drop(fg);
         match fetched {
-            Ok((entries, toc_offset)) => {
-                tracing::info!(layer = %layer.digest, entries, format = if layer.toc_position.is_some() { "zstd:chunked" } else { "estargz" }, "TOC fetched and verified");
-                if let Err(e) = lock(&self.db).set_toc(&layer.digest, entries, toc_offset) {
+            Ok(Toc {
+                entries,
+                toc_offset,
+                landmark,
+            }) => {
+                tracing::info!(layer = %layer.digest, entries, landmark, format = if layer.toc_position.is_some() { "zstd:chunked" } else { "estargz" }, "TOC fetched and verified");
+                if let Err(e) = lock(&self.db).set_toc(&layer.digest, entries, toc_offset, landmark)
+                {
                     tracing::error!(layer = %layer.digest, error = %e, "cannot record the TOC");
                 }
             }
@@ -477,11 +493,7 @@ impl Filler {
         }
     }
 
-    async fn try_fetch_toc(
-        &self,
-        layer: &LayerRecord,
-        creds: &OpCreds,
-    ) -> Result<(u64, u64), String> {
+    async fn try_fetch_toc(&self, layer: &LayerRecord, creds: &OpCreds) -> Result<Toc, String> {
         use crate::layer::estargz::{self, FOOTER_SIZE, Limits};
         let digest = layer.digest().map_err(|e| e.to_string())?;
         let toc_digest = Digest::parse(layer.toc_digest.as_deref().unwrap_or_default())
@@ -536,13 +548,17 @@ impl Filler {
         let td = toc_digest.clone();
         let member = Arc::new(member);
         let m2 = Arc::clone(&member);
-        let (json, entries) =
-            tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, u64), String> {
+        let (json, entries, landmark) =
+            tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, u64, Option<u64>), String> {
                 let json =
                     estargz::toc_json_from_member(&m2, &limits).map_err(|e| e.to_string())?;
                 let toc = estargz::parse_toc(&json, &td, size, toc_offset, &limits)
                     .map_err(|e| e.to_string())?;
-                Ok((json, toc.entries.len() as u64))
+                Ok((
+                    json,
+                    toc.entries.len() as u64,
+                    toc.prefetch_landmark.map(|n| n as u64),
+                ))
             })
             .await
             .map_err(|e| e.to_string())??;
@@ -556,7 +572,11 @@ impl Filler {
             vec![(tail_at, Arc::new(tail)), (toc_offset, member)],
         )
         .await;
-        Ok((entries, toc_offset))
+        Ok(Toc {
+            entries,
+            toc_offset,
+            landmark,
+        })
     }
 
     /// The footer and TOC are part of the blob: keep them in the partial file so the fill does
@@ -597,7 +617,7 @@ impl Filler {
         position: &str,
         reference: &Reference,
         creds: &OpCreds,
-    ) -> Result<(u64, u64), String> {
+    ) -> Result<Toc, String> {
         use crate::layer::{estargz::Limits, zstd_chunked};
         let pos = zstd_chunked::Position::parse(position)?;
         let limits = Limits::default();
@@ -621,9 +641,14 @@ impl Filler {
             .map_err(|e| e.to_string())?;
         let compressed = Arc::new(compressed);
         let (c2, ck, size) = (Arc::clone(&compressed), checksum.clone(), layer.size);
-        let entries = tokio::task::spawn_blocking(move || {
+        let (entries, landmark) = tokio::task::spawn_blocking(move || {
             zstd_chunked::parse_toc(&c2, &ck, &pos, size, &limits)
-                .map(|t| t.entries.len() as u64)
+                .map(|t| {
+                    (
+                        t.entries.len() as u64,
+                        t.prefetch_landmark.map(|n| n as u64),
+                    )
+                })
                 .map_err(|e| e.to_string())
         })
         .await
@@ -633,7 +658,11 @@ impl Filler {
             .map_err(|e| e.to_string())?;
         self.keep_in_partial(layer, digest, vec![(pos.offset, compressed)])
             .await;
-        Ok((entries, pos.data_end()))
+        Ok(Toc {
+            entries,
+            toc_offset: pos.data_end(),
+            landmark,
+        })
     }
 
     async fn fill_once(&self, digest_str: &str, creds: &OpCreds) -> Result<(), FillError> {
@@ -690,6 +719,8 @@ impl Filler {
         let mut pos = 0u64;
         let mut last_checkpoint = (0u64, Instant::now());
         let mut fetched_since = 0u64;
+        // Bytes fetched since the catalogue's count was last updated (at checkpoints).
+        let mut unrecorded = 0u64;
         while pos < layer.size {
             if let Some(end) = blob.covered_until(pos) {
                 pos = end;
@@ -757,10 +788,11 @@ impl Filler {
                     progress.send_replace(());
                     pos += n;
                     fetched_since += n;
+                    unrecorded += n;
                     if fetched_since - last_checkpoint.0 >= CHECKPOINT_BYTES
                         || last_checkpoint.1.elapsed() >= CHECKPOINT_INTERVAL
                     {
-                        self.checkpoint(&blob, digest_str).await?;
+                        self.checkpoint(&blob, digest_str, &mut unrecorded).await?;
                         last_checkpoint = (fetched_since, Instant::now());
                     }
                 }
@@ -771,14 +803,14 @@ impl Filler {
             drop(stream);
             if preempted {
                 // What arrived is kept: make it durable before waiting for the link again.
-                self.checkpoint(&blob, digest_str).await?;
+                self.checkpoint(&blob, digest_str, &mut unrecorded).await?;
                 last_checkpoint = (fetched_since, Instant::now());
                 self.link.stats.fill_preemptions.inc();
                 tracing::debug!(layer = %digest, at = pos, "fill request stopped: a foreground request began");
                 continue;
             }
             if pos < req_end {
-                self.checkpoint(&blob, digest_str).await?;
+                self.checkpoint(&blob, digest_str, &mut unrecorded).await?;
                 return Err(RegistryError::Truncated {
                     registry: reference.registry().into(),
                     what: format!("layer {digest}"),
@@ -790,6 +822,7 @@ impl Filler {
         }
         // Every byte is present: the verification finishes over what is left.
         drop(progress);
+        self.count_fill(digest_str, &mut unrecorded);
         let verifier = verifying.await.map_err(join_err(&path))??;
         // Verify, then publish under the final name.
         let layout = self.layout.clone();
@@ -876,12 +909,31 @@ impl Filler {
     }
 
     /// Make the bytes written so far durable and record them (map, then catalogue).
-    async fn checkpoint(&self, blob: &Arc<PartialBlob>, digest: &str) -> Result<(), FillError> {
+    /// Make the present ranges durable, and count the bytes the fill fetched since the last
+    /// checkpoint (`unrecorded`, zeroed).
+    async fn checkpoint(
+        &self,
+        blob: &Arc<PartialBlob>,
+        digest: &str,
+        unrecorded: &mut u64,
+    ) -> Result<(), FillError> {
         let b = Arc::clone(blob);
         let recorded = tokio::task::spawn_blocking(move || b.flush())
             .await
             .map_err(join_err(blob.path()))??;
         lock(&self.db).set_filled(digest, recorded)?;
+        self.count_fill(digest, unrecorded);
         Ok(())
+    }
+
+    /// Add `bytes` (zeroed) to the layer's count of bytes fetched by the filler.
+    fn count_fill(&self, digest: &str, bytes: &mut u64) {
+        if *bytes == 0 {
+            return;
+        }
+        if let Err(e) = lock(&self.db).add_fetched(digest, FetchedBy::Fill, *bytes) {
+            tracing::warn!(layer = %digest, error = %e, "cannot count the bytes the fill fetched");
+        }
+        *bytes = 0;
     }
 }

@@ -6,11 +6,10 @@
 //! registry, and only then reply.
 
 use super::handover::{self, Paths};
+use super::layers::LayerTable;
 use super::reader::{LazyLayer, Reader};
-use super::tree::{NodeKind, ROOT, Tree};
-use crate::layer::estargz;
-use crate::oci::Digest;
-use crate::store::{Catalogue, LayerRecord, Layout};
+use super::tree::{NodeKind, ROOT};
+use crate::store::{Catalogue, Layout};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner,
     OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyXattr,
@@ -19,7 +18,7 @@ use fuser::{
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Layer content is immutable: long TTLs are safe and spare round trips (overlayfs looks up
@@ -34,31 +33,18 @@ const LAYER_SHIFT: u32 = 32;
 /// (nor an exec of a process holding the file) that waits while the daemon restarts.
 const NOFLUSH: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 
-#[derive(Default)]
-struct Layers {
-    by_hex: HashMap<String, usize>,
-    /// Digest hex per index; `loaded` is filled on first use (a resumed mount knows the names
-    /// before it has loaded anything).
-    names: Vec<String>,
-    loaded: Vec<Option<Arc<LazyLayer>>>,
-    /// Where new indexes are appended, when the mount can be handed over.
-    persist: Option<std::fs::File>,
-}
-
 pub struct LayerFs {
     rt: tokio::runtime::Handle,
     layout: Layout,
     db: Arc<Mutex<Catalogue>>,
     reader: Arc<Reader>,
-    layers: RwLock<Layers>,
+    table: Arc<LayerTable>,
     started: SystemTime,
     /// Asked for by the configuration; `passthrough_on` once the kernel agreed at init.
     passthrough_wanted: bool,
     passthrough_on: Arc<std::sync::atomic::AtomicBool>,
     handles: Mutex<Handles>,
     recorder: Arc<super::record::Recorder>,
-    /// Set when the layer list could not be persisted: the mount must not be handed over.
-    handover_broken: Arc<std::sync::atomic::AtomicBool>,
     /// Layers with an index below this were served by a previous daemon of this mount: their
     /// inodes may have page-cache opens this process never saw (see `Handles::cached_io`), so
     /// their cached files are read by pread, never passed through.
@@ -142,6 +128,7 @@ impl LayerFs {
         layout: Layout,
         db: Arc<Mutex<Catalogue>>,
         reader: Arc<Reader>,
+        table: Arc<LayerTable>,
         passthrough: bool,
         recorder: Arc<super::record::Recorder>,
     ) -> Self {
@@ -150,7 +137,7 @@ impl LayerFs {
             layout,
             db,
             reader,
-            layers: RwLock::new(Layers::default()),
+            table,
             started: SystemTime::now(),
             passthrough_wanted: passthrough,
             passthrough_on: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -159,7 +146,6 @@ impl LayerFs {
                 ..Default::default()
             }),
             recorder,
-            handover_broken: Arc::default(),
             adopted: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -171,56 +157,6 @@ impl LayerFs {
         let entry = layer.toc.entries.get(node.entry?)?;
         let f = std::fs::File::open(self.layout.file(entry.digest.as_ref()?)).ok()?;
         (f.metadata().ok()?.len() == entry.size).then_some(f)
-    }
-
-    fn layer(&self, idx: usize) -> Option<Arc<LazyLayer>> {
-        let name = {
-            let layers = self.layers.read().unwrap_or_else(|p| p.into_inner());
-            if let Some(Some(l)) = layers.loaded.get(idx) {
-                return Some(Arc::clone(l));
-            }
-            layers.names.get(idx)?.clone()
-        };
-        // Known by name only (a resumed mount): load it now.
-        let loaded = Arc::new(self.load_hex(&name)?);
-        let mut layers = self.layers.write().unwrap_or_else(|p| p.into_inner());
-        let slot = layers.loaded.get_mut(idx)?;
-        if let Some(l) = slot {
-            return Some(Arc::clone(l));
-        }
-        *slot = Some(Arc::clone(&loaded));
-        drop(layers);
-        self.mounted(&loaded);
-        Some(loaded)
-    }
-
-    fn load_hex(&self, name: &str) -> Option<LazyLayer> {
-        let digest = Digest::parse(&format!("sha256:{name}")).ok()?;
-        let rec = lock(&self.db).layer(digest.as_str()).ok().flatten()?;
-        match self.load(&rec) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::warn!(layer = %digest, error = %e, "cannot mount layer lazily");
-                None
-            }
-        }
-    }
-
-    fn mounted(&self, layer: &Arc<LazyLayer>) {
-        tracing::info!(layer = %layer.digest, "layer mounted");
-        let reader = Arc::clone(&self.reader);
-        let layer = Arc::clone(layer);
-        // Files a converter marked as needed at start-up come first (in the background).
-        self.rt
-            .spawn(async move { reader.prefetch_landmark(&layer) });
-    }
-
-    /// Persist new layer indexes to `file` from now on (a fresh mount that can be handed over).
-    pub fn persist_layers(&self, file: std::fs::File) {
-        self.layers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .persist = Some(file);
     }
 
     /// Record the backing ids given out from now on (a fresh mount that can be handed over).
@@ -244,17 +180,9 @@ impl LayerFs {
             h.log = Some(log);
             h.adopted_ids = ids;
         }
-        let mut layers = self.layers.write().unwrap_or_else(|p| p.into_inner());
-        layers.by_hex = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.clone(), i))
-            .collect();
-        layers.loaded = vec![None; names.len()];
         self.adopted
             .store(names.len(), std::sync::atomic::Ordering::Relaxed);
-        layers.names = names;
-        layers.persist = Some(file);
+        self.table.adopt(names, file);
         // Only where the kernel agreed at INIT, and only if this run's configuration wants it.
         self.passthrough_on.store(
             passthrough && self.passthrough_wanted,
@@ -267,103 +195,8 @@ impl LayerFs {
         Arc::clone(&self.passthrough_on)
     }
 
-    /// Find or load the layer directory `name` (a digest's hex).
-    fn layer_by_name(&self, name: &str) -> Option<usize> {
-        let known = self
-            .layers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_hex
-            .get(name)
-            .copied();
-        if let Some(i) = known {
-            return self.layer(i).map(|_| i);
-        }
-        let loaded = Arc::new(self.load_hex(name)?);
-        let mut layers = self.layers.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(&i) = layers.by_hex.get(name) {
-            return Some(i);
-        }
-        let i = layers.names.len();
-        // Recorded before any inode number of it reaches the kernel. If it cannot be, a
-        // resumed mount would misnumber layers: the list is removed, and the next daemon
-        // mounts afresh instead of resuming.
-        if let Some(f) = layers.persist.as_mut()
-            && let Err(e) = std::io::Write::write_all(f, format!("{name}\n").as_bytes())
-        {
-            tracing::error!(error = %e, "cannot record the layer list; the mount will not be handed over at restart");
-            layers.persist = None;
-            self.handover_broken
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        layers.names.push(name.to_string());
-        layers.loaded.push(Some(Arc::clone(&loaded)));
-        layers.by_hex.insert(name.to_string(), i);
-        drop(layers);
-        self.mounted(&loaded);
-        Some(i)
-    }
-
-    fn load(&self, rec: &LayerRecord) -> Result<LazyLayer, String> {
-        if rec.toc_entries.is_none()
-            && rec.unpacked
-            && let Some(index) = rec.index_digest.as_deref()
-        {
-            // A layer without TOC, complete and unpacked: served from the file cache.
-            let index = Digest::parse(index).map_err(|e| e.to_string())?;
-            let json = self.layout.read_blob(&index).map_err(|e| e.to_string())?;
-            let entries =
-                crate::layer::tar::decode_index(&json, &crate::layer::tar::Limits::default())
-                    .map_err(|e| e.to_string())?;
-            let tree = Tree::from_entries(&entries).map_err(|e| e.to_string())?;
-            let toc = estargz::Toc {
-                digest: index,
-                toc_offset: 0,
-                entries,
-                prefetch_landmark: None,
-            };
-            return Ok(LazyLayer::new(
-                rec.digest().map_err(|e| e.to_string())?,
-                rec.source.clone(),
-                rec.size,
-                toc,
-                tree,
-            ));
-        }
-        let (Some(_), Some(toc_offset), Some(toc_digest)) =
-            (rec.toc_entries, rec.toc_offset, rec.toc_digest.as_deref())
-        else {
-            return Err("no verified TOC (not an eStargz layer, or not fetched yet) and not unpacked (a plain layer not fetched yet)".into());
-        };
-        let toc_digest = Digest::parse(toc_digest).map_err(|e| e.to_string())?;
-        let json = self
-            .layout
-            .read_blob(&toc_digest)
-            .map_err(|e| e.to_string())?;
-        let toc = crate::layer::parse_stored_toc(
-            &json,
-            &toc_digest,
-            rec.toc_position.as_deref(),
-            rec.size,
-            toc_offset,
-        )?;
-        let tree = Tree::from_entries(&toc.entries).map_err(|e| e.to_string())?;
-        Ok(LazyLayer::new(
-            rec.digest().map_err(|e| e.to_string())?,
-            rec.source.clone(),
-            rec.size,
-            toc,
-            tree,
-        ))
-    }
-
     fn root_attr(&self) -> FileAttr {
-        let n = self
-            .layers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .names
-            .len() as u32;
+        let n = self.table.count() as u32;
         FileAttr {
             ino: INodeNo::ROOT,
             size: 0,
@@ -384,7 +217,7 @@ impl LayerFs {
     }
 
     fn attr(&self, layer: usize, local: u64) -> Option<FileAttr> {
-        let l = self.layer(layer)?;
+        let l = self.table.get(layer)?;
         let n = l.tree.get(local)?;
         let t = UNIX_EPOCH + Duration::from_secs(n.mtime.max(0) as u64);
         Some(FileAttr {
@@ -421,7 +254,7 @@ impl fuser::Filesystem for LayerFs {
             return reply.error(Errno::ENOENT);
         };
         if parent.0 == ROOT {
-            return match self.layer_by_name(name).and_then(|i| self.attr(i, ROOT)) {
+            return match self.table.by_name(name).and_then(|i| self.attr(i, ROOT)) {
                 Some(a) => reply.entry(&TTL, &a, Generation(0)),
                 None => reply.error(Errno::ENOENT),
             };
@@ -429,7 +262,7 @@ impl fuser::Filesystem for LayerFs {
         let Some((layer, local)) = split(parent.0) else {
             return reply.error(Errno::ENOENT);
         };
-        let Some(l) = self.layer(layer) else {
+        let Some(l) = self.table.get(layer) else {
             return reply.error(Errno::ENOENT);
         };
         match l
@@ -456,7 +289,8 @@ impl fuser::Filesystem for LayerFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let node = split(ino.0).and_then(|(l, n)| {
-            self.layer(l)
+            self.table
+                .get(l)
                 .and_then(|l| l.tree.get(n).map(|n| n.link.clone()))
         });
         match node {
@@ -476,14 +310,14 @@ impl fuser::Filesystem for LayerFs {
         }
         if self.recorder.is_active()
             && let Some((l, n)) = split(ino.0)
-            && let Some(layer) = self.layer(l)
+            && let Some(layer) = self.table.get(l)
             && let Some(entry) = layer.tree.get(n).and_then(|node| node.entry)
             && let Some(e) = layer.toc.entries.get(entry)
         {
             self.recorder.opened(layer.digest.hex(), &e.path);
         }
         let cached =
-            split(ino.0).and_then(|(l, n)| self.layer(l).and_then(|l| self.cached_file(&l, n)));
+            split(ino.0).and_then(|(l, n)| self.table.get(l).and_then(|l| self.cached_file(&l, n)));
         let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
         let Some(file) = cached else {
             // Not in the file cache: reads go through the chunk reader.
@@ -652,7 +486,7 @@ impl fuser::Filesystem for LayerFs {
         let Some((layer_idx, local)) = split(ino.0) else {
             return reply.error(Errno::EISDIR);
         };
-        let Some(layer) = self.layer(layer_idx) else {
+        let Some(layer) = self.table.get(layer_idx) else {
             return reply.error(Errno::ENOENT);
         };
         let Some(entry_idx) = layer.tree.get(local).and_then(|n| n.entry) else {
@@ -710,7 +544,7 @@ impl fuser::Filesystem for LayerFs {
             for d in names {
                 let hex = d.trim_start_matches("sha256:").to_string();
                 if seen.insert(hex.clone())
-                    && let Some(i) = self.layer_by_name(&hex)
+                    && let Some(i) = self.table.by_name(&hex)
                 {
                     entries.push((join(i, ROOT), FileType::Directory, hex));
                 }
@@ -719,7 +553,7 @@ impl fuser::Filesystem for LayerFs {
             let Some((layer, local)) = split(ino.0) else {
                 return reply.error(Errno::ENOENT);
             };
-            let Some(l) = self.layer(layer) else {
+            let Some(l) = self.table.get(layer) else {
                 return reply.error(Errno::ENOENT);
             };
             let Some(node) = l.tree.get(local) else {
@@ -744,7 +578,7 @@ impl fuser::Filesystem for LayerFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let value = split(ino.0).and_then(|(l, n)| {
-            let l = self.layer(l)?;
+            let l = self.table.get(l)?;
             let node = l.tree.get(n)?;
             node.xattrs
                 .iter()
@@ -762,7 +596,7 @@ impl fuser::Filesystem for LayerFs {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let mut names = vec![];
         if let Some((l, n)) = split(ino.0)
-            && let Some(l) = self.layer(l)
+            && let Some(l) = self.table.get(l)
             && let Some(node) = l.tree.get(n)
         {
             for (k, _) in &node.xattrs {
@@ -837,7 +671,7 @@ impl Mount {
         // them (ECONNABORTED). On the one shared descriptor the holder keeps, requests in flight
         // at a restart stay queued and are sent again to the next daemon.
         cfg.clone_fd = !handover;
-        let broken = Arc::clone(&fs.handover_broken);
+        let broken = Arc::clone(&fs.table.handover_broken);
         if handover {
             match handover::take(&paths.socket) {
                 Ok(Some((fd, held))) => {
@@ -894,7 +728,7 @@ impl Mount {
         };
         let handover = list.is_some();
         if let Some(f) = list {
-            fs.persist_layers(f);
+            fs.table.persist(f);
             match handover::BackingLog::create(&paths.backing) {
                 Ok(log) => fs.persist_backing(log),
                 Err(e) => {

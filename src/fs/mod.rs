@@ -4,6 +4,7 @@
 
 pub mod fuse;
 pub mod handover;
+pub mod layers;
 pub mod reader;
 pub mod record;
 pub mod tree;

@@ -16,7 +16,7 @@ use crate::fetch::source_reference;
 use crate::layer::estargz::{self, Chunk, Spans, Toc};
 use crate::oci::Digest;
 use crate::registry::{OpCreds, Registry};
-use crate::store::{Catalogue, Layout, PartialBlob, Partials};
+use crate::store::{Catalogue, FetchedBy, Layout, PartialBlob, Partials};
 use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -32,6 +32,12 @@ use tokio::sync::watch;
 const COALESCE_GAP: u64 = 64 << 10;
 /// Upper bound of one coalesced request.
 const MAX_RUN: u64 = 16 << 20;
+/// Start-up prefetch walks its list in order, in batches of about this many compressed bytes
+/// (each batch's chunks coalesced into runs)...
+const PREFETCH_BATCH: u64 = 2 << 20;
+/// ...with at most this many range requests at once, so that a container's own reads still
+/// find the link (they are as urgent: both are foreground).
+const PREFETCH_REQUESTS: usize = 4;
 /// How long fetched ranges may sit in the page cache before being recorded as durable.
 const FLUSH_DELAY: Duration = Duration::from_secs(1);
 /// A chunk whose load failed fails again at once for this long. When a read fails (EIO after
@@ -132,6 +138,12 @@ pub struct ReadStats {
     pub errors: Counter,
     /// Seconds from sending an on-demand range request to its last chunk verified.
     pub fetch_seconds: Histogram,
+    /// Seconds reads that needed chunks not in memory waited for them.
+    pub wait_seconds: Histogram,
+    /// Bytes received for start-up prefetch (`bytes_fetched` counts on-demand ones).
+    pub prefetch_bytes: Counter,
+    /// Range requests of start-up prefetch (`requests` counts on-demand ones).
+    pub prefetch_requests: Counter,
 }
 
 impl Default for ReadStats {
@@ -146,6 +158,9 @@ impl Default for ReadStats {
             errors: Counter::default(),
             // 1 ms .. ~33 s
             fetch_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            wait_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            prefetch_bytes: Counter::default(),
+            prefetch_requests: Counter::default(),
         }
     }
 }
@@ -162,6 +177,8 @@ struct Claim {
     tx: watch::Sender<Option<ChunkResult>>,
     /// Keep the decoded bytes in memory (not for prefetch: those are only stored on disk).
     keep: bool,
+    /// Who wants it: a read (with its read-ahead and neighbours) or start-up prefetch.
+    by: FetchedBy,
 }
 
 enum Slot {
@@ -272,7 +289,14 @@ impl Reader {
 
     /// The chunk's data if cached, or a receiver for it; claims it (adds to `claims`) when
     /// nobody is loading it yet.
-    fn slot(&self, layer: &LazyLayer, c: &Chunk, keep: bool, claims: &mut Vec<Claim>) -> Slot {
+    fn slot(
+        &self,
+        layer: &LazyLayer,
+        c: &Chunk,
+        keep: bool,
+        by: FetchedBy,
+        claims: &mut Vec<Claim>,
+    ) -> Slot {
         let key = key_of(&layer.digest, c);
         let mut inflight = lock(&self.inflight);
         if let Some(rx) = inflight.get(&key) {
@@ -297,6 +321,7 @@ impl Reader {
             span: layer.spans.span(c),
             tx,
             keep,
+            by,
         });
         Slot::Wait(rx)
     }
@@ -363,7 +388,10 @@ impl Reader {
         let mut last = None;
         for (i, c) in entry.chunks.iter().enumerate() {
             if c.file_offset < end && c.file_offset + c.size > offset {
-                slots.push((c, self.slot(layer, c, true, &mut claims)));
+                slots.push((
+                    c,
+                    self.slot(layer, c, true, FetchedBy::OnDemand, &mut claims),
+                ));
                 last = Some(i);
             }
         }
@@ -375,7 +403,7 @@ impl Reader {
                     break;
                 }
                 budget -= c.size;
-                let _ = self.slot(layer, c, true, &mut claims);
+                let _ = self.slot(layer, c, true, FetchedBy::OnDemand, &mut claims);
             }
         }
         // Neighbours: chunks of the files that follow in the blob (often the same directory, read
@@ -385,11 +413,22 @@ impl Reader {
         } else {
             self.neighbours
         };
+        let partial = self.partials.get(&layer.digest);
+        // Only after chunks that must come from the registry: a read of chunks already local
+        // (a prefetch or an earlier read stored them) fetches nothing.
+        let remote_end = claims
+            .iter()
+            .filter(|c| {
+                !partial
+                    .as_ref()
+                    .is_some_and(|p| p.contains(c.span.0, c.span.1))
+            })
+            .map(|c| c.span.1)
+            .max();
         if neighbours > 0
             && layer.blob.get().is_none()
-            && let Some(anchor) = claims.iter().map(|c| c.span.1).max()
+            && let Some(anchor) = remote_end
         {
-            let partial = self.partials.get(&layer.digest);
             let from = layer.by_offset.partition_point(|&(o, _, _)| o < anchor);
             for &(o, e, c) in &layer.by_offset[from..] {
                 if o >= anchor + neighbours {
@@ -408,11 +447,11 @@ impl Reader {
                 {
                     continue;
                 }
-                let _ = self.slot(layer, chunk, false, &mut claims);
+                let _ = self.slot(layer, chunk, false, FetchedBy::OnDemand, &mut claims);
             }
         }
         if !claims.is_empty() {
-            self.load(layer, claims);
+            self.load(layer, claims, Order::Blob);
         }
         if let Some(why) = slots.iter().find_map(|(_, s)| match s {
             Slot::Failed(why) => Some(why.clone()),
@@ -420,6 +459,8 @@ impl Reader {
         }) {
             return Err(format!("{why} (a moment ago; not retried yet)"));
         }
+        let waiting = slots.iter().any(|(_, s)| matches!(s, Slot::Wait(_)));
+        let started = Instant::now();
         let wait = async {
             let mut out = Vec::with_capacity((end - offset) as usize);
             for (c, slot) in slots {
@@ -447,9 +488,19 @@ impl Reader {
             }
             Ok(out)
         };
-        tokio::time::timeout(self.timeout, wait)
+        let result = tokio::time::timeout(self.timeout, wait)
             .await
-            .map_err(|_| format!("timed out after {:?}", self.timeout))?
+            .map_err(|_| format!("timed out after {:?}", self.timeout))?;
+        if waiting {
+            let waited = started.elapsed();
+            self.stats.wait_seconds.observe(waited.as_secs_f64());
+            if let Err(e) =
+                lock(&self.db).add_read_waits(layer.digest.as_str(), 1, waited.as_millis() as u64)
+            {
+                tracing::debug!(layer = %layer.digest, error = %e, "cannot count a read's wait");
+            }
+        }
+        result
     }
 
     /// Fetch the files before the layer's `.prefetch.landmark` into the partial file, in the
@@ -458,22 +509,47 @@ impl Reader {
         let Some(landmark) = layer.toc.prefetch_landmark else {
             return 0;
         };
+        let n = self.prefetch(layer, 0..landmark.min(layer.toc.entries.len()));
+        if n > 0 {
+            tracing::info!(layer = %layer.digest, chunks = n, "prefetching files before the landmark");
+        }
+        n
+    }
+
+    /// Fetch the chunks of TOC entries `entries` (in that order: the order a start reads them)
+    /// into the partial file, in the background: batches of neighbouring chunks, a few
+    /// requests at a time. Chunks already local or being loaded are skipped. Returns the
+    /// number of chunks claimed.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        layer: &Arc<LazyLayer>,
+        entries: impl IntoIterator<Item = usize>,
+    ) -> usize {
+        let partial = self.partials.get(&layer.digest);
         let mut claims = vec![];
-        for e in &layer.toc.entries[..landmark] {
+        for i in entries {
+            let Some(e) = layer.toc.entries.get(i) else {
+                continue;
+            };
             for c in &e.chunks {
-                let _ = self.slot(layer, c, false, &mut claims);
+                let (s, end) = layer.spans.span(c);
+                if layer.blob.get().is_some()
+                    || partial.as_ref().is_some_and(|p| p.contains(s, end))
+                {
+                    continue;
+                }
+                let _ = self.slot(layer, c, false, FetchedBy::Prefetch, &mut claims);
             }
         }
         let n = claims.len();
         if n > 0 {
-            tracing::info!(layer = %layer.digest, chunks = n, "prefetching files before the landmark");
-            self.load(layer, claims);
+            self.load(layer, claims, Order::List);
         }
         n
     }
 
     /// Load claimed chunks in the background: local ones first, the rest from the registry.
-    fn load(self: &Arc<Self>, layer: &Arc<LazyLayer>, claims: Vec<Claim>) {
+    fn load(self: &Arc<Self>, layer: &Arc<LazyLayer>, claims: Vec<Claim>, order: Order) {
         let this = Arc::clone(self);
         let layer = Arc::clone(layer);
         tokio::spawn(async move {
@@ -497,30 +573,38 @@ impl Reader {
                 (remote, local)
             })
             .await;
-            let Ok((mut remote, local)) = split else {
+            let Ok((remote, local)) = split else {
                 return; // the blocking task panicked: its claims were dropped, waiters see an error
             };
             let partial = match local {
                 Local::Partial(p) => Some(p),
                 _ => None,
             };
-            remote.sort_by_key(|c| c.span);
-            let mut runs: Vec<Vec<Claim>> = vec![];
-            for claim in remote {
-                match runs.last_mut() {
-                    Some(run)
-                        if claim.span.0 <= run[run.len() - 1].span.1 + COALESCE_GAP
-                            && claim.span.1 - run[0].span.0 <= MAX_RUN =>
-                    {
-                        run.push(claim)
+            match order {
+                Order::Blob => {
+                    for run in coalesce(remote) {
+                        let (this, layer, partial) =
+                            (Arc::clone(&this), Arc::clone(&layer), partial.clone());
+                        tokio::spawn(async move { this.fetch_run(&layer, partial, run).await });
                     }
-                    _ => runs.push(vec![claim]),
                 }
-            }
-            for run in runs {
-                let (this, layer, partial) =
-                    (Arc::clone(&this), Arc::clone(&layer), partial.clone());
-                tokio::spawn(async move { this.fetch_run(&layer, partial, run).await });
+                Order::List => {
+                    let permits = Arc::new(tokio::sync::Semaphore::new(PREFETCH_REQUESTS));
+                    for batch in batches(remote, PREFETCH_BATCH) {
+                        for run in coalesce(batch) {
+                            // Closed never: the semaphore is ours.
+                            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                                return;
+                            };
+                            let (this, layer, partial) =
+                                (Arc::clone(&this), Arc::clone(&layer), partial.clone());
+                            tokio::spawn(async move {
+                                this.fetch_run(&layer, partial, run).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                }
             }
         });
     }
@@ -586,8 +670,11 @@ impl Reader {
             run.iter().map(|c| c.span.1).max().unwrap_or(0),
         );
         let started = Instant::now();
-        let mut stored = 0u64;
-        let scanning = {
+        // Bytes stored, by who wanted them.
+        let mut stored = [0u64; 2];
+        // A run is prefetch when all of its chunks are (a read may join a prefetch's run).
+        let prefetch = run.iter().all(|c| c.by == FetchedBy::Prefetch);
+        let scanning = !prefetch && {
             let mut scan = lock(&layer.scan);
             scan.fetched(start, end);
             scan.scanning()
@@ -608,7 +695,11 @@ impl Reader {
                 request: None,
                 persisted: crate::fetch::persisted_secret(&self.db, reference.registry()),
             };
-            self.stats.requests.inc();
+            if prefetch {
+                self.stats.prefetch_requests.inc();
+            } else {
+                self.stats.requests.inc();
+            }
             let body = self
                 .registry
                 .open_blob(&reference, &layer.digest, start, Some(end - start), &creds)
@@ -627,7 +718,11 @@ impl Reader {
                 let bytes = bytes.map_err(|e| e.to_string())?;
                 let want = ((end - start) as usize - buf.len()).min(bytes.len());
                 buf.extend_from_slice(&bytes[..want]);
-                self.stats.bytes_fetched.inc_by(want as u64);
+                if prefetch {
+                    self.stats.prefetch_bytes.inc_by(want as u64);
+                } else {
+                    self.stats.bytes_fetched.inc_by(want as u64);
+                }
                 // Chunks whose bytes are all in (spans are sorted, so are their ends).
                 let have = start + buf.len() as u64;
                 let ready = run.iter().take_while(|c| c.span.1 <= have).count();
@@ -641,13 +736,13 @@ impl Reader {
                     .collect();
                 let (this, partial) = (Arc::clone(self), partial.clone());
                 let n = tokio::task::spawn_blocking(move || {
-                    let mut stored = 0;
+                    let mut stored = [0u64; 2];
                     for (claim, compressed) in done.into_iter().zip(pieces) {
                         match estargz::decode_chunk(&compressed, &claim.chunk) {
                             Ok(data) => {
                                 if let Some(p) = &partial {
                                     match p.write_missing(claim.span.0, &compressed) {
-                                        Ok(n) => stored += n,
+                                        Ok(n) => stored[(claim.by == FetchedBy::Prefetch) as usize] += n,
                                         Err(e) => tracing::warn!(layer = %p.digest, error = %e, "cannot store a fetched chunk"),
                                     }
                                 }
@@ -661,14 +756,15 @@ impl Reader {
                 })
                 .await
                 .map_err(|e| e.to_string())?;
-                stored += n;
+                stored[0] += n[0];
+                stored[1] += n[1];
             }
             Ok(())
         })
         .await
         .unwrap_or_else(|_| Err(format!("timed out after {:?}", self.timeout)));
         drop(foreground);
-        tracing::debug!(layer = %layer.digest, start, len = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "on-demand fetch");
+        tracing::debug!(layer = %layer.digest, start, len = end - start, prefetch, elapsed_ms = started.elapsed().as_millis() as u64, "range fetch");
         self.stats
             .fetch_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -684,9 +780,16 @@ impl Reader {
                     .unwrap_or_else(|| "chunk not in the response".into())),
             );
         }
-        if stored > 0 {
-            if let Err(e) = lock(&self.db).add_ondemand(layer.digest.as_str(), stored) {
-                tracing::warn!(layer = %layer.digest, error = %e, "cannot count on-demand bytes");
+        if stored.iter().any(|&n| n > 0) {
+            for (by, n) in [FetchedBy::OnDemand, FetchedBy::Prefetch]
+                .into_iter()
+                .zip(stored)
+            {
+                if n > 0
+                    && let Err(e) = lock(&self.db).add_fetched(layer.digest.as_str(), by, n)
+                {
+                    tracing::warn!(layer = %layer.digest, error = %e, "cannot count fetched bytes");
+                }
             }
             if let Some(p) = partial
                 && p.want_flush()
@@ -708,6 +811,52 @@ impl Reader {
             }
         }
     }
+}
+
+/// How loaded chunks are requested.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// All at once, by position in the blob (a read: everything it needs now).
+    Blob,
+    /// In the order given, in batches, a few requests at a time (start-up prefetch).
+    List,
+}
+
+/// Group claims into runs of neighbouring chunks, one range request each (sorted by position).
+fn coalesce(mut claims: Vec<Claim>) -> Vec<Vec<Claim>> {
+    claims.sort_by_key(|c| c.span);
+    let mut runs: Vec<Vec<Claim>> = vec![];
+    for claim in claims {
+        match runs.last_mut() {
+            Some(run)
+                if claim.span.0 <= run[run.len() - 1].span.1 + COALESCE_GAP
+                    && claim.span.1 - run[0].span.0 <= MAX_RUN =>
+            {
+                run.push(claim)
+            }
+            _ => runs.push(vec![claim]),
+        }
+    }
+    runs
+}
+
+/// Split claims, in their order, into batches of about `bytes` compressed bytes each.
+fn batches(claims: Vec<Claim>, bytes: u64) -> Vec<Vec<Claim>> {
+    let mut out: Vec<Vec<Claim>> = vec![];
+    let mut size = 0;
+    for claim in claims {
+        match out.last_mut() {
+            Some(b) if size < bytes => b.push(claim),
+            _ => {
+                size = 0;
+                out.push(vec![claim]);
+            }
+        }
+        size += out
+            .last()
+            .map_or(0, |b| b[b.len() - 1].span.1 - b[b.len() - 1].span.0);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 /// Sessions kept at once: an abandoned one (its client died) is dropped when a new one would
 /// go over.
@@ -30,6 +31,10 @@ struct Session {
     layers: HashSet<String>,
     seen: HashSet<(String, String)>,
     files: Vec<(String, String)>,
+    /// When the last new file was recorded.
+    last: Option<Instant>,
+    /// Files kept at most.
+    max: usize,
 }
 
 impl Recorder {
@@ -39,6 +44,11 @@ impl Recorder {
 
     /// Start a session watching the layers (digest hex); returns its id.
     pub fn start(&self, layers: impl IntoIterator<Item = String>) -> u64 {
+        self.start_bounded(layers, MAX_FILES)
+    }
+
+    /// Start a session that keeps at most `max` files.
+    pub fn start_bounded(&self, layers: impl IntoIterator<Item = String>, max: usize) -> u64 {
         let mut g = self.lock();
         if g.sessions.len() >= MAX_SESSIONS
             && let Some(&oldest) = g.sessions.keys().min()
@@ -57,6 +67,8 @@ impl Recorder {
                 layers: layers.into_iter().collect(),
                 seen: HashSet::new(),
                 files: vec![],
+                last: None,
+                max: max.min(MAX_FILES),
             },
         );
         self.active.store(g.sessions.len(), Ordering::Relaxed);
@@ -71,6 +83,13 @@ impl Recorder {
         s.map(|s| s.files)
     }
 
+    /// A running session's files so far, when the last was recorded, and whether it is full.
+    pub fn progress(&self, id: u64) -> Option<(usize, Option<Instant>, bool)> {
+        let g = self.lock();
+        let s = g.sessions.get(&id)?;
+        Some((s.files.len(), s.last, s.files.len() >= s.max))
+    }
+
     /// Is any session running (cheap; callers skip the path lookup when not)?
     pub fn is_active(&self) -> bool {
         self.active.load(Ordering::Relaxed) > 0
@@ -83,11 +102,12 @@ impl Recorder {
         }
         let mut g = self.lock();
         for s in g.sessions.values_mut() {
-            if s.files.len() < MAX_FILES
+            if s.files.len() < s.max
                 && s.layers.contains(layer)
                 && s.seen.insert((layer.to_string(), path.to_string()))
             {
                 s.files.push((layer.to_string(), path.to_string()));
+                s.last = Some(Instant::now());
             }
         }
     }
@@ -111,10 +131,28 @@ mod tests {
                 .map(|(l, p)| format!("{l}:{p}"))
                 .collect::<Vec<_>>()
         };
+        assert_eq!(r.progress(one).map(|p| (p.0, p.2)), Some((2, false)));
         assert_eq!(pairs(r.stop(one).unwrap()), ["a:x", "a:z"]);
+        assert!(r.progress(one).is_none());
         assert!(r.is_active());
         assert_eq!(pairs(r.stop(two).unwrap()), ["a:x", "b:y", "a:z"]);
         assert!(!r.is_active());
         assert!(r.stop(one).is_none());
+    }
+
+    #[test]
+    fn a_bounded_session_is_full_at_its_bound() {
+        let r = Recorder::default();
+        let id = r.start_bounded(["a".to_string()], 2);
+        assert_eq!(
+            r.progress(id).map(|p| (p.0, p.1.is_some())),
+            Some((0, false))
+        );
+        for p in ["x", "y", "z"] {
+            r.opened("a", p);
+        }
+        let (n, last, full) = r.progress(id).unwrap();
+        assert_eq!((n, last.is_some(), full), (2, true, true));
+        assert_eq!(r.stop(id).unwrap().len(), 2);
     }
 }

@@ -238,6 +238,8 @@ pub struct SnapshotterOptions {
     pub fuse_root: Option<PathBuf>,
     /// How long a remote Prepare waits for a layer's TOC before falling back to a download.
     pub remote_wait: Duration,
+    /// Start-up prefetch (landmark, learned lists) begins when a layer is prepared remotely.
+    pub learner: Option<Arc<crate::learned::Learner>>,
 }
 
 pub struct Snapshotter {
@@ -454,8 +456,12 @@ impl Snapshotter {
             },
             |id| self.link_remote(id, req.layer.as_str()),
         )?;
+        drop(db);
         tracing::info!(layer = %req.layer, image = %req.image_ref, target = %req.target,
             elapsed_ms = started.elapsed().as_millis() as u64, "remote snapshot: layer served lazily");
+        if let Some(l) = &self.opts.learner {
+            l.layer_prepared(&req.image_ref, &req.layer);
+        }
         Ok(true)
     }
 

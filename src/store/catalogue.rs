@@ -9,10 +9,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// Columns of a layer row, in the order `layer_from_row` reads them.
-const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset, l.ondemand, l.unpacked, l.index_digest, l.toc_position";
+const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset, l.ondemand, l.unpacked, l.index_digest, l.toc_position, l.prefetched, l.fill_fetched, l.read_waits, l.read_wait_ms, l.landmark_files";
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS images (
@@ -49,7 +49,12 @@ CREATE TABLE IF NOT EXISTS layers (
     ondemand INTEGER NOT NULL DEFAULT 0, -- bytes fetched on demand by reads (not by the filler)
     unpacked INTEGER NOT NULL DEFAULT 0, -- files of the complete layer are in files/sha256
     index_digest TEXT,                   -- layers without TOC: JSON file index (a blob)
-    toc_position TEXT                    -- zstd:chunked: offset:length:uncompressed:1 of the TOC
+    toc_position TEXT,                   -- zstd:chunked: offset:length:uncompressed:1 of the TOC
+    prefetched INTEGER NOT NULL DEFAULT 0,   -- bytes fetched by start-up prefetch (landmark, learned)
+    fill_fetched INTEGER NOT NULL DEFAULT 0, -- bytes fetched by the filler
+    read_waits INTEGER NOT NULL DEFAULT 0,   -- reads that waited for the network
+    read_wait_ms INTEGER NOT NULL DEFAULT 0, -- their total wait
+    landmark_files INTEGER                   -- TOC entries before the prefetch landmark, if any
 );
 CREATE TABLE IF NOT EXISTS image_layers (
     image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -136,6 +141,26 @@ pub struct LayerRecord {
     pub index_digest: Option<String>,
     /// zstd:chunked: where the compressed TOC is (`toc_digest` is then its checksum).
     pub toc_position: Option<String>,
+    /// Bytes fetched by start-up prefetch (the TOC's landmark or a learned list).
+    pub prefetched: u64,
+    /// Bytes fetched by the filler.
+    pub fill_fetched: u64,
+    /// Reads that waited for the network, and their total wait.
+    pub read_waits: u64,
+    pub read_wait_ms: u64,
+    /// TOC entries before the prefetch landmark, when the TOC has one.
+    pub landmark_files: Option<u64>,
+}
+
+/// Who fetched bytes of a layer (per-layer counters in the catalogue).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchedBy {
+    /// A read that needed them (with its read-ahead and neighbours).
+    OnDemand,
+    /// Start-up prefetch: the TOC's landmark or a learned list.
+    Prefetch,
+    /// The background filler.
+    Fill,
 }
 
 impl LayerRecord {
@@ -265,6 +290,11 @@ impl Catalogue {
             ("unpacked", "INTEGER NOT NULL DEFAULT 0"),
             ("index_digest", "TEXT"),
             ("toc_position", "TEXT"),
+            ("prefetched", "INTEGER NOT NULL DEFAULT 0"),
+            ("fill_fetched", "INTEGER NOT NULL DEFAULT 0"),
+            ("read_waits", "INTEGER NOT NULL DEFAULT 0"),
+            ("read_wait_ms", "INTEGER NOT NULL DEFAULT 0"),
+            ("landmark_files", "INTEGER"),
         ] {
             let has: bool = conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM pragma_table_info('layers') WHERE name = ?1)",
@@ -524,12 +554,30 @@ impl Catalogue {
         Ok(())
     }
 
-    /// Count bytes a read fetched on demand.
-    pub fn add_ondemand(&self, digest: &str, bytes: u64) -> Result<()> {
-        self.conn.execute(
-            "UPDATE layers SET ondemand = ondemand + ?2 WHERE digest = ?1",
-            params![digest, bytes as i64],
-        )?;
+    /// Count bytes fetched for the layer.
+    pub fn add_fetched(&self, digest: &str, by: FetchedBy, bytes: u64) -> Result<()> {
+        let sql = match by {
+            FetchedBy::OnDemand => "UPDATE layers SET ondemand = ondemand + ?2 WHERE digest = ?1",
+            FetchedBy::Prefetch => {
+                "UPDATE layers SET prefetched = prefetched + ?2 WHERE digest = ?1"
+            }
+            FetchedBy::Fill => {
+                "UPDATE layers SET fill_fetched = fill_fetched + ?2 WHERE digest = ?1"
+            }
+        };
+        self.conn
+            .prepare_cached(sql)?
+            .execute(params![digest, bytes as i64])?;
+        Ok(())
+    }
+
+    /// Count reads of the layer that waited for the network, `ms` in all.
+    pub fn add_read_waits(&self, digest: &str, reads: u64, ms: u64) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "UPDATE layers SET read_waits = read_waits + ?2, read_wait_ms = read_wait_ms + ?3 WHERE digest = ?1",
+            )?
+            .execute(params![digest, reads as i64, ms as i64])?;
         Ok(())
     }
 
@@ -621,10 +669,18 @@ impl Catalogue {
         Ok(set)
     }
 
-    pub fn set_toc(&self, digest: &str, entries: u64, toc_offset: u64) -> Result<()> {
+    /// The verified TOC: its entries, where it starts, and the entries before its prefetch
+    /// landmark if it has one.
+    pub fn set_toc(
+        &self,
+        digest: &str,
+        entries: u64,
+        toc_offset: u64,
+        landmark: Option<u64>,
+    ) -> Result<()> {
         self.conn.execute(
-            "UPDATE layers SET toc_entries = ?2, toc_offset = ?3, toc_error = NULL WHERE digest = ?1",
-            params![digest, entries as i64, toc_offset as i64],
+            "UPDATE layers SET toc_entries = ?2, toc_offset = ?3, toc_error = NULL, landmark_files = ?4 WHERE digest = ?1",
+            params![digest, entries as i64, toc_offset as i64, landmark.map(|n| n as i64)],
         )?;
         Ok(())
     }
@@ -682,6 +738,14 @@ fn layer_from_row(r: &rusqlite::Row) -> rusqlite::Result<Result<LayerRecord>> {
         unpacked: r.get::<_, i64>(13).unwrap_or_default() != 0,
         index_digest: r.get(14).unwrap_or_default(),
         toc_position: r.get(15).unwrap_or_default(),
+        prefetched: r.get::<_, i64>(16).unwrap_or_default().max(0) as u64,
+        fill_fetched: r.get::<_, i64>(17).unwrap_or_default().max(0) as u64,
+        read_waits: r.get::<_, i64>(18).unwrap_or_default().max(0) as u64,
+        read_wait_ms: r.get::<_, i64>(19).unwrap_or_default().max(0) as u64,
+        landmark_files: r
+            .get::<_, Option<i64>>(20)
+            .unwrap_or_default()
+            .map(|n| n.max(0) as u64),
     }))
 }
 

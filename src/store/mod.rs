@@ -9,7 +9,7 @@ pub mod ranges;
 pub mod snapshots;
 
 pub use catalogue::{
-    Catalogue, ImageRecord, LayerRecord, LayerState, NameKind, NewImage, NewLayer,
+    Catalogue, FetchedBy, ImageRecord, LayerRecord, LayerState, NameKind, NewImage, NewLayer,
 };
 pub use partial::{PartialBlob, Partials};
 
@@ -99,6 +99,13 @@ impl Layout {
     /// The snapshotter's directories: `snapshots/<id>/{fs,work}`.
     pub fn snapshots_dir(&self) -> PathBuf {
         self.root.join("snapshots")
+    }
+    /// Learned start-up prefetch lists, by image manifest digest (`crate::learned`).
+    pub fn learned_dir(&self) -> PathBuf {
+        self.root.join("learned/sha256")
+    }
+    pub fn learned(&self, manifest: &Digest) -> PathBuf {
+        self.learned_dir().join(format!("{}.json", manifest.hex()))
     }
     pub fn lock(&self) -> PathBuf {
         self.root.join("lock")

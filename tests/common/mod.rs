@@ -783,6 +783,28 @@ impl Containerd {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Wait until containerd reaches the `lazypull` proxy snapshotter again (after a restart
+    /// of the daemon: containerd redials with a backoff, and fails requests meanwhile). Only a
+    /// request that reaches the plugin tells: `snapshots ls` is answered from containerd's
+    /// metadata. A probe snapshot is prepared and removed.
+    pub fn wait_snapshotter(&self, timeout: Duration) {
+        let start = Instant::now();
+        for n in 0.. {
+            let key = format!("lazypull-probe-{n}");
+            let out = self.ctr_output(&["snapshots", "--snapshotter", "lazypull", "prepare", &key]);
+            if out.status.success() {
+                self.ctr(&["snapshots", "--snapshotter", "lazypull", "rm", &key]);
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "containerd did not reach the snapshotter within {timeout:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     pub fn ctr_output(&self, args: &[&str]) -> std::process::Output {
         Command::new("ctr")
             .arg("-a")

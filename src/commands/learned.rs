@@ -1,0 +1,159 @@
+//! `lazypull learned IMAGE [--json] [--forget]`: the learned start-up prefetch list of an
+//! image (see `crate::learned`): the files in the order a start read them, with their size and
+//! the compressed bytes a prefetch fetches for them (from the layers' TOCs in the store).
+
+use super::{human_bytes, open_read_only, short_id};
+use crate::cli::LearnedArgs;
+use crate::config::Config;
+use crate::layer::estargz::{Spans, Toc};
+use crate::oci::Digest;
+use crate::store::{LayerRecord, Layout};
+use anyhow::Context;
+use std::collections::HashMap;
+
+/// A layer's TOC from the store, with its spans and a path index.
+struct Indexed {
+    toc: Toc,
+    spans: Spans,
+    by_path: HashMap<String, usize>,
+}
+
+fn indexed(layout: &Layout, l: &LayerRecord) -> Option<Indexed> {
+    let toc_digest = Digest::parse(l.toc_digest.as_deref()?).ok()?;
+    let json = layout.read_blob(&toc_digest).ok()?;
+    let toc = crate::layer::parse_stored_toc(
+        &json,
+        &toc_digest,
+        l.toc_position.as_deref(),
+        l.size,
+        l.toc_offset?,
+    )
+    .ok()?;
+    let spans = Spans::new(&toc);
+    let by_path = toc
+        .entries
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.path.clone(), i))
+        .collect();
+    Some(Indexed {
+        toc,
+        spans,
+        by_path,
+    })
+}
+
+pub fn run(cfg: &Config, args: &LearnedArgs) -> anyhow::Result<()> {
+    let layout = Layout::new(&cfg.root);
+    let db = open_read_only(cfg)?
+        .with_context(|| format!("the store {} is empty", cfg.root.display()))?;
+    let image = crate::images::resolve_in(&db, &args.image)?.with_context(|| {
+        format!(
+            "no image {:?} in the store {}",
+            args.image,
+            cfg.root.display()
+        )
+    })?;
+    let manifest = Digest::parse(&image.manifest_digest)?;
+    if args.forget {
+        let had = crate::learned::forget(&layout, &manifest)?;
+        println!(
+            "{}",
+            if had {
+                "learned list removed: the next start through the snapshotter is recorded again"
+            } else {
+                "no learned list for this image"
+            }
+        );
+        return Ok(());
+    }
+    let Some(list) = crate::learned::load(&layout, &manifest)? else {
+        if args.json {
+            println!("null");
+        } else {
+            println!(
+                "no learned list for {} (its next start through the snapshotter is recorded, unless a layer has a prefetch landmark)",
+                args.image
+            );
+        }
+        return Ok(());
+    };
+    let mut tocs: HashMap<&str, Option<Indexed>> = HashMap::new();
+    let mut rows = vec![];
+    let (mut size, mut compressed, mut missing) = (0u64, 0u64, 0usize);
+    for f in &list.files {
+        let layer = image.layers.iter().find(|l| l.digest == f.layer);
+        let idx = layer.and_then(|l| {
+            tocs.entry(l.digest.as_str())
+                .or_insert_with(|| indexed(&layout, l))
+                .as_ref()
+        });
+        let found = idx.and_then(|x| {
+            let e = x.toc.entries.get(*x.by_path.get(&f.path)?)?;
+            let c: u64 = e
+                .chunks
+                .iter()
+                .map(|c| {
+                    let (a, b) = x.spans.span(c);
+                    b - a
+                })
+                .sum();
+            Some((e.size, c))
+        });
+        match found {
+            Some((s, c)) => {
+                size += s;
+                compressed += c;
+            }
+            None => missing += 1,
+        }
+        rows.push((f, found));
+    }
+    if args.json {
+        let files: Vec<_> = rows
+            .iter()
+            .map(|(f, found)| {
+                serde_json::json!({
+                    "layer": f.layer, "path": f.path,
+                    "size": found.map(|x| x.0), "compressed": found.map(|x| x.1),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "image": list.image, "recorded_at": list.recorded_at, "files": files,
+                "size": size, "compressed": compressed, "not_found": missing,
+            }))?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:>5}  {:<12}  {:>10}  {:>10}  PATH",
+        "ORDER", "LAYER", "SIZE", "COMPRESSED"
+    );
+    for (i, (f, found)) in rows.iter().enumerate() {
+        let (s, c) = match found {
+            Some((s, c)) => (human_bytes(*s), human_bytes(*c)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:>5}  {:<12}  {s:>10}  {c:>10}  {}",
+            i + 1,
+            short_id(&f.layer),
+            f.path
+        );
+    }
+    println!(
+        "{} files, {} ({} compressed: what a cold start prefetches){}",
+        list.files.len(),
+        human_bytes(size),
+        human_bytes(compressed),
+        if missing > 0 {
+            format!("; {missing} not found in the image's TOCs (skipped)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}

@@ -1,0 +1,237 @@
+//! The layer table of the FUSE mount: which layer has which index (the high half of its inode
+//! numbers), loading a layer's verified TOC (or file index) from the store when first used, and
+//! starting its start-up prefetch. Shared between the FUSE callbacks (`fuse.rs`) and the
+//! start-up service (`crate::learned`), which loads layers while containerd is still preparing
+//! the others.
+
+use super::reader::{LazyLayer, Reader};
+use super::tree::Tree;
+use crate::layer::estargz;
+use crate::oci::Digest;
+use crate::store::{Catalogue, LayerRecord, Layout, locked as lock};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+#[derive(Default)]
+struct Layers {
+    by_hex: HashMap<String, usize>,
+    /// Digest hex per index; `loaded` is filled on first use (a resumed mount knows the names
+    /// before it has loaded anything).
+    names: Vec<String>,
+    loaded: Vec<Option<Arc<LazyLayer>>>,
+    /// Where new indexes are appended, when the mount can be handed over.
+    persist: Option<std::fs::File>,
+}
+
+pub struct LayerTable {
+    rt: tokio::runtime::Handle,
+    layout: Layout,
+    db: Arc<Mutex<Catalogue>>,
+    reader: Arc<Reader>,
+    layers: RwLock<Layers>,
+    /// Set when the layer list could not be persisted: the mount must not be handed over.
+    pub(super) handover_broken: Arc<AtomicBool>,
+}
+
+impl LayerTable {
+    pub fn new(layout: Layout, db: Arc<Mutex<Catalogue>>, reader: Arc<Reader>) -> Arc<Self> {
+        Arc::new(LayerTable {
+            rt: tokio::runtime::Handle::current(),
+            layout,
+            db,
+            reader,
+            layers: RwLock::new(Layers::default()),
+            handover_broken: Arc::default(),
+        })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Layers> {
+        self.layers.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Layers> {
+        self.layers.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Layers with an index (loaded or not).
+    pub fn count(&self) -> usize {
+        self.read().names.len()
+    }
+
+    /// The layer with index `idx`, loaded now if a resumed mount only knew its name.
+    pub fn get(&self, idx: usize) -> Option<Arc<LazyLayer>> {
+        let name = {
+            let layers = self.read();
+            if let Some(Some(l)) = layers.loaded.get(idx) {
+                return Some(Arc::clone(l));
+            }
+            layers.names.get(idx)?.clone()
+        };
+        let loaded = Arc::new(self.load_hex(&name)?);
+        let mut layers = self.write();
+        let slot = layers.loaded.get_mut(idx)?;
+        if let Some(l) = slot {
+            return Some(Arc::clone(l));
+        }
+        *slot = Some(Arc::clone(&loaded));
+        drop(layers);
+        self.mounted(&loaded);
+        Some(loaded)
+    }
+
+    /// Find or load the layer directory `name` (a digest's hex): its index.
+    pub fn by_name(&self, name: &str) -> Option<usize> {
+        let known = self.read().by_hex.get(name).copied();
+        if let Some(i) = known {
+            return self.get(i).map(|_| i);
+        }
+        let loaded = Arc::new(self.load_hex(name)?);
+        let mut layers = self.write();
+        if let Some(&i) = layers.by_hex.get(name) {
+            return Some(i);
+        }
+        let i = layers.names.len();
+        // Recorded before any inode number of it reaches the kernel. If it cannot be, a
+        // resumed mount would misnumber layers: the list is removed, and the next daemon
+        // mounts afresh instead of resuming.
+        if let Some(f) = layers.persist.as_mut()
+            && let Err(e) = std::io::Write::write_all(f, format!("{name}\n").as_bytes())
+        {
+            tracing::error!(error = %e, "cannot record the layer list; the mount will not be handed over at restart");
+            layers.persist = None;
+            self.handover_broken.store(true, Ordering::Relaxed);
+        }
+        layers.names.push(name.to_string());
+        layers.loaded.push(Some(Arc::clone(&loaded)));
+        layers.by_hex.insert(name.to_string(), i);
+        drop(layers);
+        self.mounted(&loaded);
+        Some(i)
+    }
+
+    /// Persist new layer indexes to `file` from now on (a fresh mount that can be handed over).
+    pub fn persist(&self, file: std::fs::File) {
+        self.write().persist = Some(file);
+    }
+
+    /// Continue the layer list of a mount a previous daemon served, appending to `file`.
+    pub fn adopt(&self, names: Vec<String>, file: std::fs::File) {
+        let mut layers = self.write();
+        layers.by_hex = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        layers.loaded = vec![None; names.len()];
+        layers.names = names;
+        layers.persist = Some(file);
+    }
+
+    /// Start-up prefetch of layer `hex` (blocking: may load the layer): load it now, so the
+    /// TOC is parsed while containerd prepares the other layers, then fetch its landmark files
+    /// and the regular files `paths` in that order (a learned list). Paths the layer lacks are
+    /// skipped. Returns the chunks claimed, or `None` when the layer cannot be mounted.
+    pub fn start_prefetch(&self, hex: &str, paths: &[String]) -> Option<usize> {
+        let idx = self.by_name(hex)?;
+        let layer = self.get(idx)?;
+        let _rt = self.rt.enter();
+        let mut n = self.reader.prefetch_landmark(&layer);
+        if !paths.is_empty() {
+            let by_path: HashMap<&str, usize> = layer
+                .toc
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| !e.chunks.is_empty())
+                .map(|(i, e)| (e.path.as_str(), i))
+                .collect();
+            let entries: Vec<usize> = paths
+                .iter()
+                .filter_map(|p| by_path.get(p.as_str()).copied())
+                .collect();
+            let missing = paths.len() - entries.len();
+            if missing > 0 {
+                tracing::debug!(layer = %layer.digest, missing, "learned files not in the layer (or not regular files with content)");
+            }
+            let claimed = self.reader.prefetch(&layer, entries.iter().copied());
+            tracing::info!(layer = %layer.digest, files = entries.len(), chunks = claimed, "prefetching the files a previous start read");
+            n += claimed;
+        }
+        Some(n)
+    }
+
+    fn load_hex(&self, name: &str) -> Option<LazyLayer> {
+        let digest = Digest::parse(&format!("sha256:{name}")).ok()?;
+        let rec = lock(&self.db).layer(digest.as_str()).ok().flatten()?;
+        match self.load(&rec) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(layer = %digest, error = %e, "cannot mount layer lazily");
+                None
+            }
+        }
+    }
+
+    fn mounted(&self, layer: &Arc<LazyLayer>) {
+        tracing::info!(layer = %layer.digest, "layer mounted");
+        let reader = Arc::clone(&self.reader);
+        let layer = Arc::clone(layer);
+        // Files a converter marked as needed at start-up come first (in the background).
+        self.rt
+            .spawn(async move { reader.prefetch_landmark(&layer) });
+    }
+
+    fn load(&self, rec: &LayerRecord) -> Result<LazyLayer, String> {
+        if rec.toc_entries.is_none()
+            && rec.unpacked
+            && let Some(index) = rec.index_digest.as_deref()
+        {
+            // A layer without TOC, complete and unpacked: served from the file cache.
+            let index = Digest::parse(index).map_err(|e| e.to_string())?;
+            let json = self.layout.read_blob(&index).map_err(|e| e.to_string())?;
+            let entries =
+                crate::layer::tar::decode_index(&json, &crate::layer::tar::Limits::default())
+                    .map_err(|e| e.to_string())?;
+            let tree = Tree::from_entries(&entries).map_err(|e| e.to_string())?;
+            let toc = estargz::Toc {
+                digest: index,
+                toc_offset: 0,
+                entries,
+                prefetch_landmark: None,
+            };
+            return Ok(LazyLayer::new(
+                rec.digest().map_err(|e| e.to_string())?,
+                rec.source.clone(),
+                rec.size,
+                toc,
+                tree,
+            ));
+        }
+        let (Some(_), Some(toc_offset), Some(toc_digest)) =
+            (rec.toc_entries, rec.toc_offset, rec.toc_digest.as_deref())
+        else {
+            return Err("no verified TOC (not an eStargz layer, or not fetched yet) and not unpacked (a plain layer not fetched yet)".into());
+        };
+        let toc_digest = Digest::parse(toc_digest).map_err(|e| e.to_string())?;
+        let json = self
+            .layout
+            .read_blob(&toc_digest)
+            .map_err(|e| e.to_string())?;
+        let toc = crate::layer::parse_stored_toc(
+            &json,
+            &toc_digest,
+            rec.toc_position.as_deref(),
+            rec.size,
+            toc_offset,
+        )?;
+        let tree = Tree::from_entries(&toc.entries).map_err(|e| e.to_string())?;
+        Ok(LazyLayer::new(
+            rec.digest().map_err(|e| e.to_string())?,
+            rec.source.clone(),
+            rec.size,
+            toc,
+            tree,
+        ))
+    }
+}

@@ -1,0 +1,636 @@
+//! Learned start-up prefetch. Most eStargz images carry no prefetch landmark, so nothing says
+//! which files a container's start reads. lazypull learns it: the first time containerd
+//! prepares an image's layers as remote snapshots and no layer has a landmark, a recording
+//! session (`fs::record`) notes every regular file first opened in those layers, in order,
+//! until opens go quiet (`fetch.learn.quiet`), the window ends (`fetch.learn.window`) or the
+//! list is full (`fetch.learn.max_files`). The list is kept in the store per image manifest
+//! digest (`learned/sha256/<hex>.json`, kept across prunes of the image). At every later
+//! remote preparation of that image (a cold start: after a prune, or on a node provisioned
+//! from the same store) each layer is loaded at once and its listed files are prefetched in
+//! that order, beside the container's own reads (see `LayerTable::start_prefetch`).
+//!
+//! Lists are untrusted input (the store may be copied between nodes, and later shared through
+//! the registry): bounded and validated when read; files the image lacks are skipped.
+
+use crate::config::LearnConfig;
+use crate::fs::record::Recorder;
+use crate::oci::Digest;
+use crate::store::{Catalogue, ImageRecord, Layout, locked as lock};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Files one list holds at most.
+pub const MAX_FILES: usize = 10_000;
+/// Longest path in a list.
+const MAX_PATH: usize = 4096;
+/// Largest list file read.
+const MAX_LIST_BYTES: u64 = 16 << 20;
+const VERSION: u32 = 1;
+/// A recording that saw no open at all for this long is dropped (the image was prepared but
+/// no container started).
+const GIVE_UP: Duration = Duration::from_secs(600);
+/// How often a recording is looked at.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The files an image's start read, first opens first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnedList {
+    pub version: u32,
+    /// The image's manifest digest.
+    pub image: String,
+    /// When it was recorded (seconds since the epoch).
+    pub recorded_at: i64,
+    pub files: Vec<LearnedFile>,
+}
+
+/// A regular file of a layer: the layer's digest and the file's path in the layer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnedFile {
+    pub layer: String,
+    pub path: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LearnedError {
+    #[error("learned list {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("learned list {}: {reason}", path.display())]
+    Invalid { path: PathBuf, reason: String },
+}
+
+impl LearnedList {
+    /// Parse and validate a list that claims to belong to image `manifest`.
+    pub fn decode(bytes: &[u8], manifest: &Digest) -> Result<Self, String> {
+        let list: LearnedList = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if list.version != VERSION {
+            return Err(format!(
+                "version {} (this lazypull reads {VERSION})",
+                list.version
+            ));
+        }
+        if list.image != manifest.as_str() {
+            return Err(format!(
+                "it is the list of {}, not of {manifest}",
+                list.image
+            ));
+        }
+        if list.files.len() > MAX_FILES {
+            return Err(format!("{} files, more than {MAX_FILES}", list.files.len()));
+        }
+        for f in &list.files {
+            Digest::parse(&f.layer).map_err(|e| format!("layer {:?}: {e}", f.layer))?;
+            let bad = f.path.is_empty()
+                || f.path.len() > MAX_PATH
+                || f.path.contains('\0')
+                || f.path.starts_with('/')
+                || f.path.split('/').any(|c| c == "..");
+            if bad {
+                return Err(format!("bad path {:?}", f.path));
+            }
+        }
+        Ok(list)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising plain strings and numbers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The listed paths of layer `layer`, in order.
+    pub fn paths_of(&self, layer: &str) -> Vec<String> {
+        self.files
+            .iter()
+            .filter(|f| f.layer == layer)
+            .map(|f| f.path.clone())
+            .collect()
+    }
+
+    /// Listed files per layer digest.
+    pub fn per_layer(&self) -> BTreeMap<String, usize> {
+        let mut m = BTreeMap::new();
+        for f in &self.files {
+            *m.entry(f.layer.clone()).or_default() += 1;
+        }
+        m
+    }
+}
+
+/// The list of image `manifest` in the store, if there is one.
+pub fn load(layout: &Layout, manifest: &Digest) -> Result<Option<LearnedList>, LearnedError> {
+    let path = layout.learned(manifest);
+    let io = |source| LearnedError::Io {
+        path: path.clone(),
+        source,
+    };
+    let f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    let mut bytes = vec![];
+    std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_LIST_BYTES + 1), &mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_LIST_BYTES {
+        return Err(LearnedError::Invalid {
+            path,
+            reason: format!("larger than {MAX_LIST_BYTES} bytes"),
+        });
+    }
+    LearnedList::decode(&bytes, manifest)
+        .map(Some)
+        .map_err(|reason| LearnedError::Invalid { path, reason })
+}
+
+/// Store a list (temp file, fsync, rename: a crash leaves the old list or the new one).
+pub fn save(layout: &Layout, list: &LearnedList) -> Result<PathBuf, LearnedError> {
+    let manifest = Digest::parse(&list.image).map_err(|e| LearnedError::Invalid {
+        path: layout.learned_dir(),
+        reason: e.to_string(),
+    })?;
+    let dir = layout.learned_dir();
+    let path = layout.learned(&manifest);
+    let tmp = dir.join(format!(".tmp-{}-{}", manifest.hex(), std::process::id()));
+    let res = (|| {
+        std::fs::create_dir_all(&dir)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&list.encode())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        crate::store::sync_dir(&dir)
+    })();
+    if let Err(source) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(LearnedError::Io { path, source });
+    }
+    Ok(path)
+}
+
+/// Remove the list of image `manifest`; whether there was one.
+pub fn forget(layout: &Layout, manifest: &Digest) -> Result<bool, LearnedError> {
+    let path = layout.learned(manifest);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(LearnedError::Io { path, source }),
+    }
+}
+
+/// What tells a start of `image` which files to fetch first, for `lazypull status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum StartPrefetch {
+    /// A converter's landmark in the TOC of these layers (digest → files before it).
+    Landmark {
+        layers: BTreeMap<String, u64>,
+    },
+    /// A list learned from an earlier start.
+    Learned {
+        files: usize,
+        recorded_at: i64,
+        layers: BTreeMap<String, usize>,
+    },
+    /// The learned list is unusable.
+    Refused {
+        reason: String,
+    },
+    None,
+}
+
+impl StartPrefetch {
+    pub fn of(layout: &Layout, image: &ImageRecord) -> StartPrefetch {
+        let landmarks: BTreeMap<String, u64> = image
+            .layers
+            .iter()
+            .filter_map(|l| Some((l.digest.clone(), l.landmark_files?)))
+            .collect();
+        if !landmarks.is_empty() {
+            return StartPrefetch::Landmark { layers: landmarks };
+        }
+        let Ok(manifest) = Digest::parse(&image.manifest_digest) else {
+            return StartPrefetch::None;
+        };
+        match load(layout, &manifest) {
+            Ok(Some(list)) => StartPrefetch::Learned {
+                files: list.files.len(),
+                recorded_at: list.recorded_at,
+                layers: list.per_layer(),
+            },
+            Ok(None) => StartPrefetch::None,
+            Err(e) => StartPrefetch::Refused {
+                reason: e.to_string(),
+            },
+        }
+    }
+}
+
+/// Where start-up prefetch of a layer runs: the FUSE mount's layer table.
+pub trait Prefetch: Send + Sync {
+    /// Load layer `hex` now and prefetch its landmark files and then `paths`, in order.
+    /// `None` when the layer cannot be mounted.
+    fn start(&self, hex: &str, paths: &[String]) -> Option<usize>;
+}
+
+impl Prefetch for crate::fs::layers::LayerTable {
+    fn start(&self, hex: &str, paths: &[String]) -> Option<usize> {
+        self.start_prefetch(hex, paths)
+    }
+}
+
+/// Learns and replays start-up reads (see the module documentation).
+pub struct Learner {
+    layout: Layout,
+    db: Arc<Mutex<Catalogue>>,
+    recorder: Arc<Recorder>,
+    prefetch: Arc<dyn Prefetch>,
+    opts: LearnConfig,
+    rt: tokio::runtime::Handle,
+    /// Images (manifest digests) being recorded now.
+    learning: Mutex<HashSet<String>>,
+}
+
+impl Learner {
+    pub fn new(
+        layout: Layout,
+        db: Arc<Mutex<Catalogue>>,
+        recorder: Arc<Recorder>,
+        prefetch: Arc<dyn Prefetch>,
+        opts: LearnConfig,
+    ) -> Arc<Self> {
+        Arc::new(Learner {
+            layout,
+            db,
+            recorder,
+            prefetch,
+            opts,
+            rt: tokio::runtime::Handle::current(),
+            learning: Mutex::default(),
+        })
+    }
+
+    /// containerd prepared layer `layer` of image `image_ref` as a remote snapshot (a cold
+    /// start of the image is under way): start the layer's prefetch in the background, and
+    /// record the start if nothing says what it reads.
+    pub fn layer_prepared(self: &Arc<Self>, image_ref: &str, layer: &Digest) {
+        let (this, image_ref, layer) = (Arc::clone(self), image_ref.to_string(), layer.clone());
+        self.rt
+            .spawn_blocking(move || this.prepared(&image_ref, &layer));
+    }
+
+    fn prepared(self: &Arc<Self>, image_ref: &str, layer: &Digest) {
+        let image = match crate::images::resolve_in(&lock(&self.db), image_ref) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(image = %image_ref, error = %e, "cannot look the image up for start-up prefetch");
+                None
+            }
+        };
+        let list = image.as_ref().and_then(|i| self.list_of(i));
+        let paths = match &list {
+            Some(l) if self.opts.enabled => l.paths_of(layer.as_str()),
+            _ => vec![],
+        };
+        if self.prefetch.start(layer.hex(), &paths).is_none() {
+            return;
+        }
+        if let Some(image) = image
+            && self.opts.enabled
+            && list.is_none()
+            && image.layers.iter().all(|l| l.landmark_files.is_none())
+        {
+            self.learn(&image);
+        }
+    }
+
+    fn list_of(&self, image: &ImageRecord) -> Option<LearnedList> {
+        let manifest = Digest::parse(&image.manifest_digest).ok()?;
+        match load(&self.layout, &manifest) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(image = %manifest, error = %e, "learned list ignored");
+                None
+            }
+        }
+    }
+
+    /// Record the start of `image` (once at a time per image).
+    fn learn(self: &Arc<Self>, image: &ImageRecord) {
+        let Ok(manifest) = Digest::parse(&image.manifest_digest) else {
+            return;
+        };
+        if !lock(&self.learning).insert(manifest.to_string()) {
+            return;
+        }
+        let layers = image
+            .layers
+            .iter()
+            .map(|l| l.digest.trim_start_matches("sha256:").to_string());
+        let id = self.recorder.start_bounded(layers, self.opts.max_files);
+        tracing::info!(image = %manifest, "recording which files its start reads (no prefetch landmark, no learned list)");
+        let this = Arc::clone(self);
+        self.rt.spawn(async move {
+            let files = this.record(id).await;
+            lock(&this.learning).remove(manifest.as_str());
+            let Some(files) = files else {
+                tracing::info!(image = %manifest, "no file was read: nothing learned");
+                return;
+            };
+            let list = LearnedList {
+                version: VERSION,
+                image: manifest.to_string(),
+                recorded_at: chrono::Utc::now().timestamp(),
+                files: files
+                    .into_iter()
+                    .map(|(layer, path)| LearnedFile {
+                        layer: format!("sha256:{layer}"),
+                        path,
+                    })
+                    .collect(),
+            };
+            let n = list.files.len();
+            let layout = this.layout.clone();
+            match tokio::task::spawn_blocking(move || save(&layout, &list)).await {
+                Ok(Ok(path)) => {
+                    tracing::info!(image = %manifest, files = n, path = %path.display(), "learned the files its start reads: the next cold start prefetches them")
+                }
+                Ok(Err(e)) => tracing::warn!(image = %manifest, error = %e, "cannot keep the learned list"),
+                Err(_) => {}
+            }
+        });
+    }
+
+    /// Wait for recording `id` to end; its files, or `None` when nothing was opened.
+    async fn record(&self, id: u64) -> Option<Vec<(String, String)>> {
+        let started = Instant::now();
+        let mut first: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(POLL).await;
+            let (n, last, full) = self.recorder.progress(id)?;
+            if n > 0 && first.is_none() {
+                first = Some(Instant::now());
+            }
+            let done = full
+                || last.is_some_and(|t| t.elapsed() >= self.opts.quiet)
+                || first.is_some_and(|t| t.elapsed() >= self.opts.window);
+            if done {
+                break;
+            }
+            if n == 0 && started.elapsed() >= GIVE_UP {
+                self.recorder.stop(id);
+                return None;
+            }
+        }
+        self.recorder.stop(id).filter(|f| !f.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NameKind, NewImage, NewLayer};
+    use std::path::Path;
+
+    fn d(c: char) -> Digest {
+        Digest::parse(&format!("sha256:{}", c.to_string().repeat(64))).unwrap()
+    }
+
+    fn list(files: &[(&str, &str)]) -> LearnedList {
+        LearnedList {
+            version: VERSION,
+            image: d('e').to_string(),
+            recorded_at: 1,
+            files: files
+                .iter()
+                .map(|(l, p)| LearnedFile {
+                    layer: l.to_string(),
+                    path: p.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn lists_round_trip_and_bad_ones_are_refused() {
+        let a = d('a').to_string();
+        let good = list(&[(&a, "usr/bin/python3"), (&a, "etc/ld.so.cache")]);
+        assert_eq!(LearnedList::decode(&good.encode(), &d('e')).unwrap(), good);
+        assert_eq!(good.paths_of(&a), ["usr/bin/python3", "etc/ld.so.cache"]);
+        assert!(good.paths_of(&d('b').to_string()).is_empty());
+        // Another image's list, another version, bad layers or paths.
+        assert!(LearnedList::decode(&good.encode(), &d('d')).is_err());
+        let mut v2 = good.clone();
+        v2.version = 2;
+        assert!(LearnedList::decode(&v2.encode(), &d('e')).is_err());
+        for (l, p) in [
+            ("sha256:short", "x"),
+            (a.as_str(), ""),
+            (a.as_str(), "/abs"),
+            (a.as_str(), "a/../../etc/shadow"),
+            (a.as_str(), "nul\0"),
+        ] {
+            assert!(
+                LearnedList::decode(&list(&[(l, p)]).encode(), &d('e')).is_err(),
+                "{l} {p:?}"
+            );
+        }
+        let long = "x".repeat(MAX_PATH + 1);
+        assert!(LearnedList::decode(&list(&[(&a, &long)]).encode(), &d('e')).is_err());
+        let many: Vec<(&str, &str)> = (0..=MAX_FILES).map(|_| (a.as_str(), "f")).collect();
+        assert!(LearnedList::decode(&list(&many).encode(), &d('e')).is_err());
+        assert!(LearnedList::decode(b"{\"version\":1", &d('e')).is_err());
+    }
+
+    #[test]
+    fn saved_lists_load_and_oversized_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        assert!(load(&layout, &d('e')).unwrap().is_none());
+        let l = list(&[(&d('a').to_string(), "bin/sh")]);
+        save(&layout, &l).unwrap();
+        assert_eq!(load(&layout, &d('e')).unwrap(), Some(l));
+        std::fs::write(
+            layout.learned(&d('e')),
+            vec![b' '; MAX_LIST_BYTES as usize + 1],
+        )
+        .unwrap();
+        assert!(matches!(
+            load(&layout, &d('e')),
+            Err(LearnedError::Invalid { .. })
+        ));
+        assert!(forget(&layout, &d('e')).unwrap());
+        assert!(!forget(&layout, &d('e')).unwrap());
+    }
+
+    /// Records what start-up prefetch was asked for.
+    #[derive(Default)]
+    struct FakePrefetch {
+        calls: Mutex<Vec<(String, Vec<String>)>>,
+    }
+
+    impl Prefetch for FakePrefetch {
+        fn start(&self, hex: &str, paths: &[String]) -> Option<usize> {
+            lock(&self.calls).push((hex.to_string(), paths.to_vec()));
+            Some(paths.len())
+        }
+    }
+
+    fn catalogue(dir: &Path, landmark: bool) -> Arc<Mutex<Catalogue>> {
+        let mut db = Catalogue::open(&dir.join("catalogue.db")).unwrap();
+        let (id, m, la, lb) = (d('f'), d('e'), d('a'), d('b'));
+        db.insert_image(&NewImage {
+            id: &id,
+            manifest_digest: &m,
+            index_digest: None,
+            media_type: "application/vnd.oci.image.manifest.v1+json",
+            size: 1,
+            user: "",
+            source: "r.example/img",
+            layers: [&la, &lb]
+                .into_iter()
+                .map(|l| NewLayer {
+                    digest: l,
+                    media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+                    size: 10,
+                    diff_id: l,
+                    toc_digest: None,
+                    toc_position: None,
+                })
+                .collect(),
+            names: vec![("r.example/img:1".into(), NameKind::Tag)],
+        })
+        .unwrap();
+        if landmark {
+            db.set_toc(la.as_str(), 3, 5, Some(1)).unwrap();
+        }
+        Arc::new(Mutex::new(db))
+    }
+
+    async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn learner(dir: &Path, landmark: bool) -> (Arc<Learner>, Arc<Recorder>, Arc<FakePrefetch>) {
+        let recorder = Arc::new(Recorder::default());
+        let fake = Arc::new(FakePrefetch::default());
+        let l = Learner::new(
+            Layout::new(dir),
+            catalogue(dir, landmark),
+            Arc::clone(&recorder),
+            Arc::clone(&fake) as Arc<dyn Prefetch>,
+            LearnConfig {
+                enabled: true,
+                quiet: Duration::from_millis(300),
+                window: Duration::from_secs(10),
+                max_files: 100,
+            },
+        );
+        (l, recorder, fake)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_start_is_recorded_and_the_next_prefetches_it_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, recorder, fake) = learner(dir.path(), false);
+        let (a, b) = (d('a'), d('b'));
+        l.layer_prepared("r.example/img:1", &a);
+        l.layer_prepared("r.example/img:1", &b);
+        wait_for("recording", || recorder.is_active()).await;
+        wait_for("both layers prepared", || lock(&fake.calls).len() == 2).await;
+        // The container's start: opens in both layers, one of another layer not watched.
+        recorder.opened(b.hex(), "usr/bin/python3");
+        recorder.opened(a.hex(), "lib/libc.so.6");
+        recorder.opened(&"c".repeat(64), "elsewhere");
+        recorder.opened(b.hex(), "usr/lib/python3.11/os.py");
+        // Quiet: the list is saved.
+        wait_for("the list", || {
+            load(&Layout::new(dir.path()), &d('e')).unwrap().is_some()
+        })
+        .await;
+        let saved = load(&Layout::new(dir.path()), &d('e')).unwrap().unwrap();
+        assert_eq!(
+            saved.paths_of(b.as_str()),
+            ["usr/bin/python3", "usr/lib/python3.11/os.py"]
+        );
+        assert_eq!(saved.paths_of(a.as_str()), ["lib/libc.so.6"]);
+        assert_eq!(saved.files.len(), 3);
+        wait_for("the recording to end", || !recorder.is_active()).await;
+        // Nothing was prefetched from a list the first time; the next start gets it in order.
+        assert!(lock(&fake.calls).iter().all(|(_, p)| p.is_empty()));
+        lock(&fake.calls).clear();
+        l.layer_prepared("r.example/img:1", &b);
+        wait_for("prefetch", || lock(&fake.calls).len() == 1).await;
+        assert_eq!(
+            lock(&fake.calls)[0],
+            (
+                b.hex().to_string(),
+                vec![
+                    "usr/bin/python3".to_string(),
+                    "usr/lib/python3.11/os.py".to_string()
+                ]
+            )
+        );
+        // No new recording while a list exists.
+        assert!(!recorder.is_active());
+        let status = StartPrefetch::of(
+            &Layout::new(dir.path()),
+            &crate::images::resolve_in(&lock(&l.db), "r.example/img:1")
+                .unwrap()
+                .unwrap(),
+        );
+        assert!(
+            matches!(&status, StartPrefetch::Learned { files: 3, layers, .. } if layers.len() == 2),
+            "{status:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn images_with_a_landmark_are_not_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, recorder, fake) = learner(dir.path(), true);
+        l.layer_prepared("r.example/img:1", &d('a'));
+        wait_for("prefetch", || lock(&fake.calls).len() == 1).await;
+        assert!(!recorder.is_active());
+        let image = crate::images::resolve_in(&lock(&l.db), "r.example/img:1")
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            StartPrefetch::of(&Layout::new(dir.path()), &image),
+            StartPrefetch::Landmark { .. }
+        ));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unusable_list_is_ignored_and_learned_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, recorder, fake) = learner(dir.path(), false);
+        let layout = Layout::new(dir.path());
+        std::fs::create_dir_all(layout.learned_dir()).unwrap();
+        std::fs::write(layout.learned(&d('e')), b"{not json").unwrap();
+        l.layer_prepared("r.example/img:1", &d('a'));
+        wait_for("recording", || recorder.is_active()).await;
+        assert_eq!(lock(&fake.calls)[0].1, Vec::<String>::new());
+        recorder.opened(d('a').hex(), "bin/sh");
+        wait_for("the new list", || {
+            load(&layout, &d('e')).is_ok_and(|l| l.is_some())
+        })
+        .await;
+    }
+}
