@@ -51,6 +51,12 @@ pub struct SnapshotterConfig {
     /// told to download the layer instead.
     #[serde(with = "humantime_serde_compat")]
     pub remote_wait: Duration,
+    /// A layer without TOC (plain gzip/zstd) is fetched once, by lazypull's filler, and served
+    /// from its file cache once unpacked: a Prepare waits that long for it (containerd then
+    /// downloads nothing). Past it, or with 0, or with the filler off, containerd downloads the
+    /// layer itself (and the filler fetches it again).
+    #[serde(with = "humantime_serde_compat")]
+    pub plain_wait: Duration,
 }
 
 impl Default for SnapshotterConfig {
@@ -59,6 +65,7 @@ impl Default for SnapshotterConfig {
             enabled: true,
             socket: PathBuf::from("/run/lazypull/snapshotter.sock"),
             remote_wait: Duration::from_secs(30),
+            plain_wait: Duration::from_secs(600),
         }
     }
 }

@@ -1256,3 +1256,57 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
     ctd.ctr(&["images", "rm", "--sync", &py]);
     assert_all_gone(&mut c, &ctd, &d).await;
 }
+
+/// A plain gzip image through the remote flow (ctr-remote passes the layer labels for every
+/// layer): lazypull's filler fetches each layer once, containerd downloads nothing and runs the
+/// container on the layer served from lazypull's file cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_layers_are_fetched_once_through_the_remote_flow() {
+    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::with_fixtures(None);
+    let d = Daemon::start(&[]);
+    let ctd = Containerd::start_with_snapshotter(&[reg.host()], &d.snapshotter_socket());
+    let img = format!("{}/busybox:latest", reg.host());
+    let (layers, _) = layers_of(&reg, "busybox:latest");
+    ctr_remote(
+        &ctd,
+        &[
+            "images",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "lazypull",
+            &img,
+        ],
+    );
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lazypull",
+        &img,
+        "plain-once",
+        "/bin/sh",
+        "-c",
+        "echo fetched once",
+    ]);
+    assert!(out.contains("fetched once"), "{out}");
+    for (digest, size) in &layers {
+        let (bytes, requests, _) = served(&reg, "busybox", digest);
+        assert_eq!(
+            bytes, *size,
+            "layer {digest} ({size} bytes): the registry sent {bytes} bytes in {requests} requests"
+        );
+    }
+    let mut c = snapshots(&d).await;
+    assert_eq!(remote_snapshots(&mut c).await.len(), layers.len());
+    assert!(
+        d.log_text().contains("lazypull fetches it once"),
+        "{}",
+        d.log_text()
+    );
+    ctd.ctr(&["images", "rm", "--sync", &img]);
+    assert_all_gone(&mut c, &ctd, &d).await;
+}

@@ -227,6 +227,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             crate::snapshot::SnapshotterOptions {
                 fuse_root: fuse.as_ref().map(|_| cfg.fuse.mountpoint.clone()),
                 remote_wait: cfg.snapshotter.remote_wait,
+                plain_wait: cfg.fetch.fill.enabled.then_some(cfg.snapshotter.plain_wait),
                 learner: fuse.as_ref().and(fuse_table.clone()).map(|table| {
                     crate::learned::Learner::new(
                         images.layout.clone(),

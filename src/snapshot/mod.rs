@@ -238,6 +238,9 @@ pub struct SnapshotterOptions {
     pub fuse_root: Option<PathBuf>,
     /// How long a remote Prepare waits for a layer's TOC before falling back to a download.
     pub remote_wait: Duration,
+    /// How long a remote Prepare waits for the filler to fetch and unpack a layer without TOC
+    /// (None: the filler is off, containerd downloads such layers).
+    pub plain_wait: Option<Duration>,
     /// Start-up prefetch (landmark, learned lists) begins when a layer is prepared remotely.
     pub learner: Option<Arc<crate::learned::Learner>>,
 }
@@ -469,8 +472,10 @@ impl Snapshotter {
     /// files unpacked (a complete plain layer). Pulls the image (manifest and config) first if
     /// the daemon does not know the layer. Err: why it cannot be served lazily.
     async fn layer_ready(&self, req: &RemoteRequest) -> std::result::Result<(), String> {
-        let deadline = Instant::now() + self.opts.remote_wait;
+        let started = Instant::now();
+        let deadline = started + self.opts.remote_wait;
         let mut pulled = false;
+        let mut plain_logged = false;
         loop {
             let layer = lock(&self.db)
                 .layer(req.layer.as_str())
@@ -507,10 +512,32 @@ impl Snapshotter {
                     ));
                 }
                 Some(l) if l.toc_digest.is_none() => {
-                    return Err(format!(
-                        "it has no TOC ({}) and is not fetched yet",
-                        l.media_type
-                    ));
+                    // Fetched once, by the filler (one stream, verified, unpacked into the
+                    // file cache), rather than by containerd and then again by the filler.
+                    let Some(wait) = self.opts.plain_wait.filter(|w| !w.is_zero()) else {
+                        return Err(format!(
+                            "it has no TOC ({}) and is not fetched yet",
+                            l.media_type
+                        ));
+                    };
+                    if l.state == crate::store::LayerState::Failed {
+                        return Err(format!(
+                            "it has no TOC and its fetch failed: {}",
+                            l.error.unwrap_or_default()
+                        ));
+                    }
+                    if started.elapsed() >= wait {
+                        return Err(format!(
+                            "it has no TOC and was not fetched and unpacked within {wait:?} (snapshotter.plain_wait)"
+                        ));
+                    }
+                    if !plain_logged {
+                        plain_logged = true;
+                        tracing::info!(layer = %req.layer, media_type = %l.media_type, filled = l.filled, size = l.size,
+                            "layer without TOC: lazypull fetches it once and serves it from its file cache when unpacked; containerd downloads nothing");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
                 }
                 Some(_) => {}
                 None if !pulled => {
