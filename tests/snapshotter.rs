@@ -394,28 +394,16 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
     let big = format!("{}/big:esgz", reg.host());
     let (layers, image_size) = layers_of(&reg, "big:esgz");
 
-    ctr_remote(
-        &ctd,
-        &[
-            "images",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "lazypull",
-            &big,
-        ],
-    );
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazypull",
+    ctd.rpull_lazy(&big);
+    let out = ctd.run_lazy(
         &big,
         "lazy1",
-        "/bin/sh",
-        "-c",
-        "echo hello from a lazy container; head -c 4096 /big/big.bin | wc -c",
-    ]);
+        &[
+            "/bin/sh",
+            "-c",
+            "echo hello from a lazy container; head -c 4096 /big/big.bin | wc -c",
+        ],
+    );
     assert!(
         out.contains("hello from a lazy container") && out.contains("4096"),
         "{out}"
@@ -448,17 +436,7 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
         "lazypull",
         &plain,
     ]);
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazypull",
-        &plain,
-        "plain1",
-        "/bin/sh",
-        "-c",
-        "echo plain ok",
-    ]);
+    let out = ctd.run_lazy(&plain, "plain1", &["/bin/sh", "-c", "echo plain ok"]);
     assert!(out.contains("plain ok"), "{out}");
 
     // A container running across the restart: it has read a little, then waits for /go.
@@ -510,17 +488,11 @@ async fn containerd_runs_containers_on_lazy_snapshots() {
         "containerd reconnected {:?} after the restart",
         started.elapsed()
     );
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazypull",
+    let out = ctd.run_lazy(
         &big,
         "lazy2",
-        "/bin/sh",
-        "-c",
-        "tail -c 100 /big/big.bin | wc -c",
-    ]);
+        &["/bin/sh", "-c", "tail -c 100 /big/big.bin | wc -c"],
+    );
     assert!(out.contains("100"), "{out}");
     // The running container kept its lazy layers across kill -9 too: an exec into it (its
     // /bin/sh comes from a lazy layer) reads another region never fetched before.
@@ -899,28 +871,16 @@ async fn python_image_runs_on_lazy_layers_through_containerd() {
     let (layers, image_size) = layers_of(&reg, "py:esgz");
 
     let started = std::time::Instant::now();
-    ctr_remote(
-        &ctd,
-        &[
-            "images",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "lazypull",
-            &py,
-        ],
-    );
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazypull",
+    ctd.rpull_lazy(&py);
+    let out = ctd.run_lazy(
         &py,
         "py1",
-        "python3",
-        "-c",
-        "import json, sqlite3; print(json.dumps({'lazy': bool(sqlite3.sqlite_version)}))",
-    ]);
+        &[
+            "python3",
+            "-c",
+            "import json, sqlite3; print(json.dumps({'lazy': bool(sqlite3.sqlite_version)}))",
+        ],
+    );
     let ran = started.elapsed();
     assert!(out.contains(r#"{"lazy": true}"#), "{out}");
     let sent = bytes_sent(&reg, "py", &layers);
@@ -1001,31 +961,15 @@ async fn deep_images_mount_past_a_page_of_lower_paths() {
         String::from_utf8_lossy(&out.stderr)
     );
     let ctd = Containerd::start_with_snapshotter(std::slice::from_ref(&h), &d.snapshotter_socket());
-    ctr_remote(
-        &ctd,
-        &[
-            "images",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "lazypull",
-            &esgz,
-        ],
-    );
+    ctd.rpull_lazy(&esgz);
     let mut c = snapshots(&d).await;
     let remote = remote_snapshots(&mut c).await;
     assert_eq!(remote.len(), DEPTH, "every layer is lazy");
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazypull",
+    let out = ctd.run_lazy(
         &esgz,
         "deep1",
-        "/bin/sh",
-        "-c",
-        "ls /layers | wc -l; cat /layers/149",
-    ]);
+        &["/bin/sh", "-c", "ls /layers | wc -l; cat /layers/149"],
+    );
     assert!(
         out.contains(&format!("{}", DEPTH - 1)) && out.contains("layer 149"),
         "{out}"
@@ -1116,28 +1060,8 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
     let py = format!("{h}/py:esgz");
     let script = "import json, decimal, sqlite3; print('started', decimal.Decimal(1) / 8)";
     let start = |name: &str| {
-        ctr_remote(
-            &ctd,
-            &[
-                "images",
-                "rpull",
-                "--plain-http",
-                "--snapshotter",
-                "lazypull",
-                &py,
-            ],
-        );
-        let out = ctd.ctr(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "lazypull",
-            &py,
-            name,
-            "python3",
-            "-c",
-            script,
-        ]);
+        ctd.rpull_lazy(&py);
+        let out = ctd.run_lazy(&py, name, &["python3", "-c", script]);
         assert!(out.contains("started 0.125"), "{out}");
     };
     let image = |d: &Daemon| d.status_json()["images"][0].clone();
@@ -1270,28 +1194,8 @@ async fn plain_layers_are_fetched_once_through_the_remote_flow() {
     let ctd = Containerd::start_with_snapshotter(&[reg.host()], &d.snapshotter_socket());
     let img = format!("{}/busybox:latest", reg.host());
     let (layers, _) = layers_of(&reg, "busybox:latest");
-    ctr_remote(
-        &ctd,
-        &[
-            "images",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "lazypull",
-            &img,
-        ],
-    );
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lazypull",
-        &img,
-        "plain-once",
-        "/bin/sh",
-        "-c",
-        "echo fetched once",
-    ]);
+    ctd.rpull_lazy(&img);
+    let out = ctd.run_lazy(&img, "plain-once", &["/bin/sh", "-c", "echo fetched once"]);
     assert!(out.contains("fetched once"), "{out}");
     for (digest, size) in &layers {
         let (bytes, requests, _) = served(&reg, "busybox", digest);

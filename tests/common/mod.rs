@@ -805,6 +805,29 @@ impl Containerd {
         }
     }
 
+    /// `ctr-remote images rpull --plain-http --snapshotter lazypull IMAGE`: layers as remote
+    /// snapshots of lazypull's snapshotter.
+    pub fn rpull_lazy(&self, image: &str) -> String {
+        ctr_remote(
+            self,
+            &[
+                "images",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "lazypull",
+                image,
+            ],
+        )
+    }
+
+    /// `ctr run --rm --snapshotter lazypull IMAGE NAME CMD...`: its output.
+    pub fn run_lazy(&self, image: &str, name: &str, cmd: &[&str]) -> String {
+        let mut args = vec!["run", "--rm", "--snapshotter", "lazypull", image, name];
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+
     pub fn ctr_output(&self, args: &[&str]) -> std::process::Output {
         Command::new("ctr")
             .arg("-a")
