@@ -1,5 +1,6 @@
 //! lazypull: lazy-loading container image service (library; the `lazypull` binary is a thin CLI).
-//! See DESIGN.md in the shared notes for the architecture.
+//! See docs/architecture.md for the architecture: layers of the code, the store, and how a
+//! pull, a lazy read, start-up prefetch and a snapshot flow through the modules.
 
 pub mod cli;
 pub mod commands;

@@ -130,7 +130,7 @@ pub struct Filler {
     link: Arc<schedule::Link>,
 }
 
-/// Which complete layers get their files unpacked into `files/sha256` (DESIGN.md §3).
+/// Which complete layers get their files unpacked into `files/sha256` (docs/architecture.md, "Store").
 #[derive(Clone, Copy, Debug, Default)]
 pub struct UnpackPolicy {
     /// Layers without a TOC: the only way to mount them.

@@ -911,7 +911,12 @@ mod tests {
         assert_eq!(coalesce(big, 64).len(), 2);
         // Batches: list order, cut once a batch holds `bytes`.
         let b = batches(
-            vec![claim(500, 560), claim(0, 50), claim(900, 910), claim(100, 200)],
+            vec![
+                claim(500, 560),
+                claim(0, 50),
+                claim(900, 910),
+                claim(100, 200),
+            ],
             100,
         );
         assert_eq!(

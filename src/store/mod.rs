@@ -1,4 +1,4 @@
-//! The store: a SQLite catalogue plus content-addressed files under one root (DESIGN.md §3).
+//! The store: a SQLite catalogue plus content-addressed files under one root (docs/architecture.md, "Store").
 //!
 //! Layout: `catalogue.db`, `blobs/sha256/<hex>` (complete, verified), `partial/sha256/<hex>`
 //! (a sparse file of a layer being fetched) with `<hex>.map` (the byte ranges it holds), `lock`.

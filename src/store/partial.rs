@@ -1,4 +1,4 @@
-//! Partial layer files (DESIGN.md §3): `partial/sha256/<hex>`, a sparse file the size of the
+//! Partial layer files (docs/architecture.md, "Store"): `partial/sha256/<hex>`, a sparse file the size of the
 //! blob, and `partial/sha256/<hex>.map`, the persisted set of byte ranges it holds.
 //!
 //! Both writers of a layer share one [`PartialBlob`]: FUSE reads write the spans they fetched on

@@ -1,6 +1,6 @@
 //! A set of byte ranges (`[start, end)`, disjoint, merged when they touch) and its on-disk form.
 //!
-//! This is the "bitmap" of DESIGN.md §3 for a partial layer file: which bytes of the sparse file
+//! This is the "bitmap" of docs/architecture.md ("Store") for a partial layer file: which bytes of the sparse file
 //! hold data from the registry. An interval set is used instead of a fixed-granularity bitmap
 //! because on-demand spans (gzip members of eStargz chunks) start and end anywhere; it is exact
 //! and small (16 bytes per run). Hand-written because the operations needed (merge-insert, gaps
