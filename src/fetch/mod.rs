@@ -191,6 +191,65 @@ async fn verify_in_order(
     Ok(v)
 }
 
+/// A partial blob read from its start, in order, waiting for its ranges to arrive (blocking:
+/// for a `spawn_blocking` thread). Fails when `progress` ends with the next byte missing (the
+/// fill stopped).
+struct InOrder {
+    blob: Arc<PartialBlob>,
+    pos: u64,
+    size: u64,
+    progress: watch::Receiver<()>,
+    rt: tokio::runtime::Handle,
+}
+
+impl std::io::Read for InOrder {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if let Some(end) = self.blob.covered_until(self.pos) {
+                let n = buf.len().min((end.min(self.size) - self.pos) as usize);
+                self.blob.read_at(&mut buf[..n], self.pos)?;
+                self.pos += n as u64;
+                return Ok(n);
+            }
+            // A change sent after the check above is not lost: `changed` reports every send
+            // since this receiver last looked.
+            let ended = self.rt.block_on(self.progress.changed()).is_err();
+            if ended && self.blob.covered_until(self.pos).is_none() {
+                return Err(std::io::Error::other(format!(
+                    "the fill stopped before byte {}",
+                    self.pos
+                )));
+            }
+        }
+    }
+}
+
+/// Unpack a layer's tar from `r` into the file cache; plain layers (no TOC) also get their file
+/// index, stored as a blob. Blocking.
+fn unpack_stream(
+    r: impl std::io::Read + Send + 'static,
+    compression: Compression,
+    layout: &Layout,
+    plain: bool,
+) -> Result<(crate::layer::tar::Unpacked, Option<Digest>), String> {
+    use crate::layer::tar as ltar;
+    let tar = ltar::decoder(compression, r).map_err(|e| e.to_string())?;
+    let u = ltar::unpack(tar, &layout.files_dir(), &ltar::Limits::default())
+        .map_err(|e| e.to_string())?;
+    let index = if plain {
+        let json = ltar::encode_index(&u.entries);
+        let d = Digest::of(&json);
+        layout.put_blob(&d, &json).map_err(|e| e.to_string())?;
+        Some(d)
+    } else {
+        None
+    };
+    Ok((u, index))
+}
+
 fn verify_err(digest: &Digest, e: impl std::fmt::Display) -> FillError {
     FillError::Verify {
         digest: digest.clone(),
@@ -716,6 +775,33 @@ impl Filler {
         ));
         // Abort the verification if the fetch fails (or this future is dropped).
         let verifying = tokio_util::task::AbortOnDropHandle::new(verifying);
+        // Layers whose files go to the file cache are unpacked the same way, as their bytes
+        // arrive, so that they are mountable (plain layers) or passed through (eStargz) as
+        // soon as the blob is verified, not after a second pass over it. Its result is used
+        // only once the blob digest checks out; if it fails, the unpack runs after the fill.
+        // The record as it is now: the TOC may have been fetched above.
+        let now = lock(&self.db)
+            .layer(digest_str)?
+            .unwrap_or_else(|| layer.clone());
+        let unpacking = self.unpack.wants(&now).then(|| {
+            let (blob, rx, layout) = (Arc::clone(&blob), progress.subscribe(), self.layout.clone());
+            let (size, plain) = (now.size, now.toc_entries.is_none());
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                unpack_stream(
+                    InOrder {
+                        blob,
+                        pos: 0,
+                        size,
+                        progress: rx,
+                        rt,
+                    },
+                    compression,
+                    &layout,
+                    plain,
+                )
+            })
+        });
         let mut pos = 0u64;
         let mut last_checkpoint = (0u64, Instant::now());
         let mut fetched_since = 0u64;
@@ -856,9 +942,31 @@ impl Filler {
             return Err(FillError::Verify { digest, reason });
         }
         self.partials.published(&blob);
-        let db = lock(&self.db);
-        db.set_filled(digest_str, layer.size)?;
-        db.set_layer_state(digest_str, LayerState::Complete, None)?;
+        {
+            let db = lock(&self.db);
+            db.set_filled(digest_str, layer.size)?;
+            db.set_layer_state(digest_str, LayerState::Complete, None)?;
+        }
+        if let Some(task) = unpacking {
+            match task.await {
+                Ok(Ok((u, index))) => {
+                    let idx = index.as_ref().map(|d| d.to_string());
+                    match lock(&self.db).set_unpacked(digest_str, idx.as_deref()) {
+                        Ok(()) => {
+                            tracing::info!(layer = %digest, entries = u.entries.len(), new_files = u.files_written,
+                            new_bytes = u.bytes_written, "layer unpacked into the file cache while it arrived")
+                        }
+                        Err(e) => {
+                            tracing::error!(layer = %digest, error = %e, "cannot record the unpack")
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(layer = %digest, error = %e, "unpacking while the layer arrived failed; unpacking it again from the blob")
+                }
+                Err(_) => {}
+            }
+        }
         Ok(())
     }
 
@@ -875,18 +983,7 @@ impl Filler {
                     Compression::from_media_type(&rec.media_type).map_err(|e| e.to_string())?;
                 let path = layout.blob(&digest);
                 let blob = fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                let tar = ltar::decoder(compression, blob).map_err(|e| e.to_string())?;
-                let u = ltar::unpack(tar, &layout.files_dir(), &ltar::Limits::default())
-                    .map_err(|e| e.to_string())?;
-                let index = if rec.toc_entries.is_none() {
-                    let json = ltar::encode_index(&u.entries);
-                    let d = Digest::of(&json);
-                    layout.put_blob(&d, &json).map_err(|e| e.to_string())?;
-                    Some(d)
-                } else {
-                    None
-                };
-                Ok((u, index))
+                unpack_stream(blob, compression, &layout, rec.toc_entries.is_none())
             },
         )
         .await
@@ -935,5 +1032,63 @@ impl Filler {
             tracing::warn!(layer = %digest, error = %e, "cannot count the bytes the fill fetched");
         }
         *bytes = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn read_in_order(
+        blob: &Arc<PartialBlob>,
+        size: u64,
+        rx: watch::Receiver<()>,
+    ) -> tokio::task::JoinHandle<std::io::Result<Vec<u8>>> {
+        let (blob, rt) = (Arc::clone(blob), tokio::runtime::Handle::current());
+        tokio::task::spawn_blocking(move || {
+            let mut r = InOrder {
+                blob,
+                pos: 0,
+                size,
+                progress: rx,
+                rt,
+            };
+            let mut out = vec![];
+            r.read_to_end(&mut out).map(|_| out)
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn in_order_reads_wait_for_ranges_and_fail_when_the_fill_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        layout.create().unwrap();
+        let partials = Partials::new(layout.clone());
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let size = data.len() as u64;
+        let blob = partials.open(&Digest::of(&data), size, 0).unwrap();
+        let (tx, rx) = watch::channel(());
+        let reader = read_in_order(&blob, size, rx);
+        // The second half arrives first: the reader cannot pass byte 0 yet.
+        blob.write_missing(100_000, &data[100_000..]).unwrap();
+        tx.send_replace(());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!reader.is_finished());
+        blob.write_missing(0, &data[..100_000]).unwrap();
+        tx.send_replace(());
+        drop(tx);
+        assert_eq!(reader.await.unwrap().unwrap(), data);
+
+        // A fill that stops halfway: the reader fails instead of waiting for ever.
+        let other: Vec<u8> = data.iter().map(|b| b ^ 0x5a).collect();
+        let blob = partials.open(&Digest::of(&other), size, 0).unwrap();
+        let (tx, rx) = watch::channel(());
+        let reader = read_in_order(&blob, size, rx);
+        blob.write_missing(0, &other[..50_000]).unwrap();
+        tx.send_replace(());
+        drop(tx);
+        let err = reader.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("50000"), "{err}");
     }
 }

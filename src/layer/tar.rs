@@ -52,7 +52,10 @@ impl Default for Limits {
 }
 
 /// A decompressing reader over a layer blob.
-pub fn decoder(c: Compression, blob: File) -> io::Result<Box<dyn Read + Send>> {
+pub fn decoder(
+    c: Compression,
+    blob: impl Read + Send + 'static,
+) -> io::Result<Box<dyn Read + Send>> {
     let r = io::BufReader::with_capacity(1 << 20, blob);
     Ok(match c {
         Compression::None => Box::new(r),
