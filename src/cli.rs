@@ -68,8 +68,8 @@ pub enum Command {
     Prune(PruneArgs),
     /// Show per-image and per-layer fill progress.
     Status(StatusArgs),
-    /// Show (or --forget) an image's learned start-up prefetch list: the files its first start
-    /// through the snapshotter read, in order, prefetched at its next cold start.
+    /// Show, --push or --forget an image's learned start-up prefetch list: the files its first
+    /// start through the snapshotter read, in order, prefetched at its next cold start.
     Learned(LearnedArgs),
     /// Print the version.
     Version,
@@ -269,8 +269,15 @@ pub struct LearnedArgs {
     #[arg(long)]
     pub json: bool,
     /// Remove the list: the image's next start is recorded again.
-    #[arg(long, conflicts_with = "json")]
+    #[arg(long, conflicts_with_all = ["json", "push"])]
     pub forget: bool,
+    /// Publish the list next to the image in its registry (an OCI artifact whose subject is
+    /// the image manifest; referrers API or the `sha256-<hex>` tag fallback): other nodes
+    /// prefetch it at their first start (`fetch.learn.remote`).
+    #[arg(long, conflicts_with = "json")]
+    pub push: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 #[derive(Args, Debug)]

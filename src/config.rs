@@ -168,6 +168,9 @@ pub struct LearnConfig {
     pub window: Duration,
     /// ...or at this many files.
     pub max_files: usize,
+    /// Without a list of its own, look for one another node shared in the image's registry
+    /// (`lazypull learned IMAGE --push`).
+    pub remote: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -329,6 +332,7 @@ impl Default for LearnConfig {
             quiet: Duration::from_secs(2),
             window: Duration::from_secs(30),
             max_files: 10_000,
+            remote: true,
         }
     }
 }

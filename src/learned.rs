@@ -36,6 +36,8 @@ const VERSION: u32 = 1;
 const GIVE_UP: Duration = Duration::from_secs(600);
 /// How often a recording is looked at.
 const POLL: Duration = Duration::from_millis(100);
+/// Looking for a shared list in the registry gives up after this (the start goes on without).
+const REMOTE_WAIT: Duration = Duration::from_secs(5);
 
 /// The files an image's start read, first opens first.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -238,6 +240,82 @@ impl StartPrefetch {
     }
 }
 
+/// The artifact type (and blob media type) of a learned list shared through the registry.
+pub const ARTIFACT_TYPE: &str = "application/vnd.lazypull.learned.v1+json";
+
+/// Where the image's artifacts go (its repository) and what they attach to (its manifest).
+fn subject_of(
+    layout: &Layout,
+    image: &ImageRecord,
+) -> Result<(crate::oci::Reference, crate::artifact::Subject), String> {
+    let digest = Digest::parse(&image.manifest_digest).map_err(|e| e.to_string())?;
+    let repo = crate::fetch::source_reference(&image.source, &digest)
+        .ok_or_else(|| format!("bad image source {:?}", image.source))?;
+    let size = layout
+        .read_blob(&digest)
+        .map_err(|e| format!("the image manifest: {e}"))?
+        .len() as u64;
+    Ok((
+        repo,
+        crate::artifact::Subject {
+            media_type: image.media_type.clone(),
+            digest,
+            size,
+        },
+    ))
+}
+
+/// Publish the image's list next to it in its registry; the artifact manifest's digest.
+pub async fn push(
+    registry: &crate::registry::Registry,
+    layout: &Layout,
+    image: &ImageRecord,
+    list: &LearnedList,
+    creds: &crate::registry::OpCreds,
+) -> Result<Digest, String> {
+    let (repo, subject) = subject_of(layout, image)?;
+    crate::artifact::attach(
+        registry,
+        &repo,
+        &subject,
+        ARTIFACT_TYPE,
+        ARTIFACT_TYPE,
+        list.encode(),
+        creds,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// The newest list another node published for the image, verified and validated; kept in the
+/// store when found.
+pub async fn fetch_shared(
+    registry: &crate::registry::Registry,
+    layout: &Layout,
+    image: &ImageRecord,
+    creds: &crate::registry::OpCreds,
+) -> Result<Option<LearnedList>, String> {
+    let (repo, subject) = subject_of(layout, image)?;
+    let Some((artifact, bytes)) = crate::artifact::fetch_newest(
+        registry,
+        &repo,
+        &subject.digest,
+        ARTIFACT_TYPE,
+        ARTIFACT_TYPE,
+        MAX_LIST_BYTES as usize,
+        creds,
+    )
+    .await
+    .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let list = LearnedList::decode(&bytes, &subject.digest)
+        .map_err(|e| format!("the shared list {artifact}: {e}"))?;
+    save(layout, &list).map_err(|e| e.to_string())?;
+    Ok(Some(list))
+}
+
 /// Where start-up prefetch of a layer runs: the FUSE mount's layer table.
 pub trait Prefetch: Send + Sync {
     /// Load layer `hex` now and prefetch its landmark files and then `paths`, in order.
@@ -255,6 +333,11 @@ impl Prefetch for crate::fs::layers::LayerTable {
 pub struct Learner {
     layout: Layout,
     db: Arc<Mutex<Catalogue>>,
+    /// Looks for lists other nodes shared (`fetch.learn.remote`).
+    registry: Option<Arc<crate::registry::Registry>>,
+    /// Images whose shared list was looked for (each once per run); the lock is held while
+    /// one is looked for, so the other layers of that image wait for the answer.
+    looked_up: Mutex<std::collections::HashMap<String, Arc<Mutex<bool>>>>,
     recorder: Arc<Recorder>,
     prefetch: Arc<dyn Prefetch>,
     opts: LearnConfig,
@@ -267,6 +350,7 @@ impl Learner {
     pub fn new(
         layout: Layout,
         db: Arc<Mutex<Catalogue>>,
+        registry: Option<Arc<crate::registry::Registry>>,
         recorder: Arc<Recorder>,
         prefetch: Arc<dyn Prefetch>,
         opts: LearnConfig,
@@ -274,6 +358,8 @@ impl Learner {
         Arc::new(Learner {
             layout,
             db,
+            registry: registry.filter(|_| opts.remote),
+            looked_up: Mutex::default(),
             recorder,
             prefetch,
             opts,
@@ -299,7 +385,9 @@ impl Learner {
                 None
             }
         };
-        let list = image.as_ref().and_then(|i| self.list_of(i));
+        let list = image
+            .as_ref()
+            .and_then(|i| self.list_of(i).or_else(|| self.shared_list_of(i)));
         let paths = match &list {
             Some(l) if self.opts.enabled => l.paths_of(layer.as_str()),
             _ => vec![],
@@ -322,6 +410,56 @@ impl Learner {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(image = %manifest, error = %e, "learned list ignored");
+                None
+            }
+        }
+    }
+
+    /// The list another node shared for `image`, looked for once per image and run (blocking:
+    /// the caller is a `spawn_blocking` thread).
+    fn shared_list_of(&self, image: &ImageRecord) -> Option<LearnedList> {
+        let registry = self.registry.as_ref()?;
+        let once = Arc::clone(
+            lock(&self.looked_up)
+                .entry(image.manifest_digest.clone())
+                .or_default(),
+        );
+        let mut done = lock(&once);
+        if *done {
+            // Another layer's preparation looked; what it found is in the store.
+            drop(done);
+            return self.list_of(image);
+        }
+        *done = true;
+        let reference = crate::fetch::source_reference(
+            &image.source,
+            &Digest::parse(&image.manifest_digest).ok()?,
+        )?;
+        let creds = crate::registry::OpCreds {
+            request: None,
+            persisted: crate::fetch::persisted_secret(&self.db, reference.registry()),
+        };
+        let started = Instant::now();
+        let found = self.rt.block_on(tokio::time::timeout(
+            REMOTE_WAIT,
+            fetch_shared(registry, &self.layout, image, &creds),
+        ));
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match found {
+            Ok(Ok(Some(list))) => {
+                tracing::info!(image = %image.manifest_digest, files = list.files.len(), elapsed_ms, "using the learned list another node shared in the registry");
+                Some(list)
+            }
+            Ok(Ok(None)) => {
+                tracing::debug!(image = %image.manifest_digest, elapsed_ms, "no shared learned list in the registry");
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(image = %image.manifest_digest, error = %e, "shared learned list ignored");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(image = %image.manifest_digest, "looking for a shared learned list timed out");
                 None
             }
         }
@@ -533,10 +671,12 @@ mod tests {
         let l = Learner::new(
             Layout::new(dir),
             catalogue(dir, landmark),
+            None,
             Arc::clone(&recorder),
             Arc::clone(&fake) as Arc<dyn Prefetch>,
             LearnConfig {
                 enabled: true,
+                remote: false,
                 quiet: Duration::from_millis(300),
                 window: Duration::from_secs(10),
                 max_files: 100,

@@ -121,6 +121,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Prefetch(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         Command::Convert(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
+        Command::Learned(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         _ => {}
     }
     cfg.validate()?;
@@ -135,7 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::List(a) => commands::list::run(&cfg, a),
         Command::Prune(a) => commands::prune::run(&cfg, a).await,
         Command::Status(a) => commands::status::run(&cfg, a),
-        Command::Learned(a) => commands::learned::run(&cfg, a),
+        Command::Learned(a) => commands::learned::run(&cfg, a, secret).await,
         Command::FuseHolder(a) => {
             let socket = a.socket.clone();
             tokio::task::spawn_blocking(move || lazypull::fs::handover::run_holder(&socket))

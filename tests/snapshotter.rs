@@ -1115,6 +1115,29 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
     assert_eq!(shown["not_found"], 0, "{shown:#}");
     assert!(shown["compressed"].as_u64().unwrap() > 100_000, "{shown:#}");
 
+    // A list that also names files the image lacks, and a layer it does not have.
+    let mut list = list;
+    let first_layer = list["files"][0]["layer"].clone();
+    let files_mut = list["files"].as_array_mut().unwrap();
+    files_mut.insert(
+        0,
+        serde_json::json!({"layer": first_layer, "path": "no/such/file.py"}),
+    );
+    files_mut.push(serde_json::json!({"layer": format!("sha256:{}", "0".repeat(64)), "path": "x"}));
+    std::fs::write(&list_path, serde_json::to_vec(&list).unwrap()).unwrap();
+    // Shared through the registry (Debian's docker-registry has no referrers API: the tag
+    // fallback), then gone from this store: the next start finds it like another node would.
+    let out = d.cli(&["learned", &py, "--push"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fallback = raw_manifest(&reg, &format!("py:{}", manifest.replace(':', "-")));
+    assert_eq!(
+        fallback["manifests"][0]["artifactType"], "application/vnd.lazypull.learned.v1+json",
+        "{fallback:#}"
+    );
     // The image goes (containerd's and ours: its fetched bytes with it), the daemon restarts.
     ctd.ctr(&["images", "rm", "--sync", &py]);
     let mut c = snapshots(&d).await;
@@ -1126,16 +1149,7 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
         "{}",
         d.status_json()
     );
-    // A list that also names files the image lacks, and a layer it does not have.
-    let mut list = list;
-    let first_layer = list["files"][0]["layer"].clone();
-    let files_mut = list["files"].as_array_mut().unwrap();
-    files_mut.insert(
-        0,
-        serde_json::json!({"layer": first_layer, "path": "no/such/file.py"}),
-    );
-    files_mut.push(serde_json::json!({"layer": format!("sha256:{}", "0".repeat(64)), "path": "x"}));
-    std::fs::write(&list_path, serde_json::to_vec(&list).unwrap()).unwrap();
+    std::fs::remove_file(&list_path).unwrap();
     assert!(d.terminate().success());
     d.restart();
     ctd.wait_snapshotter(Duration::from_secs(20));
@@ -1162,12 +1176,16 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
         .map(|l| l["prefetched"].as_u64().unwrap())
         .sum();
     assert!(by_prefetch > 0, "{img:#}");
+    let log = d.log_text();
     assert!(
-        d.log_text()
-            .contains("prefetching the files a previous start read"),
-        "{}",
-        d.log_text()
+        log.contains("using the learned list another node shared"),
+        "{log}"
     );
+    assert!(
+        log.contains("prefetching the files a previous start read"),
+        "{log}"
+    );
+    assert!(list_path.exists(), "the shared list is kept in the store");
     // Forgotten: the image is back to recording its next start.
     let out = d.cli(&["learned", &py, "--forget"]);
     assert!(

@@ -43,7 +43,11 @@ fn indexed(layout: &Layout, l: &LayerRecord) -> Option<Indexed> {
     })
 }
 
-pub fn run(cfg: &Config, args: &LearnedArgs) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: &Config,
+    args: &LearnedArgs,
+    secret: Option<crate::registry::auth::Secret>,
+) -> anyhow::Result<()> {
     let layout = Layout::new(&cfg.root);
     let db = open_read_only(cfg)?
         .with_context(|| format!("the store {} is empty", cfg.root.display()))?;
@@ -68,6 +72,12 @@ pub fn run(cfg: &Config, args: &LearnedArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let Some(list) = crate::learned::load(&layout, &manifest)? else {
+        if args.push {
+            anyhow::bail!(
+                "no learned list for {} to push: run the image once through the snapshotter first",
+                args.image
+            );
+        }
         if args.json {
             println!("null");
         } else {
@@ -78,6 +88,25 @@ pub fn run(cfg: &Config, args: &LearnedArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     };
+    if args.push {
+        let registry = crate::registry::Registry::new(cfg.registry_options(secret));
+        let artifact = crate::learned::push(
+            &registry,
+            &layout,
+            &image,
+            &list,
+            &crate::registry::OpCreds::default(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("pushing the learned list of {}: {e}", args.image))?;
+        println!(
+            "pushed the learned list of {} ({} files) to {} as {artifact} (subject {manifest})",
+            args.image,
+            list.files.len(),
+            image.source
+        );
+        return Ok(());
+    }
     let mut tocs: HashMap<&str, Option<Indexed>> = HashMap::new();
     let mut rows = vec![];
     let (mut size, mut compressed, mut missing) = (0u64, 0u64, 0usize);

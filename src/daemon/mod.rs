@@ -232,6 +232,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
                     crate::learned::Learner::new(
                         images.layout.clone(),
                         Arc::clone(&images.db),
+                        Some(Arc::clone(&images.registry)),
                         Arc::clone(&recorder),
                         table as Arc<dyn crate::learned::Prefetch>,
                         cfg.fetch.learn.clone(),

@@ -599,6 +599,9 @@ impl Registry {
     }
 }
 
+/// Referrers of one artifact type looked at, at most.
+pub const MAX_REFERRERS: usize = 64;
+
 /// Where a push goes: the upstream's client, the reference there, whose credential it uses.
 struct Upstream {
     client: oci_client::Client,
@@ -684,6 +687,76 @@ impl Registry {
             .await
             .map_err(err)?;
         Ok(true)
+    }
+
+    /// Upload `bytes` as blob `d` of `r`'s repository, unless the registry has it.
+    pub async fn push_blob_bytes(
+        &self,
+        r: &Reference,
+        d: &Digest,
+        bytes: Vec<u8>,
+        creds: &OpCreds,
+    ) -> Result<bool> {
+        let what = format!("blob {d}");
+        let up = self.push_target(r, creds, &what).await?;
+        let err = |e| up.err(e, &what);
+        if up
+            .client
+            .blob_exists(&up.reference, d.as_str())
+            .await
+            .map_err(err)?
+        {
+            return Ok(false);
+        }
+        up.client
+            .push_blob(&up.reference, bytes, d.as_str())
+            .await
+            .map_err(err)?;
+        Ok(true)
+    }
+
+    /// The artifacts whose `subject` is manifest `subject` of `r`'s repository, of
+    /// `artifact_type`: the referrers API, or the tag schema (`sha256-<hex>`) on registries
+    /// without it. At most [`MAX_REFERRERS`] are returned.
+    pub async fn referrers(
+        &self,
+        r: &Reference,
+        subject: &Digest,
+        artifact_type: &str,
+        creds: &OpCreds,
+    ) -> Result<Vec<oci_client::manifest::ImageIndexEntry>> {
+        let what = format!("referrers of {subject}");
+        self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
+            let what = what.clone();
+            async move {
+                let at = Reference::with_digest(
+                    reference.registry().into(),
+                    reference.repository().into(),
+                    subject.to_string(),
+                );
+                let auth = secret
+                    .as_ref()
+                    .map(Secret::to_registry_auth)
+                    .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+                let err = |e| classify(e, &ep.host, at.repository(), &what, &source);
+                client
+                    .auth(&at, &auth, oci_client::RegistryOperation::Pull)
+                    .await
+                    .map_err(err)?;
+                let index = client
+                    .pull_referrers(&at, Some(artifact_type))
+                    .await
+                    .map_err(err)?;
+                let mut found: Vec<_> = index
+                    .manifests
+                    .into_iter()
+                    .filter(|m| m.artifact_type.as_deref() == Some(artifact_type))
+                    .collect();
+                found.truncate(MAX_REFERRERS);
+                Ok(found)
+            }
+        })
+        .await
     }
 
     /// Upload a manifest under `r`'s tag (or digest).
