@@ -17,7 +17,7 @@ use crate::fs::record::Recorder;
 use crate::oci::Digest;
 use crate::store::{Catalogue, ImageRecord, Layout, locked as lock};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
@@ -342,8 +342,8 @@ pub struct Learner {
     prefetch: Arc<dyn Prefetch>,
     opts: LearnConfig,
     rt: tokio::runtime::Handle,
-    /// Images (manifest digests) being recorded now.
-    learning: Mutex<HashSet<String>>,
+    /// Images (manifest digests) being recorded now, and their recording sessions.
+    learning: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Learner {
@@ -385,22 +385,37 @@ impl Learner {
                 None
             }
         };
-        let list = image
-            .as_ref()
-            .and_then(|i| self.list_of(i).or_else(|| self.shared_list_of(i)));
-        let paths = match &list {
-            Some(l) if self.opts.enabled => l.paths_of(layer.as_str()),
-            _ => vec![],
+        // A landmark says it all; with learning off, that is all there is.
+        let Some(image) = image
+            .filter(|i| self.opts.enabled && i.layers.iter().all(|l| l.landmark_files.is_none()))
+        else {
+            let _ = self.prefetch.start(layer.hex(), &[]);
+            return;
         };
-        if self.prefetch.start(layer.hex(), &paths).is_none() {
+        if let Some(list) = self.list_of(&image) {
+            let _ = self
+                .prefetch
+                .start(layer.hex(), &list.paths_of(layer.as_str()));
             return;
         }
-        if let Some(image) = image
-            && self.opts.enabled
-            && list.is_none()
-            && image.layers.iter().all(|l| l.landmark_files.is_none())
-        {
-            self.learn(&image);
+        // Nothing known here: load the layer and record this start at once, then ask the
+        // registry whether another node shared what the start reads.
+        if self.prefetch.start(layer.hex(), &[]).is_none() {
+            return;
+        }
+        self.learn(&image);
+        if let Some(shared) = self.shared_list_of(&image) {
+            self.stop_learning(&image);
+            let _ = self
+                .prefetch
+                .start(layer.hex(), &shared.paths_of(layer.as_str()));
+        }
+    }
+
+    /// Drop the recording of `image`'s start (a shared list arrived instead).
+    fn stop_learning(&self, image: &ImageRecord) {
+        if let Some(id) = lock(&self.learning).remove(&image.manifest_digest) {
+            self.recorder.stop(id);
         }
     }
 
@@ -470,21 +485,31 @@ impl Learner {
         let Ok(manifest) = Digest::parse(&image.manifest_digest) else {
             return;
         };
-        if !lock(&self.learning).insert(manifest.to_string()) {
-            return;
-        }
-        let layers = image
-            .layers
-            .iter()
-            .map(|l| l.digest.trim_start_matches("sha256:").to_string());
-        let id = self.recorder.start_bounded(layers, self.opts.max_files);
+        let id = {
+            let mut learning = lock(&self.learning);
+            if learning.contains_key(manifest.as_str()) {
+                return;
+            }
+            let layers = image
+                .layers
+                .iter()
+                .map(|l| l.digest.trim_start_matches("sha256:").to_string());
+            let id = self.recorder.start_bounded(layers, self.opts.max_files);
+            learning.insert(manifest.to_string(), id);
+            id
+        };
         tracing::info!(image = %manifest, "recording which files its start reads (no prefetch landmark, no learned list)");
         let this = Arc::clone(self);
         self.rt.spawn(async move {
             let files = this.record(id).await;
-            lock(&this.learning).remove(manifest.as_str());
+            {
+                let mut learning = lock(&this.learning);
+                if learning.get(manifest.as_str()) == Some(&id) {
+                    learning.remove(manifest.as_str());
+                }
+            }
             let Some(files) = files else {
-                tracing::info!(image = %manifest, "no file was read: nothing learned");
+                tracing::info!(image = %manifest, "recording ended without a file read (or a shared list replaced it): nothing learned");
                 return;
             };
             let list = LearnedList {
