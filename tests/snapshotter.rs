@@ -1155,7 +1155,21 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
     ctd.wait_snapshotter(Duration::from_secs(20));
 
     // Second cold start: the list is prefetched beside the start's own reads.
+    let (layers, _) = layers_of(&reg, "py:esgz");
+    let sent_before = bytes_sent(&reg, "py", &layers);
     start("learn2");
+    // Every byte the registry sent is kept (chunks and the bytes between coalesced ones), so
+    // that the filler never fetches it again.
+    let sent = bytes_sent(&reg, "py", &layers) - sent_before;
+    wait_until("every byte sent kept", Duration::from_secs(20), || {
+        let kept: u64 = image(&d)["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["filled"].as_u64().unwrap())
+            .sum();
+        kept >= sent
+    });
     let m = metrics(&metrics_addr);
     let second_requests = metric(&m, "lazypull_ondemand_requests_total");
     let prefetched = metric(&m, "lazypull_prefetch_bytes_total");

@@ -763,6 +763,21 @@ impl Reader {
                 stored[0] += n[0];
                 stored[1] += n[1];
             }
+            // The bytes between the chunks came too (neighbours closer than a round trip share
+            // a request): keep them, so that the filler does not fetch them again. They are
+            // checked like every byte of the partial file: each chunk against its digest when
+            // read, the whole blob when the fill completes.
+            if let Some(p) = partial.clone() {
+                let gaps = tokio::task::spawn_blocking(move || p.write_missing(start, &buf))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match gaps {
+                    Ok(n) => stored[prefetch as usize] += n,
+                    Err(e) => {
+                        tracing::warn!(layer = %layer.digest, error = %e, "cannot store the bytes between fetched chunks")
+                    }
+                }
+            }
             Ok(())
         })
         .await
