@@ -500,7 +500,7 @@ impl fuser::Filesystem for LayerFs {
                 Err(err) => {
                     let path = layer.toc.entries.get(entry_idx).map(|e| e.path.as_str()).unwrap_or("?");
                     tracing::error!(layer = %layer.digest, file = path, offset, error = %err, "read failed");
-                    reply.error(Errno::EIO)
+                    reply.error(Errno::from_i32(err.errno()))
                 }
             }
         });

@@ -169,8 +169,62 @@ impl Default for ReadStats {
     }
 }
 
+/// Why a read, or the load of a chunk, failed. Cloned to every reader waiting for the chunk;
+/// the FUSE adapter answers [`ReadError::errno`].
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ReadError {
+    /// No answer from the registry within `fuse.read_timeout`.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The registry failed, refused or cut the response.
+    #[error("{0}")]
+    Registry(String),
+    /// Bytes that do not decode or verify against the chunk's digest.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Local bytes (the blob, the partial file, a cached file) could not be read.
+    #[error("{what}: {error}")]
+    Local {
+        what: String,
+        error: String,
+        /// The OS error, when there is one.
+        errno: i32,
+    },
+    /// The load failed a moment ago and is not retried yet (`FAILURE_MEMORY`).
+    #[error("{0} (a moment ago; not retried yet)")]
+    Recent(Box<ReadError>),
+    /// The loading task ended without an answer.
+    #[error("chunk load abandoned")]
+    Abandoned,
+    /// The inode's TOC entry is missing.
+    #[error("no such TOC entry")]
+    NoEntry,
+}
+
+impl ReadError {
+    fn local(what: impl std::fmt::Display, e: &std::io::Error) -> Self {
+        ReadError::Local {
+            what: what.to_string(),
+            error: e.to_string(),
+            errno: e.raw_os_error().unwrap_or(0),
+        }
+    }
+
+    /// The errno a FUSE read answers: EIO for a registry that failed, stalled or sent bad
+    /// bytes (the reader sees an I/O error, as with a failing disk), the OS error of a local
+    /// failure (but a backing file that is gone is an I/O error too, not "no such file").
+    pub fn errno(&self) -> i32 {
+        match self {
+            ReadError::Recent(e) => e.errno(),
+            ReadError::Local { errno, .. } if *errno > 0 && *errno != nix::libc::ENOENT => *errno,
+            ReadError::NoEntry => nix::libc::ENOENT,
+            _ => nix::libc::EIO,
+        }
+    }
+}
+
 type ChunkData = Arc<Vec<u8>>;
-type ChunkResult = Result<ChunkData, String>;
+type ChunkResult = Result<ChunkData, ReadError>;
 type Waiter = watch::Receiver<Option<ChunkResult>>;
 
 /// A chunk this reader promised to load; waiters hold the matching receiver.
@@ -189,7 +243,7 @@ enum Slot {
     Ready(ChunkData),
     Wait(Waiter),
     /// Its load failed just now (see `FAILURE_MEMORY`).
-    Failed(String),
+    Failed(ReadError),
 }
 
 /// Where a layer's bytes can be read locally.
@@ -211,7 +265,7 @@ pub struct Reader {
     budget: usize,
     inflight: Mutex<HashMap<String, Waiter>>,
     /// Chunks whose last load failed: when, and why.
-    failed: Mutex<HashMap<String, (Instant, String)>>,
+    failed: Mutex<HashMap<String, (Instant, ReadError)>>,
     /// Every range request here is foreground traffic: the filler yields the link to it.
     link: Arc<crate::fetch::schedule::Link>,
     pub stats: ReadStats,
@@ -358,34 +412,27 @@ impl Reader {
         entry_idx: usize,
         offset: u64,
         size: u32,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, ReadError> {
         self.stats.reads.inc();
-        let entry = layer
-            .toc
-            .entries
-            .get(entry_idx)
-            .ok_or("no such TOC entry")?;
+        let entry = layer.toc.entries.get(entry_idx).ok_or(ReadError::NoEntry)?;
         let end = offset.saturating_add(size as u64).min(entry.size);
         if offset >= end {
             return Ok(vec![]);
         }
         if entry.chunks.is_empty() {
             // A layer without TOC: its files exist only in the file cache.
-            let d = entry
-                .digest
-                .as_ref()
-                .ok_or("regular file without content digest")?;
+            let d = entry.digest.as_ref().ok_or(ReadError::NoEntry)?;
             let path = self.layout.file(d);
             let len = (end - offset) as usize;
             return tokio::task::spawn_blocking(move || {
-                let f = File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let f = File::open(&path).map_err(|e| ReadError::local(path.display(), &e))?;
                 let mut buf = vec![0u8; len];
                 f.read_exact_at(&mut buf, offset)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                    .map_err(|e| ReadError::local(path.display(), &e))?;
                 Ok(buf)
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .unwrap_or(Err(ReadError::Abandoned));
         }
         let mut claims = vec![];
         let mut slots = vec![];
@@ -461,40 +508,40 @@ impl Reader {
             Slot::Failed(why) => Some(why.clone()),
             _ => None,
         }) {
-            return Err(format!("{why} (a moment ago; not retried yet)"));
+            return Err(ReadError::Recent(Box::new(why)));
         }
         let waiting = slots.iter().any(|(_, s)| matches!(s, Slot::Wait(_)));
         let started = Instant::now();
-        let wait = async {
-            let mut out = Vec::with_capacity((end - offset) as usize);
-            for (c, slot) in slots {
-                let data = match slot {
-                    Slot::Ready(d) => d,
-                    Slot::Failed(why) => return Err(why),
-                    Slot::Wait(mut rx) => {
-                        let v = rx
-                            .wait_for(|v| v.is_some())
-                            .await
-                            .map_err(|_| "chunk load abandoned".to_string())?;
-                        match v.as_ref() {
-                            Some(Ok(d)) => Arc::clone(d),
-                            Some(Err(e)) => return Err(e.clone()),
-                            None => return Err("chunk load abandoned".into()),
+        let wait =
+            async {
+                let mut out = Vec::with_capacity((end - offset) as usize);
+                for (c, slot) in slots {
+                    let data = match slot {
+                        Slot::Ready(d) => d,
+                        Slot::Failed(why) => return Err(why),
+                        Slot::Wait(mut rx) => {
+                            let v = rx
+                                .wait_for(|v| v.is_some())
+                                .await
+                                .map_err(|_| ReadError::Abandoned)?;
+                            match v.as_ref() {
+                                Some(Ok(d)) => Arc::clone(d),
+                                Some(Err(e)) => return Err(e.clone()),
+                                None => return Err(ReadError::Abandoned),
+                            }
                         }
-                    }
-                };
-                let from = (offset.max(c.file_offset) - c.file_offset) as usize;
-                let to = (end.min(c.file_offset + c.size) - c.file_offset) as usize;
-                out.extend_from_slice(
-                    data.get(from..to)
-                        .ok_or("chunk shorter than its TOC size")?,
-                );
-            }
-            Ok(out)
-        };
+                    };
+                    let from = (offset.max(c.file_offset) - c.file_offset) as usize;
+                    let to = (end.min(c.file_offset + c.size) - c.file_offset) as usize;
+                    out.extend_from_slice(data.get(from..to).ok_or_else(|| {
+                        ReadError::Corrupt("chunk shorter than its TOC size".into())
+                    })?);
+                }
+                Ok(out)
+            };
         let result = tokio::time::timeout(self.timeout, wait)
             .await
-            .map_err(|_| format!("timed out after {:?}", self.timeout))?;
+            .map_err(|_| ReadError::Timeout(self.timeout))?;
         if waiting {
             let waited = started.elapsed();
             self.stats.wait_seconds.observe(waited.as_secs_f64());
@@ -645,7 +692,7 @@ impl Reader {
         layer: &LazyLayer,
         local: &Local,
         claim: &Claim,
-    ) -> Option<Result<Vec<u8>, String>> {
+    ) -> Option<Result<Vec<u8>, ReadError>> {
         let (s, e) = claim.span;
         let mut buf = vec![0u8; (e - s) as usize];
         let read = match local {
@@ -654,9 +701,10 @@ impl Reader {
             _ => return None,
         };
         Some(
-            read.map_err(|e| format!("reading layer {}: {e}", layer.digest))
+            read.map_err(|e| ReadError::local(format_args!("reading layer {}", layer.digest), &e))
                 .and_then(|()| {
-                    estargz::decode_chunk(&buf, &claim.chunk).map_err(|e| e.to_string())
+                    estargz::decode_chunk(&buf, &claim.chunk)
+                        .map_err(|e| ReadError::Corrupt(e.to_string()))
                 }),
         )
     }
@@ -694,7 +742,7 @@ impl Reader {
                 .map(|l| l.source)
                 .unwrap_or_else(|| layer.source.clone());
             let reference = source_reference(&source, &layer.digest)
-                .ok_or_else(|| format!("bad layer source {source:?}"))?;
+                .ok_or_else(|| ReadError::Registry(format!("bad layer source {source:?}")))?;
             let creds = OpCreds {
                 request: None,
                 persisted: crate::fetch::persisted_secret(&self.db, reference.registry()),
@@ -708,18 +756,18 @@ impl Reader {
                 .registry
                 .open_blob(&reference, &layer.digest, start, Some(end - start), &creds)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ReadError::Registry(e.to_string()))?;
             let mut stream = body.stream;
             let mut buf: Vec<u8> = Vec::with_capacity((end - start).min(MAX_RUN) as usize);
             while !run.is_empty() {
                 let Some(bytes) = stream.next().await else {
-                    return Err(format!(
+                    return Err(ReadError::Registry(format!(
                         "registry sent {} of {} bytes at {start}",
                         buf.len(),
                         end - start
-                    ));
+                    )));
                 };
-                let bytes = bytes.map_err(|e| e.to_string())?;
+                let bytes = bytes.map_err(|e| ReadError::Registry(e.to_string()))?;
                 let want = ((end - start) as usize - buf.len()).min(bytes.len());
                 buf.extend_from_slice(&bytes[..want]);
                 if prefetch {
@@ -753,13 +801,13 @@ impl Reader {
                                 this.stats.fetched_chunks.inc();
                                 this.finish(claim, Ok(Arc::new(data)));
                             }
-                            Err(e) => this.finish(claim, Err(e.to_string())),
+                            Err(e) => this.finish(claim, Err(ReadError::Corrupt(e.to_string()))),
                         }
                     }
                     stored
                 })
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| ReadError::Abandoned)?;
                 stored[0] += n[0];
                 stored[1] += n[1];
             }
@@ -770,7 +818,7 @@ impl Reader {
             if let Some(p) = partial.clone() {
                 let gaps = tokio::task::spawn_blocking(move || p.write_missing(start, &buf))
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|_| ReadError::Abandoned)?;
                 match gaps {
                     Ok(n) => stored[prefetch as usize] += n,
                     Err(e) => {
@@ -781,7 +829,7 @@ impl Reader {
             Ok(())
         })
         .await
-        .unwrap_or_else(|_| Err(format!("timed out after {:?}", self.timeout)));
+        .unwrap_or_else(|_| Err(ReadError::Timeout(self.timeout)));
         drop(foreground);
         tracing::debug!(layer = %layer.digest, start, len = end - start, prefetch, elapsed_ms = started.elapsed().as_millis() as u64, "range fetch");
         self.stats
@@ -796,7 +844,7 @@ impl Reader {
                 Err(result
                     .clone()
                     .err()
-                    .unwrap_or_else(|| "chunk not in the response".into())),
+                    .unwrap_or_else(|| ReadError::Registry("chunk not in the response".into()))),
             );
         }
         if stored.iter().any(|&n| n > 0) {
@@ -882,6 +930,28 @@ fn batches(claims: Vec<Claim>, bytes: u64) -> Vec<Vec<Claim>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_errors_answer_eio_unless_local_with_an_os_error() {
+        let eio = nix::libc::EIO;
+        assert_eq!(ReadError::Timeout(Duration::from_secs(1)).errno(), eio);
+        assert_eq!(ReadError::Registry("500".into()).errno(), eio);
+        assert_eq!(ReadError::Corrupt("digest".into()).errno(), eio);
+        assert_eq!(ReadError::Abandoned.errno(), eio);
+        assert_eq!(ReadError::NoEntry.errno(), nix::libc::ENOENT);
+        let denied = std::io::Error::from_raw_os_error(nix::libc::EACCES);
+        assert_eq!(ReadError::local("f", &denied).errno(), nix::libc::EACCES);
+        let gone = std::io::Error::from_raw_os_error(nix::libc::ENOENT);
+        assert_eq!(ReadError::local("f", &gone).errno(), eio);
+        let other = std::io::Error::other("no OS error");
+        assert_eq!(ReadError::local("f", &other).errno(), eio);
+        let recent = ReadError::Recent(Box::new(ReadError::Timeout(Duration::from_secs(60))));
+        assert_eq!(recent.errno(), eio);
+        assert!(
+            recent.to_string().contains("timed out after 60s"),
+            "{recent}"
+        );
+    }
 
     fn claim(start: u64, end: u64) -> Claim {
         let (tx, _) = watch::channel(None);
