@@ -97,6 +97,11 @@ struct Toc {
     landmark: Option<u64>,
 }
 
+/// A fill that ran out of disk space is tried again at most this many times, this long after,
+/// and only if the layer fits then (see `Filler::fits`).
+const DISK_FULL_RETRIES: u32 = 2;
+const DISK_FULL_PAUSE: Duration = Duration::from_millis(500);
+
 struct Inflight {
     rx: watch::Receiver<FillStatus>,
     cancel: CancellationToken,
@@ -442,6 +447,7 @@ impl Filler {
             return FillStatus::OnDemand;
         }
         let mut attempt = 0;
+        let mut disk_full_retries = 0;
         loop {
             let started = Instant::now();
             let result = tokio::select! {
@@ -479,6 +485,26 @@ impl Filler {
                     }
                 }
                 Err(e) => {
+                    if e.is_disk_full()
+                        && let Ok(d) = Digest::parse(digest)
+                    {
+                        // Give the space back; the fill starts over once there is room.
+                        self.partials.discard(&d);
+                        // Fills running beside this one may have taken the space and given it
+                        // back by now (a big layer that can never fit): a layer that fits
+                        // then is fetched again at once, rather than failing with it.
+                        if disk_full_retries < DISK_FULL_RETRIES {
+                            disk_full_retries += 1;
+                            tokio::select! {
+                                _ = tokio::time::sleep(DISK_FULL_PAUSE) => {}
+                                _ = cancel.cancelled() => return FillStatus::Cancelled,
+                            }
+                            if self.fits(digest) {
+                                tracing::warn!(layer = digest, error = %e, "disk full, but there is room for the layer now: fetching it again");
+                                continue;
+                            }
+                        }
+                    }
                     let msg = e.to_string();
                     tracing::error!(layer = digest, error = %msg, "fill failed");
                     self.stats.layers_failed.inc();
@@ -492,12 +518,6 @@ impl Filler {
                     if let Err(e) = lock(&self.db).set_layer_state(digest, state, Some(&msg)) {
                         tracing::error!(layer = digest, error = %e, "cannot record fill failure");
                     }
-                    if e.is_disk_full()
-                        && let Ok(d) = Digest::parse(digest)
-                    {
-                        // Give the space back; the fill starts over once there is room.
-                        self.partials.discard(&d);
-                    }
                     return FillStatus::Failed {
                         reason: msg,
                         disk_full: e.is_disk_full(),
@@ -505,6 +525,16 @@ impl Filler {
                 }
             }
         }
+    }
+
+    /// Whether the store's filesystem has room for all of the layer now (with 1 MiB to spare).
+    fn fits(&self, digest: &str) -> bool {
+        let Some(size) = lock(&self.db).layer(digest).ok().flatten().map(|l| l.size) else {
+            return false;
+        };
+        nix::sys::statvfs::statvfs(&self.layout.root).is_ok_and(|st| {
+            st.blocks_available().saturating_mul(st.fragment_size()) >= size.saturating_add(1 << 20)
+        })
     }
 
     /// An eStargz layer whose TOC was neither fetched nor refused yet.

@@ -52,8 +52,16 @@ pub fn is_disk_full(e: &std::io::Error) -> bool {
 }
 
 impl StoreError {
+    /// A file write, or a catalogue write (SQLite's "database or disk is full"), that failed
+    /// for lack of space.
     pub fn is_disk_full(&self) -> bool {
-        matches!(self, StoreError::Io { source, .. } if is_disk_full(source))
+        match self {
+            StoreError::Io { source, .. } => is_disk_full(source),
+            StoreError::Db(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            _ => false,
+        }
     }
 }
 
@@ -194,5 +202,31 @@ impl StoreLock {
             Ok(guard) => Ok(StoreLock { _guard: guard }),
             Err(_) => Err(StoreError::Locked(layout.root.clone())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_full_is_recognised_from_files_and_from_the_catalogue() {
+        let io = |c: nix::errno::Errno| StoreError::Io {
+            path: "x".into(),
+            source: std::io::Error::from_raw_os_error(c as i32),
+        };
+        assert!(io(nix::errno::Errno::ENOSPC).is_disk_full());
+        assert!(io(nix::errno::Errno::EDQUOT).is_disk_full());
+        assert!(!io(nix::errno::Errno::EIO).is_disk_full());
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        assert!(StoreError::Db(full).is_disk_full());
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert!(!StoreError::Db(busy).is_disk_full());
     }
 }
