@@ -1059,10 +1059,13 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
     ]);
     let py = format!("{h}/py:esgz");
     let script = "import json, decimal, sqlite3; print('started', decimal.Decimal(1) / 8)";
-    let start = |name: &str| {
-        ctd.rpull_lazy(&py);
+    let run = |name: &str| {
         let out = ctd.run_lazy(&py, name, &["python3", "-c", script]);
         assert!(out.contains("started 0.125"), "{out}");
+    };
+    let start = |name: &str| {
+        ctd.rpull_lazy(&py);
+        run(name);
     };
     let image = |d: &Daemon| d.status_json()["images"][0].clone();
 
@@ -1157,19 +1160,40 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
     // Second cold start: the list is prefetched beside the start's own reads.
     let (layers, _) = layers_of(&reg, "py:esgz");
     let sent_before = bytes_sent(&reg, "py", &layers);
-    start("learn2");
-    // Every byte the registry sent is kept (chunks and the bytes between coalesced ones), so
-    // that the filler never fetches it again.
+    ctd.rpull_lazy(&py);
+    // The prefetch has claimed the listed chunks before the container reads (so that no read
+    // fetches a chunk lying between the chunks of a prefetch request, which would send those
+    // bytes twice and blur the count below).
+    wait_until("the prefetch", Duration::from_secs(30), || {
+        d.log_text()
+            .contains("prefetching the files a previous start read")
+    });
+    run("learn2");
+    // The bytes the registry sent are kept (chunks and the bytes between coalesced ones), so
+    // that the filler does not fetch them again (1% spare: the footer may be read twice).
+    // Dropping the bytes between chunks lost 6.8% here.
     let sent = bytes_sent(&reg, "py", &layers) - sent_before;
-    wait_until("every byte sent kept", Duration::from_secs(20), || {
-        let kept: u64 = image(&d)["layers"]
+    let kept = || -> u64 {
+        image(&d)["layers"]
             .as_array()
             .unwrap()
             .iter()
             .map(|l| l["filled"].as_u64().unwrap())
-            .sum();
-        kept >= sent
-    });
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while kept() < sent - sent / 100 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "second start: the registry sent {sent} bytes of the layer, {} kept",
+        kept()
+    );
+    assert!(
+        kept() >= sent - sent / 100,
+        "sent {sent}, kept {}: fetched bytes were dropped",
+        kept()
+    );
     let m = metrics(&metrics_addr);
     let second_requests = metric(&m, "lazypull_ondemand_requests_total");
     let prefetched = metric(&m, "lazypull_prefetch_bytes_total");
