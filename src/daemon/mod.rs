@@ -168,6 +168,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             images.layout.clone(),
             Arc::clone(&images.db),
             Arc::clone(&reader),
+            Arc::clone(images.filler.streams()),
         );
         fuse_table = Some(Arc::clone(&table));
         let fs = crate::fs::fuse::LayerFs::new(

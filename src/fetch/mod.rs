@@ -133,6 +133,27 @@ pub struct Filler {
     pub unpack: UnpackPolicy,
     /// The link shared with on-demand reads, which go first.
     link: Arc<schedule::Link>,
+    /// Layers without TOC served by the FUSE mount while their fill unpacks them.
+    streams: Arc<crate::fs::stream::Streams>,
+}
+
+/// Ends a layer's stream as failed if the fill that unpacks it stops before it is complete.
+struct StreamEnd(Option<Arc<crate::fs::stream::LayerStream>>);
+
+impl StreamEnd {
+    fn done(mut self, result: Result<(), String>) {
+        if let Some(s) = self.0.take() {
+            s.finish(result);
+        }
+    }
+}
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.finish(Err("the fill stopped".into()));
+        }
+    }
 }
 
 /// Which complete layers get their files unpacked into `files/sha256` (docs/architecture.md, "Store").
@@ -239,11 +260,21 @@ fn unpack_stream(
     compression: Compression,
     layout: &Layout,
     plain: bool,
+    stream: Option<Arc<crate::fs::stream::LayerStream>>,
 ) -> Result<(crate::layer::tar::Unpacked, Option<Digest>), String> {
     use crate::layer::tar as ltar;
     let tar = ltar::decoder(compression, r).map_err(|e| e.to_string())?;
-    let u = ltar::unpack(tar, &layout.files_dir(), &ltar::Limits::default())
-        .map_err(|e| e.to_string())?;
+    let limits = ltar::Limits::default();
+    let u = match stream {
+        Some(s) => ltar::unpack_observed(
+            tar,
+            &layout.files_dir(),
+            &limits,
+            &mut crate::fs::stream::Announcer(s),
+        ),
+        None => ltar::unpack(tar, &layout.files_dir(), &limits),
+    }
+    .map_err(|e| e.to_string())?;
     let index = if plain {
         let json = ltar::encode_index(&u.entries);
         let d = Digest::of(&json);
@@ -336,7 +367,13 @@ impl Filler {
             fill_enabled,
             unpack,
             link: schedule::Link::new(policy),
+            streams: Arc::default(),
         })
+    }
+
+    /// Layers without TOC streaming in (the FUSE mount serves them as they arrive).
+    pub fn streams(&self) -> &Arc<crate::fs::stream::Streams> {
+        &self.streams
     }
 
     /// The link the filler shares with on-demand reads (they report to it, it yields to them).
@@ -813,10 +850,16 @@ impl Filler {
         let now = lock(&self.db)
             .layer(digest_str)?
             .unwrap_or_else(|| layer.clone());
+        // A plain layer is served by the FUSE mount as its entries arrive (fs/stream.rs).
+        let stream = StreamEnd(
+            (self.unpack.wants(&now) && now.toc_entries.is_none())
+                .then(|| self.streams.begin(&digest)),
+        );
         let unpacking = self.unpack.wants(&now).then(|| {
             let (blob, rx, layout) = (Arc::clone(&blob), progress.subscribe(), self.layout.clone());
             let (size, plain) = (now.size, now.toc_entries.is_none());
             let rt = tokio::runtime::Handle::current();
+            let announce = stream.0.clone();
             tokio::task::spawn_blocking(move || {
                 unpack_stream(
                     InOrder {
@@ -829,6 +872,7 @@ impl Filler {
                     compression,
                     &layout,
                     plain,
+                    announce,
                 )
             })
         });
@@ -984,17 +1028,21 @@ impl Filler {
                     match lock(&self.db).set_unpacked(digest_str, idx.as_deref()) {
                         Ok(()) => {
                             tracing::info!(layer = %digest, entries = u.entries.len(), new_files = u.files_written,
-                            new_bytes = u.bytes_written, "layer unpacked into the file cache while it arrived")
+                            new_bytes = u.bytes_written, "layer unpacked into the file cache while it arrived");
+                            stream.done(Ok(()));
+                            self.streams.remove(digest.hex());
                         }
                         Err(e) => {
-                            tracing::error!(layer = %digest, error = %e, "cannot record the unpack")
+                            tracing::error!(layer = %digest, error = %e, "cannot record the unpack");
+                            stream.done(Err(format!("cannot record the unpack: {e}")));
                         }
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(layer = %digest, error = %e, "unpacking while the layer arrived failed; unpacking it again from the blob")
+                    tracing::warn!(layer = %digest, error = %e, "unpacking while the layer arrived failed; unpacking it again from the blob");
+                    stream.done(Err(e));
                 }
-                Err(_) => {}
+                Err(e) => stream.done(Err(e.to_string())),
             }
         }
         Ok(())
@@ -1013,7 +1061,7 @@ impl Filler {
                     Compression::from_media_type(&rec.media_type).map_err(|e| e.to_string())?;
                 let path = layout.blob(&digest);
                 let blob = fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                unpack_stream(blob, compression, &layout, rec.toc_entries.is_none())
+                unpack_stream(blob, compression, &layout, rec.toc_entries.is_none(), None)
             },
         )
         .await
@@ -1028,6 +1076,9 @@ impl Filler {
                 }
                 tracing::info!(layer = %layer.digest, entries = u.entries.len(), new_files = u.files_written,
                     new_bytes = u.bytes_written, elapsed_ms = started.elapsed().as_millis() as u64, "layer unpacked into the file cache");
+                // New mounts use the index from now on.
+                self.streams
+                    .remove(layer.digest.trim_start_matches("sha256:"));
             }
             Err(e) => {
                 tracing::error!(layer = %layer.digest, error = %e, "cannot unpack the layer; plain layers cannot be mounted until it succeeds")

@@ -153,10 +153,48 @@ impl LayerFs {
     /// The file cache's copy of a regular file, if there is one of the right size (named by
     /// its content digest, so it holds exactly the bytes the TOC or index promises).
     fn cached_file(&self, layer: &LazyLayer, local: u64) -> Option<std::fs::File> {
-        let node = layer.tree.get(local)?;
-        let entry = layer.toc.entries.get(node.entry?)?;
-        let f = std::fs::File::open(self.layout.file(entry.digest.as_ref()?)).ok()?;
-        (f.metadata().ok()?.len() == entry.size).then_some(f)
+        let (digest, size) = {
+            let view = layer.view();
+            let node = view.tree().get(local)?;
+            let entry = view.entries().get(node.entry?)?;
+            (entry.digest.clone()?, entry.size)
+        };
+        let f = layer.open_local(&self.layout, &digest).ok()?;
+        (f.metadata().ok()?.len() == size).then_some(f)
+    }
+
+    /// Wait, in a layer that is still streaming in, until `cond` holds (at most until the
+    /// stream stops making progress for `fuse.read_timeout`). Ok for layers that do not stream.
+    fn settle(
+        &self,
+        layer: &LazyLayer,
+        cond: impl Fn(&super::stream::State) -> bool,
+    ) -> Result<(), Errno> {
+        let Some(stream) = &layer.stream else {
+            return Ok(());
+        };
+        stream.wait(self.reader.timeout(), cond).map_err(|e| {
+            tracing::warn!(layer = %layer.digest, error = %e, "a lookup in a layer streaming in failed");
+            Errno::EIO
+        })
+    }
+
+    /// A directory's attributes in a streaming layer are final (its opaque marker has passed).
+    fn dir_settled(&self, layer: &LazyLayer, local: u64) -> Result<(), Errno> {
+        let is_dir = layer
+            .view()
+            .tree()
+            .get(local)
+            .is_some_and(|n| n.kind == NodeKind::Dir);
+        match self.stream_dir(layer, local) {
+            Some(dir) if is_dir => self.settle(layer, |st| st.dir_final(&dir)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The path of directory `local` in a streaming layer (None for other layers).
+    fn stream_dir(&self, layer: &LazyLayer, local: u64) -> Option<String> {
+        layer.stream.as_ref()?.path_of(local)
     }
 
     /// Record the backing ids given out from now on (a fresh mount that can be handed over).
@@ -218,7 +256,8 @@ impl LayerFs {
 
     fn attr(&self, layer: usize, local: u64) -> Option<FileAttr> {
         let l = self.table.get(layer)?;
-        let n = l.tree.get(local)?;
+        let view = l.view();
+        let n = view.tree().get(local)?;
         let t = UNIX_EPOCH + Duration::from_secs(n.mtime.max(0) as u64);
         Some(FileAttr {
             ino: INodeNo(join(layer, local)),
@@ -265,11 +304,23 @@ impl fuser::Filesystem for LayerFs {
         let Some(l) = self.table.get(layer) else {
             return reply.error(Errno::ENOENT);
         };
-        match l
-            .tree
-            .lookup(local, name)
-            .and_then(|n| self.attr(layer, n.ino))
-        {
+        let found = l.view().tree().lookup(local, name).map(|n| n.ino);
+        let found = match found {
+            None if l.stream.is_some() => {
+                // Streaming in: the name may still come (see stream.rs).
+                let Some(dir) = self.stream_dir(&l, local) else {
+                    return reply.error(Errno::ENOENT);
+                };
+                if let Err(e) = self.settle(&l, |st| {
+                    st.tree.lookup(local, name).is_some() || st.missing_is_final(&dir, name)
+                }) {
+                    return reply.error(e);
+                }
+                l.view().tree().lookup(local, name).map(|n| n.ino)
+            }
+            f => f,
+        };
+        match found.and_then(|n| self.attr(layer, n)) {
             Some(a) => reply.entry(&TTL, &a, Generation(0)),
             // Negative entries are cached too: layers never change.
             None => {
@@ -291,7 +342,7 @@ impl fuser::Filesystem for LayerFs {
         let node = split(ino.0).and_then(|(l, n)| {
             self.table
                 .get(l)
-                .and_then(|l| l.tree.get(n).map(|n| n.link.clone()))
+                .and_then(|l| l.view().tree().get(n).map(|n| n.link.clone()))
         });
         match node {
             Some(target) if !target.is_empty() => reply.data(target.as_bytes()),
@@ -311,10 +362,13 @@ impl fuser::Filesystem for LayerFs {
         if self.recorder.is_active()
             && let Some((l, n)) = split(ino.0)
             && let Some(layer) = self.table.get(l)
-            && let Some(entry) = layer.tree.get(n).and_then(|node| node.entry)
-            && let Some(e) = layer.toc.entries.get(entry)
         {
-            self.recorder.opened(layer.digest.hex(), &e.path);
+            let view = layer.view();
+            if let Some(entry) = view.tree().get(n).and_then(|node| node.entry)
+                && let Some(e) = view.entries().get(entry)
+            {
+                self.recorder.opened(layer.digest.hex(), &e.path);
+            }
         }
         let cached =
             split(ino.0).and_then(|(l, n)| self.table.get(l).and_then(|l| self.cached_file(&l, n)));
@@ -489,7 +543,7 @@ impl fuser::Filesystem for LayerFs {
         let Some(layer) = self.table.get(layer_idx) else {
             return reply.error(Errno::ENOENT);
         };
-        let Some(entry_idx) = layer.tree.get(local).and_then(|n| n.entry) else {
+        let Some(entry_idx) = layer.view().tree().get(local).and_then(|n| n.entry) else {
             // Empty files have no content entry.
             return reply.data(&[]);
         };
@@ -498,7 +552,7 @@ impl fuser::Filesystem for LayerFs {
             match reader.read(&layer, entry_idx, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(err) => {
-                    let path = layer.toc.entries.get(entry_idx).map(|e| e.path.as_str()).unwrap_or("?");
+                    let path = layer.view().entries().get(entry_idx).map(|e| e.path.clone()).unwrap_or_default();
                     tracing::error!(layer = %layer.digest, file = path, offset, error = %err, "read failed");
                     reply.error(Errno::from_i32(err.errno()))
                 }
@@ -556,14 +610,23 @@ impl fuser::Filesystem for LayerFs {
             let Some(l) = self.table.get(layer) else {
                 return reply.error(Errno::ENOENT);
             };
-            let Some(node) = l.tree.get(local) else {
+            // A listing is complete once the stream has left the directory (the first call
+            // only: the kernel reads on from an offset).
+            if offset == 0
+                && let Some(dir) = self.stream_dir(&l, local)
+                && let Err(e) = self.settle(&l, |st| st.left(&dir))
+            {
+                return reply.error(e);
+            }
+            let view = l.view();
+            let Some(node) = view.tree().get(local) else {
                 return reply.error(Errno::ENOENT);
             };
             if node.kind != NodeKind::Dir {
                 return reply.error(Errno::ENOTDIR);
             }
             for (name, &child) in &node.children {
-                if let Some(c) = l.tree.get(child) {
+                if let Some(c) = view.tree().get(child) {
                     entries.push((join(layer, child), file_type(c.kind), name.clone()));
                 }
             }
@@ -577,9 +640,15 @@ impl fuser::Filesystem for LayerFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let value = split(ino.0).and_then(|(l, n)| {
-            let l = self.table.get(l)?;
-            let node = l.tree.get(n)?;
+        let layer = split(ino.0).and_then(|(l, n)| Some((self.table.get(l)?, n)));
+        if let Some((l, n)) = &layer
+            && let Err(e) = self.dir_settled(l, *n)
+        {
+            return reply.error(e);
+        }
+        let value = layer.and_then(|(l, n)| {
+            let view = l.view();
+            let node = view.tree().get(n)?;
             node.xattrs
                 .iter()
                 .find(|(k, _)| OsStr::new(k) == name)
@@ -597,8 +666,14 @@ impl fuser::Filesystem for LayerFs {
         let mut names = vec![];
         if let Some((l, n)) = split(ino.0)
             && let Some(l) = self.table.get(l)
-            && let Some(node) = l.tree.get(n)
         {
+            if let Err(e) = self.dir_settled(&l, n) {
+                return reply.error(e);
+            }
+            let view = l.view();
+            let Some(node) = view.tree().get(n) else {
+                return reply.error(Errno::ENOENT);
+            };
             for (k, _) in &node.xattrs {
                 names.extend_from_slice(k.as_bytes());
                 names.push(0);

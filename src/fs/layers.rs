@@ -29,18 +29,26 @@ pub struct LayerTable {
     layout: Layout,
     db: Arc<Mutex<Catalogue>>,
     reader: Arc<Reader>,
+    /// Layers without TOC streaming in (served before they are complete).
+    streams: Arc<super::stream::Streams>,
     layers: RwLock<Layers>,
     /// Set when the layer list could not be persisted: the mount must not be handed over.
     pub(super) handover_broken: Arc<AtomicBool>,
 }
 
 impl LayerTable {
-    pub fn new(layout: Layout, db: Arc<Mutex<Catalogue>>, reader: Arc<Reader>) -> Arc<Self> {
+    pub fn new(
+        layout: Layout,
+        db: Arc<Mutex<Catalogue>>,
+        reader: Arc<Reader>,
+        streams: Arc<super::stream::Streams>,
+    ) -> Arc<Self> {
         Arc::new(LayerTable {
             rt: tokio::runtime::Handle::current(),
             layout,
             db,
             reader,
+            streams,
             layers: RwLock::new(Layers::default()),
             handover_broken: Arc::default(),
         })
@@ -206,6 +214,19 @@ impl LayerTable {
                 rec.size,
                 toc,
                 tree,
+            ));
+        }
+        if rec.toc_entries.is_none()
+            && let Some(stream) = self.streams.get(rec.digest().map_err(|e| e.to_string())?.hex())
+            && !matches!(stream.outcome(), Some(Err(_)))
+        {
+            // A layer without TOC streaming in: served as its entries arrive.
+            tracing::info!(layer = %rec.digest, "serving the layer while it streams in");
+            return Ok(LazyLayer::streaming(
+                rec.digest().map_err(|e| e.to_string())?,
+                rec.source.clone(),
+                rec.size,
+                stream,
             ));
         }
         let (Some(_), Some(toc_offset), Some(toc_digest)) =

@@ -7,4 +7,5 @@ pub mod handover;
 pub mod layers;
 pub mod reader;
 pub mod record;
+pub mod stream;
 pub mod tree;

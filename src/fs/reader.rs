@@ -11,6 +11,7 @@
 //! handed to every reader waiting for it (single flight). The reader replies as soon as the
 //! chunks it needs are in, while read-ahead chunks of the same request keep arriving.
 
+use super::stream::LayerStream;
 use super::tree::Tree;
 use crate::fetch::source_reference;
 use crate::layer::estargz::{self, Chunk, Spans, Toc};
@@ -99,9 +100,72 @@ pub struct LazyLayer {
     /// Every chunk by its position in the blob: (offset, entry index, chunk index).
     by_offset: Vec<(u64, u32, u32)>,
     scan: Mutex<Scan>,
+    /// A layer without TOC served while it streams in: its tree and entries grow there
+    /// (`toc` and `tree` stay empty).
+    pub stream: Option<Arc<LayerStream>>,
+}
+
+/// A layer's tree and entries as they are now (fixed, or a streaming layer's so far).
+pub enum View<'a> {
+    Fixed(&'a Tree, &'a [estargz::Entry]),
+    Stream(std::sync::RwLockReadGuard<'a, super::stream::State>),
+}
+
+impl View<'_> {
+    pub fn tree(&self) -> &Tree {
+        match self {
+            View::Fixed(t, _) => t,
+            View::Stream(s) => &s.tree,
+        }
+    }
+
+    pub fn entries(&self) -> &[estargz::Entry] {
+        match self {
+            View::Fixed(_, e) => e,
+            View::Stream(s) => &s.entries,
+        }
+    }
 }
 
 impl LazyLayer {
+    /// A layer without TOC, served as its entries arrive (and from the file cache after).
+    pub fn streaming(digest: Digest, source: String, size: u64, stream: Arc<LayerStream>) -> Self {
+        let toc = Toc {
+            digest: digest.clone(),
+            toc_offset: 0,
+            entries: vec![],
+            prefetch_landmark: None,
+        };
+        let mut l = LazyLayer::new(digest, source, size, toc, Tree::new());
+        l.stream = Some(stream);
+        l
+    }
+
+    pub fn view(&self) -> View<'_> {
+        match &self.stream {
+            Some(s) => View::Stream(s.read()),
+            None => View::Fixed(&self.tree, &self.toc.entries),
+        }
+    }
+
+    /// Open the local copy of a file's content `d`: the file cache, or the temp file a
+    /// streaming layer wrote it to (moved into the cache when the layer completes, hence the
+    /// second look).
+    pub fn open_local(&self, layout: &Layout, d: &Digest) -> std::io::Result<File> {
+        let cached = layout.file(d);
+        match File::open(&cached) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            r => return r,
+        }
+        if let Some(tmp) = self.stream.as_ref().and_then(|s| s.temp_file(d)) {
+            match File::open(&tmp) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                r => return r,
+            }
+        }
+        File::open(&cached)
+    }
+
     pub fn new(digest: Digest, source: String, size: u64, toc: Toc, tree: Tree) -> Self {
         let spans = Spans::new(&toc);
         let mut by_offset: Vec<(u64, u32, u32)> = toc
@@ -127,6 +191,7 @@ impl LazyLayer {
             blob: OnceLock::new(),
             by_offset,
             scan: Mutex::new(Scan::default()),
+            stream: None,
         }
     }
 }
@@ -326,6 +391,12 @@ impl Reader {
         })
     }
 
+    /// How long a read waits for the registry (`fuse.read_timeout`); also how long a lookup in
+    /// a streaming layer waits without a new entry arriving.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     fn cache_get(&self, k: &str) -> Option<ChunkData> {
         lock(&self.lru).0.get(k).cloned()
     }
@@ -414,26 +485,38 @@ impl Reader {
         size: u32,
     ) -> Result<Vec<u8>, ReadError> {
         self.stats.reads.inc();
-        let entry = layer.toc.entries.get(entry_idx).ok_or(ReadError::NoEntry)?;
-        let end = offset.saturating_add(size as u64).min(entry.size);
+        let (local, entry_size) = {
+            let view = layer.view();
+            let entry = view.entries().get(entry_idx).ok_or(ReadError::NoEntry)?;
+            (
+                entry.chunks.is_empty().then(|| entry.digest.clone()),
+                entry.size,
+            )
+        };
+        let end = offset.saturating_add(size as u64).min(entry_size);
         if offset >= end {
             return Ok(vec![]);
         }
-        if entry.chunks.is_empty() {
-            // A layer without TOC: its files exist only in the file cache.
-            let d = entry.digest.as_ref().ok_or(ReadError::NoEntry)?;
-            let path = self.layout.file(d);
+        if let Some(d) = local {
+            // A layer without TOC: its files exist only in the file cache (or, streaming, in
+            // the temp files they arrived in).
+            let d = d.ok_or(ReadError::NoEntry)?;
             let len = (end - offset) as usize;
+            let (layer, layout) = (Arc::clone(layer), self.layout.clone());
             return tokio::task::spawn_blocking(move || {
-                let f = File::open(&path).map_err(|e| ReadError::local(path.display(), &e))?;
+                let what = || format!("the cached file {d}");
+                let f = layer
+                    .open_local(&layout, &d)
+                    .map_err(|e| ReadError::local(what(), &e))?;
                 let mut buf = vec![0u8; len];
                 f.read_exact_at(&mut buf, offset)
-                    .map_err(|e| ReadError::local(path.display(), &e))?;
+                    .map_err(|e| ReadError::local(what(), &e))?;
                 Ok(buf)
             })
             .await
             .unwrap_or(Err(ReadError::Abandoned));
         }
+        let entry = layer.toc.entries.get(entry_idx).ok_or(ReadError::NoEntry)?;
         let mut claims = vec![];
         let mut slots = vec![];
         let mut last = None;

@@ -172,109 +172,143 @@ impl Tree {
     }
 
     pub fn from_entries(entries: &[Entry]) -> Result<Tree, TreeError> {
-        let mut t = Tree::default();
-        t.push(dir_node(0, ROOT));
+        let mut t = Tree::new();
         for (idx, e) in entries.iter().enumerate() {
-            if e.path.is_empty() {
-                // Attributes of the root itself.
-                if let Some(root) = t.get_mut(ROOT) {
-                    root.perm = e.mode & 0o7777;
-                    root.uid = e.uid;
-                    root.gid = e.gid;
-                    root.mtime = mtime_of(e.mtime.as_deref());
-                    root.xattrs = e.xattrs.clone();
-                }
-                continue;
-            }
-            if e.path == PREFETCH_LANDMARK || e.path == NO_PREFETCH_LANDMARK {
-                continue;
-            }
-            let parts: Vec<&str> = e.path.split('/').collect();
-            let (name, dirs) = parts.split_last().unwrap_or((&"", &[]));
-            let parent = t.ensure_dir(dirs)?;
-            if *name == OPAQUE_MARKER {
-                if let Some(p) = t.get_mut(parent) {
-                    p.xattrs.retain(|(k, _)| k != OPAQUE_XATTR);
-                    p.xattrs.push((OPAQUE_XATTR.to_string(), b"y".to_vec()));
-                }
-                continue;
-            }
-            if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
-                t.detach(parent, hidden);
-                let mut n = dir_node(0, parent);
-                n.kind = NodeKind::Char;
-                n.perm = 0;
-                n.nlink = 1;
-                n.mtime = mtime_of(e.mtime.as_deref());
-                let ino = t.push(n);
-                t.attach(parent, hidden, ino);
-                continue;
-            }
-            if e.kind == Kind::Hardlink {
-                let target =
-                    t.resolve(&e.link)
-                        .map(|n| n.ino)
-                        .ok_or_else(|| TreeError::Conflict {
-                            path: e.path.clone(),
-                            reason: format!("hardlink target {:?} missing", e.link),
-                        })?;
-                t.detach(parent, name);
-                if let Some(n) = t.get_mut(target) {
-                    n.nlink += 1;
-                }
-                t.attach(parent, name, target);
-                continue;
-            }
-            let kind = match e.kind {
-                Kind::Dir => NodeKind::Dir,
-                Kind::Reg => NodeKind::Reg,
-                Kind::Symlink => NodeKind::Symlink,
-                Kind::Char => NodeKind::Char,
-                Kind::Block => NodeKind::Block,
-                Kind::Fifo => NodeKind::Fifo,
-                // Handled above; kept total without a panic.
-                Kind::Hardlink => continue,
-            };
-            let existing = t.get(parent).and_then(|p| p.children.get(*name).copied());
-            // A directory entry for an implied or earlier directory updates it in place.
-            if kind == NodeKind::Dir
-                && let Some(ino) = existing
-                && t.get(ino).is_some_and(|n| n.kind == NodeKind::Dir)
-            {
-                if let Some(n) = t.get_mut(ino) {
-                    n.perm = e.mode & 0o7777;
-                    n.uid = e.uid;
-                    n.gid = e.gid;
-                    n.mtime = mtime_of(e.mtime.as_deref());
-                    n.xattrs = e.xattrs.clone();
-                }
-                continue;
-            }
-            t.detach(parent, name);
-            let mut n = dir_node(0, parent);
-            n.kind = kind;
-            n.perm = e.mode & 0o7777;
-            n.uid = e.uid;
-            n.gid = e.gid;
-            n.mtime = mtime_of(e.mtime.as_deref());
-            n.xattrs = e.xattrs.clone();
-            n.nlink = if kind == NodeKind::Dir { 2 } else { 1 };
-            match kind {
-                NodeKind::Reg => {
-                    n.size = e.size;
-                    n.entry = Some(idx);
-                }
-                NodeKind::Symlink => {
-                    n.size = e.link.len() as u64;
-                    n.link = e.link.clone();
-                }
-                NodeKind::Char | NodeKind::Block => n.rdev = (e.dev_major, e.dev_minor),
-                _ => {}
-            }
-            let ino = t.push(n);
-            t.attach(parent, name, ino);
+            t.add(idx, e)?;
         }
         Ok(t)
+    }
+
+    /// A tree with only its root: entries are added one by one (a layer streaming in). Inode
+    /// numbers are given in the order nodes appear, so a tree built entry by entry numbers its
+    /// nodes exactly as [`Tree::from_entries`] does over the same entries.
+    pub fn new() -> Tree {
+        let mut t = Tree::default();
+        t.push(dir_node(0, ROOT));
+        t
+    }
+
+    /// The slash-separated path of `ino` from the root (a directory, or a file's first name).
+    pub fn path_of(&self, ino: u64) -> Option<String> {
+        let mut parts = vec![];
+        let mut cur = ino;
+        while cur != ROOT {
+            let node = self.get(cur)?;
+            let parent = self.get(node.parent)?;
+            let name = parent
+                .children
+                .iter()
+                .find(|(_, i)| **i == cur)
+                .map(|(n, _)| n.as_str())?;
+            parts.push(name);
+            cur = node.parent;
+        }
+        parts.reverse();
+        Some(parts.join("/"))
+    }
+
+    /// Add entry `idx` of the layer (tar semantics: a later entry replaces an earlier one).
+    pub fn add(&mut self, idx: usize, e: &Entry) -> Result<(), TreeError> {
+        let t = self;
+        if e.path.is_empty() {
+            // Attributes of the root itself.
+            if let Some(root) = t.get_mut(ROOT) {
+                root.perm = e.mode & 0o7777;
+                root.uid = e.uid;
+                root.gid = e.gid;
+                root.mtime = mtime_of(e.mtime.as_deref());
+                root.xattrs = e.xattrs.clone();
+            }
+            return Ok(());
+        }
+        if e.path == PREFETCH_LANDMARK || e.path == NO_PREFETCH_LANDMARK {
+            return Ok(());
+        }
+        let parts: Vec<&str> = e.path.split('/').collect();
+        let (name, dirs) = parts.split_last().unwrap_or((&"", &[]));
+        let parent = t.ensure_dir(dirs)?;
+        if *name == OPAQUE_MARKER {
+            if let Some(p) = t.get_mut(parent) {
+                p.xattrs.retain(|(k, _)| k != OPAQUE_XATTR);
+                p.xattrs.push((OPAQUE_XATTR.to_string(), b"y".to_vec()));
+            }
+            return Ok(());
+        }
+        if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
+            t.detach(parent, hidden);
+            let mut n = dir_node(0, parent);
+            n.kind = NodeKind::Char;
+            n.perm = 0;
+            n.nlink = 1;
+            n.mtime = mtime_of(e.mtime.as_deref());
+            let ino = t.push(n);
+            t.attach(parent, hidden, ino);
+            return Ok(());
+        }
+        if e.kind == Kind::Hardlink {
+            let target =
+                t.resolve(&e.link)
+                    .map(|n| n.ino)
+                    .ok_or_else(|| TreeError::Conflict {
+                        path: e.path.clone(),
+                        reason: format!("hardlink target {:?} missing", e.link),
+                    })?;
+            t.detach(parent, name);
+            if let Some(n) = t.get_mut(target) {
+                n.nlink += 1;
+            }
+            t.attach(parent, name, target);
+            return Ok(());
+        }
+        let kind = match e.kind {
+            Kind::Dir => NodeKind::Dir,
+            Kind::Reg => NodeKind::Reg,
+            Kind::Symlink => NodeKind::Symlink,
+            Kind::Char => NodeKind::Char,
+            Kind::Block => NodeKind::Block,
+            Kind::Fifo => NodeKind::Fifo,
+            // Handled above; kept total without a panic.
+            Kind::Hardlink => return Ok(()),
+        };
+        let existing = t.get(parent).and_then(|p| p.children.get(*name).copied());
+        // A directory entry for an implied or earlier directory updates it in place.
+        if kind == NodeKind::Dir
+            && let Some(ino) = existing
+            && t.get(ino).is_some_and(|n| n.kind == NodeKind::Dir)
+        {
+            if let Some(n) = t.get_mut(ino) {
+                n.perm = e.mode & 0o7777;
+                n.uid = e.uid;
+                n.gid = e.gid;
+                n.mtime = mtime_of(e.mtime.as_deref());
+                n.xattrs = e.xattrs.clone();
+            }
+            return Ok(());
+        }
+        t.detach(parent, name);
+        let mut n = dir_node(0, parent);
+        n.kind = kind;
+        n.perm = e.mode & 0o7777;
+        n.uid = e.uid;
+        n.gid = e.gid;
+        n.mtime = mtime_of(e.mtime.as_deref());
+        n.xattrs = e.xattrs.clone();
+        n.nlink = if kind == NodeKind::Dir { 2 } else { 1 };
+        match kind {
+            NodeKind::Reg => {
+                n.size = e.size;
+                n.entry = Some(idx);
+            }
+            NodeKind::Symlink => {
+                n.size = e.link.len() as u64;
+                n.link = e.link.clone();
+            }
+            NodeKind::Char | NodeKind::Block => n.rdev = (e.dev_major, e.dev_minor),
+            _ => {}
+        }
+        let ino = t.push(n);
+        t.attach(parent, name, ino);
+        Ok(())
     }
 }
 

@@ -167,9 +167,42 @@ pub struct Unpacked {
     pub bytes_written: u64,
 }
 
+/// Told of each entry as an unpack completes it (a layer served while it streams in).
+pub trait Observer {
+    /// Entry number `idx` is complete (a regular file's `digest` and `size` set). `tmp` holds a
+    /// regular file's content until the unpack moves it into the file cache at its end (None:
+    /// the cache has it already, or an earlier entry of this layer holds the same content).
+    /// Returns where the content already is if an earlier attempt of this unpack kept it
+    /// (identical, by digest): that file is moved into the cache instead, `tmp` is removed.
+    fn entry(&mut self, idx: usize, entry: &Entry, tmp: Option<&Path>) -> Option<PathBuf>;
+    /// Whether the temp file `tmp` must stay when the unpack fails (someone still reads it).
+    fn keeps(&self, tmp: &Path) -> bool;
+}
+
+struct Nobody;
+
+impl Observer for Nobody {
+    fn entry(&mut self, _: usize, _: &Entry, _: Option<&Path>) -> Option<PathBuf> {
+        None
+    }
+    fn keeps(&self, _: &Path) -> bool {
+        false
+    }
+}
+
 /// Read a layer tar, store every regular file's content under `files_dir/<hex>` and return the
 /// entries. Blocking. Paths are cleaned and `..` refused; hardlinks must name an earlier entry.
 pub fn unpack(tar: impl Read, files_dir: &Path, limits: &Limits) -> Result<Unpacked, UnpackError> {
+    unpack_observed(tar, files_dir, limits, &mut Nobody)
+}
+
+/// [`unpack`], telling `observer` of each entry as it is complete.
+pub fn unpack_observed(
+    tar: impl Read,
+    files_dir: &Path,
+    limits: &Limits,
+    observer: &mut dyn Observer,
+) -> Result<Unpacked, UnpackError> {
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| UnpackError::Io { path, source }
@@ -182,9 +215,11 @@ pub fn unpack(tar: impl Read, files_dir: &Path, limits: &Limits) -> Result<Unpac
     let mut pending: Vec<(PathBuf, PathBuf)> = vec![];
     let mut pending_names: HashSet<String> = HashSet::new();
     let (mut files_written, mut bytes_written) = (0u64, 0u64);
-    let cleanup = |pending: &[(PathBuf, PathBuf)]| {
+    let cleanup = |pending: &[(PathBuf, PathBuf)], observer: &dyn Observer| {
         for (tmp, _) in pending {
-            let _ = fs::remove_file(tmp);
+            if !observer.keeps(tmp) {
+                let _ = fs::remove_file(tmp);
+            }
         }
     };
     let iter = archive
@@ -236,14 +271,29 @@ pub fn unpack(tar: impl Read, files_dir: &Path, limits: &Limits) -> Result<Unpac
                 }
                 let d = Digest::from_sha256(&hash.finalize());
                 let dest = files_dir.join(d.hex());
+                entry.size = size;
+                entry.digest = Some(d.clone());
                 if dest.exists() || !pending_names.insert(d.hex().to_string()) {
                     let _ = fs::remove_file(&tmp);
+                    observer.entry(entries.len(), &entry, None);
                 } else {
-                    pending.push((tmp, dest));
+                    let kept = observer.entry(entries.len(), &entry, Some(&tmp));
+                    let from = match kept {
+                        Some(old) if old != tmp => {
+                            let _ = fs::remove_file(&tmp);
+                            old
+                        }
+                        _ => tmp,
+                    };
+                    pending.push((from, dest));
                     files_written += 1;
                     bytes_written += size;
                 }
                 digest = Some(d);
+            } else {
+                entry.size = 0;
+                entry.digest = None;
+                observer.entry(entries.len(), &entry, None);
             }
             entry.size = size;
             entry.digest = digest;
@@ -264,7 +314,7 @@ pub fn unpack(tar: impl Read, files_dir: &Path, limits: &Limits) -> Result<Unpac
         Ok(())
     })();
     if let Err(e) = result {
-        cleanup(&pending);
+        cleanup(&pending, observer);
         return Err(e);
     }
     Ok(Unpacked {

@@ -534,7 +534,13 @@ impl Snapshotter {
                     if !plain_logged {
                         plain_logged = true;
                         tracing::info!(layer = %req.layer, media_type = %l.media_type, filled = l.filled, size = l.size,
-                            "layer without TOC: lazypull fetches it once and serves it from its file cache when unpacked; containerd downloads nothing");
+                            "layer without TOC: lazypull fetches it once and serves its files as they arrive; containerd downloads nothing");
+                    }
+                    // Served as it streams in, once its fill has begun unpacking it.
+                    if let Some(s) = self.images.filler.streams().get(req.layer.hex())
+                        && !matches!(s.outcome(), Some(Err(_)))
+                    {
+                        return Ok(());
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
