@@ -1329,3 +1329,122 @@ fn wait_prefetched(d: &Daemon, min: u64) {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
+
+/// A tar of `(path, content)` entries in the order given; a path ending in `/` is a directory,
+/// content starting with `->` a symlink.
+fn tar_of(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, content) in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
+        if let Some(dir) = path.strip_suffix('/') {
+            h.set_entry_type(tar::EntryType::Directory);
+            h.set_mode(0o755);
+            h.set_size(0);
+            b.append_data(&mut h, dir, std::io::empty()).unwrap();
+        } else if let Some(target) = content.strip_prefix(b"->") {
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_mode(0o777);
+            h.set_size(0);
+            b.append_link(&mut h, path, std::str::from_utf8(target).unwrap())
+                .unwrap();
+        } else {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(content.len() as u64);
+            b.append_data(&mut h, path, content.as_slice()).unwrap();
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+/// Incompressible bytes (xorshift), the same for a seed.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        v.extend_from_slice(&seed.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A plain gzip layer (no TOC) is served while it streams in: a file at its start is read, a
+/// name the stream has passed is missing and a directory it has left is listed, all before the
+/// layer is complete; a file at its end is waited for. Nothing is fetched twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_layers_are_served_while_they_stream_in() {
+    if !require_tools() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::empty(None);
+    let big = noise(24 << 20, 0x9e37_79b9_7f4a_7c15);
+    let tar = tar_of(&[
+        ("a/", vec![]),
+        ("a/first.txt", b"first\n".to_vec()),
+        ("a/link", b"->first.txt".to_vec()),
+        ("b/", vec![]),
+        ("b/big.bin", big.clone()),
+        ("c/", vec![]),
+        ("c/last.txt", b"last\n".to_vec()),
+    ]);
+    push_layers(&reg, "stream", &[tar]).await;
+    let layer = layer_digests(&reg, "stream")[0].clone();
+    // 24 MiB at 16 Mbit/s: about 12 s of streaming.
+    let proxy = Netem::start(&reg.host(), &["--mbit", "16"]);
+    let d = Daemon::start(&[]);
+    let name = format!("{}/stream:latest", proxy.host());
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &name).await.expect("pull");
+    }
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    mount_image(&d, &name, &root, &[]);
+    let read = |p: &str| {
+        std::fs::read_to_string(root.join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}\n{}", d.log_text()))
+    };
+    assert_eq!(read("a/first.txt"), "first\n");
+    assert_eq!(read("a/link"), "first\n");
+    let missing = std::fs::metadata(root.join("a/missing")).unwrap_err();
+    assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+    let mut listed: Vec<String> = std::fs::read_dir(root.join("a"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["first.txt", "link"]);
+    let (filled, state, _) = layer_local(&d, &layer);
+    assert_ne!(
+        state, "complete",
+        "served before the layer was complete ({filled} bytes there)"
+    );
+    // At the end of the stream: waited for.
+    assert_eq!(
+        std::fs::read_to_string(root.join("c/last.txt")).unwrap(),
+        "last\n"
+    );
+    assert_eq!(sha256_file(&root.join("b/big.bin")), {
+        use sha2::Digest as _;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(&big)))
+    });
+    d.wait_complete(std::time::Duration::from_secs(120));
+    let missing = std::fs::metadata(root.join("c/missing")).unwrap_err();
+    assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+    let out = d.cli(&["umount", root.to_str().unwrap()]);
+    assert!(out.status.success());
+    let log = d.log_text();
+    assert!(
+        log.contains("serving the layer while it streams in"),
+        "{log}"
+    );
+    assert!(!log.contains("not in walk order"), "{log}");
+    let (bytes, requests, _) = served(&reg, "stream", &layer);
+    let size = layer_sizes(&reg, "stream")[0].1;
+    assert_eq!(bytes, size, "fetched once ({requests} requests)");
+}

@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 const MAX_OPTIONS: usize = 4095;
 
 /// Wait until every layer of the image can be served: eStargz layers once their TOC is verified
-/// (lazily), other layers once fetched whole, verified and unpacked into the file cache.
+/// (lazily), other layers once the daemon's fill has begun unpacking them (their files are
+/// served as they arrive) or they are unpacked into the file cache.
 async fn wait_for_layers(
     cfg: &Config,
     name: &str,
     timeout: Duration,
+    fuse_root: &std::path::Path,
 ) -> anyhow::Result<ImageRecord> {
     let start = Instant::now();
     loop {
@@ -42,6 +44,11 @@ async fn wait_for_layers(
             }
             if l.toc_digest.is_some() && l.toc_error.is_none() {
                 tocs += 1;
+            } else if std::fs::metadata(fuse_root.join(l.digest.trim_start_matches("sha256:")))
+                .is_ok()
+            {
+                // The daemon serves it while it streams in.
+                continue;
             } else {
                 // No TOC (or a refused one): served once fetched whole and unpacked.
                 whole += 1;
@@ -67,7 +74,7 @@ pub async fn mount(cfg: &Config, args: &MountArgs) -> anyhow::Result<()> {
         .fuse_mountpoint
         .clone()
         .unwrap_or_else(|| cfg.fuse.mountpoint.clone());
-    let img = wait_for_layers(cfg, &args.image, timeout).await?;
+    let img = wait_for_layers(cfg, &args.image, timeout, &fuse_root).await?;
     if img.layers.is_empty() {
         bail!("{} has no layers", args.image);
     }

@@ -270,8 +270,12 @@ fn unpack_stream(
             tar,
             &layout.files_dir(),
             &limits,
-            &mut crate::fs::stream::Announcer(s),
-        ),
+            &mut crate::fs::stream::Announcer(Arc::clone(&s)),
+        )
+        .inspect_err(|e| {
+            // Readers waiting for the rest of the layer fail now, not when the fill ends.
+            s.finish(Err(e.to_string()))
+        }),
         None => ltar::unpack(tar, &layout.files_dir(), &limits),
     }
     .map_err(|e| e.to_string())?;

@@ -217,7 +217,9 @@ impl LayerTable {
             ));
         }
         if rec.toc_entries.is_none()
-            && let Some(stream) = self.streams.get(rec.digest().map_err(|e| e.to_string())?.hex())
+            && let Some(stream) = self
+                .streams
+                .get(rec.digest().map_err(|e| e.to_string())?.hex())
             && !matches!(stream.outcome(), Some(Err(_)))
         {
             // A layer without TOC streaming in: served as its entries arrive.

@@ -99,9 +99,10 @@ impl State {
         self.end == End::Done
             || (self.ordered
                 && !dir.is_empty()
-                && self.last.as_deref().is_some_and(|l| {
-                    walk_cmp(l, dir) == Ordering::Greater && !within(l, dir)
-                }))
+                && self
+                    .last
+                    .as_deref()
+                    .is_some_and(|l| walk_cmp(l, dir) == Ordering::Greater && !within(l, dir)))
     }
 
     /// Whether a lookup of `name` in the directory `dir` that finds nothing is final: neither
@@ -414,7 +415,10 @@ mod tests {
         assert_eq!(walk_cmp("a", "a/b"), Ordering::Less, "a directory first");
         assert_eq!(walk_cmp("", "a"), Ordering::Less);
         assert_eq!(walk_cmp("./", "a"), Ordering::Less);
-        assert_eq!(walk_cmp("usr/lib/python3.11/x", "usr/lib/python311.zip"), Ordering::Less);
+        assert_eq!(
+            walk_cmp("usr/lib/python3.11/x", "usr/lib/python311.zip"),
+            Ordering::Less
+        );
         assert!(within("a/b/c", "a/b") && within("a/b", "a/b") && !within("a/bc", "a/b"));
     }
 
@@ -423,15 +427,25 @@ mod tests {
         let s = LayerStream::new(Digest::of(b"layer"));
         s.announce(0, &entry("", Kind::Dir, None), None);
         s.announce(1, &entry("etc", Kind::Dir, None), None);
-        s.announce(2, &entry("etc/hosts", Kind::Reg, Some("h")), Some(Path::new("/t/1")));
+        s.announce(
+            2,
+            &entry("etc/hosts", Kind::Reg, Some("h")),
+            Some(Path::new("/t/1")),
+        );
         {
             let st = s.read();
             assert!(st.tree.resolve("etc/hosts").is_some());
             assert!(st.missing_is_final("etc", "group"), "group < hosts");
-            assert!(!st.missing_is_final("etc", "passwd"), "passwd may still come");
+            assert!(
+                !st.missing_is_final("etc", "passwd"),
+                "passwd may still come"
+            );
             assert!(!st.left("etc"), "still in etc");
             assert!(!st.left(""), "the root is left only at the end");
-            assert!(st.dir_final("etc"), "the opaque marker would have come first");
+            assert!(
+                st.dir_final("etc"),
+                "the opaque marker would have come first"
+            );
         }
         s.announce(3, &entry("usr", Kind::Dir, None), None);
         {
@@ -494,7 +508,10 @@ mod tests {
         assert_eq!(t.join().unwrap(), Ok(()));
         let started = Instant::now();
         assert_eq!(
-            s.wait(Duration::from_millis(50), |st| st.tree.resolve("y").is_some()),
+            s.wait(Duration::from_millis(50), |st| st
+                .tree
+                .resolve("y")
+                .is_some()),
             Err(WaitError::Stalled(Duration::from_millis(50)))
         );
         assert!(started.elapsed() < Duration::from_secs(10));

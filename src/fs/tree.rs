@@ -246,13 +246,13 @@ impl Tree {
             return Ok(());
         }
         if e.kind == Kind::Hardlink {
-            let target =
-                t.resolve(&e.link)
-                    .map(|n| n.ino)
-                    .ok_or_else(|| TreeError::Conflict {
-                        path: e.path.clone(),
-                        reason: format!("hardlink target {:?} missing", e.link),
-                    })?;
+            let target = t
+                .resolve(&e.link)
+                .map(|n| n.ino)
+                .ok_or_else(|| TreeError::Conflict {
+                    path: e.path.clone(),
+                    reason: format!("hardlink target {:?} missing", e.link),
+                })?;
             t.detach(parent, name);
             if let Some(n) = t.get_mut(target) {
                 n.nlink += 1;
