@@ -1443,7 +1443,7 @@ async fn plain_layers_are_served_while_they_stream_in() {
         log.contains("serving the layer while it streams in"),
         "{log}"
     );
-    assert!(!log.contains("not in walk order"), "{log}");
+    assert!(!log.contains("neither in walk order"), "{log}");
     let (bytes, requests, _) = served(&reg, "stream", &layer);
     let size = layer_sizes(&reg, "stream")[0].1;
     assert_eq!(bytes, size, "fetched once ({requests} requests)");

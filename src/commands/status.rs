@@ -122,8 +122,20 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
                 }
                 _ => {}
             }
+            match (l.walk_order, l.unpacked) {
+                (Some(true), false) => notes.push(
+                    "files served as they arrive; entries in order: missing names answered early".into(),
+                ),
+                (Some(false), false) => notes.push(
+                    "files served as they arrive; entries out of order: missing names wait for the end".into(),
+                ),
+                _ => {}
+            }
             if l.unpacked {
-                notes.push("files cached".to_string());
+                notes.push(match l.walk_order {
+                    Some(false) => "files cached (streamed out of order)".to_string(),
+                    _ => "files cached".to_string(),
+                });
             }
             println!(
                 "  {}  {:<28} {:>10} / {:>10}  {:?}{}{}",

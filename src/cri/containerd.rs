@@ -847,6 +847,7 @@ mod tests {
             read_waits: 0,
             read_wait_ms: 0,
             landmark_files: None,
+            walk_order: None,
         }
     }
 

@@ -141,6 +141,16 @@ pub struct Filler {
 struct StreamEnd(Option<Arc<crate::fs::stream::LayerStream>>);
 
 impl StreamEnd {
+    /// Record in the catalogue whether the layer's entries came in walk order (so far).
+    fn record_order(&self, db: &Mutex<Catalogue>, digest: &str) {
+        if let Some(s) = &self.0 {
+            let ordered = s.read().ordered();
+            if let Err(e) = lock(db).set_walk_order(digest, ordered) {
+                tracing::warn!(layer = %digest, error = %e, "cannot record the layer's entry order");
+            }
+        }
+    }
+
     fn done(mut self, result: Result<(), String>) {
         if let Some(s) = self.0.take() {
             s.finish(result);
@@ -859,6 +869,7 @@ impl Filler {
             (self.unpack.wants(&now) && now.toc_entries.is_none())
                 .then(|| self.streams.begin(&digest)),
         );
+        stream.record_order(&self.db, digest_str);
         let unpacking = self.unpack.wants(&now).then(|| {
             let (blob, rx, layout) = (Arc::clone(&blob), progress.subscribe(), self.layout.clone());
             let (size, plain) = (now.size, now.toc_entries.is_none());
@@ -1026,7 +1037,9 @@ impl Filler {
             db.set_layer_state(digest_str, LayerState::Complete, None)?;
         }
         if let Some(task) = unpacking {
-            match task.await {
+            let result = task.await;
+            stream.record_order(&self.db, digest_str);
+            match result {
                 Ok(Ok((u, index))) => {
                     let idx = index.as_ref().map(|d| d.to_string());
                     match lock(&self.db).set_unpacked(digest_str, idx.as_deref()) {

@@ -7,11 +7,16 @@
 //! arrived, not when the whole layer has.
 //!
 //! A name that is not there yet may still come. It is certain to be missing only once the
-//! stream has passed where the name would be. Builders that walk the tree (buildkit, docker,
-//! umoci, buildah, `tar --sort=name`) write entries in *walk order*: a directory before its
-//! contents, the names of a directory in byte order. While every entry so far came in that order
-//! ([`walk_cmp`]), a lookup of a missing name is answered as soon as an entry after it has
-//! arrived; once the order breaks, it waits for the end of the stream. A directory's listing
+//! stream has passed where the name would be. Builders write entries in one of two orders:
+//! - *walk order* (a tree walk: Go's `filepath.Walk` in docker and buildkit, `tar
+//!   --sort=name`): a directory, then its contents, the names of a directory in byte order;
+//!   paths compare component by component ([`walk_cmp`]);
+//! - *path order* (umoci, which sorts the paths it writes): whole paths in byte order, so
+//!   `etc/python3.11/x` comes before `etc/python3/y` (`.` < `/`).
+//!
+//! While every entry so far came in one of these orders, a lookup of a missing name is answered
+//! as soon as the stream has passed the place of the name (and of its whiteout, and of anything
+//! below it); once both orders broke, it waits for the end of the stream. A directory's listing
 //! waits until the stream has left the directory, its opaque marker until the stream has passed
 //! where the marker would be.
 //!
@@ -72,9 +77,11 @@ pub struct State {
     /// Where the content of a regular file is until it is moved into the file cache, by content
     /// digest (hex).
     files: HashMap<String, PathBuf>,
-    /// The path of the last new entry, and whether every entry so far came in walk order.
+    /// The path of the last new entry, and whether every entry so far came in walk order
+    /// (`walk`) or path order (`sorted`).
     last: Option<String>,
-    pub ordered: bool,
+    walk: bool,
+    sorted: bool,
     pub end: End,
     /// Entries the current attempt has announced (a retry announces the first ones again).
     attempt: usize,
@@ -84,36 +91,52 @@ pub struct State {
 }
 
 impl State {
-    /// No entry named `path` can still arrive.
-    pub fn passed(&self, path: &str) -> bool {
+    /// Whether every entry so far came in one of the orders the early answers rely on.
+    pub fn ordered(&self) -> bool {
+        self.walk || self.sorted
+    }
+
+    /// No regular file (or other leaf) named `path` can still arrive.
+    fn passed_file(&self, path: &str) -> bool {
         self.end == End::Done
-            || (self.ordered
-                && self
-                    .last
-                    .as_deref()
-                    .is_some_and(|l| walk_cmp(l, path) == Ordering::Greater))
+            || self.last.as_deref().is_some_and(|l| {
+                (self.walk && walk_cmp(l, path) == Ordering::Greater)
+                    || (self.sorted && l.as_bytes() > path.as_bytes())
+            })
+    }
+
+    /// No entry named `path`, nor any below it, can still arrive.
+    pub fn passed(&self, path: &str) -> bool {
+        let below = format!("{path}/");
+        self.end == End::Done
+            || self.last.as_deref().is_some_and(|l| {
+                (self.walk && walk_cmp(l, path) == Ordering::Greater)
+                    || (self.sorted && l.as_bytes() > below.as_bytes())
+            })
     }
 
     /// No entry can still arrive in the directory `dir` (its listing is complete).
     pub fn left(&self, dir: &str) -> bool {
+        let below = format!("{dir}/");
         self.end == End::Done
-            || (self.ordered
-                && !dir.is_empty()
-                && self
-                    .last
-                    .as_deref()
-                    .is_some_and(|l| walk_cmp(l, dir) == Ordering::Greater && !within(l, dir)))
+            || (!dir.is_empty()
+                && self.last.as_deref().is_some_and(|l| {
+                    (self.walk && walk_cmp(l, dir) == Ordering::Greater && !within(l, dir))
+                        || (self.sorted
+                            && l.as_bytes() > below.as_bytes()
+                            && !l.starts_with(&below))
+                }))
     }
 
     /// Whether a lookup of `name` in the directory `dir` that finds nothing is final: neither
-    /// the name nor its whiteout can still arrive.
+    /// the name, nor anything below it, nor its whiteout can still arrive.
     pub fn missing_is_final(&self, dir: &str, name: &str) -> bool {
-        self.passed(&join(dir, name)) && self.passed(&join(dir, &format!(".wh.{name}")))
+        self.passed(&join(dir, name)) && self.passed_file(&join(dir, &format!(".wh.{name}")))
     }
 
     /// Whether a directory's attributes (its opaque marker) are final.
     pub fn dir_final(&self, dir: &str) -> bool {
-        self.passed(&join(dir, ".wh..wh..opq"))
+        self.passed_file(&join(dir, ".wh..wh..opq"))
     }
 
     fn failure(&self) -> Option<String> {
@@ -154,7 +177,8 @@ impl LayerStream {
                 tree: Tree::new(),
                 files: HashMap::new(),
                 last: None,
-                ordered: true,
+                walk: true,
+                sorted: true,
                 end: End::Streaming,
                 attempt: 0,
                 broken: None,
@@ -216,13 +240,14 @@ impl LayerStream {
                 }
             }
         } else if idx == st.entries.len() && st.broken.is_none() {
-            if st.ordered
-                && let Some(last) = st.last.as_deref()
-                && walk_cmp(last, &entry.path) != Ordering::Less
-            {
-                tracing::info!(layer = %self.digest, after = last, entry = %entry.path,
-                    "entries are not in walk order: lookups of missing names wait for the end of the layer");
-                st.ordered = false;
+            if let Some(last) = st.last.clone() {
+                let was = st.ordered();
+                st.walk &= walk_cmp(&last, &entry.path) == Ordering::Less;
+                st.sorted &= last.as_bytes() < entry.path.as_bytes();
+                if was && !st.ordered() {
+                    tracing::info!(layer = %self.digest, after = last, entry = %entry.path,
+                        "entries are neither in walk order nor in path order: lookups of missing names wait for the end of the layer");
+                }
             }
             st.last = Some(entry.path.clone());
             if let Err(TreeError::Conflict { path, reason }) = st.tree.add(idx, entry) {
@@ -358,14 +383,14 @@ impl Streams {
     }
 
     /// Digest hex of each layer streaming, with its entries so far and whether they are in
-    /// walk order.
+    /// order.
     pub fn list(&self) -> Vec<(String, usize, bool, End)> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<_> = map
             .iter()
             .map(|(h, s)| {
                 let st = s.read();
-                (h.clone(), st.entries.len(), st.ordered, st.end.clone())
+                (h.clone(), st.entries.len(), st.ordered(), st.end.clone())
             })
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -461,12 +486,44 @@ mod tests {
         // Out of order: from now on only the end settles a missing name.
         s.announce(4, &entry("bin", Kind::Dir, None), None);
         let st = s.read();
-        assert!(!st.ordered);
+        assert!(!st.ordered());
         assert!(!st.missing_is_final("etc", "zzz"));
         drop(st);
         s.finish(Ok(()));
         assert!(s.read().missing_is_final("etc", "zzz") && s.read().left(""));
         assert_eq!(s.outcome(), Some(Ok(())));
+    }
+
+    #[test]
+    fn path_order_as_umoci_writes_it() {
+        let s = LayerStream::new(Digest::of(b"layer"));
+        let paths = [
+            "",
+            "etc",
+            "etc/python3",
+            "etc/python3.11",
+            "etc/python3.11/site.py",
+            "etc/python3/x",
+        ];
+        for (i, p) in paths.iter().enumerate() {
+            s.announce(i, &entry(p, Kind::Dir, None), None);
+        }
+        let st = s.read();
+        assert!(st.ordered() && !st.walk && st.sorted);
+        assert!(!st.left("etc/python3"), "etc/python3/… may still come");
+        assert!(st.missing_is_final("etc/python3", "a"));
+        assert!(!st.missing_is_final("etc/python3", "y"));
+        assert!(st.missing_is_final("etc", "python2"));
+        assert!(
+            st.missing_is_final("etc", "python3.2"),
+            "between python3.11 and python3/"
+        );
+        assert!(!st.missing_is_final("etc", "zz"));
+        drop(st);
+        s.announce(6, &entry("etc/ssl", Kind::Dir, None), None);
+        let st = s.read();
+        assert!(st.left("etc/python3") && st.left("etc/python3.11"));
+        assert!(!st.left("etc"));
     }
 
     #[test]

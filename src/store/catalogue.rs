@@ -9,10 +9,10 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// Columns of a layer row, in the order `layer_from_row` reads them.
-const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset, l.ondemand, l.unpacked, l.index_digest, l.toc_position, l.prefetched, l.fill_fetched, l.read_waits, l.read_wait_ms, l.landmark_files";
+const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset, l.ondemand, l.unpacked, l.index_digest, l.toc_position, l.prefetched, l.fill_fetched, l.read_waits, l.read_wait_ms, l.landmark_files, l.walk_order";
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS images (
@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS layers (
     fill_fetched INTEGER NOT NULL DEFAULT 0, -- bytes fetched by the filler
     read_waits INTEGER NOT NULL DEFAULT 0,   -- reads that waited for the network
     read_wait_ms INTEGER NOT NULL DEFAULT 0, -- their total wait
-    landmark_files INTEGER                   -- TOC entries before the prefetch landmark, if any
+    landmark_files INTEGER,                  -- TOC entries before the prefetch landmark, if any
+    walk_order INTEGER                       -- layers without TOC served while streaming: 1 if its entries came in walk order
 );
 CREATE TABLE IF NOT EXISTS image_layers (
     image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -150,6 +151,9 @@ pub struct LayerRecord {
     pub read_wait_ms: u64,
     /// TOC entries before the prefetch landmark, when the TOC has one.
     pub landmark_files: Option<u64>,
+    /// A layer without TOC served while it streamed in: whether its entries came in walk
+    /// order (missing names answered early) so far, or not (they waited for the end).
+    pub walk_order: Option<bool>,
 }
 
 /// Who fetched bytes of a layer (per-layer counters in the catalogue).
@@ -295,6 +299,7 @@ impl Catalogue {
             ("read_waits", "INTEGER NOT NULL DEFAULT 0"),
             ("read_wait_ms", "INTEGER NOT NULL DEFAULT 0"),
             ("landmark_files", "INTEGER"),
+            ("walk_order", "INTEGER"),
         ] {
             let has: bool = conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM pragma_table_info('layers') WHERE name = ?1)",
@@ -554,6 +559,15 @@ impl Catalogue {
         Ok(())
     }
 
+    /// Whether a layer streaming in came in walk order (see `fs::stream`).
+    pub fn set_walk_order(&self, digest: &str, ordered: bool) -> Result<()> {
+        self.conn.execute(
+            "UPDATE layers SET walk_order = ?2 WHERE digest = ?1",
+            params![digest, ordered as i64],
+        )?;
+        Ok(())
+    }
+
     /// Count bytes fetched for the layer.
     pub fn add_fetched(&self, digest: &str, by: FetchedBy, bytes: u64) -> Result<()> {
         let sql = match by {
@@ -746,6 +760,10 @@ fn layer_from_row(r: &rusqlite::Row) -> rusqlite::Result<Result<LayerRecord>> {
             .get::<_, Option<i64>>(20)
             .unwrap_or_default()
             .map(|n| n.max(0) as u64),
+        walk_order: r
+            .get::<_, Option<i64>>(21)
+            .unwrap_or_default()
+            .map(|n| n != 0),
     }))
 }
 
