@@ -1330,49 +1330,6 @@ fn wait_prefetched(d: &Daemon, min: u64) {
     }
 }
 
-/// A tar of `(path, content)` entries in the order given; a path ending in `/` is a directory,
-/// content starting with `->` a symlink.
-fn tar_of(entries: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, content) in entries {
-        let mut h = tar::Header::new_ustar();
-        h.set_mtime(1_700_000_000);
-        h.set_uid(0);
-        h.set_gid(0);
-        if let Some(dir) = path.strip_suffix('/') {
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o755);
-            h.set_size(0);
-            b.append_data(&mut h, dir, std::io::empty()).unwrap();
-        } else if let Some(target) = content.strip_prefix(b"->") {
-            h.set_entry_type(tar::EntryType::Symlink);
-            h.set_mode(0o777);
-            h.set_size(0);
-            b.append_link(&mut h, path, std::str::from_utf8(target).unwrap())
-                .unwrap();
-        } else {
-            h.set_entry_type(tar::EntryType::Regular);
-            h.set_mode(0o644);
-            h.set_size(content.len() as u64);
-            b.append_data(&mut h, path, content.as_slice()).unwrap();
-        }
-    }
-    b.into_inner().unwrap()
-}
-
-/// Incompressible bytes (xorshift), the same for a seed.
-fn noise(len: usize, mut seed: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        v.extend_from_slice(&seed.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
 /// A plain gzip layer (no TOC) is served while it streams in: a file at its start is read, a
 /// name the stream has passed is missing and a directory it has left is listed, all before the
 /// layer is complete; a file at its end is waited for. Nothing is fetched twice.

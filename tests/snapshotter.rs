@@ -1272,3 +1272,51 @@ async fn plain_layers_are_fetched_once_through_the_remote_flow() {
     ctd.ctr(&["images", "rm", "--sync", &img]);
     assert_all_gone(&mut c, &ctd, &d).await;
 }
+
+/// A plain gzip image runs through the remote flow before its layer has arrived: the
+/// container reads a file at the start of the layer while the rest (24 MiB behind a 16 Mbit/s
+/// link) still streams in, and the layer is fetched once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_image_runs_while_its_layer_streams_in() {
+    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let Ok(busybox) = std::fs::read("/bin/busybox") else {
+        eprintln!("skipped: /bin/busybox (busybox-static) is missing");
+        return;
+    };
+    let reg = Registry::empty(None);
+    let tar = tar_of(&[
+        ("a/", vec![]),
+        ("a/first.txt", b"first\n".to_vec()),
+        ("bin/", vec![]),
+        ("bin/busybox", busybox),
+        ("z/", vec![]),
+        ("z/big.bin", noise(24 << 20, 7)),
+    ]);
+    push_layers(&reg, "streamrun", &[tar]).await;
+    let layer = layer_digests(&reg, "streamrun")[0].clone();
+    let proxy = Netem::start(&reg.host(), &["--mbit", "16"]);
+    let d = Daemon::start(&[]);
+    let ctd = Containerd::start_with_snapshotter(&[proxy.host()], &d.snapshotter_socket());
+    let img = format!("{}/streamrun:latest", proxy.host());
+    ctd.rpull_lazy(&img);
+    let out = ctd.run_lazy(&img, "streaming", &["/bin/busybox", "cat", "/a/first.txt"]);
+    assert!(out.contains("first"), "{out}");
+    let (filled, state, _) = layer_local(&d, &layer);
+    assert_ne!(
+        state,
+        "complete",
+        "the container ran before its layer was complete ({filled} bytes there)\n{}",
+        d.log_text()
+    );
+    d.wait_complete(Duration::from_secs(120));
+    let out = ctd.run_lazy(&img, "streamed", &["/bin/busybox", "ls", "/z"]);
+    assert!(out.contains("big.bin"), "{out}");
+    let (bytes, requests, _) = served(&reg, "streamrun", &layer);
+    let size = layer_sizes(&reg, "streamrun")[0].1;
+    assert_eq!(bytes, size, "fetched once ({requests} requests)");
+    let s = d.status_json();
+    assert_eq!(s["images"][0]["layers"][0]["walk_order"], true, "{s:#}");
+    ctd.ctr(&["images", "rm", "--sync", &img]);
+}

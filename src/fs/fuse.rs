@@ -311,11 +311,14 @@ impl fuser::Filesystem for LayerFs {
                 let Some(dir) = self.stream_dir(&l, local) else {
                     return reply.error(Errno::ENOENT);
                 };
+                let started = std::time::Instant::now();
                 if let Err(e) = self.settle(&l, |st| {
                     st.tree.lookup(local, name).is_some() || st.missing_is_final(&dir, name)
                 }) {
                     return reply.error(e);
                 }
+                tracing::debug!(layer = %l.digest, dir, name, waited_ms = started.elapsed().as_millis() as u64,
+                    "lookup in a layer streaming in");
                 l.view().tree().lookup(local, name).map(|n| n.ino)
             }
             f => f,
