@@ -216,16 +216,14 @@ impl LayerTable {
                 tree,
             ));
         }
+        let digest = rec.digest().map_err(|e| e.to_string())?;
         if rec.toc_entries.is_none()
-            && let Some(stream) = self
-                .streams
-                .get(rec.digest().map_err(|e| e.to_string())?.hex())
-            && !matches!(stream.outcome(), Some(Err(_)))
+            && let Some(stream) = self.streams.serving(digest.hex())
         {
             // A layer without TOC streaming in: served as its entries arrive.
             tracing::info!(layer = %rec.digest, "serving the layer while it streams in");
             return Ok(LazyLayer::streaming(
-                rec.digest().map_err(|e| e.to_string())?,
+                digest,
                 rec.source.clone(),
                 rec.size,
                 stream,
@@ -250,7 +248,7 @@ impl LayerTable {
         )?;
         let tree = Tree::from_entries(&toc.entries).map_err(|e| e.to_string())?;
         Ok(LazyLayer::new(
-            rec.digest().map_err(|e| e.to_string())?,
+            digest,
             rec.source.clone(),
             rec.size,
             toc,

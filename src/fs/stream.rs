@@ -373,6 +373,13 @@ impl Streams {
             .cloned()
     }
 
+    /// The stream of layer `hex` if it can be served now: begun, and its current attempt not
+    /// failed.
+    pub fn serving(&self, hex: &str) -> Option<Arc<LayerStream>> {
+        self.get(hex)
+            .filter(|s| !matches!(s.outcome(), Some(Err(_))))
+    }
+
     /// Forget a stream that completed (the layer is served from its index from now on by
     /// new mounts; a mount that has it keeps its `Arc`) or that will not be retried.
     pub fn remove(&self, hex: &str) {
@@ -380,21 +387,6 @@ impl Streams {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(hex);
-    }
-
-    /// Digest hex of each layer streaming, with its entries so far and whether they are in
-    /// order.
-    pub fn list(&self) -> Vec<(String, usize, bool, End)> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = map
-            .iter()
-            .map(|(h, s)| {
-                let st = s.read();
-                (h.clone(), st.entries.len(), st.ordered(), st.end.clone())
-            })
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
     }
 }
 

@@ -662,31 +662,8 @@ impl Registry {
         path: &std::path::Path,
         creds: &OpCreds,
     ) -> Result<bool> {
-        let what = format!("blob {d}");
-        let up = self.push_target(r, creds, &what).await?;
-        let err = |e| up.err(e, &what);
-        if up
-            .client
-            .blob_exists(&up.reference, d.as_str())
+        self.push_blob_unless_present(r, d, Upload::File(path), creds)
             .await
-            .map_err(err)?
-        {
-            return Ok(false);
-        }
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(|e| RegistryError::Unreachable {
-                registry: up.host.clone(),
-                reason: format!("reading {}: {e}", path.display()),
-            })?;
-        let size = file.metadata().await.map(|m| m.len()).ok();
-        let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
-            .map(|r| r.map_err(OciDistributionError::IoError));
-        up.client
-            .push_blob_stream(&up.reference, stream, d.as_str(), size)
-            .await
-            .map_err(err)?;
-        Ok(true)
     }
 
     /// Upload `bytes` as blob `d` of `r`'s repository, unless the registry has it.
@@ -695,6 +672,17 @@ impl Registry {
         r: &Reference,
         d: &Digest,
         bytes: Vec<u8>,
+        creds: &OpCreds,
+    ) -> Result<bool> {
+        self.push_blob_unless_present(r, d, Upload::Bytes(bytes), creds)
+            .await
+    }
+
+    async fn push_blob_unless_present(
+        &self,
+        r: &Reference,
+        d: &Digest,
+        body: Upload<'_>,
         creds: &OpCreds,
     ) -> Result<bool> {
         let what = format!("blob {d}");
@@ -708,10 +696,29 @@ impl Registry {
         {
             return Ok(false);
         }
-        up.client
-            .push_blob(&up.reference, bytes, d.as_str())
-            .await
-            .map_err(err)?;
+        match body {
+            Upload::Bytes(bytes) => up
+                .client
+                .push_blob(&up.reference, bytes, d.as_str())
+                .await
+                .map_err(err)?,
+            Upload::File(path) => {
+                let file =
+                    tokio::fs::File::open(path)
+                        .await
+                        .map_err(|e| RegistryError::Unreachable {
+                            registry: up.host.clone(),
+                            reason: format!("reading {}: {e}", path.display()),
+                        })?;
+                let size = file.metadata().await.map(|m| m.len()).ok();
+                let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20)
+                    .map(|r| r.map_err(OciDistributionError::IoError));
+                up.client
+                    .push_blob_stream(&up.reference, stream, d.as_str(), size)
+                    .await
+                    .map_err(err)?
+            }
+        };
         Ok(true)
     }
 
@@ -988,6 +995,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// What an upload sends: bytes in memory, or a file streamed from disk.
+enum Upload<'a> {
+    Bytes(Vec<u8>),
+    File(&'a std::path::Path),
 }
 
 #[cfg(test)]

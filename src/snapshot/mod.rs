@@ -537,8 +537,12 @@ impl Snapshotter {
                             "layer without TOC: lazypull fetches it once and serves its files as they arrive; containerd downloads nothing");
                     }
                     // Served as it streams in, once its fill has begun unpacking it.
-                    if let Some(s) = self.images.filler.streams().get(req.layer.hex())
-                        && !matches!(s.outcome(), Some(Err(_)))
+                    if self
+                        .images
+                        .filler
+                        .streams()
+                        .serving(req.layer.hex())
+                        .is_some()
                     {
                         return Ok(());
                     }
