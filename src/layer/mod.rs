@@ -2,6 +2,7 @@
 //! (`estargz`), and the unpacker that serves complete layers from the file cache (`tar`).
 
 pub mod estargz;
+pub mod gzindex;
 pub mod tar;
 pub mod zstd_chunked;
 

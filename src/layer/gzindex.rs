@@ -1,0 +1,607 @@
+//! Random access into plain gzip layers (zran's method): while a layer is decompressed the first
+//! time, the decoder's state is recorded at deflate block boundaries every `span` bytes of
+//! output: where the next block starts in the blob (a byte offset plus the bits of the previous
+//! byte it begins with) and the last 32 KiB of output, the window later back-references may
+//! reach into. Decoding can then resume at any checkpoint from a range request: a raw inflater
+//! primed with those bits and given the window as its dictionary continues exactly where the
+//! first decoder was.
+//!
+//! zlib itself does the inflating (the pure-Rust zlib-rs, through its C API in `libz-rs-sys`):
+//! flate2 does not expose the block-boundary stops (`Z_BLOCK`), `inflatePrime` or a raw
+//! dictionary, which this needs. The unsafe calls are confined to [`Inflater`].
+//!
+//! Windows are stored zstd-compressed (32 KiB of text or code shrinks to a few KiB). Everything
+//! read back from an index is untrusted: checkpoints must be ordered and inside the blob, a
+//! window decompresses to at most 32 KiB, and the bytes decoded from a checkpoint are verified
+//! by the caller against the chunk digests of the file table.
+
+use libz_rs_sys as z;
+use std::io::{self, Read};
+use std::sync::{Arc, Mutex};
+
+/// The deflate window: how far back a match may reach.
+pub const WINDOW: usize = 32 * 1024;
+/// Default uncompressed distance between checkpoints.
+pub const DEFAULT_SPAN: u64 = 1 << 20;
+/// Regular files are verified in pieces of this many bytes (a digest each in the file table).
+pub const CHUNK: u64 = 1 << 20;
+/// Upper bound on checkpoints in one index (a 1 TiB layer at the smallest span).
+pub const MAX_POINTS: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GzIndexError {
+    #[error("zlib: {0}")]
+    Zlib(String),
+    #[error("the compressed bytes end before {0} bytes were decoded")]
+    Truncated(u64),
+    #[error("checkpoint window: {0}")]
+    Window(String),
+}
+
+/// One place decoding can resume.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Point {
+    /// Uncompressed offset.
+    pub out: u64,
+    /// Offset in the blob of the first whole byte after the checkpoint.
+    pub inp: u64,
+    /// Bits of the byte before `inp` that belong to the next block (0–7).
+    pub bits: u8,
+    /// The last (up to) 32 KiB of output before `out`, zstd-compressed.
+    pub window: Vec<u8>,
+}
+
+impl std::fmt::Debug for Point {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Point")
+            .field("out", &self.out)
+            .field("inp", &self.inp)
+            .field("bits", &self.bits)
+            .field("window_bytes", &self.window.len())
+            .finish()
+    }
+}
+
+impl Point {
+    /// Where in the blob decoding from this point starts (the partial byte included).
+    pub fn start(&self) -> u64 {
+        self.inp - u64::from(self.bits > 0)
+    }
+
+    /// The window, decompressed and bounded.
+    pub fn window(&self) -> Result<Vec<u8>, GzIndexError> {
+        if self.window.is_empty() {
+            return Ok(vec![]);
+        }
+        let w = zstd::bulk::decompress(&self.window, WINDOW)
+            .map_err(|e| GzIndexError::Window(e.to_string()))?;
+        if self.out >= WINDOW as u64 && w.len() != WINDOW {
+            return Err(GzIndexError::Window(format!(
+                "{} bytes, expected {WINDOW}",
+                w.len()
+            )));
+        }
+        Ok(w)
+    }
+}
+
+/// What an [`IndexingReader`] recorded; complete once the reader returned end of stream.
+#[derive(Debug, Default)]
+pub struct Recording {
+    pub points: Vec<Point>,
+    /// Uncompressed bytes so far.
+    pub size: u64,
+    /// Compressed bytes consumed so far.
+    pub compressed: u64,
+    /// The whole stream was decoded (every member's CRC checked).
+    pub complete: bool,
+    /// Why the checkpoints cannot be used (a second gzip member: resuming inside it would need
+    /// its own header state, which this index does not record).
+    pub unusable: Option<String>,
+}
+
+/// A zlib inflate stream. Every unsafe call of this module is here: the `z_stream` is boxed so
+/// its address never changes (zlib's state points back to it), its buffer pointers are set from
+/// live slices right before each call and cleared right after, and it is ended exactly once, on
+/// drop.
+struct Inflater {
+    strm: Box<z::z_stream>,
+}
+
+// The stream owns its state exclusively and holds no pointers between calls.
+unsafe impl Send for Inflater {}
+
+fn zerr(what: &str, code: i32) -> GzIndexError {
+    GzIndexError::Zlib(format!("{what} returned {code}"))
+}
+
+impl Inflater {
+    /// `window_bits`: 31 for a gzip stream, -15 for raw deflate.
+    fn new(window_bits: i32) -> Result<Self, GzIndexError> {
+        let mut strm: Box<z::z_stream> = Box::default();
+        // SAFETY: `strm` is a default-initialised z_stream at a stable heap address; the version
+        // string and struct size are the library's own.
+        let ret = unsafe {
+            z::inflateInit2_(
+                &mut *strm,
+                window_bits,
+                z::zlibVersion(),
+                std::mem::size_of::<z::z_stream>() as i32,
+            )
+        };
+        if ret != z::Z_OK {
+            return Err(zerr("inflateInit2", ret));
+        }
+        Ok(Inflater { strm })
+    }
+
+    /// Inflate from `input` into `output`: (bytes consumed, bytes produced, zlib's code).
+    fn run(&mut self, input: &[u8], output: &mut [u8], flush: i32) -> (usize, usize, i32) {
+        // zlib counts in u32: larger slices are handed over in parts by the callers' loops.
+        let (ilen, olen) = (
+            input.len().min(u32::MAX as usize),
+            output.len().min(u32::MAX as usize),
+        );
+        self.strm.next_in = input.as_ptr();
+        self.strm.avail_in = ilen as u32;
+        self.strm.next_out = output.as_mut_ptr();
+        self.strm.avail_out = olen as u32;
+        // SAFETY: the stream was initialised by `new`; next_in/next_out point into `input` and
+        // `output`, which outlive the call, with lengths no larger than theirs.
+        let ret = unsafe { z::inflate(&mut *self.strm, flush) };
+        let consumed = ilen - self.strm.avail_in as usize;
+        let produced = olen - self.strm.avail_out as usize;
+        self.strm.next_in = std::ptr::null();
+        self.strm.avail_in = 0;
+        self.strm.next_out = std::ptr::null_mut();
+        self.strm.avail_out = 0;
+        (consumed, produced, ret)
+    }
+
+    fn data_type(&self) -> i32 {
+        self.strm.data_type
+    }
+
+    fn prime(&mut self, bits: u8, value: u8) -> Result<(), GzIndexError> {
+        // SAFETY: initialised stream; prime only updates its bit buffer.
+        let ret = unsafe { z::inflatePrime(&mut *self.strm, i32::from(bits), i32::from(value)) };
+        if ret != z::Z_OK {
+            return Err(zerr("inflatePrime", ret));
+        }
+        Ok(())
+    }
+
+    fn set_dictionary(&mut self, dict: &[u8]) -> Result<(), GzIndexError> {
+        // SAFETY: initialised stream; `dict` is a live slice of at most WINDOW bytes.
+        let ret =
+            unsafe { z::inflateSetDictionary(&mut *self.strm, dict.as_ptr(), dict.len() as u32) };
+        if ret != z::Z_OK {
+            return Err(zerr("inflateSetDictionary", ret));
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), GzIndexError> {
+        // SAFETY: initialised stream.
+        let ret = unsafe { z::inflateReset(&mut *self.strm) };
+        if ret != z::Z_OK {
+            return Err(zerr("inflateReset", ret));
+        }
+        Ok(())
+    }
+
+    fn message(&self, code: i32) -> String {
+        if self.strm.msg.is_null() {
+            return format!("zlib error {code}");
+        }
+        // SAFETY: zlib sets `msg` to a static NUL-terminated string.
+        unsafe { std::ffi::CStr::from_ptr(self.strm.msg) }
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+impl Drop for Inflater {
+    fn drop(&mut self) {
+        // SAFETY: initialised by `new`, ended only here.
+        unsafe { z::inflateEnd(&mut *self.strm) };
+    }
+}
+
+/// A gzip decoder (multi-member, like flate2's `MultiGzDecoder`) that records checkpoints every
+/// `span` bytes of output into a shared [`Recording`].
+pub struct IndexingReader<R> {
+    inner: R,
+    inf: Inflater,
+    input: Vec<u8>,
+    pos: usize,
+    len: usize,
+    eof: bool,
+    /// The last WINDOW bytes of output, circular (`total_out % WINDOW` is the next write).
+    ring: Vec<u8>,
+    total_in: u64,
+    total_out: u64,
+    last: Option<u64>,
+    span: u64,
+    member_ended: bool,
+    done: bool,
+    rec: Arc<Mutex<Recording>>,
+}
+
+impl<R: Read> IndexingReader<R> {
+    pub fn new(inner: R, span: u64) -> Result<(Self, Arc<Mutex<Recording>>), GzIndexError> {
+        let rec = Arc::new(Mutex::new(Recording::default()));
+        Ok((
+            IndexingReader {
+                inner,
+                inf: Inflater::new(31)?,
+                input: vec![0; 256 << 10],
+                pos: 0,
+                len: 0,
+                eof: false,
+                ring: vec![0; WINDOW],
+                total_in: 0,
+                total_out: 0,
+                last: None,
+                span: span.max(WINDOW as u64),
+                member_ended: false,
+                done: false,
+                rec: Arc::clone(&rec),
+            },
+            rec,
+        ))
+    }
+
+    fn remember(&mut self, out: &[u8]) {
+        let tail = &out[out.len().saturating_sub(WINDOW)..];
+        let mut at = ((self.total_out + (out.len() - tail.len()) as u64) % WINDOW as u64) as usize;
+        let mut rest = tail;
+        while !rest.is_empty() {
+            let n = rest.len().min(WINDOW - at);
+            self.ring[at..at + n].copy_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            at = (at + n) % WINDOW;
+        }
+    }
+
+    fn window(&self) -> Vec<u8> {
+        if self.total_out < WINDOW as u64 {
+            return self.ring[..self.total_out as usize].to_vec();
+        }
+        let at = (self.total_out % WINDOW as u64) as usize;
+        let mut w = Vec::with_capacity(WINDOW);
+        w.extend_from_slice(&self.ring[at..]);
+        w.extend_from_slice(&self.ring[..at]);
+        w
+    }
+
+    fn record(&self, f: impl FnOnce(&mut Recording)) {
+        let mut r = self.rec.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut r);
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+impl<R: Read> Read for IndexingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() || self.done {
+            return Ok(0);
+        }
+        loop {
+            if self.pos == self.len && !self.eof {
+                self.len = self.inner.read(&mut self.input)?;
+                self.pos = 0;
+                self.eof = self.len == 0;
+            }
+            if self.member_ended {
+                if self.pos < self.len {
+                    // Another member follows.
+                    self.inf.reset().map_err(invalid)?;
+                    self.member_ended = false;
+                    self.record(|r| {
+                        r.unusable
+                            .get_or_insert_with(|| "more than one gzip member".into());
+                    });
+                } else if self.eof {
+                    self.done = true;
+                    let (size, compressed) = (self.total_out, self.total_in);
+                    self.record(|r| {
+                        r.size = size;
+                        r.compressed = compressed;
+                        r.complete = true;
+                    });
+                    return Ok(0);
+                } else {
+                    continue;
+                }
+            }
+            if self.pos == self.len && self.eof {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the gzip stream ends early",
+                ));
+            }
+            let (c, p, ret) = self
+                .inf
+                .run(&self.input[self.pos..self.len], buf, z::Z_BLOCK);
+            self.pos += c;
+            self.total_in += c as u64;
+            self.remember(&buf[..p]);
+            self.total_out += p as u64;
+            match ret {
+                z::Z_OK | z::Z_BUF_ERROR => {}
+                z::Z_STREAM_END => self.member_ended = true,
+                code => return Err(invalid(self.inf.message(code))),
+            }
+            let dt = self.inf.data_type();
+            let at_boundary = dt & 128 != 0 && dt & 64 == 0 && !self.member_ended;
+            if at_boundary && self.last.is_none_or(|l| self.total_out - l >= self.span) {
+                self.last = Some(self.total_out);
+                let point = Point {
+                    out: self.total_out,
+                    inp: self.total_in,
+                    bits: (dt & 7) as u8,
+                    window: if self.total_out == 0 {
+                        vec![]
+                    } else {
+                        zstd::bulk::compress(&self.window(), 3)?
+                    },
+                };
+                let (size, compressed) = (self.total_out, self.total_in);
+                self.record(|r| {
+                    if r.unusable.is_none() && r.points.len() < MAX_POINTS {
+                        r.points.push(point);
+                    }
+                    r.size = size;
+                    r.compressed = compressed;
+                });
+            }
+            if p > 0 {
+                return Ok(p);
+            }
+        }
+    }
+}
+
+/// Decode `len` bytes starting `skip` bytes after checkpoint `point`, from `compressed`: the
+/// blob's bytes from `point.start()` on (enough of them to reach the end).
+pub fn decode_at(
+    compressed: &[u8],
+    point: &Point,
+    skip: u64,
+    len: u64,
+) -> Result<Vec<u8>, GzIndexError> {
+    let window = point.window()?;
+    let mut inf = Inflater::new(-15)?;
+    let mut input = compressed;
+    if point.bits > 0 {
+        let (&b, rest) = input
+            .split_first()
+            .ok_or(GzIndexError::Truncated(skip + len))?;
+        inf.prime(point.bits, b >> (8 - point.bits))?;
+        input = rest;
+    }
+    if !window.is_empty() {
+        inf.set_dictionary(&window)?;
+    }
+    let mut scratch = vec![0u8; (64 << 10).min(skip.max(1)) as usize];
+    let mut skipped = 0u64;
+    let mut out = vec![0u8; len.min(1 << 30) as usize];
+    let mut filled = 0usize;
+    while skipped < skip || filled < out.len() {
+        let dst: &mut [u8] = if skipped < skip {
+            let n = (skip - skipped).min(scratch.len() as u64) as usize;
+            &mut scratch[..n]
+        } else {
+            &mut out[filled..]
+        };
+        let (c, p, ret) = inf.run(input, dst, z::Z_NO_FLUSH);
+        input = &input[c..];
+        if skipped < skip {
+            skipped += p as u64;
+        } else {
+            filled += p;
+        }
+        let more = skipped < skip || filled < out.len();
+        match ret {
+            z::Z_OK => {}
+            // The deflate stream ended, or no progress is possible with the bytes given.
+            z::Z_STREAM_END if more => return Err(GzIndexError::Truncated(skip + len)),
+            z::Z_BUF_ERROR if more && c == 0 && p == 0 => {
+                return Err(GzIndexError::Truncated(skip + len));
+            }
+            z::Z_STREAM_END | z::Z_BUF_ERROR => {}
+            code => return Err(GzIndexError::Zlib(inf.message(code))),
+        }
+    }
+    Ok(out)
+}
+
+/// The index of the last checkpoint at or before uncompressed offset `at` (`points` sorted).
+pub fn point_before(points: &[Point], at: u64) -> Option<usize> {
+    points.partition_point(|p| p.out <= at).checked_sub(1)
+}
+
+/// Where in the blob decoding that reaches uncompressed offset `end` may stop: just past the
+/// first checkpoint at or after it (the byte holding its partial bits included), or the end of
+/// the blob.
+pub fn end_after(points: &[Point], end: u64, blob_size: u64) -> u64 {
+    let i = points.partition_point(|p| p.out < end);
+    points
+        .get(i)
+        .map(|p| (p.inp + 1).min(blob_size))
+        .unwrap_or(blob_size)
+}
+
+/// Check checkpoints read from an untrusted index: ordered, inside the blob and the stream.
+pub fn validate(points: &[Point], blob_size: u64, size: u64) -> Result<(), String> {
+    if points.len() > MAX_POINTS {
+        return Err(format!("{} checkpoints (at most {MAX_POINTS})", points.len()));
+    }
+    let Some(first) = points.first() else {
+        return Ok(());
+    };
+    if first.out != 0 {
+        return Err("the first checkpoint is not at the start of the stream".into());
+    }
+    for (i, p) in points.iter().enumerate() {
+        if p.bits > 7 {
+            return Err(format!("checkpoint {i}: {} bits", p.bits));
+        }
+        if p.inp == 0 || p.inp > blob_size || p.out > size {
+            return Err(format!("checkpoint {i} lies outside the layer"));
+        }
+        if p.window.len() > 2 * WINDOW {
+            return Err(format!("checkpoint {i}: window of {} bytes", p.window.len()));
+        }
+        if i > 0 && (p.out <= points[i - 1].out || p.inp <= points[i - 1].inp) {
+            return Err(format!("checkpoint {i} is out of order"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Text-like data with long-distance repeats (so windows matter) and some noise.
+    fn sample(n: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n);
+        let mut x: u32 = 12345;
+        while out.len() < n {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            if x % 7 == 0 && out.len() > 1000 {
+                let from = (x as usize / 7) % (out.len() - 500);
+                let piece = out[from..from + 200].to_vec();
+                out.extend_from_slice(&piece);
+            } else {
+                out.extend_from_slice(format!("line {} value {}\n", x % 1000, x % 37).as_bytes());
+            }
+        }
+        out.truncate(n);
+        out
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn index(gz: &[u8], span: u64) -> (Vec<u8>, Recording) {
+        let (mut r, rec) = IndexingReader::new(gz, span).unwrap();
+        let mut out = vec![];
+        // Small reads, to cross block boundaries inside reads as well as between them.
+        let mut buf = vec![0u8; 7777];
+        loop {
+            let n = r.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        drop(r);
+        let rec = Arc::try_unwrap(rec).unwrap().into_inner().unwrap();
+        (out, rec)
+    }
+
+    #[test]
+    fn decodes_like_flate2_and_resumes_at_every_checkpoint() {
+        let data = sample(3 << 20);
+        let gz = gzip(&data);
+        let (out, rec) = index(&gz, 256 << 10);
+        assert_eq!(out, data);
+        assert!(rec.complete);
+        assert_eq!(rec.unusable, None);
+        assert_eq!((rec.size, rec.compressed), (data.len() as u64, gz.len() as u64));
+        assert!(rec.points.len() >= 8, "{} points", rec.points.len());
+        validate(&rec.points, gz.len() as u64, rec.size).unwrap();
+        for (i, p) in rec.points.iter().enumerate() {
+            let want = 100_000.min(data.len() as u64 - p.out - 5000);
+            let end = end_after(&rec.points, p.out + 5000 + want, gz.len() as u64);
+            let got = decode_at(&gz[p.start() as usize..end as usize], p, 5000, want).unwrap();
+            assert_eq!(
+                got,
+                data[(p.out + 5000) as usize..(p.out + 5000 + want) as usize],
+                "point {i}"
+            );
+        }
+        // Any offset: from the checkpoint before it, to just past the one after its end.
+        for at in [0u64, 1, 700_001, 2_999_999] {
+            let i = point_before(&rec.points, at).unwrap();
+            let p = &rec.points[i];
+            let len = 1000.min(data.len() as u64 - at);
+            let end = end_after(&rec.points, at + len, gz.len() as u64);
+            let got = decode_at(&gz[p.start() as usize..end as usize], p, at - p.out, len).unwrap();
+            assert_eq!(got, data[at as usize..(at + len) as usize]);
+        }
+    }
+
+    #[test]
+    fn too_few_bytes_or_a_wrong_window_fail() {
+        let data = sample(1 << 20);
+        let gz = gzip(&data);
+        let (_, rec) = index(&gz, 64 << 10);
+        let p = &rec.points[3];
+        let short = &gz[p.start() as usize..p.start() as usize + 100];
+        assert!(matches!(
+            decode_at(short, p, 0, 500_000),
+            Err(GzIndexError::Truncated(_))
+        ));
+        let mut bad = p.clone();
+        bad.window = zstd::bulk::compress(&[b'x'; WINDOW], 3).unwrap();
+        let end = end_after(&rec.points, p.out + 100_000, gz.len() as u64);
+        let got = decode_at(&gz[p.start() as usize..end as usize], &bad, 0, 100_000);
+        assert_ne!(got.ok(), Some(data[p.out as usize..p.out as usize + 100_000].to_vec()));
+        bad.window = b"not zstd".to_vec();
+        assert!(matches!(
+            decode_at(&gz[p.start() as usize..end as usize], &bad, 0, 10),
+            Err(GzIndexError::Window(_))
+        ));
+    }
+
+    #[test]
+    fn a_second_member_makes_the_checkpoints_unusable_but_still_decodes() {
+        let (a, b) = (sample(300_000), sample(200_000));
+        let mut gz = gzip(&a);
+        gz.extend_from_slice(&gzip(&b));
+        let (out, rec) = index(&gz, 64 << 10);
+        assert_eq!(out, [a, b].concat());
+        assert!(rec.complete);
+        assert!(rec.unusable.is_some());
+    }
+
+    #[test]
+    fn truncated_or_corrupt_streams_are_errors() {
+        let gz = gzip(&sample(200_000));
+        let (mut r, _) = IndexingReader::new(&gz[..gz.len() - 20], 64 << 10).unwrap();
+        assert!(io::copy(&mut r, &mut io::sink()).is_err());
+        let mut bad = gz.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x55;
+        let (mut r, _) = IndexingReader::new(&bad[..], 64 << 10).unwrap();
+        assert!(io::copy(&mut r, &mut io::sink()).is_err());
+    }
+
+    #[test]
+    fn hostile_checkpoints_are_refused() {
+        let p = |out, inp, bits| Point {
+            out,
+            inp,
+            bits,
+            window: vec![],
+        };
+        assert!(validate(&[p(0, 10, 0), p(100, 20, 3)], 1000, 1000).is_ok());
+        assert!(validate(&[p(5, 10, 0)], 1000, 1000).is_err());
+        assert!(validate(&[p(0, 10, 0), p(100, 20, 9)], 1000, 1000).is_err());
+        assert!(validate(&[p(0, 10, 0), p(100, 2000, 0)], 1000, 1000).is_err());
+        assert!(validate(&[p(0, 10, 0), p(100, 5, 0)], 1000, 1000).is_err());
+        assert!(validate(&[p(0, 10, 0), p(0, 20, 0)], 1000, 1000).is_err());
+        assert!(validate(&[p(0, 10, 0), p(5000, 20, 0)], 1000, 1000).is_err());
+    }
+}
