@@ -71,6 +71,11 @@ pub enum Command {
     /// Show, --push or --forget an image's learned start-up prefetch list: the files its first
     /// start through the snapshotter read, in order, prefetched at its next cold start.
     Learned(LearnedArgs),
+    /// Show (`index show IMAGE`) or publish (`index push IMAGE`) the random-access indexes of an
+    /// image's plain gzip layers: decoder checkpoints and file positions recorded when the
+    /// filler decompressed them. Other nodes pulling the image find the published index
+    /// (`fetch.index: auto`) and read those layers lazily, like eStargz.
+    Index(IndexArgs),
     /// Print the version.
     Version,
     /// Internal: keep the daemon's FUSE connection open across its restarts (started by
@@ -278,6 +283,31 @@ pub struct LearnedArgs {
     pub push: bool,
     #[command(flatten)]
     pub registry: RegistryArgs,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  \
+    lazypull index show 127.0.0.1:5000/app:1\n  \
+    lazypull index push 127.0.0.1:5000/app:1")]
+pub struct IndexArgs {
+    #[arg(value_enum)]
+    pub action: IndexAction,
+    /// The image (tag, digest reference or id).
+    pub image: String,
+    /// Machine-readable output (show).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IndexAction {
+    /// Per layer: whether it has a random-access index, its checkpoints and size.
+    Show,
+    /// Publish the indexes next to the image in its registry (an OCI artifact whose subject is
+    /// the image manifest; referrers API or the `sha256-<hex>` tag fallback).
+    Push,
 }
 
 #[derive(Args, Debug)]

@@ -121,6 +121,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether pulls look for random-access indexes other nodes shared (`lazypull index push`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum IndexMode {
+    /// Every pull of an image with plain gzip layers looks for one in the image's registry.
+    Auto,
+    /// Never.
+    Off,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CriConfig {
@@ -149,6 +159,15 @@ pub struct FetchConfig {
     /// ... and the chunks of the files that follow in the blob, up to this many KiB past the
     /// end of the fetched span (files of a directory are neighbours in the tar).
     pub read_ahead_neighbours_kib: u64,
+    /// Plain gzip layers: while a layer is decompressed the first time, record a decoder
+    /// checkpoint every this many KiB of its tar stream (a random-access index: the layer can
+    /// then be read lazily with range requests). Smaller: less fetched per cold read, a larger
+    /// index (about 10 KiB per checkpoint). 0: no index.
+    pub index_span_kib: u64,
+    /// `auto`: a pull of an image with plain gzip layers looks in its registry for the
+    /// random-access index another node published (`lazypull index push`); with it, those
+    /// layers are read lazily like eStargz. `off`: never looks.
+    pub index: IndexMode,
     pub fill: FillConfig,
     pub learn: LearnConfig,
 }
@@ -320,6 +339,8 @@ impl Default for FetchConfig {
             retries: 3,
             read_ahead_kib: 1024,
             read_ahead_neighbours_kib: 256,
+            index_span_kib: 1024,
+            index: IndexMode::Auto,
             fill: FillConfig::default(),
             learn: LearnConfig::default(),
         }

@@ -92,6 +92,8 @@ pub struct Images {
     pub filler: Arc<Filler>,
     pub persist_credentials: bool,
     pub pull_timeout: Duration,
+    /// `fetch.index: auto`: pulls look for shared random-access indexes of plain layers.
+    index_lookup: bool,
     /// Pulls of one name run one at a time (the second finds the first's result locally).
     pull_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Pulls hold it shared; GC holds it exclusively, so it never sees a half-recorded image.
@@ -112,6 +114,18 @@ fn zstd_toc(l: &oci::Layer) -> Option<(Digest, crate::layer::zstd_chunked::Posit
 
 use crate::store::locked as lock;
 
+/// How long a pull looks for a shared index before it goes on without one.
+const INDEX_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A plain gzip layer that a shared random-access index would make lazy.
+fn wants_index(l: &crate::store::LayerRecord) -> bool {
+    l.toc_digest.is_none()
+        && !l.unpacked
+        && l.index_digest.is_none()
+        && crate::oci::Compression::from_media_type(&l.media_type)
+            .is_ok_and(|c| c == crate::oci::Compression::Gzip)
+}
+
 fn is_hex(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
@@ -126,8 +140,10 @@ impl Images {
         filler: Arc<Filler>,
         persist_credentials: bool,
         pull_timeout: Duration,
+        index_lookup: bool,
     ) -> Self {
         Images {
+            index_lookup,
             layout,
             db,
             registry,
@@ -290,14 +306,47 @@ impl Images {
         {
             lock(&self.db).put_credential(r.registry(), &json)?;
         }
-        let img = lock(&self.db)
+        let mut img = lock(&self.db)
             .image(config_digest.as_str())?
             .ok_or(ImagesError::ShuttingDown)?;
+        if self.index_lookup && mode != PullMode::Full && img.layers.iter().any(wants_index) {
+            img = self.look_for_index(img, &creds).await?;
+        }
         self.start_fills(&img, request_creds, mode, &key).await?;
         Ok(PullOutcome {
             id: config_digest.to_string(),
             already_local,
         })
+    }
+
+    /// Look for the random-access index of the image's plain gzip layers another node shared
+    /// (`fetch.index: auto`), bounded in time: without it the layers stream in as usual.
+    /// The image as recorded after.
+    async fn look_for_index(&self, img: ImageRecord, creds: &OpCreds) -> Result<ImageRecord> {
+        let started = std::time::Instant::now();
+        let found = tokio::time::timeout(
+            INDEX_LOOKUP_TIMEOUT,
+            crate::index_share::fetch_shared(&self.registry, &self.layout, &self.db, &img, creds),
+        )
+        .await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match found {
+            Ok(Ok(0)) => {
+                tracing::debug!(image = %img.id, elapsed_ms, "no shared random-access index for the image's plain layers")
+            }
+            Ok(Ok(n)) => {
+                tracing::info!(image = %img.id, layers = n, elapsed_ms, "shared random-access index found: plain gzip layers are read lazily")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(image = %img.id, error = %e, "looking for a shared random-access index failed; its plain layers stream in")
+            }
+            Err(_) => {
+                tracing::warn!(image = %img.id, timeout = ?INDEX_LOOKUP_TIMEOUT, "looking for a shared random-access index timed out; its plain layers stream in")
+            }
+        }
+        lock(&self.db)
+            .image(&img.id)?
+            .ok_or(ImagesError::ShuttingDown)
     }
 
     /// Start (or join) the fills of an image's layers; in full mode, wait for all of them.

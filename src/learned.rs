@@ -244,7 +244,7 @@ impl StartPrefetch {
 pub const ARTIFACT_TYPE: &str = "application/vnd.lazypull.learned.v1+json";
 
 /// Where the image's artifacts go (its repository) and what they attach to (its manifest).
-fn subject_of(
+pub(crate) fn subject_of(
     layout: &Layout,
     image: &ImageRecord,
 ) -> Result<(crate::oci::Reference, crate::artifact::Subject), String> {

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod fetch;
 pub mod fs;
 pub mod images;
+pub mod index_share;
 pub mod layer;
 pub mod learned;
 pub mod metrics;

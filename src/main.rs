@@ -122,6 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prefetch(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         Command::Convert(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         Command::Learned(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
+        Command::Index(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         _ => {}
     }
     cfg.validate()?;
@@ -137,6 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prune(a) => commands::prune::run(&cfg, a).await,
         Command::Status(a) => commands::status::run(&cfg, a),
         Command::Learned(a) => commands::learned::run(&cfg, a, secret).await,
+        Command::Index(a) => commands::index::run(&cfg, a, secret).await,
         Command::FuseHolder(a) => {
             let socket = a.socket.clone();
             tokio::task::spawn_blocking(move || lazypull::fs::handover::run_holder(&socket))

@@ -1405,3 +1405,114 @@ async fn plain_layers_are_served_while_they_stream_in() {
     let size = layer_sizes(&reg, "stream")[0].1;
     assert_eq!(bytes, size, "fetched once ({requests} requests)");
 }
+
+/// Issue 14 items 3 and 4: the first node builds a random-access index of a plain gzip layer
+/// while it unpacks it (decoder checkpoints and file digests), `lazypull index push` publishes
+/// it as an OCI artifact whose subject is the image (the tag-schema fallback on Debian's
+/// docker-registry, which has no referrers API), and a second node that pulls the image finds
+/// it and reads files lazily with range requests from the nearest checkpoint, fetching a small
+/// part of the layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_gzip_index_makes_a_plain_layer_lazy_on_another_node() {
+    if !require_tools() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::empty(None);
+    let text: Vec<u8> = (0..60_000)
+        .flat_map(|i| format!("line {i} of a compressible text file\n").into_bytes())
+        .collect();
+    let (noise1, noise2) = (noise(6 << 20, 0x1234_5678), noise(6 << 20, 0x8765_4321));
+    let tar = tar_of(&[
+        ("a/", vec![]),
+        ("a/first.txt", b"first\n".to_vec()),
+        ("b/", vec![]),
+        ("b/noise1.bin", noise1),
+        ("c/", vec![]),
+        ("c/text.txt", text.clone()),
+        ("d/", vec![]),
+        ("d/noise2.bin", noise2.clone()),
+        ("e/", vec![]),
+        ("e/last.txt", b"last\n".to_vec()),
+    ]);
+    push_layers(&reg, "plainidx", &[tar]).await;
+    let layer = layer_digests(&reg, "plainidx")[0].clone();
+    let size = layer_sizes(&reg, "plainidx")[0].1;
+    let name = format!("{}/plainidx:latest", reg.host());
+
+    // Node A: pulls and fills; the unpack records the index.
+    let a = Daemon::start(&[]);
+    {
+        let mut c = a.client().await;
+        pull(&mut c, &name).await.expect("pull on node A");
+    }
+    a.wait_complete(std::time::Duration::from_secs(120));
+    wait_until("layer unpacked", std::time::Duration::from_secs(60), || {
+        a.status_json()["images"][0]["layers"][0]["unpacked"] == true
+    });
+    let shown: serde_json::Value =
+        serde_json::from_str(&lazypull_ok(&a, &["index", "show", &name, "--json"])).unwrap();
+    let checkpoints = shown[0]["checkpoints"].as_u64().unwrap_or(0);
+    assert!(
+        checkpoints >= 8,
+        "checkpoints every MiB: {shown:#}\n{}",
+        a.log_text()
+    );
+    assert_eq!(shown[0]["mode"], "indexed", "{shown:#}");
+    let pushed = lazypull_ok(&a, &["index", "push", &name]);
+    assert!(
+        pushed.contains("pushed the random-access index of 1 layer"),
+        "{pushed}"
+    );
+    let (fetched_by_a, _, _) = served(&reg, "plainidx", &layer);
+    assert_eq!(fetched_by_a, size, "node A fetched the layer once");
+    drop(a);
+
+    // Node B: no filler, so every byte it fetches is for a read.
+    let b = Daemon::start(&["--no-fill"]);
+    {
+        let mut c = b.client().await;
+        pull(&mut c, &name).await.expect("pull on node B");
+    }
+    let log = b.log_text();
+    assert!(
+        log.contains("shared random-access index found"),
+        "node B found the index:\n{log}"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&lazypull_ok(&b, &["index", "show", &name, "--json"])).unwrap();
+    assert_eq!(shown[0]["mode"], "indexed (shared)", "{shown:#}");
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    mount_image(&b, &name, &root, &[]);
+    let read = |p: &str| {
+        std::fs::read(root.join(p)).unwrap_or_else(|e| panic!("{p}: {e}\n{}", b.log_text()))
+    };
+    assert_eq!(read("e/last.txt"), b"last\n");
+    assert_eq!(read("c/text.txt"), text);
+    assert_eq!(read("a/first.txt"), b"first\n");
+    let missing = std::fs::metadata(root.join("c/missing")).unwrap_err();
+    assert_eq!(missing.kind(), std::io::ErrorKind::NotFound);
+    let (total, requests, full) = served(&reg, "plainidx", &layer);
+    let fetched_by_b = total - fetched_by_a;
+    eprintln!("node B fetched {fetched_by_b} of {size} bytes ({requests} requests in all)");
+    assert!(!full, "node B sent no full-blob GET");
+    assert!(
+        fetched_by_b * 3 < size,
+        "node B fetched {fetched_by_b} of {size} bytes ({requests} requests in all)"
+    );
+    // A read in the middle of a file spanning many checkpoints, checked against the original.
+    use std::io::{Read as _, Seek as _};
+    let mut f = std::fs::File::open(root.join("d/noise2.bin")).unwrap();
+    f.seek(std::io::SeekFrom::Start(3 << 20)).unwrap();
+    let mut got = vec![0u8; 300_000];
+    f.read_exact(&mut got).unwrap();
+    assert_eq!(got, noise2[3 << 20..(3 << 20) + 300_000]);
+    drop(f);
+    let log = b.log_text();
+    assert!(
+        log.contains("serving the layer lazily through its gzip index"),
+        "{log}"
+    );
+    let out = b.cli(&["umount", root.to_str().unwrap()]);
+    assert!(out.status.success());
+}

@@ -1,6 +1,7 @@
 //! One module per subcommand; `anyhow` lives here at the CLI edge.
 
 pub mod convert;
+pub mod index;
 pub mod learned;
 pub mod list;
 pub mod mount;

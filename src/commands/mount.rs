@@ -32,7 +32,7 @@ async fn wait_for_layers(
             .with_context(|| format!("no image {name:?} in the store: pull it first"))?;
         let (mut tocs, mut whole) = (0, 0);
         for l in &img.layers {
-            if l.toc_entries.is_some() || (l.unpacked && l.index_digest.is_some()) {
+            if l.mountable() {
                 continue;
             }
             if l.state == crate::store::LayerState::Failed {

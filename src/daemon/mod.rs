@@ -50,6 +50,7 @@ impl Core {
                     estargz: cfg.fuse.enabled && cfg.fuse.passthrough,
                 },
                 policy: cfg.fetch.fill.policy(),
+                index_span: cfg.fetch.index_span_kib.saturating_mul(1024),
             },
             shutdown.clone(),
         );
@@ -60,6 +61,7 @@ impl Core {
             filler,
             cfg.cri.persist_credentials,
             cfg.cri.pull_timeout,
+            cfg.fetch.index == crate::config::IndexMode::Auto,
         ));
         Ok(Core {
             images,

@@ -135,6 +135,8 @@ pub struct Filler {
     link: Arc<schedule::Link>,
     /// Layers without TOC served by the FUSE mount while their fill unpacks them.
     streams: Arc<crate::fs::stream::Streams>,
+    /// Bytes of tar stream between gzip index checkpoints (0: no index).
+    index_span: u64,
 }
 
 /// Ends a layer's stream as failed if the fill that unpacks it stops before it is complete.
@@ -263,17 +265,30 @@ impl std::io::Read for InOrder {
     }
 }
 
-/// Unpack a layer's tar from `r` into the file cache; plain layers (no TOC) also get their file
-/// index, stored as a blob. Blocking.
+/// Unpack a layer's tar from `r` into the file cache; plain layers (no TOC: `plain` names the
+/// blob and its size) also get their file index, stored as a blob. A plain gzip layer's index
+/// also records decoder checkpoints every `span` bytes (layer/gzindex.rs), so that the layer can
+/// be read lazily later with range requests. Blocking.
 fn unpack_stream(
     r: impl std::io::Read + Send + 'static,
     compression: Compression,
     layout: &Layout,
-    plain: bool,
+    plain: Option<(Digest, u64)>,
+    span: u64,
     stream: Option<Arc<crate::fs::stream::LayerStream>>,
 ) -> Result<(crate::layer::tar::Unpacked, Option<Digest>), String> {
+    use crate::layer::gzindex::IndexingReader;
     use crate::layer::tar as ltar;
-    let tar = ltar::decoder(compression, r).map_err(|e| e.to_string())?;
+    let mut recording = None;
+    let tar: Box<dyn std::io::Read + Send> = match (&plain, compression) {
+        (Some(_), Compression::Gzip) if span > 0 => {
+            let (r, rec) = IndexingReader::new(std::io::BufReader::with_capacity(1 << 20, r), span)
+                .map_err(|e| e.to_string())?;
+            recording = Some(rec);
+            Box::new(r)
+        }
+        _ => ltar::decoder(compression, r).map_err(|e| e.to_string())?,
+    };
     let limits = ltar::Limits::default();
     let u = match stream {
         Some(s) => ltar::unpack_observed(
@@ -289,15 +304,37 @@ fn unpack_stream(
         None => ltar::unpack(tar, &layout.files_dir(), &limits),
     }
     .map_err(|e| e.to_string())?;
-    let index = if plain {
-        let json = ltar::encode_index(&u.entries);
-        let d = Digest::of(&json);
-        layout.put_blob(&d, &json).map_err(|e| e.to_string())?;
-        Some(d)
-    } else {
-        None
+    let Some((layer, blob_size)) = plain else {
+        return Ok((u, None));
     };
-    Ok((u, index))
+    let ra = recording.and_then(|rec| {
+        let rec = std::mem::take(&mut *rec.lock().unwrap_or_else(|p| p.into_inner()));
+        let why = if !rec.complete {
+            Some("the stream did not end".to_string())
+        } else if rec.points.is_empty() {
+            Some("no checkpoints".to_string())
+        } else {
+            rec.unusable.clone()
+        };
+        if let Some(why) = why {
+            tracing::info!(layer = %layer, reason = %why, "no random-access index for this gzip layer");
+            return None;
+        }
+        Some(ltar::RandomAccess {
+            layer: layer.clone(),
+            blob_size,
+            size: rec.size,
+            points: rec.points,
+            positions: u.positions.clone(),
+        })
+    });
+    let json = ltar::encode_index_with(&u.entries, ra.as_ref());
+    let d = Digest::of(&json);
+    layout.put_blob(&d, &json).map_err(|e| e.to_string())?;
+    if let Some(ra) = &ra {
+        tracing::info!(layer = %layer, checkpoints = ra.points.len(), index_bytes = json.len(), "gzip index built");
+    }
+    Ok((u, Some(d)))
 }
 
 fn verify_err(digest: &Digest, e: impl std::fmt::Display) -> FillError {
@@ -351,6 +388,8 @@ pub struct FillerOptions {
     pub fill_enabled: bool,
     pub unpack: UnpackPolicy,
     pub policy: schedule::FillPolicy,
+    /// Bytes of tar stream between gzip index checkpoints (0: no index).
+    pub index_span: u64,
 }
 
 impl Filler {
@@ -367,6 +406,7 @@ impl Filler {
             fill_enabled,
             unpack,
             policy,
+            index_span,
         } = opts;
         Arc::new(Filler {
             layout,
@@ -382,6 +422,7 @@ impl Filler {
             unpack,
             link: schedule::Link::new(policy),
             streams: Arc::default(),
+            index_span,
         })
     }
 
@@ -872,7 +913,13 @@ impl Filler {
         stream.record_order(&self.db, digest_str);
         let unpacking = self.unpack.wants(&now).then(|| {
             let (blob, rx, layout) = (Arc::clone(&blob), progress.subscribe(), self.layout.clone());
-            let (size, plain) = (now.size, now.toc_entries.is_none());
+            let (size, plain) = (
+                now.size,
+                now.toc_entries
+                    .is_none()
+                    .then(|| (digest.clone(), now.size)),
+            );
+            let span = self.index_span;
             let rt = tokio::runtime::Handle::current();
             let announce = stream.0.clone();
             tokio::task::spawn_blocking(move || {
@@ -887,6 +934,7 @@ impl Filler {
                     compression,
                     &layout,
                     plain,
+                    span,
                     announce,
                 )
             })
@@ -1070,7 +1118,7 @@ impl Filler {
     async fn unpack_layer(&self, layer: &LayerRecord) {
         use crate::layer::tar as ltar;
         let started = Instant::now();
-        let (layout, rec) = (self.layout.clone(), layer.clone());
+        let (layout, rec, span) = (self.layout.clone(), layer.clone(), self.index_span);
         let res = tokio::task::spawn_blocking(
             move || -> Result<(ltar::Unpacked, Option<Digest>), String> {
                 let digest = rec.digest().map_err(|e| e.to_string())?;
@@ -1078,7 +1126,11 @@ impl Filler {
                     Compression::from_media_type(&rec.media_type).map_err(|e| e.to_string())?;
                 let path = layout.blob(&digest);
                 let blob = fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                unpack_stream(blob, compression, &layout, rec.toc_entries.is_none(), None)
+                let plain = rec
+                    .toc_entries
+                    .is_none()
+                    .then(|| (digest.clone(), rec.size));
+                unpack_stream(blob, compression, &layout, plain, span, None)
             },
         )
         .await

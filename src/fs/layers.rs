@@ -218,6 +218,36 @@ impl LayerTable {
         }
         let digest = rec.digest().map_err(|e| e.to_string())?;
         if rec.toc_entries.is_none()
+            && let Some(index) = rec.index_digest.as_deref()
+        {
+            // A plain gzip layer not unpacked here, with a random-access index (from another
+            // node): read lazily from the nearest checkpoints, like an eStargz layer.
+            let index = Digest::parse(index).map_err(|e| e.to_string())?;
+            let json = self.layout.read_blob(&index).map_err(|e| e.to_string())?;
+            let (entries, ra) =
+                crate::layer::tar::decode_index_with(&json, &crate::layer::tar::Limits::default())
+                    .map_err(|e| e.to_string())?;
+            let ra = ra
+                .filter(|ra| ra.layer == digest && ra.blob_size == rec.size)
+                .ok_or_else(|| format!("the index {index} gives no random access to this layer"))?;
+            let entries = ra.lazy_entries(&entries);
+            let tree = Tree::from_entries(&entries).map_err(|e| e.to_string())?;
+            tracing::info!(layer = %rec.digest, index = %index, checkpoints = ra.points.len(), "serving the layer lazily through its gzip index");
+            let toc = estargz::Toc {
+                digest: index,
+                toc_offset: rec.size,
+                entries,
+                prefetch_landmark: None,
+            };
+            return Ok(LazyLayer::new(
+                digest,
+                rec.source.clone(),
+                rec.size,
+                toc,
+                tree,
+            ));
+        }
+        if rec.toc_entries.is_none()
             && let Some(stream) = self.streams.serving(digest.hex())
         {
             // A layer without TOC streaming in: served as its entries arrive.

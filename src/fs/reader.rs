@@ -1047,6 +1047,7 @@ mod tests {
                 size: end - start,
                 digest: None,
                 end: None,
+                resume: None,
             },
             span: (start, end),
             tx,

@@ -205,6 +205,9 @@ pub struct Chunk {
     /// zstd:chunked: end of this chunk's zstd frame(s) (the chunk is `[offset, end)`, decoded
     /// with zstd). eStargz (None): the chunk is in a gzip member starting at `offset`.
     pub end: Option<u64>,
+    /// A plain gzip layer read through its index: decoding resumes at this checkpoint (whose
+    /// `start()` is `offset`), `inner_offset` bytes before the chunk; `[offset, end)` holds it.
+    pub resume: Option<std::sync::Arc<super::gzindex::Point>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -445,6 +448,7 @@ pub(crate) fn parse_entries(
                 size,
                 digest: opt_digest(name, &r.chunk_digest)?,
                 end,
+                resume: None,
             });
             continue;
         }
@@ -515,6 +519,7 @@ pub(crate) fn parse_entries(
                 size: first,
                 digest: opt_digest(name, &r.chunk_digest)?,
                 end,
+                resume: None,
             });
         }
         let mut xattrs = Vec::with_capacity(r.xattrs.len());
@@ -658,6 +663,11 @@ pub fn decode_chunk(compressed: &[u8], chunk: &Chunk) -> Result<Vec<u8>, ChunkEr
         offset: chunk.offset,
         reason,
     };
+    if let Some(point) = &chunk.resume {
+        let out = super::gzindex::decode_at(compressed, point, chunk.inner_offset, chunk.size)
+            .map_err(|e| err(e.to_string()))?;
+        return verify_chunk(out, chunk);
+    }
     let mut dec: Box<dyn Read + '_> = if chunk.end.is_some() {
         Box::new(
             zstd::stream::read::Decoder::with_buffer(compressed).map_err(|e| err(e.to_string()))?,
@@ -684,6 +694,10 @@ pub fn decode_chunk(compressed: &[u8], chunk: &Chunk) -> Result<Vec<u8>, ChunkEr
             chunk.size
         )));
     }
+    verify_chunk(out, chunk)
+}
+
+fn verify_chunk(out: Vec<u8>, chunk: &Chunk) -> Result<Vec<u8>, ChunkError> {
     if let Some(expected) = &chunk.digest {
         let actual = Digest::of(&out);
         if &actual != expected {

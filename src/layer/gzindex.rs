@@ -439,7 +439,10 @@ pub fn end_after(points: &[Point], end: u64, blob_size: u64) -> u64 {
 /// Check checkpoints read from an untrusted index: ordered, inside the blob and the stream.
 pub fn validate(points: &[Point], blob_size: u64, size: u64) -> Result<(), String> {
     if points.len() > MAX_POINTS {
-        return Err(format!("{} checkpoints (at most {MAX_POINTS})", points.len()));
+        return Err(format!(
+            "{} checkpoints (at most {MAX_POINTS})",
+            points.len()
+        ));
     }
     let Some(first) = points.first() else {
         return Ok(());
@@ -455,7 +458,10 @@ pub fn validate(points: &[Point], blob_size: u64, size: u64) -> Result<(), Strin
             return Err(format!("checkpoint {i} lies outside the layer"));
         }
         if p.window.len() > 2 * WINDOW {
-            return Err(format!("checkpoint {i}: window of {} bytes", p.window.len()));
+            return Err(format!(
+                "checkpoint {i}: window of {} bytes",
+                p.window.len()
+            ));
         }
         if i > 0 && (p.out <= points[i - 1].out || p.inp <= points[i - 1].inp) {
             return Err(format!("checkpoint {i} is out of order"));
@@ -475,7 +481,7 @@ mod tests {
         let mut x: u32 = 12345;
         while out.len() < n {
             x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
-            if x % 7 == 0 && out.len() > 1000 {
+            if x.is_multiple_of(7) && out.len() > 1000 {
                 let from = (x as usize / 7) % (out.len() - 500);
                 let piece = out[from..from + 200].to_vec();
                 out.extend_from_slice(&piece);
@@ -518,7 +524,10 @@ mod tests {
         assert_eq!(out, data);
         assert!(rec.complete);
         assert_eq!(rec.unusable, None);
-        assert_eq!((rec.size, rec.compressed), (data.len() as u64, gz.len() as u64));
+        assert_eq!(
+            (rec.size, rec.compressed),
+            (data.len() as u64, gz.len() as u64)
+        );
         assert!(rec.points.len() >= 8, "{} points", rec.points.len());
         validate(&rec.points, gz.len() as u64, rec.size).unwrap();
         for (i, p) in rec.points.iter().enumerate() {
@@ -557,7 +566,10 @@ mod tests {
         bad.window = zstd::bulk::compress(&[b'x'; WINDOW], 3).unwrap();
         let end = end_after(&rec.points, p.out + 100_000, gz.len() as u64);
         let got = decode_at(&gz[p.start() as usize..end as usize], &bad, 0, 100_000);
-        assert_ne!(got.ok(), Some(data[p.out as usize..p.out as usize + 100_000].to_vec()));
+        assert_ne!(
+            got.ok(),
+            Some(data[p.out as usize..p.out as usize + 100_000].to_vec())
+        );
         bad.window = b"not zstd".to_vec();
         assert!(matches!(
             decode_at(&gz[p.start() as usize..end as usize], &bad, 0, 10),

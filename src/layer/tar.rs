@@ -11,7 +11,8 @@
 //! devices, xattrs, content digests) are kept as a small JSON index, stored as a blob under its
 //! own digest, so a restart rebuilds the layer directory without reading the tar again.
 
-use super::estargz::{Entry, Kind, clean_path};
+use super::estargz::{Chunk, Entry, Kind, clean_path};
+use super::gzindex::{self, CHUNK, Point};
 use crate::oci::{Compression, Digest};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -163,8 +164,18 @@ pub fn entry_meta<R: Read>(
 /// Result of an unpack: the layer's entries and what was written.
 pub struct Unpacked {
     pub entries: Vec<Entry>,
+    /// Per entry: where a regular file's content lies in the uncompressed tar stream.
+    pub positions: Vec<Option<FilePos>>,
     pub files_written: u64,
     pub bytes_written: u64,
+}
+
+/// Where a regular file's content lies in its layer's uncompressed tar stream, and the digests
+/// of its [`CHUNK`]-sized pieces when it has more than one (one piece: the file's digest).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FilePos {
+    pub offset: u64,
+    pub chunks: Vec<Digest>,
 }
 
 /// Told of each entry as an unpack completes it (a layer served while it streams in).
@@ -210,6 +221,7 @@ pub fn unpack_observed(
     fs::create_dir_all(files_dir).map_err(io_err(files_dir))?;
     let mut archive = tar::Archive::new(tar);
     let mut entries = vec![];
+    let mut positions = vec![];
     let mut seen: HashSet<String> = HashSet::new();
     // Temp files to rename once their data is durable.
     let mut pending: Vec<(PathBuf, PathBuf)> = vec![];
@@ -243,8 +255,9 @@ pub fn unpack_observed(
                 path: path.clone(),
                 reason,
             };
-            let (mut size, mut digest) = (0, None);
+            let (mut size, mut digest, mut position) = (0, None, None);
             if kind == Kind::Reg {
+                let offset = e.raw_file_position();
                 // Unique across concurrent unpacks in this process and across processes.
                 let tmp = files_dir.join(format!(
                     ".tmp-{}-{}",
@@ -259,6 +272,9 @@ pub fn unpack_observed(
                     .open(&tmp)
                     .map_err(io_err(&tmp))?;
                 let mut hash = Sha256::new();
+                // The digests of the file's CHUNK-sized pieces (random access through a gzip
+                // index verifies piece by piece).
+                let (mut piece, mut pieces) = (Sha256::new(), vec![]);
                 let mut buf = vec![0u8; 256 << 10];
                 loop {
                     let n = e.read(&mut buf).map_err(|x| bad(x.to_string()))?;
@@ -266,9 +282,30 @@ pub fn unpack_observed(
                         break;
                     }
                     hash.update(&buf[..n]);
+                    let mut rest = &buf[..n];
+                    while !rest.is_empty() {
+                        let room = (CHUNK - size % CHUNK) as usize;
+                        let k = room.min(rest.len());
+                        piece.update(&rest[..k]);
+                        size += k as u64;
+                        rest = &rest[k..];
+                        if size % CHUNK == 0 {
+                            pieces
+                                .push(Digest::from_sha256(&std::mem::take(&mut piece).finalize()));
+                        }
+                    }
                     out.write_all(&buf[..n]).map_err(io_err(&tmp))?;
-                    size += n as u64;
                 }
+                if size % CHUNK != 0 {
+                    pieces.push(Digest::from_sha256(&piece.finalize()));
+                }
+                if pieces.len() < 2 {
+                    pieces.clear();
+                }
+                position = Some(FilePos {
+                    offset,
+                    chunks: pieces,
+                });
                 let d = Digest::from_sha256(&hash.finalize());
                 let dest = files_dir.join(d.hex());
                 entry.size = size;
@@ -299,6 +336,7 @@ pub fn unpack_observed(
             entry.digest = digest;
             seen.insert(path.clone());
             entries.push(entry);
+            positions.push(position);
         }
         // Data first, names second: a crash leaves temp files (GC removes them), never a
         // file under its digest with missing bytes.
@@ -313,12 +351,20 @@ pub fn unpack_observed(
         dir.sync_all().map_err(io_err(files_dir))?;
         Ok(())
     })();
+    // The tar ends at its end-of-archive blocks; what follows (padding, the gzip trailer) is
+    // read too, so that a decoder checks its trailer and an index recorder sees the end.
+    let result = result.and_then(|()| {
+        io::copy(&mut archive.into_inner(), &mut io::sink())
+            .map(drop)
+            .map_err(|e| UnpackError::Tar(format!("after the end of the archive: {e}")))
+    });
     if let Err(e) = result {
         cleanup(&pending, observer);
         return Err(e);
     }
     Ok(Unpacked {
         entries,
+        positions,
         files_written,
         bytes_written,
     })
@@ -328,6 +374,86 @@ pub fn unpack_observed(
 struct IndexFile {
     version: u32,
     entries: Vec<IndexEntry>,
+    /// Version 2: random access into the gzip layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gzip: Option<GzipSection>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct GzipSection {
+    /// The layer blob this index is of.
+    layer: String,
+    blob_size: u64,
+    /// Uncompressed size of the tar stream.
+    size: u64,
+    /// Size of the pieces whose digests `chunks` lists.
+    chunk: u64,
+    points: Vec<PointJson>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PointJson {
+    out: u64,
+    #[serde(rename = "in")]
+    inp: u64,
+    bits: u8,
+    /// base64 of the zstd-compressed window.
+    window: String,
+}
+
+/// What a gzip index adds to the file index: the decoder checkpoints, and where each regular
+/// file's content lies in the uncompressed stream (`positions`, by entry).
+#[derive(Clone, Debug)]
+pub struct RandomAccess {
+    pub layer: Digest,
+    pub blob_size: u64,
+    pub size: u64,
+    pub points: Vec<Point>,
+    pub positions: Vec<Option<FilePos>>,
+}
+
+impl RandomAccess {
+    /// The entries with chunks that decode from the nearest checkpoint: a layer mounted from
+    /// this index is read lazily, like an eStargz layer.
+    pub fn lazy_entries(&self, entries: &[Entry]) -> Vec<Entry> {
+        let points: Vec<std::sync::Arc<Point>> = self
+            .points
+            .iter()
+            .cloned()
+            .map(std::sync::Arc::new)
+            .collect();
+        entries
+            .iter()
+            .zip(&self.positions)
+            .map(|(e, pos)| {
+                let mut e = e.clone();
+                let (Some(pos), Some(file_digest)) = (pos, &e.digest) else {
+                    return e;
+                };
+                let n = e.size.div_ceil(CHUNK);
+                for k in 0..n {
+                    let file_offset = k * CHUNK;
+                    let size = CHUNK.min(e.size - file_offset);
+                    let at = pos.offset + file_offset;
+                    // Validated: the first checkpoint is at 0, so one lies before any offset.
+                    let Some(i) = gzindex::point_before(&self.points, at) else {
+                        continue;
+                    };
+                    let p = &points[i];
+                    e.chunks.push(Chunk {
+                        offset: p.start(),
+                        inner_offset: at - p.out,
+                        file_offset,
+                        size,
+                        digest: Some(pos.chunks.get(k as usize).unwrap_or(file_digest).clone()),
+                        end: Some(gzindex::end_after(&self.points, at + size, self.blob_size)),
+                        resume: Some(std::sync::Arc::clone(p)),
+                    });
+                }
+                e
+            })
+            .collect()
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -350,16 +476,49 @@ struct IndexEntry {
     xattrs: Vec<(String, String)>,
     #[serde(default)]
     digest: Option<String>,
+    /// Version 2: where the content lies in the uncompressed stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    /// Version 2: digests of the content's pieces, when there is more than one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    chunks: Vec<String>,
 }
 
 /// The JSON index of a layer's entries.
 pub fn encode_index(entries: &[Entry]) -> Vec<u8> {
+    encode_index_with(entries, None)
+}
+
+/// The JSON index of a layer's entries, with random access into its gzip stream when given.
+pub fn encode_index_with(entries: &[Entry], ra: Option<&RandomAccess>) -> Vec<u8> {
     let b64 = base64::engine::general_purpose::STANDARD;
+    let pos = |i: usize| ra.and_then(|r| r.positions.get(i)).and_then(|p| p.as_ref());
     let file = IndexFile {
-        version: 1,
+        version: if ra.is_some() { 2 } else { 1 },
+        gzip: ra.map(|r| GzipSection {
+            layer: r.layer.to_string(),
+            blob_size: r.blob_size,
+            size: r.size,
+            chunk: CHUNK,
+            points: r
+                .points
+                .iter()
+                .map(|p| PointJson {
+                    out: p.out,
+                    inp: p.inp,
+                    bits: p.bits,
+                    window: b64.encode(&p.window),
+                })
+                .collect(),
+        }),
         entries: entries
             .iter()
-            .map(|e| IndexEntry {
+            .enumerate()
+            .map(|(i, e)| IndexEntry {
+                offset: pos(i).map(|p| p.offset),
+                chunks: pos(i)
+                    .map(|p| p.chunks.iter().map(|d| d.to_string()).collect())
+                    .unwrap_or_default(),
                 path: e.path.clone(),
                 kind: e.kind.name().into(),
                 size: e.size,
@@ -384,15 +543,55 @@ pub fn encode_index(entries: &[Entry]) -> Vec<u8> {
 
 /// Parse and validate an index written by [`encode_index`].
 pub fn decode_index(bytes: &[u8], limits: &Limits) -> Result<Vec<Entry>, UnpackError> {
+    decode_index_with(bytes, limits).map(|(entries, _)| entries)
+}
+
+/// Parse and validate an index written by [`encode_index_with`]: the entries, and random
+/// access into the gzip layer when the index has it. An index is untrusted (it may come from a
+/// registry): checkpoints must be ordered and inside the layer, every position inside the
+/// stream, piece digests as many as the pieces.
+pub fn decode_index_with(
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<(Vec<Entry>, Option<RandomAccess>), UnpackError> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let file: IndexFile =
         serde_json::from_slice(bytes).map_err(|e| UnpackError::Index(e.to_string()))?;
-    if file.version != 1 {
+    if file.version != 1 && file.version != 2 {
         return Err(UnpackError::Index(format!("version {}", file.version)));
     }
     if file.entries.len() > limits.max_entries {
         return Err(UnpackError::Index("too many entries".into()));
     }
+    let mut ra = match &file.gzip {
+        None => None,
+        Some(g) => {
+            let bad = |r: String| UnpackError::Index(format!("gzip index: {r}"));
+            if g.chunk != CHUNK {
+                return Err(bad(format!("piece size {} (expected {CHUNK})", g.chunk)));
+            }
+            let mut points = Vec::with_capacity(g.points.len().min(gzindex::MAX_POINTS));
+            for p in &g.points {
+                points.push(Point {
+                    out: p.out,
+                    inp: p.inp,
+                    bits: p.bits,
+                    window: b64.decode(&p.window).map_err(|e| bad(e.to_string()))?,
+                });
+            }
+            gzindex::validate(&points, g.blob_size, g.size).map_err(bad)?;
+            if points.is_empty() {
+                return Err(bad("no checkpoints".into()));
+            }
+            Some(RandomAccess {
+                layer: Digest::parse(&g.layer).map_err(|e| bad(e.to_string()))?,
+                blob_size: g.blob_size,
+                size: g.size,
+                points,
+                positions: Vec::with_capacity(file.entries.len()),
+            })
+        }
+    };
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(file.entries.len());
     for e in file.entries {
@@ -411,6 +610,34 @@ pub fn decode_index(bytes: &[u8], limits: &Limits) -> Result<Vec<Entry>, UnpackE
         for (k, v) in &e.xattrs {
             xattrs.push((k.clone(), b64.decode(v).map_err(|x| bad(x.to_string()))?));
         }
+        if let Some(ra) = ra.as_mut() {
+            let position = match (e.offset, kind) {
+                (Some(offset), Kind::Reg) => {
+                    if offset.checked_add(e.size).is_none_or(|end| end > ra.size) {
+                        return Err(bad("content past the end of the stream".into()));
+                    }
+                    let pieces = e.size.div_ceil(CHUNK);
+                    if !e.chunks.is_empty() && e.chunks.len() as u64 != pieces {
+                        return Err(bad(format!(
+                            "{} piece digests for {pieces} pieces",
+                            e.chunks.len()
+                        )));
+                    }
+                    if e.chunks.is_empty() && pieces > 1 {
+                        return Err(bad("no piece digests".into()));
+                    }
+                    let chunks = e
+                        .chunks
+                        .iter()
+                        .map(|d| Digest::parse(d).map_err(|x| bad(x.to_string())))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Some(FilePos { offset, chunks })
+                }
+                (None, Kind::Reg) => return Err(bad("regular file without a position".into())),
+                _ => None,
+            };
+            ra.positions.push(position);
+        }
         seen.insert(path.clone());
         out.push(Entry {
             path,
@@ -428,7 +655,7 @@ pub fn decode_index(bytes: &[u8], limits: &Limits) -> Result<Vec<Entry>, UnpackE
             chunks: vec![],
         });
     }
-    Ok(out)
+    Ok((out, ra))
 }
 
 #[cfg(test)]
@@ -503,6 +730,108 @@ mod tests {
             1,
             "no temp files left"
         );
+    }
+
+    /// Text-like bytes that deflate well, with long-distance repeats.
+    fn text(n: usize, seed: u32) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n);
+        let mut x = seed;
+        while out.len() < n {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            out.extend_from_slice(format!("{} {}\n", x % 5000, x % 91).as_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+
+    #[test]
+    fn a_gzip_index_reads_every_file_back_from_checkpoints_and_refuses_tampering() {
+        let big = text(5 << 20, 7);
+        let small = text(3000, 9);
+        let data = tar_of(|b| {
+            b.append_data(&mut header(tar::EntryType::Directory, 0), "d/", &[][..])
+                .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, 3000),
+                "d/small",
+                &small[..],
+            )
+            .unwrap();
+            b.append_data(
+                &mut header(tar::EntryType::Regular, big.len() as u64),
+                "d/big",
+                &big[..],
+            )
+            .unwrap();
+            b.append_data(&mut header(tar::EntryType::Regular, 5), "z", &b"last\n"[..])
+                .unwrap();
+        });
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&data).unwrap();
+        let gz = e.finish().unwrap();
+        let layer = Digest::of(&gz);
+        let files = tempfile::tempdir().unwrap();
+        let (reader, rec) = gzindex::IndexingReader::new(&gz[..], 256 << 10).unwrap();
+        let u = unpack(reader, files.path(), &Limits::default()).unwrap();
+        let rec = std::mem::take(&mut *rec.lock().unwrap());
+        assert!(rec.complete && rec.unusable.is_none());
+        let ra = RandomAccess {
+            layer: layer.clone(),
+            blob_size: gz.len() as u64,
+            size: rec.size,
+            points: rec.points,
+            positions: u.positions.clone(),
+        };
+        let json = encode_index_with(&u.entries, Some(&ra));
+        let (entries, back) = decode_index_with(&json, &Limits::default()).unwrap();
+        let back = back.expect("random access");
+        assert_eq!(entries, u.entries);
+        assert_eq!(
+            (back.layer.clone(), back.positions.clone()),
+            (layer, u.positions.clone())
+        );
+        // The old reader still reads the entries.
+        assert_eq!(decode_index(&json, &Limits::default()).unwrap(), u.entries);
+        let lazy = back.lazy_entries(&entries);
+        let spans = crate::layer::estargz::Spans::default();
+        let fetch =
+            |s: u64, e: u64| -> Result<Vec<u8>, String> { Ok(gz[s as usize..e as usize].to_vec()) };
+        let by = |p: &str| lazy.iter().find(|e| e.path == p).unwrap();
+        assert_eq!(by("d/big").chunks.len(), 5);
+        for (path, want) in [
+            ("d/small", &small[..]),
+            ("d/big", &big[..]),
+            ("z", &b"last\n"[..]),
+        ] {
+            let got =
+                crate::layer::estargz::read_file(&spans, by(path), 0, u64::MAX, fetch).unwrap();
+            assert_eq!(got, want, "{path}");
+        }
+        // A piece in the middle, across a chunk boundary.
+        let got = crate::layer::estargz::read_file(&spans, by("d/big"), (1 << 20) - 10, 20, fetch)
+            .unwrap();
+        assert_eq!(got, big[(1 << 20) - 10..(1 << 20) + 10]);
+        // Wrong bytes from the registry are caught by the piece digests.
+        let mut bad = gz.clone();
+        let c = &by("d/big").chunks[2];
+        bad[(c.offset + (c.end.unwrap() - c.offset) / 2) as usize] ^= 0x10;
+        let r = crate::layer::estargz::read_file(&spans, by("d/big"), 2 << 20, 100, |s, e| {
+            Ok(bad[s as usize..e as usize].to_vec())
+        });
+        assert!(r.is_err(), "{r:?}");
+        // Hostile indexes are refused.
+        let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        v["entries"][2]["offset"] = serde_json::json!(u64::MAX - 10);
+        assert!(decode_index_with(&serde_json::to_vec(&v).unwrap(), &Limits::default()).is_err());
+        let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        v["entries"][2]["chunks"] = serde_json::json!([]);
+        assert!(decode_index_with(&serde_json::to_vec(&v).unwrap(), &Limits::default()).is_err());
+        let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        v["gzip"]["points"][1]["in"] = serde_json::json!(gz.len() + 5);
+        assert!(decode_index_with(&serde_json::to_vec(&v).unwrap(), &Limits::default()).is_err());
+        let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        v["gzip"]["points"][2]["out"] = serde_json::json!(1);
+        assert!(decode_index_with(&serde_json::to_vec(&v).unwrap(), &Limits::default()).is_err());
     }
 
     #[test]

@@ -168,10 +168,11 @@ pub enum FetchedBy {
 }
 
 impl LayerRecord {
-    /// Whether the FUSE mount can serve the layer: its TOC verified (lazy), or its files
-    /// unpacked (a complete layer without a TOC).
+    /// Whether the FUSE mount can serve the layer: its TOC verified (lazy), its files unpacked
+    /// (a complete layer without a TOC), or a random-access index for it (a file index on a
+    /// layer not unpacked here is always one: it came from another node).
     pub fn mountable(&self) -> bool {
-        self.toc_entries.is_some() || (self.unpacked && self.index_digest.is_some())
+        self.toc_entries.is_some() || self.index_digest.is_some()
     }
     /// The layer's format for display: `estargz` once its TOC is verified.
     pub fn format(&self) -> &'static str {
@@ -557,6 +558,16 @@ impl Catalogue {
             params![digest, index],
         )?;
         Ok(())
+    }
+
+    /// Record a random-access index another node shared for a layer not unpacked here (an
+    /// unpack records its own index with `set_unpacked`). Whether it was recorded.
+    pub fn set_shared_index(&self, digest: &str, index: &str) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE layers SET index_digest = ?2 WHERE digest = ?1 AND unpacked = 0",
+            params![digest, index],
+        )?;
+        Ok(n > 0)
     }
 
     /// Whether a layer streaming in came in walk order (see `fs::stream`).
