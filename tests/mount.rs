@@ -1465,6 +1465,32 @@ async fn a_shared_gzip_index_makes_a_plain_layer_lazy_on_another_node() {
     );
     let (fetched_by_a, _, _) = served(&reg, "plainidx", &layer);
     assert_eq!(fetched_by_a, size, "node A fetched the layer once");
+    // Node A's caches wiped (the file cache and the layer blob; the catalogue and the index
+    // kept): the layer mounts lazily again, through its index.
+    let mut a = a;
+    a.terminate();
+    for e in std::fs::read_dir(a.store().join("files/sha256")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    std::fs::remove_file(a.blob(&layer)).unwrap();
+    a.restart_with(&["--no-fill"]);
+    let work_a = tempfile::tempdir().unwrap();
+    let root_a = work_a.path().join("root");
+    mount_image(&a, &name, &root_a, &[]);
+    assert_eq!(
+        std::fs::read(root_a.join("c/text.txt"))
+            .unwrap_or_else(|e| panic!("c/text.txt: {e}\n{}", a.log_text())),
+        text
+    );
+    let out = a.cli(&["umount", root_a.to_str().unwrap()]);
+    assert!(out.status.success());
+    let (after_wipe, _, _) = served(&reg, "plainidx", &layer);
+    let fetched_by_a = after_wipe;
+    assert!(
+        after_wipe - size < size / 3,
+        "a wiped node A fetched {} of {size} bytes again",
+        after_wipe - size
+    );
     drop(a);
 
     // Node B: no filler, so every byte it fetches is for a read.

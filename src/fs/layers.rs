@@ -191,51 +191,39 @@ impl LayerTable {
     }
 
     fn load(&self, rec: &LayerRecord) -> Result<LazyLayer, String> {
-        if rec.toc_entries.is_none()
-            && rec.unpacked
-            && let Some(index) = rec.index_digest.as_deref()
-        {
-            // A layer without TOC, complete and unpacked: served from the file cache.
-            let index = Digest::parse(index).map_err(|e| e.to_string())?;
-            let json = self.layout.read_blob(&index).map_err(|e| e.to_string())?;
-            let entries =
-                crate::layer::tar::decode_index(&json, &crate::layer::tar::Limits::default())
-                    .map_err(|e| e.to_string())?;
-            let tree = Tree::from_entries(&entries).map_err(|e| e.to_string())?;
-            let toc = estargz::Toc {
-                digest: index,
-                toc_offset: 0,
-                entries,
-                prefetch_landmark: None,
-            };
-            return Ok(LazyLayer::new(
-                rec.digest().map_err(|e| e.to_string())?,
-                rec.source.clone(),
-                rec.size,
-                toc,
-                tree,
-            ));
-        }
         let digest = rec.digest().map_err(|e| e.to_string())?;
         if rec.toc_entries.is_none()
             && let Some(index) = rec.index_digest.as_deref()
         {
-            // A plain gzip layer not unpacked here, with a random-access index (from another
-            // node): read lazily from the nearest checkpoints, like an eStargz layer.
+            // A layer without TOC with a file index: complete and unpacked here (served from
+            // the file cache), or a plain gzip layer whose index has decoder checkpoints (built
+            // here, or pushed by another node): read lazily from the nearest checkpoint, like
+            // an eStargz layer. With both, files missing from the cache (wiped, or another
+            // layer's GC) are read through the checkpoints too.
             let index = Digest::parse(index).map_err(|e| e.to_string())?;
             let json = self.layout.read_blob(&index).map_err(|e| e.to_string())?;
             let (entries, ra) =
                 crate::layer::tar::decode_index_with(&json, &crate::layer::tar::Limits::default())
                     .map_err(|e| e.to_string())?;
-            let ra = ra
-                .filter(|ra| ra.layer == digest && ra.blob_size == rec.size)
-                .ok_or_else(|| format!("the index {index} gives no random access to this layer"))?;
-            let entries = ra.lazy_entries(&entries);
+            let ra = ra.filter(|ra| ra.layer == digest && ra.blob_size == rec.size);
+            let (entries, toc_offset) = match ra {
+                Some(ra) => {
+                    if !rec.unpacked {
+                        tracing::info!(layer = %rec.digest, index = %index, checkpoints = ra.points.len(), "serving the layer lazily through its gzip index");
+                    }
+                    (ra.lazy_entries(&entries), rec.size)
+                }
+                None if rec.unpacked => (entries, 0),
+                None => {
+                    return Err(format!(
+                        "the index {index} gives no random access to this layer"
+                    ));
+                }
+            };
             let tree = Tree::from_entries(&entries).map_err(|e| e.to_string())?;
-            tracing::info!(layer = %rec.digest, index = %index, checkpoints = ra.points.len(), "serving the layer lazily through its gzip index");
             let toc = estargz::Toc {
                 digest: index,
-                toc_offset: rec.size,
+                toc_offset,
                 entries,
                 prefetch_landmark: None,
             };
