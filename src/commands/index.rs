@@ -1,11 +1,10 @@
 //! `lazypull index show|push IMAGE`: the random-access indexes of an image's plain gzip layers
 //! (see `crate::index_share`).
 
-use super::{human_bytes, open_read_only};
+use super::human_bytes;
 use crate::cli::{IndexAction, IndexArgs};
 use crate::config::Config;
 use crate::store::Layout;
-use anyhow::Context;
 
 pub async fn run(
     cfg: &Config,
@@ -13,15 +12,7 @@ pub async fn run(
     secret: Option<crate::registry::auth::Secret>,
 ) -> anyhow::Result<()> {
     let layout = Layout::new(&cfg.root);
-    let db = open_read_only(cfg)?
-        .with_context(|| format!("the store {} is empty", cfg.root.display()))?;
-    let image = crate::images::resolve_in(&db, &args.image)?.with_context(|| {
-        format!(
-            "no image {:?} in the store {}",
-            args.image,
-            cfg.root.display()
-        )
-    })?;
+    let image = super::stored_image(cfg, &args.image)?;
     match args.action {
         IndexAction::Push => {
             let registry = crate::registry::Registry::new(cfg.registry_options(secret));

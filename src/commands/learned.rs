@@ -2,13 +2,12 @@
 //! image (see `crate::learned`): the files in the order a start read them, with their size and
 //! the compressed bytes a prefetch fetches for them (from the layers' TOCs in the store).
 
-use super::{human_bytes, open_read_only, short_id};
+use super::{human_bytes, short_id};
 use crate::cli::LearnedArgs;
 use crate::config::Config;
 use crate::layer::estargz::{Spans, Toc};
 use crate::oci::Digest;
 use crate::store::{LayerRecord, Layout};
-use anyhow::Context;
 use std::collections::HashMap;
 
 /// A layer's TOC from the store, with its spans and a path index.
@@ -49,15 +48,7 @@ pub async fn run(
     secret: Option<crate::registry::auth::Secret>,
 ) -> anyhow::Result<()> {
     let layout = Layout::new(&cfg.root);
-    let db = open_read_only(cfg)?
-        .with_context(|| format!("the store {} is empty", cfg.root.display()))?;
-    let image = crate::images::resolve_in(&db, &args.image)?.with_context(|| {
-        format!(
-            "no image {:?} in the store {}",
-            args.image,
-            cfg.root.display()
-        )
-    })?;
+    let image = super::stored_image(cfg, &args.image)?;
     let manifest = Digest::parse(&image.manifest_digest)?;
     if args.forget {
         let had = crate::learned::forget(&layout, &manifest)?;

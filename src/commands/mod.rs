@@ -54,6 +54,15 @@ pub fn open_read_only(cfg: &Config) -> anyhow::Result<Option<Catalogue>> {
     ))
 }
 
+/// The image `name` (a reference or id) in the store, with clear errors when the store or the
+/// image is not there.
+pub fn stored_image(cfg: &Config, name: &str) -> anyhow::Result<ImageRecord> {
+    let db = open_read_only(cfg)?
+        .with_context(|| format!("the store {} is empty", cfg.root.display()))?;
+    crate::images::resolve_in(&db, name)?
+        .with_context(|| format!("no image {name:?} in the store {}", cfg.root.display()))
+}
+
 /// Images whose id or any name matches the glob `pattern` (all when `None`).
 pub fn filter_images(
     images: Vec<ImageRecord>,
