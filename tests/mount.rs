@@ -1381,6 +1381,8 @@ async fn plain_layers_are_served_while_they_stream_in() {
         state, "complete",
         "served before the layer was complete ({filled} bytes there)"
     );
+    let l = &d.status_json()["images"][0]["layers"][0];
+    assert_eq!(l["mode"], "streaming", "{l:#}");
     // At the end of the stream: waited for.
     assert_eq!(
         std::fs::read_to_string(root.join("c/last.txt")).unwrap(),
@@ -1458,6 +1460,12 @@ async fn a_shared_gzip_index_makes_a_plain_layer_lazy_on_another_node() {
         a.log_text()
     );
     assert_eq!(shown[0]["mode"], "indexed", "{shown:#}");
+    let l = &a.status_json()["images"][0]["layers"][0];
+    assert_eq!(
+        (&l["mode"], &l["index_source"]),
+        (&"complete".into(), &"built here".into()),
+        "{l:#}"
+    );
     let pushed = lazypull_ok(&a, &["index", "push", &name]);
     assert!(
         pushed.contains("pushed the random-access index of 1 layer"),
@@ -1507,6 +1515,17 @@ async fn a_shared_gzip_index_makes_a_plain_layer_lazy_on_another_node() {
     let shown: serde_json::Value =
         serde_json::from_str(&lazypull_ok(&b, &["index", "show", &name, "--json"])).unwrap();
     assert_eq!(shown[0]["mode"], "indexed (shared)", "{shown:#}");
+    let l = &b.status_json()["images"][0]["layers"][0];
+    assert_eq!(
+        (&l["mode"], &l["index_source"]),
+        (&"lazy: gzip index".into(), &"the registry".into()),
+        "{l:#}"
+    );
+    let shown = lazypull_ok(&b, &["status"]);
+    assert!(
+        shown.contains("lazy: gzip index, gzip index from the registry"),
+        "{shown}"
+    );
     let work = tempfile::tempdir().unwrap();
     let root = work.path().join("root");
     mount_image(&b, &name, &root, &[]);

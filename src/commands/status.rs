@@ -7,7 +7,34 @@ use super::{display_name, human_bytes, open_read_only, short_id};
 use crate::cli::StatusArgs;
 use crate::config::Config;
 use crate::learned::StartPrefetch;
-use crate::store::{Layout, StoreLock};
+use crate::store::{LayerRecord, LayerState, Layout, StoreLock};
+
+/// How a layer is served now (`mode`), and where its gzip index came from (`index`: `built
+/// here` by this node's unpack, `the registry` when another node pushed it), for `status`.
+fn layer_mode(layout: &Layout, l: &LayerRecord) -> (String, Option<&'static str>) {
+    let gzip_index = l.toc_entries.is_none()
+        && l.index_digest.is_some()
+        && crate::index_share::layer_index(layout, l).is_some();
+    let index = gzip_index.then_some(if l.unpacked {
+        "built here"
+    } else {
+        "the registry"
+    });
+    let mode = if l.state == LayerState::Complete && (l.unpacked || l.toc_entries.is_some()) {
+        "complete".to_string()
+    } else if l.toc_entries.is_some() {
+        format!("lazy: {} TOC", l.format())
+    } else if gzip_index {
+        "lazy: gzip index".to_string()
+    } else if l.walk_order.is_some() && !l.unpacked {
+        "streaming".to_string()
+    } else if l.state == LayerState::Failed {
+        "failed".to_string()
+    } else {
+        "not mountable yet (fetched whole first)".to_string()
+    };
+    (mode, index)
+}
 
 pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
     let layout = Layout::new(&cfg.root);
@@ -34,6 +61,11 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
             .map(|(i, p)| {
                 let mut v = serde_json::to_value(i)?;
                 v["start_prefetch"] = serde_json::to_value(p)?;
+                for (k, l) in i.layers.iter().enumerate() {
+                    let (mode, index) = layer_mode(&layout, l);
+                    v["layers"][k]["mode"] = mode.into();
+                    v["layers"][k]["index_source"] = index.into();
+                }
                 Ok(v)
             })
             .collect::<Result<_, serde_json::Error>>()?;
@@ -92,7 +124,11 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
                 (None, Some(_)) => format!("{} (TOC refused)", l.format()),
                 _ => l.format().to_string(),
             };
-            let mut notes = vec![];
+            let (mode, index) = layer_mode(&layout, l);
+            let mut notes = vec![mode];
+            if let Some(from) = index {
+                notes.push(format!("gzip index from {from}"));
+            }
             for (n, by) in [
                 (l.ondemand, "on demand"),
                 (l.prefetched, "by prefetch"),
