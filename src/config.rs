@@ -162,7 +162,7 @@ pub struct FetchConfig {
     /// Plain gzip layers: while a layer is decompressed the first time, record a decoder
     /// checkpoint every this many KiB of its tar stream (a random-access index: the layer can
     /// then be read lazily with range requests). Smaller: less fetched per cold read, a larger
-    /// index (about 10 KiB per checkpoint). 0: no index.
+    /// index (about 16 KiB per checkpoint). 0: no index.
     pub index_span_kib: u64,
     /// `auto`: a pull of an image with plain gzip layers looks in its registry for the
     /// random-access index another node published (`lazypull index push`); with it, those

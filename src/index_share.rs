@@ -18,10 +18,18 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::sync::Mutex;
 
-/// The artifact type (and blob media type) of an index bundle.
+/// The artifact type of an index bundle.
 pub const ARTIFACT_TYPE: &str = "application/vnd.lazypull.gzip-index.v1+json";
-/// Upper bound on a bundle fetched from a registry (an index is about 4% of its layer).
+/// The media type of its one blob: the bundle JSON, zstd-compressed (the checkpoint windows are
+/// base64 and the file table is repetitive: 7.3 MB of JSON for the python image's layer
+/// become 4.2 MB; every node fetches it before its first read).
+pub const BLOB_TYPE: &str = "application/vnd.lazypull.gzip-index.v1+json+zstd";
+/// Upper bound on a bundle fetched from a registry, compressed and decompressed (an index is
+/// about 6% of its layer).
 pub const MAX_BUNDLE_BYTES: usize = 256 << 20;
+/// zstd level for the bundle: near the best ratio on this kind of data, a second or two of CPU
+/// at `index push`.
+const BUNDLE_LEVEL: i32 = 15;
 
 #[derive(Serialize, Deserialize)]
 struct Bundle<'a> {
@@ -68,6 +76,7 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<(Vec<u8>, u
         indexes: raws.iter().map(|r| r.as_ref()).collect(),
     };
     let bytes = serde_json::to_vec(&bundle).map_err(|e| e.to_string())?;
+    let bytes = zstd::bulk::compress(&bytes, BUNDLE_LEVEL).map_err(|e| e.to_string())?;
     Ok(Some((bytes, found.len())))
 }
 
@@ -87,7 +96,7 @@ pub async fn push(
         &repo,
         &subject,
         ARTIFACT_TYPE,
-        ARTIFACT_TYPE,
+        BLOB_TYPE,
         bytes,
         creds,
     )
@@ -96,15 +105,34 @@ pub async fn push(
     Ok((d, n))
 }
 
+/// A bundle blob decompressed, refusing more than [`MAX_BUNDLE_BYTES`] of output.
+fn decompress_bounded(compressed: &[u8]) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let mut out = vec![];
+    zstd::stream::read::Decoder::new(compressed)
+        .map_err(|e| e.to_string())?
+        .take(MAX_BUNDLE_BYTES as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("not a zstd bundle: {e}"))?;
+    if out.len() > MAX_BUNDLE_BYTES {
+        return Err(format!(
+            "the bundle decompresses to over {MAX_BUNDLE_BYTES} bytes"
+        ));
+    }
+    Ok(out)
+}
+
 /// Take the indexes of a bundle for `image`: each validated, naming a layer of the image with
 /// its size; stored and recorded for layers not unpacked here. How many were taken.
 pub fn take_bundle(
     layout: &Layout,
     db: &Mutex<Catalogue>,
     image: &ImageRecord,
-    bytes: &[u8],
+    compressed: &[u8],
 ) -> Result<usize, String> {
-    let bundle: Bundle = serde_json::from_slice(bytes).map_err(|e| format!("not a bundle: {e}"))?;
+    let bytes = decompress_bounded(compressed)?;
+    let bundle: Bundle =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not a bundle: {e}"))?;
     if bundle.version != 1 {
         return Err(format!("bundle version {}", bundle.version));
     }
@@ -167,7 +195,7 @@ pub async fn fetch_shared(
         &repo,
         &subject.digest,
         ARTIFACT_TYPE,
-        ARTIFACT_TYPE,
+        BLOB_TYPE,
         MAX_BUNDLE_BYTES,
         creds,
     )
@@ -177,4 +205,129 @@ pub async fn fetch_shared(
         return Ok(0);
     };
     take_bundle(layout, db, image, &bytes).map_err(|e| format!("the shared index {artifact}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::gzindex::IndexingReader;
+    use crate::store::{NameKind, NewImage, NewLayer};
+    use std::io::Write as _;
+
+    /// A gzip layer of a few MiB and its index (version 2, with checkpoints).
+    fn indexed_layer(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, len) in [("a", 3000usize), ("b", 3 << 20), ("c", 10)] {
+            let body: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let mut h = tar::Header::new_ustar();
+            h.set_size(len as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1);
+            h.set_cksum();
+            b.append_data(&mut h, name, &body[..]).unwrap();
+        }
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&b.into_inner().unwrap()).unwrap();
+        let gz = e.finish().unwrap();
+        let (reader, rec) = IndexingReader::new(&gz[..], 256 << 10).unwrap();
+        let u = ltar::unpack(reader, &dir.join("files"), &Limits::default()).unwrap();
+        let rec = std::mem::take(&mut *rec.lock().unwrap());
+        let ra = ltar::RandomAccess {
+            layer: Digest::of(&gz),
+            blob_size: gz.len() as u64,
+            size: rec.size,
+            points: rec.points,
+            positions: u.positions.clone(),
+        };
+        (gz.clone(), ltar::encode_index_with(&u.entries, Some(&ra)))
+    }
+
+    /// A store holding one image whose one layer is `digest` of `size` bytes.
+    fn store(dir: &std::path::Path, digest: &Digest, size: u64) -> (Layout, Mutex<Catalogue>) {
+        let layout = Layout::new(dir);
+        layout.create().unwrap();
+        let mut db = Catalogue::open(&layout.db()).unwrap();
+        let manifest = Digest::of(b"manifest");
+        db.insert_image(&NewImage {
+            id: &Digest::of(b"config"),
+            manifest_digest: &manifest,
+            index_digest: None,
+            media_type: "application/vnd.oci.image.manifest.v1+json",
+            size: 1,
+            user: "",
+            source: "r.example/img",
+            layers: vec![NewLayer {
+                digest,
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+                size,
+                diff_id: digest,
+                toc_digest: None,
+                toc_position: None,
+            }],
+            names: vec![("r.example/img:1".into(), NameKind::Tag)],
+        })
+        .unwrap();
+        (layout, Mutex::new(db))
+    }
+
+    fn image(db: &Mutex<Catalogue>) -> ImageRecord {
+        db.lock().unwrap().list_images().unwrap().remove(0)
+    }
+
+    #[test]
+    fn a_bundle_is_taken_for_its_image_and_refused_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gz, index) = indexed_layer(dir.path());
+        let layer = Digest::of(&gz);
+        // The first node: its layer has the index.
+        let (a_layout, a_db) = store(&dir.path().join("a"), &layer, gz.len() as u64);
+        let d = Digest::of(&index);
+        a_layout.put_blob(&d, &index).unwrap();
+        a_db.lock()
+            .unwrap()
+            .set_unpacked(layer.as_str(), Some(d.as_str()))
+            .unwrap();
+        let (bytes, n) = bundle(&a_layout, &image(&a_db)).unwrap().unwrap();
+        assert_eq!(n, 1);
+        assert!(bytes.len() < index.len(), "compressed");
+
+        // Another node takes it, once.
+        let (b_layout, b_db) = store(&dir.path().join("b"), &layer, gz.len() as u64);
+        assert_eq!(take_bundle(&b_layout, &b_db, &image(&b_db), &bytes), Ok(1));
+        let rec = image(&b_db).layers.remove(0);
+        assert_eq!(rec.index_digest.as_deref(), Some(d.as_str()));
+        assert!(layer_index(&b_layout, &rec).is_some());
+        assert_eq!(take_bundle(&b_layout, &b_db, &image(&b_db), &bytes), Ok(0));
+
+        // A node whose layer has another size takes nothing.
+        let (c_layout, c_db) = store(&dir.path().join("c"), &layer, gz.len() as u64 + 1);
+        assert_eq!(take_bundle(&c_layout, &c_db, &image(&c_db), &bytes), Ok(0));
+        assert_eq!(image(&c_db).layers[0].index_digest, None);
+
+        // Not zstd, not a bundle, another subject, an index edited: refused or ignored.
+        let (e_layout, e_db) = store(&dir.path().join("e"), &layer, gz.len() as u64);
+        let img = image(&e_db);
+        assert!(take_bundle(&e_layout, &e_db, &img, b"{}").is_err());
+        let z = |v: &[u8]| zstd::bulk::compress(v, 3).unwrap();
+        assert!(take_bundle(&e_layout, &e_db, &img, &z(b"[1]")).is_err());
+        let json = String::from_utf8(zstd::bulk::decompress(&bytes, 64 << 20).unwrap()).unwrap();
+        let other = json.replace(&img.manifest_digest, &Digest::of(b"other").to_string());
+        assert!(take_bundle(&e_layout, &e_db, &img, &z(other.as_bytes())).is_err());
+        // A checkpoint past the end of the blob, a file past the end of the stream.
+        for (field, bad) in [
+            ("\"in\":", "\"in\":99999999999"),
+            ("\"offset\":", "\"offset\":99999999999"),
+        ] {
+            assert!(json.contains(field), "{field}");
+            let edited = json.replacen(field, bad, 1);
+            assert_eq!(
+                take_bundle(&e_layout, &e_db, &img, &z(edited.as_bytes())),
+                Ok(0),
+                "{field}"
+            );
+        }
+        assert_eq!(image(&e_db).layers[0].index_digest, None);
+    }
 }

@@ -456,25 +456,34 @@ impl RandomAccess {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_no_dev(d: &(u32, u32)) -> bool {
+    *d == (0, 0)
+}
+
 #[derive(Serialize, Deserialize)]
 struct IndexEntry {
     path: String,
     kind: String,
-    #[serde(default)]
+    // Defaults are left out (an index is shared between nodes: its size counts).
+    #[serde(default, skip_serializing_if = "is_zero")]
     size: u64,
     mode: u32,
     uid: u32,
     gid: u32,
     #[serde(default)]
     mtime: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     link: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_no_dev")]
     dev: (u32, u32),
     /// name → base64 value
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     xattrs: Vec<(String, String)>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     digest: Option<String>,
     /// Version 2: where the content lies in the uncompressed stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
