@@ -1561,3 +1561,73 @@ async fn a_shared_gzip_index_makes_a_plain_layer_lazy_on_another_node() {
     let out = b.cli(&["umount", root.to_str().unwrap()]);
     assert!(out.status.success());
 }
+
+/// A shared gzip index that passes every structural check but is wrong (a file's digest
+/// edited): a read through it fails (EIO, nothing unverified reaches the reader), the error says
+/// why, and the node drops the index (the layer is then fetched whole, as without one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_shared_index_is_refused_at_the_first_read() {
+    if !require_tools() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    use lazypull::oci::Digest;
+    let reg = Registry::empty(None);
+    let tar = tar_of(&[
+        ("a/", vec![]),
+        ("a/big.bin", noise(3 << 20, 5)),
+        ("e/", vec![]),
+        ("e/last.txt", b"last\n".to_vec()),
+    ]);
+    push_layers(&reg, "badidx", &[tar]).await;
+    let layer = layer_digests(&reg, "badidx")[0].clone();
+    let name = format!("{}/badidx:latest", reg.host());
+    let mut a = Daemon::start(&[]);
+    {
+        let mut c = a.client().await;
+        pull(&mut c, &name).await.expect("pull on node A");
+    }
+    wait_until("layer unpacked", std::time::Duration::from_secs(60), || {
+        a.status_json()["images"][0]["layers"][0]["unpacked"] == true
+    });
+    let index = a.status_json()["images"][0]["layers"][0]["index_digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.terminate();
+    // The index with e/last.txt's digest replaced, under its new digest.
+    let layout = lazypull::store::Layout::new(&a.store());
+    let json = layout.read_blob(&Digest::parse(&index).unwrap()).unwrap();
+    let (good, bad) = (Digest::of(b"last\n"), Digest::of(b"LAST\n"));
+    let json = String::from_utf8(json).unwrap();
+    assert!(json.contains(good.as_str()));
+    let json = json.replace(good.as_str(), bad.as_str());
+    let edited = Digest::of(json.as_bytes());
+    layout.put_blob(&edited, json.as_bytes()).unwrap();
+    lazypull::store::Catalogue::open(&layout.db())
+        .unwrap()
+        .set_unpacked(&layer, Some(edited.as_str()))
+        .unwrap();
+    let pushed = lazypull_ok(&a, &["index", "push", &name]);
+    assert!(pushed.contains("pushed"), "{pushed}");
+
+    let b = Daemon::start(&["--no-fill"]);
+    {
+        let mut c = b.client().await;
+        pull(&mut c, &name).await.expect("pull on node B");
+    }
+    assert!(b.log_text().contains("shared random-access index found"));
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    mount_image(&b, &name, &root, &[]);
+    let err = std::fs::read(root.join("e/last.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(5), "EIO: {err}");
+    let log = b.log_text();
+    assert!(
+        log.contains("a read through the layer's shared gzip index gave wrong bytes"),
+        "{log}"
+    );
+    let l = &b.status_json()["images"][0]["layers"][0];
+    assert_eq!(l["index_digest"], serde_json::Value::Null, "{l:#}");
+    let out = b.cli(&["umount", root.to_str().unwrap()]);
+    assert!(out.status.success());
+}

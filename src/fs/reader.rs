@@ -769,6 +769,25 @@ impl Reader {
         }
     }
 
+    /// A chunk whose bytes fail to decode or to verify. Through a gzip index taken from
+    /// another node, the index is wrong or stale (the blob's bytes are the registry's): it is
+    /// dropped, so that the fill streams the layer in and later mounts read what it unpacks.
+    fn corrupt(
+        &self,
+        layer: &LazyLayer,
+        chunk: &estargz::Chunk,
+        e: impl std::fmt::Display,
+    ) -> ReadError {
+        if chunk.resume.is_some() {
+            let dropped = lock(&self.db).drop_shared_index(layer.digest.as_str());
+            if matches!(dropped, Ok(true)) {
+                tracing::error!(layer = %layer.digest, error = %e,
+                    "a read through the layer's shared gzip index gave wrong bytes: the index is refused; the layer is streamed in instead");
+            }
+        }
+        ReadError::Corrupt(e.to_string())
+    }
+
     /// Decode a chunk from local bytes: `None` when they are not there.
     fn load_local(
         &self,
@@ -787,7 +806,7 @@ impl Reader {
             read.map_err(|e| ReadError::local(format_args!("reading layer {}", layer.digest), &e))
                 .and_then(|()| {
                     estargz::decode_chunk(&buf, &claim.chunk)
-                        .map_err(|e| ReadError::Corrupt(e.to_string()))
+                        .map_err(|e| self.corrupt(layer, &claim.chunk, e))
                 }),
         )
     }
@@ -869,7 +888,7 @@ impl Reader {
                     .iter()
                     .map(|c| buf[(c.span.0 - start) as usize..(c.span.1 - start) as usize].to_vec())
                     .collect();
-                let (this, partial) = (Arc::clone(self), partial.clone());
+                let (this, partial, layer) = (Arc::clone(self), partial.clone(), Arc::clone(layer));
                 let n = tokio::task::spawn_blocking(move || {
                     let mut stored = [0u64; 2];
                     for (claim, compressed) in done.into_iter().zip(pieces) {
@@ -884,7 +903,10 @@ impl Reader {
                                 this.stats.fetched_chunks.inc();
                                 this.finish(claim, Ok(Arc::new(data)));
                             }
-                            Err(e) => this.finish(claim, Err(ReadError::Corrupt(e.to_string()))),
+                            Err(e) => {
+                                let e = this.corrupt(&layer, &claim.chunk, e);
+                                this.finish(claim, Err(e))
+                            }
                         }
                     }
                     stored

@@ -570,6 +570,16 @@ impl Catalogue {
         Ok(n > 0)
     }
 
+    /// Forget a layer's index taken from another node (it gave wrong bytes): the layer is
+    /// fetched whole and served as it streams in. Whether there was one.
+    pub fn drop_shared_index(&self, digest: &str) -> Result<bool> {
+        let n = self.conn.execute(
+            "UPDATE layers SET index_digest = NULL WHERE digest = ?1 AND unpacked = 0 AND index_digest IS NOT NULL",
+            params![digest],
+        )?;
+        Ok(n > 0)
+    }
+
     /// Whether a layer streaming in came in walk order (see `fs::stream`).
     pub fn set_walk_order(&self, digest: &str, ordered: bool) -> Result<()> {
         self.conn.execute(
