@@ -1595,7 +1595,7 @@ async fn a_wrong_shared_index_is_refused_at_the_first_read() {
         .to_string();
     a.terminate();
     // The index with e/last.txt's digest replaced, under its new digest.
-    let layout = lazypull::store::Layout::new(&a.store());
+    let layout = lazypull::store::Layout::new(a.store());
     let json = layout.read_blob(&Digest::parse(&index).unwrap()).unwrap();
     let (good, bad) = (Digest::of(b"last\n"), Digest::of(b"LAST\n"));
     let json = String::from_utf8(json).unwrap();
