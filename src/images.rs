@@ -117,13 +117,14 @@ use crate::store::locked as lock;
 /// How long a pull looks for a shared index before it goes on without one.
 const INDEX_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A plain gzip layer that a shared random-access index would make lazy.
+/// A plain gzip or zstd layer that a shared random-access index would make lazy.
 fn wants_index(l: &crate::store::LayerRecord) -> bool {
+    use crate::oci::Compression;
     l.toc_digest.is_none()
         && !l.unpacked
         && l.index_digest.is_none()
-        && crate::oci::Compression::from_media_type(&l.media_type)
-            .is_ok_and(|c| c == crate::oci::Compression::Gzip)
+        && Compression::from_media_type(&l.media_type)
+            .is_ok_and(|c| matches!(c, Compression::Gzip | Compression::Zstd))
 }
 
 fn is_hex(s: &str) -> bool {

@@ -1416,6 +1416,17 @@ async fn plain_layers_are_served_while_they_stream_in() {
 /// part of the layer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shared_gzip_index_makes_a_plain_layer_lazy_on_another_node() {
+    shared_index_makes_a_plain_layer_lazy("gzip").await
+}
+
+/// The same with a plain zstd layer of many frames (pzstd's kind): its frame starts are the
+/// checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_index_of_zstd_frames_makes_a_plain_layer_lazy_on_another_node() {
+    shared_index_makes_a_plain_layer_lazy("zstd-frames").await
+}
+
+async fn shared_index_makes_a_plain_layer_lazy(compression: &str) {
     if !require_tools() || !std::path::Path::new("/dev/fuse").exists() {
         return;
     }
@@ -1436,7 +1447,7 @@ async fn a_shared_gzip_index_makes_a_plain_layer_lazy_on_another_node() {
         ("e/", vec![]),
         ("e/last.txt", b"last\n".to_vec()),
     ]);
-    push_layers(&reg, "plainidx", &[tar]).await;
+    push_layer_as(&reg, "plainidx", &tar, compression).await;
     let layer = layer_digests(&reg, "plainidx")[0].clone();
     let size = layer_sizes(&reg, "plainidx")[0].1;
     let name = format!("{}/plainidx:latest", reg.host());
@@ -1516,14 +1527,19 @@ async fn a_shared_gzip_index_makes_a_plain_layer_lazy_on_another_node() {
         serde_json::from_str(&lazypull_ok(&b, &["index", "show", &name, "--json"])).unwrap();
     assert_eq!(shown[0]["mode"], "indexed (shared)", "{shown:#}");
     let l = &b.status_json()["images"][0]["layers"][0];
+    let mode = if compression == "gzip" {
+        "lazy: gzip index"
+    } else {
+        "lazy: zstd frame index"
+    };
     assert_eq!(
         (&l["mode"], &l["index_source"]),
-        (&"lazy: gzip index".into(), &"the registry".into()),
+        (&mode.into(), &"the registry".into()),
         "{l:#}"
     );
     let shown = lazypull_ok(&b, &["status"]);
     assert!(
-        shown.contains("lazy: gzip index, gzip index from the registry"),
+        shown.contains(&format!("{mode}, index from the registry")),
         "{shown}"
     );
     let work = tempfile::tempdir().unwrap();
@@ -1630,4 +1646,39 @@ async fn a_wrong_shared_index_is_refused_at_the_first_read() {
     assert_eq!(l["index_digest"], serde_json::Value::Null, "{l:#}");
     let out = b.cli(&["umount", root.to_str().unwrap()]);
     assert!(out.status.success());
+}
+
+/// A plain zstd layer of one frame (what containerd and buildkit write) has no random access:
+/// it streams in on every node, and `status` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_why_a_single_frame_zstd_layer_has_no_random_access() {
+    if !require_tools() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let reg = Registry::empty(None);
+    let tar = tar_of(&[("a/", vec![]), ("a/big.bin", noise(3 << 20, 9))]);
+    push_layer_as(&reg, "onezstd", &tar, "zstd").await;
+    let name = format!("{}/onezstd:latest", reg.host());
+    let d = Daemon::start(&[]);
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &name).await.expect("pull");
+    }
+    wait_until("layer unpacked", std::time::Duration::from_secs(60), || {
+        d.status_json()["images"][0]["layers"][0]["unpacked"] == true
+    });
+    let l = &d.status_json()["images"][0]["layers"][0];
+    assert!(
+        l["no_random_access"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("one zstd frame")),
+        "{l:#}"
+    );
+    let shown = lazypull_ok(&d, &["status"]);
+    assert!(
+        shown.contains("no random access: one zstd frame"),
+        "{shown}"
+    );
+    let out = d.cli(&["index", "push", &name]);
+    assert!(!out.status.success(), "nothing to push");
 }

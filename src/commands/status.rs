@@ -9,6 +9,13 @@ use crate::config::Config;
 use crate::learned::StartPrefetch;
 use crate::store::{LayerRecord, LayerState, Layout, StoreLock};
 
+/// Why a plain layer's unpack recorded no random access (a single zstd frame, several gzip
+/// members).
+fn no_random_access(layout: &Layout, l: &LayerRecord) -> Option<String> {
+    let d = crate::oci::Digest::parse(l.index_digest.as_deref()?).ok()?;
+    crate::layer::tar::index_note(&layout.read_blob(&d).ok()?)
+}
+
 /// How a layer is served now (`mode`), and where its gzip index came from (`index`: `built
 /// here` by this node's unpack, `the registry` when another node pushed it), for `status`.
 fn layer_mode(layout: &Layout, l: &LayerRecord) -> (String, Option<&'static str>) {
@@ -25,7 +32,10 @@ fn layer_mode(layout: &Layout, l: &LayerRecord) -> (String, Option<&'static str>
     } else if l.toc_entries.is_some() {
         format!("lazy: {} TOC", l.format())
     } else if gzip_index {
-        "lazy: gzip index".to_string()
+        match l.format() {
+            "zstd" => "lazy: zstd frame index".to_string(),
+            _ => "lazy: gzip index".to_string(),
+        }
     } else if l.walk_order.is_some() && !l.unpacked {
         "streaming".to_string()
     } else if l.state == LayerState::Failed {
@@ -65,6 +75,7 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
                     let (mode, index) = layer_mode(&layout, l);
                     v["layers"][k]["mode"] = mode.into();
                     v["layers"][k]["index_source"] = index.into();
+                    v["layers"][k]["no_random_access"] = no_random_access(&layout, l).into();
                 }
                 Ok(v)
             })
@@ -126,8 +137,11 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
             };
             let (mode, index) = layer_mode(&layout, l);
             let mut notes = vec![mode];
+            if let Some(why) = no_random_access(&layout, l) {
+                notes.push(format!("no random access: {why}"));
+            }
             if let Some(from) = index {
-                notes.push(format!("gzip index from {from}"));
+                notes.push(format!("index from {from}"));
             }
             for (n, by) in [
                 (l.ondemand, "on demand"),

@@ -277,13 +277,19 @@ fn unpack_stream(
     span: u64,
     stream: Option<Arc<crate::fs::stream::LayerStream>>,
 ) -> Result<(crate::layer::tar::Unpacked, Option<Digest>), String> {
-    use crate::layer::gzindex::IndexingReader;
+    use crate::layer::gzindex::{IndexingReader, ZstdIndexingReader};
     use crate::layer::tar as ltar;
     let mut recording = None;
     let tar: Box<dyn std::io::Read + Send> = match (&plain, compression) {
         (Some(_), Compression::Gzip) if span > 0 => {
             let (r, rec) = IndexingReader::new(std::io::BufReader::with_capacity(1 << 20, r), span)
                 .map_err(|e| e.to_string())?;
+            recording = Some(rec);
+            Box::new(r)
+        }
+        (Some(_), Compression::Zstd) if span > 0 => {
+            let (r, rec) =
+                ZstdIndexingReader::new(std::io::BufReader::with_capacity(1 << 20, r), span);
             recording = Some(rec);
             Box::new(r)
         }
@@ -307,17 +313,25 @@ fn unpack_stream(
     let Some((layer, blob_size)) = plain else {
         return Ok((u, None));
     };
+    let mut no_random_access = None;
     let ra = recording.and_then(|rec| {
         let rec = std::mem::take(&mut *rec.lock().unwrap_or_else(|p| p.into_inner()));
+        let zstd = rec.points.first().is_some_and(|p| p.zstd);
         let why = if !rec.complete {
             Some("the stream did not end".to_string())
+        } else if zstd && rec.points.len() < 2 {
+            Some(format!(
+                "one zstd frame (or none starting {} KiB after another): it can only be read from its start",
+                span >> 10
+            ))
         } else if rec.points.is_empty() {
             Some("no checkpoints".to_string())
         } else {
             rec.unusable.clone()
         };
         if let Some(why) = why {
-            tracing::info!(layer = %layer, reason = %why, "no random-access index for this gzip layer");
+            tracing::info!(layer = %layer, reason = %why, "no random-access index for this layer: it streams in on every node");
+            no_random_access = Some(why);
             return None;
         }
         Some(ltar::RandomAccess {
@@ -328,11 +342,11 @@ fn unpack_stream(
             positions: u.positions.clone(),
         })
     });
-    let json = ltar::encode_index_with(&u.entries, ra.as_ref());
+    let json = ltar::encode_index_full(&u.entries, ra.as_ref(), no_random_access.as_deref());
     let d = Digest::of(&json);
     layout.put_blob(&d, &json).map_err(|e| e.to_string())?;
     if let Some(ra) = &ra {
-        tracing::info!(layer = %layer, checkpoints = ra.points.len(), index_bytes = json.len(), "gzip index built");
+        tracing::info!(layer = %layer, checkpoints = ra.points.len(), index_bytes = json.len(), "random-access index built");
     }
     Ok((u, Some(d)))
 }

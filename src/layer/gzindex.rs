@@ -36,6 +36,8 @@ pub enum GzIndexError {
     Truncated(u64),
     #[error("checkpoint window: {0}")]
     Window(String),
+    #[error("zstd: {0}")]
+    Zstd(String),
 }
 
 /// One place decoding can resume.
@@ -49,6 +51,9 @@ pub struct Point {
     pub bits: u8,
     /// The last (up to) 32 KiB of output before `out`, zstd-compressed.
     pub window: Vec<u8>,
+    /// A zstd frame start (a plain zstd layer of many frames): decoding starts afresh there,
+    /// with no bits and no window.
+    pub zstd: bool,
 }
 
 impl std::fmt::Debug for Point {
@@ -58,6 +63,7 @@ impl std::fmt::Debug for Point {
             .field("inp", &self.inp)
             .field("bits", &self.bits)
             .field("window_bytes", &self.window.len())
+            .field("zstd", &self.zstd)
             .finish()
     }
 }
@@ -349,6 +355,7 @@ impl<R: Read> Read for IndexingReader<R> {
                     } else {
                         zstd::bulk::compress(&self.window(), 3)?
                     },
+                    zstd: false,
                 };
                 let (size, compressed) = (self.total_out, self.total_in);
                 self.record(|r| {
@@ -374,6 +381,9 @@ pub fn decode_at(
     skip: u64,
     len: u64,
 ) -> Result<Vec<u8>, GzIndexError> {
+    if point.zstd {
+        return decode_zstd_at(compressed, skip, len);
+    }
     let window = point.window()?;
     let mut inf = Inflater::new(-15)?;
     let mut input = compressed;
@@ -420,6 +430,147 @@ pub fn decode_at(
     Ok(out)
 }
 
+/// [`decode_at`] for a zstd frame start: the frames from there on decoded as one stream.
+fn decode_zstd_at(compressed: &[u8], skip: u64, len: u64) -> Result<Vec<u8>, GzIndexError> {
+    let truncated_or = |e: io::Error| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            GzIndexError::Truncated(skip + len)
+        } else {
+            GzIndexError::Zstd(e.to_string())
+        }
+    };
+    let mut d = zstd::stream::read::Decoder::with_buffer(compressed)
+        .map_err(|e| GzIndexError::Zstd(e.to_string()))?;
+    let skipped = io::copy(&mut (&mut d).take(skip), &mut io::sink()).map_err(truncated_or)?;
+    if skipped < skip {
+        return Err(GzIndexError::Truncated(skip + len));
+    }
+    let mut out = vec![0u8; len.min(1 << 30) as usize];
+    d.read_exact(&mut out).map_err(truncated_or)?;
+    Ok(out)
+}
+
+/// A zstd decoder that records a checkpoint at a frame start every `span` bytes of output (or
+/// more, where frames are longer) into a shared [`Recording`]. A layer of one frame gets one
+/// checkpoint, at its start: no random access.
+pub struct ZstdIndexingReader<R> {
+    inner: R,
+    dctx: zstd::zstd_safe::DCtx<'static>,
+    input: Vec<u8>,
+    pos: usize,
+    len: usize,
+    eof: bool,
+    total_in: u64,
+    total_out: u64,
+    last: Option<u64>,
+    span: u64,
+    /// Between two frames (or before the first).
+    between: bool,
+    done: bool,
+    rec: Arc<Mutex<Recording>>,
+}
+
+impl<R: Read> ZstdIndexingReader<R> {
+    pub fn new(inner: R, span: u64) -> (Self, Arc<Mutex<Recording>>) {
+        let rec = Arc::new(Mutex::new(Recording::default()));
+        (
+            ZstdIndexingReader {
+                inner,
+                dctx: zstd::zstd_safe::DCtx::create(),
+                input: vec![0; 256 << 10],
+                pos: 0,
+                len: 0,
+                eof: false,
+                total_in: 0,
+                total_out: 0,
+                last: None,
+                span: span.max(WINDOW as u64),
+                between: true,
+                done: false,
+                rec: Arc::clone(&rec),
+            },
+            rec,
+        )
+    }
+
+    fn record(&self, f: impl FnOnce(&mut Recording)) {
+        let mut r = self.rec.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut r);
+    }
+}
+
+impl<R: Read> Read for ZstdIndexingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use zstd::zstd_safe::{InBuffer, OutBuffer};
+        if buf.is_empty() || self.done {
+            return Ok(0);
+        }
+        loop {
+            if self.pos == self.len && !self.eof {
+                self.len = self.inner.read(&mut self.input)?;
+                self.pos = 0;
+                self.eof = self.len == 0;
+            }
+            if self.between {
+                if self.pos == self.len && self.eof {
+                    self.done = true;
+                    let (size, compressed) = (self.total_out, self.total_in);
+                    self.record(|r| {
+                        r.size = size;
+                        r.compressed = compressed;
+                        r.complete = true;
+                    });
+                    return Ok(0);
+                }
+                if self.pos == self.len {
+                    continue;
+                }
+                // A frame starts here.
+                self.between = false;
+                if self.last.is_none_or(|l| self.total_out - l >= self.span) {
+                    self.last = Some(self.total_out);
+                    let point = Point {
+                        out: self.total_out,
+                        inp: self.total_in,
+                        bits: 0,
+                        window: vec![],
+                        zstd: true,
+                    };
+                    let (size, compressed) = (self.total_out, self.total_in);
+                    self.record(|r| {
+                        if r.points.len() < MAX_POINTS {
+                            r.points.push(point);
+                        }
+                        r.size = size;
+                        r.compressed = compressed;
+                    });
+                }
+            }
+            if self.pos == self.len && self.eof {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the zstd stream ends inside a frame",
+                ));
+            }
+            let mut input = InBuffer::around(&self.input[self.pos..self.len]);
+            let mut output = OutBuffer::around(&mut *buf);
+            let hint = self
+                .dctx
+                .decompress_stream(&mut output, &mut input)
+                .map_err(|code| invalid(zstd::zstd_safe::get_error_name(code)))?;
+            let (c, p) = (input.pos(), output.pos());
+            self.pos += c;
+            self.total_in += c as u64;
+            self.total_out += p as u64;
+            // 0: the frame is decoded and flushed.
+            self.between = hint == 0;
+            if p > 0 {
+                return Ok(p);
+            }
+        }
+    }
+}
+
 /// The index of the last checkpoint at or before uncompressed offset `at` (`points` sorted).
 pub fn point_before(points: &[Point], at: u64) -> Option<usize> {
     points.partition_point(|p| p.out <= at).checked_sub(1)
@@ -454,7 +605,15 @@ pub fn validate(points: &[Point], blob_size: u64, size: u64) -> Result<(), Strin
         if p.bits > 7 {
             return Err(format!("checkpoint {i}: {} bits", p.bits));
         }
-        if p.inp == 0 || p.inp > blob_size || p.out > size {
+        if p.zstd != first.zstd {
+            return Err(format!("checkpoint {i}: gzip and zstd checkpoints mixed"));
+        }
+        if p.zstd && (p.bits != 0 || !p.window.is_empty()) {
+            return Err(format!(
+                "checkpoint {i}: a zstd frame start with bits or a window"
+            ));
+        }
+        if (p.inp == 0 && !p.zstd) || p.inp > blob_size || p.out > size {
             return Err(format!("checkpoint {i} lies outside the layer"));
         }
         if p.window.len() > 2 * WINDOW {
@@ -607,6 +766,7 @@ mod tests {
             inp,
             bits,
             window: vec![],
+            zstd: false,
         };
         assert!(validate(&[p(0, 10, 0), p(100, 20, 3)], 1000, 1000).is_ok());
         assert!(validate(&[p(5, 10, 0)], 1000, 1000).is_err());
@@ -615,5 +775,85 @@ mod tests {
         assert!(validate(&[p(0, 10, 0), p(100, 5, 0)], 1000, 1000).is_err());
         assert!(validate(&[p(0, 10, 0), p(0, 20, 0)], 1000, 1000).is_err());
         assert!(validate(&[p(0, 10, 0), p(5000, 20, 0)], 1000, 1000).is_err());
+    }
+
+    /// zstd frames of `frame` bytes each, concatenated (what pzstd writes).
+    fn zstd_frames(data: &[u8], frame: usize) -> Vec<u8> {
+        data.chunks(frame)
+            .flat_map(|c| zstd::bulk::compress(c, 3).unwrap())
+            .collect()
+    }
+
+    fn zstd_index(z: &[u8], span: u64) -> (Vec<u8>, Recording) {
+        let (mut r, rec) = ZstdIndexingReader::new(z, span);
+        let mut out = vec![];
+        let mut buf = vec![0u8; 7777];
+        loop {
+            let n = r.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        (out, std::mem::take(&mut *rec.lock().unwrap()))
+    }
+
+    #[test]
+    fn zstd_frame_starts_are_checkpoints_and_decode_on_their_own() {
+        let data = sample(3 << 20);
+        let z = zstd_frames(&data, 256 << 10);
+        let (out, rec) = zstd_index(&z, 512 << 10);
+        assert_eq!(out, data);
+        assert!(rec.complete);
+        assert_eq!(
+            (rec.size, rec.compressed),
+            (data.len() as u64, z.len() as u64)
+        );
+        // Every other frame start (512 KiB apart), the first at 0.
+        assert_eq!(rec.points.len(), 6, "{:?}", rec.points);
+        assert!(
+            rec.points
+                .iter()
+                .all(|p| p.zstd && p.bits == 0 && p.window.is_empty())
+        );
+        assert_eq!((rec.points[0].out, rec.points[0].inp), (0, 0));
+        validate(&rec.points, z.len() as u64, rec.size).unwrap();
+        for p in &rec.points {
+            let (at, len) = (p.out + 1000, 700_000u64.min(rec.size - p.out - 1000));
+            let end = end_after(&rec.points, at + len, z.len() as u64);
+            let got = decode_at(&z[p.start() as usize..end as usize], p, 1000, len).unwrap();
+            assert_eq!(got, data[at as usize..(at + len) as usize]);
+        }
+        // Too few bytes: truncated, not wrong bytes.
+        let p = &rec.points[1];
+        assert!(matches!(
+            decode_at(
+                &z[p.start() as usize..p.start() as usize + 1000],
+                p,
+                0,
+                300_000
+            ),
+            Err(GzIndexError::Truncated(_))
+        ));
+        // Mixed kinds and zstd points with a window are refused.
+        let mut mixed = rec.points.clone();
+        mixed[1].zstd = false;
+        assert!(validate(&mixed, z.len() as u64, rec.size).is_err());
+        let mut windowed = rec.points.clone();
+        windowed[2].window = vec![1];
+        assert!(validate(&windowed, z.len() as u64, rec.size).is_err());
+    }
+
+    #[test]
+    fn one_zstd_frame_has_only_its_start() {
+        let data = sample(2 << 20);
+        let z = zstd::bulk::compress(&data, 3).unwrap();
+        let (out, rec) = zstd_index(&z, 256 << 10);
+        assert_eq!(out, data);
+        assert!(rec.complete);
+        assert_eq!(rec.points.len(), 1);
+        // A stream cut inside its frame is an error, not a short success.
+        let (mut r, _) = ZstdIndexingReader::new(&z[..z.len() / 2], 256 << 10);
+        assert!(io::copy(&mut r, &mut io::sink()).is_err());
     }
 }

@@ -377,6 +377,9 @@ struct IndexFile {
     /// Version 2: random access into the gzip layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     gzip: Option<GzipSection>,
+    /// Why a compressed layer has no random access (`status` shows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    no_random_access: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -388,6 +391,9 @@ struct GzipSection {
     size: u64,
     /// Size of the pieces whose digests `chunks` lists.
     chunk: u64,
+    /// `zstd`: the checkpoints are zstd frame starts (absent: deflate checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    codec: Option<String>,
     points: Vec<PointJson>,
 }
 
@@ -493,6 +499,18 @@ struct IndexEntry {
     chunks: Vec<String>,
 }
 
+/// Why an index's layer has no random access, as its unpack recorded it.
+pub fn index_note(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Note {
+        no_random_access: Option<String>,
+    }
+    serde_json::from_slice::<Note>(bytes)
+        .ok()?
+        .no_random_access
+        .map(|s| s.chars().take(200).collect())
+}
+
 /// The JSON index of a layer's entries.
 pub fn encode_index(entries: &[Entry]) -> Vec<u8> {
     encode_index_with(entries, None)
@@ -500,15 +518,30 @@ pub fn encode_index(entries: &[Entry]) -> Vec<u8> {
 
 /// The JSON index of a layer's entries, with random access into its gzip stream when given.
 pub fn encode_index_with(entries: &[Entry], ra: Option<&RandomAccess>) -> Vec<u8> {
+    encode_index_full(entries, ra, None)
+}
+
+/// [`encode_index_with`], and without random access, why not.
+pub fn encode_index_full(
+    entries: &[Entry],
+    ra: Option<&RandomAccess>,
+    no_random_access: Option<&str>,
+) -> Vec<u8> {
     let b64 = base64::engine::general_purpose::STANDARD;
     let pos = |i: usize| ra.and_then(|r| r.positions.get(i)).and_then(|p| p.as_ref());
     let file = IndexFile {
         version: if ra.is_some() { 2 } else { 1 },
+        no_random_access: no_random_access.map(str::to_string),
         gzip: ra.map(|r| GzipSection {
             layer: r.layer.to_string(),
             blob_size: r.blob_size,
             size: r.size,
             chunk: CHUNK,
+            codec: r
+                .points
+                .first()
+                .is_some_and(|p| p.zstd)
+                .then(|| "zstd".into()),
             points: r
                 .points
                 .iter()
@@ -579,6 +612,11 @@ pub fn decode_index_with(
             if g.chunk != CHUNK {
                 return Err(bad(format!("piece size {} (expected {CHUNK})", g.chunk)));
             }
+            let zstd = match g.codec.as_deref() {
+                None => false,
+                Some("zstd") => true,
+                Some(other) => return Err(bad(format!("codec {other:?}"))),
+            };
             let mut points = Vec::with_capacity(g.points.len().min(gzindex::MAX_POINTS));
             for p in &g.points {
                 points.push(Point {
@@ -586,6 +624,7 @@ pub fn decode_index_with(
                     inp: p.inp,
                     bits: p.bits,
                     window: b64.decode(&p.window).map_err(|e| bad(e.to_string()))?,
+                    zstd,
                 });
             }
             gzindex::validate(&points, g.blob_size, g.size).map_err(bad)?;

@@ -1084,6 +1084,12 @@ pub async fn push_layers(reg: &Registry, repo: &str, tars: &[Vec<u8>]) -> String
     push_image(reg, repo, &refs, &refs, "gzip", repo).await
 }
 
+/// Push `repo:latest` of one layer tar compressed as `compression` (`gzip`, `zstd`,
+/// `zstd-frames`: a zstd frame per MiB, or anything else: uncompressed).
+pub async fn push_layer_as(reg: &Registry, repo: &str, tar: &[u8], compression: &str) -> String {
+    push_image(reg, repo, &[tar], &[tar], compression, repo).await
+}
+
 /// Like [`push_built_image`], but the config's diff_id is that of `claimed` (to test that a
 /// layer whose content does not match its diff_id is refused).
 pub async fn push_built_image_claiming(
@@ -1119,6 +1125,13 @@ async fn push_image(
         }
         "zstd" => (
             zstd::encode_all(tar, 3).expect("zstd"),
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+        ),
+        // One zstd frame per MiB of tar, concatenated (what pzstd writes).
+        "zstd-frames" => (
+            tar.chunks(1 << 20)
+                .flat_map(|c| zstd::encode_all(c, 3).expect("zstd"))
+                .collect(),
             "application/vnd.oci.image.layer.v1.tar+zstd",
         ),
         _ => (tar.to_vec(), "application/vnd.oci.image.layer.v1.tar"),
