@@ -106,6 +106,24 @@ pub struct Recording {
     pub unusable: Option<String>,
 }
 
+impl Recording {
+    /// A checkpoint at `size` bytes of output, `compressed` bytes of input.
+    fn add(&mut self, point: Point, size: u64, compressed: u64) {
+        if self.unusable.is_none() && self.points.len() < MAX_POINTS {
+            self.points.push(point);
+        }
+        self.size = size;
+        self.compressed = compressed;
+    }
+
+    /// The end of the stream.
+    fn finish(&mut self, size: u64, compressed: u64) {
+        self.size = size;
+        self.compressed = compressed;
+        self.complete = true;
+    }
+}
+
 /// A zlib inflate stream. Every unsafe call of this module is here: the `z_stream` is boxed so
 /// its address never changes (zlib's state points back to it), its buffer pointers are set from
 /// live slices right before each call and cleared right after, and it is ended exactly once, on
@@ -282,8 +300,7 @@ impl<R: Read> IndexingReader<R> {
     }
 
     fn record(&self, f: impl FnOnce(&mut Recording)) {
-        let mut r = self.rec.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut r);
+        f(&mut self.rec.lock().unwrap_or_else(|p| p.into_inner()));
     }
 }
 
@@ -314,11 +331,7 @@ impl<R: Read> Read for IndexingReader<R> {
                 } else if self.eof {
                     self.done = true;
                     let (size, compressed) = (self.total_out, self.total_in);
-                    self.record(|r| {
-                        r.size = size;
-                        r.compressed = compressed;
-                        r.complete = true;
-                    });
+                    self.record(|r| r.finish(size, compressed));
                     return Ok(0);
                 } else {
                     continue;
@@ -358,13 +371,7 @@ impl<R: Read> Read for IndexingReader<R> {
                     zstd: false,
                 };
                 let (size, compressed) = (self.total_out, self.total_in);
-                self.record(|r| {
-                    if r.unusable.is_none() && r.points.len() < MAX_POINTS {
-                        r.points.push(point);
-                    }
-                    r.size = size;
-                    r.compressed = compressed;
-                });
+                self.record(|r| r.add(point, size, compressed));
             }
             if p > 0 {
                 return Ok(p);
@@ -494,8 +501,7 @@ impl<R: Read> ZstdIndexingReader<R> {
     }
 
     fn record(&self, f: impl FnOnce(&mut Recording)) {
-        let mut r = self.rec.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut r);
+        f(&mut self.rec.lock().unwrap_or_else(|p| p.into_inner()));
     }
 }
 
@@ -515,11 +521,7 @@ impl<R: Read> Read for ZstdIndexingReader<R> {
                 if self.pos == self.len && self.eof {
                     self.done = true;
                     let (size, compressed) = (self.total_out, self.total_in);
-                    self.record(|r| {
-                        r.size = size;
-                        r.compressed = compressed;
-                        r.complete = true;
-                    });
+                    self.record(|r| r.finish(size, compressed));
                     return Ok(0);
                 }
                 if self.pos == self.len {
@@ -537,13 +539,7 @@ impl<R: Read> Read for ZstdIndexingReader<R> {
                         zstd: true,
                     };
                     let (size, compressed) = (self.total_out, self.total_in);
-                    self.record(|r| {
-                        if r.points.len() < MAX_POINTS {
-                            r.points.push(point);
-                        }
-                        r.size = size;
-                        r.compressed = compressed;
-                    });
+                    self.record(|r| r.add(point, size, compressed));
                 }
             }
             if self.pos == self.len && self.eof {
