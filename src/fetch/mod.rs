@@ -279,35 +279,42 @@ fn unpack_stream(
 ) -> Result<(crate::layer::tar::Unpacked, Option<Digest>), String> {
     use crate::layer::gzindex::{IndexingReader, ZstdIndexingReader};
     use crate::layer::tar as ltar;
-    let mut recording = None;
+    let (mut recording, mut consumed) = (None, None);
     let tar: Box<dyn std::io::Read + Send> = match (&plain, compression) {
         (Some(_), Compression::Gzip) if span > 0 => {
             let (r, rec) = IndexingReader::new(std::io::BufReader::with_capacity(1 << 20, r), span)
                 .map_err(|e| e.to_string())?;
-            recording = Some(rec);
+            (recording, consumed) = (Some(rec), Some(r.consumed()));
             Box::new(r)
         }
         (Some(_), Compression::Zstd) if span > 0 => {
             let (r, rec) =
                 ZstdIndexingReader::new(std::io::BufReader::with_capacity(1 << 20, r), span);
-            recording = Some(rec);
+            (recording, consumed) = (Some(rec), Some(r.consumed()));
             Box::new(r)
         }
         _ => ltar::decoder(compression, r).map_err(|e| e.to_string())?,
     };
     let limits = ltar::Limits::default();
     let u = match stream {
-        Some(s) => ltar::unpack_observed(
+        Some(s) => ltar::unpack_tracked(
             tar,
             &layout.files_dir(),
             &limits,
             &mut crate::fs::stream::Announcer(Arc::clone(&s)),
+            consumed.as_deref(),
         )
         .inspect_err(|e| {
             // Readers waiting for the rest of the layer fail now, not when the fill ends.
             s.finish(Err(e.to_string()))
         }),
-        None => ltar::unpack(tar, &layout.files_dir(), &limits),
+        None => ltar::unpack_tracked(
+            tar,
+            &layout.files_dir(),
+            &limits,
+            &mut ltar::Nobody,
+            consumed.as_deref(),
+        ),
     }
     .map_err(|e| e.to_string())?;
     let Some((layer, blob_size)) = plain else {

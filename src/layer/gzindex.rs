@@ -17,10 +17,15 @@
 
 use libz_rs_sys as z;
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The deflate window: how far back a match may reach.
 pub const WINDOW: usize = 32 * 1024;
+/// Compressed bytes past what the first decoder had consumed when it returned some output
+/// that decoding the same output again may need (zstd reports a frame's last block decoded
+/// one byte before its end).
+pub const END_SLACK: u64 = 16;
 /// Default uncompressed distance between checkpoints.
 pub const DEFAULT_SPAN: u64 = 1 << 20;
 /// Regular files are verified in pieces of this many bytes (a digest each in the file table).
@@ -250,6 +255,7 @@ pub struct IndexingReader<R> {
     member_ended: bool,
     done: bool,
     rec: Arc<Mutex<Recording>>,
+    consumed: Arc<AtomicU64>,
 }
 
 impl<R: Read> IndexingReader<R> {
@@ -271,6 +277,7 @@ impl<R: Read> IndexingReader<R> {
                 member_ended: false,
                 done: false,
                 rec: Arc::clone(&rec),
+                consumed: Arc::default(),
             },
             rec,
         ))
@@ -301,6 +308,12 @@ impl<R: Read> IndexingReader<R> {
 
     fn record(&self, f: impl FnOnce(&mut Recording)) {
         f(&mut self.rec.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The compressed bytes read so far, updated as the reader returns data: when a reader of
+    /// it has the output up to some point, the blob bytes before this count produced it.
+    pub fn consumed(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.consumed)
     }
 }
 
@@ -348,6 +361,7 @@ impl<R: Read> Read for IndexingReader<R> {
                 .run(&self.input[self.pos..self.len], buf, z::Z_BLOCK);
             self.pos += c;
             self.total_in += c as u64;
+            self.consumed.store(self.total_in, Ordering::Relaxed);
             self.remember(&buf[..p]);
             self.total_out += p as u64;
             match ret {
@@ -437,23 +451,38 @@ pub fn decode_at(
     Ok(out)
 }
 
-/// [`decode_at`] for a zstd frame start: the frames from there on decoded as one stream.
+/// [`decode_at`] for a zstd frame start: the frames from there on decoded as one stream. The
+/// decoder is driven directly: at the end of the input it is still asked to flush the output
+/// it holds (zstd's `Read` adapter reports an incomplete frame first).
 fn decode_zstd_at(compressed: &[u8], skip: u64, len: u64) -> Result<Vec<u8>, GzIndexError> {
-    let truncated_or = |e: io::Error| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            GzIndexError::Truncated(skip + len)
-        } else {
-            GzIndexError::Zstd(e.to_string())
-        }
-    };
-    let mut d = zstd::stream::read::Decoder::with_buffer(compressed)
-        .map_err(|e| GzIndexError::Zstd(e.to_string()))?;
-    let skipped = io::copy(&mut (&mut d).take(skip), &mut io::sink()).map_err(truncated_or)?;
-    if skipped < skip {
-        return Err(GzIndexError::Truncated(skip + len));
-    }
+    use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer, get_error_name};
+    let mut dctx = DCtx::create();
+    let mut input = InBuffer::around(compressed);
+    let mut scratch = vec![0u8; (64 << 10).min(skip.max(1)) as usize];
+    let mut skipped = 0u64;
     let mut out = vec![0u8; len.min(1 << 30) as usize];
-    d.read_exact(&mut out).map_err(truncated_or)?;
+    let mut filled = 0usize;
+    while skipped < skip || filled < out.len() {
+        let dst: &mut [u8] = if skipped < skip {
+            let n = (skip - skipped).min(scratch.len() as u64) as usize;
+            &mut scratch[..n]
+        } else {
+            &mut out[filled..]
+        };
+        let before = input.pos();
+        let mut output = OutBuffer::around(dst);
+        dctx.decompress_stream(&mut output, &mut input)
+            .map_err(|code| GzIndexError::Zstd(get_error_name(code).to_string()))?;
+        let p = output.pos();
+        if skipped < skip {
+            skipped += p as u64;
+        } else {
+            filled += p;
+        }
+        if p == 0 && input.pos() == before {
+            return Err(GzIndexError::Truncated(skip + len));
+        }
+    }
     Ok(out)
 }
 
@@ -475,6 +504,7 @@ pub struct ZstdIndexingReader<R> {
     between: bool,
     done: bool,
     rec: Arc<Mutex<Recording>>,
+    consumed: Arc<AtomicU64>,
 }
 
 impl<R: Read> ZstdIndexingReader<R> {
@@ -495,6 +525,7 @@ impl<R: Read> ZstdIndexingReader<R> {
                 between: true,
                 done: false,
                 rec: Arc::clone(&rec),
+                consumed: Arc::default(),
             },
             rec,
         )
@@ -502,6 +533,12 @@ impl<R: Read> ZstdIndexingReader<R> {
 
     fn record(&self, f: impl FnOnce(&mut Recording)) {
         f(&mut self.rec.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The compressed bytes read so far, updated as the reader returns data: when a reader of
+    /// it has the output up to some point, the blob bytes before this count produced it.
+    pub fn consumed(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.consumed)
     }
 }
 
@@ -557,6 +594,7 @@ impl<R: Read> Read for ZstdIndexingReader<R> {
             let (c, p) = (input.pos(), output.pos());
             self.pos += c;
             self.total_in += c as u64;
+            self.consumed.store(self.total_in, Ordering::Relaxed);
             self.total_out += p as u64;
             // 0: the frame is decoded and flushed.
             self.between = hint == 0;
@@ -851,5 +889,42 @@ mod tests {
         // A stream cut inside its frame is an error, not a short success.
         let (mut r, _) = ZstdIndexingReader::new(&z[..z.len() / 2], 256 << 10);
         assert!(io::copy(&mut r, &mut io::sink()).is_err());
+    }
+
+    #[test]
+    fn consumed_plus_slack_is_enough_to_decode_what_was_read() {
+        let data = sample(3 << 20);
+        for (z, gz) in [(zstd_frames(&data, 1 << 20), false), (gzip(&data), true)] {
+            let (mut r, rec, consumed): (Box<dyn Read>, _, _) = if gz {
+                let (r, rec) = IndexingReader::new(&z[..], 256 << 10).unwrap();
+                let c = r.consumed();
+                (Box::new(r), rec, c)
+            } else {
+                let (r, rec) = ZstdIndexingReader::new(&z[..], 1 << 20);
+                let c = r.consumed();
+                (Box::new(r), rec, c)
+            };
+            // (output so far, compressed bytes consumed then), after every read.
+            let (mut marks, mut got, mut buf) = (vec![], 0u64, vec![0u8; 5000]);
+            loop {
+                let n = r.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got += n as u64;
+                marks.push((got, consumed.load(Ordering::Relaxed)));
+            }
+            let points = std::mem::take(&mut *rec.lock().unwrap()).points;
+            for (out, inp) in marks {
+                let inp = (inp + END_SLACK).min(z.len() as u64);
+                let p = &points[point_before(&points, out - 1).unwrap()];
+                let r = decode_at(&z[p.start() as usize..inp as usize], p, out - 1 - p.out, 1);
+                assert_eq!(
+                    r,
+                    Ok(vec![data[out as usize - 1]]),
+                    "gzip {gz}: out {out} inp {inp}"
+                );
+            }
+        }
     }
 }

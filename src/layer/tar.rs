@@ -176,6 +176,9 @@ pub struct Unpacked {
 pub struct FilePos {
     pub offset: u64,
     pub chunks: Vec<Digest>,
+    /// Per piece, how many compressed bytes the first decompression had consumed when the
+    /// piece was complete: a read of the piece needs no blob bytes past it (empty: unknown).
+    pub ends: Vec<u64>,
 }
 
 /// Told of each entry as an unpack completes it (a layer served while it streams in).
@@ -190,7 +193,8 @@ pub trait Observer {
     fn keeps(&self, tmp: &Path) -> bool;
 }
 
-struct Nobody;
+/// An observer that wants nothing.
+pub struct Nobody;
 
 impl Observer for Nobody {
     fn entry(&mut self, _: usize, _: &Entry, _: Option<&Path>) -> Option<PathBuf> {
@@ -214,6 +218,19 @@ pub fn unpack_observed(
     limits: &Limits,
     observer: &mut dyn Observer,
 ) -> Result<Unpacked, UnpackError> {
+    unpack_tracked(tar, files_dir, limits, observer, None)
+}
+
+/// [`unpack_observed`]; `consumed` counts the compressed bytes the decoder under `tar` has
+/// read (gzindex's readers), noted at the end of each file piece in [`FilePos::ends`].
+pub fn unpack_tracked(
+    tar: impl Read,
+    files_dir: &Path,
+    limits: &Limits,
+    observer: &mut dyn Observer,
+    consumed: Option<&std::sync::atomic::AtomicU64>,
+) -> Result<Unpacked, UnpackError> {
+    let consumed_now = || consumed.map(|c| c.load(std::sync::atomic::Ordering::Relaxed));
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| UnpackError::Io { path, source }
@@ -274,7 +291,7 @@ pub fn unpack_observed(
                 let mut hash = Sha256::new();
                 // The digests of the file's CHUNK-sized pieces (random access through a gzip
                 // index verifies piece by piece).
-                let (mut piece, mut pieces) = (Sha256::new(), vec![]);
+                let (mut piece, mut pieces, mut ends) = (Sha256::new(), vec![], vec![]);
                 let mut buf = vec![0u8; 256 << 10];
                 loop {
                     let n = e.read(&mut buf).map_err(|x| bad(x.to_string()))?;
@@ -292,12 +309,14 @@ pub fn unpack_observed(
                         if size % CHUNK == 0 {
                             pieces
                                 .push(Digest::from_sha256(&std::mem::take(&mut piece).finalize()));
+                            ends.extend(consumed_now());
                         }
                     }
                     out.write_all(&buf[..n]).map_err(io_err(&tmp))?;
                 }
-                if size % CHUNK != 0 {
+                if size % CHUNK != 0 || size == 0 {
                     pieces.push(Digest::from_sha256(&piece.finalize()));
+                    ends.extend(consumed_now());
                 }
                 if pieces.len() < 2 {
                     pieces.clear();
@@ -305,6 +324,7 @@ pub fn unpack_observed(
                 position = Some(FilePos {
                     offset,
                     chunks: pieces,
+                    ends,
                 });
                 let d = Digest::from_sha256(&hash.finalize());
                 let dest = files_dir.join(d.hex());
@@ -452,7 +472,15 @@ impl RandomAccess {
                         file_offset,
                         size,
                         digest: Some(pos.chunks.get(k as usize).unwrap_or(file_digest).clone()),
-                        end: Some(gzindex::end_after(&self.points, at + size, self.blob_size)),
+                        // Where the first decoder was when the piece was complete (it had read
+                        // no further), else the next checkpoint.
+                        end: Some(
+                            pos.ends
+                                .get(k as usize)
+                                .map(|&e| (e + gzindex::END_SLACK).max(p.inp + 1))
+                                .unwrap_or(u64::MAX)
+                                .min(gzindex::end_after(&self.points, at + size, self.blob_size)),
+                        ),
                         resume: Some(std::sync::Arc::clone(p)),
                     });
                 }
@@ -497,6 +525,9 @@ struct IndexEntry {
     /// Version 2: digests of the content's pieces, when there is more than one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     chunks: Vec<String>,
+    /// Version 2: per piece, the blob offset decoding it needs to reach.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    ends: Vec<u64>,
 }
 
 /// Why an index's layer has no random access, as its unpack recorded it.
@@ -558,6 +589,7 @@ pub fn encode_index_full(
             .enumerate()
             .map(|(i, e)| IndexEntry {
                 offset: pos(i).map(|p| p.offset),
+                ends: pos(i).map(|p| p.ends.clone()).unwrap_or_default(),
                 chunks: pos(i)
                     .map(|p| p.chunks.iter().map(|d| d.to_string()).collect())
                     .unwrap_or_default(),
@@ -679,7 +711,18 @@ pub fn decode_index_with(
                         .iter()
                         .map(|d| Digest::parse(d).map_err(|x| bad(x.to_string())))
                         .collect::<Result<Vec<_>, _>>()?;
-                    Some(FilePos { offset, chunks })
+                    if !e.ends.is_empty()
+                        && (e.ends.len() as u64 != pieces.max(1)
+                            || e.ends.iter().any(|&x| x > ra.blob_size)
+                            || e.ends.windows(2).any(|w| w[0] > w[1]))
+                    {
+                        return Err(bad("piece ends out of place".into()));
+                    }
+                    Some(FilePos {
+                        offset,
+                        chunks,
+                        ends: e.ends.clone(),
+                    })
                 }
                 (None, Kind::Reg) => return Err(bad("regular file without a position".into())),
                 _ => None,
@@ -820,9 +863,22 @@ mod tests {
         let layer = Digest::of(&gz);
         let files = tempfile::tempdir().unwrap();
         let (reader, rec) = gzindex::IndexingReader::new(&gz[..], 256 << 10).unwrap();
-        let u = unpack(reader, files.path(), &Limits::default()).unwrap();
+        let consumed = reader.consumed();
+        let u = unpack_tracked(
+            reader,
+            files.path(),
+            &Limits::default(),
+            &mut Nobody,
+            Some(&consumed),
+        )
+        .unwrap();
         let rec = std::mem::take(&mut *rec.lock().unwrap());
         assert!(rec.complete && rec.unusable.is_none());
+        // Piece ends: one per piece, in order, inside the blob.
+        for p in u.positions.iter().flatten() {
+            assert!(!p.ends.is_empty() && p.ends.windows(2).all(|w| w[0] <= w[1]));
+            assert!(p.ends.iter().all(|&e| e <= gz.len() as u64));
+        }
         let ra = RandomAccess {
             layer: layer.clone(),
             blob_size: gz.len() as u64,
@@ -846,6 +902,13 @@ mod tests {
             |s: u64, e: u64| -> Result<Vec<u8>, String> { Ok(gz[s as usize..e as usize].to_vec()) };
         let by = |p: &str| lazy.iter().find(|e| e.path == p).unwrap();
         assert_eq!(by("d/big").chunks.len(), 5);
+        // A read of the small file stops where its content ended, before the next checkpoint.
+        let c = &by("d/small").chunks[0];
+        assert!(
+            c.end.unwrap()
+                < gzindex::end_after(&back.points, c.inner_offset + 3000, gz.len() as u64),
+            "{c:?}"
+        );
         for (path, want) in [
             ("d/small", &small[..]),
             ("d/big", &big[..]),
@@ -879,6 +942,9 @@ mod tests {
         assert!(decode_index_with(&serde_json::to_vec(&v).unwrap(), &Limits::default()).is_err());
         let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
         v["gzip"]["points"][2]["out"] = serde_json::json!(1);
+        assert!(decode_index_with(&serde_json::to_vec(&v).unwrap(), &Limits::default()).is_err());
+        let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        v["entries"][2]["ends"] = serde_json::json!([gz.len() + 1, 0, 0, 0, 0]);
         assert!(decode_index_with(&serde_json::to_vec(&v).unwrap(), &Limits::default()).is_err());
     }
 
