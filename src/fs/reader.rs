@@ -854,19 +854,36 @@ impl Reader {
             } else {
                 self.stats.requests.inc();
             }
+            let mut buf: Vec<u8> = Vec::with_capacity((end - start).min(MAX_RUN) as usize);
+            // Bytes the partial file holds at the start of the run are read from it, not
+            // fetched again: reads through a gzip index start at a checkpoint an earlier read
+            // of the same span fetched from.
+            let mut from = start;
+            if let Some(p) = &partial
+                && let Some(have) = p.covered_until(start).map(|h| h.min(end))
+                && have > start
+            {
+                buf.resize((have - start) as usize, 0);
+                match p.read_at(&mut buf, start) {
+                    Ok(()) => from = have,
+                    Err(e) => {
+                        tracing::warn!(layer = %layer.digest, error = %e, "cannot read the partial file; fetching the whole run");
+                        buf.clear();
+                    }
+                }
+            }
             let body = self
                 .registry
-                .open_blob(&reference, &layer.digest, start, Some(end - start), &creds)
+                .open_blob(&reference, &layer.digest, from, Some(end - from), &creds)
                 .await
                 .map_err(|e| ReadError::Registry(e.to_string()))?;
             let mut stream = body.stream;
-            let mut buf: Vec<u8> = Vec::with_capacity((end - start).min(MAX_RUN) as usize);
             while !run.is_empty() {
                 let Some(bytes) = stream.next().await else {
                     return Err(ReadError::Registry(format!(
-                        "registry sent {} of {} bytes at {start}",
-                        buf.len(),
-                        end - start
+                        "registry sent {} of {} bytes at {from}",
+                        buf.len() as u64 - (from - start),
+                        end - from
                     )));
                 };
                 let bytes = bytes.map_err(|e| ReadError::Registry(e.to_string()))?;
