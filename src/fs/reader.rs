@@ -860,8 +860,9 @@ impl Reader {
             // of the same span fetched from.
             let mut from = start;
             if let Some(p) = &partial
-                && let Some(have) = p.covered_until(start).map(|h| h.min(end))
+                && let Some(have) = p.covered_until(start)
                 && have > start
+                && have < end
             {
                 buf.resize((have - start) as usize, 0);
                 match p.read_at(&mut buf, start) {
