@@ -47,9 +47,15 @@ pub fn layer_index(
 ) -> Option<(Digest, Vec<u8>, usize)> {
     let d = Digest::parse(layer.index_digest.as_deref()?).ok()?;
     let bytes = layout.read_blob(&d).ok()?;
-    let (_, ra) = ltar::decode_index_with(&bytes, &Limits::default()).ok()?;
+    let n = checkpoints(&bytes, layer)?;
+    Some((d, bytes, n))
+}
+
+/// How many checkpoints the file index `bytes` gives `layer` (None: no random access to it).
+pub fn checkpoints(bytes: &[u8], layer: &crate::store::LayerRecord) -> Option<usize> {
+    let (_, ra) = ltar::decode_index_with(bytes, &Limits::default()).ok()?;
     let ra = ra?;
-    (ra.layer.as_str() == layer.digest).then_some((d, bytes, ra.points.len()))
+    (ra.layer.as_str() == layer.digest).then_some(ra.points.len())
 }
 
 /// The bundle of the image's layer indexes, and how many it holds (None: no layer has one).

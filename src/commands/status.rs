@@ -9,20 +9,28 @@ use crate::config::Config;
 use crate::learned::StartPrefetch;
 use crate::store::{LayerRecord, LayerState, Layout, StoreLock};
 
-/// Why a plain layer's unpack recorded no random access (a single zstd frame, several gzip
-/// members).
-fn no_random_access(layout: &Layout, l: &LayerRecord) -> Option<String> {
-    let d = crate::oci::Digest::parse(l.index_digest.as_deref()?).ok()?;
-    crate::layer::tar::index_note(&layout.read_blob(&d).ok()?)
+/// How a layer is served now.
+struct Served {
+    mode: String,
+    /// Where its random-access index came from: `built here` by this node's unpack, `the
+    /// registry` when another node pushed it.
+    index: Option<&'static str>,
+    /// Why its unpack recorded no random access (one zstd frame, several gzip members).
+    no_random_access: Option<String>,
 }
 
-/// How a layer is served now (`mode`), and where its gzip index came from (`index`: `built
-/// here` by this node's unpack, `the registry` when another node pushed it), for `status`.
-fn layer_mode(layout: &Layout, l: &LayerRecord) -> (String, Option<&'static str>) {
-    let gzip_index = l.toc_entries.is_none()
-        && l.index_digest.is_some()
-        && crate::index_share::layer_index(layout, l).is_some();
-    let index = gzip_index.then_some(if l.unpacked {
+/// [`Served`] for `l`, reading its file index (if any) once.
+fn served(layout: &Layout, l: &LayerRecord) -> Served {
+    let bytes = l
+        .index_digest
+        .as_deref()
+        .filter(|_| l.toc_entries.is_none())
+        .and_then(|d| crate::oci::Digest::parse(d).ok())
+        .and_then(|d| layout.read_blob(&d).ok());
+    let random_access = bytes
+        .as_deref()
+        .is_some_and(|b| crate::index_share::checkpoints(b, l).is_some());
+    let index = random_access.then_some(if l.unpacked {
         "built here"
     } else {
         "the registry"
@@ -31,7 +39,7 @@ fn layer_mode(layout: &Layout, l: &LayerRecord) -> (String, Option<&'static str>
         "complete".to_string()
     } else if l.toc_entries.is_some() {
         format!("lazy: {} TOC", l.format())
-    } else if gzip_index {
+    } else if random_access {
         match l.format() {
             "zstd" => "lazy: zstd frame index".to_string(),
             _ => "lazy: gzip index".to_string(),
@@ -43,7 +51,11 @@ fn layer_mode(layout: &Layout, l: &LayerRecord) -> (String, Option<&'static str>
     } else {
         "not mountable yet (fetched whole first)".to_string()
     };
-    (mode, index)
+    Served {
+        mode,
+        index,
+        no_random_access: bytes.as_deref().and_then(crate::layer::tar::index_note),
+    }
 }
 
 pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
@@ -72,10 +84,10 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
                 let mut v = serde_json::to_value(i)?;
                 v["start_prefetch"] = serde_json::to_value(p)?;
                 for (k, l) in i.layers.iter().enumerate() {
-                    let (mode, index) = layer_mode(&layout, l);
-                    v["layers"][k]["mode"] = mode.into();
-                    v["layers"][k]["index_source"] = index.into();
-                    v["layers"][k]["no_random_access"] = no_random_access(&layout, l).into();
+                    let s = served(&layout, l);
+                    v["layers"][k]["mode"] = s.mode.into();
+                    v["layers"][k]["index_source"] = s.index.into();
+                    v["layers"][k]["no_random_access"] = s.no_random_access.into();
                 }
                 Ok(v)
             })
@@ -135,12 +147,12 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
                 (None, Some(_)) => format!("{} (TOC refused)", l.format()),
                 _ => l.format().to_string(),
             };
-            let (mode, index) = layer_mode(&layout, l);
-            let mut notes = vec![mode];
-            if let Some(why) = no_random_access(&layout, l) {
+            let s = served(&layout, l);
+            let mut notes = vec![s.mode];
+            if let Some(why) = s.no_random_access {
                 notes.push(format!("no random access: {why}"));
             }
-            if let Some(from) = index {
+            if let Some(from) = s.index {
                 notes.push(format!("index from {from}"));
             }
             for (n, by) in [
