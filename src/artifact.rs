@@ -1,14 +1,16 @@
 //! Artifacts attached to an image in its registry (OCI 1.1 `subject` + referrers): how
 //! lazypull shares what one node learned about an image with every other node (the learned
-//! start-up prefetch list today; the gzip index of unconverted layers next). One artifact is an
-//! image manifest with an `artifactType`, the empty config and one blob. Registries without the
-//! referrers API (Debian's docker-registry) get the spec's fallback: an image index tagged
-//! `sha256-<subject hex>` listing the artifacts.
+//! start-up prefetch list, and the gzip index of unconverted layers). One artifact is an image
+//! manifest with an `artifactType`, the empty config and its blobs: the first is fetched with
+//! the manifest, the others are left to the caller (the gzip index keeps its checkpoint windows
+//! in a second blob that nodes read by range). Registries without the referrers API (Debian's
+//! docker-registry) get the spec's fallback: an image index tagged `sha256-<subject hex>`
+//! listing the artifacts.
 //!
 //! What comes back from a registry is untrusted: the manifest is verified against the digest the
-//! referrers list gives, must name the subject and the artifact type asked for and hold one blob
-//! of the expected media type within a size bound; the blob is verified against its digest. The
-//! caller validates the content.
+//! referrers list gives, must name the subject and the artifact type asked for, and its first
+//! blob must be of the expected media type within a size bound; that blob is verified against
+//! its digest. The caller validates the content.
 
 use crate::oci::{self, Digest, Reference};
 use crate::registry::{OpCreds, Registry, RegistryError};
@@ -35,33 +37,58 @@ pub struct Subject {
     pub size: u64,
 }
 
-/// Attach `blob` (of `media_type`) to `subject` in `repo`'s registry as an artifact of
-/// `artifact_type`. Returns the artifact manifest's digest.
+/// A blob of an artifact other than its first, as its manifest lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// What [`fetch_newest`] found: the artifact manifest's digest, its first blob (verified), and
+/// the descriptors of its other blobs.
+#[derive(Debug)]
+pub struct Fetched {
+    pub digest: Digest,
+    pub blob: Vec<u8>,
+    pub others: Vec<Descriptor>,
+}
+
+/// At most this many blobs in an artifact.
+const MAX_BLOBS: usize = 4;
+
+/// Attach `blobs` (media type, bytes; at least one) to `subject` in `repo`'s registry as an
+/// artifact of `artifact_type`. Returns the artifact manifest's digest.
 pub async fn attach(
     registry: &Registry,
     repo: &Reference,
     subject: &Subject,
     artifact_type: &str,
-    media_type: &str,
-    blob: Vec<u8>,
+    blobs: Vec<(&str, Vec<u8>)>,
     creds: &OpCreds,
 ) -> Result<Digest, ArtifactError> {
     let empty = Digest::of(EMPTY);
     registry
         .push_blob_bytes(repo, &empty, EMPTY.to_vec(), creds)
         .await?;
-    let blob_digest = Digest::of(&blob);
-    let blob_size = blob.len();
-    registry
-        .push_blob_bytes(repo, &blob_digest, blob, creds)
-        .await?;
+    let mut layers = vec![];
+    for (media_type, blob) in blobs {
+        let blob_digest = Digest::of(&blob);
+        let blob_size = blob.len();
+        registry
+            .push_blob_bytes(repo, &blob_digest, blob, creds)
+            .await?;
+        layers.push(
+            json!({ "mediaType": media_type, "digest": blob_digest.as_str(), "size": blob_size }),
+        );
+    }
     let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let manifest = json!({
         "schemaVersion": 2,
         "mediaType": oci::MT_OCI_MANIFEST,
         "artifactType": artifact_type,
         "config": { "mediaType": MT_EMPTY, "digest": empty.as_str(), "size": EMPTY.len(), "data": "e30=" },
-        "layers": [{ "mediaType": media_type, "digest": blob_digest.as_str(), "size": blob_size }],
+        "layers": layers,
         "subject": { "mediaType": subject.media_type, "digest": subject.digest.as_str(), "size": subject.size },
         "annotations": { CREATED: created },
     });
@@ -119,9 +146,8 @@ fn empty_index() -> serde_json::Value {
     json!({ "schemaVersion": 2, "mediaType": oci::MT_OCI_INDEX, "manifests": [] })
 }
 
-/// The blob of the newest artifact of `artifact_type` attached to `subject` in `repo`'s
-/// registry (its manifest digest and the blob), if there is one. The blob must be of
-/// `media_type` and at most `limit` bytes.
+/// The newest artifact of `artifact_type` attached to `subject` in `repo`'s registry, if there
+/// is one, with its first blob, which must be of `media_type` and at most `limit` bytes.
 pub async fn fetch_newest(
     registry: &Registry,
     repo: &Reference,
@@ -130,7 +156,7 @@ pub async fn fetch_newest(
     media_type: &str,
     limit: usize,
     creds: &OpCreds,
-) -> Result<Option<(Digest, Vec<u8>)>, ArtifactError> {
+) -> Result<Option<Fetched>, ArtifactError> {
     let mut found = registry
         .referrers(repo, subject, artifact_type, creds)
         .await?;
@@ -166,9 +192,31 @@ pub async fn fetch_newest(
         )));
     }
     let layers = m["layers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
-    let [layer] = layers else {
-        return Err(invalid(format!("{} blobs, expected 1", layers.len())));
+    let [layer, rest @ ..] = layers else {
+        return Err(invalid("no blobs".into()));
     };
+    if layers.len() > MAX_BLOBS {
+        return Err(invalid(format!(
+            "{} blobs, at most {MAX_BLOBS}",
+            layers.len()
+        )));
+    }
+    let mut others = vec![];
+    for l in rest {
+        others.push(Descriptor {
+            media_type: l["mediaType"]
+                .as_str()
+                .unwrap_or_default()
+                .chars()
+                .take(256)
+                .collect(),
+            digest: Digest::parse(l["digest"].as_str().unwrap_or_default())
+                .map_err(|e| invalid(format!("blob digest: {e}")))?,
+            size: l["size"]
+                .as_u64()
+                .ok_or_else(|| invalid("a blob without a size".into()))?,
+        });
+    }
     if layer["mediaType"] != media_type {
         return Err(invalid(format!("blob media type {}", layer["mediaType"])));
     }
@@ -181,5 +229,9 @@ pub async fn fetch_newest(
     let blob = registry
         .fetch_small_blob(repo, &blob_digest, limit, creds)
         .await?;
-    Ok(Some((digest, blob)))
+    Ok(Some(Fetched {
+        digest,
+        blob,
+        others,
+    }))
 }

@@ -279,8 +279,7 @@ pub async fn push(
         &repo,
         &subject,
         ARTIFACT_TYPE,
-        ARTIFACT_TYPE,
-        list.encode(),
+        vec![(ARTIFACT_TYPE, list.encode())],
         creds,
     )
     .await
@@ -296,7 +295,11 @@ pub async fn fetch_shared(
     creds: &crate::registry::OpCreds,
 ) -> Result<Option<LearnedList>, String> {
     let (repo, subject) = subject_of(layout, image)?;
-    let Some((artifact, bytes)) = crate::artifact::fetch_newest(
+    let Some(crate::artifact::Fetched {
+        digest: artifact,
+        blob: bytes,
+        ..
+    }) = crate::artifact::fetch_newest(
         registry,
         &repo,
         &subject.digest,

@@ -18,7 +18,7 @@ fuzz_target!(|bytes: &[u8]| {
     if let Some(ra) = ra {
         for p in ra.points.iter().take(4) {
             let tail = &bytes[bytes.len().saturating_sub(4096)..];
-            if let Ok(out) = gzindex::decode_at(tail, p, 0, 1000) {
+            if let Ok(out) = gzindex::decode_at(tail, p, None, 0, 1000) {
                 assert!(out.len() <= 1000);
             }
         }

@@ -347,6 +347,7 @@ fn unpack_stream(
             size: rec.size,
             points: rec.points,
             positions: u.positions.clone(),
+            windows: None,
         })
     });
     let json = ltar::encode_index_full(&u.entries, ra.as_ref(), no_random_access.as_deref());

@@ -206,14 +206,14 @@ impl LayerTable {
                 crate::layer::tar::decode_index_with(&json, &crate::layer::tar::Limits::default())
                     .map_err(|e| e.to_string())?;
             let ra = ra.filter(|ra| ra.layer == digest && ra.blob_size == rec.size);
-            let (entries, toc_offset) = match ra {
+            let (entries, toc_offset, windows) = match ra {
                 Some(ra) => {
                     if !rec.unpacked {
-                        tracing::info!(layer = %rec.digest, index = %index, checkpoints = ra.points.len(), "serving the layer lazily through its gzip index");
+                        tracing::info!(layer = %rec.digest, index = %index, checkpoints = ra.points.len(), windows_apart = ra.windows_apart(), "serving the layer lazily through its gzip index");
                     }
-                    (ra.lazy_entries(&entries), rec.size)
+                    (ra.lazy_entries(&entries), rec.size, ra.windows.clone())
                 }
-                None if rec.unpacked => (entries, 0),
+                None if rec.unpacked => (entries, 0, None),
                 None => {
                     return Err(format!(
                         "the index {index} gives no random access to this layer"
@@ -227,13 +227,10 @@ impl LayerTable {
                 entries,
                 prefetch_landmark: None,
             };
-            return Ok(LazyLayer::new(
-                digest,
-                rec.source.clone(),
-                rec.size,
-                toc,
-                tree,
-            ));
+            return Ok(
+                LazyLayer::new(digest, rec.source.clone(), rec.size, toc, tree)
+                    .with_windows(windows),
+            );
         }
         if rec.toc_entries.is_none()
             && let Some(stream) = self.streams.serving(digest.hex())

@@ -56,6 +56,9 @@ const FAILURE_MEMORY: Duration = Duration::from_millis(500);
 const SCAN_STREAK: u32 = 8;
 /// Neighbours fetched with each miss of a scanning reader.
 const SCAN_NEIGHBOURS: u64 = 4 << 20;
+/// Checkpoint windows kept in memory (each at most 64 KiB compressed, typically 10 KiB).
+// 4096 is not zero: the unwrap is evaluated, and cannot fail, at compile time.
+const WINDOWS_KEPT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4096).unwrap();
 
 /// How a layer's on-demand fetches follow each other. A reader that walks the layer in blob
 /// order wants bandwidth, not latency: its fetches are not foreground requests (the filler,
@@ -103,6 +106,9 @@ pub struct LazyLayer {
     /// A layer without TOC served while it streams in: its tree and entries grow there
     /// (`toc` and `tree` stay empty).
     pub stream: Option<Arc<LayerStream>>,
+    /// Read through a shared gzip index whose checkpoint windows are kept apart: the blob
+    /// holding them (digest, size), in the layer's repository.
+    pub windows: Option<(Digest, u64)>,
 }
 
 /// A layer's tree and entries as they are now (fixed, or a streaming layer's so far).
@@ -139,6 +145,12 @@ impl LazyLayer {
         let mut l = LazyLayer::new(digest, source, size, toc, Tree::new());
         l.stream = Some(stream);
         l
+    }
+
+    /// The layer read through an index whose windows are kept in `windows` (digest, size).
+    pub fn with_windows(mut self, windows: Option<(Digest, u64)>) -> Self {
+        self.windows = windows;
+        self
     }
 
     pub fn view(&self) -> View<'_> {
@@ -192,6 +204,7 @@ impl LazyLayer {
             by_offset,
             scan: Mutex::new(Scan::default()),
             stream: None,
+            windows: None,
         }
     }
 }
@@ -312,6 +325,7 @@ enum Slot {
 }
 
 /// Where a layer's bytes can be read locally.
+#[derive(Clone)]
 enum Local {
     Blob(Arc<File>),
     Partial(Arc<PartialBlob>),
@@ -328,6 +342,9 @@ pub struct Reader {
     neighbours: u64,
     lru: Mutex<(lru::LruCache<String, ChunkData>, usize)>,
     budget: usize,
+    /// Checkpoint windows fetched from shared indexes' windows blobs, by digest (a cell each:
+    /// one fetch however many reads start from the checkpoint at once).
+    windows: Mutex<lru::LruCache<[u8; 32], Arc<tokio::sync::OnceCell<ChunkData>>>>,
     inflight: Mutex<HashMap<String, Waiter>>,
     /// Chunks whose last load failed: when, and why.
     failed: Mutex<HashMap<String, (Instant, ReadError)>>,
@@ -337,6 +354,11 @@ pub struct Reader {
 }
 
 use crate::store::locked as lock;
+
+/// The window a chunk's decoding starts from, when it is kept apart from the index.
+fn window_ref(c: &Chunk) -> Option<crate::layer::gzindex::WindowRef> {
+    c.resume.as_ref().and_then(|p| p.window_ref)
+}
 
 fn key_of(layer: &Digest, c: &Chunk) -> String {
     // Chunks are verified against their digest, so the digest is a safe key across layers.
@@ -384,6 +406,7 @@ impl Reader {
             read_ahead,
             lru: Mutex::new((lru::LruCache::unbounded(), 0)),
             budget: cache_bytes,
+            windows: Mutex::new(lru::LruCache::new(WINDOWS_KEPT)),
             inflight: Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
             link,
@@ -474,6 +497,128 @@ impl Reader {
         }
         let _ = claim.tx.send(Some(result));
         lock(&self.inflight).remove(&claim.key);
+    }
+
+    /// The registry reference of `digest` in the layer's repository, and the credentials for it.
+    fn reference_of(
+        &self,
+        layer: &LazyLayer,
+        digest: &Digest,
+    ) -> Result<(crate::oci::Reference, OpCreds), ReadError> {
+        // The catalogue's source, which a pull of the layer from another registry updates
+        // while this layer is mounted; the one it was mounted with otherwise.
+        let source = lock(&self.db)
+            .layer(layer.digest.as_str())
+            .ok()
+            .flatten()
+            .map(|l| l.source)
+            .unwrap_or_else(|| layer.source.clone());
+        let reference = source_reference(&source, digest)
+            .ok_or_else(|| ReadError::Registry(format!("bad layer source {source:?}")))?;
+        let creds = OpCreds {
+            request: None,
+            persisted: crate::fetch::persisted_secret(&self.db, reference.registry()),
+        };
+        Ok((reference, creds))
+    }
+
+    /// A window kept apart, if it is in memory.
+    fn cached_window(&self, r: &crate::layer::gzindex::WindowRef) -> Option<ChunkData> {
+        lock(&self.windows)
+            .peek(&r.sha256)
+            .and_then(|cell| cell.get().cloned())
+    }
+
+    /// A window kept apart: from memory, or fetched by range from the layer's windows blob and
+    /// verified against its digest (one fetch for all who need it at once).
+    async fn window(
+        self: &Arc<Self>,
+        layer: &LazyLayer,
+        r: crate::layer::gzindex::WindowRef,
+    ) -> Result<ChunkData, ReadError> {
+        let cell = Arc::clone(
+            lock(&self.windows).get_or_insert(r.sha256, || Arc::new(tokio::sync::OnceCell::new())),
+        );
+        cell.get_or_try_init(|| async {
+            let Some((blob, _)) = &layer.windows else {
+                return Err(ReadError::Corrupt(
+                    "a checkpoint window kept apart, but no windows blob".into(),
+                ));
+            };
+            let started = Instant::now();
+            let fetched = tokio::time::timeout(self.timeout, async {
+                let (reference, creds) = self.reference_of(layer, blob)?;
+                self.stats.requests.inc();
+                let body = self
+                    .registry
+                    .open_blob(&reference, blob, r.offset, Some(r.len.into()), &creds)
+                    .await
+                    .map_err(|e| ReadError::Registry(e.to_string()))?;
+                let mut stream = body.stream;
+                let mut buf = Vec::with_capacity(r.len as usize);
+                while buf.len() < r.len as usize {
+                    let Some(bytes) = stream.next().await else {
+                        return Err(ReadError::Registry(format!(
+                            "registry sent {} of the {} bytes of a window",
+                            buf.len(),
+                            r.len
+                        )));
+                    };
+                    let bytes = bytes.map_err(|e| ReadError::Registry(e.to_string()))?;
+                    let want = (r.len as usize - buf.len()).min(bytes.len());
+                    buf.extend_from_slice(&bytes[..want]);
+                    self.stats.bytes_fetched.inc_by(want as u64);
+                }
+                Ok(buf)
+            })
+            .await
+            .unwrap_or_else(|_| Err(ReadError::Timeout(self.timeout)))?;
+            if !r.matches(&fetched) {
+                return Err(self.refuse_index(
+                    layer,
+                    format_args!("the checkpoint window at {} of {blob} does not match its digest", r.offset),
+                ));
+            }
+            tracing::debug!(layer = %layer.digest, at = r.offset, len = r.len, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint window fetched");
+            Ok(Arc::new(fetched))
+        })
+        .await
+        .cloned()
+    }
+
+    /// The windows (kept apart, not in memory) that decoding `claims` needs, fetched at once.
+    async fn windows_for(
+        self: &Arc<Self>,
+        layer: &LazyLayer,
+        claims: &[Claim],
+    ) -> Result<HashMap<[u8; 32], ChunkData>, ReadError> {
+        let mut need: Vec<_> = claims.iter().filter_map(|c| window_ref(&c.chunk)).collect();
+        need.sort_unstable_by_key(|r| r.offset);
+        need.dedup();
+        let got = futures_util::future::try_join_all(
+            need.into_iter()
+                .map(|r| async move { self.window(layer, r).await.map(|w| (r.sha256, w)) }),
+        )
+        .await?;
+        Ok(got.into_iter().collect())
+    }
+
+    /// Decode and verify a chunk from its compressed bytes, with its window when kept apart.
+    fn decode(
+        &self,
+        layer: &LazyLayer,
+        chunk: &Chunk,
+        compressed: &[u8],
+        windows: &HashMap<[u8; 32], ChunkData>,
+    ) -> Result<Vec<u8>, ReadError> {
+        let window = window_ref(chunk).and_then(|r| {
+            windows
+                .get(&r.sha256)
+                .cloned()
+                .or_else(|| self.cached_window(&r))
+        });
+        estargz::decode_chunk_with(compressed, chunk, window.as_deref().map(|w| &w[..]))
+            .map_err(|e| self.corrupt(layer, chunk, e))
     }
 
     /// Read `[offset, offset + size)` of the TOC entry `entry_idx` (a regular file).
@@ -691,7 +836,19 @@ impl Reader {
             let split = tokio::task::spawn_blocking(move || {
                 let local = this2.local(&layer2);
                 let mut remote = vec![];
+                let mut need_window = vec![];
                 for claim in claims {
+                    // Local bytes whose checkpoint window is kept apart and not here yet.
+                    if window_ref(&claim.chunk).is_some_and(|r| this2.cached_window(&r).is_none())
+                        && match &local {
+                            Local::Blob(_) => true,
+                            Local::Partial(p) => p.contains(claim.span.0, claim.span.1),
+                            Local::Nothing => false,
+                        }
+                    {
+                        need_window.push(claim);
+                        continue;
+                    }
                     match this2.load_local(&layer2, &local, &claim) {
                         Some(Ok(d)) => {
                             this2.stats.local_chunks.inc();
@@ -704,12 +861,18 @@ impl Reader {
                         None => remote.push(claim),
                     }
                 }
-                (remote, local)
+                (remote, need_window, local)
             })
             .await;
-            let Ok((remote, local)) = split else {
+            let Ok((remote, need_window, local)) = split else {
                 return; // the blocking task panicked: its claims were dropped, waiters see an error
             };
+            if !need_window.is_empty() {
+                let (this, layer, local) = (Arc::clone(&this), Arc::clone(&layer), local.clone());
+                tokio::spawn(
+                    async move { this.load_with_windows(&layer, local, need_window).await },
+                );
+            }
             let partial = match local {
                 Local::Partial(p) => Some(p),
                 _ => None,
@@ -741,6 +904,68 @@ impl Reader {
                 }
             }
         });
+    }
+
+    /// Decode chunks whose bytes are local once their windows (kept apart) are fetched.
+    async fn load_with_windows(
+        self: &Arc<Self>,
+        layer: &Arc<LazyLayer>,
+        local: Local,
+        claims: Vec<Claim>,
+    ) {
+        let windows = match self.windows_for(layer, &claims).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(layer = %layer.digest, error = %e, "cannot fetch a checkpoint window");
+                for claim in claims {
+                    self.finish(claim, Err(e.clone()));
+                }
+                return;
+            }
+        };
+        let (this, layer2, partial) = (
+            Arc::clone(self),
+            Arc::clone(layer),
+            match &local {
+                Local::Partial(p) => Some(Arc::clone(p)),
+                _ => None,
+            },
+        );
+        let remote = tokio::task::spawn_blocking(move || {
+            let mut remote = vec![];
+            for claim in claims {
+                let (s, e) = claim.span;
+                let mut buf = vec![0u8; (e - s) as usize];
+                let read = match &local {
+                    Local::Blob(f) => f.read_exact_at(&mut buf, s),
+                    Local::Partial(p) => p.read_at(&mut buf, s),
+                    Local::Nothing => {
+                        remote.push(claim);
+                        continue;
+                    }
+                };
+                let result = read
+                    .map_err(|e| ReadError::local(format_args!("reading layer {}", layer2.digest), &e))
+                    .and_then(|()| this.decode(&layer2, &claim.chunk, &buf, &windows));
+                match result {
+                    Ok(d) => {
+                        this.stats.local_chunks.inc();
+                        this.finish(claim, Ok(Arc::new(d)));
+                    }
+                    Err(e) => {
+                        tracing::warn!(layer = %layer2.digest, error = %e, "local chunk unusable; fetching it again");
+                        remote.push(claim);
+                    }
+                }
+            }
+            remote
+        })
+        .await;
+        let Ok(remote) = remote else { return };
+        for run in coalesce(remote, COALESCE_GAP) {
+            let (this, layer, partial) = (Arc::clone(self), Arc::clone(layer), partial.clone());
+            tokio::spawn(async move { this.fetch_run(&layer, partial, run).await });
+        }
     }
 
     /// Where the layer's bytes are locally (blocking: may open files).
@@ -779,11 +1004,17 @@ impl Reader {
         e: impl std::fmt::Display,
     ) -> ReadError {
         if chunk.resume.is_some() {
-            let dropped = lock(&self.db).drop_shared_index(layer.digest.as_str());
-            if matches!(dropped, Ok(true)) {
-                tracing::error!(layer = %layer.digest, error = %e,
-                    "a read through the layer's shared gzip index gave wrong bytes: the index is refused; the layer is streamed in instead");
-            }
+            return self.refuse_index(layer, e);
+        }
+        ReadError::Corrupt(e.to_string())
+    }
+
+    /// Bytes read through the layer's gzip index are wrong: a shared index is dropped.
+    fn refuse_index(&self, layer: &LazyLayer, e: impl std::fmt::Display) -> ReadError {
+        let dropped = lock(&self.db).drop_shared_index(layer.digest.as_str());
+        if matches!(dropped, Ok(true)) {
+            tracing::error!(layer = %layer.digest, error = %e,
+                "a read through the layer's shared gzip index gave wrong bytes: the index is refused; the layer is streamed in instead");
         }
         ReadError::Corrupt(e.to_string())
     }
@@ -804,10 +1035,7 @@ impl Reader {
         };
         Some(
             read.map_err(|e| ReadError::local(format_args!("reading layer {}", layer.digest), &e))
-                .and_then(|()| {
-                    estargz::decode_chunk(&buf, &claim.chunk)
-                        .map_err(|e| self.corrupt(layer, &claim.chunk, e))
-                }),
+                .and_then(|()| self.decode(layer, &claim.chunk, &buf, &HashMap::new())),
         )
     }
 
@@ -834,21 +1062,27 @@ impl Reader {
             scan.scanning()
         };
         let foreground = (!scanning).then(|| self.link.foreground());
+        // Windows kept apart that decoding the run needs: fetched beside the run's own bytes.
+        let mut windows_task = run
+            .iter()
+            .any(|c| window_ref(&c.chunk).is_some_and(|r| self.cached_window(&r).is_none()))
+            .then(|| {
+                let (this, layer) = (Arc::clone(self), Arc::clone(layer));
+                let mut need: Vec<_> = run.iter().filter_map(|c| window_ref(&c.chunk)).collect();
+                need.sort_unstable_by_key(|r| r.offset);
+                need.dedup();
+                tokio::spawn(async move {
+                    let got = futures_util::future::try_join_all(need.into_iter().map(|r| {
+                        let (this, layer) = (&this, &layer);
+                        async move { this.window(layer, r).await.map(|w| (r.sha256, w)) }
+                    }))
+                    .await?;
+                    Ok::<_, ReadError>(got.into_iter().collect::<HashMap<_, _>>())
+                })
+            });
+        let mut windows = Arc::new(HashMap::new());
         let result = tokio::time::timeout(self.timeout, async {
-            // The catalogue's source, which a pull of the layer from another registry updates
-            // while this layer is mounted; the one it was mounted with otherwise.
-            let source = lock(&self.db)
-                .layer(layer.digest.as_str())
-                .ok()
-                .flatten()
-                .map(|l| l.source)
-                .unwrap_or_else(|| layer.source.clone());
-            let reference = source_reference(&source, &layer.digest)
-                .ok_or_else(|| ReadError::Registry(format!("bad layer source {source:?}")))?;
-            let creds = OpCreds {
-                request: None,
-                persisted: crate::fetch::persisted_secret(&self.db, reference.registry()),
-            };
+            let (reference, creds) = self.reference_of(layer, &layer.digest)?;
             if prefetch {
                 self.stats.prefetch_requests.inc();
             } else {
@@ -901,16 +1135,20 @@ impl Reader {
                 if ready == 0 {
                     continue;
                 }
+                if let Some(task) = windows_task.take() {
+                    windows = Arc::new(task.await.map_err(|_| ReadError::Abandoned)??);
+                }
                 let done: Vec<Claim> = run.drain(..ready).collect();
                 let pieces: Vec<Vec<u8>> = done
                     .iter()
                     .map(|c| buf[(c.span.0 - start) as usize..(c.span.1 - start) as usize].to_vec())
                     .collect();
                 let (this, partial, layer) = (Arc::clone(self), partial.clone(), Arc::clone(layer));
+                let windows = Arc::clone(&windows);
                 let n = tokio::task::spawn_blocking(move || {
                     let mut stored = [0u64; 2];
                     for (claim, compressed) in done.into_iter().zip(pieces) {
-                        match estargz::decode_chunk(&compressed, &claim.chunk) {
+                        match this.decode(&layer, &claim.chunk, &compressed, &windows) {
                             Ok(data) => {
                                 if let Some(p) = &partial {
                                     match p.write_missing(claim.span.0, &compressed) {
@@ -921,10 +1159,7 @@ impl Reader {
                                 this.stats.fetched_chunks.inc();
                                 this.finish(claim, Ok(Arc::new(data)));
                             }
-                            Err(e) => {
-                                let e = this.corrupt(&layer, &claim.chunk, e);
-                                this.finish(claim, Err(e))
-                            }
+                            Err(e) => this.finish(claim, Err(e)),
                         }
                     }
                     stored

@@ -659,13 +659,24 @@ pub enum ChunkError {
 
 /// Decode one chunk from its member's compressed bytes and verify it before returning it.
 pub fn decode_chunk(compressed: &[u8], chunk: &Chunk) -> Result<Vec<u8>, ChunkError> {
+    decode_chunk_with(compressed, chunk, None)
+}
+
+/// [`decode_chunk`] for a chunk read through a gzip index whose checkpoint window is kept
+/// apart: `window` is that window's bytes (verified against its digest here).
+pub fn decode_chunk_with(
+    compressed: &[u8],
+    chunk: &Chunk,
+    window: Option<&[u8]>,
+) -> Result<Vec<u8>, ChunkError> {
     let err = |reason: String| ChunkError::Decode {
         offset: chunk.offset,
         reason,
     };
     if let Some(point) = &chunk.resume {
-        let out = super::gzindex::decode_at(compressed, point, chunk.inner_offset, chunk.size)
-            .map_err(|e| err(e.to_string()))?;
+        let out =
+            super::gzindex::decode_at(compressed, point, window, chunk.inner_offset, chunk.size)
+                .map_err(|e| err(e.to_string()))?;
         return verify_chunk(out, chunk);
     }
     let mut dec: Box<dyn Read + '_> = if chunk.end.is_some() {

@@ -59,6 +59,26 @@ pub struct Point {
     /// A zstd frame start (a plain zstd layer of many frames): decoding starts afresh there,
     /// with no bits and no window.
     pub zstd: bool,
+    /// The window kept apart from the index (`window` is then empty): a shared index keeps its
+    /// windows in a blob of their own, fetched by range when a read needs one.
+    pub window_ref: Option<WindowRef>,
+}
+
+/// Where a checkpoint's zstd-compressed window lies in the windows blob of a shared index, and
+/// its digest (verified before the window is used).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WindowRef {
+    pub offset: u64,
+    pub len: u32,
+    pub sha256: [u8; 32],
+}
+
+impl WindowRef {
+    /// Whether `bytes` are this window.
+    pub fn matches(&self, bytes: &[u8]) -> bool {
+        use sha2::Digest as _;
+        bytes.len() == self.len as usize && sha2::Sha256::digest(bytes)[..] == self.sha256[..]
+    }
 }
 
 impl std::fmt::Debug for Point {
@@ -69,6 +89,7 @@ impl std::fmt::Debug for Point {
             .field("bits", &self.bits)
             .field("window_bytes", &self.window.len())
             .field("zstd", &self.zstd)
+            .field("window_ref", &self.window_ref)
             .finish()
     }
 }
@@ -79,12 +100,25 @@ impl Point {
         self.inp - u64::from(self.bits > 0)
     }
 
-    /// The window, decompressed and bounded.
-    pub fn window(&self) -> Result<Vec<u8>, GzIndexError> {
-        if self.window.is_empty() {
+    /// The window, decompressed and bounded: the index's own, or `fetched` (the bytes of
+    /// [`Point::window_ref`], verified against it).
+    pub fn window(&self, fetched: Option<&[u8]>) -> Result<Vec<u8>, GzIndexError> {
+        let compressed = match (&self.window_ref, fetched) {
+            (None, _) => &self.window[..],
+            (Some(r), Some(bytes)) if r.matches(bytes) => bytes,
+            (Some(_), Some(_)) => {
+                return Err(GzIndexError::Window(
+                    "the fetched window does not match its digest".into(),
+                ));
+            }
+            (Some(_), None) => {
+                return Err(GzIndexError::Window("kept apart and not fetched".into()));
+            }
+        };
+        if compressed.is_empty() {
             return Ok(vec![]);
         }
-        let w = zstd::bulk::decompress(&self.window, WINDOW)
+        let w = zstd::bulk::decompress(compressed, WINDOW)
             .map_err(|e| GzIndexError::Window(e.to_string()))?;
         if self.out >= WINDOW as u64 && w.len() != WINDOW {
             return Err(GzIndexError::Window(format!(
@@ -383,6 +417,7 @@ impl<R: Read> Read for IndexingReader<R> {
                         zstd::bulk::compress(&self.window(), 3)?
                     },
                     zstd: false,
+                    window_ref: None,
                 };
                 let (size, compressed) = (self.total_out, self.total_in);
                 self.record(|r| r.add(point, size, compressed));
@@ -395,17 +430,19 @@ impl<R: Read> Read for IndexingReader<R> {
 }
 
 /// Decode `len` bytes starting `skip` bytes after checkpoint `point`, from `compressed`: the
-/// blob's bytes from `point.start()` on (enough of them to reach the end).
+/// blob's bytes from `point.start()` on (enough of them to reach the end). `window`: the
+/// point's window when it is kept apart ([`Point::window_ref`]).
 pub fn decode_at(
     compressed: &[u8],
     point: &Point,
+    window: Option<&[u8]>,
     skip: u64,
     len: u64,
 ) -> Result<Vec<u8>, GzIndexError> {
     if point.zstd {
         return decode_zstd_at(compressed, skip, len);
     }
-    let window = point.window()?;
+    let window = point.window(window)?;
     let mut inf = Inflater::new(-15)?;
     let mut input = compressed;
     if point.bits > 0 {
@@ -574,6 +611,7 @@ impl<R: Read> Read for ZstdIndexingReader<R> {
                         bits: 0,
                         window: vec![],
                         zstd: true,
+                        window_ref: None,
                     };
                     let (size, compressed) = (self.total_out, self.total_in);
                     self.record(|r| r.add(point, size, compressed));
@@ -621,8 +659,14 @@ pub fn end_after(points: &[Point], end: u64, blob_size: u64) -> u64 {
         .unwrap_or(blob_size)
 }
 
-/// Check checkpoints read from an untrusted index: ordered, inside the blob and the stream.
-pub fn validate(points: &[Point], blob_size: u64, size: u64) -> Result<(), String> {
+/// Check checkpoints read from an untrusted index: ordered, inside the blob and the stream,
+/// windows kept apart inside the windows blob of `windows_size` bytes (None: there is none).
+pub fn validate(
+    points: &[Point],
+    blob_size: u64,
+    size: u64,
+    windows_size: Option<u64>,
+) -> Result<(), String> {
     if points.len() > MAX_POINTS {
         return Err(format!(
             "{} checkpoints (at most {MAX_POINTS})",
@@ -655,6 +699,27 @@ pub fn validate(points: &[Point], blob_size: u64, size: u64) -> Result<(), Strin
                 "checkpoint {i}: window of {} bytes",
                 p.window.len()
             ));
+        }
+        if let Some(r) = &p.window_ref {
+            if p.zstd || !p.window.is_empty() || p.out == 0 {
+                return Err(format!(
+                    "checkpoint {i}: a window kept apart where none or one inline is expected"
+                ));
+            }
+            let Some(limit) = windows_size else {
+                return Err(format!(
+                    "checkpoint {i}: its window is kept apart but the index names no windows blob"
+                ));
+            };
+            if r.len as usize > 2 * WINDOW
+                || r.len == 0
+                || r.offset.checked_add(r.len.into()).is_none_or(|e| e > limit)
+            {
+                return Err(format!(
+                    "checkpoint {i}: window of {} bytes at {} is outside the windows blob",
+                    r.len, r.offset
+                ));
+            }
         }
         if i > 0 && (p.out <= points[i - 1].out || p.inp <= points[i - 1].inp) {
             return Err(format!("checkpoint {i} is out of order"));
@@ -722,11 +787,12 @@ mod tests {
             (data.len() as u64, gz.len() as u64)
         );
         assert!(rec.points.len() >= 8, "{} points", rec.points.len());
-        validate(&rec.points, gz.len() as u64, rec.size).unwrap();
+        validate(&rec.points, gz.len() as u64, rec.size, None).unwrap();
         for (i, p) in rec.points.iter().enumerate() {
             let want = 100_000.min(data.len() as u64 - p.out - 5000);
             let end = end_after(&rec.points, p.out + 5000 + want, gz.len() as u64);
-            let got = decode_at(&gz[p.start() as usize..end as usize], p, 5000, want).unwrap();
+            let got =
+                decode_at(&gz[p.start() as usize..end as usize], p, None, 5000, want).unwrap();
             assert_eq!(
                 got,
                 data[(p.out + 5000) as usize..(p.out + 5000 + want) as usize],
@@ -739,7 +805,14 @@ mod tests {
             let p = &rec.points[i];
             let len = 1000.min(data.len() as u64 - at);
             let end = end_after(&rec.points, at + len, gz.len() as u64);
-            let got = decode_at(&gz[p.start() as usize..end as usize], p, at - p.out, len).unwrap();
+            let got = decode_at(
+                &gz[p.start() as usize..end as usize],
+                p,
+                None,
+                at - p.out,
+                len,
+            )
+            .unwrap();
             assert_eq!(got, data[at as usize..(at + len) as usize]);
         }
     }
@@ -752,20 +825,26 @@ mod tests {
         let p = &rec.points[3];
         let short = &gz[p.start() as usize..p.start() as usize + 100];
         assert!(matches!(
-            decode_at(short, p, 0, 500_000),
+            decode_at(short, p, None, 0, 500_000),
             Err(GzIndexError::Truncated(_))
         ));
         let mut bad = p.clone();
         bad.window = zstd::bulk::compress(&[b'x'; WINDOW], 3).unwrap();
         let end = end_after(&rec.points, p.out + 100_000, gz.len() as u64);
-        let got = decode_at(&gz[p.start() as usize..end as usize], &bad, 0, 100_000);
+        let got = decode_at(
+            &gz[p.start() as usize..end as usize],
+            &bad,
+            None,
+            0,
+            100_000,
+        );
         assert_ne!(
             got.ok(),
             Some(data[p.out as usize..p.out as usize + 100_000].to_vec())
         );
         bad.window = b"not zstd".to_vec();
         assert!(matches!(
-            decode_at(&gz[p.start() as usize..end as usize], &bad, 0, 10),
+            decode_at(&gz[p.start() as usize..end as usize], &bad, None, 0, 10),
             Err(GzIndexError::Window(_))
         ));
     }
@@ -801,14 +880,50 @@ mod tests {
             bits,
             window: vec![],
             zstd: false,
+            window_ref: None,
         };
-        assert!(validate(&[p(0, 10, 0), p(100, 20, 3)], 1000, 1000).is_ok());
-        assert!(validate(&[p(5, 10, 0)], 1000, 1000).is_err());
-        assert!(validate(&[p(0, 10, 0), p(100, 20, 9)], 1000, 1000).is_err());
-        assert!(validate(&[p(0, 10, 0), p(100, 2000, 0)], 1000, 1000).is_err());
-        assert!(validate(&[p(0, 10, 0), p(100, 5, 0)], 1000, 1000).is_err());
-        assert!(validate(&[p(0, 10, 0), p(0, 20, 0)], 1000, 1000).is_err());
-        assert!(validate(&[p(0, 10, 0), p(5000, 20, 0)], 1000, 1000).is_err());
+        assert!(validate(&[p(0, 10, 0), p(100, 20, 3)], 1000, 1000, None).is_ok());
+        assert!(validate(&[p(5, 10, 0)], 1000, 1000, None).is_err());
+        assert!(validate(&[p(0, 10, 0), p(100, 20, 9)], 1000, 1000, None).is_err());
+        assert!(validate(&[p(0, 10, 0), p(100, 2000, 0)], 1000, 1000, None).is_err());
+        assert!(validate(&[p(0, 10, 0), p(100, 5, 0)], 1000, 1000, None).is_err());
+        assert!(validate(&[p(0, 10, 0), p(0, 20, 0)], 1000, 1000, None).is_err());
+        assert!(validate(&[p(0, 10, 0), p(5000, 20, 0)], 1000, 1000, None).is_err());
+        // Windows kept apart: inside the windows blob, never at the start nor beside an inline
+        // one, and only when the index names a windows blob.
+        let apart = |offset, len| {
+            let mut q = p(100, 20, 3);
+            q.window_ref = Some(WindowRef {
+                offset,
+                len,
+                sha256: [0; 32],
+            });
+            q
+        };
+        assert!(validate(&[p(0, 10, 0), apart(0, 500)], 1000, 1000, Some(500)).is_ok());
+        assert!(validate(&[p(0, 10, 0), apart(0, 500)], 1000, 1000, None).is_err());
+        assert!(validate(&[p(0, 10, 0), apart(1, 500)], 1000, 1000, Some(500)).is_err());
+        assert!(validate(&[p(0, 10, 0), apart(u64::MAX, 5)], 1000, 1000, Some(500)).is_err());
+        assert!(validate(&[p(0, 10, 0), apart(0, 0)], 1000, 1000, Some(500)).is_err());
+        let mut both = apart(0, 500);
+        both.window = vec![1];
+        assert!(validate(&[p(0, 10, 0), both], 1000, 1000, Some(500)).is_err());
+        let mut first = apart(0, 500);
+        first.out = 0;
+        assert!(validate(&[first], 1000, 1000, Some(500)).is_err());
+        // A fetched window is used only if it matches its digest.
+        let w = zstd::bulk::compress(&[b'x'; WINDOW], 3).unwrap();
+        let mut q = p(WINDOW as u64, 20, 3);
+        q.window_ref = Some(WindowRef {
+            offset: 0,
+            len: w.len() as u32,
+            sha256: <sha2::Sha256 as sha2::Digest>::digest(&w).into(),
+        });
+        assert_eq!(q.window(Some(&w)).unwrap(), vec![b'x'; WINDOW]);
+        assert!(q.window(None).is_err());
+        let mut other = w.clone();
+        other[w.len() - 1] ^= 1;
+        assert!(q.window(Some(&other)).is_err());
     }
 
     /// zstd frames of `frame` bytes each, concatenated (what pzstd writes).
@@ -851,11 +966,11 @@ mod tests {
                 .all(|p| p.zstd && p.bits == 0 && p.window.is_empty())
         );
         assert_eq!((rec.points[0].out, rec.points[0].inp), (0, 0));
-        validate(&rec.points, z.len() as u64, rec.size).unwrap();
+        validate(&rec.points, z.len() as u64, rec.size, None).unwrap();
         for p in &rec.points {
             let (at, len) = (p.out + 1000, 700_000u64.min(rec.size - p.out - 1000));
             let end = end_after(&rec.points, at + len, z.len() as u64);
-            let got = decode_at(&z[p.start() as usize..end as usize], p, 1000, len).unwrap();
+            let got = decode_at(&z[p.start() as usize..end as usize], p, None, 1000, len).unwrap();
             assert_eq!(got, data[at as usize..(at + len) as usize]);
         }
         // Too few bytes: truncated, not wrong bytes.
@@ -864,6 +979,7 @@ mod tests {
             decode_at(
                 &z[p.start() as usize..p.start() as usize + 1000],
                 p,
+                None,
                 0,
                 300_000
             ),
@@ -872,10 +988,10 @@ mod tests {
         // Mixed kinds and zstd points with a window are refused.
         let mut mixed = rec.points.clone();
         mixed[1].zstd = false;
-        assert!(validate(&mixed, z.len() as u64, rec.size).is_err());
+        assert!(validate(&mixed, z.len() as u64, rec.size, None).is_err());
         let mut windowed = rec.points.clone();
         windowed[2].window = vec![1];
-        assert!(validate(&windowed, z.len() as u64, rec.size).is_err());
+        assert!(validate(&windowed, z.len() as u64, rec.size, None).is_err());
     }
 
     #[test]
@@ -918,7 +1034,13 @@ mod tests {
             for (out, inp) in marks {
                 let inp = (inp + END_SLACK).min(z.len() as u64);
                 let p = &points[point_before(&points, out - 1).unwrap()];
-                let r = decode_at(&z[p.start() as usize..inp as usize], p, out - 1 - p.out, 1);
+                let r = decode_at(
+                    &z[p.start() as usize..inp as usize],
+                    p,
+                    None,
+                    out - 1 - p.out,
+                    1,
+                );
                 assert_eq!(
                     r,
                     Ok(vec![data[out as usize - 1]]),

@@ -414,6 +414,9 @@ struct GzipSection {
     /// `zstd`: the checkpoints are zstd frame starts (absent: deflate checkpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     codec: Option<String>,
+    /// The blob holding the windows kept apart (a shared index): its digest and size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    windows: Option<(String, u64)>,
     points: Vec<PointJson>,
 }
 
@@ -424,7 +427,11 @@ struct PointJson {
     inp: u64,
     bits: u8,
     /// base64 of the zstd-compressed window.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     window: String,
+    /// The window kept apart: offset and length in the windows blob, and its sha256 (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    w: Option<(u64, u32, String)>,
 }
 
 /// What a gzip index adds to the file index: the decoder checkpoints, and where each regular
@@ -436,9 +443,35 @@ pub struct RandomAccess {
     pub size: u64,
     pub points: Vec<Point>,
     pub positions: Vec<Option<FilePos>>,
+    /// The blob holding the windows of points with a [`Point::window_ref`] (digest, size).
+    pub windows: Option<(Digest, u64)>,
 }
 
 impl RandomAccess {
+    /// Move the windows kept inline into `blob` (appended; each point then refers to its
+    /// window there): a shared index keeps them apart, so that a node fetches only the windows
+    /// its reads start from. The caller sets [`RandomAccess::windows`] once `blob` is whole.
+    pub fn split_windows(&mut self, blob: &mut Vec<u8>) {
+        use sha2::Digest as _;
+        for p in &mut self.points {
+            if p.window.is_empty() {
+                continue;
+            }
+            let window = std::mem::take(&mut p.window);
+            p.window_ref = Some(gzindex::WindowRef {
+                offset: blob.len() as u64,
+                len: window.len() as u32,
+                sha256: sha2::Sha256::digest(&window).into(),
+            });
+            blob.extend_from_slice(&window);
+        }
+    }
+
+    /// Whether some point's window is kept apart (fetched from the registry when needed).
+    pub fn windows_apart(&self) -> bool {
+        self.points.iter().any(|p| p.window_ref.is_some())
+    }
+
     /// The entries with chunks that decode from the nearest checkpoint: a layer mounted from
     /// this index is read lazily, like an eStargz layer.
     pub fn lazy_entries(&self, entries: &[Entry]) -> Vec<Entry> {
@@ -573,6 +606,7 @@ pub fn encode_index_full(
                 .first()
                 .is_some_and(|p| p.zstd)
                 .then(|| "zstd".into()),
+            windows: r.windows.as_ref().map(|(d, n)| (d.to_string(), *n)),
             points: r
                 .points
                 .iter()
@@ -581,6 +615,8 @@ pub fn encode_index_full(
                     inp: p.inp,
                     bits: p.bits,
                     window: b64.encode(&p.window),
+                    w: p.window_ref
+                        .map(|r| (r.offset, r.len, hex::encode(r.sha256))),
                 })
                 .collect(),
         }),
@@ -649,17 +685,39 @@ pub fn decode_index_with(
                 Some("zstd") => true,
                 Some(other) => return Err(bad(format!("codec {other:?}"))),
             };
+            let windows = match &g.windows {
+                None => None,
+                Some((d, n)) => Some((
+                    Digest::parse(d).map_err(|e| bad(format!("windows blob: {e}")))?,
+                    *n,
+                )),
+            };
             let mut points = Vec::with_capacity(g.points.len().min(gzindex::MAX_POINTS));
             for p in &g.points {
+                let window_ref = match &p.w {
+                    None => None,
+                    Some((offset, len, sha)) => {
+                        let mut sha256 = [0u8; 32];
+                        hex::decode_to_slice(sha, &mut sha256)
+                            .map_err(|e| bad(format!("window digest: {e}")))?;
+                        Some(gzindex::WindowRef {
+                            offset: *offset,
+                            len: *len,
+                            sha256,
+                        })
+                    }
+                };
                 points.push(Point {
                     out: p.out,
                     inp: p.inp,
                     bits: p.bits,
                     window: b64.decode(&p.window).map_err(|e| bad(e.to_string()))?,
                     zstd,
+                    window_ref,
                 });
             }
-            gzindex::validate(&points, g.blob_size, g.size).map_err(bad)?;
+            gzindex::validate(&points, g.blob_size, g.size, windows.as_ref().map(|w| w.1))
+                .map_err(bad)?;
             if points.is_empty() {
                 return Err(bad("no checkpoints".into()));
             }
@@ -669,6 +727,7 @@ pub fn decode_index_with(
                 size: g.size,
                 points,
                 positions: Vec::with_capacity(file.entries.len()),
+                windows,
             })
         }
     };
@@ -885,6 +944,7 @@ mod tests {
             size: rec.size,
             points: rec.points,
             positions: u.positions.clone(),
+            windows: None,
         };
         let json = encode_index_with(&u.entries, Some(&ra));
         let (entries, back) = decode_index_with(&json, &Limits::default()).unwrap();
