@@ -590,9 +590,9 @@ impl Reader {
     async fn windows_for(
         self: &Arc<Self>,
         layer: &LazyLayer,
-        claims: &[Claim],
+        chunks: impl Iterator<Item = &Chunk>,
     ) -> Result<HashMap<[u8; 32], ChunkData>, ReadError> {
-        let mut need: Vec<_> = claims.iter().filter_map(|c| window_ref(&c.chunk)).collect();
+        let mut need: Vec<_> = chunks.filter_map(window_ref).collect();
         need.sort_unstable_by_key(|r| r.offset);
         need.dedup();
         let got = futures_util::future::try_join_all(
@@ -913,7 +913,10 @@ impl Reader {
         local: Local,
         claims: Vec<Claim>,
     ) {
-        let windows = match self.windows_for(layer, &claims).await {
+        let windows = match self
+            .windows_for(layer, claims.iter().map(|c| &c.chunk))
+            .await
+        {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(layer = %layer.digest, error = %e, "cannot fetch a checkpoint window");
@@ -1068,17 +1071,8 @@ impl Reader {
             .any(|c| window_ref(&c.chunk).is_some_and(|r| self.cached_window(&r).is_none()))
             .then(|| {
                 let (this, layer) = (Arc::clone(self), Arc::clone(layer));
-                let mut need: Vec<_> = run.iter().filter_map(|c| window_ref(&c.chunk)).collect();
-                need.sort_unstable_by_key(|r| r.offset);
-                need.dedup();
-                tokio::spawn(async move {
-                    let got = futures_util::future::try_join_all(need.into_iter().map(|r| {
-                        let (this, layer) = (&this, &layer);
-                        async move { this.window(layer, r).await.map(|w| (r.sha256, w)) }
-                    }))
-                    .await?;
-                    Ok::<_, ReadError>(got.into_iter().collect::<HashMap<_, _>>())
-                })
+                let chunks: Vec<Chunk> = run.iter().map(|c| c.chunk.clone()).collect();
+                tokio::spawn(async move { this.windows_for(&layer, chunks.iter()).await })
             });
         let mut windows = Arc::new(HashMap::new());
         let result = tokio::time::timeout(self.timeout, async {
