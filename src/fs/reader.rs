@@ -15,6 +15,7 @@ use super::stream::LayerStream;
 use super::tree::Tree;
 use crate::fetch::source_reference;
 use crate::layer::estargz::{self, Chunk, Spans, Toc};
+use crate::layer::gzindex::SpanDecoder;
 use crate::oci::Digest;
 use crate::registry::{OpCreds, Registry};
 use crate::store::{Catalogue, FetchedBy, Layout, PartialBlob, Partials};
@@ -100,8 +101,8 @@ pub struct LazyLayer {
     pub tree: Tree,
     /// The complete blob, opened once it exists.
     blob: OnceLock<Arc<File>>,
-    /// Every chunk by its position in the blob: (offset, entry index, chunk index).
-    by_offset: Vec<(u64, u32, u32)>,
+    /// Every chunk by where its bytes end in the blob: (end, entry index, chunk index).
+    by_end: Vec<(u64, u32, u32)>,
     scan: Mutex<Scan>,
     /// A layer without TOC served while it streams in: its tree and entries grow there
     /// (`toc` and `tree` stay empty).
@@ -180,19 +181,20 @@ impl LazyLayer {
 
     pub fn new(digest: Digest, source: String, size: u64, toc: Toc, tree: Tree) -> Self {
         let spans = Spans::new(&toc);
-        let mut by_offset: Vec<(u64, u32, u32)> = toc
+        let mut by_end: Vec<(u64, u32, u32)> = toc
             .entries
             .iter()
             .enumerate()
             .flat_map(|(e, entry)| {
+                let spans = &spans;
                 entry
                     .chunks
                     .iter()
                     .enumerate()
-                    .map(move |(c, ch)| (ch.offset, e as u32, c as u32))
+                    .map(move |(c, ch)| (spans.span(ch).1, e as u32, c as u32))
             })
             .collect();
-        by_offset.sort_unstable();
+        by_end.sort_unstable();
         LazyLayer {
             digest,
             source,
@@ -201,7 +203,7 @@ impl LazyLayer {
             spans,
             tree,
             blob: OnceLock::new(),
-            by_offset,
+            by_end,
             scan: Mutex::new(Scan::default()),
             stream: None,
             windows: None,
@@ -610,6 +612,7 @@ impl Reader {
         chunk: &Chunk,
         compressed: &[u8],
         windows: &HashMap<[u8; 32], ChunkData>,
+        decoder: &mut Option<SpanDecoder>,
     ) -> Result<Vec<u8>, ReadError> {
         let window = window_ref(chunk).and_then(|r| {
             windows
@@ -617,8 +620,13 @@ impl Reader {
                 .cloned()
                 .or_else(|| self.cached_window(&r))
         });
-        estargz::decode_chunk_with(compressed, chunk, window.as_deref().map(|w| &w[..]))
-            .map_err(|e| self.corrupt(layer, chunk, e))
+        estargz::decode_chunk_resumed(
+            compressed,
+            chunk,
+            window.as_deref().map(|w| &w[..]),
+            decoder,
+        )
+        .map_err(|e| self.corrupt(layer, chunk, e))
     }
 
     /// Read `[offset, offset + size)` of the TOC entry `entry_idx` (a regular file).
@@ -695,22 +703,29 @@ impl Reader {
         let partial = self.partials.get(&layer.digest);
         // Only after chunks that must come from the registry: a read of chunks already local
         // (a prefetch or an earlier read stored them) fetches nothing.
-        let remote_end = claims
+        let remote = claims
             .iter()
             .filter(|c| {
                 !partial
                     .as_ref()
                     .is_some_and(|p| p.contains(c.span.0, c.span.1))
             })
-            .map(|c| c.span.1)
-            .max();
+            .map(|c| c.span);
+        let remote_span = remote
+            .clone()
+            .map(|s| s.0)
+            .min()
+            .zip(remote.map(|s| s.1).max());
         if neighbours > 0
             && layer.blob.get().is_none()
-            && let Some(anchor) = remote_end
+            && let Some((first, anchor)) = remote_span
         {
-            let from = layer.by_offset.partition_point(|&(o, _, _)| o < anchor);
-            for &(o, e, c) in &layer.by_offset[from..] {
-                if o >= anchor + neighbours {
+            // By where each chunk's bytes end: through a gzip index, the files that follow in
+            // the same checkpoint span start where the read starts (at the checkpoint), and
+            // come with a few more bytes of the same request.
+            let from = layer.by_end.partition_point(|&(end, _, _)| end <= anchor);
+            for &(end, e, c) in &layer.by_end[from..] {
+                if end > anchor + neighbours {
                     break;
                 }
                 let Some(chunk) = layer
@@ -722,8 +737,9 @@ impl Reader {
                     continue;
                 };
                 let (s, end) = layer.spans.span(chunk);
-                if end > anchor + neighbours || partial.as_ref().is_some_and(|p| p.contains(s, end))
-                {
+                // A piece decoded from a checkpoint before the read's own bytes would widen
+                // the request backwards.
+                if s < first || partial.as_ref().is_some_and(|p| p.contains(s, end)) {
                     continue;
                 }
                 let _ = self.slot(layer, chunk, false, FetchedBy::OnDemand, &mut claims);
@@ -837,6 +853,7 @@ impl Reader {
                 let local = this2.local(&layer2);
                 let mut remote = vec![];
                 let mut need_window = vec![];
+                let mut decoder = None;
                 for claim in claims {
                     // Local bytes whose checkpoint window is kept apart and not here yet.
                     if window_ref(&claim.chunk).is_some_and(|r| this2.cached_window(&r).is_none())
@@ -849,7 +866,7 @@ impl Reader {
                         need_window.push(claim);
                         continue;
                     }
-                    match this2.load_local(&layer2, &local, &claim) {
+                    match this2.load_local(&layer2, &local, &claim, &mut decoder) {
                         Some(Ok(d)) => {
                             this2.stats.local_chunks.inc();
                             this2.finish(claim, Ok(Arc::new(d)));
@@ -936,6 +953,7 @@ impl Reader {
         );
         let remote = tokio::task::spawn_blocking(move || {
             let mut remote = vec![];
+            let mut decoder = None;
             for claim in claims {
                 let (s, e) = claim.span;
                 let mut buf = vec![0u8; (e - s) as usize];
@@ -949,7 +967,7 @@ impl Reader {
                 };
                 let result = read
                     .map_err(|e| ReadError::local(format_args!("reading layer {}", layer2.digest), &e))
-                    .and_then(|()| this.decode(&layer2, &claim.chunk, &buf, &windows));
+                    .and_then(|()| this.decode(&layer2, &claim.chunk, &buf, &windows, &mut decoder));
                 match result {
                     Ok(d) => {
                         this.stats.local_chunks.inc();
@@ -1028,6 +1046,7 @@ impl Reader {
         layer: &LazyLayer,
         local: &Local,
         claim: &Claim,
+        decoder: &mut Option<SpanDecoder>,
     ) -> Option<Result<Vec<u8>, ReadError>> {
         let (s, e) = claim.span;
         let mut buf = vec![0u8; (e - s) as usize];
@@ -1038,7 +1057,7 @@ impl Reader {
         };
         Some(
             read.map_err(|e| ReadError::local(format_args!("reading layer {}", layer.digest), &e))
-                .and_then(|()| self.decode(layer, &claim.chunk, &buf, &HashMap::new())),
+                .and_then(|()| self.decode(layer, &claim.chunk, &buf, &HashMap::new(), decoder)),
         )
     }
 
@@ -1075,6 +1094,9 @@ impl Reader {
                 tokio::spawn(async move { this.windows_for(&layer, chunks.iter()).await })
             });
         let mut windows = Arc::new(HashMap::new());
+        // Left after the last chunk decoded: the run's next chunk of the same checkpoint span
+        // continues from there.
+        let mut decoder: Option<SpanDecoder> = None;
         let result = tokio::time::timeout(self.timeout, async {
             let (reference, creds) = self.reference_of(layer, &layer.digest)?;
             if prefetch {
@@ -1139,10 +1161,11 @@ impl Reader {
                     .collect();
                 let (this, partial, layer) = (Arc::clone(self), partial.clone(), Arc::clone(layer));
                 let windows = Arc::clone(&windows);
-                let n = tokio::task::spawn_blocking(move || {
+                let mut dec = decoder.take();
+                let (n, dec) = tokio::task::spawn_blocking(move || {
                     let mut stored = [0u64; 2];
                     for (claim, compressed) in done.into_iter().zip(pieces) {
-                        match this.decode(&layer, &claim.chunk, &compressed, &windows) {
+                        match this.decode(&layer, &claim.chunk, &compressed, &windows, &mut dec) {
                             Ok(data) => {
                                 if let Some(p) = &partial {
                                     match p.write_missing(claim.span.0, &compressed) {
@@ -1156,10 +1179,11 @@ impl Reader {
                             Err(e) => this.finish(claim, Err(e)),
                         }
                     }
-                    stored
+                    (stored, dec)
                 })
                 .await
                 .map_err(|_| ReadError::Abandoned)?;
+                decoder = dec;
                 stored[0] += n[0];
                 stored[1] += n[1];
             }

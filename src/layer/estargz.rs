@@ -669,15 +669,57 @@ pub fn decode_chunk_with(
     chunk: &Chunk,
     window: Option<&[u8]>,
 ) -> Result<Vec<u8>, ChunkError> {
+    decode_chunk_resumed(compressed, chunk, window, &mut None)
+}
+
+/// [`decode_chunk_with`], continuing with `decoder` when the chunk lies ahead of it in the
+/// same checkpoint span (chunks of one span handed over in order are decoded in one pass);
+/// `decoder` is left after this chunk, or emptied.
+pub fn decode_chunk_resumed(
+    compressed: &[u8],
+    chunk: &Chunk,
+    window: Option<&[u8]>,
+    decoder: &mut Option<super::gzindex::SpanDecoder>,
+) -> Result<Vec<u8>, ChunkError> {
     let err = |reason: String| ChunkError::Decode {
         offset: chunk.offset,
         reason,
     };
     if let Some(point) = &chunk.resume {
-        let out =
-            super::gzindex::decode_at(compressed, point, window, chunk.inner_offset, chunk.size)
-                .map_err(|e| err(e.to_string()))?;
-        return verify_chunk(out, chunk);
+        if point.zstd {
+            let out = super::gzindex::decode_at(
+                compressed,
+                point,
+                window,
+                chunk.inner_offset,
+                chunk.size,
+            )
+            .map_err(|e| err(e.to_string()))?;
+            return verify_chunk(out, chunk);
+        }
+        let resumed = decoder
+            .take()
+            .filter(|d| d.start() == point.start() && d.can_reach(chunk.inner_offset))
+            .and_then(|mut d| {
+                // Given fewer bytes than it already consumed (an earlier chunk's span reached
+                // further), the piece is decoded from the checkpoint instead.
+                let out = d.read(compressed, chunk.inner_offset, chunk.size).ok()?;
+                Some((d, out))
+            });
+        let (d, out) = match resumed {
+            Some(r) => r,
+            None => {
+                let mut d = super::gzindex::SpanDecoder::new(point, window)
+                    .map_err(|e| err(e.to_string()))?;
+                let out = d
+                    .read(compressed, chunk.inner_offset, chunk.size)
+                    .map_err(|e| err(e.to_string()))?;
+                (d, out)
+            }
+        };
+        let out = verify_chunk(out, chunk)?;
+        *decoder = Some(d);
+        return Ok(out);
     }
     let mut dec: Box<dyn Read + '_> = if chunk.end.is_some() {
         Box::new(

@@ -43,6 +43,8 @@ pub enum GzIndexError {
     Window(String),
     #[error("zstd: {0}")]
     Zstd(String),
+    #[error("a piece at {skip} is behind the span decoder, at {at}")]
+    Behind { skip: u64, at: u64 },
 }
 
 /// One place decoding can resume.
@@ -442,50 +444,114 @@ pub fn decode_at(
     if point.zstd {
         return decode_zstd_at(compressed, skip, len);
     }
-    let window = point.window(window)?;
-    let mut inf = Inflater::new(-15)?;
-    let mut input = compressed;
-    if point.bits > 0 {
-        let (&b, rest) = input
-            .split_first()
-            .ok_or(GzIndexError::Truncated(skip + len))?;
-        inf.prime(point.bits, b >> (8 - point.bits))?;
-        input = rest;
-    }
-    if !window.is_empty() {
-        inf.set_dictionary(&window)?;
-    }
-    let mut scratch = vec![0u8; (64 << 10).min(skip.max(1)) as usize];
-    let mut skipped = 0u64;
-    let mut out = vec![0u8; len.min(1 << 30) as usize];
-    let mut filled = 0usize;
-    while skipped < skip || filled < out.len() {
-        let dst: &mut [u8] = if skipped < skip {
-            let n = (skip - skipped).min(scratch.len() as u64) as usize;
-            &mut scratch[..n]
-        } else {
-            &mut out[filled..]
-        };
-        let (c, p, ret) = inf.run(input, dst, z::Z_NO_FLUSH);
-        input = &input[c..];
-        if skipped < skip {
-            skipped += p as u64;
-        } else {
-            filled += p;
+    SpanDecoder::new(point, window)?.read(compressed, skip, len)
+}
+
+/// A deflate decoder resumed at a checkpoint and left where its last piece ended: the pieces
+/// of one checkpoint span, read in order, are decoded in one pass instead of each from the
+/// checkpoint again (a span holds many small files; decoding each from the checkpoint made
+/// reading a directory quadratic in the span).
+pub struct SpanDecoder {
+    inf: Inflater,
+    /// The checkpoint's [`Point::start`] in the blob (which span this decoder is in).
+    start: u64,
+    /// Bits of the partial first byte still to prime, before any other input.
+    prime: u8,
+    /// Compressed bytes consumed, from [`Point::start`] on.
+    consumed: usize,
+    /// Uncompressed bytes produced since the checkpoint.
+    out: u64,
+}
+
+impl SpanDecoder {
+    /// A decoder at deflate checkpoint `point` (not a zstd frame start), with its window when
+    /// kept apart.
+    pub fn new(point: &Point, window: Option<&[u8]>) -> Result<Self, GzIndexError> {
+        if point.zstd {
+            return Err(GzIndexError::Window(
+                "a zstd frame start has no deflate state".into(),
+            ));
         }
-        let more = skipped < skip || filled < out.len();
-        match ret {
-            z::Z_OK => {}
-            // The deflate stream ended, or no progress is possible with the bytes given.
-            z::Z_STREAM_END if more => return Err(GzIndexError::Truncated(skip + len)),
-            z::Z_BUF_ERROR if more && c == 0 && p == 0 => {
-                return Err(GzIndexError::Truncated(skip + len));
+        let window = point.window(window)?;
+        let mut inf = Inflater::new(-15)?;
+        // Raw deflate takes the dictionary at any time; priming only sets the bit buffer.
+        if !window.is_empty() {
+            inf.set_dictionary(&window)?;
+        }
+        Ok(SpanDecoder {
+            inf,
+            start: point.start(),
+            prime: point.bits,
+            consumed: 0,
+            out: 0,
+        })
+    }
+
+    /// Where in the blob this decoder's span starts ([`Point::start`]).
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// Whether the piece at `skip` bytes after the checkpoint lies ahead of this decoder.
+    pub fn can_reach(&self, skip: u64) -> bool {
+        skip >= self.out
+    }
+
+    /// Decode `len` bytes at `skip` bytes after the checkpoint (at or past where the last
+    /// piece ended), from `compressed`: the blob's bytes from [`Point::start`] on, at least
+    /// as many as the last call had. An error leaves the decoder unusable.
+    pub fn read(
+        &mut self,
+        compressed: &[u8],
+        skip: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, GzIndexError> {
+        let want = skip + len;
+        let truncated = || GzIndexError::Truncated(want);
+        if skip < self.out {
+            return Err(GzIndexError::Behind { skip, at: self.out });
+        }
+        let mut input = compressed.get(self.consumed..).ok_or_else(truncated)?;
+        if self.prime > 0 {
+            let (&b, rest) = input.split_first().ok_or_else(truncated)?;
+            self.inf.prime(self.prime, b >> (8 - self.prime))?;
+            self.prime = 0;
+            self.consumed += 1;
+            input = rest;
+        }
+        let skip = skip - self.out;
+        let mut scratch = vec![0u8; (64 << 10).min(skip.max(1)) as usize];
+        let mut skipped = 0u64;
+        let mut out = vec![0u8; len.min(1 << 30) as usize];
+        let mut filled = 0usize;
+        while skipped < skip || filled < out.len() {
+            let dst: &mut [u8] = if skipped < skip {
+                let n = (skip - skipped).min(scratch.len() as u64) as usize;
+                &mut scratch[..n]
+            } else {
+                &mut out[filled..]
+            };
+            let (c, p, ret) = self.inf.run(input, dst, z::Z_NO_FLUSH);
+            input = &input[c..];
+            self.consumed += c;
+            self.out += p as u64;
+            if skipped < skip {
+                skipped += p as u64;
+            } else {
+                filled += p;
             }
-            z::Z_STREAM_END | z::Z_BUF_ERROR => {}
-            code => return Err(GzIndexError::Zlib(inf.message(code))),
+            let more = skipped < skip || filled < out.len();
+            match ret {
+                z::Z_OK => {}
+                // The deflate stream ended, or no progress is possible with the bytes given.
+                z::Z_STREAM_END if more => return Err(truncated()),
+                z::Z_BUF_ERROR if more && c == 0 && p == 0 => return Err(truncated()),
+                z::Z_STREAM_END | z::Z_BUF_ERROR => {}
+                code => return Err(GzIndexError::Zlib(self.inf.message(code))),
+            }
         }
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// [`decode_at`] for a zstd frame start: the frames from there on decoded as one stream. The
@@ -815,6 +881,60 @@ mod tests {
             .unwrap();
             assert_eq!(got, data[at as usize..(at + len) as usize]);
         }
+    }
+
+    #[test]
+    fn a_span_decoder_reads_the_pieces_of_a_span_in_one_pass() {
+        let data = sample(2 << 20);
+        let gz = gzip(&data);
+        let (_, rec) = index(&gz, 512 << 10);
+        // A checkpoint inside a byte, past the first, so that priming and the window are used.
+        let (i, p) = rec
+            .points
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.out > 0 && p.bits > 0)
+            .or_else(|| rec.points.iter().enumerate().find(|(_, p)| p.out > 0))
+            .unwrap();
+        let span_end = rec.points.get(i + 1).map_or(data.len() as u64, |n| n.out) - p.out;
+        let mut d = SpanDecoder::new(p, None).unwrap();
+        assert_eq!(d.start(), p.start());
+        // Pieces in order, each handed the bytes up to just past it (as a fetch delivers them).
+        let mut at = 0u64;
+        for (gap, len) in [
+            (0u64, 700u64),
+            (10, 5000),
+            (40_000, 1),
+            (0, 20_000),
+            (3, 60_000),
+        ] {
+            let skip = at + gap;
+            assert!(d.can_reach(skip));
+            let end = end_after(&rec.points, p.out + skip + len, gz.len() as u64);
+            let got = d
+                .read(&gz[p.start() as usize..end as usize], skip, len)
+                .unwrap();
+            let from = (p.out + skip) as usize;
+            assert_eq!(got, data[from..from + len as usize], "piece at {skip}");
+            at = skip + len;
+        }
+        assert!(at < span_end);
+        // Behind the decoder: refused (the caller starts again from the checkpoint).
+        assert!(!d.can_reach(0));
+        assert_eq!(
+            d.read(&gz[p.start() as usize..], 0, 10),
+            Err(GzIndexError::Behind { skip: 0, at })
+        );
+        // Too few bytes for the next piece: an error, not wrong bytes.
+        let mut d = SpanDecoder::new(p, None).unwrap();
+        assert!(matches!(
+            d.read(
+                &gz[p.start() as usize..p.start() as usize + 100],
+                0,
+                100_000
+            ),
+            Err(GzIndexError::Truncated(_))
+        ));
     }
 
     #[test]
