@@ -279,6 +279,10 @@ pub enum ReadError {
     /// The inode's TOC entry is missing.
     #[error("no such TOC entry")]
     NoEntry,
+    /// A chunk decoded from its checkpoint needs the window kept apart, not fetched (the
+    /// fetch expected to decode it on from an earlier chunk): fetched, then decoded again.
+    #[error("checkpoint window not fetched")]
+    NoWindow,
 }
 
 impl ReadError {
@@ -605,23 +609,32 @@ impl Reader {
         Ok(got.into_iter().collect())
     }
 
-    /// Decode and verify a chunk from its compressed bytes, with its window when kept apart.
+    /// Decode and verify a chunk from `compressed`, the blob's bytes from `input_at` through
+    /// the chunk's end, going on with `decoder` when it can, else from the chunk's checkpoint
+    /// with its window (when kept apart: [`ReadError::NoWindow`] if not fetched).
     fn decode(
         &self,
         layer: &LazyLayer,
         chunk: &Chunk,
         compressed: &[u8],
+        input_at: u64,
         windows: &HashMap<[u8; 32], ChunkData>,
         decoder: &mut Option<SpanDecoder>,
     ) -> Result<Vec<u8>, ReadError> {
-        let window = window_ref(chunk).and_then(|r| {
+        let window = window_ref(chunk).map(|r| {
             windows
                 .get(&r.sha256)
                 .cloned()
                 .or_else(|| self.cached_window(&r))
         });
+        if matches!(window, Some(None)) && !estargz::continues(decoder, chunk, input_at) {
+            *decoder = None;
+            return Err(ReadError::NoWindow);
+        }
+        let window = window.flatten();
         estargz::decode_chunk_resumed(
             compressed,
+            input_at,
             chunk,
             window.as_deref().map(|w| &w[..]),
             decoder,
@@ -967,7 +980,9 @@ impl Reader {
                 };
                 let result = read
                     .map_err(|e| ReadError::local(format_args!("reading layer {}", layer2.digest), &e))
-                    .and_then(|()| this.decode(&layer2, &claim.chunk, &buf, &windows, &mut decoder));
+                    .and_then(|()| {
+                        this.decode(&layer2, &claim.chunk, &buf, s, &windows, &mut decoder)
+                    });
                 match result {
                     Ok(d) => {
                         this.stats.local_chunks.inc();
@@ -1057,8 +1072,57 @@ impl Reader {
         };
         Some(
             read.map_err(|e| ReadError::local(format_args!("reading layer {}", layer.digest), &e))
-                .and_then(|()| self.decode(layer, &claim.chunk, &buf, &HashMap::new(), decoder)),
+                .and_then(|()| self.decode(layer, &claim.chunk, &buf, s, &HashMap::new(), decoder)),
         )
+    }
+
+    /// Decode, verify, store and hand out fetched chunks: `fetched` is the blob from `start`
+    /// on, through every claim's end. Returns the bytes stored (by who wanted them), the
+    /// decoder where the last chunk left it, `fetched` back, and the claims that need a
+    /// checkpoint window not fetched yet (answered by the caller).
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn decode_fetched(
+        &self,
+        layer: &LazyLayer,
+        partial: Option<&PartialBlob>,
+        claims: Vec<Claim>,
+        fetched: Vec<u8>,
+        start: u64,
+        windows: &HashMap<[u8; 32], ChunkData>,
+        mut decoder: Option<SpanDecoder>,
+    ) -> ([u64; 2], Option<SpanDecoder>, Vec<u8>, Vec<Claim>) {
+        let mut stored = [0u64; 2];
+        let mut missing = vec![];
+        for claim in claims {
+            let (s, e) = (
+                (claim.span.0 - start) as usize,
+                (claim.span.1 - start) as usize,
+            );
+            match self.decode(
+                layer,
+                &claim.chunk,
+                &fetched[..e],
+                start,
+                windows,
+                &mut decoder,
+            ) {
+                Ok(data) => {
+                    if let Some(p) = partial {
+                        match p.write_missing(claim.span.0, &fetched[s..e]) {
+                            Ok(n) => stored[(claim.by == FetchedBy::Prefetch) as usize] += n,
+                            Err(e) => {
+                                tracing::warn!(layer = %p.digest, error = %e, "cannot store a fetched chunk")
+                            }
+                        }
+                    }
+                    self.stats.fetched_chunks.inc();
+                    self.finish(claim, Ok(Arc::new(data)));
+                }
+                Err(ReadError::NoWindow) => missing.push(claim),
+                Err(e) => self.finish(claim, Err(e)),
+            }
+        }
+        (stored, decoder, fetched, missing)
     }
 
     /// One range request for a group of neighbouring chunks; each chunk is decoded, verified,
@@ -1084,15 +1148,16 @@ impl Reader {
             scan.scanning()
         };
         let foreground = (!scanning).then(|| self.link.foreground());
-        // Windows kept apart that decoding the run needs: fetched beside the run's own bytes.
-        let mut windows_task = run
-            .iter()
-            .any(|c| window_ref(&c.chunk).is_some_and(|r| self.cached_window(&r).is_none()))
-            .then(|| {
-                let (this, layer) = (Arc::clone(self), Arc::clone(layer));
-                let chunks: Vec<Chunk> = run.iter().map(|c| c.chunk.clone()).collect();
-                tokio::spawn(async move { this.windows_for(&layer, chunks.iter()).await })
-            });
+        // Windows kept apart that decoding the run needs (where a decoder starts: the chunks
+        // after it are decoded on from there): fetched beside the run's own bytes.
+        let starts: Vec<Chunk> = decoder_starts(run.iter().map(|c| &c.chunk))
+            .filter(|c| window_ref(c).is_some_and(|r| self.cached_window(&r).is_none()))
+            .cloned()
+            .collect();
+        let mut windows_task = (!starts.is_empty()).then(|| {
+            let (this, layer) = (Arc::clone(self), Arc::clone(layer));
+            tokio::spawn(async move { this.windows_for(&layer, starts.iter()).await })
+        });
         let mut windows = Arc::new(HashMap::new());
         // Left after the last chunk decoded: the run's next chunk of the same checkpoint span
         // continues from there.
@@ -1155,34 +1220,41 @@ impl Reader {
                     windows = Arc::new(task.await.map_err(|_| ReadError::Abandoned)??);
                 }
                 let done: Vec<Claim> = run.drain(..ready).collect();
-                let pieces: Vec<Vec<u8>> = done
-                    .iter()
-                    .map(|c| buf[(c.span.0 - start) as usize..(c.span.1 - start) as usize].to_vec())
-                    .collect();
-                let (this, partial, layer) = (Arc::clone(self), partial.clone(), Arc::clone(layer));
-                let windows = Arc::clone(&windows);
-                let mut dec = decoder.take();
-                let (n, dec) = tokio::task::spawn_blocking(move || {
-                    let mut stored = [0u64; 2];
-                    for (claim, compressed) in done.into_iter().zip(pieces) {
-                        match this.decode(&layer, &claim.chunk, &compressed, &windows, &mut dec) {
-                            Ok(data) => {
-                                if let Some(p) = &partial {
-                                    match p.write_missing(claim.span.0, &compressed) {
-                                        Ok(n) => stored[(claim.by == FetchedBy::Prefetch) as usize] += n,
-                                        Err(e) => tracing::warn!(layer = %p.digest, error = %e, "cannot store a fetched chunk"),
-                                    }
-                                }
-                                this.stats.fetched_chunks.inc();
-                                this.finish(claim, Ok(Arc::new(data)));
-                            }
-                            Err(e) => this.finish(claim, Err(e)),
-                        }
-                    }
-                    (stored, dec)
+                let (this, layer2, partial2, windows2) = (
+                    Arc::clone(self),
+                    Arc::clone(layer),
+                    partial.clone(),
+                    Arc::clone(&windows),
+                );
+                let (dec, fetched) = (decoder.take(), std::mem::take(&mut buf));
+                let (mut n, mut dec, fetched, missing) = tokio::task::spawn_blocking(move || {
+                    this.decode_fetched(&layer2, partial2.as_deref(), done, fetched, start, &windows2, dec)
                 })
                 .await
                 .map_err(|_| ReadError::Abandoned)?;
+                buf = fetched;
+                if !missing.is_empty() {
+                    // A chunk behind the decoder: its own window, then decoded from it.
+                    let more = self.windows_for(layer, missing.iter().map(|c| &c.chunk)).await?;
+                    let mut all = (*windows).clone();
+                    all.extend(more);
+                    windows = Arc::new(all);
+                    let (this, layer2, partial2, windows2) = (
+                        Arc::clone(self),
+                        Arc::clone(layer),
+                        partial.clone(),
+                        Arc::clone(&windows),
+                    );
+                    let fetched = std::mem::take(&mut buf);
+                    let again;
+                    (again, dec, buf, _) = tokio::task::spawn_blocking(move || {
+                        this.decode_fetched(&layer2, partial2.as_deref(), missing, fetched, start, &windows2, None)
+                    })
+                    .await
+                    .map_err(|_| ReadError::Abandoned)?;
+                    n[0] += again[0];
+                    n[1] += again[1];
+                }
                 decoder = dec;
                 stored[0] += n[0];
                 stored[1] += n[1];
@@ -1263,6 +1335,22 @@ enum Order {
     Blob,
     /// In the order given, in batches, a few requests at a time (start-up prefetch).
     List,
+}
+
+/// The chunks, of `chunks` decoded in this order from one contiguous run of the blob, that
+/// start a decoder at their own checkpoint (and need its window): the first, and any behind
+/// the chunk before it. The others are decoded on from the chunk before.
+fn decoder_starts<'a>(chunks: impl Iterator<Item = &'a Chunk>) -> impl Iterator<Item = &'a Chunk> {
+    let mut at: Option<u64> = None;
+    chunks.filter(move |c| {
+        let Some(p) = c.resume.as_ref().filter(|p| !p.zstd) else {
+            return true;
+        };
+        let pos = p.out + c.inner_offset;
+        let fresh = at.is_none_or(|a| pos < a);
+        at = Some(pos + c.size);
+        fresh
+    })
 }
 
 /// Group claims into runs of chunks at most `gap` apart, one range request each (sorted by
@@ -1354,6 +1442,48 @@ mod tests {
             .iter()
             .map(|g| g.iter().map(|c| c.span).collect())
             .collect()
+    }
+
+    #[test]
+    fn a_decoder_starts_at_the_first_chunk_of_a_run_and_at_any_behind_its_predecessor() {
+        let point = |out| {
+            Some(Arc::new(crate::layer::gzindex::Point {
+                out,
+                inp: out / 2,
+                bits: 0,
+                window: vec![],
+                zstd: false,
+                window_ref: None,
+            }))
+        };
+        let chunk = |cp: u64, inner: u64, size: u64| Chunk {
+            offset: cp / 2,
+            inner_offset: inner,
+            file_offset: 0,
+            size,
+            digest: None,
+            end: None,
+            resume: point(cp),
+        };
+        // Checkpoints every 1000 bytes: chunks in order across them, then one behind.
+        let run = [
+            chunk(0, 100, 50),
+            chunk(0, 150, 300),
+            chunk(1000, 20, 10),
+            chunk(2000, 0, 1),
+            chunk(1000, 500, 10),
+            chunk(1000, 600, 10),
+        ];
+        let starts: Vec<(u64, u64)> = decoder_starts(run.iter())
+            .map(|c| (c.offset * 2, c.inner_offset))
+            .collect();
+        assert_eq!(starts, [(0, 100), (1000, 500)]);
+        // Chunks without checkpoints (eStargz) each start their own decoder.
+        let plain = Chunk {
+            resume: None,
+            ..chunk(0, 0, 1)
+        };
+        assert_eq!(decoder_starts([&plain, &plain].into_iter()).count(), 2);
     }
 
     #[test]

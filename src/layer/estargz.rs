@@ -669,14 +669,29 @@ pub fn decode_chunk_with(
     chunk: &Chunk,
     window: Option<&[u8]>,
 ) -> Result<Vec<u8>, ChunkError> {
-    decode_chunk_resumed(compressed, chunk, window, &mut None)
+    decode_chunk_resumed(compressed, chunk.offset, chunk, window, &mut None)
 }
 
-/// [`decode_chunk_with`], continuing with `decoder` when the chunk lies ahead of it in the
-/// same checkpoint span (chunks of one span handed over in order are decoded in one pass);
-/// `decoder` is left after this chunk, or emptied.
+/// Whether `decoder` can go on to `chunk` given the blob's bytes from `input_at` on (else
+/// the chunk is decoded from its own checkpoint, whose window it then needs).
+pub fn continues(
+    decoder: &Option<super::gzindex::SpanDecoder>,
+    chunk: &Chunk,
+    input_at: u64,
+) -> bool {
+    match (decoder, &chunk.resume) {
+        (Some(d), Some(p)) if !p.zstd => d.can_reach(p.out + chunk.inner_offset, input_at),
+        _ => false,
+    }
+}
+
+/// [`decode_chunk_with`], going on with `decoder` when the chunk lies ahead of it (chunks read
+/// in order from a run of the blob are decoded in one pass, across checkpoints); `decoder` is
+/// left after this chunk, or emptied. `compressed` is the blob from `input_at` on, through
+/// the chunk's end; from the chunk's own offset when the decoder is not used.
 pub fn decode_chunk_resumed(
     compressed: &[u8],
+    input_at: u64,
     chunk: &Chunk,
     window: Option<&[u8]>,
     decoder: &mut Option<super::gzindex::SpanDecoder>,
@@ -685,34 +700,35 @@ pub fn decode_chunk_resumed(
         offset: chunk.offset,
         reason,
     };
+    let own = || {
+        usize::try_from(chunk.offset.saturating_sub(input_at))
+            .ok()
+            .and_then(|from| compressed.get(from..))
+            .filter(|_| input_at <= chunk.offset)
+            .ok_or_else(|| err(format!("given the blob from {input_at}, after the chunk")))
+    };
     if let Some(point) = &chunk.resume {
         if point.zstd {
-            let out = super::gzindex::decode_at(
-                compressed,
-                point,
-                window,
-                chunk.inner_offset,
-                chunk.size,
-            )
-            .map_err(|e| err(e.to_string()))?;
+            let out =
+                super::gzindex::decode_at(own()?, point, window, chunk.inner_offset, chunk.size)
+                    .map_err(|e| err(e.to_string()))?;
             return verify_chunk(out, chunk);
         }
-        let resumed = decoder
-            .take()
-            .filter(|d| d.start() == point.start() && d.can_reach(chunk.inner_offset))
-            .and_then(|mut d| {
-                // Given fewer bytes than it already consumed (an earlier chunk's span reached
-                // further), the piece is decoded from the checkpoint instead.
-                let out = d.read(compressed, chunk.inner_offset, chunk.size).ok()?;
-                Some((d, out))
-            });
+        let pos = point.out + chunk.inner_offset;
+        let go_on = continues(decoder, chunk, input_at);
+        let resumed = decoder.take().filter(|_| go_on).and_then(|mut d| {
+            // Short of input (another chunk's bytes reached further): decoded from the
+            // checkpoint instead.
+            let out = d.read_at(compressed, input_at, pos, chunk.size).ok()?;
+            Some((d, out))
+        });
         let (d, out) = match resumed {
             Some(r) => r,
             None => {
                 let mut d = super::gzindex::SpanDecoder::new(point, window)
                     .map_err(|e| err(e.to_string()))?;
                 let out = d
-                    .read(compressed, chunk.inner_offset, chunk.size)
+                    .read(own()?, chunk.inner_offset, chunk.size)
                     .map_err(|e| err(e.to_string()))?;
                 (d, out)
             }
@@ -721,6 +737,7 @@ pub fn decode_chunk_resumed(
         *decoder = Some(d);
         return Ok(out);
     }
+    let compressed = own()?;
     let mut dec: Box<dyn Read + '_> = if chunk.end.is_some() {
         Box::new(
             zstd::stream::read::Decoder::with_buffer(compressed).map_err(|e| err(e.to_string()))?,

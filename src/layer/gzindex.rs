@@ -43,7 +43,7 @@ pub enum GzIndexError {
     Window(String),
     #[error("zstd: {0}")]
     Zstd(String),
-    #[error("a piece at {skip} is behind the span decoder, at {at}")]
+    #[error("a piece at {skip} is behind the span decoder, at {at}, or its input starts after it")]
     Behind { skip: u64, at: u64 },
 }
 
@@ -448,17 +448,20 @@ pub fn decode_at(
 }
 
 /// A deflate decoder resumed at a checkpoint and left where its last piece ended: the pieces
-/// of one checkpoint span, read in order, are decoded in one pass instead of each from the
-/// checkpoint again (a span holds many small files; decoding each from the checkpoint made
-/// reading a directory quadratic in the span).
+/// read in order after it, in its span or the spans that follow, are decoded in one pass
+/// instead of each from its own checkpoint (a span holds many small files; decoding each from
+/// the checkpoint made reading a directory quadratic in the span, and every checkpoint passed
+/// needed its window).
 pub struct SpanDecoder {
     inf: Inflater,
-    /// The checkpoint's [`Point::start`] in the blob (which span this decoder is in).
+    /// The checkpoint's [`Point::start`] in the blob.
     start: u64,
+    /// The checkpoint's uncompressed offset ([`Point::out`]).
+    base: u64,
     /// Bits of the partial first byte still to prime, before any other input.
     prime: u8,
     /// Compressed bytes consumed, from [`Point::start`] on.
-    consumed: usize,
+    consumed: u64,
     /// Uncompressed bytes produced since the checkpoint.
     out: u64,
 }
@@ -481,20 +484,27 @@ impl SpanDecoder {
         Ok(SpanDecoder {
             inf,
             start: point.start(),
+            base: point.out,
             prime: point.bits,
             consumed: 0,
             out: 0,
         })
     }
 
-    /// Where in the blob this decoder's span starts ([`Point::start`]).
-    pub fn start(&self) -> u64 {
-        self.start
+    /// The uncompressed offset this decoder is at (where its last piece ended).
+    pub fn at(&self) -> u64 {
+        self.base + self.out
     }
 
-    /// Whether the piece at `skip` bytes after the checkpoint lies ahead of this decoder.
-    pub fn can_reach(&self, skip: u64) -> bool {
-        skip >= self.out
+    /// Where in the blob its next input byte is.
+    pub fn input_at(&self) -> u64 {
+        self.start + self.consumed
+    }
+
+    /// Whether it can go on to the piece at uncompressed offset `pos` given the blob's bytes
+    /// from `input_at` on: the piece is ahead and the input reaches back to the decoder.
+    pub fn can_reach(&self, pos: u64, input_at: u64) -> bool {
+        pos >= self.at() && input_at <= self.input_at()
     }
 
     /// Decode `len` bytes at `skip` bytes after the checkpoint (at or past where the last
@@ -506,12 +516,29 @@ impl SpanDecoder {
         skip: u64,
         len: u64,
     ) -> Result<Vec<u8>, GzIndexError> {
-        let want = skip + len;
+        self.read_at(compressed, self.start, self.base + skip, len)
+    }
+
+    /// Decode `len` bytes at uncompressed offset `pos` (at or past [`SpanDecoder::at`]), from
+    /// `input`: the blob's bytes from `input_at` (at or before [`SpanDecoder::input_at`]) on,
+    /// enough of them to reach the piece's end. An error leaves the decoder unusable.
+    pub fn read_at(
+        &mut self,
+        input: &[u8],
+        input_at: u64,
+        pos: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, GzIndexError> {
+        let want = pos.saturating_sub(self.base) + len;
         let truncated = || GzIndexError::Truncated(want);
-        if skip < self.out {
-            return Err(GzIndexError::Behind { skip, at: self.out });
+        if pos < self.at() || input_at > self.input_at() {
+            return Err(GzIndexError::Behind {
+                skip: pos,
+                at: self.at(),
+            });
         }
-        let mut input = compressed.get(self.consumed..).ok_or_else(truncated)?;
+        let from = usize::try_from(self.input_at() - input_at).map_err(|_| truncated())?;
+        let mut input = input.get(from..).ok_or_else(truncated)?;
         if self.prime > 0 {
             let (&b, rest) = input.split_first().ok_or_else(truncated)?;
             self.inf.prime(self.prime, b >> (8 - self.prime))?;
@@ -519,7 +546,7 @@ impl SpanDecoder {
             self.consumed += 1;
             input = rest;
         }
-        let skip = skip - self.out;
+        let skip = pos - self.at();
         let mut scratch = vec![0u8; (64 << 10).min(skip.max(1)) as usize];
         let mut skipped = 0u64;
         let mut out = vec![0u8; len.min(1 << 30) as usize];
@@ -533,7 +560,7 @@ impl SpanDecoder {
             };
             let (c, p, ret) = self.inf.run(input, dst, z::Z_NO_FLUSH);
             input = &input[c..];
-            self.consumed += c;
+            self.consumed += c as u64;
             self.out += p as u64;
             if skipped < skip {
                 skipped += p as u64;
@@ -898,7 +925,7 @@ mod tests {
             .unwrap();
         let span_end = rec.points.get(i + 1).map_or(data.len() as u64, |n| n.out) - p.out;
         let mut d = SpanDecoder::new(p, None).unwrap();
-        assert_eq!(d.start(), p.start());
+        assert_eq!((d.at(), d.input_at()), (p.out, p.start()));
         // Pieces in order, each handed the bytes up to just past it (as a fetch delivers them).
         let mut at = 0u64;
         for (gap, len) in [
@@ -909,7 +936,7 @@ mod tests {
             (3, 60_000),
         ] {
             let skip = at + gap;
-            assert!(d.can_reach(skip));
+            assert!(d.can_reach(p.out + skip, p.start()));
             let end = end_after(&rec.points, p.out + skip + len, gz.len() as u64);
             let got = d
                 .read(&gz[p.start() as usize..end as usize], skip, len)
@@ -920,11 +947,21 @@ mod tests {
         }
         assert!(at < span_end);
         // Behind the decoder: refused (the caller starts again from the checkpoint).
-        assert!(!d.can_reach(0));
+        assert!(!d.can_reach(p.out, p.start()));
         assert_eq!(
             d.read(&gz[p.start() as usize..], 0, 10),
-            Err(GzIndexError::Behind { skip: 0, at })
+            Err(GzIndexError::Behind {
+                skip: p.out,
+                at: p.out + at
+            })
         );
+        // On past the next checkpoints, given the blob from any byte before the decoder.
+        let far = data.len() as u64 - 1000;
+        let from = d.input_at() - 7;
+        assert!(d.can_reach(far, from));
+        assert!(!d.can_reach(far, d.input_at() + 1));
+        let got = d.read_at(&gz[from as usize..], from, far, 1000).unwrap();
+        assert_eq!(got, data[far as usize..]);
         // Too few bytes for the next piece: an error, not wrong bytes.
         let mut d = SpanDecoder::new(p, None).unwrap();
         assert!(matches!(
