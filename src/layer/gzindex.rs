@@ -547,47 +547,42 @@ impl SpanDecoder {
             input = rest;
         }
         let skip = pos - self.at();
-        let mut scratch = vec![0u8; (64 << 10).min(skip.max(1)) as usize];
-        let mut skipped = 0u64;
-        let mut out = vec![0u8; len.min(1 << 30) as usize];
-        let mut filled = 0usize;
-        while skipped < skip || filled < out.len() {
-            let dst: &mut [u8] = if skipped < skip {
-                let n = (skip - skipped).min(scratch.len() as u64) as usize;
-                &mut scratch[..n]
-            } else {
-                &mut out[filled..]
-            };
-            let (c, p, ret) = self.inf.run(input, dst, z::Z_NO_FLUSH);
+        let inf = &mut self.inf;
+        let (consumed, produced) = (&mut self.consumed, &mut self.out);
+        skip_then_take(skip, len, want, |dst| {
+            let (c, p, ret) = inf.run(input, dst, z::Z_NO_FLUSH);
             input = &input[c..];
-            self.consumed += c as u64;
-            self.out += p as u64;
-            if skipped < skip {
-                skipped += p as u64;
-            } else {
-                filled += p;
-            }
-            let more = skipped < skip || filled < out.len();
-            match ret {
-                z::Z_OK => {}
+            *consumed += c as u64;
+            *produced += p as u64;
+            let step = match ret {
+                z::Z_OK => Step::Going,
                 // The deflate stream ended, or no progress is possible with the bytes given.
-                z::Z_STREAM_END if more => return Err(truncated()),
-                z::Z_BUF_ERROR if more && c == 0 && p == 0 => return Err(truncated()),
-                z::Z_STREAM_END | z::Z_BUF_ERROR => {}
-                code => return Err(GzIndexError::Zlib(self.inf.message(code))),
-            }
-        }
-        Ok(out)
+                z::Z_STREAM_END => Step::Ended,
+                z::Z_BUF_ERROR if c == 0 && p == 0 => Step::Ended,
+                z::Z_BUF_ERROR => Step::Going,
+                code => return Err(GzIndexError::Zlib(inf.message(code))),
+            };
+            Ok((p, step))
+        })
     }
 }
 
-/// [`decode_at`] for a zstd frame start: the frames from there on decoded as one stream. The
-/// decoder is driven directly: at the end of the input it is still asked to flush the output
-/// it holds (zstd's `Read` adapter reports an incomplete frame first).
-fn decode_zstd_at(compressed: &[u8], skip: u64, len: u64) -> Result<Vec<u8>, GzIndexError> {
-    use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer, get_error_name};
-    let mut dctx = DCtx::create();
-    let mut input = InBuffer::around(compressed);
+/// How a decoder's step left it.
+enum Step {
+    Going,
+    /// Its stream ended, or it cannot go on with the input it has.
+    Ended,
+}
+
+/// Drive a decoder: discard the first `skip` bytes of its output, return the next `len`.
+/// `step` decodes into the buffer it is given: (bytes produced, state). A decoder that ends
+/// before that is an error (the input is truncated, `want` bytes were needed from its start).
+fn skip_then_take(
+    skip: u64,
+    len: u64,
+    want: u64,
+    mut step: impl FnMut(&mut [u8]) -> Result<(usize, Step), GzIndexError>,
+) -> Result<Vec<u8>, GzIndexError> {
     let mut scratch = vec![0u8; (64 << 10).min(skip.max(1)) as usize];
     let mut skipped = 0u64;
     let mut out = vec![0u8; len.min(1 << 30) as usize];
@@ -599,21 +594,42 @@ fn decode_zstd_at(compressed: &[u8], skip: u64, len: u64) -> Result<Vec<u8>, GzI
         } else {
             &mut out[filled..]
         };
-        let before = input.pos();
-        let mut output = OutBuffer::around(dst);
-        dctx.decompress_stream(&mut output, &mut input)
-            .map_err(|code| GzIndexError::Zstd(get_error_name(code).to_string()))?;
-        let p = output.pos();
+        let (p, state) = step(dst)?;
         if skipped < skip {
             skipped += p as u64;
         } else {
             filled += p;
         }
-        if p == 0 && input.pos() == before {
-            return Err(GzIndexError::Truncated(skip + len));
+        let more = skipped < skip || filled < out.len();
+        if more && matches!(state, Step::Ended) {
+            return Err(GzIndexError::Truncated(want));
         }
     }
     Ok(out)
+}
+
+/// [`decode_at`] for a zstd frame start: the frames from there on decoded as one stream. The
+/// decoder is driven directly: at the end of the input it is still asked to flush the output
+/// it holds (zstd's `Read` adapter reports an incomplete frame first).
+fn decode_zstd_at(compressed: &[u8], skip: u64, len: u64) -> Result<Vec<u8>, GzIndexError> {
+    use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer, get_error_name};
+    let mut dctx = DCtx::create();
+    let mut input = InBuffer::around(compressed);
+    skip_then_take(skip, len, skip + len, |dst| {
+        let before = input.pos();
+        let mut output = OutBuffer::around(dst);
+        dctx.decompress_stream(&mut output, &mut input)
+            .map_err(|code| GzIndexError::Zstd(get_error_name(code).to_string()))?;
+        let p = output.pos();
+        Ok((
+            p,
+            if p == 0 && input.pos() == before {
+                Step::Ended
+            } else {
+                Step::Going
+            },
+        ))
+    })
 }
 
 /// A zstd decoder that records a checkpoint at a frame start every `span` bytes of output (or
