@@ -3,7 +3,8 @@
 //! one byte of each large HTTP response body (to test that unverified bytes are never stored).
 //!
 //! Usage: lazypull-netem --listen 127.0.0.1:0 --upstream 127.0.0.1:5000 [--mbit 100] [--rtt-ms 20]
-//!        [--tamper-after 4096]. Prints `listening on ADDR` once ready. Test/bench tool only.
+//!        [--tamper-after 4096] [--hold-after BYTES --hold-until FILE]. Prints `listening on ADDR`
+//!        once ready. Test/bench tool only.
 
 use clap::Parser;
 use std::sync::Arc;
@@ -32,6 +33,30 @@ struct Args {
     /// Flip one byte this many bytes into each HTTP response body (server → client), if it is that long.
     #[arg(long)]
     tamper_after: Option<u64>,
+    /// Stop forwarding a connection's server → client bytes once this many have passed on it,
+    /// until the file `--hold-until` exists: a test then knows a long download cannot have
+    /// finished, however loaded the machine, while short requests on other connections go on.
+    #[arg(long, requires = "hold_until")]
+    hold_after: Option<u64>,
+    /// The file whose creation releases the hold of `--hold-after`.
+    #[arg(long, requires = "hold_after")]
+    hold_until: Option<std::path::PathBuf>,
+}
+
+/// Holds a connection's server → client direction after a byte budget until a file appears.
+struct Hold {
+    after: u64,
+    until: std::path::PathBuf,
+}
+
+impl Hold {
+    /// Waits for the release file (checked every 20 ms; otherwise the hold ends with the
+    /// connection).
+    async fn wait(&self) {
+        while !self.until.exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// A token bucket shared by the connections of one direction.
@@ -58,6 +83,7 @@ async fn pump(
     bucket: Option<Arc<Mutex<Bucket>>>,
     delay: Duration,
     tamper_after: Option<u64>,
+    hold: Option<Arc<Hold>>,
 ) {
     // Delay is applied per chunk by timestamping reads and releasing them `delay` later, in order.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(Instant, Vec<u8>)>(1024);
@@ -75,6 +101,7 @@ async fn pump(
     let mut header_tail: Vec<u8> = Vec::new();
     let mut body_seen: Option<u64> = None;
     let mut tampered = false;
+    let mut passed = 0u64;
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -115,6 +142,19 @@ async fn pump(
             let ready = b.lock().await.reserve(n);
             tokio::time::sleep_until(ready.into()).await;
         }
+        if let Some(h) = &hold {
+            // Let through what fits in the budget, hold the rest (and everything after it).
+            let left = h.after.saturating_sub(passed);
+            if left < n as u64 {
+                let rest = data.split_off(left as usize);
+                if !data.is_empty() && tx.send((Instant::now() + delay, data)).await.is_err() {
+                    break;
+                }
+                h.wait().await;
+                data = rest;
+            }
+            passed += n as u64;
+        }
         if tx.send((Instant::now() + delay, data)).await.is_err() {
             break;
         }
@@ -138,10 +178,15 @@ async fn main() -> std::io::Result<()> {
     };
     let (down, up) = (bucket(()), bucket(()));
     let delay = Duration::from_millis(args.rtt_ms) / 2;
+    let hold = match (args.hold_after, args.hold_until.clone()) {
+        (Some(after), Some(until)) => Some(Arc::new(Hold { after, until })),
+        _ => None,
+    };
     loop {
         let (client, _) = listener.accept().await?;
         let upstream = args.upstream.clone();
         let (down, up, tamper) = (down.clone(), up.clone(), args.tamper_after);
+        let hold = hold.clone();
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(&upstream).await else {
                 return;
@@ -150,8 +195,8 @@ async fn main() -> std::io::Result<()> {
             let _ = server.set_nodelay(true);
             let (cr, cw) = client.into_split();
             let (sr, sw) = server.into_split();
-            let a = tokio::spawn(pump(cr, sw, up, delay, None));
-            let b = tokio::spawn(pump(sr, cw, down, delay, tamper));
+            let a = tokio::spawn(pump(cr, sw, up, delay, None, None));
+            let b = tokio::spawn(pump(sr, cw, down, delay, tamper, hold));
             let _ = tokio::join!(a, b);
         });
     }
