@@ -159,6 +159,17 @@ pub struct ServeArgs {
     /// [default: metrics.listen, off].
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_listen: Option<String>,
+    /// Serve the pull-through registry (OCI pull API, `/v2/`) on this address, e.g.
+    /// 0.0.0.0:5000 [default: mirror.listen, off].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub mirror_listen: Option<String>,
+    /// Upstream registry of mirror requests that name none [default: mirror.default_upstream].
+    #[arg(long, value_name = "HOST")]
+    pub mirror_default_upstream: Option<String>,
+    /// The mirror never contacts an upstream: it serves what the store has [default:
+    /// mirror.air_gapped, false].
+    #[arg(long)]
+    pub mirror_air_gapped: bool,
     /// Do not keep credentials received through CRI for later refetches.
     #[arg(long)]
     pub no_persist_credentials: bool,

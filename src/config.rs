@@ -33,6 +33,7 @@ pub struct Config {
     pub gc: GcConfig,
     pub fuse: FuseConfig,
     pub metrics: MetricsConfig,
+    pub mirror: MirrorConfig,
     pub snapshotter: SnapshotterConfig,
     pub containerd: ContainerdConfig,
     /// docker config.json to read credentials from ("" = $DOCKER_CONFIG or ~/.docker).
@@ -104,6 +105,19 @@ impl Default for ContainerdConfig {
 pub struct MetricsConfig {
     /// `HOST:PORT` to serve `GET /metrics` on; empty = off.
     pub listen: String,
+}
+
+/// The pull-through registry (OCI distribution pull API) served from the store.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorConfig {
+    /// `HOST:PORT` to serve `/v2/` on; empty = off.
+    pub listen: String,
+    /// The upstream registry of requests that name none (no `ns` query parameter, no
+    /// registry host as the first path segment), e.g. `docker.io`; empty = such requests fail.
+    pub default_upstream: String,
+    /// Never contact an upstream: answer from the store only.
+    pub air_gapped: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -303,6 +317,7 @@ impl Default for Config {
             gc: GcConfig::default(),
             fuse: FuseConfig::default(),
             metrics: MetricsConfig::default(),
+            mirror: MirrorConfig::default(),
             snapshotter: SnapshotterConfig::default(),
             containerd: ContainerdConfig::default(),
             docker_config: None,
@@ -428,6 +443,20 @@ impl Config {
             return bad(format!(
                 "metrics.listen {:?} must be HOST:PORT with an IP address, e.g. 127.0.0.1:9101",
                 self.metrics.listen
+            ));
+        }
+        if !self.mirror.listen.is_empty()
+            && self.mirror.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad(format!(
+                "mirror.listen {:?} must be HOST:PORT with an IP address, e.g. 0.0.0.0:5000",
+                self.mirror.listen
+            ));
+        }
+        if self.mirror.default_upstream.contains('/') {
+            return bad(format!(
+                "mirror.default_upstream {:?} must be a registry host (e.g. docker.io), without a scheme or path",
+                self.mirror.default_upstream
             ));
         }
         if self.fetch.read_ahead_neighbours_kib > 64 << 10 {

@@ -11,6 +11,7 @@ pub mod cri;
 pub mod daemon;
 pub mod fetch;
 pub mod fs;
+pub mod http;
 pub mod images;
 pub mod index_share;
 pub mod layer;

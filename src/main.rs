@@ -102,6 +102,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(k) = a.read_ahead_neighbours_kib {
                 cfg.fetch.read_ahead_neighbours_kib = k;
             }
+            if let Some(l) = &a.mirror_listen {
+                cfg.mirror.listen = l.clone();
+            }
+            if let Some(u) = &a.mirror_default_upstream {
+                cfg.mirror.default_upstream = u.clone();
+            }
+            if a.mirror_air_gapped {
+                cfg.mirror.air_gapped = true;
+            }
             if let Some(l) = &a.metrics_listen {
                 cfg.metrics.listen = l.clone();
             }

@@ -222,6 +222,31 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             metrics_stop.clone(),
         )))
     };
+    // The pull-through registry, on the same store.
+    let mirror_task = if cfg.mirror.listen.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&cfg.mirror.listen)
+            .await
+            .with_context(|| format!("binding the pull-through registry {}", cfg.mirror.listen))?;
+        tracing::info!(listen = %cfg.mirror.listen, default_upstream = %cfg.mirror.default_upstream, air_gapped = cfg.mirror.air_gapped, "serving the pull-through registry (OCI pull API at /v2/)");
+        let mirror = crate::http::mirror::Mirror::new(
+            images.layout.clone(),
+            Arc::clone(&images.db),
+            Arc::clone(&images.registry),
+            crate::http::mirror::MirrorOptions {
+                default_upstream: cfg.mirror.default_upstream.clone(),
+                air_gapped: cfg.mirror.air_gapped,
+            },
+        );
+        let handler = Arc::new(move |req| Arc::clone(&mirror).handle(req));
+        Some(tokio::spawn(crate::http::serve(
+            listener,
+            "mirror",
+            handler,
+            metrics_stop.clone(),
+        )))
+    };
     let stop = CancellationToken::new();
     // The containerd snapshotter: remote snapshots need the FUSE mount.
     let snapshot_task = if cfg.snapshotter.enabled {
@@ -327,6 +352,9 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     }
     metrics_stop.cancel();
     if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    if let Some(t) = mirror_task {
         let _ = t.await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -185,6 +185,8 @@ const BARE: u64 = u64::MAX;
 /// and sends the whole blob, the bytes before the offset are dropped here).
 pub struct BlobBody {
     pub stream: BoxStream<'static, std::io::Result<Bytes>>,
+    /// The body's length as the registry announced it (from the requested offset on).
+    pub len: Option<u64>,
 }
 
 /// Drop the first `skip` bytes of a stream.
@@ -599,6 +601,9 @@ impl Registry {
     }
 }
 
+/// Tags of one repository listed at once, at most.
+pub const MAX_TAGS: usize = 10_000;
+
 /// Referrers of one artifact type looked at, at most.
 pub const MAX_REFERRERS: usize = 64;
 
@@ -766,6 +771,35 @@ impl Registry {
         .await
     }
 
+    /// The tags of `r`'s repository, a page of at most `n` after `last` (the registry's
+    /// order), bounded by [`MAX_TAGS`].
+    pub async fn list_tags(
+        &self,
+        r: &Reference,
+        n: Option<usize>,
+        last: Option<&str>,
+        creds: &OpCreds,
+    ) -> Result<Vec<String>> {
+        let what = format!("tags of {}", r.repository());
+        self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
+            let what = what.clone();
+            async move {
+                let auth = secret
+                    .as_ref()
+                    .map(Secret::to_registry_auth)
+                    .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+                let mut tags = client
+                    .list_tags(&reference, &auth, n, last)
+                    .await
+                    .map_err(|e| classify(e, &ep.host, reference.repository(), &what, &source))?
+                    .tags;
+                tags.truncate(MAX_TAGS);
+                Ok(tags)
+            }
+        })
+        .await
+    }
+
     /// Upload a manifest under `r`'s tag (or digest).
     pub async fn push_manifest(
         &self,
@@ -864,8 +898,12 @@ async fn open_blob(
         .await
         .map_err(|e| classify(e, &ep.host, reference.repository(), what, source))?;
     Ok(match resp {
-        oci_client::client::BlobResponse::Partial(s) => BlobBody { stream: s.stream },
+        oci_client::client::BlobResponse::Partial(s) => BlobBody {
+            len: s.content_length,
+            stream: s.stream,
+        },
         oci_client::client::BlobResponse::Full(s) => BlobBody {
+            len: s.content_length.map(|n| n.saturating_sub(offset)),
             stream: skip_prefix(s.stream, offset),
         },
     })

@@ -82,6 +82,16 @@ CREATE TABLE IF NOT EXISTS credentials (
     registry TEXT PRIMARY KEY,
     secret TEXT NOT NULL                 -- JSON; the database file is root-only (0600)
 );
+CREATE TABLE IF NOT EXISTS mirror_tags (  -- the pull-through registry: tags it answered
+    name TEXT PRIMARY KEY,               -- upstream/repository:tag
+    digest TEXT NOT NULL,                -- the manifest or index it named then
+    fetched_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mirror_blobs ( -- manifests and blobs it stored (kept by GC)
+    digest TEXT PRIMARY KEY,
+    fetched_at INTEGER NOT NULL,
+    accessed_at INTEGER NOT NULL
+);
 "#;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -701,7 +711,70 @@ impl Catalogue {
             set.extend(toc);
             set.extend(index);
         }
+        let mut st = self.conn.prepare("SELECT digest FROM mirror_blobs")?;
+        for d in st.query_map([], |r| r.get::<_, String>(0))? {
+            set.insert(d?);
+        }
         Ok(set)
+    }
+
+    /// The pull-through registry stored `digest` (a manifest or a blob): GC keeps it.
+    pub fn add_mirror_blob(&self, digest: &str) -> Result<()> {
+        let t = now();
+        self.conn.execute(
+            "INSERT INTO mirror_blobs (digest, fetched_at, accessed_at) VALUES (?1, ?2, ?2)
+             ON CONFLICT(digest) DO UPDATE SET accessed_at = ?2",
+            params![digest, t],
+        )?;
+        Ok(())
+    }
+
+    /// The pull-through registry answered `name` (`upstream/repo:tag`) with `digest`.
+    pub fn set_mirror_tag(&self, name: &str, digest: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO mirror_tags (name, digest, fetched_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET digest = ?2, fetched_at = ?3",
+            params![name, digest, now()],
+        )?;
+        Ok(())
+    }
+
+    /// What the pull-through registry last answered for `name`, else what a pull of that name
+    /// recorded (an image pulled through CRI is served by tag too).
+    pub fn mirror_tag(&self, name: &str) -> Result<Option<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT digest FROM mirror_tags WHERE name = ?1")?;
+        if let Some(d) = st
+            .query_map(params![name], |r| r.get::<_, String>(0))?
+            .next()
+        {
+            return Ok(Some(d?));
+        }
+        Ok(self
+            .image_by_name(name)?
+            .map(|i| i.index_digest.unwrap_or(i.manifest_digest)))
+    }
+
+    /// The tags of `repo` (`upstream/repository`) this node knows, sorted.
+    pub fn mirror_tags_of(&self, repo: &str) -> Result<Vec<String>> {
+        let prefix = format!("{repo}:");
+        let mut tags = BTreeSet::new();
+        for sql in [
+            "SELECT name FROM mirror_tags WHERE substr(name, 1, length(?1)) = ?1",
+            "SELECT name FROM image_names WHERE kind = 'tag' AND substr(name, 1, length(?1)) = ?1",
+        ] {
+            let mut st = self.conn.prepare(sql)?;
+            for n in st.query_map(params![prefix], |r| r.get::<_, String>(0))? {
+                let n = n?;
+                if let Some(t) = n.strip_prefix(&prefix)
+                    && !t.contains('/')
+                {
+                    tags.insert(t.to_string());
+                }
+            }
+        }
+        Ok(tags.into_iter().collect())
     }
 
     /// The verified TOC: its entries, where it starts, and the entries before its prefetch

@@ -1,0 +1,261 @@
+//! The pull-through registry (`mirror.listen`) with the clients users run: skopeo copies an
+//! image through it (default upstream), curl reads what the spec says (ranges, HEAD, tags,
+//! errors, `ns`, in-path upstreams), each blob comes from the upstream once, and with the
+//! upstream gone the mirror still serves what it stored.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+/// `curl -s -i [args] URL`: the status code, the headers (lower-cased names) and the body.
+fn curl(args: &[&str], url: &str) -> (u16, String, Vec<u8>) {
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "60"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl");
+    let raw = out.stdout;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
+    let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+    let body = raw.get(split + 4..).unwrap_or_default().to_vec();
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head, body)
+}
+
+fn error_code(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn skopeo_copy(from: &str, to: &std::path::Path) -> std::process::Output {
+    Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false", "--retry-times", "0"])
+        .arg(from)
+        .arg(format!("oci:{}:latest", to.display()))
+        .output()
+        .expect("skopeo")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_and_curl_pull_through_the_mirror_and_it_serves_the_store_offline() {
+    if !require_tools() {
+        return;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("SKIP: curl not installed");
+        return;
+    }
+    let mut reg = Registry::empty(None);
+    let big = noise(3 << 20, 5);
+    push_layers(
+        &reg,
+        "mir",
+        &[
+            tar_of(&[("a/", vec![]), ("a/hello.txt", b"hello\n".to_vec())]),
+            tar_of(&[("b/", vec![]), ("b/big.bin", big)]),
+        ],
+    )
+    .await;
+    let layers = layer_sizes(&reg, "mir");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start(&[
+        "--mirror-listen",
+        &listen,
+        "--mirror-default-upstream",
+        &reg.host(),
+    ]);
+    let base = format!("http://{listen}");
+
+    // The API version check.
+    let (code, head, _) = curl(&[], &format!("{base}/v2/"));
+    assert_eq!(code, 200, "{head}");
+    assert!(
+        head.contains("docker-distribution-api-version: registry/2.0"),
+        "{head}"
+    );
+
+    // skopeo, through the default upstream: every blob fetched once from the upstream.
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = skopeo_copy(
+        &format!("docker://{listen}/mir:latest"),
+        &out_dir.path().join("a"),
+    );
+    assert!(
+        out.status.success(),
+        "skopeo copy: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    for (digest, size) in &layers {
+        assert!(d.blob(digest).exists(), "{digest} stored");
+        let (bytes, requests, _) = served(&reg, "mir", digest);
+        assert_eq!((bytes, requests), (*size, 1), "{digest} fetched once");
+    }
+    // Again: all from the store.
+    let out = skopeo_copy(
+        &format!("docker://{listen}/mir:latest"),
+        &out_dir.path().join("b"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (digest, _) in &layers {
+        assert_eq!(
+            served(&reg, "mir", digest).1,
+            1,
+            "{digest} not fetched again"
+        );
+    }
+
+    // curl: the in-path upstream form, HEAD, ranges, tags, ns, errors.
+    let (big_digest, big_size) = layers[1].clone();
+    let blob_url = format!("{base}/v2/{}/mir/blobs/{big_digest}", reg.host());
+    let (code, head, body) = curl(&["-I"], &blob_url);
+    assert_eq!(code, 200, "{head}");
+    assert!(
+        head.contains(&format!("content-length: {big_size}")),
+        "{head}"
+    );
+    assert!(head.contains("accept-ranges: bytes"), "{head}");
+    assert!(body.is_empty());
+    let (code, head, body) = curl(&["-H", "Range: bytes=10-19"], &blob_url);
+    assert_eq!(code, 206, "{head}");
+    assert!(
+        head.contains(&format!("content-range: bytes 10-19/{big_size}")),
+        "{head}"
+    );
+    let whole = std::fs::read(d.blob(&big_digest)).unwrap();
+    assert_eq!(body, whole[10..20]);
+    let (code, head, _) = curl(&["-H", &format!("Range: bytes={big_size}-")], &blob_url);
+    assert_eq!(code, 416, "{head}");
+
+    let (code, head, body) = curl(&[], &format!("{base}/v2/mir/tags/list"));
+    assert_eq!(code, 200, "{head}");
+    let tags: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(tags["tags"], serde_json::json!(["latest"]), "{tags}");
+
+    let (code, head, _) = curl(
+        &["-I"],
+        &format!("{base}/v2/mir/manifests/latest?ns={}", reg.host()),
+    );
+    assert_eq!(code, 200, "{head}");
+    assert!(
+        head.contains(&format!("oci-namespace: {}", reg.host())),
+        "{head}"
+    );
+    assert!(head.contains("docker-content-digest: sha256:"), "{head}");
+
+    let (code, _, body) = curl(&[], &format!("{base}/v2/mir/manifests/nosuchtag"));
+    assert_eq!(
+        (code, error_code(&body).as_str()),
+        (404, "MANIFEST_UNKNOWN")
+    );
+    let (code, _, body) = curl(
+        &[],
+        &format!("{base}/v2/mir/blobs/sha256:{}", "0".repeat(64)),
+    );
+    assert_eq!((code, error_code(&body).as_str()), (404, "BLOB_UNKNOWN"));
+    let (code, _, body) = curl(&[], &format!("{base}/v2/%2e%2e/x/manifests/latest"));
+    assert_eq!((code, error_code(&body).as_str()), (400, "NAME_INVALID"));
+    let (code, _, body) = curl(&["-X", "POST"], &format!("{base}/v2/mir/blobs/uploads/"));
+    assert_eq!((code, error_code(&body).as_str()), (405, "UNSUPPORTED"));
+    let (code, _, body) = curl(
+        &["-X", "PUT", "--data", "{}"],
+        &format!("{base}/v2/mir/manifests/latest"),
+    );
+    assert_eq!((code, error_code(&body).as_str()), (405, "UNSUPPORTED"));
+
+    // The upstream goes away: tags and blobs are served from the store.
+    reg.stop();
+    let out = skopeo_copy(
+        &format!("docker://{listen}/mir:latest"),
+        &out_dir.path().join("c"),
+    );
+    assert!(
+        out.status.success(),
+        "offline copy: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    assert!(d.log_text().contains("serving the tag as the store has it"));
+    // What it never had fails at once, with the reason.
+    let (code, _, body) = curl(&[], &format!("{base}/v2/mir/manifests/other"));
+    assert_eq!(code, 502, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("unreachable"));
+}
+
+/// `mirror.air_gapped`: nothing goes upstream; what the store has (here: an image pulled
+/// through CRI) is served by tag and digest; the rest is unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_air_gapped_mirror_serves_pulled_images_and_never_goes_upstream() {
+    if !require_tools() {
+        return;
+    }
+    let reg = Registry::empty(None);
+    push_layers(
+        &reg,
+        "gap",
+        &[tar_of(&[("a/", vec![]), ("a/x.txt", b"x\n".to_vec())])],
+    )
+    .await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start(&["--mirror-listen", &listen, "--mirror-air-gapped"]);
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &format!("{}/gap:latest", reg.host()))
+            .await
+            .expect("pull");
+    }
+    d.wait_complete(std::time::Duration::from_secs(60));
+    let gets = reg.all_blob_gets();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = skopeo_copy(
+        &format!("docker://{listen}/gap:latest"),
+        &out_dir.path().join("a"),
+    );
+    // No default upstream and no host in the path: the name resolves to nothing.
+    assert!(!out.status.success());
+    let base = format!("http://{listen}");
+    let (code, head, body) = curl(
+        &[],
+        &format!("{base}/v2/{}/gap/manifests/latest", reg.host()),
+    );
+    assert_eq!(code, 200, "{head}\n{}", String::from_utf8_lossy(&body));
+    let digest = head
+        .lines()
+        .find_map(|l| l.strip_prefix("docker-content-digest: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let (code, _, _) = curl(
+        &[],
+        &format!("{base}/v2/{}/gap/manifests/{digest}", reg.host()),
+    );
+    assert_eq!(code, 200);
+    let (code, _, body) = curl(&[], &format!("{base}/v2/{}/gap/manifests/v2", reg.host()));
+    assert_eq!(
+        (code, error_code(&body).as_str()),
+        (404, "MANIFEST_UNKNOWN")
+    );
+    for (l, _) in layer_sizes(&reg, "gap") {
+        let (code, _, _) = curl(&["-I"], &format!("{base}/v2/{}/gap/blobs/{l}", reg.host()));
+        assert_eq!(code, 200, "{l}");
+    }
+    assert_eq!(reg.all_blob_gets(), gets, "nothing fetched upstream");
+}
