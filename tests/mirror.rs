@@ -259,3 +259,108 @@ async fn an_air_gapped_mirror_serves_pulled_images_and_never_goes_upstream() {
     }
     assert_eq!(reg.all_blob_gets(), gets, "nothing fetched upstream");
 }
+
+/// Twenty clients ask for the same uncached blob at once, behind a slow upstream link: the
+/// upstream sends it once, every client gets the right bytes, and every client received its
+/// first bytes before any finished (they follow the one fetch as it arrives).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_cold_clients_share_one_upstream_fetch() {
+    if !require_tools() {
+        return;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("SKIP: curl not installed");
+        return;
+    }
+    let reg = Registry::empty(None);
+    push_layers(
+        &reg,
+        "many",
+        &[tar_of(&[
+            ("d/", vec![]),
+            ("d/big.bin", noise(16 << 20, 21)),
+        ])],
+    )
+    .await;
+    let (digest, size) = layer_sizes(&reg, "many")[0].clone();
+    // About 2 s to send the blob.
+    let proxy = Netem::start(&reg.host(), &["--mbit", "64"]);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start(&[
+        "--mirror-listen",
+        &listen,
+        "--mirror-default-upstream",
+        &proxy.host(),
+    ]);
+    let out = tempfile::tempdir().unwrap();
+    let url = format!("http://{listen}/v2/many/blobs/{digest}");
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            let (url, file) = (url.clone(), out.path().join(format!("c{i}")));
+            std::thread::spawn(move || {
+                let o = Command::new("curl")
+                    .args(["-s", "-f", "--max-time", "120", "-o"])
+                    .arg(&file)
+                    .args(["-w", "%{time_starttransfer} %{time_total}"])
+                    .arg(&url)
+                    .output()
+                    .expect("curl");
+                let t = String::from_utf8_lossy(&o.stdout).to_string();
+                let mut f = t
+                    .split_whitespace()
+                    .map(|x| x.parse::<f64>().unwrap_or(f64::MAX));
+                (
+                    o.status.success(),
+                    f.next().unwrap_or(f64::MAX),
+                    f.next().unwrap_or(0.0),
+                    file,
+                )
+            })
+        })
+        .collect();
+    let results: Vec<_> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let want = std::fs::read(d.blob(&digest)).expect("stored");
+    assert_eq!(want.len() as u64, size);
+    for (ok, _, _, file) in &results {
+        assert!(ok, "a client failed\n{}", d.log_text());
+        assert!(
+            std::fs::read(file).unwrap() == want,
+            "{} differs",
+            file.display()
+        );
+    }
+    let (bytes, requests, _) = served(&reg, "many", &digest);
+    assert_eq!((bytes, requests), (size, 1), "one upstream fetch");
+    let first_done = results.iter().map(|r| r.2).fold(f64::MAX, f64::min);
+    let last_start = results.iter().map(|r| r.1).fold(0.0, f64::max);
+    eprintln!("20 clients: last first byte at {last_start:.2} s, first done at {first_done:.2} s");
+    assert!(
+        last_start < first_done,
+        "every client had bytes before any was done ({last_start} vs {first_done})"
+    );
+
+    // An upstream that sends wrong bytes (one flipped by a proxy named with `ns`): the
+    // clients' responses are cut short, nothing is stored.
+    push_layers(
+        &reg,
+        "bad",
+        &[tar_of(&[("e/", vec![]), ("e/x.bin", noise(1 << 20, 22))])],
+    )
+    .await;
+    let (bad, _) = layer_sizes(&reg, "bad")[0].clone();
+    let tamper = Netem::start(&reg.host(), &["--tamper-after", "4096"]);
+    let url = format!("http://{listen}/v2/bad/blobs/{bad}?ns={}", tamper.host());
+    let o = Command::new("curl")
+        .args(["-s", "-f", "--max-time", "60", "-o"])
+        .arg(out.path().join("bad"))
+        .arg(&url)
+        .output()
+        .expect("curl");
+    assert!(!o.status.success(), "a corrupted blob was served whole");
+    assert!(!d.blob(&bad).exists(), "a corrupted blob was stored");
+    wait_until(
+        "the mismatch logged",
+        std::time::Duration::from_secs(30),
+        || d.log_text().contains("digest mismatch"),
+    );
+}

@@ -43,6 +43,9 @@ pub enum MirrorError {
     Store(#[from] StoreError),
     #[error("store i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The error of a fetch this request joined.
+    #[error("{0}")]
+    Shared(Arc<MirrorError>),
 }
 
 type Result<T> = std::result::Result<T, MirrorError>;
@@ -59,6 +62,8 @@ pub struct Mirror {
     db: Arc<Mutex<Catalogue>>,
     registry: Arc<Registry>,
     opts: MirrorOptions,
+    /// Blobs being fetched from upstream, by digest: one fetch however many clients.
+    flights: Mutex<std::collections::HashMap<Digest, Arc<Flight>>>,
 }
 
 /// An upstream repository a request goes to.
@@ -97,6 +102,7 @@ impl Mirror {
             db,
             registry,
             opts,
+            flights: Mutex::default(),
         })
     }
 
@@ -160,7 +166,7 @@ impl Mirror {
     }
 
     async fn answer(
-        &self,
+        self: &Arc<Self>,
         method: &Method,
         path: &str,
         query: Option<&str>,
@@ -296,7 +302,7 @@ impl Mirror {
     }
 
     async fn blob(
-        &self,
+        self: &Arc<Self>,
         up: &Upstream,
         d: &Digest,
         range: Option<&str>,
@@ -338,29 +344,13 @@ impl Mirror {
             blob_headers(h, d);
             return Ok(r);
         }
-        let body = self
-            .registry
-            .open_blob(&up.at(d), d, 0, None, &up.creds)
-            .await
-            .map_err(upstream_err(false))?;
-        let mut r = if head {
-            Response::new(empty())
-        } else {
-            let tee = Tee::start(
-                self.layout.clone(),
-                Arc::clone(&self.db),
-                d.clone(),
-                body.stream,
-            )
-            .await?;
-            Response::new(super::stream(tee))
-        };
-        if let Some(n) = body.len {
-            r.headers_mut()
-                .insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
+        match self.flight(up, d)? {
+            Some(f) => self.follow(f, d, head).await,
+            None => {
+                let file = tokio::fs::File::open(self.layout.blob(d)).await?;
+                self.local_blob(file, d, range, head).await
+            }
         }
-        blob_headers(r.headers_mut(), d);
-        Ok(r)
     }
 
     async fn local_blob(
@@ -546,109 +536,207 @@ pub fn parse_range(h: &str, size: u64) -> Option<ByteRange> {
     Some(ByteRange::Some(start, end))
 }
 
-/// A blob fetched from upstream for a client: each chunk is hashed and written to a temp file
-/// of the store as it passes; the last chunk is held back until the digest is checked, so a
-/// client never gets a complete body of wrong bytes (it gets an aborted response instead), and
-/// the blob is stored only when it verifies.
-struct Tee {
-    upstream: futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>,
-    file: tokio::fs::File,
-    tmp: Option<tempfile::NamedTempFile>,
-    hasher: sha2::Sha256,
-    pending: Option<Bytes>,
-    digest: Digest,
-    layout: Layout,
-    db: Arc<Mutex<Catalogue>>,
-    done: bool,
+/// Where one upstream fetch of a blob stands; every client of the blob follows it.
+#[derive(Clone, Debug)]
+enum FlightState {
+    /// The upstream request is being made.
+    Opening,
+    /// Bytes `[0, written)` are in the temp file; `len` as the upstream announced it.
+    Streaming { len: Option<u64>, written: u64 },
+    /// Verified and stored under its digest: `len` bytes.
+    Done { len: u64 },
+    /// The fetch failed; nothing was stored.
+    Failed(Arc<MirrorError>),
 }
 
-impl Tee {
-    async fn start(
-        layout: Layout,
-        db: Arc<Mutex<Catalogue>>,
-        digest: Digest,
-        upstream: futures_util::stream::BoxStream<'static, std::io::Result<Bytes>>,
-    ) -> Result<impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static> {
+/// One upstream fetch of a blob (single flight): a task writes it to a temp file of the store
+/// and hashes it; any number of clients read that file as it grows. The last byte is handed
+/// out only once the digest matched, so no client takes a wrong or cut blob for complete;
+/// the fetch goes on to the end even when every client has gone, and stores the blob.
+struct Flight {
+    state: tokio::sync::watch::Sender<FlightState>,
+    /// The temp file (each client opens its own descriptor: it stays valid across the rename
+    /// into `blobs/`).
+    path: std::path::PathBuf,
+}
+
+impl Mirror {
+    /// The flight fetching `d`, joined or started; `None` when the blob is in the store now.
+    fn flight(self: &Arc<Self>, up: &Upstream, d: &Digest) -> Result<Option<Arc<Flight>>> {
+        let mut flights = lock(&self.flights);
+        if let Some(f) = flights.get(d) {
+            return Ok(Some(Arc::clone(f)));
+        }
+        // A flight leaves the table only after its blob is in place: checked under the lock.
+        if self.layout.has_blob(d) {
+            return Ok(None);
+        }
         let tmp = tempfile::Builder::new()
             .prefix(".tmp-")
-            .tempfile_in(layout.blobs_dir())?;
-        let file = tokio::fs::File::from_std(tmp.reopen()?);
-        let tee = Tee {
-            upstream,
-            file,
-            tmp: Some(tmp),
-            hasher: sha2::Sha256::new(),
-            pending: None,
-            digest,
-            layout,
-            db,
-            done: false,
-        };
-        Ok(futures_util::stream::unfold(tee, |mut t| async move {
-            let item = t.next().await?;
-            Some((item, t))
-        }))
+            .tempfile_in(self.layout.blobs_dir())?;
+        let (state, _) = tokio::sync::watch::channel(FlightState::Opening);
+        let flight = Arc::new(Flight {
+            state,
+            path: tmp.path().to_path_buf(),
+        });
+        flights.insert(d.clone(), Arc::clone(&flight));
+        drop(flights);
+        let (this, f, d, reference, creds) = (
+            Arc::clone(self),
+            Arc::clone(&flight),
+            d.clone(),
+            up.at(d),
+            up.creds.clone(),
+        );
+        tokio::spawn(async move {
+            let result = this.fly(&f, &d, &reference, &creds, tmp).await;
+            let end = match result {
+                Ok(len) => FlightState::Done { len },
+                Err(e) => {
+                    tracing::warn!(blob = %d, error = %e, "mirror: fetching a blob from upstream failed; nothing stored");
+                    FlightState::Failed(Arc::new(e))
+                }
+            };
+            f.state.send_replace(end);
+            lock(&this.flights).remove(&d);
+        });
+        Ok(Some(flight))
     }
 
-    async fn next(&mut self) -> Option<std::io::Result<Bytes>> {
-        loop {
-            if self.done {
-                return None;
+    /// Fetch, hash and write the blob; store it when it verifies. Its length.
+    async fn fly(
+        &self,
+        f: &Flight,
+        d: &Digest,
+        reference: &oci_client::Reference,
+        creds: &OpCreds,
+        tmp: tempfile::NamedTempFile,
+    ) -> Result<u64> {
+        let body = self
+            .registry
+            .open_blob(reference, d, 0, None, creds)
+            .await
+            .map_err(upstream_err(false))?;
+        let len = body.len;
+        f.state
+            .send_replace(FlightState::Streaming { len, written: 0 });
+        let mut file = tokio::fs::File::from_std(tmp.reopen()?);
+        let mut hasher = sha2::Sha256::new();
+        let mut written = 0u64;
+        let mut stream = body.stream;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                upstream_err(false)(RegistryError::Unreachable {
+                    registry: reference.registry().to_string(),
+                    reason: format!("blob {d} cut at {written} bytes: {e}"),
+                })
+            })?;
+            hasher.update(&chunk);
+            file.write_all(&chunk).await?;
+            written += chunk.len() as u64;
+            if len.is_some_and(|n| written > n) {
+                break;
             }
-            match self.upstream.next().await {
-                Some(Ok(chunk)) => {
-                    self.hasher.update(&chunk);
-                    if let Err(e) = self.file.write_all(&chunk).await {
-                        self.done = true;
-                        tracing::warn!(blob = %self.digest, error = %e, "mirror: cannot store a blob it streams; the response is aborted");
-                        return Some(Err(e));
-                    }
-                    if let Some(out) = self.pending.replace(chunk) {
-                        return Some(Ok(out));
-                    }
-                }
-                Some(Err(e)) => {
-                    self.done = true;
-                    tracing::warn!(blob = %self.digest, error = %e, "mirror: upstream failed mid-blob; the response is aborted");
-                    return Some(Err(e));
-                }
-                None => {
-                    self.done = true;
-                    return match self.finish().await {
-                        Ok(()) => self.pending.take().map(Ok),
-                        Err(e) => Some(Err(e)),
-                    };
-                }
-            }
+            f.state
+                .send_replace(FlightState::Streaming { len, written });
         }
-    }
-
-    /// Check the digest; store the blob under its name.
-    async fn finish(&mut self) -> std::io::Result<()> {
-        let got = Digest::from_sha256(&std::mem::take(&mut self.hasher).finalize());
-        if got != self.digest {
-            tracing::warn!(expected = %self.digest, got = %got, "mirror: upstream blob does not match its digest; not stored, the response is aborted");
-            return Err(std::io::Error::other(format!(
-                "digest mismatch: expected {}, got {got}",
-                self.digest
-            )));
+        let got = Digest::from_sha256(&hasher.finalize());
+        if got != *d || len.is_some_and(|n| n != written) {
+            return Err(upstream_err(false)(RegistryError::DigestMismatch {
+                registry: reference.registry().to_string(),
+                what: format!("blob {d} ({written} bytes)"),
+                expected: d.clone(),
+                actual: got,
+            }));
         }
-        self.file.sync_all().await?;
-        let Some(tmp) = self.tmp.take() else {
-            return Ok(());
-        };
-        let (dest, dir) = (self.layout.blob(&self.digest), self.layout.blobs_dir());
+        file.sync_all().await?;
+        let (dest, dir) = (self.layout.blob(d), self.layout.blobs_dir());
         tokio::task::spawn_blocking(move || {
             tmp.persist(&dest).map_err(|e| e.error)?;
             crate::store::sync_dir(&dir)
         })
         .await
         .map_err(std::io::Error::other)??;
-        if let Err(e) = lock(&self.db).add_mirror_blob(self.digest.as_str()) {
-            tracing::warn!(blob = %self.digest, error = %e, "mirror: cannot record a stored blob");
+        lock(&self.db).add_mirror_blob(d.as_str())?;
+        tracing::debug!(blob = %d, bytes = written, "mirror: blob fetched from upstream and stored");
+        Ok(written)
+    }
+
+    /// A client's response following flight `f`: waits for the upstream's answer, then
+    /// streams the temp file as it grows.
+    async fn follow(&self, f: Arc<Flight>, d: &Digest, head: bool) -> Result<Response<Body>> {
+        let mut rx = f.state.subscribe();
+        let now = rx
+            .wait_for(|s| !matches!(s, FlightState::Opening))
+            .await
+            .map_err(|_| std::io::Error::other("the fetch ended without an answer"))?
+            .clone();
+        let len = match now {
+            FlightState::Failed(e) => return Err(MirrorError::Shared(e)),
+            FlightState::Done { .. } => {
+                // Stored already: serve it like any stored blob.
+                let file = tokio::fs::File::open(self.layout.blob(d)).await?;
+                return self.local_blob(file, d, None, head).await;
+            }
+            FlightState::Streaming { len, .. } => len,
+            FlightState::Opening => None,
+        };
+        let mut r = if head {
+            Response::new(empty())
+        } else {
+            // Renamed into the store meanwhile: the same bytes under its name.
+            let file = match tokio::fs::File::open(&f.path).await {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tokio::fs::File::open(self.layout.blob(d)).await?
+                }
+                other => other?,
+            };
+            Response::new(super::stream(futures_util::stream::unfold(
+                (file, 0u64, rx, vec![0u8; 256 << 10]),
+                |(mut file, mut pos, mut rx, mut buf)| async move {
+                    loop {
+                        let state = rx.borrow_and_update().clone();
+                        let (ready, end) = match &state {
+                            // The last byte waits for the digest.
+                            FlightState::Streaming { written, .. } => {
+                                (written.saturating_sub(1), None)
+                            }
+                            FlightState::Done { len } => (*len, Some(*len)),
+                            FlightState::Failed(e) => {
+                                let e = std::io::Error::other(e.to_string());
+                                return Some((Err(e), (file, u64::MAX, rx, buf)));
+                            }
+                            FlightState::Opening => (0, None),
+                        };
+                        if pos == u64::MAX || end.is_some_and(|e| pos >= e) {
+                            return None;
+                        }
+                        if pos < ready {
+                            let want = ((ready - pos) as usize).min(buf.len());
+                            match file.read(&mut buf[..want]).await {
+                                Ok(0) => {}
+                                Ok(n) => {
+                                    pos += n as u64;
+                                    let out = Bytes::copy_from_slice(&buf[..n]);
+                                    return Some((Ok(out), (file, pos, rx, buf)));
+                                }
+                                Err(e) => return Some((Err(e), (file, u64::MAX, rx, buf))),
+                            }
+                        }
+                        if rx.changed().await.is_err() {
+                            let e = std::io::Error::other("the upstream fetch was abandoned");
+                            return Some((Err(e), (file, u64::MAX, rx, buf)));
+                        }
+                    }
+                },
+            )))
+        };
+        if let Some(n) = len {
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, header::HeaderValue::from(n));
         }
-        tracing::debug!(blob = %self.digest, "mirror: blob fetched from upstream and stored");
-        Ok(())
+        blob_headers(r.headers_mut(), d);
+        Ok(r)
     }
 }
 

@@ -33,6 +33,7 @@ pub fn of(e: &MirrorError) -> (StatusCode, &'static str) {
             | RegistryError::Truncated { .. } => (StatusCode::BAD_GATEWAY, "UNKNOWN"),
         },
         M::Store(_) | M::Io(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+        M::Shared(e) => of(e),
     }
 }
 
