@@ -364,3 +364,65 @@ async fn twenty_cold_clients_share_one_upstream_fetch() {
         || d.log_text().contains("digest mismatch"),
     );
 }
+
+/// containerd 1.6 pulls through the mirror as a registry mirror (`hosts.toml` with the mirror
+/// as a pull/resolve host, which makes containerd add `?ns=<registry>`): the upstream sends
+/// each blob once, and the mirror echoes the namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_through_the_mirror_with_hosts_toml() {
+    if !require_tools() || !Containerd::available() {
+        return;
+    }
+    let reg = Registry::empty(None);
+    push_layers(
+        &reg,
+        "ctd",
+        &[
+            tar_of(&[("a/", vec![]), ("a/one.txt", b"one\n".to_vec())]),
+            tar_of(&[("b/", vec![]), ("b/two.bin", noise(1 << 20, 9))]),
+        ],
+    )
+    .await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start(&["--mirror-listen", &listen]);
+    let ctd = Containerd::start(&[]);
+    let hosts = tempfile::tempdir().unwrap();
+    let dir = hosts.path().join(reg.host());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("hosts.toml"),
+        format!(
+            "server = \"http://{}\"\n\n[host.\"http://{listen}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    let image = format!("{}/ctd:latest", reg.host());
+    let hosts_dir = hosts.path().display().to_string();
+    ctd.ctr(&["images", "pull", "--hosts-dir", &hosts_dir, &image]);
+    for (digest, size) in layer_sizes(&reg, "ctd") {
+        assert_eq!(served(&reg, "ctd", &digest).0, size, "{digest} once");
+        assert!(d.blob(&digest).exists(), "{digest} stored by the mirror");
+    }
+    let (code, head, _) = curl(
+        &["-I"],
+        &format!(
+            "http://{listen}/v2/ctd/manifests/latest?ns={}",
+            reg.host().replace(':', "%3A")
+        ),
+    );
+    assert_eq!(code, 200, "{head}");
+    assert!(
+        head.contains(&format!("oci-namespace: {}", reg.host())),
+        "{head}"
+    );
+    // A second containerd (a second node) pulls the same image: nothing goes upstream.
+    let gets = reg.all_blob_gets();
+    let other = Containerd::start(&[]);
+    other.ctr(&["images", "pull", "--hosts-dir", &hosts_dir, &image]);
+    assert_eq!(
+        reg.all_blob_gets(),
+        gets,
+        "the second node's pull came from the mirror"
+    );
+}

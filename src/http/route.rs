@@ -218,13 +218,12 @@ pub fn upstream(name: &str, ns: Option<&str>, default: &str) -> Option<(String, 
     (!default.is_empty()).then(|| (default.to_string(), name.to_string()))
 }
 
-/// The `ns` parameter of a query string, if valid as a registry host.
+/// The `ns` parameter of a query string (percent-decoded: containerd sends
+/// `ns=host%3Aport`), if valid as a registry host.
 pub fn ns_param(query: Option<&str>) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "ns")
-        .map(|(_, v)| v.to_string())
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == "ns")
+        .map(|(_, v)| v.into_owned())
         .filter(|v| valid_host(v))
 }
 
@@ -232,14 +231,10 @@ pub fn ns_param(query: Option<&str>) -> Option<String> {
 pub fn page_params(query: Option<&str>) -> (Option<usize>, Option<String>) {
     let mut n = None;
     let mut last = None;
-    for (k, v) in query
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-    {
-        match k {
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*k {
             "n" => n = v.parse().ok(),
-            "last" if valid_tag(v) => last = Some(v.to_string()),
+            "last" if valid_tag(&v) => last = Some(v.into_owned()),
             _ => {}
         }
     }
@@ -380,6 +375,10 @@ mod tests {
         );
         assert_eq!(upstream("library/busybox", None, ""), None);
         assert_eq!(ns_param(Some("ns=docker.io")), Some("docker.io".into()));
+        assert_eq!(
+            ns_param(Some("ns=127.0.0.1%3A5000")),
+            Some("127.0.0.1:5000".into())
+        );
         assert_eq!(
             ns_param(Some("n=3&ns=localhost:5000")),
             Some("localhost:5000".into())
