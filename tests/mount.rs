@@ -1353,20 +1353,7 @@ async fn plain_layers_are_served_while_they_stream_in() {
     let layer = layer_digests(&reg, "stream")[0].clone();
     // 24 MiB at 16 Mbit/s, and the proxy holds the stream after its first 4 MiB until the
     // checks below are done: the layer cannot be complete before then, however slow the machine.
-    let gate = tempfile::tempdir().unwrap();
-    let release = gate.path().join("release");
-    let release_arg = release.display().to_string();
-    let proxy = Netem::start(
-        &reg.host(),
-        &[
-            "--mbit",
-            "16",
-            "--hold-after",
-            "4194304",
-            "--hold-until",
-            &release_arg,
-        ],
-    );
+    let (proxy, gate) = Netem::held(&reg.host(), 16, 4 << 20);
     let d = Daemon::start(&[]);
     let name = format!("{}/stream:latest", proxy.host());
     {
@@ -1397,7 +1384,7 @@ async fn plain_layers_are_served_while_they_stream_in() {
     );
     let l = &d.status_json()["images"][0]["layers"][0];
     assert_eq!(l["mode"], "streaming", "{l:#}");
-    std::fs::write(&release, b"").unwrap();
+    gate.release();
     // At the end of the stream: waited for.
     assert_eq!(
         std::fs::read_to_string(root.join("c/last.txt")).unwrap(),

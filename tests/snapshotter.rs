@@ -1300,20 +1300,7 @@ async fn a_plain_image_runs_while_its_layer_streams_in() {
     // The proxy lets the first 8 MiB through (the manifest, config, `a/`, `bin/busybox` and
     // the start of `z/big.bin`) and holds the rest until the container has run: the layer
     // cannot be complete by then, however slow the machine.
-    let gate = tempfile::tempdir().unwrap();
-    let release = gate.path().join("release");
-    let (budget, release_arg) = ((8u64 << 20).to_string(), release.display().to_string());
-    let proxy = Netem::start(
-        &reg.host(),
-        &[
-            "--mbit",
-            "16",
-            "--hold-after",
-            &budget,
-            "--hold-until",
-            &release_arg,
-        ],
-    );
+    let (proxy, gate) = Netem::held(&reg.host(), 16, 8 << 20);
     let d = Daemon::start(&[]);
     let ctd = Containerd::start_with_snapshotter(&[proxy.host()], &d.snapshotter_socket());
     let img = format!("{}/streamrun:latest", proxy.host());
@@ -1327,7 +1314,7 @@ async fn a_plain_image_runs_while_its_layer_streams_in() {
         "the container ran before its layer was complete ({filled} bytes there)\n{}",
         d.log_text()
     );
-    std::fs::write(&release, b"").unwrap();
+    gate.release();
     d.wait_complete(Duration::from_secs(120));
     let out = ctd.run_lazy(&img, "streamed", &["/bin/busybox", "ls", "/z"]);
     assert!(out.contains("big.bin"), "{out}");
@@ -1389,20 +1376,7 @@ async fn a_plain_image_with_a_shared_index_runs_lazily_through_containerd() {
     // The second node, behind a 16 Mbit/s link: 24 MiB take about 12 s to stream, and the
     // proxy holds each connection after 8 MiB until the container has run (the reads need far
     // less; the fill's requests stop there), so the layer cannot be complete before then.
-    let gate = tempfile::tempdir().unwrap();
-    let release = gate.path().join("release");
-    let (budget, release_arg) = ((8u64 << 20).to_string(), release.display().to_string());
-    let proxy = Netem::start(
-        &reg.host(),
-        &[
-            "--mbit",
-            "16",
-            "--hold-after",
-            &budget,
-            "--hold-until",
-            &release_arg,
-        ],
-    );
+    let (proxy, gate) = Netem::held(&reg.host(), 16, 8 << 20);
     let d = Daemon::start(&[]);
     let ctd = Containerd::start_with_snapshotter(&[proxy.host()], &d.snapshotter_socket());
     let img = format!("{}/idxrun:latest", proxy.host());
@@ -1422,7 +1396,7 @@ async fn a_plain_image_with_a_shared_index_runs_lazily_through_containerd() {
         log.contains("serving the layer lazily through its gzip index"),
         "{log}"
     );
-    std::fs::write(&release, b"").unwrap();
+    gate.release();
     d.wait_complete(Duration::from_secs(120));
     let (bytes, requests, full) = served(&reg, "idxrun", &layer);
     let second = bytes - first;

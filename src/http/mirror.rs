@@ -174,16 +174,13 @@ impl Mirror {
         range: Option<&str>,
     ) -> Result<Response<Body>> {
         let route = route::parse(path)?;
-        if route == Route::Upload {
-            return Err(MirrorError::Unsupported("pushing a blob".into()));
-        }
         let head = *method == Method::HEAD;
-        if !head && *method != Method::GET {
+        if route == Route::Upload || (!head && *method != Method::GET) {
             return Err(MirrorError::Unsupported(format!("{method} {path}")));
         }
         match route {
             Route::Base => Ok(json_response(b"{}".to_vec(), head)),
-            Route::Upload => Err(MirrorError::Unsupported("pushing a blob".into())),
+            Route::Upload => Err(MirrorError::Unsupported(format!("{method} {path}"))),
             Route::Manifest { name, reference } => {
                 let up = self.upstream(&name, ns)?;
                 self.manifest(&up, reference, head).await

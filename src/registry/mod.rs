@@ -424,10 +424,7 @@ impl Registry {
             let want = want.clone();
             let what = what.clone();
             async move {
-                let auth = secret
-                    .as_ref()
-                    .map(Secret::to_registry_auth)
-                    .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+                let auth = auth_of(secret.as_ref());
                 let (body, _) = client
                     .pull_manifest_raw(&reference, &auth, oci::MANIFEST_ACCEPT)
                     .await
@@ -601,6 +598,13 @@ impl Registry {
     }
 }
 
+/// The credential oci-client sends: the secret's, else anonymous.
+fn auth_of(secret: Option<&Secret>) -> oci_client::secrets::RegistryAuth {
+    secret
+        .map(Secret::to_registry_auth)
+        .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous)
+}
+
 /// Tags of one repository listed at once, at most.
 pub const MAX_TAGS: usize = 10_000;
 
@@ -647,10 +651,7 @@ impl Registry {
             source,
             host: ep.host,
         };
-        let auth = secret
-            .as_ref()
-            .map(Secret::to_registry_auth)
-            .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+        let auth = auth_of(secret.as_ref());
         up.client
             .auth(&up.reference, &auth, oci_client::RegistryOperation::Push)
             .await
@@ -746,10 +747,7 @@ impl Registry {
                     reference.repository().into(),
                     subject.to_string(),
                 );
-                let auth = secret
-                    .as_ref()
-                    .map(Secret::to_registry_auth)
-                    .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+                let auth = auth_of(secret.as_ref());
                 let err = |e| classify(e, &ep.host, at.repository(), &what, &source);
                 client
                     .auth(&at, &auth, oci_client::RegistryOperation::Pull)
@@ -784,10 +782,7 @@ impl Registry {
         self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
             let what = what.clone();
             async move {
-                let auth = secret
-                    .as_ref()
-                    .map(Secret::to_registry_auth)
-                    .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+                let auth = auth_of(secret.as_ref());
                 let mut tags = client
                     .list_tags(&reference, &auth, n, last)
                     .await
@@ -881,9 +876,7 @@ async fn open_blob(
     what: &str,
     store_auth: bool,
 ) -> Result<BlobBody> {
-    let auth = secret
-        .map(Secret::to_registry_auth)
-        .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
+    let auth = auth_of(secret);
     if store_auth {
         client
             .store_auth_if_needed(reference.resolve_registry(), &auth)

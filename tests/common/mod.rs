@@ -50,6 +50,18 @@ fn wait_http(port: u16, timeout: Duration) {
     panic!("registry on port {port} did not come up within {timeout:?}");
 }
 
+/// Releases the hold of [`Netem::held`].
+pub struct Gate {
+    _dir: tempfile::TempDir,
+    file: PathBuf,
+}
+
+impl Gate {
+    pub fn release(&self) {
+        std::fs::write(&self.file, b"").expect("release the proxy's hold");
+    }
+}
+
 pub struct Registry {
     pub port: u16,
     pub dir: tempfile::TempDir,
@@ -644,6 +656,31 @@ pub struct Netem {
 }
 
 impl Netem {
+    /// A proxy at `mbit` that holds each connection's download after `budget` bytes until
+    /// the returned gate is released: a test then knows a long download cannot have finished,
+    /// however loaded the machine.
+    pub fn held(upstream: &str, mbit: u32, budget: u64) -> (Netem, Gate) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("release");
+        let (mbit, budget, until) = (
+            mbit.to_string(),
+            budget.to_string(),
+            file.display().to_string(),
+        );
+        let proxy = Netem::start(
+            upstream,
+            &[
+                "--mbit",
+                &mbit,
+                "--hold-after",
+                &budget,
+                "--hold-until",
+                &until,
+            ],
+        );
+        (proxy, Gate { _dir: dir, file })
+    }
+
     pub fn start(upstream: &str, args: &[&str]) -> Netem {
         use std::io::BufRead;
         let mut child = Command::new(env!("CARGO_BIN_EXE_lazypull-netem"))
