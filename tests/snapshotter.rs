@@ -710,6 +710,14 @@ async fn cri_image_endpoint_registers_images_in_containerd() {
     );
     let snap_arg = snap_sock.display().to_string();
     let ctd_arg = ctd.socket.display().to_string();
+    // A call to the plugin before lazypull listens puts containerd's connection into gRPC's
+    // redial backoff (as after a node reboot or a lazypull restart): the pull right after the
+    // start below must ride it out, not fail with "connection refused".
+    let early = ctd.ctr_output(&["snapshots", "--snapshotter", "lazypull", "prepare", "early"]);
+    assert!(
+        !early.status.success(),
+        "nothing listens on the snapshotter socket yet"
+    );
     let mut d = Daemon::start(&[
         "--no-fill",
         "--snapshotter-socket",

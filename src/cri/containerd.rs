@@ -611,17 +611,23 @@ impl Containerd {
             (LABEL_CRI_LAYER.to_string(), layer.to_string()),
             (LABEL_CRI_LAYERS.to_string(), image_layers_label(above)),
         ]);
-        let prepared = snaps
-            .prepare(self.req(
+        // containerd answers Stat of an unknown key from its own metadata, so the Prepare is
+        // often the first call that must reach our socket: it rides out the redial backoff too.
+        // A Prepare that did not reach us changed nothing, so sending it again is safe.
+        let prepared = redial(|| {
+            let mut snaps = snaps.clone();
+            let req = self.req(
                 snapshots::PrepareSnapshotRequest {
                     snapshotter: sn.clone(),
                     key: key.clone(),
                     parent: parent.to_string(),
-                    labels,
+                    labels: labels.clone(),
                 },
                 Some(lease),
-            ))
-            .await;
+            );
+            async move { snaps.prepare(req).await }
+        })
+        .await;
         match prepared {
             Err(s) if s.code() == Code::AlreadyExists => {
                 // As containerd's unpacker: the target may take a moment to be visible.
@@ -657,35 +663,25 @@ impl Containerd {
         }
     }
 
-    /// Stat through containerd. Unavailable is retried for a while: right after lazypull
-    /// restarts, containerd's connection to our snapshotter socket is in its redial backoff
-    /// (up to a few seconds), which a pull should ride out rather than fail.
+    /// Stat through containerd, riding out the redial backoff (see [`redial`]).
     async fn stat_snapshot(
         &self,
         key: &str,
         lease: &str,
     ) -> std::result::Result<(), tonic::Status> {
-        let mut snaps = snapshots::snapshots_client::SnapshotsClient::new(self.channel.clone());
-        let deadline = Instant::now() + REDIAL_WAIT;
-        loop {
-            let r = snaps
-                .stat(self.req(
-                    snapshots::StatSnapshotRequest {
-                        snapshotter: self.opts.snapshotter.clone(),
-                        key: key.to_string(),
-                    },
-                    Some(lease),
-                ))
-                .await
-                .map(|_| ());
-            match r {
-                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                    tracing::debug!(error = %s, "containerd cannot reach the snapshotter yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                r => return r,
-            }
-        }
+        let snaps = snapshots::snapshots_client::SnapshotsClient::new(self.channel.clone());
+        redial(|| {
+            let mut snaps = snaps.clone();
+            let req = self.req(
+                snapshots::StatSnapshotRequest {
+                    snapshotter: self.opts.snapshotter.clone(),
+                    key: key.to_string(),
+                },
+                Some(lease),
+            );
+            async move { snaps.stat(req).await.map(|_| ()) }
+        })
+        .await
     }
 
     /// containerd's CRI plugin learns of new images from events, one event per record name,
@@ -801,6 +797,28 @@ impl Containerd {
             }
             left = still;
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Sends a call that containerd forwards to our snapshotter socket, again and again while it
+/// answers Unavailable, for up to [`REDIAL_WAIT`]: right after lazypull (re)starts,
+/// containerd's connection to the socket is in gRPC's redial backoff (containerd caps it at a
+/// few seconds for proxy plugins) and fails calls fast with "connection refused", which a pull
+/// should ride out rather than fail.
+async fn redial<T, F, Fut>(mut call: F) -> std::result::Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + REDIAL_WAIT;
+    loop {
+        match call().await {
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tracing::debug!(error = %s, "containerd cannot reach the snapshotter yet; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => return r,
         }
     }
 }
@@ -1018,5 +1036,31 @@ mod tests {
         assert!(LABEL_CRI_LAYERS.len() + v.len() <= MAX_LABEL);
         assert!(v.split(',').all(|x| x == l));
         assert_eq!(image_layers_label(std::slice::from_ref(&l)), l);
+    }
+
+    #[tokio::test]
+    async fn redial_rides_out_unavailable_and_nothing_else() {
+        let calls = std::cell::Cell::new(0);
+        let r = redial(|| {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move {
+                if n < 3 {
+                    Err(tonic::Status::unavailable("connection refused"))
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(r.unwrap(), 3);
+        calls.set(0);
+        let r: std::result::Result<(), _> = redial(|| {
+            calls.set(calls.get() + 1);
+            async { Err(tonic::Status::not_found("no such snapshot")) }
+        })
+        .await;
+        assert_eq!(r.unwrap_err().code(), Code::NotFound);
+        assert_eq!(calls.get(), 1, "only Unavailable is sent again");
     }
 }
