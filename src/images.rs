@@ -253,13 +253,37 @@ impl Images {
                 }
             };
         let config_digest = Digest::parse(&manifest.config.digest)?;
-        let config_bytes = if self.layout.has_blob(&config_digest) {
-            self.layout.read_blob(&config_digest)?
-        } else {
-            self.registry
-                .fetch_small_blob(r, &config_digest, oci::MAX_MANIFEST_BYTES, &creds)
-                .await?
+        let config = async {
+            if self.layout.has_blob(&config_digest) {
+                Ok::<_, ImagesError>(self.layout.read_blob(&config_digest)?)
+            } else {
+                Ok(self
+                    .registry
+                    .fetch_small_blob(r, &config_digest, oci::MAX_MANIFEST_BYTES, &creds)
+                    .await?)
+            }
         };
+        // The shared index of plain layers is looked for beside the config fetch: the lookup
+        // is several round trips (referrers, tag fallback, artifact manifest, bundle) that the
+        // pull would otherwise add after it.
+        let wants_lookup = self.index_lookup
+            && mode != PullMode::Full
+            && manifest.layers.iter().any(|l| self.may_want_index(l));
+        let lookup = async {
+            let at = crate::fetch::source_reference(&repo, &manifest_digest)?;
+            if !wants_lookup {
+                return None;
+            }
+            let started = std::time::Instant::now();
+            let found = tokio::time::timeout(
+                INDEX_LOOKUP_TIMEOUT,
+                crate::index_share::find_shared(&self.registry, &at, &manifest_digest, &creds),
+            )
+            .await;
+            Some((found, started))
+        };
+        let (config_bytes, found) = tokio::join!(config, lookup);
+        let config_bytes = config_bytes?;
         let config = oci::parse_config(&config_bytes, manifest.layers.len())?;
         self.layout.put_blob(&manifest_digest, &manifest_bytes)?;
         self.layout.put_blob(&config_digest, &config_bytes)?;
@@ -310,8 +334,10 @@ impl Images {
         let mut img = lock(&self.db)
             .image(config_digest.as_str())?
             .ok_or(ImagesError::ShuttingDown)?;
-        if self.index_lookup && mode != PullMode::Full && img.layers.iter().any(wants_index) {
-            img = self.look_for_index(img, &creds).await?;
+        if let Some((found, started)) = found
+            && img.layers.iter().any(wants_index)
+        {
+            img = self.take_index(img, found, started)?;
         }
         self.start_fills(&img, request_creds, mode, &key).await?;
         Ok(PullOutcome {
@@ -320,18 +346,42 @@ impl Images {
         })
     }
 
-    /// Look for the random-access index of the image's plain gzip layers another node shared
-    /// (`fetch.index: auto`), bounded in time: without it the layers stream in as usual.
-    /// The image as recorded after.
-    async fn look_for_index(&self, img: ImageRecord, creds: &OpCreds) -> Result<ImageRecord> {
-        let started = std::time::Instant::now();
-        let found = tokio::time::timeout(
-            INDEX_LOOKUP_TIMEOUT,
-            crate::index_share::fetch_shared(&self.registry, &self.layout, &self.db, &img, creds),
-        )
-        .await;
+    /// Whether a manifest layer may want a shared random-access index: plain gzip or zstd
+    /// (no TOC annotation), and not already unpacked or indexed here.
+    fn may_want_index(&self, l: &oci::Layer) -> bool {
+        use crate::oci::Compression;
+        zstd_toc(l).is_none()
+            && !l
+                .annotations
+                .contains_key(crate::layer::estargz::TOC_DIGEST_ANNOTATION)
+            && matches!(l.compression, Compression::Gzip | Compression::Zstd)
+            && lock(&self.db)
+                .layer(l.digest.as_str())
+                .ok()
+                .flatten()
+                .is_none_or(|rec| wants_index(&rec))
+    }
+
+    /// Take the random-access index of the image's plain gzip layers another node shared
+    /// (`fetch.index: auto`), as the lookup beside the config fetch found it (bounded in time:
+    /// without it the layers stream in as usual). The image as recorded after.
+    fn take_index(
+        &self,
+        img: ImageRecord,
+        found: std::result::Result<
+            std::result::Result<Option<crate::artifact::Fetched>, String>,
+            tokio::time::error::Elapsed,
+        >,
+        started: std::time::Instant,
+    ) -> Result<ImageRecord> {
         let elapsed_ms = started.elapsed().as_millis() as u64;
-        match found {
+        let taken = found.map(|f| {
+            f.and_then(|f| match f {
+                None => Ok(0),
+                Some(f) => crate::index_share::take_found(&self.layout, &self.db, &img, &f),
+            })
+        });
+        match taken {
             Ok(Ok(0)) => {
                 tracing::debug!(image = %img.id, elapsed_ms, "no shared random-access index for the image's plain layers")
             }

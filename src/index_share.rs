@@ -232,29 +232,35 @@ pub fn take_bundle(
     Ok(taken)
 }
 
-/// Look for an index bundle another node shared for the image and take it.
-pub async fn fetch_shared(
+/// Look for an index bundle another node shared for the image whose manifest is `subject` in
+/// `repo`'s registry: the newest, verified against its digests, not yet taken. It needs no
+/// catalogue record, so a pull runs it beside the config fetch.
+pub async fn find_shared(
     registry: &Registry,
-    layout: &Layout,
-    db: &Mutex<Catalogue>,
-    image: &ImageRecord,
+    repo: &crate::oci::Reference,
+    subject: &Digest,
     creds: &OpCreds,
-) -> Result<usize, String> {
-    let (repo, subject) = crate::learned::subject_of(layout, image)?;
-    let Some(found) = crate::artifact::fetch_newest(
+) -> Result<Option<crate::artifact::Fetched>, String> {
+    crate::artifact::fetch_newest(
         registry,
-        &repo,
-        &subject.digest,
+        repo,
+        subject,
         ARTIFACT_TYPE,
         BLOB_TYPE,
         MAX_BUNDLE_BYTES,
         creds,
     )
     .await
-    .map_err(|e| e.to_string())?
-    else {
-        return Ok(0);
-    };
+    .map_err(|e| e.to_string())
+}
+
+/// Take what [`find_shared`] found for `image`. How many layer indexes were taken.
+pub fn take_found(
+    layout: &Layout,
+    db: &Mutex<Catalogue>,
+    image: &ImageRecord,
+    found: &crate::artifact::Fetched,
+) -> Result<usize, String> {
     let windows = found
         .others
         .iter()
