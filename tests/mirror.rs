@@ -426,3 +426,112 @@ async fn containerd_pulls_through_the_mirror_with_hosts_toml() {
         "the second node's pull came from the mirror"
     );
 }
+
+/// A client asks the mirror for a layer the node's own filler is fetching (a CRI pull of the
+/// image, its download held by the proxy half way): the mirror does not fetch it again but
+/// follows the fill, sending the bytes already there at once and the rest as they arrive (the
+/// last byte once the blob is verified), and a range already in the partial file is answered
+/// from it. The registry sends the layer once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_being_filled_is_served_from_the_fill() {
+    if !require_tools() {
+        return;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("SKIP: curl not installed");
+        return;
+    }
+    let reg = Registry::empty(None);
+    push_layers(
+        &reg,
+        "filling",
+        &[tar_of(&[
+            ("f/", vec![]),
+            ("f/big.bin", noise(12 << 20, 31)),
+        ])],
+    )
+    .await;
+    let (digest, size) = layer_sizes(&reg, "filling")[0].clone();
+    let budget = 3u64 << 20;
+    let (proxy, gate) = Netem::held(&reg.host(), 200, budget);
+    let listen = format!("127.0.0.1:{}", free_port());
+    // The mirror's own upstream is the registry itself: a second fetch would show in its log.
+    let d = Daemon::start(&[
+        "--mirror-listen",
+        &listen,
+        "--mirror-default-upstream",
+        &reg.host(),
+    ]);
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &format!("{}/filling:latest", proxy.host()))
+            .await
+            .expect("pull");
+    }
+    wait_until(
+        "the fill running",
+        std::time::Duration::from_secs(60),
+        || d.log_text().contains("fill running"),
+    );
+    let url = format!("http://{listen}/v2/filling/blobs/{digest}");
+
+    // The whole blob: the client gets what is there while the fill is held.
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("blob");
+    let client = {
+        let (url, file) = (url.clone(), file.clone());
+        std::thread::spawn(move || {
+            Command::new("curl")
+                .args(["-s", "-f", "--max-time", "120", "-o"])
+                .arg(&file)
+                .arg(&url)
+                .status()
+                .expect("curl")
+                .success()
+        })
+    };
+    wait_until(
+        "the client has bytes of the held fill",
+        std::time::Duration::from_secs(60),
+        || std::fs::metadata(&file).is_ok_and(|m| m.len() >= 1 << 20),
+    );
+    let (_, state, _) = layer_local(&d, &digest);
+    assert_ne!(
+        state, "complete",
+        "the fill is held, yet the layer is complete"
+    );
+    assert!(std::fs::metadata(&file).unwrap().len() < size);
+    assert!(d.log_text().contains("following the node's own fill"));
+
+    // A range the partial file holds: 206 from it, with the blob's size.
+    let (code, head, body) = curl(&["-r", "1000-1999"], &url);
+    assert_eq!(code, 206, "{head}\n{}", d.log_text());
+    assert!(
+        head.contains(&format!("content-range: bytes 1000-1999/{size}")),
+        "{head}"
+    );
+    let range_body = body;
+    gate.release();
+    assert!(
+        client.join().unwrap(),
+        "the client failed\n{}",
+        d.log_text()
+    );
+    let want = std::fs::read(d.blob(&digest)).expect("stored");
+    assert_eq!(want.len() as u64, size);
+    assert!(
+        std::fs::read(&file).unwrap() == want,
+        "the client's bytes differ"
+    );
+    assert!(range_body == want[1000..2000], "the range's bytes differ");
+    assert_eq!(
+        served(&reg, "filling", &digest).1,
+        1,
+        "the registry sent the layer once (the fill's request)"
+    );
+    assert_eq!(
+        curl(&["-I"], &url).0,
+        200,
+        "the stored blob is served afterwards"
+    );
+}

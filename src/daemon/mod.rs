@@ -238,6 +238,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
                 default_upstream: cfg.mirror.default_upstream.clone(),
                 air_gapped: cfg.mirror.air_gapped,
             },
+            Some(Arc::clone(&images.filler)),
         );
         let handler = Arc::new(move |req| Arc::clone(&mirror).handle(req));
         Some(tokio::spawn(crate::http::serve(

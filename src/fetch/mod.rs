@@ -137,6 +137,29 @@ pub struct Filler {
     streams: Arc<crate::fs::stream::Streams>,
     /// Bytes of tar stream between gzip index checkpoints (0: no index).
     index_span: u64,
+    /// Fills fetching now, by layer digest: what the pull-through registry follows.
+    running: Mutex<HashMap<String, Following>>,
+}
+
+/// A fill fetching a layer now, as another reader of the blob follows it: its partial file,
+/// the blob's size, and a channel that changes with each write (closed when this attempt ends).
+#[derive(Clone)]
+pub struct Following {
+    pub blob: Arc<PartialBlob>,
+    pub size: u64,
+    pub progress: watch::Receiver<()>,
+}
+
+/// Removes a fill attempt from `Filler::running` when it ends, however it ends.
+struct Running<'a> {
+    filler: &'a Filler,
+    digest: &'a str,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        lock(&self.filler.running).remove(self.digest);
+    }
 }
 
 /// Ends a layer's stream as failed if the fill that unpacks it stops before it is complete.
@@ -445,6 +468,7 @@ impl Filler {
             link: schedule::Link::new(policy),
             streams: Arc::default(),
             index_span,
+            running: Mutex::default(),
         })
     }
 
@@ -509,6 +533,19 @@ impl Filler {
         {
             f.cancel.cancel();
         }
+    }
+
+    /// The fill fetching layer `digest` now, if one is (not one waiting for its turn).
+    pub fn following(&self, digest: &str) -> Option<Following> {
+        lock(&self.running).get(digest).cloned()
+    }
+
+    /// Whether a fill of `digest` is running or waiting for its turn.
+    pub fn is_filling(&self, digest: &str) -> bool {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(digest)
     }
 
     /// The partial files shared with on-demand reads.
@@ -910,6 +947,19 @@ impl Filler {
         // fetches at once instead of after re-hashing everything it already has.
         let verifier = Verifier::new(compression).map_err(|e| verify_err(&digest, e))?;
         let (progress, progress_rx) = watch::channel(());
+        lock(&self.running).insert(
+            digest_str.to_string(),
+            Following {
+                blob: Arc::clone(&blob),
+                size: layer.size,
+                progress: progress.subscribe(),
+            },
+        );
+        let _running = Running {
+            filler: self,
+            digest: digest_str,
+        };
+        tracing::debug!(layer = %digest, "fill running");
         let verifying = tokio::spawn(verify_in_order(
             Arc::clone(&blob),
             layer.size,

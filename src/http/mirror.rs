@@ -6,6 +6,7 @@
 
 use super::route::{self, Ref, Route, RouteError};
 use super::{Body, empty, full, status};
+use crate::fetch::{Filler, Following};
 use crate::oci::{self, Digest};
 use crate::registry::{OpCreds, Registry, RegistryError};
 use crate::store::Catalogue;
@@ -64,7 +65,14 @@ pub struct Mirror {
     opts: MirrorOptions,
     /// Blobs being fetched from upstream, by digest: one fetch however many clients.
     flights: Mutex<std::collections::HashMap<Digest, Arc<Flight>>>,
+    /// The node's filler: a blob it is fetching is followed, not fetched again.
+    filler: Option<Arc<Filler>>,
 }
+
+/// How long a client following the node's filler waits for a byte before its response is cut:
+/// the filler gives the link to a starting container and retries a failed request, so it may
+/// pause for a while, but never indefinitely.
+const FILL_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// An upstream repository a request goes to.
 struct Upstream {
@@ -96,6 +104,7 @@ impl Mirror {
         db: Arc<Mutex<Catalogue>>,
         registry: Arc<Registry>,
         opts: MirrorOptions,
+        filler: Option<Arc<Filler>>,
     ) -> Arc<Self> {
         Arc::new(Mirror {
             layout,
@@ -103,6 +112,7 @@ impl Mirror {
             registry,
             opts,
             flights: Mutex::default(),
+            filler,
         })
     }
 
@@ -311,6 +321,20 @@ impl Mirror {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
+        // A layer the node is fetching: what it has is local, and the rest is on its way.
+        if let Some(filler) = &self.filler {
+            if let Some(r) = range
+                && let Some(resp) = self.partial_range(filler, d, r, head).await?
+            {
+                return Ok(resp);
+            }
+            if range.is_none()
+                && let Some(f) = filler.following(d.as_str())
+            {
+                tracing::debug!(blob = %d, "mirror: following the node's own fill of the blob");
+                return Ok(self.follow_fill(filler, d, f, head));
+            }
+        }
         if self.opts.air_gapped {
             return Err(MirrorError::BlobUnknown(d.to_string()));
         }
@@ -348,6 +372,96 @@ impl Mirror {
                 self.local_blob(file, d, range, head).await
             }
         }
+    }
+
+    /// A range of a layer whose partial file (of an on-demand read, a prefetch or the filler)
+    /// holds all of it, served from there; `None` when it does not.
+    async fn partial_range(
+        &self,
+        filler: &Filler,
+        d: &Digest,
+        range: &str,
+        head: bool,
+    ) -> Result<Option<Response<Body>>> {
+        let Some(blob) = filler.partials().get(d) else {
+            return Ok(None);
+        };
+        let Some(size) = lock(&self.db).layer(d.as_str())?.map(|l| l.size) else {
+            return Ok(None);
+        };
+        let Some(ByteRange::Some(start, end)) = parse_range(range, size) else {
+            return Ok(None);
+        };
+        let end = end.min(size);
+        if !blob.contains(start, end) {
+            return Ok(None);
+        }
+        let body = if head {
+            empty()
+        } else {
+            let mut buf = vec![0u8; (end - start) as usize];
+            let buf =
+                tokio::task::spawn_blocking(move || blob.read_at(&mut buf, start).map(|_| buf))
+                    .await
+                    .map_err(std::io::Error::other)??;
+            full(buf)
+        };
+        let mut r = Response::new(body);
+        *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_LENGTH,
+            header::HeaderValue::from(end - start),
+        );
+        h.insert(
+            header::CONTENT_RANGE,
+            header_value(&format!("bytes {start}-{}/{size}", end - 1)),
+        );
+        blob_headers(h, d);
+        tracing::debug!(blob = %d, start, end, "mirror: range served from the partial file");
+        Ok(Some(r))
+    }
+
+    /// The whole blob as the node's own fill brings it in: its partial file in order, the
+    /// last byte only once the blob is verified and stored, across the fill's retries.
+    fn follow_fill(
+        &self,
+        filler: &Arc<Filler>,
+        d: &Digest,
+        f: Following,
+        head: bool,
+    ) -> Response<Body> {
+        let size = f.size;
+        let mut r = if head {
+            Response::new(empty())
+        } else {
+            let follower = FillFollower {
+                filler: Arc::clone(filler),
+                stored: self.layout.blob(d),
+                digest: d.clone(),
+                f,
+                pos: 0,
+                size,
+            };
+            Response::new(super::stream(futures_util::stream::unfold(
+                follower,
+                |mut fl| async move {
+                    match fl.next_chunk().await {
+                        Ok(None) => None,
+                        Ok(Some(b)) => Some((Ok(b), fl)),
+                        Err(e) => {
+                            tracing::warn!(blob = %fl.digest, at = fl.pos, error = %e, "mirror: following the node's fill failed; the response is cut short");
+                            fl.pos = u64::MAX;
+                            Some((Err(e), fl))
+                        }
+                    }
+                },
+            )))
+        };
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
+        blob_headers(r.headers_mut(), d);
+        r
     }
 
     async fn local_blob(
@@ -734,6 +848,96 @@ impl Mirror {
         }
         blob_headers(r.headers_mut(), d);
         Ok(r)
+    }
+}
+
+/// A client following the node's fill of a blob (see `Mirror::follow_fill`).
+struct FillFollower {
+    filler: Arc<Filler>,
+    /// Where the verified blob is published.
+    stored: std::path::PathBuf,
+    digest: Digest,
+    /// The fill attempt followed now.
+    f: Following,
+    pos: u64,
+    size: u64,
+}
+
+/// At most this many bytes per chunk of a followed fill.
+const FOLLOW_CHUNK: u64 = 256 << 10;
+
+impl FillFollower {
+    /// The next bytes, waiting for them as long as the fill makes progress; `None` at the end.
+    async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        if self.pos >= self.size {
+            return Ok(None);
+        }
+        let mut stalled_since = tokio::time::Instant::now();
+        loop {
+            // Verified and stored: the rest from there (the last byte only ever from there).
+            if let Some(b) = self.read_stored().await? {
+                return Ok(Some(b));
+            }
+            let ready = self
+                .f
+                .blob
+                .covered_until(self.pos)
+                .map_or(self.pos, |end| end.min(self.size - 1));
+            if ready > self.pos {
+                let n = (ready - self.pos).min(FOLLOW_CHUNK) as usize;
+                let (blob, at) = (Arc::clone(&self.f.blob), self.pos);
+                let buf = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; n];
+                    blob.read_at(&mut buf, at).map(|_| buf)
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                self.pos += n as u64;
+                return Ok(Some(Bytes::from(buf)));
+            }
+            // Nothing new: wait for the fill to write, or for its next attempt.
+            let wait = std::time::Duration::from_millis(200);
+            match tokio::time::timeout(wait, self.f.progress.changed()).await {
+                Ok(Ok(())) => stalled_since = tokio::time::Instant::now(),
+                Ok(Err(_)) => {
+                    // This attempt ended: verified (then stored), or failed and retried.
+                    match self.filler.following(self.digest.as_str()) {
+                        Some(next) if next.progress.has_changed().is_ok() => self.f = next,
+                        _ => {
+                            if !self.filler.is_filling(self.digest.as_str())
+                                && !self.stored.exists()
+                            {
+                                return Err(std::io::Error::other(
+                                    "the node's fill of the blob stopped before it was complete",
+                                ));
+                            }
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                }
+                Err(_) => {}
+            }
+            if stalled_since.elapsed() > FILL_STALL {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the node's fill of the blob made no progress for {FILL_STALL:?}"),
+                ));
+            }
+        }
+    }
+
+    async fn read_stored(&mut self) -> std::io::Result<Option<Bytes>> {
+        let mut file = match tokio::fs::File::open(&self.stored).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        file.seek(std::io::SeekFrom::Start(self.pos)).await?;
+        let n = (self.size - self.pos).min(FOLLOW_CHUNK) as usize;
+        let mut buf = vec![0u8; n];
+        file.read_exact(&mut buf).await?;
+        self.pos += n as u64;
+        Ok(Some(Bytes::from(buf)))
     }
 }
 
