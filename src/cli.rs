@@ -170,6 +170,13 @@ pub struct ServeArgs {
     /// mirror.air_gapped, false].
     #[arg(long)]
     pub mirror_air_gapped: bool,
+    /// How long a tag the mirror answered is served from the store before the upstream is
+    /// asked whether it moved, e.g. 5m, 0s = every request [default: mirror.tag_ttl, 5m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub mirror_tag_ttl: Option<std::time::Duration>,
+    /// Ask the upstream for `latest` at every request [default: mirror.always_pull_latest].
+    #[arg(long)]
+    pub mirror_always_pull_latest: bool,
     /// Do not keep credentials received through CRI for later refetches.
     #[arg(long)]
     pub no_persist_credentials: bool,

@@ -108,7 +108,7 @@ pub struct MetricsConfig {
 }
 
 /// The pull-through registry (OCI distribution pull API) served from the store.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MirrorConfig {
     /// `HOST:PORT` to serve `/v2/` on; empty = off.
@@ -118,6 +118,25 @@ pub struct MirrorConfig {
     pub default_upstream: String,
     /// Never contact an upstream: answer from the store only.
     pub air_gapped: bool,
+    /// A tag the mirror answered less than this long ago is answered from the store; after it,
+    /// the upstream is asked whether it moved (a HEAD, compared with the stored digest).
+    /// 0 = ask at every request.
+    #[serde(with = "humantime_serde_compat")]
+    pub tag_ttl: Duration,
+    /// `latest` is asked upstream at every request, whatever `tag_ttl` says.
+    pub always_pull_latest: bool,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            listen: String::new(),
+            default_upstream: String::new(),
+            air_gapped: false,
+            tag_ttl: Duration::from_secs(300),
+            always_pull_latest: false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -111,6 +111,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if a.mirror_air_gapped {
                 cfg.mirror.air_gapped = true;
             }
+            if let Some(t) = a.mirror_tag_ttl {
+                cfg.mirror.tag_ttl = t;
+            }
+            if a.mirror_always_pull_latest {
+                cfg.mirror.always_pull_latest = true;
+            }
             if let Some(l) = &a.metrics_listen {
                 cfg.metrics.listen = l.clone();
             }

@@ -71,11 +71,15 @@ async fn skopeo_and_curl_pull_through_the_mirror_and_it_serves_the_store_offline
     let layers = layer_sizes(&reg, "mir");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
+    // Tags asked upstream at every request (`tag_ttl` 0): the offline part below then shows
+    // the store answering for an upstream that is gone.
     let d = Daemon::start(&[
         "--mirror-listen",
         &listen,
         "--mirror-default-upstream",
         &reg.host(),
+        "--mirror-tag-ttl",
+        "0s",
     ]);
     let base = format!("http://{listen}");
 
@@ -534,4 +538,122 @@ async fn a_layer_being_filled_is_served_from_the_fill() {
         200,
         "the stored blob is served afterwards"
     );
+}
+
+/// Tag freshness: within `mirror.tag_ttl` a tag is answered from the store even after it moved
+/// upstream (no upstream request), `latest` is asked every time with `always_pull_latest`, and
+/// with a TTL of 0 every request asks the upstream with a HEAD, which serves the stored
+/// manifest while the digest is unchanged and fetches the new one when the tag moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_are_revalidated_after_the_tag_ttl() {
+    if !require_tools() {
+        return;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("SKIP: curl not installed");
+        return;
+    }
+    let reg = Registry::empty(None);
+    let h = reg.host();
+    let push = |n: u64| {
+        let reg = &reg;
+        async move {
+            push_layers(
+                reg,
+                "ttl",
+                &[tar_of(&[
+                    ("t/", vec![]),
+                    ("t/x.txt", format!("{n}\n").into_bytes()),
+                ])],
+            )
+            .await;
+            common::skopeo_copy(
+                &format!("{}/ttl:latest", reg.host()),
+                &format!("{}/ttl:v1", reg.host()),
+                &[],
+            );
+            digest_of_tag(reg, "v1")
+        }
+    };
+    let manifest_requests = |method: &str, tag: &str| {
+        let needle = format!("\"{method} /v2/ttl/manifests/{tag} ");
+        std::fs::read_to_string(reg.log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .count()
+    };
+    let get = |listen: &str, tag: &str| {
+        let (code, head, body) = curl(&[], &format!("http://{listen}/v2/ttl/manifests/{tag}"));
+        assert_eq!(code, 200, "{head}\n{}", String::from_utf8_lossy(&body));
+        head.lines()
+            .find_map(|l| l.strip_prefix("docker-content-digest: "))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let a = push(1).await;
+
+    let cached = format!("127.0.0.1:{}", free_port());
+    let _x = Daemon::start(&[
+        "--mirror-listen",
+        &cached,
+        "--mirror-default-upstream",
+        &h,
+        "--mirror-tag-ttl",
+        "1h",
+        "--mirror-always-pull-latest",
+    ]);
+    assert_eq!(get(&cached, "v1"), a);
+    assert_eq!(get(&cached, "latest"), a);
+    let b = push(2).await;
+    assert_ne!(a, b);
+    let before = manifest_requests("GET", "v1") + manifest_requests("HEAD", "v1");
+    assert_eq!(
+        get(&cached, "v1"),
+        a,
+        "within the TTL the tag is the stored one"
+    );
+    assert_eq!(get(&cached, "latest"), b, "latest is asked every time");
+    assert_eq!(
+        manifest_requests("GET", "v1") + manifest_requests("HEAD", "v1"),
+        before,
+        "no upstream request for a tag within its TTL"
+    );
+
+    let every = format!("127.0.0.1:{}", free_port());
+    let _y = Daemon::start(&[
+        "--mirror-listen",
+        &every,
+        "--mirror-default-upstream",
+        &h,
+        "--mirror-tag-ttl",
+        "0s",
+    ]);
+    assert_eq!(get(&every, "v1"), b);
+    let (gets, heads) = (
+        manifest_requests("GET", "v1"),
+        manifest_requests("HEAD", "v1"),
+    );
+    assert_eq!(get(&every, "v1"), b);
+    wait_until(
+        "the HEAD logged",
+        std::time::Duration::from_secs(10),
+        || manifest_requests("HEAD", "v1") > heads,
+    );
+    assert_eq!(manifest_requests("GET", "v1"), gets, "unchanged: HEAD only");
+    let c = push(3).await;
+    assert_eq!(get(&every, "v1"), c, "a moved tag is fetched again");
+}
+
+/// The digest `ttl:TAG` has in the registry now.
+fn digest_of_tag(reg: &Registry, tag: &str) -> String {
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--raw"])
+        .arg(format!("docker://{}/ttl:{tag}", reg.host()))
+        .output()
+        .expect("skopeo");
+    assert!(out.status.success());
+    use sha2::Digest as _;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(&out.stdout)))
 }

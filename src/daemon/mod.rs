@@ -237,6 +237,8 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             crate::http::mirror::MirrorOptions {
                 default_upstream: cfg.mirror.default_upstream.clone(),
                 air_gapped: cfg.mirror.air_gapped,
+                tag_ttl: cfg.mirror.tag_ttl,
+                always_pull_latest: cfg.mirror.always_pull_latest,
             },
             Some(Arc::clone(&images.filler)),
         );

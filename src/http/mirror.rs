@@ -56,6 +56,10 @@ type Result<T> = std::result::Result<T, MirrorError>;
 pub struct MirrorOptions {
     pub default_upstream: String,
     pub air_gapped: bool,
+    /// A tag answered less than this long ago is answered from the store.
+    pub tag_ttl: std::time::Duration,
+    /// `latest` is asked upstream at every request.
+    pub always_pull_latest: bool,
 }
 
 pub struct Mirror {
@@ -252,33 +256,71 @@ impl Mirror {
         Ok(r)
     }
 
-    /// A manifest by tag: asked upstream (the tag may have moved), else the store's answer
-    /// when the upstream cannot be reached or the mirror is air-gapped.
+    /// A manifest by tag. Answered from the store when the upstream confirmed it less than
+    /// `tag_ttl` ago (not `latest` with `always_pull_latest`); else the upstream is asked: a
+    /// HEAD when the store has the tag (the stored manifest is served if the digest is the
+    /// same), a GET otherwise. When the upstream cannot be reached, or the mirror is
+    /// air-gapped, the store's answer.
     async fn tagged_manifest(&self, up: &Upstream, tag: &str) -> Result<(Vec<u8>, Digest)> {
         let name = up.name(tag);
-        if !self.opts.air_gapped {
+        if self.opts.air_gapped {
+            return self
+                .cached_tag(&name)?
+                .ok_or(MirrorError::ManifestUnknown(name));
+        }
+        let checked = lock(&self.db).mirror_tag_checked(&name)?;
+        let stored = match &checked {
+            Some((d, _)) => self.cached_tag(&name)?.filter(|(_, got)| got.as_str() == d),
+            None => None,
+        };
+        if let (Some(found), Some((_, at))) = (&stored, &checked) {
+            let age = chrono::Utc::now().timestamp().saturating_sub(*at);
+            let always = self.opts.always_pull_latest && tag == "latest";
+            if !always && u64::try_from(age).is_ok_and(|a| a < self.opts.tag_ttl.as_secs()) {
+                tracing::debug!(
+                    name,
+                    age_s = age,
+                    "tag answered from the store (within mirror.tag_ttl)"
+                );
+                return Ok(found.clone());
+            }
             match self
                 .registry
-                .fetch_manifest(&up.tagged(tag), None, &up.creds)
+                .manifest_digest(&up.tagged(tag), &up.creds)
                 .await
             {
-                Ok((bytes, d)) => {
-                    self.keep_manifest(&d, &bytes)?;
+                Ok(d) if d == found.1 => {
                     lock(&self.db).set_mirror_tag(&name, d.as_str())?;
-                    return Ok((bytes.to_vec(), d));
+                    tracing::debug!(name, "tag revalidated: unchanged upstream");
+                    return Ok(found.clone());
                 }
+                Ok(d) => tracing::info!(name, from = %found.1, to = %d, "tag moved upstream"),
                 Err(e) if e.is_transient() => {
-                    if let Some(found) = self.cached_tag(&name)? {
-                        tracing::warn!(name, error = %e, "upstream unreachable: serving the tag as the store has it");
-                        return Ok(found);
-                    }
-                    return Err(upstream_err(true)(e));
+                    tracing::warn!(name, error = %e, "upstream unreachable: serving the tag as the store has it");
+                    return Ok(found.clone());
                 }
                 Err(e) => return Err(upstream_err(true)(e)),
             }
         }
-        self.cached_tag(&name)?
-            .ok_or(MirrorError::ManifestUnknown(name))
+        match self
+            .registry
+            .fetch_manifest(&up.tagged(tag), None, &up.creds)
+            .await
+        {
+            Ok((bytes, d)) => {
+                self.keep_manifest(&d, &bytes)?;
+                lock(&self.db).set_mirror_tag(&name, d.as_str())?;
+                Ok((bytes.to_vec(), d))
+            }
+            Err(e) if e.is_transient() => {
+                if let Some(found) = self.cached_tag(&name)? {
+                    tracing::warn!(name, error = %e, "upstream unreachable: serving the tag as the store has it");
+                    return Ok(found);
+                }
+                Err(upstream_err(true)(e))
+            }
+            Err(e) => Err(upstream_err(true)(e)),
+        }
     }
 
     fn cached_tag(&self, name: &str) -> Result<Option<(Vec<u8>, Digest)>> {

@@ -454,6 +454,24 @@ impl Registry {
         .await
     }
 
+    /// The digest the registry gives for a tag now (a HEAD of the manifest; registries that
+    /// send no `Docker-Content-Digest` get a GET, hashed by oci-client).
+    pub async fn manifest_digest(&self, r: &Reference, creds: &OpCreds) -> Result<Digest> {
+        let what = format!("digest of {r}");
+        self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
+            let what = what.clone();
+            async move {
+                let auth = auth_of(secret.as_ref());
+                let d = client
+                    .fetch_manifest_digest(&reference, &auth)
+                    .await
+                    .map_err(|e| classify(e, &ep.host, reference.repository(), &what, &source))?;
+                Ok(Digest::parse(&d)?)
+            }
+        })
+        .await
+    }
+
     /// Fetch a small blob (an image config) whole, bounded by `limit`, verified against `d`.
     pub async fn fetch_small_blob(
         &self,

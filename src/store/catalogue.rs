@@ -756,6 +756,16 @@ impl Catalogue {
             .map(|i| i.index_digest.unwrap_or(i.manifest_digest)))
     }
 
+    /// The digest the pull-through registry last answered for `name` and when the upstream
+    /// last confirmed it (Unix seconds).
+    pub fn mirror_tag_checked(&self, name: &str) -> Result<Option<(String, i64)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT digest, fetched_at FROM mirror_tags WHERE name = ?1")?;
+        let mut rows = st.query_map(params![name], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.next().transpose()?)
+    }
+
     /// The tags of `repo` (`upstream/repository`) this node knows, sorted.
     pub fn mirror_tags_of(&self, repo: &str) -> Result<Vec<String>> {
         let prefix = format!("{repo}:");
