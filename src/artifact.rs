@@ -106,7 +106,7 @@ pub async fn attach(
         .await?;
     // A registry with the referrers API lists it now; otherwise keep the fallback tag's index.
     let listed = registry
-        .referrers(repo, &subject.digest, artifact_type, creds)
+        .referrers(repo, &subject.digest, Some(artifact_type), creds)
         .await?
         .iter()
         .any(|m| m.digest == digest.as_str());
@@ -158,7 +158,7 @@ pub async fn fetch_newest(
     creds: &OpCreds,
 ) -> Result<Option<Fetched>, ArtifactError> {
     let mut found = registry
-        .referrers(repo, subject, artifact_type, creds)
+        .referrers(repo, subject, Some(artifact_type), creds)
         .await?;
     // Newest first by the creation annotation (RFC 3339 in UTC sorts as text).
     let created = |m: &oci_client::manifest::ImageIndexEntry| {

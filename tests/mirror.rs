@@ -657,3 +657,94 @@ fn digest_of_tag(reg: &Registry, tag: &str) -> String {
     use sha2::Digest as _;
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(&out.stdout)))
 }
+
+/// The referrers API through the mirror: the upstream (Debian's docker-registry, which has no
+/// referrers API: the mirror reads its referrers tag) holds the gzip index a node pushed for
+/// an image; the mirror lists it as an image index, applies the `artifactType` filter (and
+/// says so), and keeps answering from the store once the upstream is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_are_listed_filtered_and_kept_offline() {
+    if !require_tools() || !std::path::Path::new("/dev/fuse").exists() {
+        return;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("SKIP: curl not installed");
+        return;
+    }
+    let mut reg = Registry::empty(None);
+    push_layers(
+        &reg,
+        "refd",
+        &[tar_of(&[("r/", vec![]), ("r/big.bin", noise(3 << 20, 41))])],
+    )
+    .await;
+    let name = format!("{}/refd:latest", reg.host());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start(&[
+        "--mirror-listen",
+        &listen,
+        "--mirror-default-upstream",
+        &reg.host(),
+    ]);
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &name).await.expect("pull");
+    }
+    d.wait_complete(std::time::Duration::from_secs(120));
+    wait_until("layer unpacked", std::time::Duration::from_secs(60), || {
+        d.status_json()["images"][0]["layers"][0]["unpacked"] == true
+    });
+    let pushed = d.cli_ok(&["index", "push", &name]);
+    assert!(
+        pushed.contains("pushed the random-access index"),
+        "{pushed}"
+    );
+
+    let base = format!("http://{listen}/v2/refd");
+    let (code, head, _) = curl(&["-I"], &format!("{base}/manifests/latest"));
+    assert_eq!(code, 200, "{head}");
+    let subject = head
+        .lines()
+        .find_map(|l| l.strip_prefix("docker-content-digest: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    let index_type = "application/vnd.lazypull.gzip-index.v1+json";
+    let list = |query: &str| {
+        let (code, head, body) = curl(&[], &format!("{base}/referrers/{subject}{query}"));
+        assert_eq!(
+            code,
+            200,
+            "{head}\n{}\n{}",
+            String::from_utf8_lossy(&body),
+            d.log_text()
+        );
+        assert!(
+            head.contains("content-type: application/vnd.oci.image.index.v1+json"),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("an index");
+        assert_eq!(v["schemaVersion"], 2);
+        (head, v["manifests"].as_array().cloned().unwrap_or_default())
+    };
+    let (head, all) = list("");
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["artifactType"], index_type);
+    assert!(!head.contains("oci-filters-applied"), "{head}");
+    let (head, same) = list("?artifactType=application%2Fvnd.lazypull.gzip-index.v1%2Bjson");
+    assert_eq!(same.len(), 1);
+    assert!(head.contains("oci-filters-applied: artifacttype"), "{head}");
+    let (_, none) = list("?artifactType=application%2Fvnd.example.other");
+    assert!(none.is_empty(), "{none:?}");
+    // The artifact itself comes through the mirror like any manifest.
+    let artifact = all[0]["digest"].as_str().unwrap();
+    assert_eq!(
+        curl(&["-I"], &format!("{base}/manifests/{artifact}")).0,
+        200
+    );
+
+    reg.stop();
+    let (_, kept) = list("");
+    assert_eq!(kept, all, "offline: the list the store kept");
+    assert!(d.log_text().contains("serving the referrers the store has"));
+}

@@ -1060,14 +1060,7 @@ fn mount_image(d: &Daemon, name: &str, root: &std::path::Path, extra: &[&str]) {
 
 /// `lazypull ARGS...` (through the daemon's config), asserting success; returns stdout.
 fn lazypull_ok(d: &Daemon, args: &[&str]) -> String {
-    let out = d.cli(args);
-    assert!(
-        out.status.success(),
-        "lazypull {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    d.cli_ok(args)
 }
 
 /// umoci's tree without eStargz's own files (tar entries to umoci, hidden by lazy mounts).

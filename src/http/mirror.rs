@@ -14,6 +14,7 @@ use crate::store::{Layout, StoreError, locked as lock};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use hyper::{Method, Response, StatusCode, header};
+use oci_client::manifest::{ImageIndexEntry, OciImageIndex};
 use sha2::Digest as _;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -207,9 +208,11 @@ impl Mirror {
                 let up = self.upstream(&name, ns)?;
                 self.tags(&name, &up, query, head).await
             }
-            // No referrers API here: the spec's answer is 404, and clients then read the
-            // referrers tag (`sha256-<hex>`), which is served like any tag.
-            Route::Referrers { .. } => Err(RouteError::NotFound(path.into()).into()),
+            Route::Referrers { name, digest } => {
+                let up = self.upstream(&name, ns)?;
+                let filter = route::artifact_type_param(query);
+                self.referrers(&up, &digest, filter.as_deref(), head).await
+            }
         }
     }
 
@@ -323,6 +326,81 @@ impl Mirror {
         }
     }
 
+    /// The referrers API: the artifacts whose subject is `subject`, as an image index, with
+    /// the `artifactType` filter applied here. Asked upstream (its referrers API, or its
+    /// referrers tag when it has none) and kept; when the upstream cannot be reached, or the
+    /// mirror is air-gapped, the list the store kept (empty if none).
+    async fn referrers(
+        &self,
+        up: &Upstream,
+        subject: &Digest,
+        filter: Option<&str>,
+        head: bool,
+    ) -> Result<Response<Body>> {
+        let name = format!("{}/{}@{subject}", up.host, up.repo);
+        let kept = || -> Result<Option<Vec<ImageIndexEntry>>> {
+            let Some(d) = lock(&self.db).mirror_referrers(&name)? else {
+                return Ok(None);
+            };
+            let Ok(d) = Digest::parse(&d) else {
+                return Ok(None);
+            };
+            if !self.layout.has_blob(&d) {
+                return Ok(None);
+            }
+            let bytes = self.layout.read_blob(&d)?;
+            Ok(serde_json::from_slice::<OciImageIndex>(&bytes)
+                .ok()
+                .map(|i| i.manifests))
+        };
+        let all = if self.opts.air_gapped {
+            kept()?.unwrap_or_default()
+        } else {
+            match self
+                .registry
+                .referrers(&up.at(subject), subject, None, &up.creds)
+                .await
+            {
+                Ok(list) => {
+                    let bytes = referrers_index(list.clone());
+                    let d = Digest::of(&bytes);
+                    if !self.layout.has_blob(&d) {
+                        self.layout.put_blob(&d, &bytes)?;
+                    }
+                    let db = lock(&self.db);
+                    db.add_mirror_blob(d.as_str())?;
+                    db.set_mirror_referrers(&name, d.as_str())?;
+                    list
+                }
+                Err(e) if e.is_transient() => match kept()? {
+                    Some(list) => {
+                        tracing::warn!(name, error = %e, "upstream unreachable: serving the referrers the store has");
+                        list
+                    }
+                    None => return Err(upstream_err(false)(e)),
+                },
+                Err(e) => return Err(upstream_err(false)(e)),
+            }
+        };
+        let chosen: Vec<_> = all
+            .into_iter()
+            .filter(|m| filter.is_none() || m.artifact_type.as_deref() == filter)
+            .collect();
+        let mut r = json_response(referrers_index(chosen), head);
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(oci::MT_OCI_INDEX),
+        );
+        if filter.is_some() {
+            h.insert(
+                "oci-filters-applied",
+                header::HeaderValue::from_static("artifactType"),
+            );
+        }
+        Ok(r)
+    }
+
     fn cached_tag(&self, name: &str) -> Result<Option<(Vec<u8>, Digest)>> {
         let Some(d) = lock(&self.db).mirror_tag(name)? else {
             return Ok(None);
@@ -336,13 +414,21 @@ impl Mirror {
         Ok(Some((self.layout.read_blob(&d)?, d)))
     }
 
-    /// Store a manifest fetched from upstream (its digest already verified), once it parses
-    /// as a manifest or an index.
+    /// Store a manifest fetched from upstream (its digest already verified, its size bounded
+    /// by the registry client), once it parses as an image manifest or index, or at least as
+    /// an OCI document of schema version 2 (artifact manifests: a mirror serves any content).
     fn keep_manifest(&self, d: &Digest, bytes: &[u8]) -> Result<()> {
-        oci::parse_document(bytes, None).map_err(|e| MirrorError::Upstream {
-            source: RegistryError::Oci(e),
-            manifest: true,
-        })?;
+        if let Err(e) = oci::parse_document(bytes, None) {
+            let v: serde_json::Value = serde_json::from_slice(bytes).unwrap_or_default();
+            let document = v["schemaVersion"] == 2
+                && (v["layers"].is_array() || v["manifests"].is_array() || v["blobs"].is_array());
+            if !document {
+                return Err(MirrorError::Upstream {
+                    source: RegistryError::Oci(e),
+                    manifest: true,
+                });
+            }
+        }
         if !self.layout.has_blob(d) {
             self.layout.put_blob(d, bytes)?;
         }
@@ -601,6 +687,19 @@ fn page(all: Vec<String>, n: Option<usize>, last: Option<&str>) -> Vec<String> {
         .filter(|t| last.is_none_or(|l| t.as_str() > l))
         .take(n.unwrap_or(usize::MAX))
         .collect()
+}
+
+/// An OCI image index listing `manifests` (the referrers API's answer).
+fn referrers_index(manifests: Vec<ImageIndexEntry>) -> Vec<u8> {
+    let index = OciImageIndex {
+        schema_version: 2,
+        media_type: Some(oci::MT_OCI_INDEX.to_string()),
+        manifests,
+        artifact_type: None,
+        annotations: None,
+    };
+    // Serializing plain structs of strings and maps cannot fail.
+    serde_json::to_vec(&index).unwrap_or_default()
 }
 
 fn json_response(body: Vec<u8>, head: bool) -> Response<Body> {

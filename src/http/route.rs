@@ -227,6 +227,15 @@ pub fn ns_param(query: Option<&str>) -> Option<String> {
         .filter(|v| valid_host(v))
 }
 
+/// The `artifactType` filter of a referrers query (a media type: at most 255 bytes of
+/// printable ASCII without spaces, else ignored).
+pub fn artifact_type_param(query: Option<&str>) -> Option<String> {
+    form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == "artifactType")
+        .map(|(_, v)| v.into_owned())
+        .filter(|v| !v.is_empty() && v.len() <= 255 && v.bytes().all(|b| b.is_ascii_graphic()))
+}
+
 /// `n` and `last` of a `tags/list` query.
 pub fn page_params(query: Option<&str>) -> (Option<usize>, Option<String>) {
     let mut n = None;

@@ -753,7 +753,7 @@ impl Registry {
         &self,
         r: &Reference,
         subject: &Digest,
-        artifact_type: &str,
+        artifact_type: Option<&str>,
         creds: &OpCreds,
     ) -> Result<Vec<oci_client::manifest::ImageIndexEntry>> {
         let what = format!("referrers of {subject}");
@@ -772,13 +772,15 @@ impl Registry {
                     .await
                     .map_err(err)?;
                 let index = client
-                    .pull_referrers(&at, Some(artifact_type))
+                    .pull_referrers(&at, artifact_type)
                     .await
                     .map_err(err)?;
                 let mut found: Vec<_> = index
                     .manifests
                     .into_iter()
-                    .filter(|m| m.artifact_type.as_deref() == Some(artifact_type))
+                    .filter(|m| {
+                        artifact_type.is_none() || m.artifact_type.as_deref() == artifact_type
+                    })
                     .collect();
                 found.truncate(MAX_REFERRERS);
                 Ok(found)

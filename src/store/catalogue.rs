@@ -87,6 +87,11 @@ CREATE TABLE IF NOT EXISTS mirror_tags (  -- the pull-through registry: tags it 
     digest TEXT NOT NULL,                -- the manifest or index it named then
     fetched_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS mirror_referrers ( -- the pull-through registry: referrers answered
+    name TEXT PRIMARY KEY,               -- upstream/repository@subject-digest
+    digest TEXT NOT NULL,                -- the referrers index (a blob) the upstream gave then
+    fetched_at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS mirror_blobs ( -- manifests and blobs it stored (kept by GC)
     digest TEXT PRIMARY KEY,
     fetched_at INTEGER NOT NULL,
@@ -754,6 +759,25 @@ impl Catalogue {
         Ok(self
             .image_by_name(name)?
             .map(|i| i.index_digest.unwrap_or(i.manifest_digest)))
+    }
+
+    /// Record the referrers index the upstream gave for `name` (`upstream/repo@subject`).
+    pub fn set_mirror_referrers(&self, name: &str, digest: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO mirror_referrers (name, digest, fetched_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET digest = ?2, fetched_at = ?3",
+            params![name, digest, now()],
+        )?;
+        Ok(())
+    }
+
+    /// The referrers index last recorded for `name`.
+    pub fn mirror_referrers(&self, name: &str) -> Result<Option<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT digest FROM mirror_referrers WHERE name = ?1")?;
+        let mut rows = st.query_map(params![name], |r| r.get(0))?;
+        Ok(rows.next().transpose()?)
     }
 
     /// The digest the pull-through registry last answered for `name` and when the upstream

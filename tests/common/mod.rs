@@ -426,6 +426,18 @@ impl Daemon {
     }
 
     /// Run a CLI subcommand against this daemon's store and socket.
+    /// `lazypull ARGS...` against this daemon, asserting success; its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "lazypull {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(bin())
             .arg("--root")
