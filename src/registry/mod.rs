@@ -767,14 +767,24 @@ impl Registry {
                 );
                 let auth = auth_of(secret.as_ref());
                 let err = |e| classify(e, &ep.host, at.repository(), &what, &source);
-                client
-                    .auth(&at, &auth, oci_client::RegistryOperation::Pull)
-                    .await
-                    .map_err(err)?;
-                let index = client
-                    .pull_referrers(&at, artifact_type)
-                    .await
-                    .map_err(err)?;
+                // pull_referrers sends no probe of its own: anonymous, it needs no auth call.
+                let index = self
+                    .anonymous_first(
+                        &ep,
+                        secret.as_ref(),
+                        |bare| {
+                            let at = &at;
+                            async move { bare.pull_referrers(at, artifact_type).await.map_err(err) }
+                        },
+                        || async {
+                            client
+                                .auth(&at, &auth, oci_client::RegistryOperation::Pull)
+                                .await
+                                .map_err(err)?;
+                            client.pull_referrers(&at, artifact_type).await.map_err(err)
+                        },
+                    )
+                    .await?;
                 let mut found: Vec<_> = index
                     .manifests
                     .into_iter()
@@ -852,20 +862,49 @@ impl Registry {
         ep: &Endpoint,
         what: &str,
     ) -> Result<BlobBody> {
+        self.anonymous_first(
+            ep,
+            secret,
+            |bare| async move {
+                open_blob(
+                    &bare, reference, d, offset, len, None, source, ep, what, false,
+                )
+                .await
+            },
+            || async move {
+                open_blob(
+                    client, reference, d, offset, len, secret, source, ep, what, true,
+                )
+                .await
+            },
+        )
+        .await
+    }
+
+    /// An anonymous request to an endpoint that has not challenged one goes through the bare
+    /// client (`bare`: no stored auth, so no `/v2/` probe before it); otherwise, or when the
+    /// endpoint answers 401 (remembered), `authed` runs the token flow.
+    async fn anonymous_first<T, B, BFut, A, AFut>(
+        &self,
+        ep: &Endpoint,
+        secret: Option<&Secret>,
+        bare: B,
+        authed: A,
+    ) -> Result<T>
+    where
+        B: FnOnce(oci_client::Client) -> BFut,
+        BFut: Future<Output = Result<T>>,
+        A: FnOnce() -> AFut,
+        AFut: Future<Output = Result<T>>,
+    {
         let key = (ep.host.clone(), ep.scheme);
-        let challenged = || {
-            self.needs_token
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&key)
-        };
-        if secret.is_none() && !challenged() {
-            let bare = self.client_keyed(ep, BARE);
-            match open_blob(
-                &bare, reference, d, offset, len, None, source, ep, what, false,
-            )
-            .await
-            {
+        let challenged = self
+            .needs_token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key);
+        if secret.is_none() && !challenged {
+            match bare(self.client_keyed(ep, BARE)).await {
                 Err(RegistryError::Unauthorized { .. }) => {
                     tracing::debug!(registry = %ep.host, "anonymous request challenged; using the token flow");
                     self.needs_token
@@ -876,10 +915,7 @@ impl Registry {
                 other => return other,
             }
         }
-        open_blob(
-            client, reference, d, offset, len, secret, source, ep, what, true,
-        )
-        .await
+        authed().await
     }
 }
 
