@@ -125,6 +125,9 @@ pub struct MirrorConfig {
     pub tag_ttl: Duration,
     /// `latest` is asked upstream at every request, whatever `tag_ttl` says.
     pub always_pull_latest: bool,
+    /// At most this many blobs are fetched from upstreams at once; clients of the others wait
+    /// for a turn (each blob is still fetched once, however many clients ask).
+    pub max_upstream_fetches: usize,
 }
 
 impl Default for MirrorConfig {
@@ -135,6 +138,7 @@ impl Default for MirrorConfig {
             air_gapped: false,
             tag_ttl: Duration::from_secs(300),
             always_pull_latest: false,
+            max_upstream_fetches: 16,
         }
     }
 }

@@ -22,6 +22,7 @@ pub struct Sources {
     pub filler: Arc<Filler>,
     pub reader: Option<Arc<crate::fs::reader::Reader>>,
     pub images: Arc<crate::images::Images>,
+    pub mirror: Option<Arc<crate::http::mirror::Mirror>>,
 }
 
 fn reader_metrics(reg: &mut Registry, s: &ReadStats) {
@@ -213,6 +214,28 @@ pub fn render(src: &Sources) -> String {
             "lazypull_layer_ondemand_bytes",
             "Bytes of those layers that reads fetched on demand (persisted)",
             ConstGauge::new(ondemand as i64),
+        );
+    }
+    if let Some(m) = &src.mirror {
+        reg.register(
+            "lazypull_mirror_requests",
+            "Pull-through registry requests by kind and status code",
+            m.stats.requests.clone(),
+        );
+        reg.register(
+            "lazypull_mirror_bytes",
+            "Body bytes the pull-through registry sent, by source (store, in_flight, partial, upstream)",
+            m.stats.bytes.clone(),
+        );
+        reg.register(
+            "lazypull_mirror_upstream_fetches",
+            "Blobs the pull-through registry fetched from an upstream",
+            m.stats.upstream_fetches.clone(),
+        );
+        reg.register(
+            "lazypull_mirror_upstream_fetches_saved",
+            "Blob requests answered without an upstream fetch of their own (store, joined fetch, followed fill)",
+            m.stats.upstream_fetches_saved.clone(),
         );
     }
     if let Ok(images) = src.images.list() {

@@ -290,11 +290,14 @@ async fn twenty_cold_clients_share_one_upstream_fetch() {
     // About 2 s to send the blob.
     let proxy = Netem::start(&reg.host(), &["--mbit", "64"]);
     let listen = format!("127.0.0.1:{}", free_port());
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
     let d = Daemon::start(&[
         "--mirror-listen",
         &listen,
         "--mirror-default-upstream",
         &proxy.host(),
+        "--metrics-listen",
+        &metrics_addr,
     ]);
     let out = tempfile::tempdir().unwrap();
     let url = format!("http://{listen}/v2/many/blobs/{digest}");
@@ -335,6 +338,39 @@ async fn twenty_cold_clients_share_one_upstream_fetch() {
     }
     let (bytes, requests, _) = served(&reg, "many", &digest);
     assert_eq!((bytes, requests), (size, 1), "one upstream fetch");
+    // The metrics say the same: one fetch, 19 saved, the bytes sent as they arrived or from
+    // the store (a client that came late), and 20 blob requests answered 200.
+    let m = metrics(&metrics_addr);
+    let value = |name: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+    };
+    assert_eq!(value("lazypull_mirror_upstream_fetches_total "), 1, "{m}");
+    assert_eq!(
+        value("lazypull_mirror_upstream_fetches_saved_total "),
+        19,
+        "{m}"
+    );
+    assert_eq!(
+        value("lazypull_mirror_requests_total{kind=\"blob\",status=\"200\"} "),
+        20,
+        "{m}"
+    );
+    let sent: u64 = ["in_flight", "store"]
+        .iter()
+        .map(|s| {
+            m.lines()
+                .find_map(|l| {
+                    l.strip_prefix(&format!("lazypull_mirror_bytes_total{{source=\"{s}\"}} "))?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(sent, 20 * size, "{m}");
     let first_done = results.iter().map(|r| r.2).fold(f64::MAX, f64::min);
     let last_start = results.iter().map(|r| r.1).fold(0.0, f64::max);
     eprintln!("20 clients: last first byte at {last_start:.2} s, first done at {first_done:.2} s");

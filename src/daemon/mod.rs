@@ -203,28 +203,9 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     } else {
         None
     };
-    let metrics_stop = CancellationToken::new();
-    let metrics_task = if cfg.metrics.listen.is_empty() {
-        None
-    } else {
-        let listener = tokio::net::TcpListener::bind(&cfg.metrics.listen)
-            .await
-            .with_context(|| format!("binding the metrics endpoint {}", cfg.metrics.listen))?;
-        tracing::info!(listen = %cfg.metrics.listen, "serving Prometheus metrics at /metrics");
-        let src = Arc::new(crate::metrics::Sources {
-            filler: Arc::clone(&images.filler),
-            reader: fuse_reader.clone(),
-            images: Arc::clone(&images),
-        });
-        Some(tokio::spawn(crate::metrics::serve(
-            listener,
-            src,
-            metrics_stop.clone(),
-        )))
-    };
-    // The pull-through registry, on the same store.
-    let mirror_task = if cfg.mirror.listen.is_empty() {
-        None
+    // The pull-through registry, on the same store (served below, once the metrics know it).
+    let (mirror, mirror_listener) = if cfg.mirror.listen.is_empty() {
+        (None, None)
     } else {
         let listener = tokio::net::TcpListener::bind(&cfg.mirror.listen)
             .await
@@ -239,16 +220,45 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
                 air_gapped: cfg.mirror.air_gapped,
                 tag_ttl: cfg.mirror.tag_ttl,
                 always_pull_latest: cfg.mirror.always_pull_latest,
+                max_upstream_fetches: cfg.mirror.max_upstream_fetches,
             },
             Some(Arc::clone(&images.filler)),
         );
-        let handler = Arc::new(move |req| Arc::clone(&mirror).handle(req));
-        Some(tokio::spawn(crate::http::serve(
+        (Some(mirror), Some(listener))
+    };
+    let metrics_stop = CancellationToken::new();
+    let metrics_task = if cfg.metrics.listen.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+            .await
+            .with_context(|| format!("binding the metrics endpoint {}", cfg.metrics.listen))?;
+        tracing::info!(listen = %cfg.metrics.listen, "serving Prometheus metrics at /metrics");
+        let src = Arc::new(crate::metrics::Sources {
+            filler: Arc::clone(&images.filler),
+            reader: fuse_reader.clone(),
+            images: Arc::clone(&images),
+            mirror: mirror.clone(),
+        });
+        Some(tokio::spawn(crate::metrics::serve(
             listener,
-            "mirror",
-            handler,
+            src,
             metrics_stop.clone(),
         )))
+    };
+    // The pull-through registry, on the same store.
+    let mirror_task = match (&mirror, mirror_listener) {
+        (Some(mirror), Some(listener)) => {
+            let mirror = Arc::clone(mirror);
+            let handler = Arc::new(move |req| Arc::clone(&mirror).handle(req));
+            Some(tokio::spawn(crate::http::serve(
+                listener,
+                "mirror",
+                handler,
+                metrics_stop.clone(),
+            )))
+        }
+        _ => None,
     };
     let stop = CancellationToken::new();
     // The containerd snapshotter: remote snapshots need the FUSE mount.

@@ -15,6 +15,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use hyper::{Method, Response, StatusCode, header};
 use oci_client::manifest::{ImageIndexEntry, OciImageIndex};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use sha2::Digest as _;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -61,6 +64,60 @@ pub struct MirrorOptions {
     pub tag_ttl: std::time::Duration,
     /// `latest` is asked upstream at every request.
     pub always_pull_latest: bool,
+    /// At most this many blobs are fetched from upstreams at once (more wait their turn).
+    pub max_upstream_fetches: usize,
+}
+
+/// A request's kind and answer, as the metrics label them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub kind: String,
+    pub status: String,
+}
+
+/// Where served bytes came from, as the metrics label them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+/// The mirror's counters (exported by the metrics endpoint).
+#[derive(Default)]
+pub struct MirrorStats {
+    /// Requests by kind (`base`, `manifest`, `blob`, `tags`, `referrers`, `push`, `invalid`)
+    /// and status code.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Body bytes sent, by where they came from: `store` (complete blobs and manifests),
+    /// `in_flight` (a fetch of this mirror or the node's fill, followed as it arrives),
+    /// `partial` (a range of a partial file), `upstream` (ranges passed through).
+    pub bytes: Family<SourceLabels, Counter>,
+    /// Blobs fetched from an upstream.
+    pub upstream_fetches: Counter,
+    /// Blob requests answered without an upstream fetch of their own: from the store, by
+    /// joining a running fetch, or by following the node's fill.
+    pub upstream_fetches_saved: Counter,
+}
+
+impl MirrorStats {
+    fn bytes_from(&self, source: &str) -> Counter {
+        self.bytes
+            .get_or_create(&SourceLabels {
+                source: source.to_string(),
+            })
+            .clone()
+    }
+}
+
+/// A streamed body that adds the bytes it sends to `counter`.
+fn counted_body(
+    counter: Counter,
+    s: impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+) -> Body {
+    super::stream(s.inspect(move |r| {
+        if let Ok(b) = r {
+            counter.inc_by(b.len() as u64);
+        }
+    }))
 }
 
 pub struct Mirror {
@@ -72,6 +129,9 @@ pub struct Mirror {
     flights: Mutex<std::collections::HashMap<Digest, Arc<Flight>>>,
     /// The node's filler: a blob it is fetching is followed, not fetched again.
     filler: Option<Arc<Filler>>,
+    /// Turns of upstream blob fetches (`max_upstream_fetches`).
+    upstream_permits: Arc<tokio::sync::Semaphore>,
+    pub stats: MirrorStats,
 }
 
 /// How long a client following the node's filler waits for a byte before its response is cut:
@@ -115,9 +175,13 @@ impl Mirror {
             layout,
             db,
             registry,
-            opts,
             flights: Mutex::default(),
             filler,
+            upstream_permits: Arc::new(tokio::sync::Semaphore::new(
+                opts.max_upstream_fetches.max(1),
+            )),
+            stats: MirrorStats::default(),
+            opts,
         })
     }
 
@@ -177,6 +241,22 @@ impl Mirror {
             h.insert("oci-namespace", ns);
         }
         tracing::debug!(%method, path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "mirror request");
+        let kind = match route::parse(&path) {
+            Ok(Route::Base) => "base",
+            Ok(Route::Manifest { .. }) => "manifest",
+            Ok(Route::Blob { .. }) => "blob",
+            Ok(Route::Tags { .. }) => "tags",
+            Ok(Route::Referrers { .. }) => "referrers",
+            Ok(Route::Upload) => "push",
+            Err(_) => "invalid",
+        };
+        self.stats
+            .requests
+            .get_or_create(&RequestLabels {
+                kind: kind.to_string(),
+                status: resp.status().as_u16().to_string(),
+            })
+            .inc();
         resp
     }
 
@@ -247,6 +327,9 @@ impl Mirror {
             }
             Ref::Tag(tag) => self.tagged_manifest(up, &tag).await?,
         };
+        if !head {
+            self.stats.bytes_from("store").inc_by(bytes.len() as u64);
+        }
         let mut r = Response::new(if head { empty() } else { full(bytes.clone()) });
         let h = r.headers_mut();
         h.insert(header::CONTENT_TYPE, header_value(&media_type_of(&bytes)));
@@ -445,7 +528,10 @@ impl Mirror {
     ) -> Result<Response<Body>> {
         let path = self.layout.blob(d);
         match tokio::fs::File::open(&path).await {
-            Ok(f) => return self.local_blob(f, d, range, head).await,
+            Ok(f) => {
+                self.stats.upstream_fetches_saved.inc();
+                return self.local_blob(f, d, range, head).await;
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
@@ -460,6 +546,7 @@ impl Mirror {
                 && let Some(f) = filler.following(d.as_str())
             {
                 tracing::debug!(blob = %d, "mirror: following the node's own fill of the blob");
+                self.stats.upstream_fetches_saved.inc();
                 return Ok(self.follow_fill(filler, d, f, head));
             }
         }
@@ -479,7 +566,7 @@ impl Mirror {
             let mut r = Response::new(if head {
                 empty()
             } else {
-                super::stream(body.stream)
+                counted_body(self.stats.bytes_from("upstream"), body.stream)
             });
             *r.status_mut() = StatusCode::PARTIAL_CONTENT;
             let h = r.headers_mut();
@@ -532,6 +619,7 @@ impl Mirror {
                 tokio::task::spawn_blocking(move || blob.read_at(&mut buf, start).map(|_| buf))
                     .await
                     .map_err(std::io::Error::other)??;
+            self.stats.bytes_from("partial").inc_by(buf.len() as u64);
             full(buf)
         };
         let mut r = Response::new(body);
@@ -571,9 +659,9 @@ impl Mirror {
                 pos: 0,
                 size,
             };
-            Response::new(super::stream(futures_util::stream::unfold(
-                follower,
-                |mut fl| async move {
+            Response::new(counted_body(
+                self.stats.bytes_from("in_flight"),
+                futures_util::stream::unfold(follower, |mut fl| async move {
                     match fl.next_chunk().await {
                         Ok(None) => None,
                         Ok(Some(b)) => Some((Ok(b), fl)),
@@ -583,8 +671,8 @@ impl Mirror {
                             Some((Err(e), fl))
                         }
                     }
-                },
-            )))
+                }),
+            ))
         };
         r.headers_mut()
             .insert(header::CONTENT_LENGTH, header::HeaderValue::from(size));
@@ -614,10 +702,10 @@ impl Mirror {
             empty()
         } else {
             f.seek(std::io::SeekFrom::Start(start)).await?;
-            super::stream(tokio_util::io::ReaderStream::with_capacity(
-                f.take(end - start),
-                256 << 10,
-            ))
+            counted_body(
+                self.stats.bytes_from("store"),
+                tokio_util::io::ReaderStream::with_capacity(f.take(end - start), 256 << 10),
+            )
         };
         let mut r = Response::new(body);
         *r.status_mut() = status;
@@ -817,12 +905,15 @@ impl Mirror {
     fn flight(self: &Arc<Self>, up: &Upstream, d: &Digest) -> Result<Option<Arc<Flight>>> {
         let mut flights = lock(&self.flights);
         if let Some(f) = flights.get(d) {
+            self.stats.upstream_fetches_saved.inc();
             return Ok(Some(Arc::clone(f)));
         }
         // A flight leaves the table only after its blob is in place: checked under the lock.
         if self.layout.has_blob(d) {
+            self.stats.upstream_fetches_saved.inc();
             return Ok(None);
         }
+        self.stats.upstream_fetches.inc();
         let tmp = tempfile::Builder::new()
             .prefix(".tmp-")
             .tempfile_in(self.layout.blobs_dir())?;
@@ -841,7 +932,13 @@ impl Mirror {
             up.creds.clone(),
         );
         tokio::spawn(async move {
+            // Its turn among the upstream fetches (the semaphore is never closed).
+            let turn = Arc::clone(&this.upstream_permits)
+                .acquire_owned()
+                .await
+                .ok();
             let result = this.fly(&f, &d, &reference, &creds, tmp).await;
+            drop(turn);
             let end = match result {
                 Ok(len) => FlightState::Done { len },
                 Err(e) => {
@@ -943,45 +1040,48 @@ impl Mirror {
                 }
                 other => other?,
             };
-            Response::new(super::stream(futures_util::stream::unfold(
-                (file, 0u64, rx, vec![0u8; 256 << 10]),
-                |(mut file, mut pos, mut rx, mut buf)| async move {
-                    loop {
-                        let state = rx.borrow_and_update().clone();
-                        let (ready, end) = match &state {
-                            // The last byte waits for the digest.
-                            FlightState::Streaming { written, .. } => {
-                                (written.saturating_sub(1), None)
+            Response::new(counted_body(
+                self.stats.bytes_from("in_flight"),
+                futures_util::stream::unfold(
+                    (file, 0u64, rx, vec![0u8; 256 << 10]),
+                    |(mut file, mut pos, mut rx, mut buf)| async move {
+                        loop {
+                            let state = rx.borrow_and_update().clone();
+                            let (ready, end) = match &state {
+                                // The last byte waits for the digest.
+                                FlightState::Streaming { written, .. } => {
+                                    (written.saturating_sub(1), None)
+                                }
+                                FlightState::Done { len } => (*len, Some(*len)),
+                                FlightState::Failed(e) => {
+                                    let e = std::io::Error::other(e.to_string());
+                                    return Some((Err(e), (file, u64::MAX, rx, buf)));
+                                }
+                                FlightState::Opening => (0, None),
+                            };
+                            if pos == u64::MAX || end.is_some_and(|e| pos >= e) {
+                                return None;
                             }
-                            FlightState::Done { len } => (*len, Some(*len)),
-                            FlightState::Failed(e) => {
-                                let e = std::io::Error::other(e.to_string());
+                            if pos < ready {
+                                let want = ((ready - pos) as usize).min(buf.len());
+                                match file.read(&mut buf[..want]).await {
+                                    Ok(0) => {}
+                                    Ok(n) => {
+                                        pos += n as u64;
+                                        let out = Bytes::copy_from_slice(&buf[..n]);
+                                        return Some((Ok(out), (file, pos, rx, buf)));
+                                    }
+                                    Err(e) => return Some((Err(e), (file, u64::MAX, rx, buf))),
+                                }
+                            }
+                            if rx.changed().await.is_err() {
+                                let e = std::io::Error::other("the upstream fetch was abandoned");
                                 return Some((Err(e), (file, u64::MAX, rx, buf)));
                             }
-                            FlightState::Opening => (0, None),
-                        };
-                        if pos == u64::MAX || end.is_some_and(|e| pos >= e) {
-                            return None;
                         }
-                        if pos < ready {
-                            let want = ((ready - pos) as usize).min(buf.len());
-                            match file.read(&mut buf[..want]).await {
-                                Ok(0) => {}
-                                Ok(n) => {
-                                    pos += n as u64;
-                                    let out = Bytes::copy_from_slice(&buf[..n]);
-                                    return Some((Ok(out), (file, pos, rx, buf)));
-                                }
-                                Err(e) => return Some((Err(e), (file, u64::MAX, rx, buf))),
-                            }
-                        }
-                        if rx.changed().await.is_err() {
-                            let e = std::io::Error::other("the upstream fetch was abandoned");
-                            return Some((Err(e), (file, u64::MAX, rx, buf)));
-                        }
-                    }
-                },
-            )))
+                    },
+                ),
+            ))
         };
         if let Some(n) = len {
             r.headers_mut()
