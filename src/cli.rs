@@ -159,6 +159,10 @@ pub struct ServeArgs {
     /// [default: metrics.listen, off].
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_listen: Option<String>,
+    /// Serve the health probes (`GET /healthz` liveness, `GET /readyz` readiness) on this
+    /// address, e.g. 0.0.0.0:8080 [default: health.listen, off].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub health_listen: Option<String>,
     /// Serve the pull-through registry (OCI pull API, `/v2/`) on this address, e.g.
     /// 0.0.0.0:5000 [default: mirror.listen, off].
     #[arg(long, value_name = "HOST:PORT")]

@@ -33,6 +33,7 @@ pub struct Config {
     pub gc: GcConfig,
     pub fuse: FuseConfig,
     pub metrics: MetricsConfig,
+    pub health: HealthConfig,
     pub mirror: MirrorConfig,
     pub snapshotter: SnapshotterConfig,
     pub containerd: ContainerdConfig,
@@ -104,6 +105,14 @@ impl Default for ContainerdConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// `HOST:PORT` to serve `GET /metrics` on; empty = off.
+    pub listen: String,
+}
+
+/// The health port for probes (`GET /healthz`, `GET /readyz`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// `HOST:PORT` to serve the probes on; empty = off.
     pub listen: String,
 }
 
@@ -340,6 +349,7 @@ impl Default for Config {
             gc: GcConfig::default(),
             fuse: FuseConfig::default(),
             metrics: MetricsConfig::default(),
+            health: HealthConfig::default(),
             mirror: MirrorConfig::default(),
             snapshotter: SnapshotterConfig::default(),
             containerd: ContainerdConfig::default(),
@@ -458,6 +468,14 @@ impl Config {
             return bad(format!(
                 "fetch.max_parallel {} must be within 1..=256",
                 self.fetch.max_parallel
+            ));
+        }
+        if !self.health.listen.is_empty()
+            && self.health.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad(format!(
+                "health.listen {:?} must be HOST:PORT with an IP address, e.g. 0.0.0.0:8080",
+                self.health.listen
             ));
         }
         if !self.metrics.listen.is_empty()

@@ -117,6 +117,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if a.mirror_always_pull_latest {
                 cfg.mirror.always_pull_latest = true;
             }
+            if let Some(l) = &a.health_listen {
+                cfg.health.listen = l.clone();
+            }
             if let Some(l) = &a.metrics_listen {
                 cfg.metrics.listen = l.clone();
             }

@@ -784,3 +784,29 @@ async fn referrers_are_listed_filtered_and_kept_offline() {
     assert_eq!(kept, all, "offline: the list the store kept");
     assert!(d.log_text().contains("serving the referrers the store has"));
 }
+
+/// The health port answers the probes Kubernetes sends: liveness and readiness 200 once the
+/// daemon serves (HEAD too), anything else 404 with what it does answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_port_answers_liveness_and_readiness() {
+    if !require_tools() {
+        return;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("SKIP: curl not installed");
+        return;
+    }
+    let listen = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start(&["--health-listen", &listen]);
+    let _ = d.client().await;
+    let (code, _, body) = curl(&[], &format!("http://{listen}/healthz"));
+    assert_eq!((code, body.as_slice()), (200, &b"ok\n"[..]));
+    let (code, head, body) = curl(&[], &format!("http://{listen}/readyz"));
+    assert_eq!(code, 200, "{head}\n{}", String::from_utf8_lossy(&body));
+    assert_eq!(body, b"ready\n");
+    assert!(head.contains("cache-control: no-store"), "{head}");
+    assert_eq!(curl(&["-I"], &format!("http://{listen}/readyz")).0, 200);
+    let (code, _, body) = curl(&[], &format!("http://{listen}/metrics"));
+    assert_eq!(code, 404);
+    assert!(String::from_utf8_lossy(&body).contains("/healthz"));
+}

@@ -227,6 +227,24 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         (Some(mirror), Some(listener))
     };
     let metrics_stop = CancellationToken::new();
+    // The health port: live from here on, ready once every server listens.
+    let health = crate::http::health::Health::new(Arc::clone(&images.db));
+    let health_task = if cfg.health.listen.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&cfg.health.listen)
+            .await
+            .with_context(|| format!("binding the health port {}", cfg.health.listen))?;
+        tracing::info!(listen = %cfg.health.listen, "serving health probes at /healthz and /readyz");
+        let h = Arc::clone(&health);
+        let handler = Arc::new(move |req| Arc::clone(&h).handle(req));
+        Some(tokio::spawn(crate::http::serve(
+            listener,
+            "health",
+            handler,
+            metrics_stop.clone(),
+        )))
+    };
     let metrics_task = if cfg.metrics.listen.is_empty() {
         None
     } else {
@@ -328,11 +346,13 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         stop.clone(),
     );
     tokio::pin!(server);
+    health.set(crate::http::health::Phase::Serving);
     let sig = tokio::select! {
         r = &mut server => { r.context("gRPC server failed")?; "server exit" }
         s = signal() => s,
     };
     tracing::info!(signal = sig, grace = ?cfg.cri.shutdown_grace, "shutting down: no new requests, draining running ones");
+    health.set(crate::http::health::Phase::Stopping);
     stop.cancel();
     if tokio::time::timeout(cfg.cri.shutdown_grace, &mut server)
         .await
@@ -368,6 +388,9 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         let _ = t.await;
     }
     if let Some(t) = mirror_task {
+        let _ = t.await;
+    }
+    if let Some(t) = health_task {
         let _ = t.await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

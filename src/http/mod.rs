@@ -1,6 +1,7 @@
 //! The daemon's HTTP side: the pull-through registry (`mirror`), served with hyper.
 //! `status.rs` is the one place its errors become HTTP statuses and OCI error JSON.
 
+pub mod health;
 pub mod mirror;
 pub mod route;
 pub mod status;

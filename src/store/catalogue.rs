@@ -761,6 +761,15 @@ impl Catalogue {
             .map(|i| i.index_digest.unwrap_or(i.manifest_digest)))
     }
 
+    /// A cheap query, for readiness probes: fails when the database cannot be read.
+    pub fn integrity_probe(&self) -> Result<()> {
+        self.conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+        Ok(())
+    }
+
     /// Record the referrers index the upstream gave for `name` (`upstream/repo@subject`).
     pub fn set_mirror_referrers(&self, name: &str, digest: &str) -> Result<()> {
         self.conn.execute(
