@@ -58,6 +58,12 @@ pub async fn serve<H, F>(
             },
             _ = stop.cancelled() => return,
         };
+        // Responses go out as a head and body frames: without TCP_NODELAY, Nagle's algorithm
+        // holds the last small segment until the client's delayed ACK (40 ms per request on
+        // keep-alive connections).
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, what, "TCP_NODELAY");
+        }
         let handler = Arc::clone(&handler);
         let stop = stop.clone();
         tokio::spawn(async move {
