@@ -19,17 +19,24 @@ macro_rules! need_tools {
 async fn lazy_pull_registers_image_then_fills_layers() {
     need_tools!();
     let reg = Registry::with_fixtures(None);
+    let probes = |reg: &Registry| {
+        std::fs::read_to_string(reg.log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"GET /v2/ HTTP"))
+            .count()
+    };
+    // What the test's own tools ask the registry (skopeo probes `/v2/`) is asked first.
+    let expected_id = config_digest(&reg, "multilayer");
+    let sizes = layer_sizes(&reg, "multilayer");
+    let probes_before = probes(&reg);
     let d = Daemon::start(&[]);
     let mut c = d.client().await;
     let name = format!("{}/multilayer:latest", reg.host());
     let t = Instant::now();
     let id = pull(&mut c, &name).await.expect("pull");
     eprintln!("PullImage (lazy) took {:?}", t.elapsed());
-    assert_eq!(
-        id,
-        config_digest(&reg, "multilayer"),
-        "image id is the config digest"
-    );
+    assert_eq!(id, expected_id, "image id is the config digest");
     // Registered immediately, before any layer needs to be local.
     let img = status(&mut c, &name)
         .await
@@ -44,7 +51,7 @@ async fn lazy_pull_registers_image_then_fills_layers() {
         "no User in config"
     );
     d.wait_complete(Duration::from_secs(60));
-    for (l, size) in layer_sizes(&reg, "multilayer") {
+    for (l, size) in sizes {
         let f = d
             .store()
             .join("blobs/sha256")
@@ -56,6 +63,13 @@ async fn lazy_pull_registers_image_then_fills_layers() {
             "layer {l} fetched once"
         );
     }
+    // An anonymous pull of a registry without auth sends no `/v2/` probe (oci-client would
+    // send one before every manifest request: a round trip each).
+    assert_eq!(
+        probes(&reg),
+        probes_before,
+        "no /v2/ probes for an anonymous pull"
+    );
     // Verbose status carries the config and fill state.
     let v = c
         .image_status(cri::ImageStatusRequest {

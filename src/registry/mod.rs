@@ -174,6 +174,8 @@ pub struct Registry {
     /// Endpoints that challenged an anonymous blob request (they want the token flow even
     /// without credentials).
     needs_token: Mutex<std::collections::HashSet<(String, Scheme)>>,
+    /// Plain HTTP clients for anonymous manifest requests, by endpoint (see `bare_manifest`).
+    http: Mutex<HashMap<(String, Scheme), reqwest::Client>>,
 }
 
 /// Client-cache key of the "bare" anonymous client: it never stores auth, so oci-client does
@@ -221,6 +223,7 @@ impl Registry {
             opts,
             clients: Mutex::new(HashMap::new()),
             needs_token: Mutex::new(Default::default()),
+            http: Mutex::new(HashMap::new()),
         })
     }
 
@@ -425,10 +428,22 @@ impl Registry {
             let what = what.clone();
             async move {
                 let auth = auth_of(secret.as_ref());
-                let (body, _) = client
-                    .pull_manifest_raw(&reference, &auth, oci::MANIFEST_ACCEPT)
-                    .await
-                    .map_err(|e| classify(e, &ep.host, reference.repository(), &what, &source))?;
+                let body = self
+                    .anonymous_first(
+                        &ep,
+                        secret.as_ref(),
+                        |_| self.bare_manifest(&ep, &reference, &source, &what),
+                        || async {
+                            client
+                                .pull_manifest_raw(&reference, &auth, oci::MANIFEST_ACCEPT)
+                                .await
+                                .map(|(body, _)| body)
+                                .map_err(|e| {
+                                    classify(e, &ep.host, reference.repository(), &what, &source)
+                                })
+                        },
+                    )
+                    .await?;
                 if body.len() > oci::MAX_MANIFEST_BYTES {
                     return Err(RegistryError::TooLarge {
                         registry: ep.host.clone(),
@@ -879,6 +894,116 @@ impl Registry {
             },
         )
         .await
+    }
+
+    /// GET a manifest with a plain HTTP client: oci-client probes `/v2/` before every
+    /// manifest request of a client without a token (a registry without auth never gives
+    /// one), which costs a round trip per manifest. Only for anonymous requests to endpoints
+    /// that have not challenged one (see `anonymous_first`): a 401 or 403 here hands over to
+    /// the token flow. The body is bounded by `MAX_MANIFEST_BYTES`; its digest is checked by
+    /// the caller.
+    async fn bare_manifest(
+        &self,
+        ep: &Endpoint,
+        reference: &Reference,
+        source: &Source,
+        what: &str,
+    ) -> Result<Bytes> {
+        let http = self.http_client(ep)?;
+        let scheme = match ep.scheme {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        };
+        let at = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let url = format!(
+            "{scheme}://{}/v2/{}/manifests/{at}",
+            reference.resolve_registry(),
+            reference.repository()
+        );
+        let unreachable = |e: reqwest::Error| RegistryError::Unreachable {
+            registry: ep.host.clone(),
+            reason: format!("{what}: {}", error_chain(&e)),
+        };
+        let resp = http
+            .get(&url)
+            .header(reqwest::header::ACCEPT, oci::MANIFEST_ACCEPT.join(", "))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(RegistryError::Unauthorized {
+                registry: ep.host.clone(),
+                repository: reference.repository().into(),
+                status: if status == reqwest::StatusCode::FORBIDDEN {
+                    "403 denied"
+                } else {
+                    "401 unauthorized"
+                },
+                tried: source.to_string(),
+            });
+        }
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(RegistryError::NotFound {
+                registry: ep.host.clone(),
+                what: what.into(),
+            });
+        }
+        if !status.is_success() {
+            return Err(RegistryError::Server {
+                registry: ep.host.clone(),
+                reason: format!("{what}: {status}"),
+            });
+        }
+        let too_large = |size: u64| RegistryError::TooLarge {
+            registry: ep.host.clone(),
+            what: what.into(),
+            size,
+            limit: oci::MAX_MANIFEST_BYTES as u64,
+        };
+        if let Some(n) = resp.content_length()
+            && n > oci::MAX_MANIFEST_BYTES as u64
+        {
+            return Err(too_large(n));
+        }
+        let mut body = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(unreachable)?;
+            if body.len() + chunk.len() > oci::MAX_MANIFEST_BYTES {
+                return Err(too_large((body.len() + chunk.len()) as u64));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Bytes::from(body))
+    }
+
+    /// The plain HTTP client of an endpoint: the same TLS settings, timeouts and user agent
+    /// as its oci-client.
+    fn http_client(&self, ep: &Endpoint) -> Result<reqwest::Client> {
+        let key = (ep.host.clone(), ep.scheme);
+        let mut all = self.http.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = all.get(&key) {
+            return Ok(c.clone());
+        }
+        let cfg = self.host_config(&ep.host);
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(self.opts.connect_timeout)
+            .read_timeout(self.opts.read_timeout)
+            .user_agent(concat!("lazypull/", env!("CARGO_PKG_VERSION")))
+            .danger_accept_invalid_certs(cfg.is_some_and(|c| c.insecure_skip_verify));
+        if let Some(ca) = cfg.and_then(|c| c.ca.as_ref())
+            && let Ok(pem) = std::fs::read(ca)
+            && let Ok(certs) = reqwest::Certificate::from_pem_bundle(&pem)
+        {
+            b = b.tls_certs_merge(certs);
+        }
+        let c = b.build().map_err(|e| RegistryError::Unreachable {
+            registry: ep.host.clone(),
+            reason: format!("HTTP client: {e}"),
+        })?;
+        all.insert(key, c.clone());
+        Ok(c)
     }
 
     /// An anonymous request to an endpoint that has not challenged one goes through the bare
