@@ -31,6 +31,18 @@ fn curl(args: &[&str], url: &str) -> (u16, String, Vec<u8>) {
     (code, head, body)
 }
 
+/// The registry, skopeo and curl are installed (else the test says why it skips).
+fn tools() -> bool {
+    if !require_tools() {
+        return false;
+    }
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("SKIP: curl not installed");
+        return false;
+    }
+    true
+}
+
 fn error_code(body: &[u8]) -> String {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     v["errors"][0]["code"]
@@ -50,11 +62,7 @@ fn skopeo_copy(from: &str, to: &std::path::Path) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_and_curl_pull_through_the_mirror_and_it_serves_the_store_offline() {
-    if !require_tools() {
-        return;
-    }
-    if Command::new("curl").arg("--version").output().is_err() {
-        eprintln!("SKIP: curl not installed");
+    if !tools() {
         return;
     }
     let mut reg = Registry::empty(None);
@@ -207,7 +215,7 @@ async fn skopeo_and_curl_pull_through_the_mirror_and_it_serves_the_store_offline
 /// through CRI) is served by tag and digest; the rest is unknown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_air_gapped_mirror_serves_pulled_images_and_never_goes_upstream() {
-    if !require_tools() {
+    if !tools() {
         return;
     }
     let reg = Registry::empty(None);
@@ -269,11 +277,7 @@ async fn an_air_gapped_mirror_serves_pulled_images_and_never_goes_upstream() {
 /// first bytes before any finished (they follow the one fetch as it arrives).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_cold_clients_share_one_upstream_fetch() {
-    if !require_tools() {
-        return;
-    }
-    if Command::new("curl").arg("--version").output().is_err() {
-        eprintln!("SKIP: curl not installed");
+    if !tools() {
         return;
     }
     let reg = Registry::empty(None);
@@ -410,7 +414,7 @@ async fn twenty_cold_clients_share_one_upstream_fetch() {
 /// each blob once, and the mirror echoes the namespace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_through_the_mirror_with_hosts_toml() {
-    if !require_tools() || !Containerd::available() {
+    if !tools() || !Containerd::available() {
         return;
     }
     let reg = Registry::empty(None);
@@ -474,11 +478,7 @@ async fn containerd_pulls_through_the_mirror_with_hosts_toml() {
 /// from it. The registry sends the layer once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_being_filled_is_served_from_the_fill() {
-    if !require_tools() {
-        return;
-    }
-    if Command::new("curl").arg("--version").output().is_err() {
-        eprintln!("SKIP: curl not installed");
+    if !tools() {
         return;
     }
     let reg = Registry::empty(None);
@@ -582,11 +582,7 @@ async fn a_layer_being_filled_is_served_from_the_fill() {
 /// manifest while the digest is unchanged and fetches the new one when the tag moved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_are_revalidated_after_the_tag_ttl() {
-    if !require_tools() {
-        return;
-    }
-    if Command::new("curl").arg("--version").output().is_err() {
-        eprintln!("SKIP: curl not installed");
+    if !tools() {
         return;
     }
     let reg = Registry::empty(None);
@@ -700,11 +696,7 @@ fn digest_of_tag(reg: &Registry, tag: &str) -> String {
 /// says so), and keeps answering from the store once the upstream is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn referrers_are_listed_filtered_and_kept_offline() {
-    if !require_tools() || !std::path::Path::new("/dev/fuse").exists() {
-        return;
-    }
-    if Command::new("curl").arg("--version").output().is_err() {
-        eprintln!("SKIP: curl not installed");
+    if !tools() || !std::path::Path::new("/dev/fuse").exists() {
         return;
     }
     let mut reg = Registry::empty(None);
@@ -789,11 +781,7 @@ async fn referrers_are_listed_filtered_and_kept_offline() {
 /// daemon serves (HEAD too), anything else 404 with what it does answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_health_port_answers_liveness_and_readiness() {
-    if !require_tools() {
-        return;
-    }
-    if Command::new("curl").arg("--version").output().is_err() {
-        eprintln!("SKIP: curl not installed");
+    if !tools() {
         return;
     }
     let listen = format!("127.0.0.1:{}", free_port());
