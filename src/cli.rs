@@ -178,6 +178,17 @@ pub struct ServeArgs {
     /// asked whether it moved, e.g. 5m, 0s = every request [default: mirror.tag_ttl, 5m].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub mirror_tag_ttl: Option<std::time::Duration>,
+    /// Serve the mirror over HTTPS with this certificate chain (PEM; with --mirror-tls-key)
+    /// [default: mirror.tls.cert, plain HTTP].
+    #[arg(long, value_name = "FILE", requires = "mirror_tls_key")]
+    pub mirror_tls_cert: Option<PathBuf>,
+    /// The private key of --mirror-tls-cert (PEM) [default: mirror.tls.key].
+    #[arg(long, value_name = "FILE", requires = "mirror_tls_cert")]
+    pub mirror_tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM) on the mirror (mTLS)
+    /// [default: mirror.tls.client_auth none].
+    #[arg(long, value_name = "FILE", requires = "mirror_tls_cert")]
+    pub mirror_tls_client_ca: Option<PathBuf>,
     /// Ask the upstream for `latest` at every request [default: mirror.always_pull_latest].
     #[arg(long)]
     pub mirror_always_pull_latest: bool,

@@ -137,6 +137,22 @@ pub struct MirrorConfig {
     /// At most this many blobs are fetched from upstreams at once; clients of the others wait
     /// for a turn (each blob is still fetched once, however many clients ask).
     pub max_upstream_fetches: usize,
+    /// Serve HTTPS (and optionally require client certificates) instead of plain HTTP.
+    pub tls: Option<MirrorTls>,
+}
+
+/// `mirror.tls`: the server's certificate and key (PEM files), and client certificates.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `none` (default) or `verify`: only clients with a certificate `client_ca` signed.
+    #[serde(default)]
+    pub client_auth: crate::http::tls::ClientAuth,
+    /// CA bundle (PEM) for client certificates; absent: the system's trust store.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for MirrorConfig {
@@ -148,6 +164,7 @@ impl Default for MirrorConfig {
             tag_ttl: Duration::from_secs(300),
             always_pull_latest: false,
             max_upstream_fetches: 16,
+            tls: None,
         }
     }
 }

@@ -114,6 +114,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(t) = a.mirror_tag_ttl {
                 cfg.mirror.tag_ttl = t;
             }
+            if let (Some(cert), Some(key)) = (&a.mirror_tls_cert, &a.mirror_tls_key) {
+                cfg.mirror.tls = Some(lazypull::config::MirrorTls {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_auth: if a.mirror_tls_client_ca.is_some() {
+                        lazypull::http::tls::ClientAuth::Verify
+                    } else {
+                        lazypull::http::tls::ClientAuth::None
+                    },
+                    client_ca: a.mirror_tls_client_ca.clone(),
+                });
+            }
             if a.mirror_always_pull_latest {
                 cfg.mirror.always_pull_latest = true;
             }

@@ -512,25 +512,7 @@ async fn zstd_and_uncompressed_layers_verify_against_diff_ids() {
 async fn https_registry_with_custom_ca() {
     need_tools!();
     let dir = tempfile::tempdir().unwrap();
-    let (key, cert, ca) = (
-        dir.path().join("key.pem"),
-        dir.path().join("cert.pem"),
-        dir.path().join("ca.pem"),
-    );
-    let script = format!(
-        "set -e; cd {d}; openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=lazypull-test-ca -keyout ca.key -out ca.pem; \
-         openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr; \
-         printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext; \
-         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out cert.pem",
-        d = dir.path().display()
-    );
-    let st = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(&script)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success(), "make CA and leaf certificate");
+    let Certs { ca, cert, key, .. } = make_certs(dir.path());
     let open = Registry::with_fixtures(None);
     let tls = Registry::with_tls(&cert, &key);
     skopeo_copy(

@@ -798,3 +798,99 @@ async fn the_health_port_answers_liveness_and_readiness() {
     assert_eq!(code, 404);
     assert!(String::from_utf8_lossy(&body).contains("/healthz"));
 }
+
+/// The mirror over TLS, then with client certificates (mTLS): curl and skopeo trust it with
+/// the test's CA; without that CA, or without a client certificate when one is required, the
+/// handshake fails and nothing is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mirror_serves_https_and_mtls() {
+    if !tools() {
+        return;
+    }
+    let reg = Registry::empty(None);
+    push_layers(
+        &reg,
+        "sec",
+        &[tar_of(&[("s/", vec![]), ("s/x.txt", b"secure\n".to_vec())])],
+    )
+    .await;
+    let certs_dir = tempfile::tempdir().unwrap();
+    let c = make_certs(certs_dir.path());
+    let (cert, key, ca) = (
+        c.cert.display().to_string(),
+        c.key.display().to_string(),
+        c.ca.display().to_string(),
+    );
+    let listen = format!("127.0.0.1:{}", free_port());
+    let base = format!("https://{listen}/v2/");
+    {
+        let d = Daemon::start(&[
+            "--mirror-listen",
+            &listen,
+            "--mirror-default-upstream",
+            &reg.host(),
+            "--mirror-tls-cert",
+            &cert,
+            "--mirror-tls-key",
+            &key,
+        ]);
+        assert_eq!(curl(&["--cacert", &ca], &base).0, 200, "{}", d.log_text());
+        assert_eq!(curl(&[], &base).0, 0, "an unknown CA is refused by curl");
+        assert_eq!(
+            curl(&[], &format!("http://{listen}/v2/")).0,
+            0,
+            "no plain HTTP on a TLS port"
+        );
+        // skopeo trusts it through a certificate directory (ca.crt), as containerd's
+        // hosts.toml `ca` would.
+        let cert_dir = tempfile::tempdir().unwrap();
+        std::fs::copy(&c.ca, cert_dir.path().join("ca.crt")).unwrap();
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = Command::new("skopeo")
+            .args(["copy", "--retry-times", "0", "--src-cert-dir"])
+            .arg(cert_dir.path())
+            .arg(format!("docker://{listen}/sec:latest"))
+            .arg(format!("oci:{}:latest", out_dir.path().join("o").display()))
+            .output()
+            .expect("skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo over TLS: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            d.log_text()
+        );
+    }
+    let d = Daemon::start(&[
+        "--mirror-listen",
+        &listen,
+        "--mirror-default-upstream",
+        &reg.host(),
+        "--mirror-tls-cert",
+        &cert,
+        "--mirror-tls-key",
+        &key,
+        "--mirror-tls-client-ca",
+        &ca,
+    ]);
+    let client = [
+        "--cacert",
+        &ca,
+        "--cert",
+        &c.client_cert.display().to_string(),
+        "--key",
+        &c.client_key.display().to_string(),
+    ]
+    .map(str::to_string);
+    let client: Vec<&str> = client.iter().map(String::as_str).collect();
+    assert_eq!(curl(&client, &base).0, 200, "{}", d.log_text());
+    assert_eq!(
+        curl(&["--cacert", &ca], &base).0,
+        0,
+        "no client certificate: no answer"
+    );
+    let (code, _, body) = curl(
+        &client,
+        &format!("https://{listen}/v2/sec/manifests/latest"),
+    );
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+}

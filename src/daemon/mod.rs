@@ -210,7 +210,19 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         let listener = tokio::net::TcpListener::bind(&cfg.mirror.listen)
             .await
             .with_context(|| format!("binding the pull-through registry {}", cfg.mirror.listen))?;
-        tracing::info!(listen = %cfg.mirror.listen, default_upstream = %cfg.mirror.default_upstream, air_gapped = cfg.mirror.air_gapped, "serving the pull-through registry (OCI pull API at /v2/)");
+        let tls = match &cfg.mirror.tls {
+            Some(t) => Some(
+                crate::http::tls::acceptor(&crate::http::tls::TlsFiles {
+                    cert: t.cert.clone(),
+                    key: t.key.clone(),
+                    client_auth: t.client_auth,
+                    client_ca: t.client_ca.clone(),
+                })
+                .context("mirror.tls")?,
+            ),
+            None => None,
+        };
+        tracing::info!(listen = %cfg.mirror.listen, tls = tls.is_some(), client_auth = ?cfg.mirror.tls.as_ref().map(|t| t.client_auth), default_upstream = %cfg.mirror.default_upstream, air_gapped = cfg.mirror.air_gapped, "serving the pull-through registry (OCI pull API at /v2/)");
         let mirror = crate::http::mirror::Mirror::new(
             images.layout.clone(),
             Arc::clone(&images.db),
@@ -224,7 +236,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             },
             Some(Arc::clone(&images.filler)),
         );
-        (Some(mirror), Some(listener))
+        (Some(mirror), Some((listener, tls)))
     };
     let metrics_stop = CancellationToken::new();
     // The health port: live from here on, ready once every server listens.
@@ -241,6 +253,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         Some(tokio::spawn(crate::http::serve(
             listener,
             "health",
+            None,
             handler,
             metrics_stop.clone(),
         )))
@@ -266,12 +279,13 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     };
     // The pull-through registry, on the same store.
     let mirror_task = match (&mirror, mirror_listener) {
-        (Some(mirror), Some(listener)) => {
+        (Some(mirror), Some((listener, tls))) => {
             let mirror = Arc::clone(mirror);
             let handler = Arc::new(move |req| Arc::clone(&mirror).handle(req));
             Some(tokio::spawn(crate::http::serve(
                 listener,
                 "mirror",
+                tls,
                 handler,
                 metrics_stop.clone(),
             )))

@@ -5,6 +5,7 @@ pub mod health;
 pub mod mirror;
 pub mod route;
 pub mod status;
+pub mod tls;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
@@ -35,10 +36,14 @@ pub fn stream(
 /// How long a client may take to send its request head (slow clients hold a connection).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serve `handler` on `listener` (HTTP/1.1, keep-alive) until `stop`.
+/// How long a client may take to complete a TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serve `handler` on `listener` (HTTP/1.1, keep-alive; over TLS with `tls`) until `stop`.
 pub async fn serve<H, F>(
     listener: tokio::net::TcpListener,
     what: &'static str,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     handler: Arc<H>,
     stop: CancellationToken,
 ) where
@@ -46,9 +51,9 @@ pub async fn serve<H, F>(
     F: Future<Output = hyper::Response<Body>> + Send + 'static,
 {
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             a = listener.accept() => match a {
-                Ok((s, _)) => s,
+                Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, what, "accept failed");
                     // Out of file descriptors and the like: do not spin.
@@ -66,29 +71,51 @@ pub async fn serve<H, F>(
         }
         let handler = Arc::clone(&handler);
         let stop = stop.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let fut = handler(req);
-                async move { Ok::<_, std::convert::Infallible>(fut.await) }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(io, svc);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, what, "connection ended");
+            match tls {
+                None => connection(stream, what, handler, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => connection(s, what, handler, stop).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, what, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, what, "TLS handshake timed out"),
                     }
-                    return;
                 }
-                _ = stop.cancelled() => {}
             }
-            // Let a response in progress finish, briefly.
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
         });
     }
+}
+
+/// One client connection, until it closes or `stop` (then a response in progress may
+/// finish, briefly).
+async fn connection<IO, H, F>(io: IO, what: &'static str, handler: Arc<H>, stop: CancellationToken)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = hyper::Response<Body>> + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let fut = handler(req);
+        async move { Ok::<_, std::convert::Infallible>(fut.await) }
+    });
+    let io = hyper_util::rt::TokioIo::new(io);
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(io, svc);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, what, "connection ended");
+            }
+            return;
+        }
+        _ = stop.cancelled() => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
 }

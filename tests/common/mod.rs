@@ -1662,3 +1662,40 @@ pub fn noise(len: usize, mut seed: u64) -> Vec<u8> {
     v.truncate(len);
     v
 }
+
+/// A throw-away CA (`ca.pem`), a server certificate for 127.0.0.1 (`cert.pem`, `key.pem`) and a
+/// client certificate (`client.pem`, `client.key`) it signed, made with openssl in `dir`.
+pub struct Certs {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+pub fn make_certs(dir: &Path) -> Certs {
+    let script = format!(
+        "set -e; cd {d}; openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=lazypull-test-ca -keyout ca.key -out ca.pem; \
+         openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out leaf.csr; \
+         printf 'subjectAltName=IP:127.0.0.1\\nbasicConstraints=CA:FALSE\\nextendedKeyUsage=serverAuth\\n' > ext; \
+         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext -out cert.pem; \
+         openssl req -newkey rsa:2048 -nodes -subj /CN=lazypull-test-client -keyout client.key -out client.csr; \
+         printf 'basicConstraints=CA:FALSE\\nextendedKeyUsage=clientAuth\\n' > cext; \
+         openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile cext -out client.pem",
+        d = dir.display()
+    );
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .stderr(Stdio::null())
+        .status()
+        .expect("sh");
+    assert!(st.success(), "make the CA and certificates");
+    Certs {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("cert.pem"),
+        key: dir.join("key.pem"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+    }
+}
