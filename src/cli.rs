@@ -195,6 +195,10 @@ pub struct ServeArgs {
     /// Do not keep credentials received through CRI for later refetches.
     #[arg(long)]
     pub no_persist_credentials: bool,
+    /// Pull the images listed in FILE (one reference per line, # comments) whole, in the
+    /// background, at start [default: preload_images].
+    #[arg(long, value_name = "FILE")]
+    pub preload_images: Option<PathBuf>,
     /// Time running RPCs get to finish after SIGTERM/SIGINT.
     #[arg(long, value_name = "DURATION")]
     pub shutdown_grace: Option<String>,

@@ -40,6 +40,9 @@ pub struct Config {
     /// docker config.json to read credentials from ("" = $DOCKER_CONFIG or ~/.docker).
     pub docker_config: Option<PathBuf>,
     pub registries: Vec<RegistryEntry>,
+    /// An image list (one reference per line) the daemon pulls whole in the background at
+    /// start: ship the node, let it fill, then disconnect it.
+    pub preload_images: Option<PathBuf>,
 }
 
 /// The containerd snapshotter (proxy plugin) the daemon also serves.
@@ -371,6 +374,7 @@ impl Default for Config {
             snapshotter: SnapshotterConfig::default(),
             containerd: ContainerdConfig::default(),
             docker_config: None,
+            preload_images: None,
             registries: vec![],
         }
     }

@@ -77,6 +77,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(t) = &a.shutdown_grace {
                 cfg.cri.shutdown_grace = duration("--shutdown-grace", t)?;
             }
+            if let Some(f) = &a.preload_images {
+                cfg.preload_images = Some(f.clone());
+            }
             if a.no_persist_credentials {
                 cfg.cri.persist_credentials = false;
             }

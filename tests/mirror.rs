@@ -894,3 +894,58 @@ async fn the_mirror_serves_https_and_mtls() {
     );
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
 }
+
+/// Ship-then-disconnect: a node started with `--preload-images LIST` pulls the listed images
+/// whole in the background; once that is done and the upstream is gone, an air-gapped mirror
+/// on the node serves them to skopeo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preloaded_images_are_served_after_the_upstream_is_gone() {
+    if !tools() {
+        return;
+    }
+    let mut reg = Registry::empty(None);
+    push_layers(
+        &reg,
+        "pre",
+        &[tar_of(&[("p/", vec![]), ("p/x.bin", noise(1 << 20, 51))])],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("images.txt");
+    std::fs::write(
+        &list,
+        format!("# shipped with the node\n{}/pre:latest\n\n", reg.host()),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let d = Daemon::start(&[
+        "--preload-images",
+        list.to_str().unwrap(),
+        "--mirror-listen",
+        &listen,
+        "--mirror-default-upstream",
+        &reg.host(),
+        "--mirror-air-gapped",
+    ]);
+    wait_until(
+        "the preload done",
+        std::time::Duration::from_secs(60),
+        || d.log_text().contains("preload done"),
+    );
+    assert!(d.log_text().contains("preloaded"), "{}", d.log_text());
+    for (l, _) in layer_sizes(&reg, "pre") {
+        assert!(d.blob(&l).exists(), "layer {l} is local");
+    }
+    reg.stop();
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = skopeo_copy(
+        &format!("docker://{listen}/pre:latest"),
+        &out_dir.path().join("o"),
+    );
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+}

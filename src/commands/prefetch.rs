@@ -10,32 +10,14 @@ use crate::rpc::cri;
 use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
-use std::io::BufRead;
 use std::time::{Duration, Instant};
-
-fn read_list(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
-    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock())
-    } else {
-        Box::new(std::io::BufReader::new(
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-        ))
-    };
-    let mut out = vec![];
-    for line in reader.lines() {
-        let line = line?;
-        let line = line.split('#').next().unwrap_or_default().trim();
-        if !line.is_empty() {
-            out.push(line.to_string());
-        }
-    }
-    Ok(out)
-}
 
 pub async fn run(cfg: &Config, args: &PrefetchArgs, secret: Option<Secret>) -> anyhow::Result<()> {
     let mut refs = args.images.clone();
     if let Some(f) = &args.file {
-        refs.extend(read_list(f)?);
+        refs.extend(
+            crate::oci::read_image_list(f).with_context(|| format!("reading {}", f.display()))?,
+        );
     }
     if refs.is_empty() {
         anyhow::bail!("nothing to prefetch: give IMAGE arguments or --file LIST");

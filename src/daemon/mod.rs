@@ -16,7 +16,7 @@ use anyhow::Context;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub struct Core {
@@ -112,7 +112,50 @@ async fn signal() -> &'static str {
     }
 }
 
+/// Pull `refs` whole, one after another, logging each; stops with `stop`.
+async fn preload_images(images: Arc<Images>, refs: Vec<String>, stop: CancellationToken) {
+    let started = Instant::now();
+    let (mut ok, mut failed) = (0, 0);
+    for r in &refs {
+        let t = Instant::now();
+        let pulled = tokio::select! {
+            p = images.pull(r, None, crate::images::PullMode::Full) => p,
+            _ = stop.cancelled() => return,
+        };
+        match pulled {
+            Ok(o) => {
+                ok += 1;
+                tracing::info!(image = %r, id = %o.id, already_local = o.already_local, elapsed_ms = t.elapsed().as_millis() as u64, "preloaded");
+            }
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(image = %r, error = %e, "preloading failed");
+            }
+        }
+    }
+    tracing::info!(
+        images = ok,
+        failed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "preload done"
+    );
+}
+
 pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Result<()> {
+    // A bad preload list stops the start, before anything is set up.
+    let preload = match &cfg.preload_images {
+        Some(f) => {
+            let refs = crate::oci::read_image_list(f)
+                .with_context(|| format!("preload_images {}", f.display()))?;
+            for r in &refs {
+                crate::oci::parse_reference(r)
+                    .map_err(|e| anyhow::anyhow!("preload_images {}: {e}", f.display()))?;
+            }
+            tracing::info!(list = %f.display(), images = refs.len(), "preloading images in the background");
+            Some(refs)
+        }
+        None => None,
+    };
     let core = Core::open(&cfg, default_secret).context("opening the store")?;
     let images = Arc::clone(&core.images);
     check_socket(&cfg.cri.socket)?;
@@ -360,6 +403,8 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         stop.clone(),
     );
     tokio::pin!(server);
+    let preload_task =
+        preload.map(|refs| tokio::spawn(preload_images(Arc::clone(&images), refs, stop.clone())));
     health.set(crate::http::health::Phase::Serving);
     let sig = tokio::select! {
         r = &mut server => { r.context("gRPC server failed")?; "server exit" }
@@ -368,6 +413,9 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     tracing::info!(signal = sig, grace = ?cfg.cri.shutdown_grace, "shutting down: no new requests, draining running ones");
     health.set(crate::http::health::Phase::Stopping);
     stop.cancel();
+    if let Some(t) = preload_task {
+        t.abort();
+    }
     if tokio::time::timeout(cfg.cri.shutdown_grace, &mut server)
         .await
         .is_err()
