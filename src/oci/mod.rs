@@ -456,6 +456,25 @@ pub fn split_user(user: &str) -> (Option<i64>, String) {
     }
 }
 
+/// An image list: one reference per line, `#` comments and blank lines ignored; `-` is stdin.
+pub fn read_image_list(path: &std::path::Path) -> std::io::Result<Vec<String>> {
+    use std::io::BufRead;
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(path)?))
+    };
+    let mut out = vec![];
+    for line in reader.lines() {
+        let line = line?;
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if !line.is_empty() {
+            out.push(line.to_string());
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,23 +591,4 @@ mod tests {
             Err(OciError::LayerCountMismatch { .. })
         ));
     }
-}
-
-/// An image list: one reference per line, `#` comments and blank lines ignored; `-` is stdin.
-pub fn read_image_list(path: &std::path::Path) -> std::io::Result<Vec<String>> {
-    use std::io::BufRead;
-    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock())
-    } else {
-        Box::new(std::io::BufReader::new(std::fs::File::open(path)?))
-    };
-    let mut out = vec![];
-    for line in reader.lines() {
-        let line = line?;
-        let line = line.split('#').next().unwrap_or_default().trim();
-        if !line.is_empty() {
-            out.push(line.to_string());
-        }
-    }
-    Ok(out)
 }
