@@ -31,6 +31,17 @@ fn curl(args: &[&str], url: &str) -> (u16, String, Vec<u8>) {
     (code, head, body)
 }
 
+/// Push `repo:latest`: one layer holding the file `path` (in its one directory).
+async fn push_one_file(reg: &Registry, repo: &str, path: &str, content: Vec<u8>) {
+    let dir = format!("{}/", path.split('/').next().unwrap_or_default());
+    push_layers(
+        reg,
+        repo,
+        &[tar_of(&[(dir.as_str(), vec![]), (path, content)])],
+    )
+    .await;
+}
+
 /// The registry, skopeo and curl are installed (else the test says why it skips).
 fn tools() -> bool {
     if !require_tools() {
@@ -219,12 +230,7 @@ async fn an_air_gapped_mirror_serves_pulled_images_and_never_goes_upstream() {
         return;
     }
     let reg = Registry::empty(None);
-    push_layers(
-        &reg,
-        "gap",
-        &[tar_of(&[("a/", vec![]), ("a/x.txt", b"x\n".to_vec())])],
-    )
-    .await;
+    push_one_file(&reg, "gap", "a/x.txt", b"x\n".to_vec()).await;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let d = Daemon::start(&["--mirror-listen", &listen, "--mirror-air-gapped"]);
@@ -281,15 +287,7 @@ async fn twenty_cold_clients_share_one_upstream_fetch() {
         return;
     }
     let reg = Registry::empty(None);
-    push_layers(
-        &reg,
-        "many",
-        &[tar_of(&[
-            ("d/", vec![]),
-            ("d/big.bin", noise(16 << 20, 21)),
-        ])],
-    )
-    .await;
+    push_one_file(&reg, "many", "d/big.bin", noise(16 << 20, 21)).await;
     let (digest, size) = layer_sizes(&reg, "many")[0].clone();
     // About 2 s to send the blob.
     let proxy = Netem::start(&reg.host(), &["--mbit", "64"]);
@@ -385,12 +383,7 @@ async fn twenty_cold_clients_share_one_upstream_fetch() {
 
     // An upstream that sends wrong bytes (one flipped by a proxy named with `ns`): the
     // clients' responses are cut short, nothing is stored.
-    push_layers(
-        &reg,
-        "bad",
-        &[tar_of(&[("e/", vec![]), ("e/x.bin", noise(1 << 20, 22))])],
-    )
-    .await;
+    push_one_file(&reg, "bad", "e/x.bin", noise(1 << 20, 22)).await;
     let (bad, _) = layer_sizes(&reg, "bad")[0].clone();
     let tamper = Netem::start(&reg.host(), &["--tamper-after", "4096"]);
     let url = format!("http://{listen}/v2/bad/blobs/{bad}?ns={}", tamper.host());
@@ -482,15 +475,7 @@ async fn a_layer_being_filled_is_served_from_the_fill() {
         return;
     }
     let reg = Registry::empty(None);
-    push_layers(
-        &reg,
-        "filling",
-        &[tar_of(&[
-            ("f/", vec![]),
-            ("f/big.bin", noise(12 << 20, 31)),
-        ])],
-    )
-    .await;
+    push_one_file(&reg, "filling", "f/big.bin", noise(12 << 20, 31)).await;
     let (digest, size) = layer_sizes(&reg, "filling")[0].clone();
     let budget = 3u64 << 20;
     let (proxy, gate) = Netem::held(&reg.host(), 200, budget);
@@ -700,12 +685,7 @@ async fn referrers_are_listed_filtered_and_kept_offline() {
         return;
     }
     let mut reg = Registry::empty(None);
-    push_layers(
-        &reg,
-        "refd",
-        &[tar_of(&[("r/", vec![]), ("r/big.bin", noise(3 << 20, 41))])],
-    )
-    .await;
+    push_one_file(&reg, "refd", "r/big.bin", noise(3 << 20, 41)).await;
     let name = format!("{}/refd:latest", reg.host());
     let listen = format!("127.0.0.1:{}", free_port());
     let d = Daemon::start(&[
@@ -808,12 +788,7 @@ async fn the_mirror_serves_https_and_mtls() {
         return;
     }
     let reg = Registry::empty(None);
-    push_layers(
-        &reg,
-        "sec",
-        &[tar_of(&[("s/", vec![]), ("s/x.txt", b"secure\n".to_vec())])],
-    )
-    .await;
+    push_one_file(&reg, "sec", "s/x.txt", b"secure\n".to_vec()).await;
     let certs_dir = tempfile::tempdir().unwrap();
     let c = make_certs(certs_dir.path());
     let (cert, key, ca) = (
@@ -904,12 +879,7 @@ async fn preloaded_images_are_served_after_the_upstream_is_gone() {
         return;
     }
     let mut reg = Registry::empty(None);
-    push_layers(
-        &reg,
-        "pre",
-        &[tar_of(&[("p/", vec![]), ("p/x.bin", noise(1 << 20, 51))])],
-    )
-    .await;
+    push_one_file(&reg, "pre", "p/x.bin", noise(1 << 20, 51)).await;
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("images.txt");
     std::fs::write(

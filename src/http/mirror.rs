@@ -200,9 +200,20 @@ impl Mirror {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let ns = route::ns_param(query.as_deref());
+        let route = route::parse(&path);
+        let kind = match &route {
+            Ok(Route::Base) => "base",
+            Ok(Route::Manifest { .. }) => "manifest",
+            Ok(Route::Blob { .. }) => "blob",
+            Ok(Route::Tags { .. }) => "tags",
+            Ok(Route::Referrers { .. }) => "referrers",
+            Ok(Route::Upload) => "push",
+            Err(_) => "invalid",
+        };
         let mut resp = match self
             .answer(
                 &method,
+                route,
                 &path,
                 query.as_deref(),
                 ns.as_deref(),
@@ -241,15 +252,6 @@ impl Mirror {
             h.insert("oci-namespace", ns);
         }
         tracing::debug!(%method, path, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "mirror request");
-        let kind = match route::parse(&path) {
-            Ok(Route::Base) => "base",
-            Ok(Route::Manifest { .. }) => "manifest",
-            Ok(Route::Blob { .. }) => "blob",
-            Ok(Route::Tags { .. }) => "tags",
-            Ok(Route::Referrers { .. }) => "referrers",
-            Ok(Route::Upload) => "push",
-            Err(_) => "invalid",
-        };
         self.stats
             .requests
             .get_or_create(&RequestLabels {
@@ -263,12 +265,13 @@ impl Mirror {
     async fn answer(
         self: &Arc<Self>,
         method: &Method,
+        route: std::result::Result<Route, RouteError>,
         path: &str,
         query: Option<&str>,
         ns: Option<&str>,
         range: Option<&str>,
     ) -> Result<Response<Body>> {
-        let route = route::parse(path)?;
+        let route = route?;
         let head = *method == Method::HEAD;
         if route == Route::Upload || (!head && *method != Method::GET) {
             return Err(MirrorError::Unsupported(format!("{method} {path}")));
@@ -654,6 +657,7 @@ impl Mirror {
             let follower = FillFollower {
                 filler: Arc::clone(filler),
                 stored: self.layout.blob(d),
+                stored_file: None,
                 digest: d.clone(),
                 f,
                 pos: 0,
@@ -1097,6 +1101,8 @@ struct FillFollower {
     filler: Arc<Filler>,
     /// Where the verified blob is published.
     stored: std::path::PathBuf,
+    /// The stored blob, opened once it exists (read in order from `pos`).
+    stored_file: Option<tokio::fs::File>,
     digest: Digest,
     /// The fill attempt followed now.
     f: Following,
@@ -1168,12 +1174,18 @@ impl FillFollower {
     }
 
     async fn read_stored(&mut self) -> std::io::Result<Option<Bytes>> {
-        let mut file = match tokio::fs::File::open(&self.stored).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e),
+        if self.stored_file.is_none() {
+            let mut f = match tokio::fs::File::open(&self.stored).await {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            f.seek(std::io::SeekFrom::Start(self.pos)).await?;
+            self.stored_file = Some(f);
+        }
+        let Some(file) = self.stored_file.as_mut() else {
+            return Ok(None);
         };
-        file.seek(std::io::SeekFrom::Start(self.pos)).await?;
         let n = (self.size - self.pos).min(FOLLOW_CHUNK) as usize;
         let mut buf = vec![0u8; n];
         file.read_exact(&mut buf).await?;
