@@ -469,7 +469,12 @@ impl Daemon {
             let all = images.iter().all(|i| {
                 i["layers"]
                     .as_array()
-                    .is_some_and(|ls| ls.iter().all(|l| l["state"] == "complete"))
+                    // `mode` is complete once a plain layer is also unpacked and its index
+                    // stored, which happens after its blob is (`state`).
+                    .is_some_and(|ls| {
+                        ls.iter()
+                            .all(|l| l["state"] == "complete" && l["mode"] == "complete")
+                    })
             });
             if all && !images.is_empty() {
                 return;
