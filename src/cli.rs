@@ -51,6 +51,12 @@ pub enum Command {
     /// Pull images fully into the store (through the daemon when it runs, else offline), with a
     /// progress bar per layer. Afterwards the images work with the network gone.
     Prefetch(PrefetchArgs),
+    /// Load images into the store without a registry, with progress: `docker save` tarballs and
+    /// OCI archives (FILE, `-` for stdin; gzip or zstd compressed too), OCI layout directories
+    /// (oci:DIR[:TAG]), or a text file listing image references (pulled whole, as prefetch
+    /// --file does). Through the daemon when it runs. Ship the files, then disconnect: the
+    /// images run and the mirror serves them with no upstream.
+    Load(LoadArgs),
     /// Pull one image through the running daemon's CRI socket (like `crictl pull`): returns as
     /// soon as the image is registered, unless --full.
     Pull(PullArgs),
@@ -227,6 +233,27 @@ pub struct PrefetchArgs {
     #[command(flatten)]
     pub registry: RegistryArgs,
     /// No progress bars (log lines only).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LoadArgs {
+    /// What to load: FILE (a docker save tarball, an OCI archive, or a list of image
+    /// references), `-` (an archive on stdin), or oci:DIR[:TAG] (an OCI image layout).
+    #[arg(required = true)]
+    pub sources: Vec<String>,
+    /// Register the image under this reference instead of the archive's names (the source
+    /// must hold one image, or select one with --tag).
+    #[arg(long, value_name = "REF")]
+    pub name: Option<String>,
+    /// Only the image the archive tags TAG (an OCI layout's ref.name like `latest`, or a
+    /// docker save tag like `busybox:latest`).
+    #[arg(long, value_name = "TAG")]
+    pub tag: Option<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
 }

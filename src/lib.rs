@@ -13,6 +13,7 @@ pub mod fetch;
 pub mod fs;
 pub mod http;
 pub mod images;
+pub mod import;
 pub mod index_share;
 pub mod layer;
 pub mod learned;

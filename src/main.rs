@@ -153,6 +153,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Prefetch(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
+        Command::Load(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         Command::Convert(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         Command::Learned(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
         Command::Index(a) => secret = apply_registry_args(&mut cfg, &a.registry)?,
@@ -163,6 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Serve(_) => daemon::serve(cfg, secret).await,
         Command::Prefetch(a) => commands::prefetch::run(&cfg, a, secret).await,
+        Command::Load(a) => commands::load::run(&cfg, a, secret).await,
         Command::Pull(a) => commands::pull::run(&cfg, a).await,
         Command::Mount(a) => commands::mount::mount(&cfg, a).await,
         Command::Umount(a) => commands::mount::umount(a),

@@ -4,6 +4,7 @@ pub mod convert;
 pub mod index;
 pub mod learned;
 pub mod list;
+pub mod load;
 pub mod mount;
 pub mod prefetch;
 pub mod prune;

@@ -43,26 +43,37 @@ impl CriImages {
         name: &str,
         id: &str,
     ) -> Result<(), Status> {
-        let img = self.images.resolve(id).map_err(to_status)?.ok_or_else(|| {
-            Status::aborted(format!("image {id} was removed while it was pulled"))
-        })?;
-        let tag = oci::parse_reference(name)
-            .ok()
-            .and_then(|r| oci::tag_name(&r));
-        let plan = containerd::plan(
-            &img,
-            &self.images.layout,
-            tag.as_deref(),
-            &ctd.options().snapshotter,
-        )
-        .map_err(containerd_status)?;
-        ctd.wait_layers(&img, self.images.filler.fill_enabled, |d| {
-            crate::store::locked(&self.images.db).layer(d)
-        })
-        .await
-        .map_err(containerd_status)?;
-        ctd.register(&plan).await.map_err(containerd_status)
+        register_in_containerd(&self.images, ctd, name, id).await
     }
+}
+
+/// Make the image `id`, just pulled or loaded as `name`, usable by containerd's CRI runtime.
+pub async fn register_in_containerd(
+    images: &Images,
+    ctd: &containerd::Containerd,
+    name: &str,
+    id: &str,
+) -> Result<(), Status> {
+    let img = images
+        .resolve(id)
+        .map_err(to_status)?
+        .ok_or_else(|| Status::aborted(format!("image {id} was removed while it was pulled")))?;
+    let tag = oci::parse_reference(name)
+        .ok()
+        .and_then(|r| oci::tag_name(&r));
+    let plan = containerd::plan(
+        &img,
+        &images.layout,
+        tag.as_deref(),
+        &ctd.options().snapshotter,
+    )
+    .map_err(containerd_status)?;
+    ctd.wait_layers(&img, images.filler.fill_enabled, |d| {
+        crate::store::locked(&images.db).layer(d)
+    })
+    .await
+    .map_err(containerd_status)?;
+    ctd.register(&plan).await.map_err(containerd_status)
 }
 
 fn secret_from(auth: &cri::AuthConfig) -> Result<Option<Secret>, Status> {

@@ -385,7 +385,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             },
         ))
     });
-    let svc = CriImages::new(Arc::clone(&images), cfg.cri.pull_mode, containerd);
+    let svc = CriImages::new(Arc::clone(&images), cfg.cri.pull_mode, containerd.clone());
     tracing::info!(socket = %cfg.cri.socket.display(), root = %cfg.root.display(), pull_mode = ?cfg.cri.pull_mode,
         version = env!("CARGO_PKG_VERSION"), "lazypull serving CRI ImageService");
 
@@ -396,8 +396,11 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         .add_service(
             ControlServer::new(control::ControlService {
                 recorder: fuse_recorder,
+                images: Arc::clone(&images),
+                containerd,
             })
-            .max_decoding_message_size(1 << 20),
+            // Load streams archives in messages of up to 1 MiB of data.
+            .max_decoding_message_size(2 << 20),
         ),
         listener,
         stop.clone(),

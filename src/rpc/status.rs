@@ -33,6 +33,13 @@ pub fn code_of(e: &ImagesError) -> Code {
         } => Code::ResourceExhausted,
         ImagesError::Fill { .. } => Code::Unavailable,
         ImagesError::ShuttingDown => Code::Unavailable,
+        ImagesError::Import(crate::import::ImportError::Io { source, .. })
+            if crate::store::is_disk_full(source) =>
+        {
+            Code::ResourceExhausted
+        }
+        ImagesError::Import(crate::import::ImportError::Io { .. }) => Code::Internal,
+        ImagesError::Import(_) => Code::InvalidArgument,
     }
 }
 
