@@ -47,7 +47,7 @@ pub struct GlobalArgs {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the daemon: CRI ImageService on a unix socket, background filler, periodic GC.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Pull images fully into the store (through the daemon when it runs, else offline), with a
     /// progress bar per layer. Afterwards the images work with the network gone.
     Prefetch(PrefetchArgs),
@@ -198,6 +198,14 @@ pub struct ServeArgs {
     /// Ask the upstream for `latest` at every request [default: mirror.always_pull_latest].
     #[arg(long)]
     pub mirror_always_pull_latest: bool,
+    /// Serve the admin API (`/cmd/image/list`, `/cmd/prune`, ...) on this address, e.g.
+    /// 127.0.0.1:5001 [default: mirror.admin_listen, off].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub mirror_admin_listen: Option<String>,
+    /// Admin requests must send `Authorization: Bearer <the file's token>` [default:
+    /// mirror.admin_token_file].
+    #[arg(long, value_name = "FILE")]
+    pub mirror_admin_token_file: Option<PathBuf>,
     /// Do not keep credentials received through CRI for later refetches.
     #[arg(long)]
     pub no_persist_credentials: bool,

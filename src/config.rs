@@ -140,8 +140,54 @@ pub struct MirrorConfig {
     /// At most this many blobs are fetched from upstreams at once; clients of the others wait
     /// for a turn (each blob is still fetched once, however many clients ask).
     pub max_upstream_fetches: usize,
-    /// Serve HTTPS (and optionally require client certificates) instead of plain HTTP.
+    /// Serve HTTPS (and optionally require client certificates) instead of plain HTTP; the
+    /// admin API too.
     pub tls: Option<MirrorTls>,
+    /// `HOST:PORT` of the admin API (`/cmd/...`: list, prune, stop); empty = off. A loopback
+    /// address, unless `admin_token_file` is set or `tls.client_auth` is `verify`.
+    pub admin_listen: String,
+    /// A file holding the token admin requests must send (`Authorization: Bearer TOKEN`).
+    pub admin_token_file: Option<PathBuf>,
+    /// Background pruning of what the mirror stored.
+    pub prune: MirrorPrune,
+}
+
+/// `mirror.prune`: remove mirror images (a tagged or unreferenced manifest and what only it
+/// references) that were not served for `duration` (`type: accessed`) or were stored longer
+/// ago than that (`created`), every `frequency`, at most `count` per run (-1: no limit).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorPrune {
+    pub enabled: bool,
+    #[serde(rename = "type")]
+    pub kind: PruneKind,
+    #[serde(with = "humantime_serde_compat")]
+    pub duration: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub frequency: Duration,
+    pub count: i64,
+    /// Log what a run would remove, remove nothing.
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PruneKind {
+    Accessed,
+    Created,
+}
+
+impl Default for MirrorPrune {
+    fn default() -> Self {
+        MirrorPrune {
+            enabled: false,
+            kind: PruneKind::Accessed,
+            duration: Duration::from_secs(30 * 86400),
+            frequency: Duration::from_secs(86400),
+            count: -1,
+            dry_run: false,
+        }
+    }
 }
 
 /// `mirror.tls`: the server's certificate and key (PEM files), and client certificates.
@@ -168,6 +214,9 @@ impl Default for MirrorConfig {
             always_pull_latest: false,
             max_upstream_fetches: 16,
             tls: None,
+            admin_listen: String::new(),
+            admin_token_file: None,
+            prune: MirrorPrune::default(),
         }
     }
 }
@@ -513,6 +562,33 @@ impl Config {
             return bad(format!(
                 "mirror.listen {:?} must be HOST:PORT with an IP address, e.g. 0.0.0.0:5000",
                 self.mirror.listen
+            ));
+        }
+        if !self.mirror.admin_listen.is_empty() {
+            let Ok(addr) = self.mirror.admin_listen.parse::<std::net::SocketAddr>() else {
+                return bad(format!(
+                    "mirror.admin_listen {:?} must be HOST:PORT with an IP address, e.g. 127.0.0.1:5001",
+                    self.mirror.admin_listen
+                ));
+            };
+            let verified = self
+                .mirror
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.client_auth == crate::http::tls::ClientAuth::Verify);
+            if !addr.ip().is_loopback() && self.mirror.admin_token_file.is_none() && !verified {
+                return bad(format!(
+                    "mirror.admin_listen {addr} is not a loopback address: set mirror.admin_token_file, or mirror.tls with client_auth: verify, so that only administrators can prune and stop"
+                ));
+            }
+        }
+        if self.mirror.prune.enabled
+            && (self.mirror.prune.frequency < Duration::from_secs(60)
+                || self.mirror.prune.duration.is_zero())
+        {
+            return bad(format!(
+                "mirror.prune: frequency {:?} must be at least 1m and duration {:?} above zero",
+                self.mirror.prune.frequency, self.mirror.prune.duration
             ));
         }
         if self.mirror.default_upstream.contains('/') {

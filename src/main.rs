@@ -132,6 +132,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if a.mirror_always_pull_latest {
                 cfg.mirror.always_pull_latest = true;
             }
+            if let Some(l) = &a.mirror_admin_listen {
+                cfg.mirror.admin_listen = l.clone();
+            }
+            if let Some(f) = &a.mirror_admin_token_file {
+                cfg.mirror.admin_token_file = Some(f.clone());
+            }
             if let Some(l) = &a.health_listen {
                 cfg.health.listen = l.clone();
             }

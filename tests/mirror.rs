@@ -919,3 +919,153 @@ async fn preloaded_images_are_served_after_the_upstream_is_gone() {
         d.log_text()
     );
 }
+
+/// The admin API: lists (text and JSON), a dry run, a prune by pattern that removes one mirror
+/// image's files and keeps the other's and the node's, bad requests, the bearer token, and
+/// `/cmd/stop`. A non-loopback admin address without a token is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_lists_prunes_and_stops() {
+    if !tools() {
+        return;
+    }
+    let reg = Registry::empty(None);
+    push_one_file(&reg, "keep", "k/k.txt", b"keep me\n".to_vec()).await;
+    push_one_file(&reg, "drop", "d/d.txt", b"drop me\n".to_vec()).await;
+    push_one_file(&reg, "node", "n/n.txt", b"the node's\n".to_vec()).await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let work = tempfile::tempdir().unwrap();
+    let token_file = work.path().join("token");
+    std::fs::write(&token_file, "s3cret-admin-token-0123\n").unwrap();
+    let mut d = Daemon::start(&[
+        "--mirror-listen",
+        &listen,
+        "--mirror-default-upstream",
+        &reg.host(),
+        "--mirror-admin-listen",
+        &admin,
+        "--mirror-admin-token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    for repo in ["keep", "drop"] {
+        let out = skopeo_copy(
+            &format!("docker://{listen}/{repo}:latest"),
+            &work.path().join(repo),
+        );
+        assert!(out.status.success(), "{out:?}");
+    }
+    {
+        let mut c = d.client().await;
+        pull(&mut c, &format!("{}/node:latest", reg.host()))
+            .await
+            .expect("pull");
+    }
+    d.wait_complete(std::time::Duration::from_secs(60));
+    let auth = "Authorization: Bearer s3cret-admin-token-0123";
+    let cmd = format!("http://{admin}/cmd");
+
+    let (code, _, body) = curl(&[], &format!("{cmd}/image/list"));
+    assert_eq!(code, 401, "{}", String::from_utf8_lossy(&body));
+    let (code, _, body) = curl(&["-H", auth], &format!("{cmd}/image/list"));
+    let text = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(code, 200, "{text}");
+    assert!(text.starts_with("NAME"), "{text}");
+    for repo in ["keep", "drop", "node"] {
+        assert!(
+            text.contains(&format!("{}/{repo}:latest", reg.host())),
+            "{text}"
+        );
+    }
+    let (_, _, body) = curl(
+        &["-H", auth],
+        &format!("{cmd}/image/list?format=json&pattern=drop"),
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed:#}");
+    assert_eq!(listed[0]["node"], false);
+    let (drop_layer, _) = layer_sizes(&reg, "drop")[0].clone();
+    let (keep_layer, _) = layer_sizes(&reg, "keep")[0].clone();
+    let (node_layer, _) = layer_sizes(&reg, "node")[0].clone();
+    let hex = drop_layer.trim_start_matches("sha256:");
+    let (_, _, body) = curl(
+        &["-H", auth],
+        &format!("{cmd}/blob/list?format=json&substr={}", &hex[..16]),
+    );
+    let blobs: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(blobs[0]["refs"], 1, "{blobs:#}");
+    assert_eq!(blobs[0]["mirror"], true, "{blobs:#}");
+    let (code, _, body) = curl(&["-H", auth], &format!("{cmd}/manifest/list?pattern=keep"));
+    assert_eq!(code, 200);
+    assert!(String::from_utf8_lossy(&body).contains("keep:latest"));
+
+    // Bad requests say why.
+    let (code, _, _) = curl(
+        &["-H", auth],
+        &format!("{cmd}/prune?type=pattern&expr=drop"),
+    );
+    assert_eq!(code, 405, "a GET does not prune");
+    let (code, _, body) = curl(
+        &["-H", auth, "-X", "DELETE"],
+        &format!("{cmd}/prune?type=soon"),
+    );
+    assert_eq!(code, 400);
+    assert!(String::from_utf8_lossy(&body).contains("accessed, created or pattern"));
+    let (code, _, _) = curl(&["-H", auth], &format!("{cmd}/nothing"));
+    assert_eq!(code, 404);
+
+    // A dry run removes nothing; nothing was idle for an hour; the pattern removes `drop` only.
+    let (code, _, body) = curl(
+        &["-H", auth, "-X", "DELETE"],
+        &format!("{cmd}/prune?type=pattern&expr=drop,node&dryRun=true"),
+    );
+    let text = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(code, 200, "{text}");
+    assert!(text.contains("would prune 1 image(s)"), "{text}");
+    assert!(d.blob(&drop_layer).exists());
+    let (_, _, body) = curl(
+        &["-H", auth, "-X", "DELETE"],
+        &format!("{cmd}/prune?type=accessed&dur=1h&count=-1"),
+    );
+    assert!(String::from_utf8_lossy(&body).contains("pruned 0 image(s)"));
+    let (code, _, body) = curl(
+        &["-H", auth, "-X", "POST"],
+        &format!("{cmd}/prune?type=pattern&expr=drop,node&format=json"),
+    );
+    assert_eq!(code, 200);
+    let report: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(report["images"].as_array().unwrap().len(), 1, "{report:#}");
+    assert!(
+        !d.blob(&drop_layer).exists(),
+        "the pruned image's layer is gone"
+    );
+    assert!(d.blob(&keep_layer).exists());
+    assert!(
+        d.blob(&node_layer).exists(),
+        "the node's image is not the mirror's to prune"
+    );
+    let (_, _, body) = curl(&["-H", auth], &format!("{cmd}/image/list"));
+    let text = String::from_utf8_lossy(&body).to_string();
+    assert!(
+        !text.contains("drop:latest") && text.contains("keep:latest"),
+        "{text}"
+    );
+
+    let (code, _, _) = curl(&["-H", auth, "-X", "POST"], &format!("{cmd}/stop"));
+    assert_eq!(code, 200);
+    let st = d.wait_exit(std::time::Duration::from_secs(30));
+    assert!(st.success(), "{st:?}");
+    assert!(d.log_text().contains("admin /cmd/stop"));
+
+    let out = Command::new(bin())
+        .arg("--root")
+        .arg(work.path().join("other"))
+        .args(["serve", "--mirror-admin-listen", "0.0.0.0:1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("admin_token_file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

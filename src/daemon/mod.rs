@@ -336,6 +336,82 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         _ => None,
     };
     let stop = CancellationToken::new();
+    // The admin API and the background prune of the mirror's images; `/cmd/stop` ends the
+    // daemon as SIGTERM does.
+    let admin_stop = CancellationToken::new();
+    let admin_token = match &cfg.mirror.admin_token_file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("mirror.admin_token_file {}", f.display()))?;
+            let t = t.trim().to_string();
+            if t.len() < 16 {
+                anyhow::bail!(
+                    "mirror.admin_token_file {}: the token must be at least 16 characters",
+                    f.display()
+                );
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let admin = crate::http::admin::Admin::new(
+        Arc::clone(&images),
+        mirror.clone(),
+        admin_token,
+        admin_stop.clone(),
+    );
+    let admin_task = if cfg.mirror.admin_listen.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&cfg.mirror.admin_listen)
+            .await
+            .with_context(|| format!("binding the admin API {}", cfg.mirror.admin_listen))?;
+        let tls = match &cfg.mirror.tls {
+            Some(t) => Some(
+                crate::http::tls::acceptor(&crate::http::tls::TlsFiles {
+                    cert: t.cert.clone(),
+                    key: t.key.clone(),
+                    client_auth: t.client_auth,
+                    client_ca: t.client_ca.clone(),
+                })
+                .context("mirror.tls")?,
+            ),
+            None => None,
+        };
+        tracing::info!(listen = %cfg.mirror.admin_listen, tls = tls.is_some(),
+            token = cfg.mirror.admin_token_file.is_some(), "serving the admin API at /cmd/");
+        let a = Arc::clone(&admin);
+        let handler = Arc::new(move |req| Arc::clone(&a).handle(req));
+        Some(tokio::spawn(crate::http::serve(
+            listener,
+            "admin",
+            tls,
+            handler,
+            metrics_stop.clone(),
+        )))
+    };
+    let prune_task = cfg.mirror.prune.enabled.then(|| {
+        tracing::info!(every = ?cfg.mirror.prune.frequency, kind = ?cfg.mirror.prune.kind,
+            older_than = ?cfg.mirror.prune.duration, dry_run = cfg.mirror.prune.dry_run,
+            "mirror images are pruned in the background");
+        tokio::spawn(crate::http::admin::prune_periodically(
+            Arc::clone(&admin),
+            cfg.mirror.prune.clone(),
+            stop.clone(),
+        ))
+    });
+    // The mirror's last-access times are written in batches.
+    let access_task = mirror.clone().map(|m| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => m.flush_access(),
+                    _ = stop.cancelled() => { m.flush_access(); return; }
+                }
+            }
+        })
+    });
     // The containerd snapshotter: remote snapshots need the FUSE mount.
     let snapshot_task = if cfg.snapshotter.enabled {
         let snapshotter = crate::snapshot::Snapshotter::new(
@@ -412,6 +488,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     let sig = tokio::select! {
         r = &mut server => { r.context("gRPC server failed")?; "server exit" }
         s = signal() => s,
+        _ = admin_stop.cancelled() => "admin /cmd/stop",
     };
     tracing::info!(signal = sig, grace = ?cfg.cri.shutdown_grace, "shutting down: no new requests, draining running ones");
     health.set(crate::http::health::Phase::Stopping);
@@ -453,6 +530,12 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         let _ = t.await;
     }
     if let Some(t) = mirror_task {
+        let _ = t.await;
+    }
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    for t in [prune_task, access_task].into_iter().flatten() {
         let _ = t.await;
     }
     if let Some(t) = health_task {

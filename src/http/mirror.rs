@@ -132,6 +132,9 @@ pub struct Mirror {
     /// Turns of upstream blob fetches (`max_upstream_fetches`).
     upstream_permits: Arc<tokio::sync::Semaphore>,
     pub stats: MirrorStats,
+    /// Digests served since the last [`Mirror::flush_access`]: last-access times for pruning,
+    /// written in batches (a row update per request would cost more than the request).
+    accessed: Mutex<std::collections::HashSet<String>>,
 }
 
 /// How long a client following the node's filler waits for a byte before its response is cut:
@@ -181,8 +184,22 @@ impl Mirror {
                 opts.max_upstream_fetches.max(1),
             )),
             stats: MirrorStats::default(),
+            accessed: Mutex::default(),
             opts,
         })
+    }
+
+    /// Record the last-access time of what was served since the last call.
+    pub fn flush_access(&self) {
+        let served: Vec<String> = std::mem::take(&mut *lock(&self.accessed))
+            .into_iter()
+            .collect();
+        if served.is_empty() {
+            return;
+        }
+        if let Err(e) = lock(&self.db).touch_mirror_blobs(&served, crate::store::now()) {
+            tracing::warn!(error = %e, "cannot record when the mirror served its blobs");
+        }
     }
 
     /// Answer one request (never fails: errors become the spec's error responses).
@@ -276,16 +293,45 @@ impl Mirror {
         if route == Route::Upload || (!head && *method != Method::GET) {
             return Err(MirrorError::Unsupported(format!("{method} {path}")));
         }
-        match route {
-            Route::Base => Ok(json_response(b"{}".to_vec(), head)),
-            Route::Upload => Err(MirrorError::Unsupported(format!("{method} {path}"))),
+        let served = match route {
             Route::Manifest { name, reference } => {
                 let up = self.upstream(&name, ns)?;
-                self.manifest(&up, reference, head).await
+                self.manifest(&up, reference, head).await?
             }
             Route::Blob { name, digest } => {
                 let up = self.upstream(&name, ns)?;
-                self.blob(&up, &digest, range, head).await
+                self.blob(&up, &digest, range, head).await?
+            }
+            other => {
+                return self
+                    .answer_other(other, method, path, query, ns, head)
+                    .await;
+            }
+        };
+        if let Some(d) = served
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+        {
+            lock(&self.accessed).insert(d.to_string());
+        }
+        Ok(served)
+    }
+
+    /// The routes that serve no stored content: the base, tags, referrers.
+    async fn answer_other(
+        self: &Arc<Self>,
+        route: Route,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        ns: Option<&str>,
+        head: bool,
+    ) -> Result<Response<Body>> {
+        match route {
+            Route::Base => Ok(json_response(b"{}".to_vec(), head)),
+            Route::Upload | Route::Manifest { .. } | Route::Blob { .. } => {
+                Err(MirrorError::Unsupported(format!("{method} {path}")))
             }
             Route::Tags { name } => {
                 let up = self.upstream(&name, ns)?;

@@ -1,6 +1,8 @@
-//! The daemon's HTTP side: the pull-through registry (`mirror`), served with hyper.
+//! The daemon's HTTP side: the pull-through registry (`mirror`) and its admin API (`admin`),
+//! served with hyper.
 //! `status.rs` is the one place its errors become HTTP statuses and OCI error JSON.
 
+pub mod admin;
 pub mod health;
 pub mod mirror;
 pub mod route;

@@ -37,6 +37,20 @@ pub fn of(e: &MirrorError) -> (StatusCode, &'static str) {
     }
 }
 
+/// The status of an admin API error.
+pub fn admin(e: &super::admin::AdminError) -> StatusCode {
+    use super::admin::AdminError as A;
+    match e {
+        A::BadRequest(_) => StatusCode::BAD_REQUEST,
+        A::Unauthorized => StatusCode::UNAUTHORIZED,
+        A::NotFound(_) => StatusCode::NOT_FOUND,
+        A::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+        A::Store(s) if s.is_disk_full() => StatusCode::INSUFFICIENT_STORAGE,
+        A::Store(_) | A::Images(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        A::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 /// The error response's body.
 pub fn body(e: &MirrorError) -> String {
     let (_, code) = of(e);

@@ -734,6 +734,56 @@ impl Catalogue {
         Ok(())
     }
 
+    /// Every manifest and blob the pull-through registry stored: (digest, fetched, accessed).
+    pub fn mirror_blob_rows(&self) -> Result<Vec<(String, i64, i64)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT digest, fetched_at, accessed_at FROM mirror_blobs ORDER BY digest")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Every tag the pull-through registry answered: (name, digest).
+    pub fn mirror_tag_rows(&self) -> Result<Vec<(String, String)>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT name, digest FROM mirror_tags ORDER BY name")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Record that the pull-through registry served these digests at `t`.
+    pub fn touch_mirror_blobs(&mut self, digests: &[String], t: i64) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut st = tx.prepare(
+                "UPDATE mirror_blobs SET accessed_at = max(accessed_at, ?2) WHERE digest = ?1",
+            )?;
+            for d in digests {
+                st.execute(params![d, t])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forget what the pull-through registry stored (one transaction): the tags naming
+    /// `untag` digests, and the `blobs` rows with the referrers lists among them. GC then
+    /// removes the files nothing else references. Returns (tags, blobs) forgotten.
+    pub fn forget_mirror(&mut self, untag: &[String], blobs: &[String]) -> Result<(usize, usize)> {
+        let tx = self.conn.transaction()?;
+        let (mut tags, mut rows) = (0, 0);
+        for d in untag {
+            tags += tx.execute("DELETE FROM mirror_tags WHERE digest = ?1", [d])?;
+        }
+        for d in blobs {
+            rows += tx.execute("DELETE FROM mirror_blobs WHERE digest = ?1", [d])?;
+            tx.execute("DELETE FROM mirror_referrers WHERE digest = ?1", [d])?;
+        }
+        tx.commit()?;
+        Ok((tags, rows))
+    }
+
     /// The pull-through registry answered `name` (`upstream/repo:tag`) with `digest`.
     pub fn set_mirror_tag(&self, name: &str, digest: &str) -> Result<()> {
         self.conn.execute(

@@ -4,12 +4,13 @@
 //! (a sparse file of a layer being fetched) with `<hex>.map` (the byte ranges it holds), `lock`.
 
 mod catalogue;
+pub mod inventory;
 pub mod partial;
 pub mod ranges;
 pub mod snapshots;
 
 pub use catalogue::{
-    Catalogue, FetchedBy, ImageRecord, LayerRecord, LayerState, NameKind, NewImage, NewLayer,
+    Catalogue, FetchedBy, ImageRecord, LayerRecord, LayerState, NameKind, NewImage, NewLayer, now,
 };
 pub use partial::{PartialBlob, Partials};
 

@@ -399,6 +399,25 @@ impl Daemon {
         }
     }
 
+    /// Wait for the daemon to exit by itself (e.g. after an admin stop).
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(st)) = c.try_wait() {
+                return st;
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                panic!(
+                    "daemon did not exit within {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
