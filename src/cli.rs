@@ -82,6 +82,9 @@ pub enum Command {
     /// filler decompressed them. Other nodes pulling the image find the published index
     /// (`fetch.index: auto`) and read those layers lazily, like eStargz.
     Index(IndexArgs),
+    /// Ask a running daemon's admin API (mirror.admin_listen): list its images, manifests and
+    /// blobs, prune the mirror's images, stop it.
+    Admin(AdminArgs),
     /// Print the version.
     Version,
     /// Internal: keep the daemon's FUSE connection open across its restarts (started by
@@ -264,6 +267,82 @@ pub struct LoadArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct AdminArgs {
+    #[command(subcommand)]
+    pub verb: AdminVerb,
+    /// The admin API's base URL [default: http://mirror.admin_listen, https with mirror.tls].
+    #[arg(long, global = true, value_name = "URL")]
+    pub server: Option<String>,
+    /// File with the bearer token [default: mirror.admin_token_file].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for an HTTPS admin API.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+    /// JSON instead of aligned text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminVerb {
+    /// Images: tagged or unreferenced manifests with what they reference, node and mirror.
+    Images {
+        /// Only names matching one of these comma-separated regular expressions.
+        #[arg(long, value_name = "RE[,RE]")]
+        pattern: Option<String>,
+        /// Only images referencing a blob whose digest contains this.
+        #[arg(long, value_name = "SUBSTR")]
+        digest: Option<String>,
+        /// At most N.
+        #[arg(long, value_name = "N")]
+        count: Option<i64>,
+    },
+    /// Every manifest and index in the store.
+    Manifests {
+        #[arg(long, value_name = "RE[,RE]")]
+        pattern: Option<String>,
+        #[arg(long, value_name = "N")]
+        count: Option<i64>,
+    },
+    /// Every blob with the number of manifests referencing it.
+    Blobs {
+        #[arg(long, value_name = "SUBSTR")]
+        substr: Option<String>,
+        #[arg(long, value_name = "N")]
+        count: Option<i64>,
+    },
+    /// Remove mirror images (not the node's: `lazypull prune` removes those) and collect their
+    /// blobs.
+    Prune {
+        /// What selects: not served for --dur, stored before --dur, or names matching --expr.
+        #[arg(long = "type", value_enum)]
+        kind: AdminPruneType,
+        /// e.g. 30d, 12h, 15m.
+        #[arg(long, value_name = "DURATION")]
+        dur: Option<String>,
+        /// Comma-separated regular expressions over names.
+        #[arg(long, value_name = "RE[,RE]")]
+        expr: Option<String>,
+        /// At most N images (-1: no limit).
+        #[arg(long, value_name = "N", default_value_t = 5)]
+        count: i64,
+        /// Show what would go; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Stop the daemon gracefully (as SIGTERM).
+    Stop,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum AdminPruneType {
+    Accessed,
+    Created,
+    Pattern,
 }
 
 #[derive(Args, Debug)]

@@ -1,5 +1,6 @@
 //! One module per subcommand; `anyhow` lives here at the CLI edge.
 
+pub mod admin;
 pub mod convert;
 pub mod index;
 pub mod learned;
