@@ -201,6 +201,14 @@ pub struct ServeArgs {
     /// Ask the upstream for `latest` at every request [default: mirror.always_pull_latest].
     #[arg(long)]
     pub mirror_always_pull_latest: bool,
+    /// A peer lazypull node's mirror URL (http://10.0.0.2:5000), asked first for content by
+    /// digest; repeatable [default: peers.urls].
+    #[arg(long = "peer", value_name = "URL")]
+    pub peers: Vec<String>,
+    /// A DNS name resolving to every peer, with their mirror port (a headless Service,
+    /// lazypull-peers.kube-system.svc:5000) [default: peers.dns].
+    #[arg(long, value_name = "NAME:PORT")]
+    pub peers_dns: Option<String>,
     /// Serve the admin API (`/cmd/image/list`, `/cmd/prune`, ...) on this address, e.g.
     /// 127.0.0.1:5001 [default: mirror.admin_listen, off].
     #[arg(long, value_name = "HOST:PORT")]

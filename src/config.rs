@@ -35,6 +35,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub health: HealthConfig,
     pub mirror: MirrorConfig,
+    pub peers: PeersConfig,
     pub snapshotter: SnapshotterConfig,
     pub containerd: ContainerdConfig,
     /// docker config.json to read credentials from ("" = $DOCKER_CONFIG or ~/.docker).
@@ -117,6 +118,36 @@ pub struct MetricsConfig {
 pub struct HealthConfig {
     /// `HOST:PORT` to serve the probes on; empty = off.
     pub listen: String,
+}
+
+/// Other lazypull nodes whose mirrors (`mirror.listen`) are asked first for content by digest
+/// (manifests, configs, layers and their ranges), for every upstream; they answer from their
+/// store only, and the upstream is asked when none has it.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PeersConfig {
+    /// Mirror URLs of the peers (`http://10.0.0.2:5000`).
+    pub urls: Vec<String>,
+    /// One DNS name whose addresses are all the peers, with their mirror port
+    /// (`lazypull-peers.kube-system.svc:5000`: a Kubernetes headless Service); this node's
+    /// own address is left out.
+    pub dns: String,
+    /// `http` or `https` for the peers found through `dns`.
+    pub scheme: crate::registry::Scheme,
+    /// How often `dns` is resolved again.
+    #[serde(with = "humantime_serde_compat")]
+    pub refresh: Duration,
+}
+
+impl Default for PeersConfig {
+    fn default() -> Self {
+        PeersConfig {
+            urls: vec![],
+            dns: String::new(),
+            scheme: crate::registry::Scheme::Http,
+            refresh: Duration::from_secs(30),
+        }
+    }
 }
 
 /// The pull-through registry (OCI distribution pull API) served from the store.
@@ -420,6 +451,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             health: HealthConfig::default(),
             mirror: MirrorConfig::default(),
+            peers: PeersConfig::default(),
             snapshotter: SnapshotterConfig::default(),
             containerd: ContainerdConfig::default(),
             docker_config: None,
@@ -589,6 +621,29 @@ impl Config {
             return bad(format!(
                 "mirror.prune: frequency {:?} must be at least 1m and duration {:?} above zero",
                 self.mirror.prune.frequency, self.mirror.prune.duration
+            ));
+        }
+        for u in &self.peers.urls {
+            if let Err(e) = crate::registry::parse_endpoint(u) {
+                return bad(format!("peers.urls: {e}"));
+            }
+        }
+        if !self.peers.dns.is_empty()
+            && self
+                .peers
+                .dns
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return bad(format!(
+                "peers.dns {:?} must be NAME:PORT (the peers' mirror port)",
+                self.peers.dns
+            ));
+        }
+        if self.peers.refresh < Duration::from_secs(1) {
+            return bad(format!(
+                "peers.refresh {:?} must be at least 1s",
+                self.peers.refresh
             ));
         }
         if self.mirror.default_upstream.contains('/') {

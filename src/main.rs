@@ -132,6 +132,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if a.mirror_always_pull_latest {
                 cfg.mirror.always_pull_latest = true;
             }
+            if !a.peers.is_empty() {
+                cfg.peers.urls = a.peers.clone();
+            }
+            if let Some(d) = &a.peers_dns {
+                cfg.peers.dns = d.clone();
+            }
             if let Some(l) = &a.mirror_admin_listen {
                 cfg.mirror.admin_listen = l.clone();
             }

@@ -1096,3 +1096,77 @@ async fn admin_api_lists_prunes_and_stops() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Peers: node B lists node A's mirror as a peer. What A holds, B takes from A (the upstream
+/// sends each blob once for the two nodes); what A lacks, A answers at once without going
+/// upstream, and B fetches it itself; with A gone, B pulls from the upstream at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_pair_fetches_each_blob_from_outside_once() {
+    if !tools() {
+        return;
+    }
+    let reg = Registry::empty(None);
+    push_one_file(&reg, "shared", "s/big.bin", noise(3 << 20, 7)).await;
+    push_one_file(&reg, "only-b", "b/b.txt", b"b\n".to_vec()).await;
+    push_one_file(&reg, "later", "l/l.txt", b"later\n".to_vec()).await;
+    let a_listen = format!("127.0.0.1:{}", free_port());
+    let mut a = Daemon::start(&["--mirror-listen", &a_listen]);
+    let b = Daemon::start(&["--peer", &format!("http://{a_listen}")]);
+    let image = |repo: &str| format!("{}/{repo}:latest", reg.host());
+    {
+        let mut c = a.client().await;
+        pull(&mut c, &image("shared")).await.expect("pull on A");
+    }
+    a.wait_complete(std::time::Duration::from_secs(60));
+    {
+        let mut c = b.client().await;
+        for repo in ["shared", "only-b"] {
+            pull(&mut c, &image(repo)).await.expect("pull on B");
+        }
+    }
+    b.wait_complete(std::time::Duration::from_secs(60));
+    let config = |repo: &str| config_digest(&reg, repo);
+    for repo in ["shared", "only-b"] {
+        for (l, _) in layer_sizes(&reg, repo) {
+            assert_eq!(reg.blob_gets(repo, &l), 1, "{repo} layer {l}");
+            assert!(b.blob(&l).exists(), "B has {l}");
+        }
+        assert_eq!(reg.blob_gets(repo, &config(repo)), 1, "{repo} config");
+    }
+    // A answered B's request for what it lacks from its store only.
+    let (only_b, _) = layer_sizes(&reg, "only-b")[0].clone();
+    assert!(
+        !a.blob(&only_b).exists(),
+        "A did not go upstream for its peer"
+    );
+
+    // A third node finds A through one DNS name (as a headless Service's), and takes from it.
+    let port = a_listen.rsplit_once(':').unwrap().1;
+    let c_node = Daemon::start(&["--peers-dns", &format!("localhost:{port}")]);
+    {
+        let mut c = c_node.client().await;
+        pull(&mut c, &image("shared")).await.expect("pull on C");
+    }
+    c_node.wait_complete(std::time::Duration::from_secs(60));
+    for (l, _) in layer_sizes(&reg, "shared") {
+        assert_eq!(reg.blob_gets("shared", &l), 1, "C took {l} from A");
+    }
+    assert!(
+        c_node.log_text().contains(&a_listen),
+        "C's log names its peer"
+    );
+
+    // A gone: B goes upstream at once (a refused connection fails over without retries).
+    a.terminate();
+    let started = std::time::Instant::now();
+    {
+        let mut c = b.client().await;
+        pull(&mut c, &image("later"))
+            .await
+            .expect("pull on B, A gone");
+    }
+    b.wait_complete(std::time::Duration::from_secs(60));
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let (later, _) = layer_sizes(&reg, "later")[0].clone();
+    assert_eq!(reg.blob_gets("later", &later), 1);
+}

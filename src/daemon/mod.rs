@@ -2,6 +2,7 @@
 //! them. `Core` is also what offline commands (`prefetch`, `prune`) use when no daemon runs.
 
 mod control;
+pub mod peers;
 
 use crate::config::Config;
 use crate::cri::CriImages;
@@ -36,6 +37,7 @@ impl Core {
         let lock = StoreLock::try_acquire(&layout)?;
         let db = Arc::new(Mutex::new(Catalogue::open(&layout.db())?));
         let registry = Registry::new(cfg.registry_options(default_secret));
+        registry.set_peers(&peers::static_peers(&cfg.peers, own_mirror_port(cfg)));
         let shutdown = CancellationToken::new();
         let filler = Filler::new(
             layout.clone(),
@@ -336,6 +338,17 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         _ => None,
     };
     let stop = CancellationToken::new();
+    let peers_task = (!cfg.peers.dns.is_empty()).then(|| {
+        tokio::spawn(peers::keep_fresh(
+            Arc::clone(&images.registry),
+            cfg.peers.clone(),
+            own_mirror_port(&cfg),
+            stop.clone(),
+        ))
+    });
+    if !cfg.peers.urls.is_empty() {
+        tracing::info!(peers = ?images.registry.peers(), "peers: asked first for content by digest");
+    }
     // The admin API and the background prune of the mirror's images; `/cmd/stop` ends the
     // daemon as SIGTERM does.
     let admin_stop = CancellationToken::new();
@@ -535,7 +548,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     if let Some(t) = admin_task {
         let _ = t.await;
     }
-    for t in [prune_task, access_task].into_iter().flatten() {
+    for t in [prune_task, access_task, peers_task].into_iter().flatten() {
         let _ = t.await;
     }
     if let Some(t) = health_task {
@@ -549,4 +562,13 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     drop(core);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The port of this node's mirror, which its peer list leaves out.
+fn own_mirror_port(cfg: &Config) -> Option<u16> {
+    cfg.mirror
+        .listen
+        .parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|a| a.port())
 }

@@ -147,7 +147,21 @@ struct Upstream {
     host: String,
     repo: String,
     creds: OpCreds,
+    /// Answer from the store only: the mirror is air-gapped, or the client is a lazypull peer
+    /// (which goes upstream itself when no peer has the content).
+    store_only: bool,
 }
+
+/// Who asks: the `ns` parameter of the request, and whether it comes from a lazypull peer.
+#[derive(Clone, Copy)]
+struct Origin<'a> {
+    ns: Option<&'a str>,
+    peer: bool,
+}
+
+/// The user agent lazypull sends to its peers: a request with it is answered from the store
+/// only, and fails fast when the store lacks the content.
+pub const PEER_USER_AGENT_PREFIX: &str = "lazypull-peer/";
 
 impl Upstream {
     fn tagged(&self, tag: &str) -> oci_client::Reference {
@@ -217,6 +231,11 @@ impl Mirror {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let ns = route::ns_param(query.as_deref());
+        let peer = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ua| ua.starts_with(PEER_USER_AGENT_PREFIX));
         let route = route::parse(&path);
         let kind = match &route {
             Ok(Route::Base) => "base",
@@ -233,7 +252,10 @@ impl Mirror {
                 route,
                 &path,
                 query.as_deref(),
-                ns.as_deref(),
+                Origin {
+                    ns: ns.as_deref(),
+                    peer,
+                },
                 range.as_deref(),
             )
             .await
@@ -285,7 +307,7 @@ impl Mirror {
         route: std::result::Result<Route, RouteError>,
         path: &str,
         query: Option<&str>,
-        ns: Option<&str>,
+        origin: Origin<'_>,
         range: Option<&str>,
     ) -> Result<Response<Body>> {
         let route = route?;
@@ -295,16 +317,16 @@ impl Mirror {
         }
         let served = match route {
             Route::Manifest { name, reference } => {
-                let up = self.upstream(&name, ns)?;
+                let up = self.upstream(&name, origin)?;
                 self.manifest(&up, reference, head).await?
             }
             Route::Blob { name, digest } => {
-                let up = self.upstream(&name, ns)?;
+                let up = self.upstream(&name, origin)?;
                 self.blob(&up, &digest, range, head).await?
             }
             other => {
                 return self
-                    .answer_other(other, method, path, query, ns, head)
+                    .answer_other(other, method, path, query, origin, head)
                     .await;
             }
         };
@@ -325,7 +347,7 @@ impl Mirror {
         method: &Method,
         path: &str,
         query: Option<&str>,
-        ns: Option<&str>,
+        origin: Origin<'_>,
         head: bool,
     ) -> Result<Response<Body>> {
         match route {
@@ -334,19 +356,19 @@ impl Mirror {
                 Err(MirrorError::Unsupported(format!("{method} {path}")))
             }
             Route::Tags { name } => {
-                let up = self.upstream(&name, ns)?;
+                let up = self.upstream(&name, origin)?;
                 self.tags(&name, &up, query, head).await
             }
             Route::Referrers { name, digest } => {
-                let up = self.upstream(&name, ns)?;
+                let up = self.upstream(&name, origin)?;
                 let filter = route::artifact_type_param(query);
                 self.referrers(&up, &digest, filter.as_deref(), head).await
             }
         }
     }
 
-    fn upstream(&self, name: &str, ns: Option<&str>) -> Result<Upstream> {
-        let (host, mut repo) = route::upstream(name, ns, &self.opts.default_upstream)
+    fn upstream(&self, name: &str, origin: Origin<'_>) -> Result<Upstream> {
+        let (host, mut repo) = route::upstream(name, origin.ns, &self.opts.default_upstream)
             .ok_or_else(|| MirrorError::NoUpstream(name.into()))?;
         if host == "docker.io" && !repo.contains('/') {
             repo = format!("library/{repo}");
@@ -355,14 +377,19 @@ impl Mirror {
             request: None,
             persisted: crate::fetch::persisted_secret(&self.db, &host),
         };
-        Ok(Upstream { host, repo, creds })
+        Ok(Upstream {
+            host,
+            repo,
+            creds,
+            store_only: self.opts.air_gapped || origin.peer,
+        })
     }
 
     async fn manifest(&self, up: &Upstream, reference: Ref, head: bool) -> Result<Response<Body>> {
         let (bytes, digest) = match reference {
             Ref::Digest(d) => {
                 if !self.layout.has_blob(&d) {
-                    if self.opts.air_gapped {
+                    if up.store_only {
                         return Err(MirrorError::ManifestUnknown(d.to_string()));
                     }
                     let (bytes, _) = self
@@ -398,7 +425,7 @@ impl Mirror {
     /// air-gapped, the store's answer.
     async fn tagged_manifest(&self, up: &Upstream, tag: &str) -> Result<(Vec<u8>, Digest)> {
         let name = up.name(tag);
-        if self.opts.air_gapped {
+        if up.store_only {
             return self
                 .cached_tag(&name)?
                 .ok_or(MirrorError::ManifestUnknown(name));
@@ -485,7 +512,7 @@ impl Mirror {
                 .ok()
                 .map(|i| i.manifests))
         };
-        let all = if self.opts.air_gapped {
+        let all = if up.store_only {
             kept()?.unwrap_or_default()
         } else {
             match self
@@ -599,7 +626,7 @@ impl Mirror {
                 return Ok(self.follow_fill(filler, d, f, head));
             }
         }
-        if self.opts.air_gapped {
+        if up.store_only {
             return Err(MirrorError::BlobUnknown(d.to_string()));
         }
         let requested = range.and_then(|r| parse_range(r, u64::MAX));
@@ -786,7 +813,7 @@ impl Mirror {
             let all = lock(&self.db).mirror_tags_of(&format!("{}/{}", up.host, up.repo))?;
             Ok(page(all, n, last.as_deref()))
         };
-        let tags = if self.opts.air_gapped {
+        let tags = if up.store_only {
             local()?
         } else {
             let repo =

@@ -131,6 +131,9 @@ struct Endpoint {
     host: String,
     scheme: Scheme,
     is_mirror: bool,
+    /// Another lazypull node (`peers:`): asked for content by digest before any mirror and
+    /// the upstream, anonymously, with the peer user agent (it answers from its store only).
+    is_peer: bool,
 }
 
 fn is_loopback(host: &str) -> bool {
@@ -175,13 +178,25 @@ pub struct Registry {
     /// without credentials).
     needs_token: Mutex<std::collections::HashSet<(String, Scheme)>>,
     /// Plain HTTP clients for anonymous manifest requests, by endpoint (see `bare_manifest`).
-    http: Mutex<HashMap<(String, Scheme), reqwest::Client>>,
+    http: Mutex<HashMap<(String, Scheme, bool), reqwest::Client>>,
+    /// Other lazypull nodes, asked first for content by digest (see `set_peers`).
+    peers: std::sync::RwLock<Vec<Endpoint>>,
 }
 
 /// Client-cache key of the "bare" anonymous client: it never stores auth, so oci-client does
 /// not probe `/v2/` before each request (it re-probes on every request when a registry needs
 /// no auth, which doubles the latency of each on-demand read).
 const BARE: u64 = u64::MAX;
+
+/// Client-cache key of a peer's client (always anonymous, with the peer user agent).
+const PEER: u64 = u64::MAX - 1;
+
+/// A peer that does not accept a connection within this is skipped (it answers from its store
+/// or not at all: failing over fast is the point).
+const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The user agent of requests to peers (see `http::mirror::PEER_USER_AGENT_PREFIX`).
+const PEER_USER_AGENT: &str = concat!("lazypull-peer/", env!("CARGO_PKG_VERSION"));
 
 /// A blob body stream positioned at the requested offset (when the registry ignores `Range`
 /// and sends the whole blob, the bytes before the offset are dropped here).
@@ -224,6 +239,7 @@ impl Registry {
             clients: Mutex::new(HashMap::new()),
             needs_token: Mutex::new(Default::default()),
             http: Mutex::new(HashMap::new()),
+            peers: std::sync::RwLock::new(vec![]),
         })
     }
 
@@ -240,6 +256,7 @@ impl Registry {
                     host,
                     scheme,
                     is_mirror: true,
+                    is_peer: false,
                 });
             }
         }
@@ -259,7 +276,53 @@ impl Registry {
             host,
             scheme,
             is_mirror: false,
+            is_peer: false,
         });
+        out
+    }
+
+    /// Set the lazypull nodes asked first for content by digest (`http://host:port` URLs of
+    /// their mirrors); invalid entries are logged and left out.
+    pub fn set_peers(&self, urls: &[String]) {
+        let mut peers = vec![];
+        for u in urls {
+            match parse_endpoint(u) {
+                Ok((scheme, host)) => peers.push(Endpoint {
+                    host,
+                    scheme,
+                    is_mirror: true,
+                    is_peer: true,
+                }),
+                Err(e) => tracing::warn!(peer = %u, error = %e, "peer left out"),
+            }
+        }
+        *self.peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
+    }
+
+    /// The peers asked now.
+    pub fn peers(&self) -> Vec<String> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|e| e.host.clone())
+            .collect()
+    }
+
+    /// Peers (for content by digest of a registry a peer can name in its path: a host with a
+    /// dot or a port), then [`Registry::endpoints`].
+    fn endpoints_for(&self, registry: &str, by_digest: bool) -> Vec<Endpoint> {
+        let mut out = vec![];
+        if by_digest && (registry.contains('.') || registry.contains(':')) {
+            out.extend(
+                self.peers
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .cloned(),
+            );
+        }
+        out.extend(self.endpoints(registry));
         out
     }
 
@@ -294,7 +357,11 @@ impl Registry {
     }
 
     fn client_keyed(&self, ep: &Endpoint, fingerprint: u64) -> oci_client::Client {
-        let key = (ep.host.clone(), ep.scheme, fingerprint);
+        let key = (
+            ep.host.clone(),
+            ep.scheme,
+            if ep.is_peer { PEER } else { fingerprint },
+        );
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         clients
             .entry(key)
@@ -317,9 +384,17 @@ impl Registry {
                     },
                     accept_invalid_certificates: cfg.is_some_and(|c| c.insecure_skip_verify),
                     extra_root_certificates: extra,
-                    connect_timeout: Some(self.opts.connect_timeout),
+                    connect_timeout: Some(if ep.is_peer {
+                        self.opts.connect_timeout.min(PEER_CONNECT_TIMEOUT)
+                    } else {
+                        self.opts.connect_timeout
+                    }),
                     read_timeout: Some(self.opts.read_timeout),
-                    user_agent: concat!("lazypull/", env!("CARGO_PKG_VERSION")),
+                    user_agent: if ep.is_peer {
+                        PEER_USER_AGENT
+                    } else {
+                        concat!("lazypull/", env!("CARGO_PKG_VERSION"))
+                    },
                     platform_resolver: None,
                     ..Default::default()
                 })
@@ -328,7 +403,12 @@ impl Registry {
     }
 
     fn reference_at(r: &Reference, ep: &Endpoint, digest: Option<&str>) -> Reference {
-        let repo = r.repository().to_string();
+        // A peer's mirror learns the upstream from the path's first segment.
+        let repo = if ep.is_peer {
+            format!("{}/{}", r.registry(), r.repository())
+        } else {
+            r.repository().to_string()
+        };
         match digest.or(r.digest()) {
             Some(d) => Reference::with_digest(ep.host.clone(), repo, d.to_string()),
             None => Reference::with_tag(
@@ -351,14 +431,35 @@ impl Registry {
         F: Fn(oci_client::Client, Reference, Option<Secret>, Source, Endpoint) -> Fut,
         Fut: Future<Output = Result<T>>,
     {
-        let endpoints = self.endpoints(r.registry());
+        self.on_endpoints_with(r, creds, what, false, op).await
+    }
+
+    /// [`Registry::on_endpoints`], peers first when `by_digest` (content addressed by digest:
+    /// whoever has it serves the same bytes).
+    async fn on_endpoints_with<T, F, Fut>(
+        &self,
+        r: &Reference,
+        creds: &OpCreds,
+        what: &str,
+        by_digest: bool,
+        op: F,
+    ) -> Result<T>
+    where
+        F: Fn(oci_client::Client, Reference, Option<Secret>, Source, Endpoint) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let endpoints = self.endpoints_for(r.registry(), by_digest);
         let mut last = None;
         for ep in endpoints {
-            let (secret, source) = self.credential(
-                if ep.is_mirror { &ep.host } else { r.registry() },
-                creds,
-                !ep.is_mirror,
-            );
+            let (secret, source) = if ep.is_peer {
+                (None, Source::Anonymous)
+            } else {
+                self.credential(
+                    if ep.is_mirror { &ep.host } else { r.registry() },
+                    creds,
+                    !ep.is_mirror,
+                )
+            };
             let client = self.client(&ep, secret.as_ref());
             let mut attempt = 0;
             loop {
@@ -382,7 +483,10 @@ impl Registry {
                         attempt += 1;
                     }
                     Err(e) => {
-                        if ep.is_mirror {
+                        if ep.is_peer {
+                            // A peer without the content says so at once: the usual case.
+                            tracing::debug!(peer = %ep.host, %what, error = %e, "peer cannot serve; trying the next endpoint");
+                        } else if ep.is_mirror {
                             tracing::warn!(mirror = %ep.host, %what, error = %e, "mirror failed; trying the next endpoint");
                         }
                         last = Some(e);
@@ -415,57 +519,70 @@ impl Registry {
         let want = digest
             .cloned()
             .or_else(|| r.digest().and_then(|d| Digest::parse(d).ok()));
-        self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
-            let reference = match &want {
-                Some(d) => Reference::with_digest(
-                    reference.registry().into(),
-                    reference.repository().into(),
-                    d.to_string(),
-                ),
-                None => reference,
-            };
-            let want = want.clone();
-            let what = what.clone();
-            async move {
-                let auth = auth_of(secret.as_ref());
-                let body = self
-                    .anonymous_first(
-                        &ep,
-                        secret.as_ref(),
-                        |_| self.bare_manifest(&ep, &reference, &source, &what),
-                        || async {
-                            client
-                                .pull_manifest_raw(&reference, &auth, oci::MANIFEST_ACCEPT)
-                                .await
-                                .map(|(body, _)| body)
-                                .map_err(|e| {
-                                    classify(e, &ep.host, reference.repository(), &what, &source)
-                                })
-                        },
-                    )
-                    .await?;
-                if body.len() > oci::MAX_MANIFEST_BYTES {
-                    return Err(RegistryError::TooLarge {
-                        registry: ep.host.clone(),
-                        what,
-                        size: body.len() as u64,
-                        limit: oci::MAX_MANIFEST_BYTES as u64,
-                    });
+        let by_digest = want.is_some();
+        self.on_endpoints_with(
+            r,
+            creds,
+            &what,
+            by_digest,
+            |client, reference, secret, source, ep| {
+                let reference = match &want {
+                    Some(d) => Reference::with_digest(
+                        reference.registry().into(),
+                        reference.repository().into(),
+                        d.to_string(),
+                    ),
+                    None => reference,
+                };
+                let want = want.clone();
+                let what = what.clone();
+                async move {
+                    let auth = auth_of(secret.as_ref());
+                    let body = self
+                        .anonymous_first(
+                            &ep,
+                            secret.as_ref(),
+                            |_| self.bare_manifest(&ep, &reference, &source, &what),
+                            || async {
+                                client
+                                    .pull_manifest_raw(&reference, &auth, oci::MANIFEST_ACCEPT)
+                                    .await
+                                    .map(|(body, _)| body)
+                                    .map_err(|e| {
+                                        classify(
+                                            e,
+                                            &ep.host,
+                                            reference.repository(),
+                                            &what,
+                                            &source,
+                                        )
+                                    })
+                            },
+                        )
+                        .await?;
+                    if body.len() > oci::MAX_MANIFEST_BYTES {
+                        return Err(RegistryError::TooLarge {
+                            registry: ep.host.clone(),
+                            what,
+                            size: body.len() as u64,
+                            limit: oci::MAX_MANIFEST_BYTES as u64,
+                        });
+                    }
+                    let actual = Digest::of(&body);
+                    if let Some(expected) = want
+                        && expected != actual
+                    {
+                        return Err(RegistryError::DigestMismatch {
+                            registry: ep.host.clone(),
+                            what,
+                            expected,
+                            actual,
+                        });
+                    }
+                    Ok((body, actual))
                 }
-                let actual = Digest::of(&body);
-                if let Some(expected) = want
-                    && expected != actual
-                {
-                    return Err(RegistryError::DigestMismatch {
-                        registry: ep.host.clone(),
-                        what,
-                        expected,
-                        actual,
-                    });
-                }
-                Ok((body, actual))
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -496,51 +613,57 @@ impl Registry {
         creds: &OpCreds,
     ) -> Result<Vec<u8>> {
         let what = format!("blob {d}");
-        self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
-            let what = what.clone();
-            async move {
-                let body = self
-                    .blob_request(
-                        &client,
-                        &reference,
-                        d,
-                        0,
-                        None,
-                        secret.as_ref(),
-                        &source,
-                        &ep,
-                        &what,
-                    )
-                    .await?;
-                let mut stream = body.stream;
-                let mut buf = Vec::new();
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| RegistryError::Unreachable {
-                        registry: ep.host.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    if buf.len() + chunk.len() > limit {
-                        return Err(RegistryError::TooLarge {
+        self.on_endpoints_with(
+            r,
+            creds,
+            &what,
+            true,
+            |client, reference, secret, source, ep| {
+                let what = what.clone();
+                async move {
+                    let body = self
+                        .blob_request(
+                            &client,
+                            &reference,
+                            d,
+                            0,
+                            None,
+                            secret.as_ref(),
+                            &source,
+                            &ep,
+                            &what,
+                        )
+                        .await?;
+                    let mut stream = body.stream;
+                    let mut buf = Vec::new();
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = chunk.map_err(|e| RegistryError::Unreachable {
+                            registry: ep.host.clone(),
+                            reason: e.to_string(),
+                        })?;
+                        if buf.len() + chunk.len() > limit {
+                            return Err(RegistryError::TooLarge {
+                                registry: ep.host.clone(),
+                                what,
+                                size: (buf.len() + chunk.len()) as u64,
+                                limit: limit as u64,
+                            });
+                        }
+                        buf.extend_from_slice(&chunk);
+                    }
+                    let actual = Digest::of(&buf);
+                    if &actual != d {
+                        return Err(RegistryError::DigestMismatch {
                             registry: ep.host.clone(),
                             what,
-                            size: (buf.len() + chunk.len()) as u64,
-                            limit: limit as u64,
+                            expected: d.clone(),
+                            actual,
                         });
                     }
-                    buf.extend_from_slice(&chunk);
+                    Ok(buf)
                 }
-                let actual = Digest::of(&buf);
-                if &actual != d {
-                    return Err(RegistryError::DigestMismatch {
-                        registry: ep.host.clone(),
-                        what,
-                        expected: d.clone(),
-                        actual,
-                    });
-                }
-                Ok(buf)
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -555,46 +678,52 @@ impl Registry {
         creds: &OpCreds,
     ) -> Result<Vec<u8>> {
         let what = format!("bytes {offset}+{len} of blob {d}");
-        self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
-            let what = what.clone();
-            async move {
-                let body = self
-                    .blob_request(
-                        &client,
-                        &reference,
-                        d,
-                        offset,
-                        Some(len),
-                        secret.as_ref(),
-                        &source,
-                        &ep,
-                        &what,
-                    )
-                    .await?;
-                let mut stream = body.stream;
-                let mut buf = Vec::with_capacity(len.min(1 << 24) as usize);
-                while (buf.len() as u64) < len {
-                    let Some(chunk) = stream.next().await else {
-                        break;
-                    };
-                    let chunk = chunk.map_err(|e| RegistryError::Unreachable {
-                        registry: ep.host.clone(),
-                        reason: e.to_string(),
-                    })?;
-                    let want = (len - buf.len() as u64).min(chunk.len() as u64) as usize;
-                    buf.extend_from_slice(&chunk[..want]);
+        self.on_endpoints_with(
+            r,
+            creds,
+            &what,
+            true,
+            |client, reference, secret, source, ep| {
+                let what = what.clone();
+                async move {
+                    let body = self
+                        .blob_request(
+                            &client,
+                            &reference,
+                            d,
+                            offset,
+                            Some(len),
+                            secret.as_ref(),
+                            &source,
+                            &ep,
+                            &what,
+                        )
+                        .await?;
+                    let mut stream = body.stream;
+                    let mut buf = Vec::with_capacity(len.min(1 << 24) as usize);
+                    while (buf.len() as u64) < len {
+                        let Some(chunk) = stream.next().await else {
+                            break;
+                        };
+                        let chunk = chunk.map_err(|e| RegistryError::Unreachable {
+                            registry: ep.host.clone(),
+                            reason: e.to_string(),
+                        })?;
+                        let want = (len - buf.len() as u64).min(chunk.len() as u64) as usize;
+                        buf.extend_from_slice(&chunk[..want]);
+                    }
+                    if (buf.len() as u64) < len {
+                        return Err(RegistryError::Truncated {
+                            registry: ep.host.clone(),
+                            what,
+                            got: buf.len() as u64,
+                            expected: len,
+                        });
+                    }
+                    Ok(buf)
                 }
-                if (buf.len() as u64) < len {
-                    return Err(RegistryError::Truncated {
-                        registry: ep.host.clone(),
-                        what,
-                        got: buf.len() as u64,
-                        expected: len,
-                    });
-                }
-                Ok(buf)
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -610,23 +739,29 @@ impl Registry {
         creds: &OpCreds,
     ) -> Result<BlobBody> {
         let what = format!("blob {d}");
-        self.on_endpoints(r, creds, &what, |client, reference, secret, source, ep| {
-            let what = what.clone();
-            async move {
-                self.blob_request(
-                    &client,
-                    &reference,
-                    d,
-                    offset,
-                    len,
-                    secret.as_ref(),
-                    &source,
-                    &ep,
-                    &what,
-                )
-                .await
-            }
-        })
+        self.on_endpoints_with(
+            r,
+            creds,
+            &what,
+            true,
+            |client, reference, secret, source, ep| {
+                let what = what.clone();
+                async move {
+                    self.blob_request(
+                        &client,
+                        &reference,
+                        d,
+                        offset,
+                        len,
+                        secret.as_ref(),
+                        &source,
+                        &ep,
+                        &what,
+                    )
+                    .await
+                }
+            },
+        )
         .await
     }
 }
@@ -676,6 +811,7 @@ impl Registry {
                 host: r.registry().to_string(),
                 scheme: Scheme::Https,
                 is_mirror: false,
+                is_peer: false,
             });
         let (secret, source) = self.credential(r.registry(), creds, true);
         let up = Upstream {
@@ -981,16 +1117,24 @@ impl Registry {
     /// The plain HTTP client of an endpoint: the same TLS settings, timeouts and user agent
     /// as its oci-client.
     fn http_client(&self, ep: &Endpoint) -> Result<reqwest::Client> {
-        let key = (ep.host.clone(), ep.scheme);
+        let key = (ep.host.clone(), ep.scheme, ep.is_peer);
         let mut all = self.http.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = all.get(&key) {
             return Ok(c.clone());
         }
         let cfg = self.host_config(&ep.host);
         let mut b = reqwest::Client::builder()
-            .connect_timeout(self.opts.connect_timeout)
+            .connect_timeout(if ep.is_peer {
+                self.opts.connect_timeout.min(PEER_CONNECT_TIMEOUT)
+            } else {
+                self.opts.connect_timeout
+            })
             .read_timeout(self.opts.read_timeout)
-            .user_agent(concat!("lazypull/", env!("CARGO_PKG_VERSION")))
+            .user_agent(if ep.is_peer {
+                PEER_USER_AGENT
+            } else {
+                concat!("lazypull/", env!("CARGO_PKG_VERSION"))
+            })
             .danger_accept_invalid_certs(cfg.is_some_and(|c| c.insecure_skip_verify));
         if let Some(ca) = cfg.and_then(|c| c.ca.as_ref())
             && let Ok(pem) = std::fs::read(ca)
@@ -1265,7 +1409,8 @@ mod tests {
             Endpoint {
                 host: "127.0.0.1:5000".into(),
                 scheme: Scheme::Http,
-                is_mirror: true
+                is_mirror: true,
+                is_peer: false,
             }
         );
         assert_eq!(
@@ -1273,9 +1418,20 @@ mod tests {
             Endpoint {
                 host: "index.docker.io".into(),
                 scheme: Scheme::Https,
-                is_mirror: false
+                is_mirror: false,
+                is_peer: false,
             }
         );
+        // Peers come first, for content by digest of registries a path can name.
+        reg.set_peers(&["http://10.0.0.9:5000".into(), "bad/url/".into()]);
+        let eps = reg.endpoints_for("docker.io", true);
+        assert_eq!(eps.len(), 3);
+        assert!(eps[0].is_peer && eps[0].host == "10.0.0.9:5000");
+        assert_eq!(reg.endpoints_for("docker.io", false).len(), 2);
+        assert_eq!(reg.endpoints_for("plainhost", true).len(), 1);
+        let r: Reference = "docker.io/library/busybox:1".parse().unwrap();
+        let at = Registry::reference_at(&r, &eps[0], Some("sha256:00"));
+        assert_eq!(at.repository(), "docker.io/library/busybox");
         assert_eq!(reg.endpoints("localhost:5000")[0].scheme, Scheme::Http);
         assert_eq!(reg.endpoints("quay.io")[0].scheme, Scheme::Https);
         assert!(parse_endpoint("http://h/path").is_err());
