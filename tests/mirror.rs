@@ -462,6 +462,21 @@ async fn containerd_pulls_through_the_mirror_with_hosts_toml() {
         gets,
         "the second node's pull came from the mirror"
     );
+    // kubelet's way: a CRI PullImage to containerd, whose CRI plugin reads the hosts.toml in
+    // its `registry.config_path`.
+    let third = Containerd::start(&[]);
+    let cri_hosts = third.dir.path().join("certs.d").join(reg.host());
+    std::fs::create_dir_all(&cri_hosts).unwrap();
+    std::fs::copy(dir.join("hosts.toml"), cri_hosts.join("hosts.toml")).unwrap();
+    let mut c = third.images().await;
+    pull(&mut c, &image)
+        .await
+        .expect("CRI pull through containerd and the mirror");
+    assert_eq!(
+        reg.all_blob_gets(),
+        gets,
+        "containerd's CRI pull came from the mirror"
+    );
 }
 
 /// A client asks the mirror for a layer the node's own filler is fetching (a CRI pull of the
