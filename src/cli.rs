@@ -172,10 +172,20 @@ pub struct ServeArgs {
     /// address, e.g. 0.0.0.0:8080 [default: health.listen, off].
     #[arg(long, value_name = "HOST:PORT")]
     pub health_listen: Option<String>,
-    /// Serve the pull-through registry (OCI pull API, `/v2/`) on this address, e.g.
-    /// 0.0.0.0:5000 [default: mirror.listen, off].
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Serve the pull-through registry (OCI pull API, `/v2/`) and the VM disk registry
+    /// (`/reg`) on this address, e.g. 0.0.0.0:5000 [default: mirror.listen, off].
+    #[arg(long, visible_alias = "listener-addr", value_name = "HOST:PORT")]
     pub mirror_listen: Option<String>,
+    /// The store (an alias of the global --root, as the VM disk registry's users pass it).
+    #[arg(long, value_name = "DIR")]
+    pub data_root: Option<PathBuf>,
+    /// Seconds a client may take to send a request head on the mirror listener [default:
+    /// mirror.read_header_timeout, 30s].
+    #[arg(long, value_name = "SECS")]
+    pub read_header_timeout_secs: Option<u64>,
+    /// The VM disk registry's path prefix [default: reg.prefix, reg].
+    #[arg(long, value_name = "PREFIX")]
+    pub repo_prefix: Option<String>,
     /// Upstream registry of mirror requests that name none [default: mirror.default_upstream].
     #[arg(long, value_name = "HOST")]
     pub mirror_default_upstream: Option<String>,

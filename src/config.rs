@@ -35,6 +35,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub health: HealthConfig,
     pub mirror: MirrorConfig,
+    pub reg: RegConfig,
     pub peers: PeersConfig,
     pub snapshotter: SnapshotterConfig,
     pub containerd: ContainerdConfig,
@@ -120,6 +121,27 @@ pub struct HealthConfig {
     pub listen: String,
 }
 
+/// The VM disk image registry (`/{prefix}`), served on `mirror.listen`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegConfig {
+    pub enabled: bool,
+    /// The path prefix (`--repo-prefix`).
+    pub prefix: String,
+    /// The largest disk an upload may send, in bytes.
+    pub max_upload: u64,
+}
+
+impl Default for RegConfig {
+    fn default() -> Self {
+        RegConfig {
+            enabled: true,
+            prefix: "reg".into(),
+            max_upload: 64 << 30,
+        }
+    }
+}
+
 /// Other lazypull nodes whose mirrors (`mirror.listen`) are asked first for content by digest
 /// (manifests, configs, layers and their ranges), for every upstream; they answer from their
 /// store only, and the upstream is asked when none has it.
@@ -181,6 +203,9 @@ pub struct MirrorConfig {
     pub admin_token_file: Option<PathBuf>,
     /// Background pruning of what the mirror stored.
     pub prune: MirrorPrune,
+    /// How long a client may take to send a request head (slow clients hold a connection).
+    #[serde(with = "humantime_serde_compat")]
+    pub read_header_timeout: Duration,
 }
 
 /// `mirror.prune`: remove mirror images (a tagged or unreferenced manifest and what only it
@@ -248,6 +273,7 @@ impl Default for MirrorConfig {
             admin_listen: String::new(),
             admin_token_file: None,
             prune: MirrorPrune::default(),
+            read_header_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -451,6 +477,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             health: HealthConfig::default(),
             mirror: MirrorConfig::default(),
+            reg: RegConfig::default(),
             peers: PeersConfig::default(),
             snapshotter: SnapshotterConfig::default(),
             containerd: ContainerdConfig::default(),
@@ -645,6 +672,23 @@ impl Config {
                 "peers.refresh {:?} must be at least 1s",
                 self.peers.refresh
             ));
+        }
+        if self.reg.prefix.trim_matches('/').is_empty()
+            || !self
+                .reg
+                .prefix
+                .trim_matches('/')
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            || self.reg.prefix.trim_matches('/') == "v2"
+        {
+            return bad(format!(
+                "reg.prefix {:?} must be one path segment (letters, digits, '-', '_', '.'), not v2",
+                self.reg.prefix
+            ));
+        }
+        if self.mirror.read_header_timeout.is_zero() {
+            return bad("mirror.read_header_timeout must be above zero".into());
         }
         if self.mirror.default_upstream.contains('/') {
             return bad(format!(

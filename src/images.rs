@@ -809,6 +809,11 @@ impl Images {
         Ok(())
     }
 
+    /// Hold off GC (shared, like a pull) while a blob is published and its reference recorded.
+    pub async fn gc_shared(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.gc_lock.read().await
+    }
+
     /// Delete everything no image references: layer rows, blobs, partial files, stale temp files.
     pub async fn gc(&self) -> Result<GcReport> {
         let _gc = self.gc_lock.write().await;

@@ -108,6 +108,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = &a.mirror_listen {
                 cfg.mirror.listen = l.clone();
             }
+            if let Some(r) = &a.data_root {
+                cfg.root = std::path::absolute(r)
+                    .with_context(|| format!("--data-root {}", r.display()))?;
+            }
+            if let Some(t) = a.read_header_timeout_secs {
+                cfg.mirror.read_header_timeout = std::time::Duration::from_secs(t);
+            }
+            if let Some(p) = &a.repo_prefix {
+                cfg.reg.prefix = p.clone();
+            }
             if let Some(u) = &a.mirror_default_upstream {
                 cfg.mirror.default_upstream = u.clone();
             }

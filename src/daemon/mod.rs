@@ -299,6 +299,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             listener,
             "health",
             None,
+            crate::http::HEADER_TIMEOUT,
             handler,
             metrics_stop.clone(),
         )))
@@ -326,11 +327,25 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     let mirror_task = match (&mirror, mirror_listener) {
         (Some(mirror), Some((listener, tls))) => {
             let mirror = Arc::clone(mirror);
-            let handler = Arc::new(move |req| Arc::clone(&mirror).handle(req));
+            // The VM disk registry shares the listener, under its prefix.
+            let reg = cfg.reg.enabled.then(|| {
+                tracing::info!(prefix = %cfg.reg.prefix, max_upload = cfg.reg.max_upload, "serving the VM disk image registry");
+                crate::http::reg::Reg::new(Arc::clone(&images), &cfg.reg.prefix, cfg.reg.max_upload)
+            });
+            let handler = Arc::new(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (mirror, reg) = (Arc::clone(&mirror), reg.clone());
+                async move {
+                    match reg {
+                        Some(reg) if reg.owns(req.uri().path()) => reg.handle(req).await,
+                        _ => mirror.handle(req).await,
+                    }
+                }
+            });
             Some(tokio::spawn(crate::http::serve(
                 listener,
                 "mirror",
                 tls,
+                cfg.mirror.read_header_timeout,
                 handler,
                 metrics_stop.clone(),
             )))
@@ -399,6 +414,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             listener,
             "admin",
             tls,
+            crate::http::HEADER_TIMEOUT,
             handler,
             metrics_stop.clone(),
         )))

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod health;
 pub mod mirror;
+pub mod reg;
 pub mod route;
 pub mod status;
 pub mod tls;
@@ -41,11 +42,13 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a client may take to complete a TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serve `handler` on `listener` (HTTP/1.1, keep-alive; over TLS with `tls`) until `stop`.
+/// Serve `handler` on `listener` (HTTP/1.1, keep-alive; over TLS with `tls`) until `stop`; a
+/// client gets `header_timeout` to send each request head.
 pub async fn serve<H, F>(
     listener: tokio::net::TcpListener,
     what: &'static str,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    header_timeout: Duration,
     handler: Arc<H>,
     stop: CancellationToken,
 ) where
@@ -76,10 +79,10 @@ pub async fn serve<H, F>(
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => connection(stream, what, handler, stop).await,
+                None => connection(stream, what, header_timeout, handler, stop).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => connection(s, what, handler, stop).await,
+                        Ok(Ok(s)) => connection(s, what, header_timeout, handler, stop).await,
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, what, "TLS handshake failed")
                         }
@@ -93,8 +96,13 @@ pub async fn serve<H, F>(
 
 /// One client connection, until it closes or `stop` (then a response in progress may
 /// finish, briefly).
-async fn connection<IO, H, F>(io: IO, what: &'static str, handler: Arc<H>, stop: CancellationToken)
-where
+async fn connection<IO, H, F>(
+    io: IO,
+    what: &'static str,
+    header_timeout: Duration,
+    handler: Arc<H>,
+    stop: CancellationToken,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = hyper::Response<Body>> + Send + 'static,
@@ -106,7 +114,7 @@ where
     let io = hyper_util::rt::TokioIo::new(io);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .serve_connection(io, svc);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {

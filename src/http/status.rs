@@ -51,6 +51,21 @@ pub fn admin(e: &super::admin::AdminError) -> StatusCode {
     }
 }
 
+/// The status of a `/reg` error.
+pub fn reg(e: &super::reg::RegError) -> StatusCode {
+    use super::reg::RegError as R;
+    match e {
+        R::BadName(_) | R::BadUpload(_) | R::DigestMismatch { .. } => StatusCode::BAD_REQUEST,
+        R::NotFound(_) => StatusCode::NOT_FOUND,
+        R::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+        R::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        R::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+        R::Store(s) if s.is_disk_full() => StatusCode::INSUFFICIENT_STORAGE,
+        R::Io(io) if crate::store::is_disk_full(io) => StatusCode::INSUFFICIENT_STORAGE,
+        R::Store(_) | R::Oci(_) | R::Images(_) | R::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
 /// The error response's body.
 pub fn body(e: &MirrorError) -> String {
     let (_, code) = of(e);

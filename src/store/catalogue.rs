@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-const SCHEMA_VERSION: i64 = 6;
+const SCHEMA_VERSION: i64 = 7;
 
 /// Columns of a layer row, in the order `layer_from_row` reads them.
 const LAYER_COLUMNS: &str = "l.digest, l.media_type, l.size, l.diff_id, l.source, l.state, l.filled, l.error, l.toc_digest, l.toc_entries, l.toc_error, l.toc_offset, l.ondemand, l.unpacked, l.index_digest, l.toc_position, l.prefetched, l.fill_fetched, l.read_waits, l.read_wait_ms, l.landmark_files, l.walk_order";
@@ -91,6 +91,16 @@ CREATE TABLE IF NOT EXISTS mirror_referrers ( -- the pull-through registry: refe
     name TEXT PRIMARY KEY,               -- upstream/repository@subject-digest
     digest TEXT NOT NULL,                -- the referrers index (a blob) the upstream gave then
     fetched_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reg_tags (    -- the VM disk image registry (/reg): one row per tag
+    repo TEXT NOT NULL,
+    image TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    digest TEXT NOT NULL,                -- the disk (a blob)
+    size INTEGER NOT NULL,
+    meta_digest TEXT NOT NULL,           -- its metadata JSON (a blob)
+    created INTEGER NOT NULL,
+    PRIMARY KEY (repo, image, tag)
 );
 CREATE TABLE IF NOT EXISTS mirror_blobs ( -- manifests and blobs it stored (kept by GC)
     digest TEXT PRIMARY KEY,
@@ -261,6 +271,32 @@ pub struct NewLayer<'a> {
     pub toc_digest: Option<Digest>,
     /// zstd:chunked TOC position (with `toc_digest` its checksum).
     pub toc_position: Option<String>,
+}
+
+/// A tag of the VM disk image registry (`/reg`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RegTag {
+    pub repo: String,
+    pub image: String,
+    pub tag: String,
+    pub digest: String,
+    pub size: u64,
+    pub meta_digest: String,
+    pub created: i64,
+}
+
+impl RegTag {
+    fn from_row(r: &rusqlite::Row) -> rusqlite::Result<Self> {
+        Ok(RegTag {
+            repo: r.get(0)?,
+            image: r.get(1)?,
+            tag: r.get(2)?,
+            digest: r.get(3)?,
+            size: r.get::<_, i64>(4)? as u64,
+            meta_digest: r.get(5)?,
+            created: r.get(6)?,
+        })
+    }
 }
 
 /// What a pull records.
@@ -720,7 +756,63 @@ impl Catalogue {
         for d in st.query_map([], |r| r.get::<_, String>(0))? {
             set.insert(d?);
         }
+        let mut st = self
+            .conn
+            .prepare("SELECT digest, meta_digest FROM reg_tags")?;
+        for r in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            let (disk, meta) = r?;
+            set.insert(disk);
+            set.insert(meta);
+        }
         Ok(set)
+    }
+
+    /// Record (or replace, atomically) a disk image tag of the VM disk registry.
+    pub fn put_reg_tag(&self, t: &RegTag) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO reg_tags (repo, image, tag, digest, size, meta_digest, created)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT(repo, image, tag) DO UPDATE SET digest = ?4, size = ?5,
+                meta_digest = ?6, created = ?7",
+            params![
+                t.repo,
+                t.image,
+                t.tag,
+                t.digest,
+                t.size as i64,
+                t.meta_digest,
+                t.created
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn reg_tag(&self, repo: &str, image: &str, tag: &str) -> Result<Option<RegTag>> {
+        let mut st = self.conn.prepare(
+            "SELECT repo, image, tag, digest, size, meta_digest, created FROM reg_tags
+             WHERE repo = ?1 AND image = ?2 AND tag = ?3",
+        )?;
+        let mut rows = st.query_map(params![repo, image, tag], RegTag::from_row)?;
+        Ok(rows.next().transpose()?)
+    }
+
+    /// Tags of the VM disk registry: all, of one repository, or of one image (sorted).
+    pub fn reg_tags(&self, repo: Option<&str>, image: Option<&str>) -> Result<Vec<RegTag>> {
+        let mut st = self.conn.prepare(
+            "SELECT repo, image, tag, digest, size, meta_digest, created FROM reg_tags
+             WHERE (?1 IS NULL OR repo = ?1) AND (?2 IS NULL OR image = ?2)
+             ORDER BY repo, image, tag",
+        )?;
+        let rows = st.query_map(params![repo, image], RegTag::from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Remove a tag; whether it existed.
+    pub fn delete_reg_tag(&self, repo: &str, image: &str, tag: &str) -> Result<bool> {
+        Ok(self.conn.execute(
+            "DELETE FROM reg_tags WHERE repo = ?1 AND image = ?2 AND tag = ?3",
+            params![repo, image, tag],
+        )? > 0)
     }
 
     /// The pull-through registry stored `digest` (a manifest or a blob): GC keeps it.

@@ -10,7 +10,8 @@ pub mod ranges;
 pub mod snapshots;
 
 pub use catalogue::{
-    Catalogue, FetchedBy, ImageRecord, LayerRecord, LayerState, NameKind, NewImage, NewLayer, now,
+    Catalogue, FetchedBy, ImageRecord, LayerRecord, LayerState, NameKind, NewImage, NewLayer,
+    RegTag, now,
 };
 pub use partial::{PartialBlob, Partials};
 
