@@ -85,6 +85,9 @@ pub enum Command {
     /// Ask a running daemon's admin API (mirror.admin_listen): list its images, manifests and
     /// blobs, prune the mirror's images, stop it.
     Admin(AdminArgs),
+    /// List the images on a running daemon's node and in its `catalog:` registries (its
+    /// `GET /images`), as a table, or JSON.
+    Images(ImagesArgs),
     /// Print the version.
     Version,
     /// Internal: keep the daemon's FUSE connection open across its restarts (started by
@@ -285,6 +288,16 @@ pub struct LoadArgs {
     /// No progress bars.
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ImagesArgs {
+    /// The daemon's HTTP listener [default: http://mirror.listen].
+    #[arg(long, value_name = "URL")]
+    pub server: Option<String>,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -42,6 +42,13 @@ pub struct Config {
     /// docker config.json to read credentials from ("" = $DOCKER_CONFIG or ~/.docker).
     pub docker_config: Option<PathBuf>,
     pub registries: Vec<RegistryEntry>,
+    /// Registries `GET /images` lists (credentials and TLS from `registries:`).
+    pub catalog: Vec<CatalogEntry>,
+    /// Image ids (short or full) `GET /images` leaves out of the node's list.
+    pub images_to_ignore: Vec<String>,
+    /// How long `GET /images` waits for each source.
+    #[serde(with = "humantime_serde_compat")]
+    pub catalog_timeout: Duration,
     /// An image list (one reference per line) the daemon pulls whole in the background at
     /// start: ship the node, let it fill, then disconnect it.
     pub preload_images: Option<PathBuf>,
@@ -119,6 +126,39 @@ pub struct MetricsConfig {
 pub struct HealthConfig {
     /// `HOST:PORT` to serve the probes on; empty = off.
     pub listen: String,
+}
+
+/// One registry `GET /images` lists.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogEntry {
+    /// `http(s)://host[:port]`.
+    pub url: String,
+    /// `distribution` (`_catalog` and `tags/list`) or `harbor` (its v2.0 API).
+    #[serde(default)]
+    pub kind: crate::listing::Kind,
+    /// The name shown for it [default: its host].
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Items asked per page.
+    #[serde(default = "default_page_size")]
+    pub page_size: usize,
+}
+
+fn default_page_size() -> usize {
+    100
+}
+
+impl CatalogEntry {
+    /// Its host[:port], the key of its `registries:` entry.
+    pub fn host(&self) -> &str {
+        let rest = self
+            .url
+            .split_once("://")
+            .map(|(_, r)| r)
+            .unwrap_or(&self.url);
+        rest.split('/').next().unwrap_or(rest)
+    }
 }
 
 /// The VM disk image registry (`/{prefix}`), served on `mirror.listen`.
@@ -484,6 +524,9 @@ impl Default for Config {
             docker_config: None,
             preload_images: None,
             registries: vec![],
+            catalog: vec![],
+            images_to_ignore: vec![],
+            catalog_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -649,6 +692,25 @@ impl Config {
                 "mirror.prune: frequency {:?} must be at least 1m and duration {:?} above zero",
                 self.mirror.prune.frequency, self.mirror.prune.duration
             ));
+        }
+        for c in &self.catalog {
+            if !(c.url.starts_with("http://") || c.url.starts_with("https://"))
+                || c.host().is_empty()
+            {
+                return bad(format!(
+                    "catalog: url {:?} must be http(s)://HOST[:PORT]",
+                    c.url
+                ));
+            }
+            if !(1..=1000).contains(&c.page_size) {
+                return bad(format!(
+                    "catalog: {}: page_size {} must be within 1..=1000",
+                    c.url, c.page_size
+                ));
+            }
+        }
+        if self.catalog_timeout.is_zero() {
+            return bad("catalog_timeout must be above zero".into());
         }
         for u in &self.peers.urls {
             if let Err(e) = crate::registry::parse_endpoint(u) {

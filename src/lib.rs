@@ -17,6 +17,7 @@ pub mod import;
 pub mod index_share;
 pub mod layer;
 pub mod learned;
+pub mod listing;
 pub mod metrics;
 pub mod oci;
 pub mod registry;

@@ -189,6 +189,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Load(a) => commands::load::run(&cfg, a, secret).await,
         Command::Pull(a) => commands::pull::run(&cfg, a).await,
         Command::Admin(a) => commands::admin::run(&cfg, a).await,
+        Command::Images(a) => commands::admin::images(&cfg, a).await,
         Command::Mount(a) => commands::mount::mount(&cfg, a).await,
         Command::Umount(a) => commands::mount::umount(a),
         Command::Convert(a) => commands::convert::run(&cfg, a, secret).await,

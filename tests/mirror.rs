@@ -31,17 +31,6 @@ fn curl(args: &[&str], url: &str) -> (u16, String, Vec<u8>) {
     (code, head, body)
 }
 
-/// Push `repo:latest`: one layer holding the file `path` (in its one directory).
-async fn push_one_file(reg: &Registry, repo: &str, path: &str, content: Vec<u8>) {
-    let dir = format!("{}/", path.split('/').next().unwrap_or_default());
-    push_layers(
-        reg,
-        repo,
-        &[tar_of(&[(dir.as_str(), vec![]), (path, content)])],
-    )
-    .await;
-}
-
 /// The registry, skopeo and curl are installed (else the test says why it skips).
 fn tools() -> bool {
     if !require_tools() {

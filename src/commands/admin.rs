@@ -1,6 +1,7 @@
-//! `lazypull admin images|manifests|blobs|prune|stop`: a client of the daemon's admin API.
+//! `lazypull admin images|manifests|blobs|prune|stop`: a client of the daemon's admin API;
+//! `lazypull images`: a client of its `GET /images`.
 
-use crate::cli::{AdminArgs, AdminPruneType, AdminVerb};
+use crate::cli::{AdminArgs, AdminPruneType, AdminVerb, ImagesArgs};
 use crate::config::Config;
 use anyhow::Context;
 
@@ -100,6 +101,45 @@ pub async fn run(cfg: &Config, args: &AdminArgs) -> anyhow::Result<()> {
     let body = resp.text().await.context("reading the answer")?;
     if !status.is_success() {
         anyhow::bail!("the admin API answered {status}: {}", body.trim());
+    }
+    print!("{body}");
+    if !body.ends_with('\n') {
+        println!();
+    }
+    Ok(())
+}
+
+/// `lazypull images`: the daemon's `GET /images`, as a table or JSON.
+pub async fn images(cfg: &Config, args: &ImagesArgs) -> anyhow::Result<()> {
+    let base = match &args.server {
+        Some(s) => s.trim_end_matches('/').to_string(),
+        None if cfg.mirror.listen.is_empty() => anyhow::bail!(
+            "no daemon listener to ask: give --server URL, or set mirror.listen in the config"
+        ),
+        None => format!(
+            "{}://{}",
+            if cfg.mirror.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            cfg.mirror.listen.replace("0.0.0.0", "127.0.0.1")
+        ),
+    };
+    let url = format!(
+        "{base}/images{}",
+        if args.json { "" } else { "?format=table" }
+    );
+    let resp = reqwest::Client::new()
+        .get(&url)
+        .timeout(cfg.catalog_timeout * 3)
+        .send()
+        .await
+        .with_context(|| format!("asking {url}"))?;
+    let status = resp.status();
+    let body = resp.text().await.context("reading the answer")?;
+    if !status.is_success() {
+        anyhow::bail!("{url} answered {status}: {}", body.trim());
     }
     print!("{body}");
     if !body.ends_with('\n') {

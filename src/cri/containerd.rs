@@ -748,6 +748,17 @@ impl Containerd {
         Ok(())
     }
 
+    /// Every image containerd's CRI plugin knows (in our namespace), as crictl lists them.
+    pub async fn cri_images(&self) -> Result<Vec<cri::Image>> {
+        let mut client = cri::image_service_client::ImageServiceClient::new(self.channel.clone());
+        Ok(client
+            .list_images(self.req(cri::ListImagesRequest { filter: None }, None))
+            .await
+            .map_err(self.err("ListImages"))?
+            .into_inner()
+            .images)
+    }
+
     /// The image containerd's CRI plugin resolves `name` (an id, tag or digest) to, if any.
     async fn cri_image(
         &self,

@@ -323,6 +323,25 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             metrics_stop.clone(),
         )))
     };
+    let containerd = cfg.containerd.address.as_ref().map(|address| {
+        tracing::info!(address = %address.display(), namespace = %cfg.containerd.namespace,
+            snapshotter = %cfg.containerd.snapshotter, "CRI pulls are also registered in containerd");
+        Arc::new(crate::cri::containerd::Containerd::new(
+            crate::cri::containerd::ContainerdOptions {
+                address: address.clone(),
+                namespace: cfg.containerd.namespace.clone(),
+                snapshotter: cfg.containerd.snapshotter.clone(),
+                layer_timeout: cfg.containerd.layer_timeout,
+                cri_timeout: Duration::from_secs(30),
+            },
+        ))
+    });
+    // `GET /images`, on the mirror's listener.
+    let listing = Arc::new(crate::http::images::ImagesListing::new(
+        Arc::clone(&images),
+        containerd.clone(),
+        &cfg,
+    ));
     // The pull-through registry, on the same store.
     let mirror_task = match (&mirror, mirror_listener) {
         (Some(mirror), Some((listener, tls))) => {
@@ -332,11 +351,14 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
                 tracing::info!(prefix = %cfg.reg.prefix, max_upload = cfg.reg.max_upload, "serving the VM disk image registry");
                 crate::http::reg::Reg::new(Arc::clone(&images), &cfg.reg.prefix, cfg.reg.max_upload)
             });
+            let listing = Arc::clone(&listing);
             let handler = Arc::new(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (mirror, reg) = (Arc::clone(&mirror), reg.clone());
+                let (mirror, reg, listing) =
+                    (Arc::clone(&mirror), reg.clone(), Arc::clone(&listing));
                 async move {
                     match reg {
                         Some(reg) if reg.owns(req.uri().path()) => reg.handle(req).await,
+                        _ if listing.owns(req.uri().path()) => listing.handle(req).await,
                         _ => mirror.handle(req).await,
                     }
                 }
@@ -477,19 +499,6 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         None
     };
     let listener = bind_socket(&cfg.cri.socket)?;
-    let containerd = cfg.containerd.address.as_ref().map(|address| {
-        tracing::info!(address = %address.display(), namespace = %cfg.containerd.namespace,
-            snapshotter = %cfg.containerd.snapshotter, "CRI pulls are also registered in containerd");
-        Arc::new(crate::cri::containerd::Containerd::new(
-            crate::cri::containerd::ContainerdOptions {
-                address: address.clone(),
-                namespace: cfg.containerd.namespace.clone(),
-                snapshotter: cfg.containerd.snapshotter.clone(),
-                layer_timeout: cfg.containerd.layer_timeout,
-                cri_timeout: Duration::from_secs(30),
-            },
-        ))
-    });
     let svc = CriImages::new(Arc::clone(&images), cfg.cri.pull_mode, containerd.clone());
     tracing::info!(socket = %cfg.cri.socket.display(), root = %cfg.root.display(), pull_mode = ?cfg.cri.pull_mode,
         version = env!("CARGO_PKG_VERSION"), "lazypull serving CRI ImageService");

@@ -10,7 +10,7 @@
 //!   remove mirror images (not the node's: CRI and `lazypull prune` remove those);
 //! - `POST|GET /cmd/stop`: a graceful stop, as SIGTERM.
 
-use super::{Body, full};
+use super::{Body, columns, full};
 use crate::http::mirror::Mirror;
 use crate::images::Images;
 use crate::store::inventory::{self, Inventory, PruneBy, PruneReport};
@@ -96,30 +96,6 @@ fn time(t: i64) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// Rows aligned in columns (two spaces apart), header first.
-fn columns(rows: Vec<Vec<String>>) -> String {
-    let mut widths: Vec<usize> = vec![];
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            if widths.len() <= i {
-                widths.push(0);
-            }
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for r in rows {
-        let last = r.len().saturating_sub(1);
-        for (i, c) in r.iter().enumerate() {
-            out.push_str(c);
-            if i < last {
-                out.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
-            }
-        }
-        out.push('\n');
-    }
-    out
-}
 
 fn kind(node: bool) -> String {
     if node { "node" } else { "mirror" }.to_string()

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod health;
+pub mod images;
 pub mod mirror;
 pub mod reg;
 pub mod route;
@@ -128,4 +129,29 @@ async fn connection<IO, H, F>(
     }
     conn.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+}
+
+/// Rows aligned in columns (two spaces apart), header first.
+pub fn columns(rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = vec![];
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            if widths.len() <= i {
+                widths.push(0);
+            }
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let last = r.len().saturating_sub(1);
+        for (i, c) in r.iter().enumerate() {
+            out.push_str(c);
+            if i < last {
+                out.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        out.push('\n');
+    }
+    out
 }

@@ -1723,3 +1723,14 @@ pub fn make_certs(dir: &Path) -> Certs {
         client_key: dir.join("client.key"),
     }
 }
+
+/// Push `repo:latest`: one layer holding the file `path` (in its one directory).
+pub async fn push_one_file(reg: &Registry, repo: &str, path: &str, content: Vec<u8>) {
+    let dir = format!("{}/", path.split('/').next().unwrap_or_default());
+    push_layers(
+        reg,
+        repo,
+        &[tar_of(&[(dir.as_str(), vec![]), (path, content)])],
+    )
+    .await;
+}
