@@ -55,13 +55,19 @@ async fn images_lists_node_and_registries_with_errors_beside_results() {
     down.stop();
     let hport = free_port();
     let _harbor = harbor(hport);
+    // A source that accepts connections and never answers (bounded by catalog_timeout), and one
+    // that answers something else than its API (a docker-registry asked as Harbor).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{}", free_port());
     let work = tempfile::tempdir().unwrap();
     let beta_id = config_digest(&reg, "team/beta");
     let cfg = format!(
-        "catalog:\n  - {{url: http://{}, page_size: 1}}\n  - {{url: http://{down_host}, name: down}}\n  - {{url: http://127.0.0.1:{hport}, kind: harbor, name: harbor, page_size: 1}}\n\
+        "catalog:\n  - {{url: http://{}, page_size: 1}}\n  - {{url: http://{down_host}, name: down}}\n  - {{url: http://127.0.0.1:{hport}, kind: harbor, name: harbor, page_size: 1}}\n  \
+         - {{url: http://127.0.0.1:{silent_port}, name: silent}}\n  - {{url: http://{}, kind: harbor, name: not-harbor}}\n\
          registries:\n  - {{name: \"127.0.0.1:{hport}\", auth: {{user: admin, password: Harbor12345}}}}\n\
          images_to_ignore: [\"{}\"]\ncatalog_timeout: 5s\n",
+        reg.host(),
         reg.host(),
         &beta_id.trim_start_matches("sha256:")[..12]
     );
@@ -139,8 +145,16 @@ async fn images_lists_node_and_registries_with_errors_beside_results() {
         .iter()
         .map(|e| e.as_str().unwrap())
         .collect();
-    assert_eq!(errors.len(), 1, "{errors:?}");
-    assert!(errors[0].contains("down"), "{errors:?}");
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    for name in ["down", "silent", "not-harbor"] {
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with(&format!("registry {name}:"))),
+            "{name} in {errors:?}"
+        );
+    }
+    drop(silent);
     // The table, through the CLI.
     let out = Command::new(bin())
         .args(["images", "--server", &format!("http://{listen}")])

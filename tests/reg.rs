@@ -39,12 +39,13 @@ fn curl(args: &[&str], url: &str) -> (u16, Vec<u8>, String) {
     (code, raw[split..].to_vec(), head)
 }
 
+/// `base` ends with the registry's prefix (`http://HOST:PORT/reg`).
 fn upload(base: &str, path: &str, meta: &str, img: &Path, extra: &[&str]) -> (u16, String) {
     let meta_arg = format!("meta={meta}");
     let img_arg = format!("img=@{}", img.display());
     let mut args = vec!["-X", "POST", "-F", &meta_arg, "-F", &img_arg];
     args.extend_from_slice(extra);
-    let (code, body, _) = curl(&args, &format!("{base}/reg/{path}"));
+    let (code, body, _) = curl(&args, &format!("{base}/{path}"));
     (code, String::from_utf8_lossy(&body).to_string())
 }
 
@@ -93,21 +94,22 @@ async fn disk_images_upload_list_serve_ranges_to_qemu_and_delete() {
         "5",
     ]);
     let base = format!("http://{listen}");
+    let reg = format!("{base}/reg");
     let meta = r#"{"os": "debian", "arch": "amd64"}"#;
-    let (code, body) = upload(&base, "vms/debian/12", meta, &w.join("disk.qcow2"), &[]);
+    let (code, body) = upload(&reg, "vms/debian/12", meta, &w.join("disk.qcow2"), &[]);
     assert_eq!(code, 201, "{body}");
     assert_eq!(json(body.as_bytes())["digest"], digest.as_str());
     // A second tag of the same disk shares its blob; the right digest field is accepted.
     let digest_arg = format!("digest={digest}");
     let (code, body) = upload(
-        &base,
+        &reg,
         "vms/debian/latest",
         meta,
         &w.join("disk.qcow2"),
         &["-F", &digest_arg],
     );
     assert_eq!(code, 201, "{body}");
-    let (code, body) = upload(&base, "vms/alpine/3", "{}", &w.join("disk.raw"), &[]);
+    let (code, body) = upload(&reg, "vms/alpine/3", "{}", &w.join("disk.raw"), &[]);
     assert_eq!(code, 201, "{body}");
 
     // Lists.
@@ -176,14 +178,14 @@ async fn disk_images_upload_list_serve_ranges_to_qemu_and_delete() {
 
     // Bad input: names, a wrong digest, an oversized disk, no multipart, a missing tag.
     for bad in ["vms/..%2f/x", "vms/%2e%2e/x", "vms/a%2Fb/x", "vms/a%00/x"] {
-        let (code, body) = upload(&base, bad, meta, &w.join("disk.raw"), &[]);
+        let (code, body) = upload(&reg, bad, meta, &w.join("disk.raw"), &[]);
         assert_eq!(code, 400, "{bad}: {body}");
     }
     let wrong = format!("digest=sha256:{}", "0".repeat(64));
-    let (code, body) = upload(&base, "vms/x/1", meta, &w.join("disk.raw"), &["-F", &wrong]);
+    let (code, body) = upload(&reg, "vms/x/1", meta, &w.join("disk.raw"), &["-F", &wrong]);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("not the digest given"), "{body}");
-    let (code, body) = upload(&base, "vms/x/1", "not json", &w.join("disk.raw"), &[]);
+    let (code, body) = upload(&reg, "vms/x/1", "not json", &w.join("disk.raw"), &[]);
     assert_eq!(code, 400, "{body}");
     let (code, _, _) = curl(
         &["-X", "POST", "--data", "x"],
@@ -231,13 +233,19 @@ async fn oversized_and_broken_uploads_leave_nothing() {
     std::fs::write(w.join("big.raw"), noise(2 << 20, 5)).unwrap();
     std::fs::write(w.join("config.yaml"), "reg:\n  max_upload: 1048576\n").unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
-    let d = Daemon::start(&[
+    // The seed's flags: another prefix, and the store given as --data-root.
+    let data_root = w.join("data");
+    let _daemon = Daemon::start(&[
         "--mirror-listen",
         &listen,
         "--config",
         w.join("config.yaml").to_str().unwrap(),
+        "--repo-prefix",
+        "disks",
+        "--data-root",
+        data_root.to_str().unwrap(),
     ]);
-    let base = format!("http://{listen}");
+    let base = format!("http://{listen}/disks");
     let (code, body) = upload(&base, "r/i/t", "{}", &w.join("big.raw"), &[]);
     assert_eq!(code, 413, "{body}");
     // A client that sends half a body and goes away.
@@ -245,13 +253,13 @@ async fn oversized_and_broken_uploads_leave_nothing() {
     use std::io::Write;
     let boundary = "XyZ";
     let head = format!(
-        "POST /reg/r/i/t HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 10000000\r\n\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"meta\"\r\n\r\n{{}}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"img\"; filename=\"d\"\r\n\r\n"
+        "POST /disks/r/i/t HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 10000000\r\n\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"meta\"\r\n\r\n{{}}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"img\"; filename=\"d\"\r\n\r\n"
     );
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(&vec![7u8; 100_000]).unwrap();
     drop(s);
     let tmp = || {
-        std::fs::read_dir(d.store().join("blobs/sha256"))
+        std::fs::read_dir(data_root.join("blobs/sha256"))
             .unwrap()
             .flatten()
             .filter(|e| e.file_name().to_string_lossy().starts_with(".tmp"))
@@ -262,8 +270,14 @@ async fn oversized_and_broken_uploads_leave_nothing() {
         std::time::Duration::from_secs(20),
         || tmp() == 0,
     );
-    let (code, _, _) = curl(&[], &format!("{base}/reg/r"));
+    let (code, _, _) = curl(&[], &format!("{base}/r"));
     assert_eq!(code, 404, "no tag from refused uploads");
+    let (code, _, _) = curl(&[], &format!("http://{listen}/reg"));
+    assert_ne!(code, 200, "the prefix is disks now");
+    assert!(
+        data_root.join("catalogue.db").exists(),
+        "the store is --data-root"
+    );
 
     // Two uploads of the same tag at once: the tag ends with one of them whole (its disk with
     // its own metadata), never a mix.
@@ -284,9 +298,9 @@ async fn oversized_and_broken_uploads_leave_nothing() {
                 });
             }
         });
-        let (_, meta, _) = curl(&[], &format!("{base}/reg/c/i/t/meta"));
+        let (_, meta, _) = curl(&[], &format!("{base}/c/i/t/meta"));
         let n = json(&meta)["n"].as_u64().expect("meta n") as usize;
-        let (_, disk, _) = curl(&[], &format!("{base}/reg/c/i/t"));
+        let (_, disk, _) = curl(&[], &format!("{base}/c/i/t"));
         let got = format!("sha256:{}", {
             use sha2::Digest as _;
             hex::encode(sha2::Sha256::digest(&disk))

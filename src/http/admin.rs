@@ -96,7 +96,6 @@ fn time(t: i64) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-
 fn kind(node: bool) -> String {
     if node { "node" } else { "mirror" }.to_string()
 }
