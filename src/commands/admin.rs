@@ -97,10 +97,15 @@ pub async fn run(cfg: &Config, args: &AdminArgs) -> anyhow::Result<()> {
         .send()
         .await
         .with_context(|| format!("asking the admin API at {base}"))?;
+    print_answer(resp, "the admin API").await
+}
+
+/// Print a successful answer's body (ending with a newline), or fail with it.
+async fn print_answer(resp: reqwest::Response, who: &str) -> anyhow::Result<()> {
     let status = resp.status();
     let body = resp.text().await.context("reading the answer")?;
     if !status.is_success() {
-        anyhow::bail!("the admin API answered {status}: {}", body.trim());
+        anyhow::bail!("{who} answered {status}: {}", body.trim());
     }
     print!("{body}");
     if !body.ends_with('\n') {
@@ -136,14 +141,5 @@ pub async fn images(cfg: &Config, args: &ImagesArgs) -> anyhow::Result<()> {
         .send()
         .await
         .with_context(|| format!("asking {url}"))?;
-    let status = resp.status();
-    let body = resp.text().await.context("reading the answer")?;
-    if !status.is_success() {
-        anyhow::bail!("{url} answered {status}: {}", body.trim());
-    }
-    print!("{body}");
-    if !body.ends_with('\n') {
-        println!();
-    }
-    Ok(())
+    print_answer(resp, &url).await
 }

@@ -255,18 +255,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         let listener = tokio::net::TcpListener::bind(&cfg.mirror.listen)
             .await
             .with_context(|| format!("binding the pull-through registry {}", cfg.mirror.listen))?;
-        let tls = match &cfg.mirror.tls {
-            Some(t) => Some(
-                crate::http::tls::acceptor(&crate::http::tls::TlsFiles {
-                    cert: t.cert.clone(),
-                    key: t.key.clone(),
-                    client_auth: t.client_auth,
-                    client_ca: t.client_ca.clone(),
-                })
-                .context("mirror.tls")?,
-            ),
-            None => None,
-        };
+        let tls = crate::http::mirror_tls(&cfg).context("mirror.tls")?;
         tracing::info!(listen = %cfg.mirror.listen, tls = tls.is_some(), client_auth = ?cfg.mirror.tls.as_ref().map(|t| t.client_auth), default_upstream = %cfg.mirror.default_upstream, air_gapped = cfg.mirror.air_gapped, "serving the pull-through registry (OCI pull API at /v2/)");
         let mirror = crate::http::mirror::Mirror::new(
             images.layout.clone(),
@@ -416,18 +405,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         let listener = tokio::net::TcpListener::bind(&cfg.mirror.admin_listen)
             .await
             .with_context(|| format!("binding the admin API {}", cfg.mirror.admin_listen))?;
-        let tls = match &cfg.mirror.tls {
-            Some(t) => Some(
-                crate::http::tls::acceptor(&crate::http::tls::TlsFiles {
-                    cert: t.cert.clone(),
-                    key: t.key.clone(),
-                    client_auth: t.client_auth,
-                    client_ca: t.client_ca.clone(),
-                })
-                .context("mirror.tls")?,
-            ),
-            None => None,
-        };
+        let tls = crate::http::mirror_tls(&cfg).context("mirror.tls")?;
         tracing::info!(listen = %cfg.mirror.admin_listen, tls = tls.is_some(),
             token = cfg.mirror.admin_token_file.is_some(), "serving the admin API at /cmd/");
         let a = Arc::clone(&admin);

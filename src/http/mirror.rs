@@ -765,15 +765,11 @@ impl Mirror {
         head: bool,
     ) -> Result<Response<Body>> {
         let size = f.metadata().await?.len();
-        let (status, start, end) = match range.and_then(|r| parse_range(r, size)) {
-            None => (StatusCode::OK, 0, size),
-            Some(ByteRange::Some(s, e)) => (StatusCode::PARTIAL_CONTENT, s, e.min(size)),
-            Some(ByteRange::Unsatisfiable) => {
-                return Err(MirrorError::RangeNotSatisfiable {
-                    range: range.unwrap_or_default().chars().take(100).collect(),
-                    size,
-                });
-            }
+        let Some((status, start, end)) = super::span(range, size) else {
+            return Err(MirrorError::RangeNotSatisfiable {
+                range: range.unwrap_or_default().chars().take(100).collect(),
+                size,
+            });
         };
         let body = if head {
             empty()
@@ -787,16 +783,7 @@ impl Mirror {
         let mut r = Response::new(body);
         *r.status_mut() = status;
         let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_LENGTH,
-            header::HeaderValue::from(end - start),
-        );
-        if status == StatusCode::PARTIAL_CONTENT {
-            h.insert(
-                header::CONTENT_RANGE,
-                header_value(&format!("bytes {start}-{}/{size}", end.max(start + 1) - 1)),
-            );
-        }
+        super::span_headers(h, status, start, end, size);
         blob_headers(h, d);
         Ok(r)
     }

@@ -155,3 +155,55 @@ pub fn columns(rows: Vec<Vec<String>>) -> String {
     }
     out
 }
+
+/// The answer to `range` (one range, RFC 9110) over a body of `size` bytes: 200 and all of
+/// it, or 206 and the range; `None` when it is unsatisfiable (416).
+pub fn span(range: Option<&str>, size: u64) -> Option<(hyper::StatusCode, u64, u64)> {
+    use mirror::{ByteRange, parse_range};
+    match range.and_then(|r| parse_range(r, size)) {
+        None => Some((hyper::StatusCode::OK, 0, size)),
+        Some(ByteRange::Some(s, e)) => Some((hyper::StatusCode::PARTIAL_CONTENT, s, e.min(size))),
+        Some(ByteRange::Unsatisfiable) => None,
+    }
+}
+
+/// `Content-Length` of the span [start, end), and `Content-Range` when it is a 206.
+pub fn span_headers(
+    h: &mut hyper::HeaderMap,
+    status: hyper::StatusCode,
+    start: u64,
+    end: u64,
+    size: u64,
+) {
+    use hyper::header;
+    h.insert(
+        header::CONTENT_LENGTH,
+        header::HeaderValue::from(end - start),
+    );
+    if status == hyper::StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = header::HeaderValue::from_str(&format!(
+            "bytes {start}-{}/{size}",
+            end.max(start + 1) - 1
+        ))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+}
+
+/// The mirror's TLS acceptor (`mirror.tls`), shared by its listener and the admin API's.
+pub fn mirror_tls(
+    cfg: &crate::config::Config,
+) -> Result<Option<tokio_rustls::TlsAcceptor>, tls::TlsError> {
+    cfg.mirror
+        .tls
+        .as_ref()
+        .map(|t| {
+            tls::acceptor(&tls::TlsFiles {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_auth: t.client_auth,
+                client_ca: t.client_ca.clone(),
+            })
+        })
+        .transpose()
+}

@@ -12,7 +12,6 @@
 //!   no longer listed.
 
 use super::{Body, empty, full};
-use crate::http::mirror::{ByteRange, parse_range};
 use crate::images::Images;
 use crate::oci::Digest;
 use crate::store::{RegTag, locked as lock};
@@ -272,15 +271,11 @@ impl Reg {
         let d = Digest::parse(&tag.digest)?;
         let mut f = tokio::fs::File::open(self.images.layout.blob(&d)).await?;
         let size = f.metadata().await?.len();
-        let (status, start, end) = match range.and_then(|r| parse_range(r, size)) {
-            None => (StatusCode::OK, 0, size),
-            Some(ByteRange::Some(s, e)) => (StatusCode::PARTIAL_CONTENT, s, e.min(size)),
-            Some(ByteRange::Unsatisfiable) => {
-                return Err(RegError::RangeNotSatisfiable {
-                    range: range.unwrap_or_default().chars().take(100).collect(),
-                    size,
-                });
-            }
+        let Some((status, start, end)) = super::span(range, size) else {
+            return Err(RegError::RangeNotSatisfiable {
+                range: range.unwrap_or_default().chars().take(100).collect(),
+                size,
+            });
         };
         let body = if head {
             empty()
@@ -309,24 +304,13 @@ impl Reg {
             header::HeaderValue::from_static("application/octet-stream"),
         );
         h.insert(
-            header::CONTENT_LENGTH,
-            header::HeaderValue::from(end - start),
-        );
-        h.insert(
             header::ACCEPT_RANGES,
             header::HeaderValue::from_static("bytes"),
         );
         if let Ok(v) = header::HeaderValue::from_str(&format!("\"{}\"", tag.digest)) {
             h.insert(header::ETAG, v);
         }
-        if status == StatusCode::PARTIAL_CONTENT
-            && let Ok(v) = header::HeaderValue::from_str(&format!(
-                "bytes {start}-{}/{size}",
-                end.max(start + 1) - 1
-            ))
-        {
-            h.insert(header::CONTENT_RANGE, v);
-        }
+        super::span_headers(h, status, start, end, size);
         Ok(r)
     }
 
