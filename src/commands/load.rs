@@ -56,7 +56,7 @@ fn classify(s: &str, tag: Option<&str>) -> anyhow::Result<Source> {
     if s.starts_with("oci:") {
         let super::convert::Location::Layout { dir, tag: t } = super::convert::parse_location(s)?
         else {
-            unreachable!("an oci: location is a layout");
+            anyhow::bail!("{s:?}: want oci:DIR[:TAG]");
         };
         if !dir.join("index.json").is_file() {
             anyhow::bail!("{}: no index.json: not an OCI image layout", dir.display());
