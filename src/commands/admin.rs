@@ -6,21 +6,12 @@ use crate::config::Config;
 use anyhow::Context;
 
 pub async fn run(cfg: &Config, args: &AdminArgs) -> anyhow::Result<()> {
-    let base = match &args.server {
-        Some(s) => s.trim_end_matches('/').to_string(),
-        None if cfg.mirror.admin_listen.is_empty() => anyhow::bail!(
-            "no admin API to ask: give --server URL, or set mirror.admin_listen in the config"
-        ),
-        None => format!(
-            "{}://{}",
-            if cfg.mirror.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            },
-            cfg.mirror.admin_listen
-        ),
-    };
+    let base = daemon_url(
+        cfg,
+        args.server.as_deref(),
+        &cfg.mirror.admin_listen,
+        "mirror.admin_listen",
+    )?;
     let mut query: Vec<(&str, String)> = vec![];
     let mut put = |k: &'static str, v: Option<String>| {
         if let Some(v) = v {
@@ -116,21 +107,12 @@ async fn print_answer(resp: reqwest::Response, who: &str) -> anyhow::Result<()> 
 
 /// `lazypull images`: the daemon's `GET /images`, as a table or JSON.
 pub async fn images(cfg: &Config, args: &ImagesArgs) -> anyhow::Result<()> {
-    let base = match &args.server {
-        Some(s) => s.trim_end_matches('/').to_string(),
-        None if cfg.mirror.listen.is_empty() => anyhow::bail!(
-            "no daemon listener to ask: give --server URL, or set mirror.listen in the config"
-        ),
-        None => format!(
-            "{}://{}",
-            if cfg.mirror.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            },
-            cfg.mirror.listen.replace("0.0.0.0", "127.0.0.1")
-        ),
-    };
+    let base = daemon_url(
+        cfg,
+        args.server.as_deref(),
+        &cfg.mirror.listen,
+        "mirror.listen",
+    )?;
     let url = format!(
         "{base}/images{}",
         if args.json { "" } else { "?format=table" }
@@ -142,4 +124,29 @@ pub async fn images(cfg: &Config, args: &ImagesArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("asking {url}"))?;
     print_answer(resp, &url).await
+}
+
+/// `--server URL`, else the daemon's `listen` address (`key` in the config; a wildcard address
+/// is asked on loopback), over HTTPS when the mirror has TLS.
+fn daemon_url(
+    cfg: &Config,
+    server: Option<&str>,
+    listen: &str,
+    key: &str,
+) -> anyhow::Result<String> {
+    match server {
+        Some(s) => Ok(s.trim_end_matches('/').to_string()),
+        None if listen.is_empty() => anyhow::bail!(
+            "no daemon listener to ask: give --server URL, or set {key} in the config"
+        ),
+        None => Ok(format!(
+            "{}://{}",
+            if cfg.mirror.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            listen.replace("0.0.0.0", "127.0.0.1")
+        )),
+    }
 }
