@@ -479,7 +479,7 @@ pub struct RegistryEntry {
     #[serde(default)]
     pub auth: Option<AuthEntry>,
     #[serde(default)]
-    pub tls: TlsEntry,
+    pub tls: crate::registry::tls::ClientTls,
 }
 
 #[derive(Clone, Debug, Deserialize, Default)]
@@ -494,15 +494,6 @@ pub struct AuthEntry {
     pub auth: Option<String>,
     #[serde(default)]
     pub token: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct TlsEntry {
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-    #[serde(default)]
-    pub insecure_skip_verify: bool,
 }
 
 impl Default for Config {
@@ -865,15 +856,9 @@ impl Config {
             if let Some(a) = &r.auth {
                 self.secret_of(&r.name, a)?;
             }
-            if let Some(ca) = &r.tls.ca
-                && !ca.exists()
-            {
-                return bad(format!(
-                    "registries: {}: tls.ca {} does not exist",
-                    r.name,
-                    ca.display()
-                ));
-            }
+            r.tls
+                .check()
+                .map_err(|e| ConfigError::Invalid(format!("registries: {}: {e}", r.name)))?;
         }
         Ok(())
     }
@@ -906,8 +891,7 @@ impl Config {
                     .auth
                     .as_ref()
                     .and_then(|a| self.secret_of(&r.name, a).ok()),
-                insecure_skip_verify: r.tls.insecure_skip_verify,
-                ca: r.tls.ca.clone(),
+                tls: r.tls.clone(),
             })
             .collect();
         registry::Options {

@@ -9,7 +9,6 @@ use crate::images::Images;
 use crate::registry::auth::Secret;
 use futures_util::StreamExt;
 use serde::Serialize;
-use std::path::PathBuf;
 use std::time::Duration;
 
 /// Repositories, tags or artifacts one source may list, at most.
@@ -34,8 +33,7 @@ pub struct Source {
     pub url: String,
     pub kind: Kind,
     pub secret: Option<Secret>,
-    pub ca: Option<PathBuf>,
-    pub insecure_skip_verify: bool,
+    pub tls: crate::registry::tls::ClientTls,
     pub page_size: usize,
 }
 
@@ -190,17 +188,10 @@ struct Client {
 
 impl Client {
     fn new(src: &Source, timeout: Duration) -> Result<Client, SourceError> {
-        let mut b = reqwest::Client::builder()
+        let b = reqwest::Client::builder()
             .timeout(timeout)
-            .user_agent(concat!("lazypull/", env!("CARGO_PKG_VERSION")))
-            .danger_accept_invalid_certs(src.insecure_skip_verify);
-        if let Some(ca) = &src.ca {
-            let pem = std::fs::read(ca)
-                .map_err(|e| http_err(&src.url, format!("CA {}: {e}", ca.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| http_err(&src.url, format!("CA {}: {e}", ca.display())))?;
-            b = b.tls_certs_merge(certs);
-        }
+            .user_agent(concat!("lazypull/", env!("CARGO_PKG_VERSION")));
+        let b = src.tls.apply(b).map_err(|e| http_err(&src.url, e))?;
         Ok(Client {
             http: b.build().map_err(|e| http_err(&src.url, e))?,
             src: src.clone(),

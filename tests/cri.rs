@@ -557,6 +557,81 @@ async fn https_registry_with_custom_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_requiring_a_client_certificate() {
+    need_tools!();
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let open = Registry::with_fixtures(None);
+    let mtls = Registry::with_mtls(&certs.cert, &certs.key, &certs.ca);
+    // skopeo presents the client certificate from a cert dir (client.cert + client.key).
+    let cert_dir = dir.path().join("skopeo-certs");
+    std::fs::create_dir(&cert_dir).unwrap();
+    std::fs::copy(&certs.ca, cert_dir.join("ca.crt")).unwrap();
+    std::fs::copy(&certs.client_cert, cert_dir.join("client.cert")).unwrap();
+    std::fs::copy(&certs.client_key, cert_dir.join("client.key")).unwrap();
+    skopeo_copy(
+        &format!("{}/multilayer:latest", open.host()),
+        &format!("{}/multilayer:latest", mtls.host()),
+        &["--dest-cert-dir", cert_dir.to_str().unwrap()],
+    );
+    let name = format!("{}/multilayer:latest", mtls.host());
+    let cfg = dir.path().join("lazypull.yaml");
+    let entry = |tls: &str| {
+        format!(
+            "registries:\n  - name: {}\n    scheme: https\n    tls: {{{tls}}}\n",
+            mtls.host()
+        )
+    };
+    // The CA alone: the registry refuses the handshake, and the error says so.
+    std::fs::write(&cfg, entry(&format!("ca: {}", certs.ca.display()))).unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let mut c = d.client().await;
+    let e = pull(&mut c, &name).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("registries[].tls.cert"),
+        "{}",
+        e.message()
+    );
+    drop(d);
+    // A certificate without its key is a configuration error at start.
+    std::fs::write(
+        &cfg,
+        entry(&format!(
+            "ca: {}, cert: {}",
+            certs.ca.display(),
+            certs.client_cert.display()
+        )),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["--config", cfg.to_str().unwrap(), "serve"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("tls.cert and tls.key"), "{err}");
+    // With the client certificate: a lazy pull, and the filler completes every layer.
+    std::fs::write(
+        &cfg,
+        entry(&format!(
+            "ca: {}, cert: {}, key: {}",
+            certs.ca.display(),
+            certs.client_cert.display(),
+            certs.client_key.display()
+        )),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let mut c = d.client().await;
+    assert_eq!(
+        pull(&mut c, &name).await.expect("pull over mTLS"),
+        config_digest(&open, "multilayer")
+    );
+    d.wait_complete(Duration::from_secs(120));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_are_not_forwarded_on_redirect_to_another_host() {
     need_tools!();
     let reg = Registry::with_fixtures(None);

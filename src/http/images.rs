@@ -31,8 +31,7 @@ impl ImagesListing {
                     url: c.url.trim_end_matches('/').to_string(),
                     kind: c.kind,
                     secret: host.and_then(|h| h.auth.clone()),
-                    ca: host.and_then(|h| h.ca.clone()),
-                    insecure_skip_verify: host.is_some_and(|h| h.insecure_skip_verify),
+                    tls: host.map(|h| h.tls.clone()).unwrap_or_default(),
                     page_size: c.page_size,
                 }
             })

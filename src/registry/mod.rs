@@ -5,6 +5,7 @@
 //! the host changes; oci-client also refuses to authenticate requests outside the registry.
 
 pub mod auth;
+pub mod tls;
 
 use crate::oci::{self, Digest, Reference};
 use auth::{Secret, Source};
@@ -88,8 +89,7 @@ pub struct HostConfig {
     /// Mirrors tried in order before the upstream: `http://host:port` or `https://host`.
     pub mirrors: Vec<String>,
     pub auth: Option<Secret>,
-    pub insecure_skip_verify: bool,
-    pub ca: Option<PathBuf>,
+    pub tls: tls::ClientTls,
 }
 
 #[derive(Clone, Debug)]
@@ -366,24 +366,11 @@ impl Registry {
         clients
             .entry(key)
             .or_insert_with(|| {
-                let cfg = self.host_config(&ep.host);
-                let mut extra = vec![];
-                if let Some(ca) = cfg.and_then(|c| c.ca.as_ref()) {
-                    match std::fs::read(ca) {
-                        Ok(data) => extra.push(oci_client::client::Certificate {
-                            encoding: oci_client::client::CertificateEncoding::Pem,
-                            data,
-                        }),
-                        Err(e) => tracing::warn!(ca = %ca.display(), error = %e, "cannot read registry CA"),
-                    }
-                }
-                oci_client::Client::new(ClientConfig {
+                let mut config = ClientConfig {
                     protocol: match ep.scheme {
                         Scheme::Http => ClientProtocol::Http,
                         Scheme::Https => ClientProtocol::Https,
                     },
-                    accept_invalid_certificates: cfg.is_some_and(|c| c.insecure_skip_verify),
-                    extra_root_certificates: extra,
                     connect_timeout: Some(if ep.is_peer {
                         self.opts.connect_timeout.min(PEER_CONNECT_TIMEOUT)
                     } else {
@@ -397,7 +384,15 @@ impl Registry {
                     },
                     platform_resolver: None,
                     ..Default::default()
-                })
+                };
+                // The config's validation read these files at start; if they have gone bad
+                // since, requests go out without them and the registry's answer says why.
+                if let Some(tls) = self.host_config(&ep.host).map(|c| &c.tls)
+                    && let Err(e) = tls.apply_oci(&mut config)
+                {
+                    tracing::error!(registry = %ep.host, error = %e, "registry TLS settings");
+                }
+                oci_client::Client::new(config)
             })
             .clone()
     }
@@ -1058,7 +1053,7 @@ impl Registry {
         );
         let unreachable = |e: reqwest::Error| RegistryError::Unreachable {
             registry: ep.host.clone(),
-            reason: format!("{what}: {}", error_chain(&e)),
+            reason: format!("{what}: {}", reach_reason(&e)),
         };
         let resp = http
             .get(&url)
@@ -1122,8 +1117,7 @@ impl Registry {
         if let Some(c) = all.get(&key) {
             return Ok(c.clone());
         }
-        let cfg = self.host_config(&ep.host);
-        let mut b = reqwest::Client::builder()
+        let b = reqwest::Client::builder()
             .connect_timeout(if ep.is_peer {
                 self.opts.connect_timeout.min(PEER_CONNECT_TIMEOUT)
             } else {
@@ -1134,14 +1128,15 @@ impl Registry {
                 PEER_USER_AGENT
             } else {
                 concat!("lazypull/", env!("CARGO_PKG_VERSION"))
-            })
-            .danger_accept_invalid_certs(cfg.is_some_and(|c| c.insecure_skip_verify));
-        if let Some(ca) = cfg.and_then(|c| c.ca.as_ref())
-            && let Ok(pem) = std::fs::read(ca)
-            && let Ok(certs) = reqwest::Certificate::from_pem_bundle(&pem)
-        {
-            b = b.tls_certs_merge(certs);
-        }
+            });
+        let unreachable = |reason: String| RegistryError::Unreachable {
+            registry: ep.host.clone(),
+            reason,
+        };
+        let b = match self.host_config(&ep.host) {
+            Some(cfg) => cfg.tls.apply(b).map_err(|e| unreachable(e.to_string()))?,
+            None => b,
+        };
         let c = b.build().map_err(|e| RegistryError::Unreachable {
             registry: ep.host.clone(),
             reason: format!("HTTP client: {e}"),
@@ -1325,7 +1320,7 @@ fn classify(
         },
         OciDistributionError::RequestError(e) => RegistryError::Unreachable {
             registry,
-            reason: error_chain(&e),
+            reason: reach_reason(&e),
         },
         OciDistributionError::IoError(e) => RegistryError::Unreachable {
             registry,
@@ -1340,6 +1335,27 @@ fn classify(
             reason: other.to_string(),
         }),
     }
+}
+
+/// Why a request did not reach the registry, with a hint when the TLS handshake was refused
+/// for want of a (good) client certificate.
+fn reach_reason(e: &dyn std::error::Error) -> String {
+    let mut s = error_chain(e);
+    if [
+        "CertificateRequired",
+        "BadCertificate",
+        "UnknownCA",
+        "certificate required",
+    ]
+    .iter()
+    .any(|a| s.contains(a))
+    {
+        s.push_str(
+            " (the registry refused this client's certificate or wants one: \
+             registries[].tls.cert and .key)",
+        );
+    }
+    s
 }
 
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {

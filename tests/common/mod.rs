@@ -139,6 +139,18 @@ impl Registry {
         Self::start_with_auth(tempfile::tempdir().expect("tempdir"), tls)
     }
 
+    /// An empty registry serving HTTPS that accepts only clients with a certificate `ca`
+    /// signed (mTLS).
+    pub fn with_mtls(cert: &Path, key: &Path, ca: &Path) -> Registry {
+        let tls = format!(
+            "  tls:\n    certificate: {}\n    key: {}\n    clientcas:\n      - {}\n",
+            cert.display(),
+            key.display(),
+            ca.display()
+        );
+        Self::start_with_auth(tempfile::tempdir().expect("tempdir"), tls)
+    }
+
     fn start_in(dir: tempfile::TempDir, htpasswd: Option<&Path>) -> Registry {
         let auth = match htpasswd {
             Some(p) => format!(
