@@ -167,6 +167,15 @@ pub struct ServeArgs {
     /// (0 = off) [default: fetch.read_ahead_neighbours_kib, 256].
     #[arg(long, value_name = "KIB")]
     pub read_ahead_neighbours_kib: Option<u64>,
+    /// Once reads of two files of a directory have gone to the registry, fetch its other
+    /// files in the background if they total at most this many KiB compressed (0 = off)
+    /// [default: fetch.read_ahead_dir_kib, 4096].
+    #[arg(long, value_name = "KIB")]
+    pub read_ahead_dir_kib: Option<u64>,
+    /// Do not fetch an executable's interpreter and libraries with its first read
+    /// [default: fetch.read_ahead_elf, true].
+    #[arg(long)]
+    pub no_read_ahead_elf: bool,
     /// Serve Prometheus metrics (`GET /metrics`) on this address, e.g. 127.0.0.1:9101
     /// [default: metrics.listen, off].
     #[arg(long, value_name = "HOST:PORT")]

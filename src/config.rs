@@ -371,6 +371,13 @@ pub struct FetchConfig {
     /// ... and the chunks of the files that follow in the blob, up to this many KiB past the
     /// end of the fetched span (files of a directory are neighbours in the tar).
     pub read_ahead_neighbours_kib: u64,
+    /// Directory read-ahead: once reads of two files of one directory have gone to the
+    /// registry, the directory's other files are fetched in the background, if they total at
+    /// most this many KiB compressed (0 = off).
+    pub read_ahead_dir_kib: u64,
+    /// ELF read-ahead: the first read of an executable or library also fetches, in the
+    /// background, its interpreter and the libraries it needs (found in the same layer).
+    pub read_ahead_elf: bool,
     /// Plain gzip layers: while a layer is decompressed the first time, record a decoder
     /// checkpoint every this many KiB of its tar stream (a random-access index: the layer can
     /// then be read lazily with range requests). Smaller: less fetched per cold read, a larger
@@ -550,6 +557,8 @@ impl Default for FetchConfig {
             retries: 3,
             read_ahead_kib: 1024,
             read_ahead_neighbours_kib: 256,
+            read_ahead_dir_kib: 4096,
+            read_ahead_elf: true,
             index_span_kib: 1024,
             index: IndexMode::Auto,
             fill: FillConfig::default(),
@@ -753,6 +762,12 @@ impl Config {
             return bad(format!(
                 "fetch.read_ahead_neighbours_kib {} must be at most 65536 (64 MiB)",
                 self.fetch.read_ahead_neighbours_kib
+            ));
+        }
+        if self.fetch.read_ahead_dir_kib > 64 << 10 {
+            return bad(format!(
+                "fetch.read_ahead_dir_kib {} must be at most 65536 (64 MiB)",
+                self.fetch.read_ahead_dir_kib
             ));
         }
         if !(1..=1024).contains(&self.fetch.fill.request_mib) {

@@ -105,6 +105,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(k) = a.read_ahead_neighbours_kib {
                 cfg.fetch.read_ahead_neighbours_kib = k;
             }
+            if let Some(k) = a.read_ahead_dir_kib {
+                cfg.fetch.read_ahead_dir_kib = k;
+            }
+            if a.no_read_ahead_elf {
+                cfg.fetch.read_ahead_elf = false;
+            }
             if let Some(l) = &a.mirror_listen {
                 cfg.mirror.listen = l.clone();
             }

@@ -200,7 +200,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         let reader = crate::fs::reader::Reader::new(
             images.layout.clone(),
             Arc::clone(&images.db),
-            Arc::clone(&images.registry),
+            images.registry.clone(),
             Arc::clone(images.filler.partials()),
             Arc::clone(images.filler.link()),
             crate::fs::reader::ReadOptions {
@@ -208,6 +208,8 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
                 cache_bytes: cfg.fuse.chunk_cache_mib << 20,
                 read_ahead: cfg.fetch.read_ahead_kib << 10,
                 neighbours: cfg.fetch.read_ahead_neighbours_kib << 10,
+                dir_read_ahead: cfg.fetch.read_ahead_dir_kib << 10,
+                elf_read_ahead: cfg.fetch.read_ahead_elf,
             },
         );
         fuse_reader = Some(Arc::clone(&reader));

@@ -146,6 +146,7 @@ impl LayerTable {
         let _rt = self.rt.enter();
         let mut n = self.reader.prefetch_landmark(&layer);
         if !paths.is_empty() {
+            layer.guide();
             let by_path: HashMap<&str, usize> = layer
                 .toc
                 .entries

@@ -17,7 +17,7 @@ use crate::fetch::source_reference;
 use crate::layer::estargz::{self, Chunk, Spans, Toc};
 use crate::layer::gzindex::SpanDecoder;
 use crate::oci::Digest;
-use crate::registry::{OpCreds, Registry};
+use crate::registry::{OpCreds, seam::BlobSource};
 use crate::store::{Catalogue, FetchedBy, Layout, PartialBlob, Partials};
 use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
@@ -57,6 +57,10 @@ const FAILURE_MEMORY: Duration = Duration::from_millis(500);
 const SCAN_STREAK: u32 = 8;
 /// Neighbours fetched with each miss of a scanning reader.
 const SCAN_NEIGHBOURS: u64 = 4 << 20;
+/// ELF read-ahead fetches a file (the executable itself, or a library) only up to this many
+/// compressed bytes: the loader maps big files but touches only part of them.
+const ELF_READ_AHEAD_MAX: u64 = 8 << 20;
+
 /// Checkpoint windows kept in memory (each at most 64 KiB compressed, typically 10 KiB).
 // 4096 is not zero: the unwrap is evaluated, and cannot fail, at compile time.
 const WINDOWS_KEPT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4096).unwrap();
@@ -104,6 +108,13 @@ pub struct LazyLayer {
     /// Every chunk by where its bytes end in the blob: (end, entry index, chunk index).
     by_end: Vec<(u64, u32, u32)>,
     scan: Mutex<Scan>,
+    /// Files by directory, for directory read-ahead.
+    siblings: super::siblings::Siblings,
+    /// Files whose ELF dependencies were looked at (entry indices).
+    elf_seen: Mutex<std::collections::HashSet<u32>>,
+    /// A start-up prefetch (landmark or learned list) says what to fetch: no directory
+    /// read-ahead beside it (measured: it only competed with the list for the link).
+    guided: std::sync::atomic::AtomicBool,
     /// A layer without TOC served while it streams in: its tree and entries grow there
     /// (`toc` and `tree` stay empty).
     pub stream: Option<Arc<LayerStream>>,
@@ -154,6 +165,12 @@ impl LazyLayer {
         self
     }
 
+    /// A start-up prefetch list guides this layer's reads (see `guided`).
+    pub fn guide(&self) {
+        self.guided
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn view(&self) -> View<'_> {
         match &self.stream {
             Some(s) => View::Stream(s.read()),
@@ -195,7 +212,11 @@ impl LazyLayer {
             })
             .collect();
         by_end.sort_unstable();
+        let siblings = super::siblings::Siblings::new(&toc.entries, &spans);
         LazyLayer {
+            siblings,
+            elf_seen: Mutex::new(std::collections::HashSet::new()),
+            guided: std::sync::atomic::AtomicBool::new(false),
             digest,
             source,
             size,
@@ -341,11 +362,13 @@ enum Local {
 pub struct Reader {
     layout: Layout,
     db: Arc<Mutex<Catalogue>>,
-    registry: Arc<Registry>,
+    registry: Arc<dyn BlobSource>,
     partials: Arc<Partials>,
     timeout: Duration,
     read_ahead: u64,
     neighbours: u64,
+    dir_read_ahead: u64,
+    elf_read_ahead: bool,
     lru: Mutex<(lru::LruCache<String, ChunkData>, usize)>,
     budget: usize,
     /// Checkpoint windows fetched from shared indexes' windows blobs, by digest (a cell each:
@@ -385,13 +408,18 @@ pub struct ReadOptions {
     pub read_ahead: u64,
     /// Bytes of the following files fetched with a miss.
     pub neighbours: u64,
+    /// A directory's files fetched whole on its second miss, if they total at most this
+    /// (compressed; 0: off).
+    pub dir_read_ahead: u64,
+    /// ELF read-ahead: an executable's interpreter and libraries fetched with its first read.
+    pub elf_read_ahead: bool,
 }
 
 impl Reader {
     pub fn new(
         layout: Layout,
         db: Arc<Mutex<Catalogue>>,
-        registry: Arc<Registry>,
+        registry: Arc<dyn BlobSource>,
         partials: Arc<Partials>,
         link: Arc<crate::fetch::schedule::Link>,
         opts: ReadOptions,
@@ -401,9 +429,13 @@ impl Reader {
             cache_bytes,
             read_ahead,
             neighbours,
+            dir_read_ahead,
+            elf_read_ahead,
         } = opts;
         Arc::new(Reader {
             neighbours,
+            dir_read_ahead,
+            elf_read_ahead,
             layout,
             db,
             registry,
@@ -761,6 +793,29 @@ impl Reader {
         if !claims.is_empty() {
             self.load(layer, claims, Order::Blob);
         }
+        // Directory read-ahead (`siblings.rs`), once this read's own chunks are in: its
+        // request goes first on the link.
+        if remote_span.is_some()
+            && layer.blob.get().is_none()
+            && !layer.guided.load(std::sync::atomic::Ordering::Relaxed)
+            && let Some(files) = layer.siblings.miss(entry_idx, self.dir_read_ahead)
+        {
+            let waits: Vec<Waiter> = slots
+                .iter()
+                .filter_map(|(_, s)| match s {
+                    Slot::Wait(rx) => Some(rx.clone()),
+                    _ => None,
+                })
+                .collect();
+            let (this, layer) = (Arc::clone(self), Arc::clone(layer));
+            tokio::spawn(async move {
+                for mut rx in waits {
+                    let _ = rx.wait_for(|v| v.is_some()).await;
+                }
+                let n = this.prefetch(&layer, files);
+                tracing::debug!(layer = %layer.digest, entry = entry_idx, chunks = n, "directory read-ahead");
+            });
+        }
         if let Some(why) = slots.iter().find_map(|(_, s)| match s {
             Slot::Failed(why) => Some(why.clone()),
             _ => None,
@@ -772,6 +827,8 @@ impl Reader {
         let wait =
             async {
                 let mut out = Vec::with_capacity((end - offset) as usize);
+                // The file's first chunk, when this read has it (ELF read-ahead looks at it).
+                let mut first = None;
                 for (c, slot) in slots {
                     let data = match slot {
                         Slot::Ready(d) => d,
@@ -793,8 +850,11 @@ impl Reader {
                     out.extend_from_slice(data.get(from..to).ok_or_else(|| {
                         ReadError::Corrupt("chunk shorter than its TOC size".into())
                     })?);
+                    if c.file_offset == 0 {
+                        first = Some(data);
+                    }
                 }
-                Ok(out)
+                Ok((out, first))
             };
         let result = tokio::time::timeout(self.timeout, wait)
             .await
@@ -808,7 +868,77 @@ impl Reader {
                 tracing::debug!(layer = %layer.digest, error = %e, "cannot count a read's wait");
             }
         }
-        result
+        let (out, first) = result?;
+        if let Some(first) = first {
+            self.elf_read_ahead(layer, entry_idx, first);
+        }
+        Ok(out)
+    }
+
+    /// ELF read-ahead (`elf.rs`): the first read of an executable or a library, once its
+    /// first chunk is here, fetches in the background what the dynamic loader opens next: the
+    /// interpreter, the libraries it names (looked up in this layer, in the loader's usual
+    /// directories) and the file's own other chunks, each at most `ELF_READ_AHEAD_MAX`
+    /// compressed bytes. Off when a start-up prefetch guides the layer or the layer is
+    /// scanned; once per file per mounted layer.
+    fn elf_read_ahead(
+        self: &Arc<Self>,
+        layer: &Arc<LazyLayer>,
+        entry_idx: usize,
+        first: ChunkData,
+    ) {
+        if !self.elf_read_ahead
+            || layer.blob.get().is_some()
+            || layer.guided.load(std::sync::atomic::Ordering::Relaxed)
+            || lock(&layer.scan).scanning()
+        {
+            return;
+        }
+        let Some(entry) = layer.toc.entries.get(entry_idx) else {
+            return;
+        };
+        if entry.mode & 0o111 == 0 && !entry.path.contains(".so") {
+            return;
+        }
+        if !lock(&layer.elf_seen).insert(entry_idx as u32) {
+            return;
+        }
+        let (this, layer) = (Arc::clone(self), Arc::clone(layer));
+        tokio::spawn(async move {
+            let Some(deps) = super::elf::deps(&first) else {
+                return;
+            };
+            let tree = &layer.tree;
+            let entry_at = |path: &str| tree.resolve_following(path).and_then(|n| n.entry);
+            let mut files = vec![entry_idx];
+            let found = deps.interp.as_deref().and_then(entry_at).into_iter().chain(
+                deps.libs.iter().filter_map(|lib| {
+                    super::elf::LIBRARY_DIRS
+                        .iter()
+                        .find_map(|d| entry_at(&format!("{d}/{lib}")))
+                }),
+            );
+            for e in found {
+                if !files.contains(&e) {
+                    files.push(e);
+                }
+            }
+            files.retain(|&e| {
+                layer.toc.entries.get(e).is_some_and(|entry| {
+                    let bytes: u64 = entry
+                        .chunks
+                        .iter()
+                        .map(|c| {
+                            let (s, end) = layer.spans.span(c);
+                            end - s
+                        })
+                        .sum();
+                    bytes <= ELF_READ_AHEAD_MAX
+                })
+            });
+            let n = this.prefetch(&layer, files.iter().copied());
+            tracing::debug!(layer = %layer.digest, file = %layer.toc.entries[entry_idx].path, libs = ?deps.libs, files = files.len(), chunks = n, "ELF read-ahead");
+        });
     }
 
     /// Fetch the files before the layer's `.prefetch.landmark` into the partial file, in the
@@ -817,6 +947,7 @@ impl Reader {
         let Some(landmark) = layer.toc.prefetch_landmark else {
             return 0;
         };
+        layer.guide();
         let n = self.prefetch(layer, 0..landmark.min(layer.toc.entries.len()));
         if n > 0 {
             tracing::info!(layer = %layer.digest, chunks = n, "prefetching files before the landmark");
@@ -1390,6 +1521,10 @@ fn batches(claims: Vec<Claim>, bytes: u64) -> Vec<Vec<Claim>> {
     }
     out
 }
+
+#[cfg(test)]
+#[path = "reader_tests.rs"]
+mod seam_tests;
 
 #[cfg(test)]
 mod tests {

@@ -112,6 +112,47 @@ impl Tree {
         Some(cur)
     }
 
+    /// Resolve a path from the root as a process in the image would, following symlinks in
+    /// any component (absolute targets from this tree's root, relative ones from their
+    /// directory; `..` stops at the root), at most 40 of them (Linux's limit). `None` when a
+    /// component is missing in this tree (it may be in another layer).
+    pub fn resolve_following(&self, path: &str) -> Option<&Node> {
+        let mut todo: Vec<String> = path
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .rev()
+            .map(str::to_string)
+            .collect();
+        let mut cur = self.get(ROOT)?;
+        let mut hops = 0;
+        while let Some(part) = todo.pop() {
+            if part == ".." {
+                cur = self.get(cur.parent).unwrap_or(cur);
+                continue;
+            }
+            let next = self.lookup(cur.ino, &part)?;
+            if next.kind != NodeKind::Symlink {
+                cur = next;
+                continue;
+            }
+            hops += 1;
+            if hops > 40 || next.link.len() > 4096 {
+                return None;
+            }
+            if next.link.starts_with('/') {
+                cur = self.get(ROOT)?;
+            }
+            todo.extend(
+                next.link
+                    .split('/')
+                    .filter(|p| !p.is_empty() && *p != ".")
+                    .rev()
+                    .map(str::to_string),
+            );
+        }
+        Some(cur)
+    }
+
     fn push(&mut self, mut n: Node) -> u64 {
         n.ino = self.nodes.len() as u64 + 1;
         let ino = n.ino;
@@ -332,6 +373,48 @@ mod tests {
             digest: None,
             chunks: vec![],
         }
+    }
+
+    #[test]
+    fn paths_resolve_through_symlinks_like_a_loader_sees_them() {
+        let sym = |path: &str, to: &str| {
+            let mut e = entry(path, Kind::Symlink);
+            e.link = to.into();
+            e
+        };
+        let mut lib = entry("usr/lib/x86_64-linux-gnu/libz.so.1.2.13", Kind::Reg);
+        lib.size = 5;
+        let entries = vec![
+            lib,
+            sym("lib", "usr/lib"),
+            sym("usr/lib/x86_64-linux-gnu/libz.so.1", "libz.so.1.2.13"),
+            sym(
+                "usr/lib/x86_64-linux-gnu/abs",
+                "/lib/x86_64-linux-gnu/libz.so.1",
+            ),
+            sym(
+                "usr/lib/x86_64-linux-gnu/up",
+                "../x86_64-linux-gnu/../../../../lib/x86_64-linux-gnu/libz.so.1",
+            ),
+            sym("loop", "loop"),
+        ];
+        let t = Tree::from_entries(&entries).unwrap();
+        let real = t
+            .resolve("usr/lib/x86_64-linux-gnu/libz.so.1.2.13")
+            .unwrap()
+            .ino;
+        for p in [
+            "lib/x86_64-linux-gnu/libz.so.1",
+            "/usr/lib/x86_64-linux-gnu/abs",
+            "usr/lib/./x86_64-linux-gnu/up",
+        ] {
+            assert_eq!(t.resolve_following(p).map(|n| n.ino), Some(real), "{p}");
+        }
+        assert!(t.resolve_following("loop").is_none(), "a loop ends");
+        assert!(
+            t.resolve_following("lib/x86_64-linux-gnu/libc.so.6")
+                .is_none()
+        );
     }
 
     #[test]

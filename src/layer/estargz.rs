@@ -866,7 +866,7 @@ pub(crate) mod tests {
         (blob, Digest::of(&json))
     }
 
-    fn read(blob: &[u8], d: &Digest) -> Result<Toc, TocError> {
+    pub(crate) fn read(blob: &[u8], d: &Digest) -> Result<Toc, TocError> {
         let off = parse_footer(blob)?;
         let end = blob.len() - footer_size(blob) as usize;
         let json = toc_json_from_member(&blob[off as usize..end], &Limits::default())?;

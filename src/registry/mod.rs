@@ -5,6 +5,7 @@
 //! the host changes; oci-client also refuses to authenticate requests outside the registry.
 
 pub mod auth;
+pub mod seam;
 pub mod tls;
 
 use crate::oci::{self, Digest, Reference};

@@ -1,0 +1,282 @@
+//! The read path against an in-memory registry (`registry::seam::fake`): single flight,
+//! verification, faults, and the read-ahead guesses (directories, ELF dependencies), without
+//! a network, FUSE or a kernel.
+
+use super::*;
+use crate::layer::estargz::tests::{build, read as read_toc};
+use crate::registry::seam::fake::{FakeBlobs, Fault};
+
+const SOURCE: &str = "registry.test/repo";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    reader: Arc<Reader>,
+    fake: Arc<FakeBlobs>,
+    layer: Arc<LazyLayer>,
+}
+
+impl Fixture {
+    /// A layer of `files` (name, content, mode) served by a fake registry, mounted lazily.
+    fn new(files: &[(&str, Vec<u8>, u32)], opts: ReadOptions) -> Fixture {
+        let named: Vec<(&str, &[u8])> = files.iter().map(|(n, c, _)| (*n, &c[..])).collect();
+        let (blob, toc_digest) = build(&named, |toc| {
+            for e in toc["entries"].as_array_mut().unwrap() {
+                let name = e["name"].as_str().unwrap().to_string();
+                let mode = files.iter().find(|f| f.0 == name).unwrap().2;
+                e["mode"] = mode.into();
+            }
+        });
+        let toc = read_toc(&blob, &toc_digest).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        layout.create().unwrap();
+        let db = Arc::new(Mutex::new(
+            Catalogue::open(&dir.path().join("catalogue.db")).unwrap(),
+        ));
+        let fake = Arc::new(FakeBlobs::default());
+        let size = blob.len() as u64;
+        let digest = fake.add(blob);
+        let partials = Partials::new(layout.clone());
+        partials.open(&digest, size, 0).unwrap();
+        let link = crate::fetch::schedule::Link::new(Default::default());
+        let reader = Reader::new(layout, db, fake.clone(), partials, link, opts);
+        let tree = Tree::from_entries(&toc.entries).unwrap();
+        let layer = Arc::new(LazyLayer::new(digest, SOURCE.into(), size, toc, tree));
+        Fixture {
+            _dir: dir,
+            reader,
+            fake,
+            layer,
+        }
+    }
+
+    fn entry(&self, path: &str) -> usize {
+        self.layer
+            .toc
+            .entries
+            .iter()
+            .position(|e| e.path == path)
+            .unwrap()
+    }
+
+    /// The compressed span of `path`'s (one) chunk.
+    fn span(&self, path: &str) -> (u64, u64) {
+        let e = &self.layer.toc.entries[self.entry(path)];
+        self.layer.spans.span(&e.chunks[0])
+    }
+
+    async fn read(&self, path: &str) -> Result<Vec<u8>, ReadError> {
+        let e = self.entry(path);
+        let size = self.layer.toc.entries[e].size as u32;
+        self.reader.read(&self.layer, e, 0, size).await
+    }
+
+    /// Wait (bounded) until a request has touched `path`'s bytes.
+    async fn wait_requested(&self, path: &str) -> bool {
+        let (s, e) = self.span(path);
+        for _ in 0..500 {
+            if self.fake.requests_touching(s, e) > 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+}
+
+fn opts() -> ReadOptions {
+    ReadOptions {
+        timeout: Duration::from_secs(10),
+        cache_bytes: 64 << 20,
+        read_ahead: 1 << 20,
+        neighbours: 0,
+        dir_read_ahead: 0,
+        elf_read_ahead: false,
+    }
+}
+
+/// Bytes that do not compress (so that spans have their size).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_is_fetched_verified_and_then_served_locally() {
+    let f = Fixture::new(
+        &[
+            ("a.txt", noise(5000, 1), 0o644),
+            ("b.txt", noise(7000, 2), 0o644),
+        ],
+        opts(),
+    );
+    assert_eq!(f.read("a.txt").await.unwrap(), noise(5000, 1));
+    let (s, e) = f.span("a.txt");
+    assert_eq!(f.fake.requests_touching(s, e), 1);
+    assert_eq!(f.read("a.txt").await.unwrap(), noise(5000, 1));
+    assert_eq!(f.fake.requests().len(), 1, "the second read is local");
+    assert_eq!(f.read("b.txt").await.unwrap(), noise(7000, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_of_one_chunk_send_one_request() {
+    let f = Arc::new(Fixture::new(&[("a", noise(100_000, 3), 0o644)], opts()));
+    f.fake.inject(Fault::Delay(Duration::from_millis(100)));
+    let reads: Vec<_> = (0..8)
+        .map(|_| {
+            let f = Arc::clone(&f);
+            tokio::spawn(async move { f.read("a").await })
+        })
+        .collect();
+    for r in reads {
+        assert_eq!(r.await.unwrap().unwrap(), noise(100_000, 3));
+    }
+    assert_eq!(f.fake.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_or_missing_bytes_are_never_served_and_a_later_read_recovers() {
+    for fault in [Fault::Corrupt, Fault::Truncate(1000), Fault::Error] {
+        let f = Fixture::new(&[("a", noise(50_000, 4), 0o644)], opts());
+        f.fake.inject(fault.clone());
+        let e = f.read("a").await.unwrap_err();
+        assert_eq!(e.errno(), nix::libc::EIO, "{fault:?}: {e}");
+        // A failed load is remembered briefly (the kernel retries at once); then a read
+        // goes to the registry again, and works.
+        let mut ok = None;
+        for _ in 0..100 {
+            match f.read("a").await {
+                Ok(d) => {
+                    ok = Some(d);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        assert_eq!(ok.as_deref(), Some(&noise(50_000, 4)[..]), "{fault:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_registry_fails_the_read_within_its_timeout() {
+    let mut o = opts();
+    o.timeout = Duration::from_millis(300);
+    let f = Fixture::new(&[("a", noise(50_000, 5), 0o644)], o);
+    f.fake.inject(Fault::Stall);
+    let started = Instant::now();
+    let e = f.read("a").await.unwrap_err();
+    assert!(matches!(e, ReadError::Timeout(_)), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directorys_second_miss_fetches_its_other_files() {
+    let mut o = opts();
+    o.dir_read_ahead = 1 << 20;
+    let f = Fixture::new(
+        &[
+            ("pkg/a", noise(20_000, 6), 0o644),
+            ("other/big", noise(300_000, 7), 0o644),
+            ("pkg/b", noise(20_000, 8), 0o644),
+            ("pkg/c", noise(20_000, 9), 0o644),
+            ("pkg/d", noise(20_000, 10), 0o644),
+        ],
+        o,
+    );
+    f.read("pkg/c").await.unwrap();
+    assert_eq!(f.fake.requests().len(), 1, "one miss: no guess yet");
+    f.read("pkg/a").await.unwrap();
+    for p in ["pkg/b", "pkg/d"] {
+        assert!(f.wait_requested(p).await, "{p} read ahead");
+    }
+    let (s, e) = f.span("other/big");
+    assert_eq!(f.fake.requests_touching(s, e), 0, "another directory");
+    // Once the read-ahead is in, the directory's files are local.
+    for _ in 0..500 {
+        let n = f.fake.requests().len();
+        f.read("pkg/b").await.unwrap();
+        f.read("pkg/d").await.unwrap();
+        if f.fake.requests().len() == n {
+            return;
+        }
+    }
+    panic!("pkg/b and pkg/d never became local");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guided_layer_gets_no_directory_guesses() {
+    let mut o = opts();
+    o.dir_read_ahead = 1 << 20;
+    let f = Fixture::new(
+        &[
+            ("pkg/a", noise(20_000, 11), 0o644),
+            ("pkg/b", noise(20_000, 12), 0o644),
+            ("pkg/c", noise(20_000, 13), 0o644),
+        ],
+        o,
+    );
+    f.layer.guide();
+    f.read("pkg/a").await.unwrap();
+    f.read("pkg/c").await.unwrap();
+    // Give a wrongly spawned read-ahead every chance to show up: a read that waits for a
+    // delayed answer takes longer than the read-ahead's start.
+    f.fake.inject(Fault::Delay(Duration::from_millis(200)));
+    f.read("pkg/b").await.unwrap();
+    let (s, e) = f.span("pkg/b");
+    assert_eq!(
+        f.fake.requests_touching(s, e),
+        1,
+        "only the read's own request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executables_first_read_fetches_its_interpreter_and_libraries() {
+    // This test binary is a dynamically linked ELF file that needs libc: its first MiB holds
+    // the headers and the names.
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let prog = exe[..exe.len().min(1 << 20)].to_vec();
+    let deps = crate::fs::elf::deps(&prog).unwrap();
+    let interp = deps.interp.clone().unwrap();
+    let mut o = opts();
+    o.elf_read_ahead = true;
+    let files = vec![
+        ("usr/bin/prog", prog.clone(), 0o755),
+        ("data/unrelated", noise(50_000, 14), 0o644),
+        ("lib/x86_64-linux-gnu/libc.so.6", noise(40_000, 15), 0o755),
+        (interp.trim_start_matches('/'), noise(30_000, 16), 0o755),
+    ];
+    let f = Fixture::new(&files, o);
+    // The loader reads the first page.
+    let e = f.entry("usr/bin/prog");
+    f.reader.read(&f.layer, e, 0, 4096).await.unwrap();
+    assert!(
+        f.wait_requested("lib/x86_64-linux-gnu/libc.so.6").await,
+        "libc read ahead ({deps:?})"
+    );
+    assert!(
+        f.wait_requested(interp.trim_start_matches('/')).await,
+        "{interp}"
+    );
+    let (s, e) = f.span("data/unrelated");
+    assert_eq!(f.fake.requests_touching(s, e), 0);
+    // Off: nothing but the read itself.
+    let f = Fixture::new(&files, opts());
+    let e = f.entry("usr/bin/prog");
+    f.reader.read(&f.layer, e, 0, 4096).await.unwrap();
+    f.fake.inject(Fault::Delay(Duration::from_millis(200)));
+    f.read("data/unrelated").await.unwrap();
+    let (s, e) = f.span("lib/x86_64-linux-gnu/libc.so.6");
+    assert_eq!(f.fake.requests_touching(s, e), 0);
+}
