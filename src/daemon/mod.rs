@@ -43,7 +43,7 @@ impl Core {
             layout.clone(),
             crate::store::Partials::new(layout.clone()),
             Arc::clone(&db),
-            Arc::clone(&registry),
+            registry.clone(),
             crate::fetch::FillerOptions {
                 max_parallel: cfg.fetch.max_parallel,
                 fill_enabled: cfg.fetch.fill.enabled,

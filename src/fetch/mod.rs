@@ -14,7 +14,7 @@ pub mod schedule;
 pub mod verify;
 
 use crate::oci::{Compression, Digest, Reference};
-use crate::registry::{OpCreds, Registry, RegistryError};
+use crate::registry::{OpCreds, RegistryError, seam::BlobSource};
 use crate::store::partial::WriteError;
 use crate::store::{
     Catalogue, FetchedBy, LayerRecord, LayerState, Layout, PartialBlob, Partials, StoreError,
@@ -120,7 +120,7 @@ pub struct Filler {
     layout: Layout,
     partials: Arc<Partials>,
     db: Arc<Mutex<Catalogue>>,
-    registry: Arc<Registry>,
+    registry: Arc<dyn BlobSource>,
     inflight: Mutex<HashMap<String, Inflight>>,
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -442,7 +442,7 @@ impl Filler {
         layout: Layout,
         partials: Arc<Partials>,
         db: Arc<Mutex<Catalogue>>,
-        registry: Arc<Registry>,
+        registry: Arc<dyn BlobSource>,
         opts: FillerOptions,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -1256,6 +1256,10 @@ impl Filler {
         *bytes = 0;
     }
 }
+
+#[cfg(test)]
+#[path = "filler_tests.rs"]
+mod seam_tests;
 
 #[cfg(test)]
 mod tests {

@@ -19,9 +19,30 @@ pub trait BlobSource: Send + Sync {
         len: Option<u64>,
         creds: &'a OpCreds,
     ) -> BoxFuture<'a, Result<BlobBody>>;
+
+    /// Bytes `[offset, offset + len)` of the blob `d`, whole (a bounded read: TOCs, footers).
+    fn fetch_range<'a>(
+        &'a self,
+        r: &'a Reference,
+        d: &'a Digest,
+        offset: u64,
+        len: u64,
+        creds: &'a OpCreds,
+    ) -> BoxFuture<'a, Result<Vec<u8>>>;
 }
 
 impl BlobSource for Registry {
+    fn fetch_range<'a>(
+        &'a self,
+        r: &'a Reference,
+        d: &'a Digest,
+        offset: u64,
+        len: u64,
+        creds: &'a OpCreds,
+    ) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(Registry::fetch_range(self, r, d, offset, len, creds))
+    }
+
     fn open_blob<'a>(
         &'a self,
         r: &'a Reference,
@@ -95,6 +116,28 @@ pub mod fake {
     }
 
     impl BlobSource for FakeBlobs {
+        fn fetch_range<'a>(
+            &'a self,
+            r: &'a Reference,
+            d: &'a Digest,
+            offset: u64,
+            len: u64,
+            creds: &'a OpCreds,
+        ) -> BoxFuture<'a, Result<Vec<u8>>> {
+            Box::pin(async move {
+                let body = self.open_blob(r, d, offset, Some(len), creds).await?;
+                let mut out = vec![];
+                let mut stream = body.stream;
+                while let Some(piece) = stream.next().await {
+                    out.extend_from_slice(&piece.map_err(|e| RegistryError::Unreachable {
+                        registry: r.registry().to_string(),
+                        reason: e.to_string(),
+                    })?);
+                }
+                Ok(out)
+            })
+        }
+
         fn open_blob<'a>(
             &'a self,
             r: &'a Reference,

@@ -1,0 +1,166 @@
+//! The filler against an in-memory registry (`registry::seam::fake`): bounded requests, every
+//! byte fetched once, answers that are cut or wrong, without a network.
+
+use super::*;
+use crate::registry::seam::fake::{FakeBlobs, Fault};
+use crate::store::{NameKind, NewImage, NewLayer};
+use std::io::Write;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    filler: Arc<Filler>,
+    fake: Arc<FakeBlobs>,
+    db: Arc<Mutex<Catalogue>>,
+    layout: Layout,
+    blob: Vec<u8>,
+    digest: Digest,
+}
+
+/// Bytes that do not compress.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+impl Fixture {
+    /// A plain gzip layer of about `len` bytes, filled in requests of `request_bytes`.
+    fn new(len: usize, request_bytes: u64) -> Fixture {
+        let mut t = tar::Builder::new(Vec::new());
+        let content = noise(len, 1);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append_data(&mut h, "data", &content[..]).unwrap();
+        let tar_bytes = t.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar_bytes).unwrap();
+        let blob = gz.finish().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        layout.create().unwrap();
+        let fake = Arc::new(FakeBlobs::default());
+        let digest = fake.add(blob.clone());
+        let diff_id = Digest::of(&tar_bytes);
+        let mut cat = Catalogue::open(&dir.path().join("catalogue.db")).unwrap();
+        let (id, manifest) = (Digest::of(b"config"), Digest::of(b"manifest"));
+        cat.insert_image(&NewImage {
+            id: &id,
+            manifest_digest: &manifest,
+            index_digest: None,
+            media_type: "application/vnd.oci.image.manifest.v1+json",
+            size: 1,
+            user: "",
+            source: "registry.test/repo",
+            layers: vec![NewLayer {
+                digest: &digest,
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+                size: blob.len() as u64,
+                diff_id: &diff_id,
+                toc_digest: None,
+                toc_position: None,
+            }],
+            names: vec![("registry.test/repo:1".into(), NameKind::Tag)],
+        })
+        .unwrap();
+        let db = Arc::new(Mutex::new(cat));
+        let filler = Filler::new(
+            layout.clone(),
+            Partials::new(layout.clone()),
+            Arc::clone(&db),
+            fake.clone(),
+            FillerOptions {
+                max_parallel: 2,
+                fill_enabled: true,
+                unpack: UnpackPolicy {
+                    plain: false,
+                    estargz: false,
+                },
+                policy: schedule::FillPolicy {
+                    request_bytes,
+                    yield_for: Duration::from_millis(1),
+                },
+                index_span: 0,
+            },
+            CancellationToken::new(),
+        );
+        Fixture {
+            _dir: dir,
+            filler,
+            fake,
+            db,
+            layout,
+            blob,
+            digest,
+        }
+    }
+
+    async fn fill(&self) -> FillStatus {
+        let rec = lock(&self.db).layer(self.digest.as_str()).unwrap().unwrap();
+        let rx = self.filler.ensure(&rec, OpCreds::default());
+        tokio::time::timeout(Duration::from_secs(60), Filler::wait(rx))
+            .await
+            .expect("the fill ends")
+    }
+
+    /// Bytes the fake registry sent, all requests together.
+    fn requested(&self) -> u64 {
+        self.fake.requests().iter().map(|(_, s, e)| e - s).sum()
+    }
+
+    /// The stored blob is the layer, byte for byte (never a wrong one).
+    fn stored_is_right(&self) -> bool {
+        !self.layout.has_blob(&self.digest)
+            || self.layout.read_blob(&self.digest).unwrap() == self.blob
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_fetches_each_byte_once_in_bounded_requests_and_verifies_it() {
+    // Requests are bounded in whole blocks of 1 MiB.
+    let f = Fixture::new(3_500_000, 1 << 20);
+    assert!(matches!(f.fill().await, FillStatus::Done));
+    assert!(f.layout.has_blob(&f.digest) && f.stored_is_right());
+    let reqs = f.fake.requests();
+    assert!(reqs.len() >= 4, "{reqs:?}");
+    assert!(reqs.iter().all(|(_, s, e)| e - s <= 1 << 20), "{reqs:?}");
+    assert_eq!(f.requested(), f.blob.len() as u64, "each byte once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_answer_resumes_where_it_stopped() {
+    let f = Fixture::new(300_000, 1 << 20);
+    f.fake.inject(Fault::Truncate(100_000));
+    assert!(matches!(f.fill().await, FillStatus::Done));
+    assert!(f.stored_is_right());
+    // The next request starts where the first was cut, not at 0.
+    let reqs = f.fake.requests();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[1].1, 100_000, "{reqs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_bytes_are_never_stored_as_the_layer() {
+    let f = Fixture::new(200_000, 1 << 20);
+    f.fake.inject(Fault::Corrupt);
+    let status = f.fill().await;
+    assert!(f.stored_is_right(), "{status:?}");
+    let rec = lock(&f.db).layer(f.digest.as_str()).unwrap().unwrap();
+    assert_eq!(
+        rec.state == LayerState::Complete,
+        matches!(status, FillStatus::Done),
+        "{status:?} {rec:?}"
+    );
+    if !matches!(status, FillStatus::Done) {
+        // The registry behaves again: the next fill completes.
+        assert!(matches!(f.fill().await, FillStatus::Done));
+        assert!(f.stored_is_right());
+    }
+}
