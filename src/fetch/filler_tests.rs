@@ -2,7 +2,7 @@
 //! byte fetched once, answers that are cut or wrong, without a network.
 
 use super::*;
-use crate::registry::seam::fake::{FakeBlobs, Fault};
+use crate::registry::seam::fake::{FakeBlobs, Fault, noise};
 use crate::store::{NameKind, NewImage, NewLayer};
 use std::io::Write;
 
@@ -14,19 +14,6 @@ struct Fixture {
     layout: Layout,
     blob: Vec<u8>,
     digest: Digest,
-}
-
-/// Bytes that do not compress.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 impl Fixture {

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::layer::estargz::tests::{build, read as read_toc};
-use crate::registry::seam::fake::{FakeBlobs, Fault};
+use crate::registry::seam::fake::{FakeBlobs, Fault, noise};
 
 const SOURCE: &str = "registry.test/repo";
 
@@ -93,19 +93,6 @@ fn opts() -> ReadOptions {
         dir_read_ahead: 0,
         elf_read_ahead: false,
     }
-}
-
-/// Bytes that do not compress (so that spans have their size).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,6 +115,20 @@ pub mod fake {
         }
     }
 
+    /// Bytes that do not compress (so that compressed spans have about their size), different
+    /// for each seed.
+    pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
     impl BlobSource for FakeBlobs {
         fn fetch_range<'a>(
             &'a self,
