@@ -5,6 +5,8 @@
 //! identity and trusts the same roots.
 
 use super::error_chain;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -41,27 +43,28 @@ pub enum TlsError {
 }
 
 impl ClientTls {
-    /// The CA bundle's PEM, if one is set.
-    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, TlsError> {
+    /// The CA bundle's certificates (DER), none when no CA is set.
+    fn ca_certs(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         let Some(path) = &self.ca else {
-            return Ok(None);
+            return Ok(vec![]);
         };
         let ca_err = |reason: String| TlsError::Ca {
             path: path.clone(),
             reason,
         };
         let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
-        let certs =
-            reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ca_err(e.to_string()))?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ca_err(e.to_string()))?;
         if certs.is_empty() {
             return Err(ca_err("no certificate in it".into()));
         }
-        Ok(Some(pem))
+        Ok(certs)
     }
 
     /// The client certificate chain and key in one PEM buffer (what `reqwest::Identity` and
-    /// the patched oci-client take), if both are set; checked by building a client with it.
-    pub fn identity_pem(&self) -> Result<Option<Vec<u8>>, TlsError> {
+    /// the patched oci-client take), if both are set: at least one certificate and a key.
+    fn identity_pem(&self) -> Result<Option<Vec<u8>>, TlsError> {
         let (cert, key) = match (&self.cert, &self.key) {
             (None, None) => return Ok(None),
             (Some(c), Some(k)) => (c, k),
@@ -74,35 +77,53 @@ impl ClientTls {
         };
         let read = |p: &Path| std::fs::read(p).map_err(|e| id_err(format!("{}: {e}", p.display())));
         let mut pem = read(cert)?;
+        let chain = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| id_err(e.to_string()))?;
+        if chain.is_empty() {
+            return Err(id_err("no certificate in tls.cert".into()));
+        }
+        let key_pem = read(key)?;
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| id_err(e.to_string()))?;
         if !pem.ends_with(b"\n") {
             pem.push(b'\n');
         }
-        pem.extend_from_slice(&read(key)?);
-        // `Identity::from_pem` only splits the PEM sections; building a client parses the key.
-        let id = reqwest::Identity::from_pem(&pem).map_err(|e| id_err(error_chain(&e)))?;
-        reqwest::Client::builder()
-            .identity(id)
-            .build()
-            .map_err(|e| id_err(error_chain(&e)))?;
+        pem.extend_from_slice(&key_pem);
         Ok(Some(pem))
     }
 
-    /// Both files readable and well-formed (the config's validation).
+    /// Both files readable and well-formed (the config's validation, once at start): a
+    /// client is built with the identity, which is where rustls parses the key itself.
     pub fn check(&self) -> Result<(), TlsError> {
-        self.ca_pem()?;
-        self.identity_pem()?;
+        self.ca_certs()?;
+        if let Some(pem) = self.identity_pem()? {
+            let id_err = |reason: String| TlsError::Identity {
+                cert: self.cert.clone().unwrap_or_default(),
+                key: self.key.clone().unwrap_or_default(),
+                reason,
+            };
+            let id = reqwest::Identity::from_pem(&pem).map_err(|e| id_err(error_chain(&e)))?;
+            reqwest::Client::builder()
+                .identity(id)
+                .build()
+                .map_err(|e| id_err(error_chain(&e)))?;
+        }
         Ok(())
     }
 
     /// These settings on a reqwest client.
     pub fn apply(&self, mut b: reqwest::ClientBuilder) -> Result<reqwest::ClientBuilder, TlsError> {
         b = b.danger_accept_invalid_certs(self.insecure_skip_verify);
-        if let Some(pem) = self.ca_pem()? {
-            // ca_pem parsed this bundle already.
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| TlsError::Ca {
-                path: self.ca.clone().unwrap_or_default(),
-                reason: e.to_string(),
-            })?;
+        let ca = self.ca_certs()?;
+        if !ca.is_empty() {
+            let certs = ca
+                .iter()
+                .map(|der| reqwest::Certificate::from_der(der))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TlsError::Ca {
+                    path: self.ca.clone().unwrap_or_default(),
+                    reason: error_chain(&e),
+                })?;
             b = b.tls_certs_merge(certs);
         }
         if let Some(pem) = self.identity_pem()? {
@@ -119,51 +140,23 @@ impl ClientTls {
     /// These settings on an oci-client configuration.
     pub fn apply_oci(&self, cfg: &mut oci_client::client::ClientConfig) -> Result<(), TlsError> {
         cfg.accept_invalid_certificates = self.insecure_skip_verify;
-        if let Some(pem) = self.ca_pem()? {
-            for block in pem_certificates(&pem) {
-                cfg.extra_root_certificates
-                    .push(oci_client::client::Certificate {
-                        encoding: oci_client::client::CertificateEncoding::Pem,
-                        data: block,
-                    });
-            }
-        }
+        cfg.extra_root_certificates
+            .extend(
+                self.ca_certs()?
+                    .into_iter()
+                    .map(|der| oci_client::client::Certificate {
+                        encoding: oci_client::client::CertificateEncoding::Der,
+                        data: der.to_vec(),
+                    }),
+            );
         cfg.client_identity_pem = self.identity_pem()?;
         Ok(())
     }
 }
 
-/// Each `CERTIFICATE` block of a bundle on its own (oci-client takes one certificate per entry).
-fn pem_certificates(pem: &[u8]) -> Vec<Vec<u8>> {
-    const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
-    const END: &str = "-----END CERTIFICATE-----";
-    let text = String::from_utf8_lossy(pem);
-    let mut out = vec![];
-    let mut rest = text.as_ref();
-    while let Some(start) = rest.find(BEGIN) {
-        let Some(len) = rest[start..].find(END) else {
-            break;
-        };
-        let stop = start + len + END.len();
-        out.push(format!("{}\n", &rest[start..stop]).into_bytes());
-        rest = &rest[stop..];
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_bundle_splits_into_its_certificates() {
-        let pem = b"junk\n-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n\
------BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
-        let certs = pem_certificates(pem);
-        assert_eq!(certs.len(), 2);
-        assert!(String::from_utf8_lossy(&certs[1]).contains("BBB"));
-        assert!(pem_certificates(b"-----BEGIN CERTIFICATE-----\nAAA").is_empty());
-    }
 
     #[test]
     fn cert_without_key_is_refused() {
@@ -192,7 +185,7 @@ mod tests {
             ca: Some(key),
             ..Default::default()
         };
-        let e = t.ca_pem().unwrap_err().to_string();
+        let e = t.ca_certs().unwrap_err().to_string();
         assert!(e.contains("no certificate"), "{e}");
     }
 }
