@@ -30,6 +30,29 @@ impl Fixture {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&tar_bytes).unwrap();
         let blob = gz.finish().unwrap();
+        Fixture::with_layer(blob, None, true, request_bytes)
+    }
+
+    /// An eStargz layer of two files, with the filler off (only its TOC is fetched).
+    fn estargz_on_demand() -> Fixture {
+        let (a, b) = (noise(50_000, 2), noise(70_000, 3));
+        let (blob, toc) =
+            crate::layer::estargz::tests::build(&[("a", &a[..]), ("dir/b", &b[..])], |_| {});
+        Fixture::with_layer(blob, Some(toc), false, 1 << 20)
+    }
+
+    fn with_layer(
+        blob: Vec<u8>,
+        toc_digest: Option<Digest>,
+        fill_enabled: bool,
+        request_bytes: u64,
+    ) -> Fixture {
+        let mut tar_bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut flate2::read::MultiGzDecoder::new(&blob[..]),
+            &mut tar_bytes,
+        )
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path());
         layout.create().unwrap();
@@ -51,7 +74,7 @@ impl Fixture {
                 media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
                 size: blob.len() as u64,
                 diff_id: &diff_id,
-                toc_digest: None,
+                toc_digest,
                 toc_position: None,
             }],
             names: vec![("registry.test/repo:1".into(), NameKind::Tag)],
@@ -65,7 +88,7 @@ impl Fixture {
             fake.clone(),
             FillerOptions {
                 max_parallel: 2,
-                fill_enabled: true,
+                fill_enabled,
                 unpack: UnpackPolicy {
                     plain: false,
                     estargz: false,
@@ -150,4 +173,48 @@ async fn wrong_bytes_are_never_stored_as_the_layer() {
         assert!(matches!(f.fill().await, FillStatus::Done));
         assert!(f.stored_is_right());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toc_that_cannot_be_fetched_now_is_fetched_again_at_the_next_attempt() {
+    let f = Fixture::estargz_on_demand();
+    let t0 = Instant::now();
+    f.fake.inject(Fault::Error);
+    assert_eq!(f.fill().await, FillStatus::OnDemand);
+    let rec = lock(&f.db).layer(f.digest.as_str()).unwrap().unwrap();
+    // Not condemned: the layer stays lazy, and the snapshotter learns why it has to wait.
+    assert!(
+        rec.toc_error.is_none() && rec.toc_entries.is_none(),
+        "{rec:?}"
+    );
+    let why = f.filler.toc_unavailable_since(f.digest.as_str(), t0);
+    assert!(
+        why.as_deref().is_some_and(|w| w.contains("unreachable")),
+        "{why:?}"
+    );
+    // The registry is back: the next pull's attempt fetches it.
+    assert_eq!(f.fill().await, FillStatus::OnDemand);
+    let rec = lock(&f.db).layer(f.digest.as_str()).unwrap().unwrap();
+    assert_eq!(rec.toc_entries, Some(2), "{rec:?}");
+    assert!(rec.toc_error.is_none() && rec.mountable(), "{rec:?}");
+    assert_eq!(f.filler.toc_unavailable_since(f.digest.as_str(), t0), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toc_with_wrong_bytes_is_refused_for_good() {
+    let f = Fixture::estargz_on_demand();
+    f.fake.inject(Fault::Corrupt);
+    assert_eq!(f.fill().await, FillStatus::OnDemand);
+    let rec = lock(&f.db).layer(f.digest.as_str()).unwrap().unwrap();
+    assert!(
+        rec.toc_error
+            .as_deref()
+            .is_some_and(|e| e.contains("footer")),
+        "{rec:?}"
+    );
+    assert!(!rec.mountable());
+    // Recorded: no later attempt asks the registry for it again.
+    let asked = f.fake.requests().len();
+    assert_eq!(f.fill().await, FillStatus::OnDemand);
+    assert_eq!(f.fake.requests().len(), asked);
 }

@@ -88,6 +88,46 @@ pub enum FillStatus {
     OnDemand,
 }
 
+/// Why a layer's TOC could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TocFetchError {
+    /// The TOC (or the footer pointing at it) is unusable: the layer is fetched whole and
+    /// verified instead. Recorded in the catalogue; never tried again for this layer.
+    #[error("{0}")]
+    Refused(String),
+    /// The registry (or the local store) failed now: nothing is recorded, and the next pull,
+    /// mount or fill attempt fetches the TOC again.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<crate::layer::estargz::TocError> for TocFetchError {
+    fn from(e: crate::layer::estargz::TocError) -> Self {
+        TocFetchError::Refused(e.to_string())
+    }
+}
+
+impl From<RegistryError> for TocFetchError {
+    /// Range requests carry no digest to mismatch: every registry failure here is about the
+    /// registry or the network, not about the layer (a 404 or 401 may be cured by another pull
+    /// with other credentials or another source), so none of them condemns the TOC.
+    fn from(e: RegistryError) -> Self {
+        TocFetchError::Unavailable(e.to_string())
+    }
+}
+
+impl From<StoreError> for TocFetchError {
+    fn from(e: StoreError) -> Self {
+        TocFetchError::Unavailable(e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for TocFetchError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        TocFetchError::Unavailable(format!("TOC check task: {e}"))
+    }
+}
+
 /// What a verified TOC tells the catalogue.
 struct Toc {
     entries: u64,
@@ -139,6 +179,9 @@ pub struct Filler {
     index_span: u64,
     /// Fills fetching now, by layer digest: what the pull-through registry follows.
     running: Mutex<HashMap<String, Following>>,
+    /// The last TOC fetch of a layer that failed for a transient reason, and when (cleared
+    /// when a fetch succeeds): the snapshotter answers at once instead of waiting it out.
+    toc_unavailable: Mutex<HashMap<String, (Instant, String)>>,
 }
 
 /// A fill fetching a layer now, as another reader of the blob follows it: its partial file,
@@ -469,6 +512,7 @@ impl Filler {
             streams: Arc::default(),
             index_span,
             running: Mutex::default(),
+            toc_unavailable: Mutex::default(),
         })
     }
 
@@ -704,14 +748,32 @@ impl Filler {
         }
     }
 
+    /// Why the last TOC fetch of `digest` failed transiently, if it failed at or after `since`
+    /// and no fetch has succeeded since.
+    pub fn toc_unavailable_since(&self, digest: &str, since: Instant) -> Option<String> {
+        lock(&self.toc_unavailable)
+            .get(digest)
+            .filter(|(at, _)| *at >= since)
+            .map(|(_, why)| why.clone())
+    }
+
+    /// Whether a fill or TOC fetch of `digest` is running or queued now.
+    pub fn is_working_on(&self, digest: &str) -> bool {
+        lock(&self.inflight).contains_key(digest)
+    }
+
     /// eStargz: fetch the footer and the TOC (two range requests), verify the TOC against the
     /// layer's annotation, validate it and store it under its digest. A refused TOC is recorded
-    /// with the reason; the layer is then only fetched whole (which the fill does anyway).
+    /// with the reason; the layer is then only fetched whole (which the fill does anyway). A
+    /// transient failure records nothing in the catalogue: the next attempt fetches it again.
     async fn fetch_toc(&self, layer: &LayerRecord, creds: &OpCreds) {
         // A mount waits for the TOC: it is foreground traffic, but no start is reading yet.
         let fg = self.link.one_off();
         let fetched = self.try_fetch_toc(layer, creds).await;
         drop(fg);
+        if fetched.is_ok() {
+            lock(&self.toc_unavailable).remove(&layer.digest);
+        }
         match fetched {
             Ok(Toc {
                 entries,
@@ -724,7 +786,11 @@ impl Filler {
                     tracing::error!(layer = %layer.digest, error = %e, "cannot record the TOC");
                 }
             }
-            Err(reason) => {
+            Err(TocFetchError::Unavailable(reason)) => {
+                tracing::warn!(layer = %layer.digest, %reason, "cannot fetch the TOC now; the next pull, mount or fill attempt tries again");
+                lock(&self.toc_unavailable).insert(layer.digest.clone(), (Instant::now(), reason));
+            }
+            Err(TocFetchError::Refused(reason)) => {
                 tracing::warn!(layer = %layer.digest, %reason, "layer refused for lazy access; it is fetched whole and verified instead");
                 if let Err(e) = lock(&self.db).set_toc_error(&layer.digest, &reason) {
                     tracing::error!(layer = %layer.digest, error = %e, "cannot record the TOC error");
@@ -733,13 +799,18 @@ impl Filler {
         }
     }
 
-    async fn try_fetch_toc(&self, layer: &LayerRecord, creds: &OpCreds) -> Result<Toc, String> {
+    async fn try_fetch_toc(
+        &self,
+        layer: &LayerRecord,
+        creds: &OpCreds,
+    ) -> Result<Toc, TocFetchError> {
         use crate::layer::estargz::{self, FOOTER_SIZE, Limits};
-        let digest = layer.digest().map_err(|e| e.to_string())?;
+        let refused = |e: &dyn std::fmt::Display| TocFetchError::Refused(e.to_string());
+        let digest = layer.digest().map_err(|e| refused(&e))?;
         let toc_digest = Digest::parse(layer.toc_digest.as_deref().unwrap_or_default())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| refused(&e))?;
         let reference = source_reference(&layer.source, &digest)
-            .ok_or_else(|| format!("bad source {:?}", layer.source))?;
+            .ok_or_else(|| TocFetchError::Refused(format!("bad source {:?}", layer.source)))?;
         let creds = self.creds_for(&reference, creds);
         if let Some(position) = &layer.toc_position {
             return self
@@ -747,10 +818,10 @@ impl Filler {
                 .await;
         }
         if layer.size < FOOTER_SIZE {
-            return Err(format!(
+            return Err(TocFetchError::Refused(format!(
                 "layer of {} bytes cannot hold an eStargz footer",
                 layer.size
-            ));
+            )));
         }
         let limits = Limits::default();
         self.stats.blob_requests.inc_by(2);
@@ -763,48 +834,42 @@ impl Filler {
                 FOOTER_SIZE,
                 &creds,
             )
-            .await
-            .map_err(|e| e.to_string())?;
-        let toc_offset = estargz::parse_footer(&tail).map_err(|e| e.to_string())?;
+            .await?;
+        let toc_offset = estargz::parse_footer(&tail)?;
         let end = layer.size - estargz::footer_size(&tail);
         if toc_offset >= end {
-            return Err(format!(
+            return Err(TocFetchError::Refused(format!(
                 "TOC offset {toc_offset} beyond the data ({end} bytes)"
-            ));
+            )));
         }
         if end - toc_offset > limits.max_toc_compressed {
             return Err(estargz::TocError::TooLarge {
                 size: end - toc_offset,
                 limit: limits.max_toc_compressed,
             }
-            .to_string());
+            .into());
         }
         let member = self
             .registry
             .fetch_range(&reference, &digest, toc_offset, end - toc_offset, &creds)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let size = layer.size;
         let td = toc_digest.clone();
         let member = Arc::new(member);
         let m2 = Arc::clone(&member);
-        let (json, entries, landmark) =
-            tokio::task::spawn_blocking(move || -> Result<(Vec<u8>, u64, Option<u64>), String> {
-                let json =
-                    estargz::toc_json_from_member(&m2, &limits).map_err(|e| e.to_string())?;
-                let toc = estargz::parse_toc(&json, &td, size, toc_offset, &limits)
-                    .map_err(|e| e.to_string())?;
+        let (json, entries, landmark) = tokio::task::spawn_blocking(
+            move || -> Result<(Vec<u8>, u64, Option<u64>), TocFetchError> {
+                let json = estargz::toc_json_from_member(&m2, &limits)?;
+                let toc = estargz::parse_toc(&json, &td, size, toc_offset, &limits)?;
                 Ok((
                     json,
                     toc.entries.len() as u64,
                     toc.prefetch_landmark.map(|n| n as u64),
                 ))
-            })
-            .await
-            .map_err(|e| e.to_string())??;
-        self.layout
-            .put_blob(&toc_digest, &json)
-            .map_err(|e| e.to_string())?;
+            },
+        )
+        .await??;
+        self.layout.put_blob(&toc_digest, &json)?;
         let tail_at = size - tail.len() as u64;
         self.keep_in_partial(
             layer,
@@ -857,45 +922,39 @@ impl Filler {
         position: &str,
         reference: &Reference,
         creds: &OpCreds,
-    ) -> Result<Toc, String> {
+    ) -> Result<Toc, TocFetchError> {
         use crate::layer::{estargz::Limits, zstd_chunked};
-        let pos = zstd_chunked::Position::parse(position)?;
+        let pos = zstd_chunked::Position::parse(position).map_err(TocFetchError::Refused)?;
         let limits = Limits::default();
         if pos.length > limits.max_toc_compressed {
-            return Err(format!(
+            return Err(TocFetchError::Refused(format!(
                 "TOC of {} bytes compressed is over the {} byte limit",
                 pos.length, limits.max_toc_compressed
-            ));
+            )));
         }
         if pos.offset + pos.length > layer.size {
-            return Err(format!(
+            return Err(TocFetchError::Refused(format!(
                 "TOC at {}+{} beyond the blob ({} bytes)",
                 pos.offset, pos.length, layer.size
-            ));
+            )));
         }
         self.stats.blob_requests.inc();
         let compressed = self
             .registry
             .fetch_range(reference, digest, pos.offset, pos.length, creds)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let compressed = Arc::new(compressed);
         let (c2, ck, size) = (Arc::clone(&compressed), checksum.clone(), layer.size);
         let (entries, landmark) = tokio::task::spawn_blocking(move || {
-            zstd_chunked::parse_toc(&c2, &ck, &pos, size, &limits)
-                .map(|t| {
-                    (
-                        t.entries.len() as u64,
-                        t.prefetch_landmark.map(|n| n as u64),
-                    )
-                })
-                .map_err(|e| e.to_string())
+            zstd_chunked::parse_toc(&c2, &ck, &pos, size, &limits).map(|t| {
+                (
+                    t.entries.len() as u64,
+                    t.prefetch_landmark.map(|n| n as u64),
+                )
+            })
         })
-        .await
-        .map_err(|e| e.to_string())??;
-        self.layout
-            .put_blob(checksum, &compressed)
-            .map_err(|e| e.to_string())?;
+        .await??;
+        self.layout.put_blob(checksum, &compressed)?;
         self.keep_in_partial(layer, digest, vec![(pos.offset, compressed)])
             .await;
         Ok(Toc {

@@ -549,7 +549,20 @@ impl Snapshotter {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
-                Some(_) => {}
+                Some(_) => {
+                    // Its TOC is still to come.
+                    let filler = &self.images.filler;
+                    if let Some(why) = filler.toc_unavailable_since(req.layer.as_str(), started) {
+                        return Err(format!("its TOC could not be fetched: {why}"));
+                    }
+                    if !pulled && !filler.is_working_on(req.layer.as_str()) {
+                        // Nothing fetches it (an earlier attempt failed for a transient
+                        // reason): pulling the image again starts that.
+                        pulled = true;
+                        self.pull_until(&req.image_ref, deadline).await?;
+                        continue;
+                    }
+                }
                 None if !pulled => {
                     pulled = true;
                     self.pull_until(&req.image_ref, deadline).await?;
