@@ -228,7 +228,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             cfg.fuse.passthrough,
             Arc::clone(&recorder),
         );
-        match crate::fs::fuse::Mount::start(
+        match crate::fs::mount::Mount::start(
             fs,
             &cfg.fuse.mountpoint,
             cfg.fuse.threads,

@@ -118,6 +118,17 @@ impl LayerTable {
         Some(i)
     }
 
+    /// A layer built in memory, under `name` (tests of the namespace without a store).
+    #[cfg(test)]
+    pub(crate) fn insert_loaded(&self, name: &str, layer: Arc<LazyLayer>) -> usize {
+        let mut layers = self.write();
+        let i = layers.names.len();
+        layers.names.push(name.to_string());
+        layers.loaded.push(Some(layer));
+        layers.by_hex.insert(name.to_string(), i);
+        i
+    }
+
     /// Persist new layer indexes to `file` from now on (a fresh mount that can be handed over).
     pub fn persist(&self, file: std::fs::File) {
         self.write().persist = Some(file);

@@ -1,11 +1,15 @@
 //! The layer filesystem: a pure inode tree built from a layer's entries (`tree.rs`), the read
-//! path from a file range to verified bytes (`reader.rs`), and the FUSE adapter (`fuse.rs`, the
-//! only file that knows fuser).
+//! path from a file range to verified bytes (`reader.rs`), the filesystem's answers without a
+//! kernel (`ops.rs`), the FUSE adapter (`fuse.rs`, with `mount.rs` the only files that know
+//! fuser) and the mount's lifecycle (`mount.rs`).
 
 pub mod elf;
 pub mod fuse;
+pub mod handles;
 pub mod handover;
 pub mod layers;
+pub mod mount;
+pub mod ops;
 pub mod reader;
 pub mod record;
 pub mod siblings;
