@@ -144,6 +144,8 @@ async fn preload_images(images: Arc<Images>, refs: Vec<String>, stop: Cancellati
 }
 
 pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Result<()> {
+    // One-time initialisations the first request would otherwise pay for.
+    tokio::task::spawn_blocking(crate::oci::warm_up);
     // A bad preload list stops the start, before anything is set up.
     let preload = match &cfg.preload_images {
         Some(f) => {

@@ -218,3 +218,43 @@ async fn a_toc_with_wrong_bytes_is_refused_for_good() {
     assert_eq!(f.fill().await, FillStatus::OnDemand);
     assert_eq!(f.fake.requests().len(), asked);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toc_comes_with_its_footer_in_one_request_and_a_long_one_in_two() {
+    // Small: the footer and the TOC are in the layer's last 64 KiB.
+    let f = Fixture::estargz_on_demand();
+    assert_eq!(f.fill().await, FillStatus::OnDemand);
+    let rec = lock(&f.db).layer(f.digest.as_str()).unwrap().unwrap();
+    assert_eq!(rec.toc_entries, Some(2), "{rec:?}");
+    let size = f.blob.len() as u64;
+    assert_eq!(
+        f.fake
+            .requests()
+            .iter()
+            .map(|(_, s, e)| (*s, *e))
+            .collect::<Vec<_>>(),
+        [(size - (64 << 10), size)]
+    );
+    // Many files: a TOC longer than the guess, whose start comes in a second request.
+    let names: Vec<String> = (0..6000)
+        .map(|i| format!("d{}/file-{i:05}", i % 97))
+        .collect();
+    let contents: Vec<Vec<u8>> = (0..6000).map(|i| noise(8, i as u64)).collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&contents)
+        .map(|(n, c)| (n.as_str(), &c[..]))
+        .collect();
+    let (blob, toc) = crate::layer::estargz::tests::build(&files, |_| {});
+    let f = Fixture::with_layer(blob, Some(toc), false, 1 << 20);
+    assert_eq!(f.fill().await, FillStatus::OnDemand);
+    let rec = lock(&f.db).layer(f.digest.as_str()).unwrap().unwrap();
+    assert!(rec.mountable(), "{rec:?}");
+    assert!(rec.toc_entries.unwrap_or(0) >= 6000, "{rec:?}");
+    let size = f.blob.len() as u64;
+    let reqs: Vec<(u64, u64)> = f.fake.requests().iter().map(|(_, s, e)| (*s, *e)).collect();
+    let tail_at = size - toc_tail_guess(size);
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[0], (tail_at, size));
+    assert!(reqs[1].0 < tail_at && reqs[1].1 == tail_at, "{reqs:?}");
+}

@@ -477,6 +477,8 @@ impl Snapshotter {
         let mut pulled = false;
         let mut plain_logged = false;
         loop {
+            // Subscribed before the state is read: a TOC fetch that ends after this is seen.
+            let mut toc_events = self.images.filler.toc_events();
             let layer = lock(&self.db)
                 .layer(req.layer.as_str())
                 .map_err(|e| e.to_string())?;
@@ -575,13 +577,21 @@ impl Snapshotter {
                     ));
                 }
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(format!(
                     "its TOC was not fetched within {:?}",
                     self.opts.remote_wait
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // Woken when a TOC fetch ends (polling every 20 ms made each Prepare wait 10 ms
+            // on average after its TOC was in); the timeout catches other changes (a fill
+            // that completes the layer).
+            let _ = tokio::time::timeout(
+                (deadline - now).min(Duration::from_millis(100)),
+                toc_events.changed(),
+            )
+            .await;
         }
     }
 
