@@ -766,7 +766,7 @@ impl Images {
                     l.size,
                     off,
                 )
-                .map_err(StoreError::Corrupt)?
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?
                 .entries
             } else {
                 continue;

@@ -969,7 +969,7 @@ impl Filler {
         creds: &OpCreds,
     ) -> Result<Toc, TocFetchError> {
         use crate::layer::{estargz::Limits, zstd_chunked};
-        let pos = zstd_chunked::Position::parse(position).map_err(TocFetchError::Refused)?;
+        let pos = zstd_chunked::Position::parse(position)?;
         let limits = Limits::default();
         if pos.length > limits.max_toc_compressed {
             return Err(TocFetchError::Refused(format!(

@@ -13,6 +13,27 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+/// Why a layer cannot be mounted lazily (logged; the layer is then not in the mount).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("bad digest in the catalogue: {0}")]
+    Record(#[from] crate::oci::OciError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error("file index: {0}")]
+    Index(#[from] crate::layer::tar::UnpackError),
+    #[error("the index {0} gives no random access to this layer")]
+    NoRandomAccess(Digest),
+    #[error(transparent)]
+    Toc(#[from] estargz::TocError),
+    #[error("file tree: {0}")]
+    Tree(#[from] super::tree::TreeError),
+    #[error(
+        "no verified TOC (not an eStargz layer, or not fetched yet) and not unpacked (a plain layer not fetched yet)"
+    )]
+    NotReady,
+}
+
 #[derive(Default)]
 struct Layers {
     by_hex: HashMap<String, usize>,
@@ -202,8 +223,8 @@ impl LayerTable {
             .spawn(async move { reader.prefetch_landmark(&layer) });
     }
 
-    fn load(&self, rec: &LayerRecord) -> Result<LazyLayer, String> {
-        let digest = rec.digest().map_err(|e| e.to_string())?;
+    fn load(&self, rec: &LayerRecord) -> Result<LazyLayer, LoadError> {
+        let digest = rec.digest()?;
         if rec.toc_entries.is_none()
             && let Some(index) = rec.index_digest.as_deref()
         {
@@ -212,11 +233,10 @@ impl LayerTable {
             // here, or pushed by another node): read lazily from the nearest checkpoint, like
             // an eStargz layer. With both, files missing from the cache (wiped, or another
             // layer's GC) are read through the checkpoints too.
-            let index = Digest::parse(index).map_err(|e| e.to_string())?;
-            let json = self.layout.read_blob(&index).map_err(|e| e.to_string())?;
+            let index = Digest::parse(index)?;
+            let json = self.layout.read_blob(&index)?;
             let (entries, ra) =
-                crate::layer::tar::decode_index_with(&json, &crate::layer::tar::Limits::default())
-                    .map_err(|e| e.to_string())?;
+                crate::layer::tar::decode_index_with(&json, &crate::layer::tar::Limits::default())?;
             let ra = ra.filter(|ra| ra.layer == digest && ra.blob_size == rec.size);
             let (entries, toc_offset, windows) = match ra {
                 Some(ra) => {
@@ -226,13 +246,9 @@ impl LayerTable {
                     (ra.lazy_entries(&entries), rec.size, ra.windows.clone())
                 }
                 None if rec.unpacked => (entries, 0, None),
-                None => {
-                    return Err(format!(
-                        "the index {index} gives no random access to this layer"
-                    ));
-                }
+                None => return Err(LoadError::NoRandomAccess(index)),
             };
-            let tree = Tree::from_entries(&entries).map_err(|e| e.to_string())?;
+            let tree = Tree::from_entries(&entries)?;
             let toc = estargz::Toc {
                 digest: index,
                 toc_offset,
@@ -259,13 +275,10 @@ impl LayerTable {
         let (Some(_), Some(toc_offset), Some(toc_digest)) =
             (rec.toc_entries, rec.toc_offset, rec.toc_digest.as_deref())
         else {
-            return Err("no verified TOC (not an eStargz layer, or not fetched yet) and not unpacked (a plain layer not fetched yet)".into());
+            return Err(LoadError::NotReady);
         };
-        let toc_digest = Digest::parse(toc_digest).map_err(|e| e.to_string())?;
-        let json = self
-            .layout
-            .read_blob(&toc_digest)
-            .map_err(|e| e.to_string())?;
+        let toc_digest = Digest::parse(toc_digest)?;
+        let json = self.layout.read_blob(&toc_digest)?;
         let toc = crate::layer::parse_stored_toc(
             &json,
             &toc_digest,
@@ -273,7 +286,7 @@ impl LayerTable {
             rec.size,
             toc_offset,
         )?;
-        let tree = Tree::from_entries(&toc.entries).map_err(|e| e.to_string())?;
+        let tree = Tree::from_entries(&toc.entries)?;
         Ok(LazyLayer::new(
             digest,
             rec.source.clone(),

@@ -57,6 +57,9 @@ pub enum TocError {
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("TOC entry {name:?}: {reason}")]
     Entry { name: String, reason: String },
+    /// A zstd:chunked layer's TOC annotations (checksum and `offset:length:uncompressed:type`).
+    #[error("manifest position {0}")]
+    Position(String),
 }
 
 fn footer_err(m: impl Into<String>) -> TocError {

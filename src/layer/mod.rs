@@ -16,7 +16,7 @@ pub fn parse_stored_toc(
     position: Option<&str>,
     blob_size: u64,
     toc_offset: u64,
-) -> Result<estargz::Toc, String> {
+) -> Result<estargz::Toc, estargz::TocError> {
     let limits = estargz::Limits::default();
     match position {
         Some(p) => {
@@ -25,5 +25,4 @@ pub fn parse_stored_toc(
         }
         None => estargz::parse_toc(bytes, toc_digest, blob_size, toc_offset, &limits),
     }
-    .map_err(|e| e.to_string())
 }

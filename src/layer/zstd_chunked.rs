@@ -35,21 +35,21 @@ pub struct Position {
 
 impl Position {
     /// `offset:length:uncompressed:type` (type must be 1).
-    pub fn parse(s: &str) -> Result<Position, String> {
+    pub fn parse(s: &str) -> Result<Position, TocError> {
         let f: Vec<&str> = s.split(':').collect();
         let [offset, length, uncompressed, kind] = f.as_slice() else {
-            return Err(format!(
-                "manifest position {s:?}: want offset:length:uncompressed:type"
-            ));
+            return Err(TocError::Position(format!(
+                "{s:?}: want offset:length:uncompressed:type"
+            )));
         };
         let num = |v: &str| {
             v.parse::<u64>()
-                .map_err(|_| format!("manifest position {s:?}: {v:?} is not a number"))
+                .map_err(|_| TocError::Position(format!("{s:?}: {v:?} is not a number")))
         };
         if num(kind)? != 1 {
-            return Err(format!(
-                "manifest position {s:?}: unsupported TOC type {kind}"
-            ));
+            return Err(TocError::Position(format!(
+                "{s:?}: unsupported TOC type {kind}"
+            )));
         }
         let p = Position {
             offset: num(offset)?,
@@ -57,11 +57,11 @@ impl Position {
             uncompressed: num(uncompressed)?,
         };
         if p.offset < SKIPPABLE_HEADER || p.length == 0 {
-            return Err(format!("manifest position {s:?}: empty or misplaced"));
+            return Err(TocError::Position(format!("{s:?}: empty or misplaced")));
         }
         // Callers compute `offset + length`; found by the fuzz target.
         if p.offset.checked_add(p.length).is_none() {
-            return Err(format!("manifest position {s:?}: ends past 2^64"));
+            return Err(TocError::Position(format!("{s:?}: ends past 2^64")));
         }
         Ok(p)
     }
@@ -77,12 +77,14 @@ impl Position {
 }
 
 /// The TOC checksum and position from a layer's annotations, if it is zstd:chunked.
-pub fn from_annotations(a: &HashMap<String, String>) -> Option<Result<(Digest, Position), String>> {
+pub fn from_annotations(
+    a: &HashMap<String, String>,
+) -> Option<Result<(Digest, Position), TocError>> {
     FLAVOURS.iter().find_map(|(ck, pos)| {
         let (c, p) = (a.get(*ck)?, a.get(*pos)?);
         Some(
             Digest::parse(c)
-                .map_err(|e| format!("manifest checksum {c:?}: {e}"))
+                .map_err(|e| TocError::Position(format!("checksum {c:?}: {e}")))
                 .and_then(|d| Ok((d, Position::parse(p)?))),
         )
     })

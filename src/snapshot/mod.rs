@@ -77,6 +77,31 @@ pub struct MountSpec {
     pub options: Vec<String>,
 }
 
+/// Why a layer is not served lazily (logged; containerd then downloads and applies it).
+#[derive(Debug, thiserror::Error)]
+enum NotLazy {
+    #[error("catalogue: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("its TOC was refused: {0}")]
+    TocRefused(String),
+    #[error("its TOC could not be fetched: {0}")]
+    TocUnavailable(String),
+    #[error("its TOC was not fetched within {0:?}")]
+    TocTimeout(Duration),
+    #[error("it has no TOC ({0}) and is not fetched yet")]
+    NoTocNotFetched(String),
+    #[error("it has no TOC and its fetch failed: {0}")]
+    NoTocFetchFailed(String),
+    #[error("it has no TOC and was not fetched and unpacked within {0:?} (snapshotter.plain_wait)")]
+    NoTocTimeout(Duration),
+    #[error("pulling the image: {0}")]
+    Pull(Box<crate::images::ImagesError>),
+    #[error("pulling the image timed out after {0:?}")]
+    PullTimeout(Duration),
+    #[error("the image does not contain the layer")]
+    NotInImage,
+}
+
 /// Where a remote snapshot's layer comes from, as the labels say.
 #[derive(Debug, PartialEq, Eq)]
 pub struct RemoteRequest {
@@ -471,7 +496,7 @@ impl Snapshotter {
     /// Wait until the layer can be served by the FUSE mount: its TOC verified (lazy), or its
     /// files unpacked (a complete plain layer). Pulls the image (manifest and config) first if
     /// the daemon does not know the layer. Err: why it cannot be served lazily.
-    async fn layer_ready(&self, req: &RemoteRequest) -> std::result::Result<(), String> {
+    async fn layer_ready(&self, req: &RemoteRequest) -> std::result::Result<(), NotLazy> {
         let started = Instant::now();
         let deadline = started + self.opts.remote_wait;
         let mut pulled = false;
@@ -479,9 +504,7 @@ impl Snapshotter {
         loop {
             // Subscribed before the state is read: a TOC fetch that ends after this is seen.
             let mut toc_events = self.images.filler.toc_events();
-            let layer = lock(&self.db)
-                .layer(req.layer.as_str())
-                .map_err(|e| e.to_string())?;
+            let layer = lock(&self.db).layer(req.layer.as_str())?;
             match layer {
                 Some(l) if l.mountable() => {
                     // Known from another registry or repository, and still needing the network:
@@ -508,30 +531,19 @@ impl Snapshotter {
                     return Ok(());
                 }
                 Some(l) if l.toc_error.is_some() => {
-                    return Err(format!(
-                        "its TOC was refused: {}",
-                        l.toc_error.unwrap_or_default()
-                    ));
+                    return Err(NotLazy::TocRefused(l.toc_error.unwrap_or_default()));
                 }
                 Some(l) if l.toc_digest.is_none() => {
                     // Fetched once, by the filler (one stream, verified, unpacked into the
                     // file cache), rather than by containerd and then again by the filler.
                     let Some(wait) = self.opts.plain_wait.filter(|w| !w.is_zero()) else {
-                        return Err(format!(
-                            "it has no TOC ({}) and is not fetched yet",
-                            l.media_type
-                        ));
+                        return Err(NotLazy::NoTocNotFetched(l.media_type));
                     };
                     if l.state == crate::store::LayerState::Failed {
-                        return Err(format!(
-                            "it has no TOC and its fetch failed: {}",
-                            l.error.unwrap_or_default()
-                        ));
+                        return Err(NotLazy::NoTocFetchFailed(l.error.unwrap_or_default()));
                     }
                     if started.elapsed() >= wait {
-                        return Err(format!(
-                            "it has no TOC and was not fetched and unpacked within {wait:?} (snapshotter.plain_wait)"
-                        ));
+                        return Err(NotLazy::NoTocTimeout(wait));
                     }
                     if !plain_logged {
                         plain_logged = true;
@@ -555,7 +567,7 @@ impl Snapshotter {
                     // Its TOC is still to come.
                     let filler = &self.images.filler;
                     if let Some(why) = filler.toc_unavailable_since(req.layer.as_str(), started) {
-                        return Err(format!("its TOC could not be fetched: {why}"));
+                        return Err(NotLazy::TocUnavailable(why));
                     }
                     if !pulled && !filler.is_working_on(req.layer.as_str()) {
                         // Nothing fetches it (an earlier attempt failed for a transient
@@ -570,19 +582,11 @@ impl Snapshotter {
                     self.pull_until(&req.image_ref, deadline).await?;
                     continue;
                 }
-                None => {
-                    return Err(format!(
-                        "{} does not contain layer {}",
-                        req.image_ref, req.layer
-                    ));
-                }
+                None => return Err(NotLazy::NotInImage),
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(format!(
-                    "its TOC was not fetched within {:?}",
-                    self.opts.remote_wait
-                ));
+                return Err(NotLazy::TocTimeout(self.opts.remote_wait));
             }
             // Woken when a TOC fetch ends (polling every 20 ms made each Prepare wait 10 ms
             // on average after its TOC was in); the timeout catches other changes (a fill
@@ -600,12 +604,12 @@ impl Snapshotter {
         &self,
         image_ref: &str,
         deadline: Instant,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), NotLazy> {
         let wait = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(wait, self.images.pull(image_ref, None, PullMode::Lazy)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("pulling {image_ref}: {e}")),
-            Err(_) => Err(format!("pulling {image_ref} timed out")),
+            Ok(Err(e)) => Err(NotLazy::Pull(Box::new(e))),
+            Err(_) => Err(NotLazy::PullTimeout(wait)),
         }
     }
 
