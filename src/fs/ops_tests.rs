@@ -2,12 +2,9 @@
 //! streaming in whose stream failed.
 
 use super::*;
-use crate::fetch::schedule::Link;
-use crate::fs::reader::{ReadOptions, Reader};
-use crate::fs::tree::Tree;
-use crate::layer::estargz::tests::{build, read as read_toc};
-use crate::registry::seam::fake::FakeBlobs;
-use crate::store::partial::Partials;
+use crate::fs::reader::ReadOptions;
+use crate::fs::reader::seam_tests::served;
+use crate::layer::estargz::tests::build;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -32,16 +29,6 @@ impl Fixture {
                 serde_json::json!({"name": "etc/link", "type": "symlink", "linkName": "../bin/sh"}),
             );
         });
-        let toc = read_toc(&blob, &toc_digest).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(dir.path());
-        layout.create().unwrap();
-        let db = Arc::new(Mutex::new(
-            Catalogue::open(&dir.path().join("catalogue.db")).unwrap(),
-        ));
-        let fake = Arc::new(FakeBlobs::default());
-        let size = blob.len() as u64;
-        let digest = fake.add(blob);
         let opts = ReadOptions {
             timeout: Duration::from_secs(1),
             cache_bytes: 1 << 20,
@@ -50,17 +37,9 @@ impl Fixture {
             dir_read_ahead: 0,
             elf_read_ahead: false,
         };
-        let reader = Reader::new(
-            layout.clone(),
-            Arc::clone(&db),
-            fake,
-            Partials::new(layout.clone()),
-            Link::new(Default::default()),
-            opts,
-        );
-        let table = LayerTable::new(layout.clone(), Arc::clone(&db), reader, Arc::default());
-        let tree = Tree::from_entries(&toc.entries).unwrap();
-        let layer = Arc::new(LazyLayer::new(digest, "r/x".into(), size, toc, tree));
+        let s = served(blob, &toc_digest, opts);
+        let (dir, layout, db, layer) = (s.dir, s.layout, s.db, s.layer);
+        let table = LayerTable::new(layout.clone(), Arc::clone(&db), s.reader, Arc::default());
         table.insert_loaded(HEX, Arc::clone(&layer));
         let recorder = Arc::new(crate::fs::record::Recorder::default());
         let ns = Namespace::new(

@@ -1585,7 +1585,7 @@ fn batches(claims: Vec<Claim>, bytes: u64) -> Vec<Vec<Claim>> {
 
 #[cfg(test)]
 #[path = "reader_tests.rs"]
-mod seam_tests;
+pub(crate) mod seam_tests;
 
 #[cfg(test)]
 mod tests {

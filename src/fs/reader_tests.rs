@@ -15,6 +15,52 @@ struct Fixture {
     layer: Arc<LazyLayer>,
 }
 
+/// An eStargz layer served by a fake registry and mounted lazily: a store in a temp dir, a
+/// reader over the fake, and the loaded layer (shared with the namespace's tests).
+pub(crate) struct Served {
+    pub dir: tempfile::TempDir,
+    pub layout: Layout,
+    pub db: Arc<Mutex<Catalogue>>,
+    pub fake: Arc<FakeBlobs>,
+    pub reader: Arc<Reader>,
+    pub layer: Arc<LazyLayer>,
+}
+
+/// Serve `blob` (eStargz, its TOC digest `toc_digest`) from a fake registry.
+pub(crate) fn served(blob: Vec<u8>, toc_digest: &Digest, opts: ReadOptions) -> Served {
+    let toc = read_toc(&blob, toc_digest).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = Layout::new(dir.path());
+    layout.create().unwrap();
+    let db = Arc::new(Mutex::new(
+        Catalogue::open(&dir.path().join("catalogue.db")).unwrap(),
+    ));
+    let fake = Arc::new(FakeBlobs::default());
+    let size = blob.len() as u64;
+    let digest = fake.add(blob);
+    let partials = Partials::new(layout.clone());
+    partials.open(&digest, size, 0).unwrap();
+    let link = crate::fetch::schedule::Link::new(Default::default());
+    let reader = Reader::new(
+        layout.clone(),
+        Arc::clone(&db),
+        fake.clone(),
+        partials,
+        link,
+        opts,
+    );
+    let tree = Tree::from_entries(&toc.entries).unwrap();
+    let layer = Arc::new(LazyLayer::new(digest, SOURCE.into(), size, toc, tree));
+    Served {
+        dir,
+        layout,
+        db,
+        fake,
+        reader,
+        layer,
+    }
+}
+
 impl Fixture {
     /// A layer of `files` (name, content, mode) served by a fake registry, mounted lazily.
     fn new(files: &[(&str, Vec<u8>, u32)], opts: ReadOptions) -> Fixture {
@@ -26,27 +72,12 @@ impl Fixture {
                 e["mode"] = mode.into();
             }
         });
-        let toc = read_toc(&blob, &toc_digest).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let layout = Layout::new(dir.path());
-        layout.create().unwrap();
-        let db = Arc::new(Mutex::new(
-            Catalogue::open(&dir.path().join("catalogue.db")).unwrap(),
-        ));
-        let fake = Arc::new(FakeBlobs::default());
-        let size = blob.len() as u64;
-        let digest = fake.add(blob);
-        let partials = Partials::new(layout.clone());
-        partials.open(&digest, size, 0).unwrap();
-        let link = crate::fetch::schedule::Link::new(Default::default());
-        let reader = Reader::new(layout, db, fake.clone(), partials, link, opts);
-        let tree = Tree::from_entries(&toc.entries).unwrap();
-        let layer = Arc::new(LazyLayer::new(digest, SOURCE.into(), size, toc, tree));
+        let s = served(blob, &toc_digest, opts);
         Fixture {
-            _dir: dir,
-            reader,
-            fake,
-            layer,
+            _dir: s.dir,
+            reader: s.reader,
+            fake: s.fake,
+            layer: s.layer,
         }
     }
 
