@@ -1,5 +1,5 @@
 //! eStargz layers converted by Debian's `ctr-remote` (an independent implementation): lazypull
-//! finds the TOC with two range requests, verifies it against the layer annotation, and agrees
+//! finds the TOC with one range request (two for a TOC longer than the guess), verifies it against the layer annotation, and agrees
 //! with the layer's tar about what it contains.
 
 mod common;
@@ -95,9 +95,15 @@ async fn reads_tocs_written_by_ctr_remote() {
         assert_eq!(l["digest"], digest.as_str());
         assert!(l["toc_error"].is_null(), "TOC refused: {l}");
         let n = l["toc_entries"].as_u64().expect("TOC entries recorded");
-        // Footer + TOC: two range requests before the fill, three GETs of the layer in all.
+        // The footer and the TOC in one range request for the layer's last 64 KiB (small
+        // layers: the whole layer, which leaves nothing for the fill to fetch), then the fill.
+        let size = l["size"].as_u64().expect("layer size in status");
         let gets = reg.blob_gets("multilayer", digest);
-        assert_eq!(gets, 3, "footer, TOC, fill for {digest}");
+        let want = if size <= 64 << 10 { 1 } else { 2 };
+        assert_eq!(
+            gets, want,
+            "footer + TOC, then fill, for {digest} ({size} bytes)"
+        );
         // The stored TOC is the one the annotation names, and lists what the tar holds.
         let toc_path = d
             .store()
