@@ -182,9 +182,9 @@ pub struct Filler {
     /// The last TOC fetch of a layer that failed for a transient reason, and when (cleared
     /// when a fetch succeeds): the snapshotter answers at once instead of waiting it out.
     toc_unavailable: Mutex<HashMap<String, (Instant, String)>>,
-    /// Counts TOC fetches that ended (fetched, refused or unavailable): the snapshotter
+    /// Changes when a TOC fetch ends (fetched, refused or unavailable): the snapshotter
     /// waits on it instead of polling the catalogue.
-    toc_events: watch::Sender<u64>,
+    toc_events: watch::Sender<()>,
 }
 
 /// A fill fetching a layer now, as another reader of the blob follows it: its partial file,
@@ -542,14 +542,14 @@ impl Filler {
             index_span,
             running: Mutex::default(),
             toc_unavailable: Mutex::default(),
-            toc_events: watch::Sender::new(0),
+            toc_events: watch::Sender::new(()),
         })
     }
 
     /// Changes each time a TOC fetch ends, however it ended (its outcome is in the catalogue
     /// or in [`Filler::toc_unavailable_since`] by then). Subscribe before looking at the
     /// state, then wait for a change.
-    pub fn toc_events(&self) -> watch::Receiver<u64> {
+    pub fn toc_events(&self) -> watch::Receiver<()> {
         self.toc_events.subscribe()
     }
 
@@ -834,7 +834,7 @@ impl Filler {
                 }
             }
         }
-        self.toc_events.send_modify(|n| *n += 1);
+        self.toc_events.send_replace(());
     }
 
     async fn try_fetch_toc(
@@ -902,11 +902,9 @@ impl Filler {
         let member = toc_member(&head, &tail, tail_at, toc_offset, end);
         let size = layer.size;
         let td = toc_digest.clone();
-        let member = Arc::new(member);
-        let m2 = Arc::clone(&member);
         let (json, entries, landmark) = tokio::task::spawn_blocking(
             move || -> Result<(Vec<u8>, u64, Option<u64>), TocFetchError> {
-                let json = estargz::toc_json_from_member(&m2, &limits)?;
+                let json = estargz::toc_json_from_member(&member, &limits)?;
                 let toc = estargz::parse_toc(&json, &td, size, toc_offset, &limits)?;
                 Ok((
                     json,

@@ -1052,7 +1052,9 @@ impl Reader {
                     for run in coalesce(remote, COALESCE_GAP) {
                         let (this, layer, partial) =
                             (Arc::clone(&this), Arc::clone(&layer), partial.clone());
-                        tokio::spawn(async move { this.fetch_run(&layer, partial, run).await });
+                        tokio::spawn(
+                            async move { this.fetch_run(&layer, partial, run, None).await },
+                        );
                     }
                 }
                 Order::List => {
@@ -1079,8 +1081,7 @@ impl Reader {
                             let (this, layer, partial) =
                                 (Arc::clone(&this), Arc::clone(&layer), partial.clone());
                             tokio::spawn(async move {
-                                this.fetch_run_credited(&layer, partial, run, Some(credit))
-                                    .await;
+                                this.fetch_run(&layer, partial, run, Some(credit)).await;
                                 drop(permit);
                             });
                         }
@@ -1154,7 +1155,7 @@ impl Reader {
         let Ok(remote) = remote else { return };
         for run in coalesce(remote, COALESCE_GAP) {
             let (this, layer, partial) = (Arc::clone(self), Arc::clone(layer), partial.clone());
-            tokio::spawn(async move { this.fetch_run(&layer, partial, run).await });
+            tokio::spawn(async move { this.fetch_run(&layer, partial, run, None).await });
         }
     }
 
@@ -1281,17 +1282,8 @@ impl Reader {
 
     /// One range request for a group of neighbouring chunks; each chunk is decoded, verified,
     /// stored and handed out as soon as its bytes are in.
+    /// A prefetch's `credit` (KiB of its window) is given back as the bytes arrive.
     async fn fetch_run(
-        self: &Arc<Self>,
-        layer: &Arc<LazyLayer>,
-        partial: Option<Arc<PartialBlob>>,
-        run: Vec<Claim>,
-    ) {
-        self.fetch_run_credited(layer, partial, run, None).await
-    }
-
-    /// `fetch_run`, giving back `credit` (KiB of a prefetch window) as the bytes arrive.
-    async fn fetch_run_credited(
         self: &Arc<Self>,
         layer: &Arc<LazyLayer>,
         partial: Option<Arc<PartialBlob>>,
