@@ -36,6 +36,8 @@ const VERSION: u32 = 1;
 const GIVE_UP: Duration = Duration::from_secs(600);
 /// How often a recording is looked at.
 const POLL: Duration = Duration::from_millis(100);
+/// Lists looked through for a layer's ranges when its image is not in the catalogue.
+const MAX_LISTS_SCANNED: usize = 1024;
 /// Looking for a shared list in the registry gives up after this (the start goes on without).
 const REMOTE_WAIT: Duration = Duration::from_secs(5);
 
@@ -49,6 +51,37 @@ pub struct LearnedList {
     /// When it was recorded (seconds since the epoch).
     pub recorded_at: i64,
     pub files: Vec<LearnedFile>,
+    /// Per layer digest, the byte ranges of the blob that hold the listed files: fetched as
+    /// soon as containerd prepares the layer, before its TOC is in (`registry::early`). Lists
+    /// recorded before there were ranges have none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ranges: BTreeMap<String, LayerRanges>,
+}
+
+/// Where a layer's listed files lie in its blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerRanges {
+    /// The blob's size.
+    pub size: u64,
+    /// An eStargz layer: its TOC is read from the blob's tail ([`crate::fetch::toc_tail`]),
+    /// which is fetched first.
+    #[serde(default)]
+    pub toc_tail: bool,
+    /// `[start, end)` byte ranges, in the order the start needs them.
+    pub spans: Vec<[u64; 2]>,
+}
+
+impl LayerRanges {
+    /// What to fetch ahead, in order: the TOC's tail, then the spans.
+    pub fn fetch_order(&self) -> Vec<(u64, u64)> {
+        let tail = (self.toc_tail && self.size >= crate::layer::estargz::FOOTER_SIZE)
+            .then(|| crate::fetch::toc_tail(self.size))
+            .map(|(at, len)| (at, at + len));
+        tail.into_iter()
+            .chain(self.spans.iter().map(|[s, e]| (*s, *e)))
+            .collect()
+    }
 }
 
 /// A regular file of a layer: the layer's digest and the file's path in the layer.
@@ -98,6 +131,18 @@ impl LearnedList {
                 || f.path.split('/').any(|c| c == "..");
             if bad {
                 return Err(format!("bad path {:?}", f.path));
+            }
+        }
+        for (layer, r) in &list.ranges {
+            Digest::parse(layer).map_err(|e| format!("ranges of layer {layer:?}: {e}"))?;
+            if r.spans.len() > MAX_FILES {
+                return Err(format!("{} ranges in layer {layer}", r.spans.len()));
+            }
+            if let Some([s, e]) = r.spans.iter().find(|[s, e]| s >= e || *e > r.size) {
+                return Err(format!(
+                    "range [{s}, {e}) of layer {layer} is empty or past its {} bytes",
+                    r.size
+                ));
             }
         }
         Ok(list)
@@ -324,11 +369,19 @@ pub trait Prefetch: Send + Sync {
     /// Load layer `hex` now and prefetch its landmark files and then `paths`, in order.
     /// `None` when the layer cannot be mounted.
     fn start(&self, hex: &str, paths: &[String]) -> Option<usize>;
+
+    /// Where the files `paths` of layer `hex` lie in its blob (a layer read through its TOC;
+    /// `None` for others).
+    fn ranges(&self, hex: &str, paths: &[String]) -> Option<LayerRanges>;
 }
 
 impl Prefetch for crate::fs::layers::LayerTable {
     fn start(&self, hex: &str, paths: &[String]) -> Option<usize> {
         self.start_prefetch(hex, paths)
+    }
+
+    fn ranges(&self, hex: &str, paths: &[String]) -> Option<LayerRanges> {
+        self.learned_spans(hex, paths)
     }
 }
 
@@ -338,6 +391,8 @@ pub struct Learner {
     db: Arc<Mutex<Catalogue>>,
     /// Looks for lists other nodes shared (`fetch.learn.remote`).
     registry: Option<Arc<crate::registry::Registry>>,
+    /// Fetches a layer's listed ranges ahead of its TOC.
+    early: Arc<crate::registry::early::EarlyBlobs>,
     /// Images whose shared list was looked for (each once per run); the lock is held while
     /// one is looked for, so the other layers of that image wait for the answer.
     looked_up: Mutex<std::collections::HashMap<String, Arc<Mutex<bool>>>>,
@@ -354,6 +409,7 @@ impl Learner {
         layout: Layout,
         db: Arc<Mutex<Catalogue>>,
         registry: Option<Arc<crate::registry::Registry>>,
+        early: Arc<crate::registry::early::EarlyBlobs>,
         recorder: Arc<Recorder>,
         prefetch: Arc<dyn Prefetch>,
         opts: LearnConfig,
@@ -362,6 +418,7 @@ impl Learner {
             layout,
             db,
             registry: registry.filter(|_| opts.remote),
+            early,
             looked_up: Mutex::default(),
             recorder,
             prefetch,
@@ -378,6 +435,81 @@ impl Learner {
         let (this, image_ref, layer) = (Arc::clone(self), image_ref.to_string(), layer.clone());
         self.rt
             .spawn_blocking(move || this.prepared(&image_ref, &layer));
+    }
+
+    /// containerd asks for layer `layer` of image `image_ref` as a remote snapshot and its TOC
+    /// is not here: when a learned list knows where the start's files lie in that layer, fetch
+    /// those ranges (and the TOC's tail) now, while the image and the TOC are still being
+    /// fetched, instead of once the layer is mounted (see `registry::early`).
+    pub fn fetch_ahead(self: &Arc<Self>, image_ref: &str, layer: &Digest) {
+        if !self.opts.enabled {
+            return;
+        }
+        let (this, image_ref, layer) = (Arc::clone(self), image_ref.to_string(), layer.clone());
+        self.rt.spawn_blocking(move || {
+            let Some((list, ranges)) = this.ranges_for(&image_ref, &layer) else {
+                return;
+            };
+            let Ok(r) = crate::oci::parse_reference(&image_ref) else {
+                return;
+            };
+            let Some(reference) =
+                crate::fetch::source_reference(&crate::oci::repo_name(&r), &layer)
+            else {
+                return;
+            };
+            let creds = crate::registry::OpCreds {
+                request: None,
+                persisted: crate::fetch::persisted_secret(&this.db, reference.registry()),
+            };
+            let spans = ranges.fetch_order();
+            let _rt = this.rt.enter();
+            let bytes = this.early.fetch(reference, layer.clone(), &spans, creds);
+            if bytes > 0 {
+                tracing::info!(layer = %layer, image = %image_ref, list = %list, ranges = spans.len(), bytes,
+                    "fetching the ranges a previous start read, ahead of the layer's TOC");
+            }
+        });
+    }
+
+    /// The ranges of `layer` a learned list holds: the list of image `image_ref` if the
+    /// catalogue knows it, else the newest list with ranges for that layer (the image was
+    /// pruned, or the store was provisioned with its lists). Returns the list's image too.
+    fn ranges_for(&self, image_ref: &str, layer: &Digest) -> Option<(String, LayerRanges)> {
+        let known = lock(&self.db)
+            .layer(layer.as_str())
+            .ok()
+            .flatten()
+            .is_some_and(|l| l.mountable() || l.state == crate::store::LayerState::Complete);
+        if known {
+            return None;
+        }
+        if let Ok(Some(image)) = crate::images::resolve_in(&lock(&self.db), image_ref)
+            && let Some(list) = self.list_of(&image)
+        {
+            let r = list.ranges.get(layer.as_str())?.clone();
+            return Some((list.image, r));
+        }
+        let dir = std::fs::read_dir(self.layout.learned_dir()).ok()?;
+        let mut best: Option<(i64, String, LayerRanges)> = None;
+        for entry in dir.flatten().take(MAX_LISTS_SCANNED) {
+            let name = entry.file_name();
+            let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            let Ok(manifest) = Digest::parse(&format!("sha256:{hex}")) else {
+                continue;
+            };
+            let Ok(Some(list)) = load(&self.layout, &manifest) else {
+                continue;
+            };
+            if let Some(r) = list.ranges.get(layer.as_str())
+                && best.as_ref().is_none_or(|(at, ..)| list.recorded_at > *at)
+            {
+                best = Some((list.recorded_at, list.image.clone(), r.clone()));
+            }
+        }
+        best.map(|(_, image, r)| (image, r))
     }
 
     fn prepared(self: &Arc<Self>, image_ref: &str, layer: &Digest) {
@@ -515,7 +647,7 @@ impl Learner {
                 tracing::info!(image = %manifest, "recording ended without a file read (or a shared list replaced it): nothing learned");
                 return;
             };
-            let list = LearnedList {
+            let mut list = LearnedList {
                 version: VERSION,
                 image: manifest.to_string(),
                 recorded_at: chrono::Utc::now().timestamp(),
@@ -526,10 +658,22 @@ impl Learner {
                         path,
                     })
                     .collect(),
+                ranges: BTreeMap::new(),
             };
             let n = list.files.len();
             let layout = this.layout.clone();
-            match tokio::task::spawn_blocking(move || save(&layout, &list)).await {
+            let prefetch = Arc::clone(&this.prefetch);
+            match tokio::task::spawn_blocking(move || {
+                for layer in list.per_layer().into_keys() {
+                    let paths = list.paths_of(&layer);
+                    if let Some(r) = prefetch.ranges(layer.trim_start_matches("sha256:"), &paths) {
+                        list.ranges.insert(layer, r);
+                    }
+                }
+                save(&layout, &list)
+            })
+            .await
+            {
                 Ok(Ok(path)) => {
                     tracing::info!(image = %manifest, files = n, path = %path.display(), "learned the files its start reads: the next cold start prefetches them")
                 }
@@ -579,6 +723,7 @@ mod tests {
             version: VERSION,
             image: d('e').to_string(),
             recorded_at: 1,
+            ranges: BTreeMap::new(),
             files: files
                 .iter()
                 .map(|(l, p)| LearnedFile {
@@ -652,6 +797,17 @@ mod tests {
             lock(&self.calls).push((hex.to_string(), paths.to_vec()));
             Some(paths.len())
         }
+
+        /// Layer 'b' is read through a TOC: its n-th listed file lies at [100 n, 100 n + 50).
+        fn ranges(&self, hex: &str, paths: &[String]) -> Option<LayerRanges> {
+            (hex == d('b').hex()).then(|| LayerRanges {
+                size: 100_000,
+                toc_tail: true,
+                spans: (0..paths.len() as u64)
+                    .map(|i| [100 * i, 100 * i + 50])
+                    .collect(),
+            })
+        }
     }
 
     fn catalogue(dir: &Path, landmark: bool) -> Arc<Mutex<Catalogue>> {
@@ -694,12 +850,27 @@ mod tests {
     }
 
     fn learner(dir: &Path, landmark: bool) -> (Arc<Learner>, Arc<Recorder>, Arc<FakePrefetch>) {
+        let (l, recorder, fake, _) = learner_with_blobs(dir, landmark);
+        (l, recorder, fake)
+    }
+
+    fn learner_with_blobs(
+        dir: &Path,
+        landmark: bool,
+    ) -> (
+        Arc<Learner>,
+        Arc<Recorder>,
+        Arc<FakePrefetch>,
+        Arc<crate::registry::seam::fake::FakeBlobs>,
+    ) {
         let recorder = Arc::new(Recorder::default());
         let fake = Arc::new(FakePrefetch::default());
+        let blobs = Arc::new(crate::registry::seam::fake::FakeBlobs::default());
         let l = Learner::new(
             Layout::new(dir),
             catalogue(dir, landmark),
             None,
+            crate::registry::early::EarlyBlobs::new(Arc::clone(&blobs) as _),
             Arc::clone(&recorder),
             Arc::clone(&fake) as Arc<dyn Prefetch>,
             LearnConfig {
@@ -710,7 +881,7 @@ mod tests {
                 max_files: 100,
             },
         );
-        (l, recorder, fake)
+        (l, recorder, fake, blobs)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -767,6 +938,66 @@ mod tests {
             matches!(&status, StartPrefetch::Learned { files: 3, layers, .. } if layers.len() == 2),
             "{status:?}"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_list_keeps_where_its_files_lie_and_the_next_start_fetches_them_ahead_of_the_toc() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l, recorder, _fake, blobs) = learner_with_blobs(dir.path(), false);
+        let (a, b) = (d('a'), d('b'));
+        blobs.add_as(&b, crate::registry::seam::fake::noise(100_000, 1));
+        // Nothing learned yet: nothing fetched ahead.
+        l.fetch_ahead("r.example/img:1", &b);
+        l.layer_prepared("r.example/img:1", &b);
+        wait_for("recording", || recorder.is_active()).await;
+        recorder.opened(b.hex(), "usr/bin/python3");
+        recorder.opened(a.hex(), "lib/libc.so.6");
+        recorder.opened(b.hex(), "usr/lib/python3.11/os.py");
+        let layout = Layout::new(dir.path());
+        wait_for("the list", || load(&layout, &d('e')).unwrap().is_some()).await;
+        let saved = load(&layout, &d('e')).unwrap().unwrap();
+        assert_eq!(
+            saved.ranges.get(b.as_str()).map(|r| r.spans.clone()),
+            Some(vec![[0, 50], [100, 150]])
+        );
+        assert!(!saved.ranges.contains_key(a.as_str()), "layer a has no TOC");
+        assert!(blobs.requests().is_empty());
+        // The next cold start: the TOC's tail first, then the files' ranges.
+        let (tail_at, _) = crate::fetch::toc_tail(100_000);
+        l.fetch_ahead("r.example/img:1", &b);
+        wait_for("the early fetch", || blobs.requests().len() == 3).await;
+        let mut asked = blobs.requests();
+        asked.sort();
+        assert_eq!(
+            asked,
+            [
+                (b.clone(), 0, 50),
+                (b.clone(), 100, 150),
+                (b.clone(), tail_at, 100_000)
+            ]
+        );
+        // Found by layer too, when the image is not in the catalogue (pruned, or a store
+        // provisioned with the lists): a new learner over an empty catalogue.
+        let dir2 = tempfile::tempdir().unwrap();
+        let (l2, _, _, blobs2) = learner_with_blobs(dir2.path(), false);
+        std::fs::create_dir_all(Layout::new(dir2.path()).learned_dir()).unwrap();
+        std::fs::copy(
+            layout.learned(&d('e')),
+            Layout::new(dir2.path()).learned(&d('e')),
+        )
+        .unwrap();
+        lock(&l2.db).remove_image(d('f').as_str()).unwrap();
+        blobs2.add_as(&b, crate::registry::seam::fake::noise(100_000, 1));
+        l2.fetch_ahead("r.example/other:2", &b);
+        wait_for("the early fetch by layer", || blobs2.requests().len() == 3).await;
+        // A list that places a range past the layer's end is refused whole.
+        let mut bad = saved.clone();
+        bad.ranges
+            .get_mut(b.as_str())
+            .unwrap()
+            .spans
+            .push([99_990, 100_001]);
+        assert!(LearnedList::decode(&bad.encode(), &d('e')).is_err());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

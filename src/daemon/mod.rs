@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 pub struct Core {
     pub images: Arc<Images>,
+    /// The registry's blob bodies as the read path and the filler see them: with the ranges
+    /// fetched ahead of a layer's TOC (see `registry::early`).
+    pub early: Arc<crate::registry::early::EarlyBlobs>,
     pub shutdown: CancellationToken,
     _lock: StoreLock,
 }
@@ -39,11 +42,12 @@ impl Core {
         let registry = Registry::new(cfg.registry_options(default_secret));
         registry.set_peers(&peers::static_peers(&cfg.peers, own_mirror_port(cfg)));
         let shutdown = CancellationToken::new();
+        let early = crate::registry::early::EarlyBlobs::new(registry.clone());
         let filler = Filler::new(
             layout.clone(),
             crate::store::Partials::new(layout.clone()),
             Arc::clone(&db),
-            registry.clone(),
+            early.clone(),
             crate::fetch::FillerOptions {
                 max_parallel: cfg.fetch.max_parallel,
                 fill_enabled: cfg.fetch.fill.enabled,
@@ -67,6 +71,7 @@ impl Core {
         ));
         Ok(Core {
             images,
+            early,
             shutdown,
             _lock: lock,
         })
@@ -202,7 +207,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         let reader = crate::fs::reader::Reader::new(
             images.layout.clone(),
             Arc::clone(&images.db),
-            images.registry.clone(),
+            core.early.clone(),
             Arc::clone(images.filler.partials()),
             Arc::clone(images.filler.link()),
             crate::fs::reader::ReadOptions {
@@ -458,6 +463,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
                         images.layout.clone(),
                         Arc::clone(&images.db),
                         Some(Arc::clone(&images.registry)),
+                        Arc::clone(&core.early),
                         Arc::clone(&recorder),
                         table as Arc<dyn crate::learned::Prefetch>,
                         cfg.fetch.learn.clone(),

@@ -441,6 +441,16 @@ fn toc_tail_guess(size: u64) -> u64 {
     (size / 256).clamp(64 << 10, 512 << 10).min(size)
 }
 
+/// The range `(offset, len)` of an eStargz layer of `size` bytes that the first TOC request
+/// asks for (the footer and, most often, the whole TOC). The caller checked
+/// `size >= FOOTER_SIZE`.
+pub fn toc_tail(size: u64) -> (u64, u64) {
+    let len = toc_tail_guess(size)
+        .max(crate::layer::estargz::FOOTER_SIZE)
+        .min(size);
+    (size - len, len)
+}
+
 /// The TOC member `[toc_offset, end)` from the bytes fetched: `head` (from `toc_offset` up to
 /// the tail, empty when the tail holds it all) and `tail` (the layer's last bytes, from
 /// `tail_at`). The caller checked `toc_offset < end <= tail_at + tail.len()` and fetched
@@ -863,8 +873,7 @@ impl Filler {
         }
         let limits = Limits::default();
         // The footer and, most often, the whole TOC in one request (see `toc_tail_guess`).
-        let tail_len = toc_tail_guess(layer.size).max(FOOTER_SIZE);
-        let tail_at = layer.size - tail_len;
+        let (tail_at, tail_len) = toc_tail(layer.size);
         self.stats.blob_requests.inc();
         let tail = self
             .registry

@@ -202,6 +202,42 @@ impl LayerTable {
         Some(n)
     }
 
+    /// Where the regular files `paths` of layer `hex` lie in its blob, for a learned list:
+    /// the blob's size, whether its TOC is an eStargz tail, and the byte ranges in the order
+    /// the files come in `paths` (neighbouring chunks merged as the start-up prefetch merges
+    /// them, so that its requests fall inside these ranges). `None` for a layer not read
+    /// through a TOC (streaming, or through a gzip index).
+    pub fn learned_spans(
+        &self,
+        hex: &str,
+        paths: &[String],
+    ) -> Option<crate::learned::LayerRanges> {
+        let layer = self.get(self.by_name(hex)?)?;
+        let rec = lock(&self.db).layer(layer.digest.as_str()).ok().flatten()?;
+        if rec.toc_entries.is_none() || layer.windows.is_some() || layer.stream.is_some() {
+            return None;
+        }
+        let by_path: HashMap<&str, &estargz::Entry> = layer
+            .toc
+            .entries
+            .iter()
+            .map(|e| (e.path.as_str(), e))
+            .collect();
+        let spans = paths
+            .iter()
+            .filter_map(|p| by_path.get(p.as_str()))
+            .flat_map(|e| e.chunks.iter().map(|c| layer.spans.span(c)))
+            .collect();
+        Some(crate::learned::LayerRanges {
+            size: layer.size,
+            toc_tail: rec.toc_position.is_none(),
+            spans: super::reader::prefetch_runs(spans)
+                .into_iter()
+                .map(|(s, e)| [s, e])
+                .collect(),
+        })
+    }
+
     fn load_hex(&self, name: &str) -> Option<LazyLayer> {
         let digest = Digest::parse(&format!("sha256:{name}")).ok()?;
         let rec = lock(&self.db).layer(digest.as_str()).ok().flatten()?;

@@ -1556,6 +1556,33 @@ fn in_list_order(claims: Vec<Claim>, gap: u64) -> Vec<Vec<Claim>> {
     runs
 }
 
+/// The byte ranges the start-up prefetch of chunks at `spans` (in list order) asks for, at
+/// most: neighbours merged as [`in_list_order`] merges them, over the whole list (a batch's
+/// runs then each lie inside one of these), ordered by their first place in the list.
+pub fn prefetch_runs(spans: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let mut place: HashMap<(u64, u64), usize> = HashMap::new();
+    for (i, s) in spans.iter().enumerate() {
+        place.entry(*s).or_insert(i);
+    }
+    let mut sorted = spans;
+    sorted.sort_unstable();
+    sorted.dedup();
+    // (start, end, first place)
+    let mut runs: Vec<(u64, u64, usize)> = vec![];
+    for s in sorted {
+        let at = place.get(&s).copied().unwrap_or(usize::MAX);
+        match runs.last_mut() {
+            Some(r) if s.0 <= r.1 + PREFETCH_GAP && s.1.max(r.1) - r.0 <= MAX_RUN => {
+                r.1 = r.1.max(s.1);
+                r.2 = r.2.min(at);
+            }
+            _ => runs.push((s.0, s.1, at)),
+        }
+    }
+    runs.sort_by_key(|r| r.2);
+    runs.into_iter().map(|(s, e, _)| (s, e)).collect()
+}
+
 /// Split claims, in their order, into batches of about `bytes` compressed bytes each.
 fn batches(claims: Vec<Claim>, bytes: u64) -> Vec<Vec<Claim>> {
     let mut out: Vec<Vec<Claim>> = vec![];
@@ -1719,6 +1746,35 @@ mod tests {
                 vec![(2000, 2010)]
             ]
         );
+    }
+
+    #[test]
+    fn prefetch_runs_hold_every_run_a_batch_would_ask_for_in_list_order() {
+        let k = 1u64 << 10;
+        // The list: a file at 1 MiB, then two neighbours at 0 (8 KiB apart), then one far off.
+        let spans = vec![
+            (1024 * k, 1100 * k),
+            (0, 10 * k),
+            (18 * k, 30 * k),
+            (1100 * k + 100, 1101 * k),
+            (5000 * k, 5001 * k),
+            (0, 10 * k),
+        ];
+        assert_eq!(
+            prefetch_runs(spans.clone()),
+            [(1024 * k, 1101 * k), (0, 30 * k), (5000 * k, 5001 * k)]
+        );
+        // Every run the start-up prefetch makes of them lies inside one of these.
+        let runs = prefetch_runs(spans.clone());
+        for batch in batches(
+            spans.iter().map(|s| claim(s.0, s.1)).collect(),
+            PREFETCH_BATCH,
+        ) {
+            for run in in_list_order(batch, PREFETCH_GAP) {
+                let (s, e) = (run[0].span.0, run.iter().map(|c| c.span.1).max().unwrap());
+                assert!(runs.iter().any(|r| r.0 <= s && e <= r.1), "{s}..{e}");
+            }
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! the host changes; oci-client also refuses to authenticate requests outside the registry.
 
 pub mod auth;
+pub mod early;
 pub mod seam;
 pub mod tls;
 

@@ -97,6 +97,11 @@ pub mod fake {
             d
         }
 
+        /// A blob under a digest of the caller's choosing (its bytes are not checked).
+        pub fn add_as(&self, d: &Digest, data: Vec<u8>) {
+            crate::store::locked(&self.blobs).insert(d.clone(), Bytes::from(data));
+        }
+
         /// The next requests misbehave, in this order.
         pub fn inject(&self, f: Fault) {
             crate::store::locked(&self.faults).push_back(f);

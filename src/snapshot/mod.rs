@@ -460,6 +460,9 @@ impl Snapshotter {
             return Ok(existing.kind == SnapshotKind::Committed);
         }
         let started = Instant::now();
+        if let Some(l) = &self.opts.learner {
+            l.fetch_ahead(&req.image_ref, &req.layer);
+        }
         match self.layer_ready(req).await {
             Ok(()) => {}
             Err(why) => {
