@@ -60,6 +60,7 @@ impl Core {
             },
             shutdown.clone(),
         );
+        early.yield_filler(Arc::clone(filler.link()));
         let images = Arc::new(Images::new(
             layout,
             db,

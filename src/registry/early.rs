@@ -66,6 +66,9 @@ impl Early {
 pub struct EarlyBlobs {
     inner: Arc<dyn BlobSource>,
     ranges: Mutex<HashMap<Digest, Vec<Arc<Early>>>>,
+    /// The filler's link: an early fetch is a start's foreground traffic, which the filler
+    /// yields to.
+    link: std::sync::OnceLock<Arc<crate::fetch::schedule::Link>>,
 }
 
 impl EarlyBlobs {
@@ -73,7 +76,13 @@ impl EarlyBlobs {
         Arc::new(EarlyBlobs {
             inner,
             ranges: Mutex::default(),
+            link: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Make the filler on `link` yield to early fetches, as to a container's reads.
+    pub fn yield_filler(&self, link: Arc<crate::fetch::schedule::Link>) {
+        let _ = self.link.set(link);
     }
 
     fn ranges(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Vec<Arc<Early>>>> {
@@ -159,6 +168,7 @@ impl EarlyBlobs {
     ) {
         let started = Instant::now();
         let len = e.end - e.start;
+        let _foreground = self.link.get().map(|l| l.foreground());
         let result: std::result::Result<(), String> = async {
             let body = self
                 .inner
