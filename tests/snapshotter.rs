@@ -1237,6 +1237,43 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
         "{log}"
     );
     assert!(list_path.exists(), "the shared list is kept in the store");
+
+    // Third cold start, the list in the store: it knows where its files lie in the layer, so
+    // those ranges and the TOC's tail are fetched as the Prepare arrives, before the TOC is
+    // in, and answer the TOC's request and the prefetch: nothing is fetched twice.
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&list_path).unwrap()).unwrap();
+    assert!(
+        saved["ranges"].as_object().is_some_and(|r| !r.is_empty()),
+        "{saved}"
+    );
+    ctd.ctr(&["images", "rm", "--sync", &py]);
+    let mut c = snapshots(&d).await;
+    wait_no_snapshots(&mut c, &ctd).await;
+    let mut lp = d.client().await;
+    assert!(common::remove(&mut lp, &py).await.is_ok());
+    assert!(d.terminate().success());
+    d.restart();
+    ctd.wait_snapshotter(Duration::from_secs(20));
+    let sent_before = bytes_sent(&reg, "py", &layers);
+    ctd.rpull_lazy(&py);
+    let log = d.log_text();
+    assert!(log.contains("ahead of the layer's TOC"), "{log}");
+    wait_until("the prefetch", Duration::from_secs(30), || {
+        d.log_text()
+            .matches("prefetching the files a previous start read")
+            .count()
+            >= 2
+    });
+    run("learn3");
+    let sent3 = bytes_sent(&reg, "py", &layers) - sent_before;
+    eprintln!(
+        "third start (fetched ahead of the TOC): the registry sent {sent3} bytes of the layer"
+    );
+    assert!(
+        sent3 <= sent + sent / 50,
+        "fetched ahead: {sent3} bytes sent, against {sent} without"
+    );
     // Forgotten: the image is back to recording its next start.
     let out = d.cli(&["learned", &py, "--forget"]);
     assert!(
