@@ -182,6 +182,8 @@ pub struct Images {
     pub layout: Layout,
     pub db: Arc<Mutex<Catalogue>>,
     pub registry: Arc<Registry>,
+    /// Starts the TOC fetches of a pull's eStargz layers beside its config fetch.
+    early: Arc<crate::registry::early::EarlyBlobs>,
     pub filler: Arc<Filler>,
     pub persist_credentials: bool,
     pub pull_timeout: Duration,
@@ -226,24 +228,34 @@ fn is_hex(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// How the image service behaves (from the configuration).
+pub struct ImagesOptions {
+    /// `cri.persist_credentials`: a pull's credentials are kept for its lazy reads and fill.
+    pub persist_credentials: bool,
+    /// `cri.pull_timeout`: a lazy pull (manifest and config) gives up after this.
+    pub pull_timeout: Duration,
+    /// `fetch.index: auto`: pulls look for shared random-access indexes of plain layers.
+    pub index_lookup: bool,
+}
+
 impl Images {
     pub fn new(
         layout: Layout,
         db: Arc<Mutex<Catalogue>>,
         registry: Arc<Registry>,
+        early: Arc<crate::registry::early::EarlyBlobs>,
         filler: Arc<Filler>,
-        persist_credentials: bool,
-        pull_timeout: Duration,
-        index_lookup: bool,
+        opts: ImagesOptions,
     ) -> Self {
         Images {
-            index_lookup,
+            index_lookup: opts.index_lookup,
             layout,
             db,
             registry,
+            early,
             filler,
-            persist_credentials,
-            pull_timeout,
+            persist_credentials: opts.persist_credentials,
+            pull_timeout: opts.pull_timeout,
             pull_locks: Mutex::new(HashMap::new()),
             gc_lock: tokio::sync::RwLock::new(()),
         }
@@ -345,6 +357,9 @@ impl Images {
                     }
                 }
             };
+        if mode != PullMode::Full {
+            self.toc_tails_ahead(&repo, &manifest, &creds);
+        }
         let config_digest = Digest::parse(&manifest.config.digest)?;
         let config = async {
             if self.layout.has_blob(&config_digest) {
@@ -437,6 +452,36 @@ impl Images {
             id: config_digest.to_string(),
             already_local,
         })
+    }
+
+    /// Start fetching the TOC tails of the manifest's eStargz layers now, beside the config
+    /// fetch, rather than after it: the filler's TOC fetch, which needs the layer recorded
+    /// first, then finds the bytes arriving or in (`registry::early`). Saves a round trip
+    /// of every cold start. Layers whose TOC is here already are left alone.
+    fn toc_tails_ahead(&self, repo: &str, manifest: &oci::ImageManifest, creds: &OpCreds) {
+        use crate::layer::estargz::{FOOTER_SIZE, TOC_DIGEST_ANNOTATION};
+        for l in &manifest.layers {
+            if l.size < FOOTER_SIZE
+                || zstd_toc(l).is_some()
+                || !l.annotations.contains_key(TOC_DIGEST_ANNOTATION)
+            {
+                continue;
+            }
+            let digest = l.digest.clone();
+            let known = lock(&self.db)
+                .layer(digest.as_str())
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.mountable() || r.toc_error.is_some());
+            let Some(reference) = crate::fetch::source_reference(repo, &digest) else {
+                continue;
+            };
+            if !known {
+                let (at, len) = crate::fetch::toc_tail(l.size);
+                self.early
+                    .fetch(reference, digest, &[(at, at + len)], creds.clone());
+            }
+        }
     }
 
     /// Register the images of an archive (`docker save`, an OCI layout as a tar stream; gzip or

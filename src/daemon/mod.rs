@@ -65,10 +65,13 @@ impl Core {
             layout,
             db,
             registry,
+            early.clone(),
             filler,
-            cfg.cri.persist_credentials,
-            cfg.cri.pull_timeout,
-            cfg.fetch.index == crate::config::IndexMode::Auto,
+            crate::images::ImagesOptions {
+                persist_credentials: cfg.cri.persist_credentials,
+                pull_timeout: cfg.cri.pull_timeout,
+                index_lookup: cfg.fetch.index == crate::config::IndexMode::Auto,
+            },
         ));
         Ok(Core {
             images,

@@ -98,9 +98,9 @@ impl EarlyBlobs {
         map.values().flatten().map(|e| e.end - e.start).sum()
     }
 
-    /// Fetch `spans` of blob `d` now, in this order, a window of bytes at a time, unless a
-    /// range of this blob is already held or being fetched. Spans beyond [`MAX_HELD`] are left
-    /// to the readers. Returns the bytes asked for.
+    /// Fetch `spans` of blob `d` now, in this order, a window of bytes at a time; spans that
+    /// overlap a range of `d` already held or being fetched are skipped, and spans beyond
+    /// [`MAX_HELD`] are left to the readers. Returns the bytes asked for.
     pub fn fetch(
         self: &Arc<Self>,
         r: Reference,
@@ -112,11 +112,13 @@ impl EarlyBlobs {
         {
             let mut map = self.ranges();
             let mut held = Self::expire(&mut map);
-            if map.contains_key(&d) {
-                return 0;
-            }
+            let have = map.get(&d).cloned().unwrap_or_default();
             for &(start, end) in spans {
-                if start >= end || held + (end - start) > MAX_HELD {
+                let overlaps = |e: &Arc<Early>| e.start < end && start < e.end;
+                if start >= end
+                    || held + (end - start) > MAX_HELD
+                    || have.iter().chain(&new).any(overlaps)
+                {
                     continue;
                 }
                 held += end - start;
@@ -131,7 +133,9 @@ impl EarlyBlobs {
             if new.is_empty() {
                 return 0;
             }
-            map.insert(d.clone(), new.clone());
+            map.entry(d.clone())
+                .or_default()
+                .extend(new.iter().cloned());
         }
         let bytes = new.iter().map(|e| e.end - e.start).sum();
         let this = Arc::clone(self);
@@ -400,10 +404,11 @@ mod tests {
             OpCreds::default(),
         );
         assert_eq!(asked, 150 << 10);
-        // A second fetch of the same blob adds nothing.
+        // A second fetch of the same blob adds only what no range holds.
+        let more = [(60, 70), (50 << 10, 51 << 10)];
         assert_eq!(
-            early.fetch(r.clone(), d.clone(), &[(60, 70)], OpCreds::default()),
-            0
+            early.fetch(r.clone(), d.clone(), &more, OpCreds::default()),
+            1 << 10
         );
         // Inside a range (the TOC's tail, whole): no new request, whatever the timing.
         let tail = early
@@ -412,19 +417,23 @@ mod tests {
             .unwrap();
         assert_eq!(tail, data[250 << 10..]);
         assert_eq!(read(&early, &r, &d, 10, 1000).await, data[10..1010]);
-        assert_eq!(fake.requests().len(), 2);
+        assert_eq!(
+            read(&early, &r, &d, 50 << 10, 1 << 10).await,
+            data[50 << 10..51 << 10]
+        );
+        assert_eq!(fake.requests().len(), 3);
         // Starting inside, ending past it: the rest alone comes from the registry.
         assert_eq!(
             read(&early, &r, &d, 40 << 10, 20 << 10).await,
             data[40 << 10..60 << 10]
         );
-        assert_eq!(fake.requests()[2], (d.clone(), 50 << 10, 60 << 10));
+        assert_eq!(fake.requests()[3], (d.clone(), 50 << 10, 60 << 10));
         // Starting outside: the registry, as before.
         assert_eq!(
             read(&early, &r, &d, 100 << 10, 10).await,
             data[100 << 10..(100 << 10) + 10]
         );
-        assert_eq!(fake.requests().len(), 4);
+        assert_eq!(fake.requests().len(), 5);
     }
 
     #[tokio::test]
