@@ -447,35 +447,66 @@ impl Learner {
         }
         let (this, image_ref, layer) = (Arc::clone(self), image_ref.to_string(), layer.clone());
         self.rt.spawn_blocking(move || {
-            let Some((list, ranges)) = this.ranges_for(&image_ref, &layer) else {
-                return;
-            };
-            let Ok(r) = crate::oci::parse_reference(&image_ref) else {
-                return;
-            };
-            let Some(reference) =
-                crate::fetch::source_reference(&crate::oci::repo_name(&r), &layer)
-            else {
-                return;
-            };
-            let creds = crate::registry::OpCreds {
-                request: None,
-                persisted: crate::fetch::persisted_secret(&this.db, reference.registry()),
-            };
-            let spans = ranges.fetch_order();
-            let _rt = this.rt.enter();
-            let bytes = this.early.fetch(reference, layer.clone(), &spans, creds);
-            if bytes > 0 {
-                tracing::info!(layer = %layer, image = %image_ref, list = %list, ranges = spans.len(), bytes,
-                    "fetching the ranges a previous start read, ahead of the layer's TOC");
+            if let Some(list) = this.list_with_ranges(&image_ref, &layer) {
+                this.fetch_ranges(&image_ref, &layer, &list);
             }
         });
+    }
+
+    /// The snapshotter pulled image `image_ref` (manifest and config) for a Prepare of layer
+    /// `layer`: with no list of its own, look for one another node shared now, beside the TOC
+    /// fetch, rather than once the layer is served, and fetch its ranges of the layer ahead.
+    /// The lookup is the one of [`Learner::layer_prepared`] (once per image and run): that
+    /// finds the list in the store.
+    pub fn image_pulled(self: &Arc<Self>, image_ref: &str, layer: &Digest) {
+        if !self.opts.enabled || self.registry.is_none() {
+            return;
+        }
+        let (this, image_ref, layer) = (Arc::clone(self), image_ref.to_string(), layer.clone());
+        self.rt.spawn_blocking(move || {
+            let Ok(Some(image)) = crate::images::resolve_in(&lock(&this.db), &image_ref) else {
+                return;
+            };
+            if image.layers.iter().any(|l| l.landmark_files.is_some())
+                || this.list_of(&image).is_some()
+            {
+                return;
+            }
+            if let Some(list) = this.shared_list_of(&image) {
+                this.fetch_ranges(&image_ref, &layer, &list);
+            }
+        });
+    }
+
+    /// Fetch the ranges of `layer` that `list` holds, ahead of the layer's TOC.
+    fn fetch_ranges(&self, image_ref: &str, layer: &Digest, list: &LearnedList) {
+        let Some(ranges) = list.ranges.get(layer.as_str()) else {
+            return;
+        };
+        let Ok(r) = crate::oci::parse_reference(image_ref) else {
+            return;
+        };
+        let Some(reference) = crate::fetch::source_reference(&crate::oci::repo_name(&r), layer)
+        else {
+            return;
+        };
+        let creds = crate::registry::OpCreds {
+            request: None,
+            persisted: crate::fetch::persisted_secret(&self.db, reference.registry()),
+        };
+        let spans = ranges.fetch_order();
+        let _rt = self.rt.enter();
+        let bytes = self.early.fetch(reference, layer.clone(), &spans, creds);
+        if bytes > 0 {
+            tracing::info!(layer = %layer, image = %image_ref, list = %list.image, ranges = spans.len(), bytes,
+                "fetching the ranges a previous start read, ahead of the layer's TOC");
+        }
     }
 
     /// The ranges of `layer` a learned list holds: the list of image `image_ref` if the
     /// catalogue knows it, else the newest list with ranges for that layer (the image was
     /// pruned, or the store was provisioned with its lists). Returns the list's image too.
-    fn ranges_for(&self, image_ref: &str, layer: &Digest) -> Option<(String, LayerRanges)> {
+    fn list_with_ranges(&self, image_ref: &str, layer: &Digest) -> Option<LearnedList> {
         let known = lock(&self.db)
             .layer(layer.as_str())
             .ok()
@@ -487,11 +518,10 @@ impl Learner {
         if let Ok(Some(image)) = crate::images::resolve_in(&lock(&self.db), image_ref)
             && let Some(list) = self.list_of(&image)
         {
-            let r = list.ranges.get(layer.as_str())?.clone();
-            return Some((list.image, r));
+            return list.ranges.contains_key(layer.as_str()).then_some(list);
         }
         let dir = std::fs::read_dir(self.layout.learned_dir()).ok()?;
-        let mut best: Option<(i64, String, LayerRanges)> = None;
+        let mut best: Option<LearnedList> = None;
         for entry in dir.flatten().take(MAX_LISTS_SCANNED) {
             let name = entry.file_name();
             let Some(hex) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
@@ -503,13 +533,15 @@ impl Learner {
             let Ok(Some(list)) = load(&self.layout, &manifest) else {
                 continue;
             };
-            if let Some(r) = list.ranges.get(layer.as_str())
-                && best.as_ref().is_none_or(|(at, ..)| list.recorded_at > *at)
+            if list.ranges.contains_key(layer.as_str())
+                && best
+                    .as_ref()
+                    .is_none_or(|b| list.recorded_at > b.recorded_at)
             {
-                best = Some((list.recorded_at, list.image.clone(), r.clone()));
+                best = Some(list);
             }
         }
-        best.map(|(_, image, r)| (image, r))
+        best
     }
 
     fn prepared(self: &Arc<Self>, image_ref: &str, layer: &Digest) {

@@ -1232,6 +1232,9 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
         log.contains("using the learned list another node shared"),
         "{log}"
     );
+    // Looked for as soon as the image was pulled, beside the TOC: its ranges were fetched
+    // ahead of the TOC too.
+    assert!(log.contains("ahead of the layer's TOC"), "{log}");
     assert!(
         log.contains("prefetching the files a previous start read"),
         "{log}"
@@ -1257,8 +1260,11 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
     ctd.wait_snapshotter(Duration::from_secs(20));
     let sent_before = bytes_sent(&reg, "py", &layers);
     ctd.rpull_lazy(&py);
-    let log = d.log_text();
-    assert!(log.contains("ahead of the layer's TOC"), "{log}");
+    wait_until(
+        "the fetch ahead of the TOC",
+        Duration::from_secs(30),
+        || d.log_text().matches("ahead of the layer's TOC").count() >= 2,
+    );
     wait_until("the prefetch", Duration::from_secs(30), || {
         d.log_text()
             .matches("prefetching the files a previous start read")

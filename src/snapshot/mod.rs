@@ -583,6 +583,9 @@ impl Snapshotter {
                 None if !pulled => {
                     pulled = true;
                     self.pull_until(&req.image_ref, deadline).await?;
+                    if let Some(l) = &self.opts.learner {
+                        l.image_pulled(&req.image_ref, &req.layer);
+                    }
                     continue;
                 }
                 None => return Err(NotLazy::NotInImage),
