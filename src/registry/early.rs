@@ -18,7 +18,7 @@
 //! the rest themselves.
 
 use super::seam::BlobSource;
-use super::{BlobBody, OpCreds, RegistryError, Result};
+use super::{BlobBody, OpCreds, Result};
 use crate::oci::{Digest, Reference};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -343,26 +343,10 @@ impl BlobSource for EarlyBlobs {
         creds: &'a OpCreds,
     ) -> BoxFuture<'a, Result<Vec<u8>>> {
         Box::pin(async move {
-            let Some(mut stream) = self.answer(r, d, offset, len, creds) else {
+            let Some(stream) = self.answer(r, d, offset, len, creds) else {
                 return self.inner.fetch_range(r, d, offset, len, creds).await;
             };
-            let mut out = Vec::with_capacity(len as usize);
-            while let Some(b) = stream.next().await {
-                let b = b.map_err(|e| RegistryError::Unreachable {
-                    registry: r.registry().to_string(),
-                    reason: e.to_string(),
-                })?;
-                out.extend_from_slice(&b);
-            }
-            if out.len() as u64 != len {
-                return Err(RegistryError::Truncated {
-                    registry: r.registry().to_string(),
-                    what: format!("blob {d} bytes {offset}+{len}"),
-                    got: out.len() as u64,
-                    expected: len,
-                });
-            }
-            Ok(out)
+            super::seam::read_whole(stream, r, d, offset, len).await
         })
     }
 }

@@ -31,6 +31,35 @@ pub trait BlobSource: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<u8>>>;
 }
 
+/// A range's body read whole: exactly `len` bytes (bytes `[offset, offset + len)` of blob `d`,
+/// for the errors), or an error.
+pub async fn read_whole(
+    mut stream: futures_util::stream::BoxStream<'_, std::io::Result<bytes::Bytes>>,
+    r: &Reference,
+    d: &Digest,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
+    use futures_util::StreamExt;
+    let mut out = Vec::with_capacity(len.min(1 << 24) as usize);
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(|e| super::RegistryError::Unreachable {
+            registry: r.registry().to_string(),
+            reason: e.to_string(),
+        })?;
+        out.extend_from_slice(&b);
+    }
+    if out.len() as u64 != len {
+        return Err(super::RegistryError::Truncated {
+            registry: r.registry().to_string(),
+            what: format!("bytes {offset}+{len} of blob {d}"),
+            got: out.len() as u64,
+            expected: len,
+        });
+    }
+    Ok(out)
+}
+
 impl BlobSource for Registry {
     fn fetch_range<'a>(
         &'a self,
@@ -145,15 +174,7 @@ pub mod fake {
         ) -> BoxFuture<'a, Result<Vec<u8>>> {
             Box::pin(async move {
                 let body = self.open_blob(r, d, offset, Some(len), creds).await?;
-                let mut out = vec![];
-                let mut stream = body.stream;
-                while let Some(piece) = stream.next().await {
-                    out.extend_from_slice(&piece.map_err(|e| RegistryError::Unreachable {
-                        registry: r.registry().to_string(),
-                        reason: e.to_string(),
-                    })?);
-                }
-                Ok(out)
+                super::read_whole(body.stream, r, d, offset, len).await
             })
         }
 
