@@ -172,11 +172,7 @@ impl Removal {
     }
 }
 
-#[derive(Debug, Default, Clone, serde::Serialize)]
-pub struct GcReport {
-    pub files_removed: u64,
-    pub bytes_freed: u64,
-}
+pub use crate::store::gc::GcReport;
 
 pub struct Images {
     pub layout: Layout,
@@ -785,75 +781,6 @@ impl Images {
         Ok(removed)
     }
 
-    /// Content digests of files some unpacked, referenced layer names (its TOC or its index).
-    fn referenced_files(&self) -> Result<std::collections::HashSet<String>> {
-        use crate::layer::tar;
-        let layers: Vec<crate::store::LayerRecord> = {
-            let db = lock(&self.db);
-            let mut out = vec![];
-            for img in db.list_images()? {
-                out.extend(img.layers.into_iter().filter(|l| l.unpacked));
-            }
-            out
-        };
-        let mut set = std::collections::HashSet::new();
-        for l in layers {
-            let entries = if let Some(index) = &l.index_digest {
-                let d = Digest::parse(index).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                tar::decode_index(&self.layout.read_blob(&d)?, &tar::Limits::default())
-                    .map_err(|e| StoreError::Corrupt(e.to_string()))?
-            } else if let (Some(td), Some(off)) = (&l.toc_digest, l.toc_offset) {
-                let d = Digest::parse(td).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                crate::layer::parse_stored_toc(
-                    &self.layout.read_blob(&d)?,
-                    &d,
-                    l.toc_position.as_deref(),
-                    l.size,
-                    off,
-                )
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?
-                .entries
-            } else {
-                continue;
-            };
-            set.extend(
-                entries
-                    .into_iter()
-                    .filter_map(|e| e.digest)
-                    .map(|d| d.hex().to_string()),
-            );
-        }
-        Ok(set)
-    }
-
-    /// Remove cached files no unpacked layer names (young files may belong to an unpack that
-    /// has not recorded itself yet: they are kept an hour).
-    fn gc_file_cache(&self, report: &mut GcReport) -> Result<()> {
-        let keep = self.referenced_files()?;
-        let dir = self.layout.files_dir();
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().to_string();
-            let meta = entry.metadata();
-            let young = meta
-                .as_ref()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .is_some_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(3600));
-            if keep.contains(&name) || young {
-                continue;
-            }
-            let size = meta.map(|m| m.len()).unwrap_or(0);
-            if std::fs::remove_file(entry.path()).is_ok() {
-                report.files_removed += 1;
-                report.bytes_freed += size;
-            }
-        }
-        Ok(())
-    }
-
     /// Hold off GC (shared, like a pull) while a blob is published and its reference recorded.
     pub async fn gc_shared(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
         self.gc_lock.read().await
@@ -873,56 +800,15 @@ impl Images {
             db.referenced_digests()?
         };
         let mut report = GcReport::default();
-        for dir in [self.layout.blobs_dir(), self.layout.partial_dir()] {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) => {
-                    return Err(StoreError::Io {
-                        path: dir,
-                        source: e,
-                    }
-                    .into());
-                }
-            };
-            for entry in entries.flatten() {
-                let fname = entry.file_name().to_string_lossy().to_string();
-                let keep = if let Some(rest) = fname.strip_prefix(".tmp-") {
-                    // A temp file of a write in progress in this process: keep it if young.
-                    let _ = rest;
-                    entry
-                        .metadata()
-                        .and_then(|m| m.modified())
-                        .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(3600))
-                } else if dir == self.layout.partial_dir() {
-                    // `<hex>`, `<hex>.map`, `<hex>.map.tmp`: kept while the layer is referenced
-                    // and not yet complete.
-                    let hex = fname.split('.').next().unwrap_or_default();
-                    referenced.contains(&format!("sha256:{hex}"))
-                        && !self.layout.blobs_dir().join(hex).exists()
-                } else {
-                    referenced.contains(&format!("sha256:{fname}"))
-                };
-                if !keep {
-                    let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                    // A directory here is the staging area of a load a crash interrupted.
-                    let removed = if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                        std::fs::remove_dir_all(entry.path())
-                    } else {
-                        std::fs::remove_file(entry.path())
-                    };
-                    match removed {
-                        Ok(()) => {
-                            report.files_removed += 1;
-                            report.bytes_freed += size;
-                        }
-                        Err(e) => {
-                            tracing::warn!(path = %entry.path().display(), error = %e, "gc cannot remove file")
-                        }
-                    }
-                }
-            }
-        }
-        self.gc_file_cache(&mut report)?;
+        crate::store::gc::sweep_blobs(&self.layout, &referenced, &mut report)?;
+        let unpacked: Vec<crate::store::LayerRecord> = lock(&self.db)
+            .list_images()?
+            .into_iter()
+            .flat_map(|i| i.layers)
+            .filter(|l| l.unpacked)
+            .collect();
+        let keep = crate::store::gc::referenced_files(&self.layout, &unpacked)?;
+        crate::store::gc::sweep_file_cache(&self.layout, &keep, &mut report);
         if report.files_removed > 0 {
             tracing::info!(
                 files = report.files_removed,

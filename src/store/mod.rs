@@ -4,6 +4,7 @@
 //! (a sparse file of a layer being fetched) with `<hex>.map` (the byte ranges it holds), `lock`.
 
 mod catalogue;
+pub mod gc;
 pub mod inventory;
 pub mod partial;
 pub mod ranges;
