@@ -1,0 +1,369 @@
+//! Pull: register an image as soon as its manifest and config are verified, start its layers'
+//! TOC fetches and fills (docs/architecture.md, "A pull").
+
+use super::*;
+
+/// How long a pull looks for a shared index before it goes on without one.
+const INDEX_LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A zstd:chunked layer's TOC checksum and position (a malformed pair is logged, and the layer
+/// is then fetched whole like any zstd layer).
+fn zstd_toc(l: &oci::Layer) -> Option<(Digest, crate::layer::zstd_chunked::Position)> {
+    match crate::layer::zstd_chunked::from_annotations(&l.annotations)? {
+        Ok(x) => Some(x),
+        Err(e) => {
+            tracing::warn!(layer = %l.digest, error = %e, "zstd:chunked annotations refused; the layer is fetched whole");
+            None
+        }
+    }
+}
+
+/// A plain gzip or zstd layer that a shared random-access index would make lazy.
+fn wants_index(l: &crate::store::LayerRecord) -> bool {
+    use crate::oci::Compression;
+    l.toc_digest.is_none()
+        && !l.unpacked
+        && l.index_digest.is_none()
+        && Compression::from_media_type(&l.media_type)
+            .is_ok_and(|c| matches!(c, Compression::Gzip | Compression::Zstd))
+}
+
+impl Images {
+    /// Pull `reference`. Returns the image id (config digest).
+    pub async fn pull(
+        &self,
+        reference: &str,
+        request_creds: Option<Secret>,
+        mode: PullMode,
+    ) -> Result<PullOutcome> {
+        let r = oci::parse_reference(reference)?;
+        let started = Instant::now();
+        let fut = self.pull_inner(&r, request_creds, mode);
+        let result = match mode {
+            // A full pull is bounded by the fill, which has its own retry budget.
+            PullMode::Full => fut.await,
+            PullMode::Lazy => tokio::time::timeout(self.pull_timeout, fut)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ImagesError::Timeout {
+                        reference: r.to_string(),
+                        timeout: self.pull_timeout,
+                    })
+                }),
+        };
+        self.release_pull_slot(&r.to_string());
+        let out = result?;
+        tracing::info!(image = %r, id = %out.id, ?mode, already_local = out.already_local,
+            elapsed_ms = started.elapsed().as_millis() as u64, "image pulled");
+        Ok(out)
+    }
+
+    /// Forget the per-name lock once no pull of that name holds or waits for it.
+    fn release_pull_slot(&self, key: &str) {
+        let mut locks = self.pull_locks.lock().unwrap_or_else(|p| p.into_inner());
+        if locks.get(key).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(key);
+        }
+    }
+
+    async fn pull_inner(
+        &self,
+        r: &Reference,
+        request_creds: Option<Secret>,
+        mode: PullMode,
+    ) -> Result<PullOutcome> {
+        let key = r.to_string();
+        let name_lock = {
+            let mut locks = self.pull_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(key.clone()).or_default().clone()
+        };
+        let _one = name_lock.lock().await;
+        let _gc = self.gc_lock.read().await;
+        let repo = oci::repo_name(r);
+
+        // Check local before pulling: a digest reference we hold needs no network at all.
+        if let Some(d) = r.digest() {
+            let existing =
+                lock(&self.db).image_by_name(&oci::digest_name(&repo, &Digest::parse(d)?))?;
+            if let Some(img) = existing {
+                self.start_fills(&img, request_creds.clone(), mode, &key)
+                    .await?;
+                return Ok(PullOutcome {
+                    id: img.id,
+                    already_local: true,
+                });
+            }
+        }
+        let creds = self.op_creds(r.registry(), request_creds.clone());
+        let (top_bytes, top_digest) = self.registry.fetch_manifest(r, None, &creds).await?;
+        let (index_digest, manifest_bytes, manifest_digest, manifest) =
+            match oci::parse_document(&top_bytes, None)? {
+                Document::Manifest(m) => (None, top_bytes, top_digest, m),
+                Document::Index(entries) => {
+                    let entry = oci::select_platform(&entries, &oci::host_platform())?;
+                    let d = Digest::parse(&entry.digest)?;
+                    let (bytes, got) = self.registry.fetch_manifest(r, Some(&d), &creds).await?;
+                    match oci::parse_document(&bytes, Some(&entry.media_type))? {
+                        Document::Manifest(m) => {
+                            self.layout.put_blob(&top_digest, &top_bytes)?;
+                            (Some(top_digest), bytes, got, m)
+                        }
+                        Document::Index(_) => {
+                            return Err(oci::OciError::Malformed {
+                                what: "index",
+                                reason: "nested index".into(),
+                            }
+                            .into());
+                        }
+                    }
+                }
+            };
+        if mode != PullMode::Full {
+            self.toc_tails_ahead(&repo, &manifest, &creds);
+        }
+        let config_digest = Digest::parse(&manifest.config.digest)?;
+        let config = async {
+            if self.layout.has_blob(&config_digest) {
+                Ok::<_, ImagesError>(self.layout.read_blob(&config_digest)?)
+            } else {
+                Ok(self
+                    .registry
+                    .fetch_small_blob(r, &config_digest, oci::MAX_MANIFEST_BYTES, &creds)
+                    .await?)
+            }
+        };
+        // The shared index of plain layers is looked for beside the config fetch: the lookup
+        // is several round trips (referrers, tag fallback, artifact manifest, bundle) that the
+        // pull would otherwise add after it.
+        let wants_lookup = self.index_lookup
+            && mode != PullMode::Full
+            && manifest.layers.iter().any(|l| self.may_want_index(l));
+        let lookup = async {
+            let at = crate::fetch::source_reference(&repo, &manifest_digest)?;
+            if !wants_lookup {
+                return None;
+            }
+            let started = std::time::Instant::now();
+            let found = tokio::time::timeout(
+                INDEX_LOOKUP_TIMEOUT,
+                crate::index_share::find_shared(&self.registry, &at, &manifest_digest, &creds),
+            )
+            .await;
+            Some((found, started))
+        };
+        let (config_bytes, found) = tokio::join!(config, lookup);
+        let config_bytes = config_bytes?;
+        let config = oci::parse_config(&config_bytes, manifest.layers.len())?;
+        self.layout.put_blob(&manifest_digest, &manifest_bytes)?;
+        self.layout.put_blob(&config_digest, &config_bytes)?;
+
+        let repo_digest = index_digest.as_ref().unwrap_or(&manifest_digest);
+        let mut names = vec![(oci::digest_name(&repo, repo_digest), NameKind::Digest)];
+        if let Some(t) = oci::tag_name(r) {
+            names.push((t, NameKind::Tag));
+        }
+        let layers: Vec<_> = manifest
+            .layers
+            .iter()
+            .zip(&config.diff_ids)
+            .map(|(l, diff)| NewLayer {
+                digest: &l.digest,
+                media_type: l.media_type.as_str(),
+                size: l.size,
+                diff_id: diff,
+                // A malformed annotation only means the layer cannot be lazy.
+                toc_digest: zstd_toc(l).map(|(d, _)| d).or_else(|| {
+                    l.annotations
+                        .get(crate::layer::estargz::TOC_DIGEST_ANNOTATION)
+                        .and_then(|d| Digest::parse(d).ok())
+                }),
+                toc_position: zstd_toc(l).map(|(_, p)| p.encode()),
+            })
+            .collect();
+        let already_local = lock(&self.db)
+            .image(config_digest.as_str())?
+            .is_some_and(|i| i.complete());
+        lock(&self.db).insert_image(&NewImage {
+            id: &config_digest,
+            manifest_digest: &manifest_digest,
+            index_digest: index_digest.as_ref(),
+            media_type: &manifest.media_type,
+            size: manifest.total_size() + manifest_bytes.len() as u64,
+            user: &config.user,
+            source: &repo,
+            layers,
+            names,
+        })?;
+        if self.persist_credentials
+            && let Some(secret) = &request_creds
+            && let Ok(json) = serde_json::to_string(secret)
+        {
+            lock(&self.db).put_credential(r.registry(), &json)?;
+        }
+        let mut img = lock(&self.db)
+            .image(config_digest.as_str())?
+            .ok_or(ImagesError::ShuttingDown)?;
+        if let Some((found, started)) = found
+            && img.layers.iter().any(wants_index)
+        {
+            img = self.take_index(img, found, started)?;
+        }
+        self.start_fills(&img, request_creds, mode, &key).await?;
+        Ok(PullOutcome {
+            id: config_digest.to_string(),
+            already_local,
+        })
+    }
+
+    /// Start fetching the TOC tails of the manifest's eStargz layers now, beside the config
+    /// fetch, rather than after it: the filler's TOC fetch, which needs the layer recorded
+    /// first, then finds the bytes arriving or in (`registry::early`). Saves a round trip
+    /// of every cold start. Layers whose TOC is here already are left alone.
+    fn toc_tails_ahead(&self, repo: &str, manifest: &oci::ImageManifest, creds: &OpCreds) {
+        use crate::layer::estargz::{FOOTER_SIZE, TOC_DIGEST_ANNOTATION};
+        for l in &manifest.layers {
+            if l.size < FOOTER_SIZE
+                || zstd_toc(l).is_some()
+                || !l.annotations.contains_key(TOC_DIGEST_ANNOTATION)
+            {
+                continue;
+            }
+            let digest = l.digest.clone();
+            let known = lock(&self.db)
+                .layer(digest.as_str())
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.mountable() || r.toc_error.is_some());
+            let Some(reference) = crate::fetch::source_reference(repo, &digest) else {
+                continue;
+            };
+            if !known {
+                let (at, len) = crate::fetch::toc_tail(l.size);
+                self.early
+                    .fetch(reference, digest, &[(at, at + len)], creds.clone());
+            }
+        }
+    }
+
+    /// Whether a manifest layer may want a shared random-access index: plain gzip or zstd
+    /// (no TOC annotation), and not already unpacked or indexed here.
+    fn may_want_index(&self, l: &oci::Layer) -> bool {
+        use crate::oci::Compression;
+        zstd_toc(l).is_none()
+            && !l
+                .annotations
+                .contains_key(crate::layer::estargz::TOC_DIGEST_ANNOTATION)
+            && matches!(l.compression, Compression::Gzip | Compression::Zstd)
+            && lock(&self.db)
+                .layer(l.digest.as_str())
+                .ok()
+                .flatten()
+                .is_none_or(|rec| wants_index(&rec))
+    }
+
+    /// Take the random-access index of the image's plain gzip layers another node shared
+    /// (`fetch.index: auto`), as the lookup beside the config fetch found it (bounded in time:
+    /// without it the layers stream in as usual). The image as recorded after.
+    fn take_index(
+        &self,
+        img: ImageRecord,
+        found: std::result::Result<
+            std::result::Result<Option<crate::artifact::Fetched>, String>,
+            tokio::time::error::Elapsed,
+        >,
+        started: std::time::Instant,
+    ) -> Result<ImageRecord> {
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        let taken = found.map(|f| {
+            f.and_then(|f| match f {
+                None => Ok(0),
+                Some(f) => crate::index_share::take_found(&self.layout, &self.db, &img, &f),
+            })
+        });
+        match taken {
+            Ok(Ok(0)) => {
+                tracing::debug!(image = %img.id, elapsed_ms, "no shared random-access index for the image's plain layers")
+            }
+            Ok(Ok(n)) => {
+                tracing::info!(image = %img.id, layers = n, elapsed_ms, "shared random-access index found: plain gzip layers are read lazily")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(image = %img.id, error = %e, "looking for a shared random-access index failed; its plain layers stream in")
+            }
+            Err(_) => {
+                tracing::warn!(image = %img.id, timeout = ?INDEX_LOOKUP_TIMEOUT, "looking for a shared random-access index timed out; its plain layers stream in")
+            }
+        }
+        lock(&self.db)
+            .image(&img.id)?
+            .ok_or(ImagesError::ShuttingDown)
+    }
+
+    /// Start (or join) the fills of an image's layers; in full mode, wait for all of them.
+    pub(super) async fn start_fills(
+        &self,
+        img: &ImageRecord,
+        request_creds: Option<Secret>,
+        mode: PullMode,
+        reference: &str,
+    ) -> Result<()> {
+        let registry = img.source.split('/').next().unwrap_or_default().to_string();
+        let creds = self.op_creds(&registry, request_creds);
+        let waits: Vec<_> = img
+            .layers
+            .iter()
+            .map(|l| (l.digest.clone(), self.filler.ensure(l, creds.clone())))
+            .collect();
+        if mode == PullMode::Full {
+            for (layer, rx) in waits {
+                match Filler::wait(rx).await {
+                    FillStatus::Done => {}
+                    FillStatus::OnDemand => {
+                        let reason = "filling is turned off (--no-fill)".to_string();
+                        return Err(ImagesError::Fill {
+                            reference: reference.into(),
+                            layer,
+                            reason,
+                            disk_full: false,
+                        });
+                    }
+                    FillStatus::Cancelled => return Err(ImagesError::ShuttingDown),
+                    FillStatus::Failed { reason, disk_full } => {
+                        return Err(ImagesError::Fill {
+                            reference: reference.into(),
+                            layer,
+                            reason,
+                            disk_full,
+                        });
+                    }
+                    FillStatus::Running => {
+                        let reason = "fill did not finish".to_string();
+                        return Err(ImagesError::Fill {
+                            reference: reference.into(),
+                            layer,
+                            reason,
+                            disk_full: false,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resume the fills of every incomplete layer (at start-up). Never waits on the network.
+    pub fn resume_fills(&self) -> Result<usize> {
+        let pending: Vec<_> = lock(&self.db)
+            .layers_to_work_on(true)?
+            .into_iter()
+            .filter(|l| {
+                l.state != crate::store::LayerState::Complete || self.filler.unpack.wants(l)
+            })
+            .collect();
+        for l in &pending {
+            let registry = l.source.split('/').next().unwrap_or_default().to_string();
+            let _ = self.filler.ensure(l, self.op_creds(&registry, None));
+        }
+        Ok(pending.len())
+    }
+}
