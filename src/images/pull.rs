@@ -222,25 +222,30 @@ impl Images {
     fn toc_tails_ahead(&self, repo: &str, manifest: &oci::ImageManifest, creds: &OpCreds) {
         use crate::layer::estargz::{FOOTER_SIZE, TOC_DIGEST_ANNOTATION};
         for l in &manifest.layers {
+            // zstd:chunked annotations (checked, and any refusal logged, by `zstd_toc` at
+            // the layer's record) put the TOC elsewhere.
             if l.size < FOOTER_SIZE
-                || zstd_toc(l).is_some()
                 || !l.annotations.contains_key(TOC_DIGEST_ANNOTATION)
+                || crate::layer::zstd_chunked::from_annotations(&l.annotations).is_some()
             {
                 continue;
             }
-            let digest = l.digest.clone();
             let known = lock(&self.db)
-                .layer(digest.as_str())
+                .layer(l.digest.as_str())
                 .ok()
                 .flatten()
                 .is_some_and(|r| r.mountable() || r.toc_error.is_some());
-            let Some(reference) = crate::fetch::source_reference(repo, &digest) else {
+            if known {
                 continue;
-            };
-            if !known {
+            }
+            if let Some(reference) = crate::fetch::source_reference(repo, &l.digest) {
                 let (at, len) = crate::fetch::toc_tail(l.size);
-                self.early
-                    .fetch(reference, digest, &[(at, at + len)], creds.clone());
+                self.early.fetch(
+                    reference,
+                    l.digest.clone(),
+                    &[(at, at + len)],
+                    creds.clone(),
+                );
             }
         }
     }

@@ -89,13 +89,12 @@ impl EarlyBlobs {
         self.ranges.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Drop ranges older than [`KEEP`]; the bytes still held.
-    fn expire(map: &mut HashMap<Digest, Vec<Arc<Early>>>) -> u64 {
+    /// Drop ranges older than [`KEEP`].
+    fn expire(map: &mut HashMap<Digest, Vec<Arc<Early>>>) {
         map.retain(|_, v| {
             v.retain(|e| e.created.elapsed() < KEEP);
             !v.is_empty()
         });
-        map.values().flatten().map(|e| e.end - e.start).sum()
     }
 
     /// Fetch `spans` of blob `d` now, in this order, a window of bytes at a time; spans that
@@ -111,7 +110,8 @@ impl EarlyBlobs {
         let mut new = vec![];
         {
             let mut map = self.ranges();
-            let mut held = Self::expire(&mut map);
+            Self::expire(&mut map);
+            let mut held: u64 = map.values().flatten().map(|e| e.end - e.start).sum();
             let have = map.get(&d).cloned().unwrap_or_default();
             for &(start, end) in spans {
                 let overlaps = |e: &Arc<Early>| e.start < end && start < e.end;
