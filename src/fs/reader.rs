@@ -72,6 +72,11 @@ const ELF_READ_AHEAD_MAX: u64 = 8 << 20;
 
 /// Checkpoint windows kept in memory (each at most 64 KiB compressed, typically 10 KiB).
 // 4096 is not zero: the unwrap is evaluated, and cannot fail, at compile time.
+/// A chunk read through a gzip index whose checkpoint window is not in memory, and whose
+/// bytes are local from an earlier checkpoint on (one that needs no fetch), is decoded from
+/// there when it lies at most this many uncompressed bytes after it: inflating 4 MiB takes
+/// about 10 ms, a window fetch is a round trip, or many behind a busy link.
+const REANCHOR_MAX: u64 = 4 << 20;
 const WINDOWS_KEPT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4096).unwrap();
 
 /// How a layer's on-demand fetches follow each other. A reader that walks the layer in blob
@@ -130,6 +135,9 @@ pub struct LazyLayer {
     /// Read through a shared gzip index whose checkpoint windows are kept apart: the blob
     /// holding them (digest, size), in the layer's repository.
     pub windows: Option<(Digest, u64)>,
+    /// Read through a gzip index: the checkpoints its chunks resume at, by uncompressed
+    /// offset (see [`Reader::reanchor`]).
+    points: Vec<Arc<crate::layer::gzindex::Point>>,
 }
 
 /// A layer's tree and entries as they are now (fixed, or a streaming layer's so far).
@@ -222,7 +230,16 @@ impl LazyLayer {
             .collect();
         by_end.sort_unstable();
         let siblings = super::siblings::Siblings::new(&toc.entries, &spans);
+        let mut points: Vec<_> = toc
+            .entries
+            .iter()
+            .flat_map(|e| e.chunks.iter().filter_map(|c| c.resume.clone()))
+            .filter(|p| !p.zstd)
+            .collect();
+        points.sort_unstable_by_key(|p| p.out);
+        points.dedup_by_key(|p| p.out);
         LazyLayer {
+            points,
             siblings,
             elf_seen: Mutex::new(std::collections::HashSet::new()),
             guided: std::sync::atomic::AtomicBool::new(false),
@@ -366,6 +383,17 @@ enum Local {
     Blob(Arc<File>),
     Partial(Arc<PartialBlob>),
     Nothing,
+}
+
+impl Local {
+    /// Whether the blob's bytes `[start, end)` are here.
+    fn covers(&self, start: u64, end: u64) -> bool {
+        match self {
+            Local::Blob(_) => true,
+            Local::Partial(p) => p.contains(start, end),
+            Local::Nothing => false,
+        }
+    }
 }
 
 pub struct Reader {
@@ -593,6 +621,9 @@ impl Reader {
                 ));
             };
             let started = Instant::now();
+            // A read waits for it: foreground traffic, which the filler yields to (a window
+            // sent behind the filler's bulk once waited 254 ms in the bottleneck's queue).
+            let _foreground = self.link.foreground();
             let fetched = tokio::time::timeout(self.timeout, async {
                 let (reference, creds) = self.reference_of(layer, blob)?;
                 self.stats.requests.inc();
@@ -1008,18 +1039,27 @@ impl Reader {
                 let mut need_window = vec![];
                 let mut decoder = None;
                 for claim in claims {
-                    // Local bytes whose checkpoint window is kept apart and not here yet.
+                    let mut chunk = std::borrow::Cow::Borrowed(&claim.chunk);
+                    // Local bytes whose checkpoint window is kept apart and not here yet:
+                    // decoded from an earlier checkpoint when the bytes from there are local
+                    // too, else once the window is fetched.
                     if window_ref(&claim.chunk).is_some_and(|r| this2.cached_window(&r).is_none())
-                        && match &local {
-                            Local::Blob(_) => true,
-                            Local::Partial(p) => p.contains(claim.span.0, claim.span.1),
-                            Local::Nothing => false,
-                        }
+                        && local.covers(claim.span.0, claim.span.1)
                     {
-                        need_window.push(claim);
-                        continue;
+                        match this2.reanchor(&layer2, &claim.chunk, |s, e| local.covers(s, e)) {
+                            Some(c) => chunk = std::borrow::Cow::Owned(c),
+                            None => {
+                                need_window.push(claim);
+                                continue;
+                            }
+                        }
                     }
-                    match this2.load_local(&layer2, &local, &claim, &mut decoder) {
+                    let span = (chunk.offset.min(claim.span.0), claim.span.1);
+                    let loaded = this2.load_local(&layer2, &local, &chunk, span, &mut decoder);
+                    drop(chunk);
+                    match loaded {
+                        // The earlier checkpoint's window left memory meanwhile.
+                        Some(Err(ReadError::NoWindow)) => need_window.push(claim),
                         Some(Ok(d)) => {
                             this2.stats.local_chunks.inc();
                             this2.finish(claim, Ok(Arc::new(d)));
@@ -1210,15 +1250,17 @@ impl Reader {
         ReadError::Corrupt(e.to_string())
     }
 
-    /// Decode a chunk from local bytes: `None` when they are not there.
+    /// Decode a chunk from the local bytes `span` (the blob's bytes from the chunk's start
+    /// through its end): `None` when they are not there.
     fn load_local(
         &self,
         layer: &LazyLayer,
         local: &Local,
-        claim: &Claim,
+        chunk: &Chunk,
+        span: (u64, u64),
         decoder: &mut Option<SpanDecoder>,
     ) -> Option<Result<Vec<u8>, ReadError>> {
-        let (s, e) = claim.span;
+        let (s, e) = span;
         let mut buf = vec![0u8; (e - s) as usize];
         let read = match local {
             Local::Blob(f) => f.read_exact_at(&mut buf, s),
@@ -1227,8 +1269,42 @@ impl Reader {
         };
         Some(
             read.map_err(|e| ReadError::local(format_args!("reading layer {}", layer.digest), &e))
-                .and_then(|()| self.decode(layer, &claim.chunk, &buf, s, &HashMap::new(), decoder)),
+                .and_then(|()| self.decode(layer, chunk, &buf, s, &HashMap::new(), decoder)),
         )
+    }
+
+    /// `chunk` (read through a gzip index, its checkpoint's window kept apart and not in
+    /// memory) decoded from an earlier checkpoint instead: the nearest one whose window needs
+    /// no fetch (in memory, or none: the layer's start), at most [`REANCHOR_MAX`] before the
+    /// chunk, when `covers` says the blob's bytes from there to the chunk's own start are
+    /// here. A checkpoint whose window some read fetched is usually just before: the files
+    /// after it came with that read's bytes, and the window of their own checkpoint would
+    /// cost a round trip.
+    fn reanchor(
+        &self,
+        layer: &LazyLayer,
+        chunk: &Chunk,
+        covers: impl Fn(u64, u64) -> bool,
+    ) -> Option<Chunk> {
+        let p = chunk.resume.as_ref().filter(|p| !p.zstd)?;
+        let pos = p.out + chunk.inner_offset;
+        let before = layer.points.partition_point(|q| q.out < p.out);
+        for q in layer.points[..before].iter().rev() {
+            if pos - q.out > REANCHOR_MAX || !covers(q.start(), chunk.offset) {
+                return None;
+            }
+            if q.window_ref
+                .is_none_or(|r| self.cached_window(&r).is_some())
+            {
+                return Some(Chunk {
+                    offset: q.start(),
+                    inner_offset: pos - q.out,
+                    resume: Some(Arc::clone(q)),
+                    ..chunk.clone()
+                });
+            }
+        }
+        None
     }
 
     /// Decode, verify, store and hand out fetched chunks: `fetched` is the blob from `start`
@@ -1583,21 +1659,58 @@ pub fn prefetch_runs(spans: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     runs.into_iter().map(|(s, e, _)| (s, e)).collect()
 }
 
-/// Split claims, in their order, into batches of about `bytes` compressed bytes each.
+/// Split claims, in their order, into batches of about `bytes` compressed bytes each. Claims
+/// whose spans overlap go in one batch, at the place of the first of them: through a gzip
+/// index, the files after one checkpoint all decode from it, and each batch apart would fetch
+/// the bytes from the checkpoint again (a directory's read-ahead once asked for the same
+/// 280 KB three times, at once).
 fn batches(claims: Vec<Claim>, bytes: u64) -> Vec<Vec<Claim>> {
     let mut out: Vec<Vec<Claim>> = vec![];
     let mut size = 0;
-    for claim in claims {
+    for group in overlapping(claims) {
+        let start = group.iter().map(|c| c.span.0).min().unwrap_or(0);
+        let end = group.iter().map(|c| c.span.1).max().unwrap_or(0);
         match out.last_mut() {
-            Some(b) if size < bytes => b.push(claim),
+            Some(b) if size < bytes => b.extend(group),
             _ => {
                 size = 0;
-                out.push(vec![claim]);
+                out.push(group);
             }
         }
-        size += out
-            .last()
-            .map_or(0, |b| b[b.len() - 1].span.1 - b[b.len() - 1].span.0);
+        size += end - start;
+    }
+    out
+}
+
+/// `claims` gathered into groups of overlapping spans (each group in list order), the groups
+/// ordered by the list place of their first claim.
+fn overlapping(claims: Vec<Claim>) -> Vec<Vec<Claim>> {
+    let mut by_start: Vec<usize> = (0..claims.len()).collect();
+    by_start.sort_by_key(|&i| claims[i].span);
+    let mut group_of = vec![0usize; claims.len()];
+    let (mut groups, mut end) = (0usize, 0u64);
+    for (n, &i) in by_start.iter().enumerate() {
+        let (s, e) = claims[i].span;
+        if n > 0 && s < end {
+            end = end.max(e);
+        } else {
+            groups += 1;
+            end = e;
+        }
+        group_of[i] = groups - 1;
+    }
+    // Groups numbered by their first claim in list order.
+    let mut renumber = vec![usize::MAX; groups];
+    let mut next = 0;
+    for &g in &group_of {
+        if renumber[g] == usize::MAX {
+            renumber[g] = next;
+            next += 1;
+        }
+    }
+    let mut out: Vec<Vec<Claim>> = (0..groups).map(|_| vec![]).collect();
+    for (claim, g) in claims.into_iter().zip(group_of) {
+        out[renumber[g]].push(claim);
     }
     out
 }
@@ -1731,6 +1844,25 @@ mod tests {
             [vec![(500, 560), (0, 50)], vec![(900, 910), (100, 200)]]
         );
         assert!(batches(vec![], 100).is_empty());
+        // Overlapping spans (files decoded from one checkpoint) share a batch, at the place of
+        // the first of them.
+        let b = batches(
+            vec![
+                claim(0, 300),
+                claim(1000, 1010),
+                claim(0, 400),
+                claim(200, 900),
+                claim(900, 950),
+            ],
+            100,
+        );
+        assert_eq!(
+            spans(&b),
+            [
+                vec![(0, 300), (0, 400), (200, 900)],
+                vec![(1000, 1010), (900, 950)]
+            ]
+        );
         // In list order: runs sorted by the first place of any of their chunks in the list.
         let l = vec![
             claim(1000, 1010),

@@ -298,3 +298,117 @@ async fn an_executables_first_read_fetches_its_interpreter_and_libraries() {
     let (s, e) = f.span("lib/x86_64-linux-gnu/libc.so.6");
     assert_eq!(f.fake.requests_touching(s, e), 0);
 }
+
+/// Text-like bytes (deflate ends blocks often, so a gzip index has checkpoints with windows).
+fn text(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..len)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            b"abcdefgh ijklmn\n"[(x >> 16) as usize % 16]
+        })
+        .collect()
+}
+
+/// A plain gzip layer of `files` read through a shared gzip index (checkpoints every 64 KiB,
+/// windows kept apart in their own blob), served by a fake registry.
+fn gzip_indexed(files: &[(String, Vec<u8>)], opts: ReadOptions) -> Fixture {
+    use crate::layer::gzindex::IndexingReader;
+    use crate::layer::tar as ltar;
+    use std::io::Write as _;
+    let mut b = ::tar::Builder::new(Vec::new());
+    for (name, body) in files {
+        let mut h = ::tar::Header::new_ustar();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1);
+        h.set_cksum();
+        b.append_data(&mut h, name, &body[..]).unwrap();
+    }
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(&b.into_inner().unwrap()).unwrap();
+    let gz = e.finish().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (r, rec) = IndexingReader::new(&gz[..], 64 << 10).unwrap();
+    let u = ltar::unpack(r, &dir.path().join("files"), &ltar::Limits::default()).unwrap();
+    let rec = std::mem::take(&mut *rec.lock().unwrap());
+    let mut ra = ltar::RandomAccess {
+        layer: Digest::of(&gz),
+        blob_size: gz.len() as u64,
+        size: rec.size,
+        points: rec.points,
+        positions: u.positions.clone(),
+        windows: None,
+    };
+    let mut windows = vec![];
+    ra.split_windows(&mut windows);
+    let entries = ra.lazy_entries(&u.entries);
+    let layout = Layout::new(dir.path());
+    layout.create().unwrap();
+    let db = Arc::new(Mutex::new(
+        Catalogue::open(&dir.path().join("catalogue.db")).unwrap(),
+    ));
+    let fake = Arc::new(FakeBlobs::default());
+    let size = gz.len() as u64;
+    let digest = fake.add(gz);
+    let windows = (fake.add(windows.clone()), windows.len() as u64);
+    let partials = Partials::new(layout.clone());
+    partials.open(&digest, size, 0).unwrap();
+    let link = crate::fetch::schedule::Link::new(Default::default());
+    let reader = Reader::new(layout, db, fake.clone(), partials, link, opts);
+    let tree = Tree::from_entries(&entries).unwrap();
+    let toc = Toc {
+        digest: Digest::of(b"index"),
+        toc_offset: size,
+        entries,
+        prefetch_landmark: None,
+    };
+    let layer = LazyLayer::new(digest, SOURCE.into(), size, toc, tree).with_windows(Some(windows));
+    Fixture {
+        _dir: dir,
+        reader,
+        fake,
+        layer: Arc::new(layer),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_bytes_behind_a_missing_window_decode_from_an_earlier_checkpoint() {
+    let files: Vec<(String, Vec<u8>)> = (0..12)
+        .map(|i| (format!("f{i:02}"), text(30_000, i)))
+        .collect();
+    let f = gzip_indexed(
+        &files,
+        ReadOptions {
+            neighbours: 1 << 20,
+            ..opts()
+        },
+    );
+    // The later files start at checkpoints of their own, with windows kept apart.
+    let last = &f.layer.toc.entries[f.entry("f11")].chunks[0];
+    assert!(last.resume.as_ref().unwrap().window_ref.is_some());
+    // The first read brings its neighbours' bytes (decoded from the layer's start: no window).
+    assert_eq!(f.read("f00").await.unwrap(), files[0].1);
+    let (start, end) = (f.span("f00").0, f.span("f11").1);
+    let partial = f.reader.partials.get(&f.layer.digest).unwrap();
+    for _ in 0..500 {
+        if partial.contains(start, end) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        partial.contains(start, end),
+        "the neighbours came with the first read"
+    );
+    let before = f.fake.requests().len();
+    assert_eq!(before, 1);
+    // Their own checkpoints' windows are not here, but the bytes from the layer's start are:
+    // decoded from there, with no request.
+    for (name, body) in files.iter().rev() {
+        assert_eq!(&f.read(name).await.unwrap(), body, "{name}");
+    }
+    assert_eq!(f.fake.requests().len(), before, "no window fetched");
+}
