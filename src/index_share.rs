@@ -80,6 +80,9 @@ pub struct Shareable {
 pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>, String> {
     let mut windows = vec![];
     let mut parts = vec![];
+    let learned = Digest::parse(&image.manifest_digest)
+        .ok()
+        .and_then(|m| crate::learned::load(layout, &m).ok().flatten());
     for l in &image.layers {
         let Some((_, bytes, _)) = layer_index(layout, l) else {
             continue;
@@ -92,6 +95,18 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
                 "the index of layer {} came from the registry (another node shared it): it is published already",
                 l.digest
             ));
+        }
+        if let Some(list) = &learned {
+            let paths = list.paths_of(&l.digest);
+            match hot_points(layout, &mut ra, &entries, &paths) {
+                Ok(0) => {}
+                Ok(added) => {
+                    tracing::info!(layer = %l.digest, added, files = paths.len(), "index: checkpoints added before the files the image's learned start reads")
+                }
+                Err(e) => {
+                    tracing::warn!(layer = %l.digest, error = %e, "cannot add checkpoints before the files of the learned start; the index is shared without them")
+                }
+            }
         }
         ra.split_windows(&mut windows);
         parts.push((entries, ra));
@@ -127,6 +142,54 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
         windows,
         layers: encoded.len(),
     }))
+}
+
+/// Add to `ra` (a layer's own index, its blob complete here) a checkpoint at the last deflate
+/// block boundary before each 1 MiB piece of the files `paths` (the files a start of the image
+/// read here, from its learned list): another node's reads of them then decode at most one
+/// block (typically 30–150 KiB) before their first byte instead of up to a span, like the
+/// per-file members of eStargz. The layer is decompressed once more for this (about a second
+/// per 100 MB). Returns how many checkpoints were added.
+pub fn hot_points(
+    layout: &Layout,
+    ra: &mut ltar::RandomAccess,
+    entries: &[crate::layer::estargz::Entry],
+    paths: &[String],
+) -> Result<usize, String> {
+    use crate::layer::gzindex::{CHUNK, IndexingReader};
+    if paths.is_empty() || ra.points.iter().any(|p| p.zstd) {
+        return Ok(0);
+    }
+    let wanted: std::collections::HashSet<&str> = paths.iter().map(|p| p.as_str()).collect();
+    let targets: Vec<u64> = entries
+        .iter()
+        .zip(&ra.positions)
+        .filter(|(e, _)| wanted.contains(e.path.as_str()))
+        .filter_map(|(e, pos)| pos.as_ref().map(|p| (e.size, p.offset)))
+        .flat_map(|(size, at)| (0..size.div_ceil(CHUNK).max(1)).map(move |k| at + k * CHUNK))
+        .collect();
+    if targets.is_empty() {
+        return Ok(0);
+    }
+    let blob = std::fs::File::open(layout.blob(&ra.layer))
+        .map_err(|e| format!("the layer's blob is not here ({e})"))?;
+    let (reader, rec) =
+        IndexingReader::new(std::io::BufReader::with_capacity(1 << 20, blob), u64::MAX)
+            .map_err(|e| e.to_string())?;
+    let mut reader = reader.with_targets(targets);
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| e.to_string())?;
+    drop(reader);
+    let rec = std::mem::take(&mut *rec.lock().unwrap_or_else(|p| p.into_inner()));
+    if !rec.complete || rec.unusable.is_some() || rec.size != ra.size {
+        return Err("the blob does not decompress as its index says".into());
+    }
+    let before = ra.points.len();
+    let mut points = std::mem::take(&mut ra.points);
+    points.extend(rec.points);
+    points.sort_by_key(|p| p.out);
+    points.dedup_by_key(|p| p.out);
+    ra.points = points;
+    Ok(ra.points.len() - before)
 }
 
 /// Publish the image's layer indexes next to it in its registry: (artifact digest, indexes).
@@ -313,6 +376,48 @@ mod tests {
             windows: None,
         };
         (gz.clone(), ltar::encode_index_with(&u.entries, Some(&ra)))
+    }
+
+    #[test]
+    fn the_files_of_a_learned_start_get_checkpoints_right_before_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gz, index) = indexed_layer(dir.path());
+        let (entries, ra) = ltar::decode_index_with(&index, &Limits::default()).unwrap();
+        let before = ra.unwrap();
+        let mut ra = before.clone();
+        let layout = Layout::new(dir.path().join("s"));
+        layout.create().unwrap();
+        let paths = vec!["c".to_string(), "b".to_string()];
+        // Without the blob here, nothing is added.
+        assert!(hot_points(&layout, &mut ra, &entries, &paths).is_err());
+        layout.put_blob(&Digest::of(&gz), &gz).unwrap();
+        let added = hot_points(&layout, &mut ra, &entries, &paths).unwrap();
+        // b's 3 pieces and c (b's first piece starts right at the layer's first checkpoint).
+        assert!((3..=4).contains(&added), "{added}");
+        assert_eq!(ra.points.len(), before.points.len() + added);
+        crate::layer::gzindex::validate(&ra.points, gz.len() as u64, ra.size, None).unwrap();
+        // c's checkpoint is the last block boundary before it (every boundary: span 1).
+        let (r, every) = IndexingReader::new(&gz[..], 1).unwrap();
+        std::io::copy(&mut { r }, &mut std::io::sink()).unwrap();
+        let every = std::mem::take(&mut *every.lock().unwrap()).points;
+        let c = entries.iter().position(|e| e.path == "c").unwrap();
+        let at = ra.positions[c].as_ref().unwrap().offset;
+        let near = |points: &[crate::layer::gzindex::Point]| {
+            points[crate::layer::gzindex::point_before(points, at).unwrap()].out
+        };
+        assert_eq!(near(&ra.points), near(&every));
+        assert!(near(&before.points) < near(&ra.points));
+        // The files read the same through either index, and c's read starts nearer.
+        let spans = crate::layer::estargz::Spans::default();
+        let fetch =
+            |s: u64, e: u64| -> Result<Vec<u8>, String> { Ok(gz[s as usize..e as usize].to_vec()) };
+        let (old, new) = (before.lazy_entries(&entries), ra.lazy_entries(&entries));
+        for i in 0..entries.len() {
+            let a = crate::layer::estargz::read_file(&spans, &old[i], 0, u64::MAX, fetch).unwrap();
+            let b = crate::layer::estargz::read_file(&spans, &new[i], 0, u64::MAX, fetch).unwrap();
+            assert_eq!(a, b, "{}", entries[i].path);
+        }
+        assert!(new[c].chunks[0].offset > old[c].chunks[0].offset);
     }
 
     /// A store holding one image whose one layer is `digest` of `size` bytes.

@@ -356,6 +356,7 @@ impl Namespace {
         let Some(stream) = &layer.stream else {
             return Ok(());
         };
+        let _waiting = self.recorder.is_active().then(|| self.recorder.waiting());
         stream.wait(self.stall, cond).map_err(|e| {
             tracing::warn!(layer = %layer.digest, error = %e, "a lookup in a layer streaming in failed");
             FsError::Stream

@@ -17,7 +17,25 @@ const MAX_FILES: usize = 1_000_000;
 pub struct Recorder {
     /// Sessions running: `opened` takes no lock while there are none.
     active: AtomicUsize,
+    /// Filesystem answers waiting for a layer to stream in (see [`Recorder::waiting`]).
+    waiting: AtomicUsize,
     inner: Mutex<Inner>,
+}
+
+/// A filesystem answer waiting for a layer's bytes; the recordings' quiet time starts again
+/// when it ends.
+pub struct Waiting<'a>(&'a Recorder);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+        let now = Instant::now();
+        for s in self.0.lock().sessions.values_mut() {
+            if s.last.is_some() {
+                s.last = Some(now);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -83,11 +101,24 @@ impl Recorder {
         s.map(|s| s.files)
     }
 
-    /// A running session's files so far, when the last was recorded, and whether it is full.
+    /// A running session's files so far, when the last was recorded (now, while an answer
+    /// waits for a layer: see [`Recorder::waiting`]), and whether it is full.
     pub fn progress(&self, id: u64) -> Option<(usize, Option<Instant>, bool)> {
         let g = self.lock();
         let s = g.sessions.get(&id)?;
-        Some((s.files.len(), s.last, s.files.len() >= s.max))
+        let last = match s.last {
+            Some(_) if self.waiting.load(Ordering::Relaxed) > 0 => Some(Instant::now()),
+            last => last,
+        };
+        Some((s.files.len(), last, s.files.len() >= s.max))
+    }
+
+    /// Mark a filesystem answer as waiting for a layer to stream in until the guard drops: a
+    /// start blocked on the layer's bytes (a first node's start waits for its files to arrive,
+    /// seconds apart) is not quiet, so its recording does not end after the first few files.
+    pub fn waiting(&self) -> Waiting<'_> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Waiting(self)
     }
 
     /// Is any session running (cheap; callers skip the path lookup when not)?
@@ -138,6 +169,25 @@ mod tests {
         assert_eq!(pairs(r.stop(two).unwrap()), ["a:x", "b:y", "a:z"]);
         assert!(!r.is_active());
         assert!(r.stop(one).is_none());
+    }
+
+    #[test]
+    fn a_session_is_not_quiet_while_an_answer_waits_for_its_layer() {
+        let r = Recorder::default();
+        let id = r.start(["a".to_string()]);
+        r.opened("a", "x");
+        let opened = r.progress(id).unwrap().1.unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        {
+            let _w = r.waiting();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            // Waiting: the last activity is now.
+            assert!(r.progress(id).unwrap().1.unwrap().elapsed() < opened.elapsed());
+        }
+        // The wait ended just now: the quiet time starts from there.
+        let after = r.progress(id).unwrap().1.unwrap();
+        assert!(after > opened + std::time::Duration::from_millis(30));
+        assert_eq!(r.progress(id).unwrap().0, 1);
     }
 
     #[test]

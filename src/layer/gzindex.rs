@@ -292,6 +292,13 @@ pub struct IndexingReader<R> {
     done: bool,
     rec: Arc<Mutex<Recording>>,
     consumed: Arc<AtomicU64>,
+    /// Uncompressed offsets (sorted) that want a checkpoint right before them: the last block
+    /// boundary at or before each gets one ([`IndexingReader::with_targets`]).
+    targets: Vec<u64>,
+    next_target: usize,
+    /// The last block boundary passed without a checkpoint, with its window (kept only when
+    /// there are targets): a target found in the block after it makes it one.
+    prev: Option<(Point, Vec<u8>)>,
 }
 
 impl<R: Read> IndexingReader<R> {
@@ -314,9 +321,22 @@ impl<R: Read> IndexingReader<R> {
                 done: false,
                 rec: Arc::clone(&rec),
                 consumed: Arc::default(),
+                targets: vec![],
+                next_target: 0,
+                prev: None,
             },
             rec,
         ))
+    }
+
+    /// Also a checkpoint at the last block boundary at or before each of `targets`
+    /// (uncompressed offsets; a file that a start reads, say): a read there then decodes at
+    /// most one deflate block (typically 30–150 KiB) before its first byte, not up to a span.
+    pub fn with_targets(mut self, mut targets: Vec<u64>) -> Self {
+        targets.sort_unstable();
+        targets.dedup();
+        self.targets = targets;
+        self
     }
 
     fn remember(&mut self, out: &[u8]) {
@@ -407,22 +427,55 @@ impl<R: Read> Read for IndexingReader<R> {
             }
             let dt = self.inf.data_type();
             let at_boundary = dt & 128 != 0 && dt & 64 == 0 && !self.member_ended;
-            if at_boundary && self.last.is_none_or(|l| self.total_out - l >= self.span) {
-                self.last = Some(self.total_out);
+            // The stream's end closes its last block too (targets in it want the boundary
+            // before it).
+            if at_boundary || ret == z::Z_STREAM_END {
+                let out = self.total_out;
+                let (size, compressed) = (self.total_out, self.total_in);
+                // Targets in the block just decoded want the boundary before it; one right
+                // here wants this one.
+                let (mut want_prev, mut want_here) = (false, false);
+                while let Some(&t) = self.targets.get(self.next_target) {
+                    if t > out {
+                        break;
+                    }
+                    if t == out {
+                        want_here = true;
+                    } else {
+                        want_prev = true;
+                    }
+                    self.next_target += 1;
+                }
+                if want_prev && let Some((mut point, window)) = self.prev.take() {
+                    point.window = zstd::bulk::compress(&window, 3)?;
+                    self.last = Some(point.out);
+                    self.record(|r| r.add(point, size, compressed));
+                }
                 let point = Point {
-                    out: self.total_out,
+                    out,
                     inp: self.total_in,
                     bits: (dt & 7) as u8,
-                    window: if self.total_out == 0 {
-                        vec![]
-                    } else {
-                        zstd::bulk::compress(&self.window(), 3)?
-                    },
+                    window: vec![],
                     zstd: false,
                     window_ref: None,
                 };
-                let (size, compressed) = (self.total_out, self.total_in);
-                self.record(|r| r.add(point, size, compressed));
+                if !at_boundary {
+                    self.prev = None;
+                } else if want_here || self.last.is_none_or(|l| out - l >= self.span) {
+                    self.last = Some(out);
+                    self.prev = None;
+                    let point = Point {
+                        window: if out == 0 {
+                            vec![]
+                        } else {
+                            zstd::bulk::compress(&self.window(), 3)?
+                        },
+                        ..point
+                    };
+                    self.record(|r| r.add(point, size, compressed));
+                } else if self.next_target < self.targets.len() {
+                    self.prev = Some((point, self.window()));
+                }
             }
             if p > 0 {
                 return Ok(p);
@@ -881,6 +934,45 @@ mod tests {
         drop(r);
         let rec = Arc::try_unwrap(rec).unwrap().into_inner().unwrap();
         (out, rec)
+    }
+
+    #[test]
+    fn targets_get_the_last_block_boundary_before_them() {
+        let data = sample(3 << 20);
+        let gz = gzip(&data);
+        // Every block boundary (span 1), and the spaced checkpoints alone.
+        let (_, every) = index(&gz, 1);
+        let (_, spaced) = index(&gz, 1 << 20);
+        let targets = vec![0, 5, 400_000, 1_234_567, every.points[7].out, 2_999_999];
+        let (mut r, rec) = IndexingReader::new(&gz[..], 1 << 20).unwrap();
+        r = r.with_targets(targets.clone());
+        let mut out = vec![];
+        r.read_to_end(&mut out).unwrap();
+        drop(r);
+        let rec = Arc::try_unwrap(rec).unwrap().into_inner().unwrap();
+        assert_eq!(out, data);
+        validate(&rec.points, gz.len() as u64, rec.size, None).unwrap();
+        assert!(rec.points.len() < spaced.points.len() + targets.len());
+        for t in targets {
+            let want = &every.points[point_before(&every.points, t).unwrap()];
+            let got = &rec.points[point_before(&rec.points, t).unwrap()];
+            assert_eq!(
+                (got.out, got.inp, got.bits),
+                (want.out, want.inp, want.bits),
+                "{t}"
+            );
+            // It decodes: the target's bytes from there.
+            let end = end_after(&rec.points, t + 1000, gz.len() as u64);
+            let back = decode_at(
+                &gz[got.start() as usize..end as usize],
+                got,
+                None,
+                t - got.out,
+                1000,
+            )
+            .unwrap();
+            assert_eq!(back, data[t as usize..t as usize + 1000], "{t}");
+        }
     }
 
     #[test]
