@@ -87,7 +87,7 @@ pub async fn run(cfg: &Config, args: &PruneArgs) -> anyhow::Result<()> {
     match open_target(cfg, None).await? {
         Target::Offline(core) => {
             for i in &selected {
-                core.images
+                core.store
                     .db
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())

@@ -17,6 +17,9 @@ use tonic::{Request, Response, Status};
 pub const PULL_MODE_ANNOTATION: &str = "lazypull.io/pull-mode";
 
 pub struct CriImages {
+    store: crate::store::Store,
+    /// Layers are filled (`fetch.fill.enabled`): a registration in containerd waits for them.
+    fill_enabled: bool,
     images: Arc<Images>,
     default_mode: PullMode,
     /// Where pulls are also registered (`--containerd-address`), if anywhere.
@@ -25,11 +28,15 @@ pub struct CriImages {
 
 impl CriImages {
     pub fn new(
+        store: crate::store::Store,
+        fill_enabled: bool,
         images: Arc<Images>,
         default_mode: PullMode,
         containerd: Option<Arc<containerd::Containerd>>,
     ) -> Self {
         CriImages {
+            store,
+            fill_enabled,
             images,
             default_mode,
             containerd,
@@ -43,12 +50,15 @@ impl CriImages {
         name: &str,
         id: &str,
     ) -> Result<(), Status> {
-        register_in_containerd(&self.images, ctd, name, id).await
+        register_in_containerd(&self.store, self.fill_enabled, &self.images, ctd, name, id).await
     }
 }
 
-/// Make the image `id`, just pulled or loaded as `name`, usable by containerd's CRI runtime.
+/// Make the image `id`, just pulled or loaded as `name`, usable by containerd's CRI runtime
+/// (when layers are filled, `fill_enabled`, once they are).
 pub async fn register_in_containerd(
+    store: &crate::store::Store,
+    fill_enabled: bool,
     images: &Images,
     ctd: &containerd::Containerd,
     name: &str,
@@ -63,13 +73,13 @@ pub async fn register_in_containerd(
         .and_then(|r| oci::tag_name(&r));
     let plan = containerd::plan(
         &img,
-        &images.layout,
+        &store.layout,
         tag.as_deref(),
         &ctd.options().snapshotter,
     )
     .map_err(containerd_status)?;
-    ctd.wait_layers(&img, images.filler.fill_enabled, |d| {
-        crate::store::locked(&images.db).layer(d)
+    ctd.wait_layers(&img, fill_enabled, |d| {
+        crate::store::locked(&store.db).layer(d)
     })
     .await
     .map_err(containerd_status)?;
@@ -167,7 +177,7 @@ impl ImageService for CriImages {
         if req.verbose {
             let config: serde_json::Value = Digest::parse(&img.id)
                 .ok()
-                .and_then(|d| self.images.layout.read_blob(&d).ok())
+                .and_then(|d| self.store.layout.read_blob(&d).ok())
                 .and_then(|b| serde_json::from_slice(&b).ok())
                 .unwrap_or(serde_json::Value::Null);
             let v = serde_json::json!({
@@ -247,14 +257,14 @@ impl ImageService for CriImages {
         &self,
         _req: Request<cri::ImageFsInfoRequest>,
     ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
-        let root = self.images.layout.root.clone();
+        let root = self.store.layout.root.clone();
         let (used, inodes) = tokio::task::spawn_blocking(move || disk_usage(&root))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         let usage = cri::FilesystemUsage {
             timestamp: chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default(),
             fs_id: Some(cri::FilesystemIdentifier {
-                mountpoint: self.images.layout.root.display().to_string(),
+                mountpoint: self.store.layout.root.display().to_string(),
             }),
             used_bytes: Some(cri::UInt64Value { value: used }),
             inodes_used: Some(cri::UInt64Value { value: inodes }),

@@ -21,6 +21,9 @@ pub struct ControlService {
     /// None when the layer filesystem is not mounted.
     pub recorder: Option<Arc<Recorder>>,
     pub images: Arc<Images>,
+    pub store: crate::store::Store,
+    /// Layers are filled (`fetch.fill.enabled`).
+    pub fill_enabled: bool,
     /// Where loaded images are also registered, as CRI pulls are.
     pub containerd: Option<Arc<Containerd>>,
 }
@@ -71,7 +74,15 @@ impl Control for ControlService {
         if let Some(ctd) = &self.containerd {
             for l in &loaded {
                 for n in &l.names {
-                    crate::cri::register_in_containerd(&self.images, ctd, n, &l.id).await?;
+                    crate::cri::register_in_containerd(
+                        &self.store,
+                        self.fill_enabled,
+                        &self.images,
+                        ctd,
+                        n,
+                        &l.id,
+                    )
+                    .await?;
                 }
             }
         }

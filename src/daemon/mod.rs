@@ -20,7 +20,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// The daemon's core: the store, the registry client and the filler, and the services built on
+/// them. Each service is handed the parts it uses from here.
 pub struct Core {
+    pub store: crate::store::Store,
+    pub registry: Arc<Registry>,
+    pub filler: Arc<Filler>,
     pub images: Arc<Images>,
     /// The registry's blob bodies as the read path and the filler see them: with the ranges
     /// fetched ahead of a layer's TOC (see `registry::early`).
@@ -61,12 +66,16 @@ impl Core {
             shutdown.clone(),
         );
         early.yield_filler(Arc::clone(filler.link()));
+        let store = crate::store::Store {
+            layout: layout.clone(),
+            db: Arc::clone(&db),
+        };
         let images = Arc::new(Images::new(
             layout,
             db,
-            registry,
+            Arc::clone(&registry),
             early.clone(),
-            filler,
+            Arc::clone(&filler),
             crate::images::ImagesOptions {
                 persist_credentials: cfg.cri.persist_credentials,
                 pull_timeout: cfg.cri.pull_timeout,
@@ -74,6 +83,9 @@ impl Core {
             },
         ));
         Ok(Core {
+            store,
+            registry,
+            filler,
             images,
             early,
             shutdown,
@@ -209,11 +221,11 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     let recorder = Arc::new(crate::fs::record::Recorder::default());
     let fuse = if cfg.fuse.enabled {
         let reader = crate::fs::reader::Reader::new(
-            images.layout.clone(),
-            Arc::clone(&images.db),
+            core.store.layout.clone(),
+            Arc::clone(&core.store.db),
             core.early.clone(),
-            Arc::clone(images.filler.partials()),
-            Arc::clone(images.filler.link()),
+            Arc::clone(core.filler.partials()),
+            Arc::clone(core.filler.link()),
             crate::fs::reader::ReadOptions {
                 timeout: cfg.fuse.read_timeout,
                 cache_bytes: cfg.fuse.chunk_cache_mib << 20,
@@ -225,15 +237,15 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         );
         fuse_reader = Some(Arc::clone(&reader));
         let table = crate::fs::layers::LayerTable::new(
-            images.layout.clone(),
-            Arc::clone(&images.db),
+            core.store.layout.clone(),
+            Arc::clone(&core.store.db),
             Arc::clone(&reader),
-            Arc::clone(images.filler.streams()),
+            Arc::clone(core.filler.streams()),
         );
         fuse_table = Some(Arc::clone(&table));
         let fs = crate::fs::fuse::LayerFs::new(
-            images.layout.clone(),
-            Arc::clone(&images.db),
+            core.store.layout.clone(),
+            Arc::clone(&core.store.db),
             reader,
             table,
             cfg.fuse.passthrough,
@@ -271,9 +283,9 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         let tls = crate::http::mirror_tls(&cfg).context("mirror.tls")?;
         tracing::info!(listen = %cfg.mirror.listen, tls = tls.is_some(), client_auth = ?cfg.mirror.tls.as_ref().map(|t| t.client_auth), default_upstream = %cfg.mirror.default_upstream, air_gapped = cfg.mirror.air_gapped, "serving the pull-through registry (OCI pull API at /v2/)");
         let mirror = crate::http::mirror::Mirror::new(
-            images.layout.clone(),
-            Arc::clone(&images.db),
-            Arc::clone(&images.registry),
+            core.store.layout.clone(),
+            Arc::clone(&core.store.db),
+            Arc::clone(&core.registry),
             crate::http::mirror::MirrorOptions {
                 default_upstream: cfg.mirror.default_upstream.clone(),
                 air_gapped: cfg.mirror.air_gapped,
@@ -281,13 +293,13 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
                 always_pull_latest: cfg.mirror.always_pull_latest,
                 max_upstream_fetches: cfg.mirror.max_upstream_fetches,
             },
-            Some(Arc::clone(&images.filler)),
+            Some(Arc::clone(&core.filler)),
         );
         (Some(mirror), Some((listener, tls)))
     };
     let metrics_stop = CancellationToken::new();
     // The health port: live from here on, ready once every server listens.
-    let health = crate::http::health::Health::new(Arc::clone(&images.db));
+    let health = crate::http::health::Health::new(Arc::clone(&core.store.db));
     let health_task = if cfg.health.listen.is_empty() {
         None
     } else {
@@ -314,7 +326,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             .with_context(|| format!("binding the metrics endpoint {}", cfg.metrics.listen))?;
         tracing::info!(listen = %cfg.metrics.listen, "serving Prometheus metrics at /metrics");
         let src = Arc::new(crate::metrics::Sources {
-            filler: Arc::clone(&images.filler),
+            filler: Arc::clone(&core.filler),
             reader: fuse_reader.clone(),
             images: Arc::clone(&images),
             mirror: mirror.clone(),
@@ -351,7 +363,12 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             // The VM disk registry shares the listener, under its prefix.
             let reg = cfg.reg.enabled.then(|| {
                 tracing::info!(prefix = %cfg.reg.prefix, max_upload = cfg.reg.max_upload, "serving the VM disk image registry");
-                crate::http::reg::Reg::new(Arc::clone(&images), &cfg.reg.prefix, cfg.reg.max_upload)
+                crate::http::reg::Reg::new(
+                    core.store.clone(),
+                    Arc::clone(&images),
+                    &cfg.reg.prefix,
+                    cfg.reg.max_upload,
+                )
             });
             let listing = Arc::clone(&listing);
             let handler = Arc::new(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -379,14 +396,14 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     let stop = CancellationToken::new();
     let peers_task = (!cfg.peers.dns.is_empty()).then(|| {
         tokio::spawn(peers::keep_fresh(
-            Arc::clone(&images.registry),
+            Arc::clone(&core.registry),
             cfg.peers.clone(),
             own_mirror_port(&cfg),
             stop.clone(),
         ))
     });
     if !cfg.peers.urls.is_empty() {
-        tracing::info!(peers = ?images.registry.peers(), "peers: asked first for content by digest");
+        tracing::info!(peers = ?core.registry.peers(), "peers: asked first for content by digest");
     }
     // The admin API and the background prune of the mirror's images; `/cmd/stop` ends the
     // daemon as SIGTERM does.
@@ -407,6 +424,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         None => None,
     };
     let admin = crate::http::admin::Admin::new(
+        core.store.clone(),
         Arc::clone(&images),
         mirror.clone(),
         admin_token,
@@ -457,16 +475,18 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     // The containerd snapshotter: remote snapshots need the FUSE mount.
     let snapshot_task = if cfg.snapshotter.enabled {
         let snapshotter = crate::snapshot::Snapshotter::new(
+            core.store.clone(),
             Arc::clone(&images),
+            Arc::clone(&core.filler),
             crate::snapshot::SnapshotterOptions {
                 fuse_root: fuse.as_ref().map(|_| cfg.fuse.mountpoint.clone()),
                 remote_wait: cfg.snapshotter.remote_wait,
                 plain_wait: cfg.fetch.fill.enabled.then_some(cfg.snapshotter.plain_wait),
                 learner: fuse.as_ref().and(fuse_table.clone()).map(|table| {
                     crate::learned::Learner::new(
-                        images.layout.clone(),
-                        Arc::clone(&images.db),
-                        Some(Arc::clone(&images.registry)),
+                        core.store.layout.clone(),
+                        Arc::clone(&core.store.db),
+                        Some(Arc::clone(&core.registry)),
                         Arc::clone(&core.early),
                         Arc::clone(&recorder),
                         table as Arc<dyn crate::learned::Prefetch>,
@@ -491,7 +511,13 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         None
     };
     let listener = bind_socket(&cfg.cri.socket)?;
-    let svc = CriImages::new(Arc::clone(&images), cfg.cri.pull_mode, containerd.clone());
+    let svc = CriImages::new(
+        core.store.clone(),
+        cfg.fetch.fill.enabled,
+        Arc::clone(&images),
+        cfg.cri.pull_mode,
+        containerd.clone(),
+    );
     tracing::info!(socket = %cfg.cri.socket.display(), root = %cfg.root.display(), pull_mode = ?cfg.cri.pull_mode,
         version = env!("CARGO_PKG_VERSION"), "lazypull serving CRI ImageService");
 
@@ -503,6 +529,8 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
             ControlServer::new(control::ControlService {
                 recorder: fuse_recorder,
                 images: Arc::clone(&images),
+                store: core.store.clone(),
+                fill_enabled: cfg.fetch.fill.enabled,
                 containerd,
             })
             // Load streams archives in messages of up to 1 MiB of data.
@@ -544,14 +572,14 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     core.shutdown.cancel();
     if let Some(m) = fuse {
         // Containers on lazy layers: the mount is left to the next start (see Mount::stop).
-        let users = crate::store::locked(&images.db)
+        let users = crate::store::locked(&core.store.db)
             .snapshots()
             .map(|all| crate::store::snapshots::on_remote_layers(&all))
             .unwrap_or(0);
         m.unmount_within(cfg.cri.shutdown_grace, users);
     }
     // Record the ranges reads fetched since the last flush, so a restart reuses them.
-    images.filler.partials().flush_all();
+    core.filler.partials().flush_all();
     if let Some(t) = gc_task {
         let _ = t.await;
     }
@@ -572,7 +600,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
         let _ = t.await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while images.filler.in_flight() > 0 && tokio::time::Instant::now() < deadline {
+    while core.filler.in_flight() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = std::fs::remove_file(&cfg.cri.socket);

@@ -44,6 +44,7 @@ pub enum AdminError {
 }
 
 pub struct Admin {
+    store: crate::store::Store,
     images: Arc<Images>,
     mirror: Option<Arc<Mirror>>,
     token: Option<String>,
@@ -110,12 +111,14 @@ fn names(n: &[String]) -> String {
 
 impl Admin {
     pub fn new(
+        store: crate::store::Store,
         images: Arc<Images>,
         mirror: Option<Arc<Mirror>>,
         token: Option<String>,
         stop: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Admin {
+            store,
             images,
             mirror,
             token,
@@ -282,7 +285,7 @@ impl Admin {
         if let Some(m) = &self.mirror {
             m.flush_access();
         }
-        let (db, layout) = (Arc::clone(&self.images.db), self.images.layout.clone());
+        let (db, layout) = (Arc::clone(&self.store.db), self.store.layout.clone());
         tokio::task::spawn_blocking(move || Inventory::load(&db, &layout))
             .await
             .map_err(|_| AdminError::ShuttingDown)?
@@ -427,7 +430,7 @@ impl Admin {
         let now = crate::store::now();
         let chosen = inventory::select(&inv, &by, count, now);
         let report = {
-            let mut db = crate::store::locked(&self.images.db);
+            let mut db = crate::store::locked(&self.store.db);
             inventory::forget(&mut db, &inv, chosen, &by, now, dry_run)?
         };
         let (files, bytes) = if dry_run {

@@ -109,6 +109,8 @@ fn target(rest: &str) -> Result<Target> {
 }
 
 pub struct Reg {
+    store: crate::store::Store,
+    /// Removal and GC of the store's content.
     images: Arc<Images>,
     prefix: String,
     max_upload: u64,
@@ -129,8 +131,14 @@ fn json(v: &impl serde::Serialize, status: StatusCode, head: bool) -> Response<B
 }
 
 impl Reg {
-    pub fn new(images: Arc<Images>, prefix: &str, max_upload: u64) -> Arc<Self> {
+    pub fn new(
+        store: crate::store::Store,
+        images: Arc<Images>,
+        prefix: &str,
+        max_upload: u64,
+    ) -> Arc<Self> {
         Arc::new(Reg {
+            store,
             images,
             prefix: format!("/{}", prefix.trim_matches('/')),
             max_upload,
@@ -195,7 +203,7 @@ impl Reg {
             )))
         };
         let tags = |repo: Option<&str>, image: Option<&str>| -> Result<Vec<RegTag>> {
-            Ok(lock(&self.images.db).reg_tags(repo, image)?)
+            Ok(lock(&self.store.db).reg_tags(repo, image)?)
         };
         match (t, &method) {
             (Target::Root, &Method::GET | &Method::HEAD) => {
@@ -237,13 +245,13 @@ impl Reg {
             (Target::Meta(r, i, t), &Method::GET | &Method::HEAD) => {
                 let tag = self.tag(&r, &i, &t)?;
                 let d = Digest::parse(&tag.meta_digest)?;
-                let meta = self.images.layout.read_blob(&d)?;
+                let meta = self.store.layout.read_blob(&d)?;
                 let v: serde_json::Value = serde_json::from_slice(&meta).unwrap_or_default();
                 Ok(json(&v, StatusCode::OK, head))
             }
             (Target::Tag(r, i, t), &Method::POST | &Method::PUT) => self.upload(req, r, i, t).await,
             (Target::Tag(r, i, t), &Method::DELETE) => {
-                let removed = lock(&self.images.db).delete_reg_tag(&r, &i, &t)?;
+                let removed = lock(&self.store.db).delete_reg_tag(&r, &i, &t)?;
                 if !removed {
                     return Err(RegError::NotFound(format!("tag {r}/{i}/{t}")));
                 }
@@ -261,7 +269,7 @@ impl Reg {
     }
 
     fn tag(&self, repo: &str, image: &str, tag: &str) -> Result<RegTag> {
-        lock(&self.images.db)
+        lock(&self.store.db)
             .reg_tag(repo, image, tag)?
             .ok_or_else(|| RegError::NotFound(format!("tag {repo}/{image}/{tag}")))
     }
@@ -269,7 +277,7 @@ impl Reg {
     /// The disk of `tag`, whole or one range.
     async fn disk(&self, tag: &RegTag, range: Option<&str>, head: bool) -> Result<Response<Body>> {
         let d = Digest::parse(&tag.digest)?;
-        let mut f = tokio::fs::File::open(self.images.layout.blob(&d)).await?;
+        let mut f = tokio::fs::File::open(self.store.layout.blob(&d)).await?;
         let size = f.metadata().await?.len();
         let Some((status, start, end)) = super::span(range, size) else {
             return Err(RegError::RangeNotSatisfiable {
@@ -360,7 +368,7 @@ impl Reg {
         let idle = |what: &str| {
             RegError::BadUpload(format!("nothing received for {UPLOAD_IDLE:?} ({what})"))
         };
-        let blobs = self.images.layout.blobs_dir();
+        let blobs = self.store.layout.blobs_dir();
         let (mut meta, mut digest_given, mut disk) = (None, None, None);
         while let Some(mut field) = tokio::time::timeout(UPLOAD_IDLE, parts.next_field())
             .await
@@ -417,15 +425,15 @@ impl Reg {
         {
             // GC must not see the disk between its rename and the tag's row.
             let _gc = self.images.gc_shared().await;
-            self.images.layout.put_blob(&meta_digest, &meta)?;
-            let dest = self.images.layout.blob(&d);
+            self.store.layout.put_blob(&meta_digest, &meta)?;
+            let dest = self.store.layout.blob(&d);
             if dest.exists() {
                 drop(tmp);
             } else {
                 tmp.persist(&dest).map_err(|e| RegError::Io(e.error))?;
                 crate::store::sync_dir(&blobs)?;
             }
-            lock(&self.images.db).put_reg_tag(&RegTag {
+            lock(&self.store.db).put_reg_tag(&RegTag {
                 repo: repo.clone(),
                 image: image.clone(),
                 tag: tag.clone(),

@@ -111,14 +111,14 @@ impl Removal {
 pub use crate::store::gc::GcReport;
 
 pub struct Images {
-    pub layout: Layout,
-    pub db: Arc<Mutex<Catalogue>>,
-    pub registry: Arc<Registry>,
+    layout: Layout,
+    db: Arc<Mutex<Catalogue>>,
+    registry: Arc<Registry>,
     /// Starts the TOC fetches of a pull's eStargz layers beside its config fetch.
     early: Arc<crate::registry::early::EarlyBlobs>,
-    pub filler: Arc<Filler>,
-    pub persist_credentials: bool,
-    pub pull_timeout: Duration,
+    filler: Arc<Filler>,
+    persist_credentials: bool,
+    pull_timeout: Duration,
     /// `fetch.index: auto`: pulls look for shared random-access indexes of plain layers.
     index_lookup: bool,
     /// Pulls of one name run one at a time (the second finds the first's result locally).

@@ -273,21 +273,30 @@ pub struct SnapshotterOptions {
 pub struct Snapshotter {
     layout: Layout,
     db: Arc<Mutex<Catalogue>>,
+    /// Pulls an image whose layer containerd prepares before lazypull knows it.
     images: Arc<Images>,
+    /// Whose TOC fetches a remote Prepare waits for.
+    filler: Arc<crate::fetch::Filler>,
     opts: SnapshotterOptions,
 }
 
 use crate::store::locked as lock;
 
 impl Snapshotter {
-    pub fn new(images: Arc<Images>, opts: SnapshotterOptions) -> Result<Arc<Snapshotter>> {
-        let layout = images.layout.clone();
+    pub fn new(
+        store: crate::store::Store,
+        images: Arc<Images>,
+        filler: Arc<crate::fetch::Filler>,
+        opts: SnapshotterOptions,
+    ) -> Result<Arc<Snapshotter>> {
+        let crate::store::Store { layout, db } = store;
         let dir = layout.snapshots_dir();
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         Ok(Arc::new(Snapshotter {
             layout,
-            db: Arc::clone(&images.db),
+            db,
             images,
+            filler,
             opts,
         }))
     }
@@ -506,7 +515,7 @@ impl Snapshotter {
         let mut plain_logged = false;
         loop {
             // Subscribed before the state is read: a TOC fetch that ends after this is seen.
-            let mut toc_events = self.images.filler.toc_events();
+            let mut toc_events = self.filler.toc_events();
             let layer = lock(&self.db).layer(req.layer.as_str())?;
             match layer {
                 Some(l) if l.mountable() => {
@@ -554,13 +563,7 @@ impl Snapshotter {
                             "layer without TOC: lazypull fetches it once and serves its files as they arrive; containerd downloads nothing");
                     }
                     // Served as it streams in, once its fill has begun unpacking it.
-                    if self
-                        .images
-                        .filler
-                        .streams()
-                        .serving(req.layer.hex())
-                        .is_some()
-                    {
+                    if self.filler.streams().serving(req.layer.hex()).is_some() {
                         return Ok(());
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -568,7 +571,7 @@ impl Snapshotter {
                 }
                 Some(_) => {
                     // Its TOC is still to come.
-                    let filler = &self.images.filler;
+                    let filler = &self.filler;
                     if let Some(why) = filler.toc_unavailable_since(req.layer.as_str(), started) {
                         return Err(NotLazy::TocUnavailable(why));
                     }

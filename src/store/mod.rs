@@ -16,6 +16,14 @@ pub use catalogue::{
 };
 pub use partial::{PartialBlob, Partials};
 
+/// The store as the daemon's services share it: its files and its catalogue (handed to each
+/// service by the daemon's core, `daemon::Core`).
+#[derive(Clone)]
+pub struct Store {
+    pub layout: Layout,
+    pub db: std::sync::Arc<std::sync::Mutex<Catalogue>>,
+}
+
 use crate::oci::Digest;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
