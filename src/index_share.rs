@@ -73,6 +73,8 @@ pub struct Shareable {
     pub windows: Vec<u8>,
     /// Layers with an index.
     pub layers: usize,
+    /// Checkpoints added before the files of the image's learned start ([`hot_points`]).
+    pub added: usize,
 }
 
 /// The bundle of the image's layer indexes with their windows apart (None: no layer has an
@@ -80,6 +82,7 @@ pub struct Shareable {
 pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>, String> {
     let mut windows = vec![];
     let mut parts = vec![];
+    let mut added_total = 0;
     let learned = Digest::parse(&image.manifest_digest)
         .ok()
         .and_then(|m| crate::learned::load(layout, &m).ok().flatten());
@@ -101,6 +104,7 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
             match hot_points(layout, &mut ra, &entries, &paths) {
                 Ok(0) => {}
                 Ok(added) => {
+                    added_total += added;
                     tracing::info!(layer = %l.digest, added, files = paths.len(), "index: checkpoints added before the files the image's learned start reads")
                 }
                 Err(e) => {
@@ -141,6 +145,7 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
         bundle: bytes,
         windows,
         layers: encoded.len(),
+        added: added_total,
     }))
 }
 
@@ -192,13 +197,14 @@ pub fn hot_points(
     Ok(ra.points.len() - before)
 }
 
-/// Publish the image's layer indexes next to it in its registry: (artifact digest, indexes).
+/// Publish the image's layer indexes next to it in its registry: (artifact digest, indexes,
+/// checkpoints added before the files of the image's learned start).
 pub async fn push(
     registry: &Registry,
     layout: &Layout,
     image: &ImageRecord,
     creds: &OpCreds,
-) -> Result<(Digest, usize), String> {
+) -> Result<(Digest, usize, usize), String> {
     let Some(shared) = bundle(layout, image)? else {
         return Err("no layer of this image has a random-access index (plain gzip layers get one when the filler decompresses them)".into());
     };
@@ -210,7 +216,7 @@ pub async fn push(
     let d = crate::artifact::attach(registry, &repo, &subject, ARTIFACT_TYPE, blobs, creds)
         .await
         .map_err(|e| e.to_string())?;
-    Ok((d, shared.layers))
+    Ok((d, shared.layers, shared.added))
 }
 
 /// A bundle blob decompressed, refusing more than [`MAX_BUNDLE_BYTES`] of output.

@@ -16,7 +16,7 @@ pub async fn run(
     match args.action {
         IndexAction::Push => {
             let registry = crate::registry::Registry::new(cfg.registry_options(secret));
-            let (artifact, n) = crate::index_share::push(
+            let (artifact, n, added) = crate::index_share::push(
                 &registry,
                 &layout,
                 &image,
@@ -28,6 +28,12 @@ pub async fn run(
                 "pushed the random-access index of {n} layer(s) of {} to {} as {artifact} (subject {})",
                 args.image, image.source, image.manifest_digest
             );
+            if added > 0 {
+                println!(
+                    "with {added} checkpoint(s) right before the files its learned start read (lazypull learned {})",
+                    args.image
+                );
+            }
         }
         IndexAction::Show => {
             let rows: Vec<serde_json::Value> = image
