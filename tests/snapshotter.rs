@@ -1382,6 +1382,80 @@ async fn a_plain_image_runs_while_its_layer_streams_in() {
     ctd.ctr(&["images", "rm", "--sync", &img]);
 }
 
+/// The first node of a plain gzip image learns its whole start although the start waits
+/// seconds for its files to stream in (a lookup waiting for the stream keeps the recording
+/// open), and `index push` then adds checkpoints before the files that start read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_start_is_learned_whole_and_its_files_get_checkpoints() {
+    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
+        return;
+    }
+    let Ok(busybox) = std::fs::read("/bin/busybox") else {
+        eprintln!("skipped: /bin/busybox (busybox-static) is missing");
+        return;
+    };
+    let reg = Registry::empty(None);
+    let tar = tar_of(&[
+        ("a/", vec![]),
+        ("a/first.txt", b"first\n".to_vec()),
+        ("bin/", vec![]),
+        ("bin/busybox", busybox),
+        ("zz/", vec![]),
+        ("zz/big.bin", noise(16 << 20, 5)),
+        ("zzz/", vec![]),
+        ("zzz/late.txt", b"late\n".to_vec()),
+    ]);
+    push_layers(&reg, "learnstream", &[tar]).await;
+    // 16 MiB of noise at 16 Mbit/s: zzz/late.txt arrives at least 8 s after a/first.txt, far
+    // past the recording's 2 s of quiet. The names runc looks up at the root (proc, dev, ...)
+    // sort before zz/, so the start begins, and opens its first files, long before that.
+    let proxy = Netem::start(&reg.host(), &["--mbit", "16"]);
+    let d = Daemon::start(&[]);
+    let ctd = Containerd::start_with_snapshotter(&[proxy.host()], &d.snapshotter_socket());
+    let img = format!("{}/learnstream:latest", proxy.host());
+    ctd.rpull_lazy(&img);
+    let out = ctd.run_lazy(
+        &img,
+        "learns",
+        &["/bin/busybox", "cat", "/a/first.txt", "/zzz/late.txt"],
+    );
+    assert!(out.contains("first") && out.contains("late"), "{out}");
+    let paths = || -> Vec<String> {
+        let out = d.cli(&["learned", &img, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v["files"]
+            .as_array()
+            .map(|f| {
+                f.iter()
+                    .filter_map(|f| f["path"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    wait_until("the learned list", Duration::from_secs(60), || {
+        !paths().is_empty()
+    });
+    let learned = paths();
+    assert!(
+        learned.iter().any(|p| p == "zzz/late.txt"),
+        "the list holds the file that arrived seconds later: {learned:?}\n{}",
+        d.log_text()
+    );
+    d.wait_complete(Duration::from_secs(120));
+    wait_until("layer unpacked", Duration::from_secs(120), || {
+        d.status_json()["images"][0]["layers"][0]["unpacked"] == true
+    });
+    let out = d.cli(&["index", "push", &img]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "index push: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("checkpoint(s) right before"), "{text}");
+    ctd.ctr(&["images", "rm", "--sync", &img]);
+}
+
 /// A plain gzip image whose gzip index another node pushed (`lazypull index push`) runs through
 /// containerd's remote flow with random access: the container reads a file behind 24 MiB of
 /// the layer long before the stream could reach it (16 Mbit/s), and with the filler on the
