@@ -74,6 +74,7 @@ impl Core {
             layout,
             db,
             Arc::clone(&registry),
+            registry.clone(),
             early.clone(),
             Arc::clone(&filler),
             crate::images::ImagesOptions {

@@ -113,7 +113,10 @@ pub use crate::store::gc::GcReport;
 pub struct Images {
     layout: Layout,
     db: Arc<Mutex<Catalogue>>,
+    /// Referrers (shared indexes) and the registry's peers.
     registry: Arc<Registry>,
+    /// Manifests and configs (the registry; a fake in unit tests).
+    manifests: Arc<dyn crate::registry::seam::ManifestSource>,
     /// Starts the TOC fetches of a pull's eStargz layers beside its config fetch.
     early: Arc<crate::registry::early::EarlyBlobs>,
     filler: Arc<Filler>,
@@ -150,11 +153,13 @@ impl Images {
         layout: Layout,
         db: Arc<Mutex<Catalogue>>,
         registry: Arc<Registry>,
+        manifests: Arc<dyn crate::registry::seam::ManifestSource>,
         early: Arc<crate::registry::early::EarlyBlobs>,
         filler: Arc<Filler>,
         opts: ImagesOptions,
     ) -> Self {
         Images {
+            manifests,
             index_lookup: opts.index_lookup,
             layout,
             db,

@@ -95,14 +95,14 @@ impl Images {
             }
         }
         let creds = self.op_creds(r.registry(), request_creds.clone());
-        let (top_bytes, top_digest) = self.registry.fetch_manifest(r, None, &creds).await?;
+        let (top_bytes, top_digest) = self.manifests.fetch_manifest(r, None, &creds).await?;
         let (index_digest, manifest_bytes, manifest_digest, manifest) =
             match oci::parse_document(&top_bytes, None)? {
                 Document::Manifest(m) => (None, top_bytes, top_digest, m),
                 Document::Index(entries) => {
                     let entry = oci::select_platform(&entries, &oci::host_platform())?;
                     let d = Digest::parse(&entry.digest)?;
-                    let (bytes, got) = self.registry.fetch_manifest(r, Some(&d), &creds).await?;
+                    let (bytes, got) = self.manifests.fetch_manifest(r, Some(&d), &creds).await?;
                     match oci::parse_document(&bytes, Some(&entry.media_type))? {
                         Document::Manifest(m) => {
                             self.layout.put_blob(&top_digest, &top_bytes)?;
@@ -127,7 +127,7 @@ impl Images {
                 Ok::<_, ImagesError>(self.layout.read_blob(&config_digest)?)
             } else {
                 Ok(self
-                    .registry
+                    .manifests
                     .fetch_small_blob(r, &config_digest, oci::MAX_MANIFEST_BYTES, &creds)
                     .await?)
             }
@@ -372,3 +372,7 @@ impl Images {
         Ok(pending.len())
     }
 }
+
+#[cfg(test)]
+#[path = "pull_tests.rs"]
+mod tests;

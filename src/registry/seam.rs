@@ -1,8 +1,9 @@
-//! The seam in front of the registry for blob bodies: what the read path needs from a
-//! registry (`open_blob`: bytes `[offset, offset + len)` of a blob, streamed), as a trait, so
-//! that its logic runs in unit tests against an in-memory fake that can also misbehave
-//! (`fake::FakeBlobs`: errors, stalls, truncated or wrong bytes, delays), while the end-to-end
-//! tests keep the real registry client.
+//! The seam in front of the registry: what the read path and the filler need from a registry
+//! (`BlobSource::open_blob`: bytes `[offset, offset + len)` of a blob, streamed) and what a
+//! pull needs (`ManifestSource`: manifests and configs), as traits, so that their logic runs
+//! in unit tests against an in-memory fake that can also misbehave (`fake::FakeBlobs`: errors,
+//! stalls, truncated or wrong bytes, delays), while the end-to-end tests keep the real registry
+//! client.
 
 use super::{BlobBody, OpCreds, Registry, Result};
 use crate::oci::{Digest, Reference};
@@ -29,6 +30,49 @@ pub trait BlobSource: Send + Sync {
         len: u64,
         creds: &'a OpCreds,
     ) -> BoxFuture<'a, Result<Vec<u8>>>;
+}
+
+/// Manifests and small blobs (configs): what the image service's pull fetches before an image
+/// is registered.
+pub trait ManifestSource: Send + Sync {
+    /// A manifest or index by the reference's tag or digest (or `digest`, when given): its
+    /// bytes and their digest. A digest asked for is verified.
+    fn fetch_manifest<'a>(
+        &'a self,
+        r: &'a Reference,
+        digest: Option<&'a Digest>,
+        creds: &'a OpCreds,
+    ) -> BoxFuture<'a, Result<(bytes::Bytes, Digest)>>;
+
+    /// The blob `d` whole (a config), at most `limit` bytes, verified against `d`.
+    fn fetch_small_blob<'a>(
+        &'a self,
+        r: &'a Reference,
+        d: &'a Digest,
+        limit: usize,
+        creds: &'a OpCreds,
+    ) -> BoxFuture<'a, Result<Vec<u8>>>;
+}
+
+impl ManifestSource for Registry {
+    fn fetch_manifest<'a>(
+        &'a self,
+        r: &'a Reference,
+        digest: Option<&'a Digest>,
+        creds: &'a OpCreds,
+    ) -> BoxFuture<'a, Result<(bytes::Bytes, Digest)>> {
+        Box::pin(Registry::fetch_manifest(self, r, digest, creds))
+    }
+
+    fn fetch_small_blob<'a>(
+        &'a self,
+        r: &'a Reference,
+        d: &'a Digest,
+        limit: usize,
+        creds: &'a OpCreds,
+    ) -> BoxFuture<'a, Result<Vec<u8>>> {
+        Box::pin(Registry::fetch_small_blob(self, r, d, limit, creds))
+    }
 }
 
 /// A range's body read whole: exactly `len` bytes (bytes `[offset, offset + len)` of blob `d`,
@@ -114,6 +158,8 @@ pub mod fake {
     #[derive(Default)]
     pub struct FakeBlobs {
         blobs: Mutex<HashMap<Digest, Bytes>>,
+        /// Manifests by tag and by digest.
+        manifests: Mutex<HashMap<String, Bytes>>,
         faults: Mutex<VecDeque<Fault>>,
         /// Every request: (digest, offset, end).
         pub requests: Mutex<Vec<(Digest, u64, u64)>>,
@@ -129,6 +175,42 @@ pub mod fake {
         /// A blob under a digest of the caller's choosing (its bytes are not checked).
         pub fn add_as(&self, d: &Digest, data: Vec<u8>) {
             crate::store::locked(&self.blobs).insert(d.clone(), Bytes::from(data));
+        }
+
+        /// A manifest (or index), found by its digest and by `tag` (when given).
+        pub fn add_manifest(&self, tag: Option<&str>, data: Vec<u8>) -> Digest {
+            let d = Digest::of(&data);
+            let data = Bytes::from(data);
+            let mut m = crate::store::locked(&self.manifests);
+            if let Some(t) = tag {
+                m.insert(t.to_string(), data.clone());
+            }
+            m.insert(d.to_string(), data);
+            d
+        }
+
+        /// The next fault, if any, applied to a whole answer: `Err` for an error, `None`
+        /// never answers (a stall), else the answer (cut or corrupted, or late).
+        async fn whole(&self, r: &Reference, data: Bytes) -> Result<Option<Bytes>> {
+            let fault = crate::store::locked(&self.faults).pop_front();
+            Ok(match fault {
+                Some(Fault::Error) => {
+                    return Err(RegistryError::Unreachable {
+                        registry: r.registry().to_string(),
+                        reason: "injected".into(),
+                    });
+                }
+                Some(Fault::Stall) => None,
+                Some(Fault::Truncate(n)) => Some(data.slice(..n.min(data.len()))),
+                Some(Fault::Corrupt) => {
+                    Some(Bytes::from(data.iter().map(|b| !b).collect::<Vec<u8>>()))
+                }
+                Some(Fault::Delay(t)) => {
+                    tokio::time::sleep(t).await;
+                    Some(data)
+                }
+                None => Some(data),
+            })
         }
 
         /// The next requests misbehave, in this order.
@@ -161,6 +243,89 @@ pub mod fake {
                 x as u8
             })
             .collect()
+    }
+
+    impl ManifestSource for FakeBlobs {
+        fn fetch_manifest<'a>(
+            &'a self,
+            r: &'a Reference,
+            digest: Option<&'a Digest>,
+            _creds: &'a OpCreds,
+        ) -> BoxFuture<'a, Result<(Bytes, Digest)>> {
+            Box::pin(async move {
+                let want = digest
+                    .cloned()
+                    .or_else(|| r.digest().and_then(|d| Digest::parse(d).ok()));
+                let key = want
+                    .as_ref()
+                    .map(|d| d.to_string())
+                    .or_else(|| r.tag().map(str::to_string))
+                    .unwrap_or_else(|| "latest".into());
+                let what = format!("manifest {key}");
+                let data = crate::store::locked(&self.manifests)
+                    .get(&key)
+                    .cloned()
+                    .ok_or_else(|| RegistryError::NotFound {
+                        registry: r.registry().to_string(),
+                        what: what.clone(),
+                    })?;
+                let Some(data) = self.whole(r, data).await? else {
+                    return std::future::pending().await;
+                };
+                let got = Digest::of(&data);
+                if let Some(expected) = want
+                    && expected != got
+                {
+                    return Err(RegistryError::DigestMismatch {
+                        registry: r.registry().to_string(),
+                        what,
+                        expected,
+                        actual: got,
+                    });
+                }
+                Ok((data, got))
+            })
+        }
+
+        fn fetch_small_blob<'a>(
+            &'a self,
+            r: &'a Reference,
+            d: &'a Digest,
+            limit: usize,
+            _creds: &'a OpCreds,
+        ) -> BoxFuture<'a, Result<Vec<u8>>> {
+            Box::pin(async move {
+                let what = format!("blob {d}");
+                let data = crate::store::locked(&self.blobs)
+                    .get(d)
+                    .cloned()
+                    .ok_or_else(|| RegistryError::NotFound {
+                        registry: r.registry().to_string(),
+                        what: what.clone(),
+                    })?;
+                if data.len() > limit {
+                    return Err(RegistryError::TooLarge {
+                        registry: r.registry().to_string(),
+                        what,
+                        size: data.len() as u64,
+                        limit: limit as u64,
+                    });
+                }
+                let Some(data) = self.whole(r, data).await? else {
+                    return std::future::pending().await;
+                };
+                let got = Digest::of(&data);
+                if &got != d {
+                    return Err(RegistryError::DigestMismatch {
+                        registry: r.registry().to_string(),
+                        what,
+                        expected: d.clone(),
+                        actual: got,
+                    });
+                }
+                Ok(data.to_vec())
+            })
+        }
     }
 
     impl BlobSource for FakeBlobs {
