@@ -344,32 +344,21 @@ mod tests {
     use super::*;
     use crate::layer::gzindex::IndexingReader;
     use crate::store::{NameKind, NewImage, NewLayer};
-    use std::io::Write as _;
 
     /// A gzip layer of a few MiB and its index (version 2, with checkpoints).
     fn indexed_layer(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
-        let mut b = tar::Builder::new(Vec::new());
-        for (name, len) in [("a", 3000usize), ("b", 3 << 20), ("c", 10)] {
-            // Text-like: deflate ends blocks often, so there are checkpoints with windows.
+        // Text-like: deflate ends blocks often, so there are checkpoints with windows.
+        let text = |len: usize| -> Vec<u8> {
             let mut x = 12345u32;
-            let body: Vec<u8> = (0..len)
+            (0..len)
                 .map(|_| {
                     x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
                     b"abcdefgh ijklmn\n"[(x >> 16) as usize % 16]
                 })
-                .collect();
-            let mut h = tar::Header::new_ustar();
-            h.set_size(len as u64);
-            h.set_mode(0o644);
-            h.set_uid(0);
-            h.set_gid(0);
-            h.set_mtime(1);
-            h.set_cksum();
-            b.append_data(&mut h, name, &body[..]).unwrap();
-        }
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        e.write_all(&b.into_inner().unwrap()).unwrap();
-        let gz = e.finish().unwrap();
+                .collect()
+        };
+        let (a, b, c) = (text(3000), text(3 << 20), text(10));
+        let (_, gz) = ltar::test_util::files_tar_gz(&[("a", &a), ("b", &b), ("c", &c)]);
         let (reader, rec) = IndexingReader::new(&gz[..], 256 << 10).unwrap();
         let u = ltar::unpack(reader, &dir.join("files"), &Limits::default()).unwrap();
         let rec = std::mem::take(&mut *rec.lock().unwrap());

@@ -1333,13 +1333,22 @@ async fn plain_layers_are_fetched_once_through_the_remote_flow() {
 /// container reads a file at the start of the layer while the rest (24 MiB behind a 16 Mbit/s
 /// link, held by the proxy until the container has run) still streams in, and the layer is
 /// fetched once.
+/// What the containerd tests on plain images need (the tools, containerd, FUSE) and
+/// busybox-static's binary to run in them; None (the test is skipped, saying why) otherwise.
+fn containerd_and_busybox() -> Option<Vec<u8>> {
+    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
+        return None;
+    }
+    let busybox = std::fs::read("/bin/busybox").ok();
+    if busybox.is_none() {
+        eprintln!("skipped: /bin/busybox (busybox-static) is missing");
+    }
+    busybox
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_image_runs_while_its_layer_streams_in() {
-    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
-        return;
-    }
-    let Ok(busybox) = std::fs::read("/bin/busybox") else {
-        eprintln!("skipped: /bin/busybox (busybox-static) is missing");
+    let Some(busybox) = containerd_and_busybox() else {
         return;
     };
     let reg = Registry::empty(None);
@@ -1387,11 +1396,7 @@ async fn a_plain_image_runs_while_its_layer_streams_in() {
 /// open), and `index push` then adds checkpoints before the files that start read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_start_is_learned_whole_and_its_files_get_checkpoints() {
-    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
-        return;
-    }
-    let Ok(busybox) = std::fs::read("/bin/busybox") else {
-        eprintln!("skipped: /bin/busybox (busybox-static) is missing");
+    let Some(busybox) = containerd_and_busybox() else {
         return;
     };
     let reg = Registry::empty(None);
@@ -1463,11 +1468,7 @@ async fn a_streamed_start_is_learned_whole_and_its_files_get_checkpoints() {
 /// then the fill's gaps).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_image_with_a_shared_index_runs_lazily_through_containerd() {
-    if !require_tools() || !Containerd::available() || !Path::new("/dev/fuse").exists() {
-        return;
-    }
-    let Ok(busybox) = std::fs::read("/bin/busybox") else {
-        eprintln!("skipped: /bin/busybox (busybox-static) is missing");
+    let Some(busybox) = containerd_and_busybox() else {
         return;
     };
     let reg = Registry::empty(None);

@@ -315,21 +315,8 @@ fn text(len: usize, seed: u32) -> Vec<u8> {
 fn gzip_indexed(files: &[(String, Vec<u8>)], opts: ReadOptions) -> Fixture {
     use crate::layer::gzindex::IndexingReader;
     use crate::layer::tar as ltar;
-    use std::io::Write as _;
-    let mut b = ::tar::Builder::new(Vec::new());
-    for (name, body) in files {
-        let mut h = ::tar::Header::new_ustar();
-        h.set_size(body.len() as u64);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1);
-        h.set_cksum();
-        b.append_data(&mut h, name, &body[..]).unwrap();
-    }
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(&b.into_inner().unwrap()).unwrap();
-    let gz = e.finish().unwrap();
+    let named: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), &b[..])).collect();
+    let (_, gz) = ltar::test_util::files_tar_gz(&named);
     let dir = tempfile::tempdir().unwrap();
     let (r, rec) = IndexingReader::new(&gz[..], 64 << 10).unwrap();
     let u = ltar::unpack(r, &dir.path().join("files"), &ltar::Limits::default()).unwrap();

@@ -6,7 +6,6 @@ use super::*;
 use crate::config::Config;
 use crate::fetch::{FillerOptions, UnpackPolicy};
 use crate::registry::seam::fake::{FakeBlobs, Fault};
-use std::io::Write as _;
 use tokio_util::sync::CancellationToken;
 
 const REPO: &str = "registry.test/repo";
@@ -70,19 +69,7 @@ fn fixture(fill: bool, pull_timeout: Duration) -> Fixture {
 /// A one-layer image in the fake: (layer digest, config digest, manifest bytes). `diff_ids`
 /// extra diff IDs make the config disagree with the manifest.
 fn image(f: &Fixture, file: &[u8], extra_diff_ids: usize) -> (Digest, Digest, Vec<u8>) {
-    let mut b = ::tar::Builder::new(Vec::new());
-    let mut h = ::tar::Header::new_ustar();
-    h.set_size(file.len() as u64);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(1);
-    h.set_cksum();
-    b.append_data(&mut h, "f.txt", file).unwrap();
-    let tar = b.into_inner().unwrap();
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(&tar).unwrap();
-    let gz = e.finish().unwrap();
+    let (tar, gz) = crate::layer::tar::test_util::files_tar_gz(&[("f.txt", file)]);
     let diff_id = Digest::of(&tar).to_string();
     let diff_ids: Vec<String> = std::iter::repeat_n(diff_id, 1 + extra_diff_ids).collect();
     let config = serde_json::to_vec(&serde_json::json!({

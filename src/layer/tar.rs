@@ -808,6 +808,32 @@ pub fn decode_index_with(
     Ok((out, ra))
 }
 
+/// Test helpers other modules' tests share.
+#[cfg(test)]
+pub mod test_util {
+    use std::io::Write as _;
+
+    /// A tar of regular files (in this order; mode 0644, owned by root, mtime 1) and its
+    /// gzip (fast level: deflate ends blocks often, so a gzip index gets checkpoints).
+    pub fn files_tar_gz(files: &[(&str, &[u8])]) -> (Vec<u8>, Vec<u8>) {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, body) in files {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1);
+            h.set_cksum();
+            b.append_data(&mut h, name, *body).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&tar).unwrap();
+        (tar, e.finish().unwrap())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
