@@ -359,18 +359,9 @@ mod tests {
         };
         let (a, b, c) = (text(3000), text(3 << 20), text(10));
         let (_, gz) = ltar::test_util::files_tar_gz(&[("a", &a), ("b", &b), ("c", &c)]);
-        let (reader, rec) = IndexingReader::new(&gz[..], 256 << 10).unwrap();
-        let u = ltar::unpack(reader, &dir.join("files"), &Limits::default()).unwrap();
-        let rec = std::mem::take(&mut *rec.lock().unwrap());
-        let ra = ltar::RandomAccess {
-            layer: Digest::of(&gz),
-            blob_size: gz.len() as u64,
-            size: rec.size,
-            points: rec.points,
-            positions: u.positions.clone(),
-            windows: None,
-        };
-        (gz.clone(), ltar::encode_index_with(&u.entries, Some(&ra)))
+        let (entries, ra) = ltar::test_util::index_of(&gz, 256 << 10, &dir.join("files"));
+        let index = ltar::encode_index_with(&entries, Some(&ra));
+        (gz, index)
     }
 
     #[test]

@@ -70,13 +70,13 @@ const SCAN_NEIGHBOURS: u64 = 4 << 20;
 /// compressed bytes: the loader maps big files but touches only part of them.
 const ELF_READ_AHEAD_MAX: u64 = 8 << 20;
 
-/// Checkpoint windows kept in memory (each at most 64 KiB compressed, typically 10 KiB).
-// 4096 is not zero: the unwrap is evaluated, and cannot fail, at compile time.
 /// A chunk read through a gzip index whose checkpoint window is not in memory, and whose
 /// bytes are local from an earlier checkpoint on (one that needs no fetch), is decoded from
 /// there when it lies at most this many uncompressed bytes after it: inflating 4 MiB takes
 /// about 10 ms, a window fetch is a round trip, or many behind a busy link.
 const REANCHOR_MAX: u64 = 4 << 20;
+/// Checkpoint windows kept in memory (each at most 64 KiB compressed, typically 10 KiB).
+// 4096 is not zero: the unwrap is evaluated, and cannot fail, at compile time.
 const WINDOWS_KEPT: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4096).unwrap();
 
 /// How a layer's on-demand fetches follow each other. A reader that walks the layer in blob

@@ -313,25 +313,14 @@ fn text(len: usize, seed: u32) -> Vec<u8> {
 /// A plain gzip layer of `files` read through a shared gzip index (checkpoints every 64 KiB,
 /// windows kept apart in their own blob), served by a fake registry.
 fn gzip_indexed(files: &[(String, Vec<u8>)], opts: ReadOptions) -> Fixture {
-    use crate::layer::gzindex::IndexingReader;
     use crate::layer::tar as ltar;
     let named: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (n.as_str(), &b[..])).collect();
     let (_, gz) = ltar::test_util::files_tar_gz(&named);
     let dir = tempfile::tempdir().unwrap();
-    let (r, rec) = IndexingReader::new(&gz[..], 64 << 10).unwrap();
-    let u = ltar::unpack(r, &dir.path().join("files"), &ltar::Limits::default()).unwrap();
-    let rec = std::mem::take(&mut *rec.lock().unwrap());
-    let mut ra = ltar::RandomAccess {
-        layer: Digest::of(&gz),
-        blob_size: gz.len() as u64,
-        size: rec.size,
-        points: rec.points,
-        positions: u.positions.clone(),
-        windows: None,
-    };
+    let (entries, mut ra) = ltar::test_util::index_of(&gz, 64 << 10, &dir.path().join("files"));
     let mut windows = vec![];
     ra.split_windows(&mut windows);
-    let entries = ra.lazy_entries(&u.entries);
+    let entries = ra.lazy_entries(&entries);
     let layout = Layout::new(dir.path());
     layout.create().unwrap();
     let db = Arc::new(Mutex::new(

@@ -832,6 +832,27 @@ pub mod test_util {
         e.write_all(&tar).unwrap();
         (tar, e.finish().unwrap())
     }
+
+    /// The gzip layer `gz` unpacked into `dir` while its index is recorded (a checkpoint every
+    /// `span` bytes): its entries and random-access index, as its first node has them.
+    pub fn index_of(
+        gz: &[u8],
+        span: u64,
+        dir: &std::path::Path,
+    ) -> (Vec<super::Entry>, super::RandomAccess) {
+        let (reader, rec) = super::gzindex::IndexingReader::new(gz, span).unwrap();
+        let u = super::unpack(reader, dir, &super::Limits::default()).unwrap();
+        let rec = std::mem::take(&mut *rec.lock().unwrap());
+        let ra = super::RandomAccess {
+            layer: crate::oci::Digest::of(gz),
+            blob_size: gz.len() as u64,
+            size: rec.size,
+            points: rec.points,
+            positions: u.positions,
+            windows: None,
+        };
+        (u.entries, ra)
+    }
 }
 
 #[cfg(test)]
