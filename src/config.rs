@@ -424,8 +424,8 @@ pub struct FillConfig {
 }
 
 impl FillConfig {
-    pub fn policy(&self) -> crate::fetch::schedule::FillPolicy {
-        crate::fetch::schedule::FillPolicy {
+    pub fn policy(&self) -> crate::access::schedule::FillPolicy {
+        crate::access::schedule::FillPolicy {
             request_bytes: self.request_mib << 20,
             yield_for: self.yield_for,
         }

@@ -2,6 +2,7 @@
 //! See docs/architecture.md for the architecture: layers of the code, the store, and how a
 //! pull, a lazy read, start-up prefetch and a snapshot flow through the modules.
 
+pub mod access;
 pub mod artifact;
 pub mod cli;
 pub mod commands;

@@ -3,8 +3,8 @@
 //! happens (the reader's and the filler's stats); a scrape registers clones of them (they share
 //! their value) plus gauges read at that moment, so nothing is sampled in the background.
 
+use crate::access::reader::ReadStats;
 use crate::fetch::Filler;
-use crate::fs::reader::ReadStats;
 use crate::store::LayerRecord;
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 /// What a scrape reports.
 pub struct Sources {
     pub filler: Arc<Filler>,
-    pub reader: Option<Arc<crate::fs::reader::Reader>>,
+    pub reader: Option<Arc<crate::access::reader::Reader>>,
     pub images: Arc<crate::images::Images>,
     pub mirror: Option<Arc<crate::http::mirror::Mirror>>,
 }
@@ -168,6 +168,17 @@ pub fn render(src: &Sources) -> String {
         "lazypull_layers_failed",
         "Fills that failed for good",
         f.layers_failed.clone(),
+    );
+    let access = &src.filler.access().stats;
+    reg.register(
+        "lazypull_link_requests",
+        "Blob body requests of the node, by class (on_demand, neighbour, prefetch, metadata, scan, fill)",
+        access.requests.clone(),
+    );
+    reg.register(
+        "lazypull_link_bytes",
+        "Bytes of blob bodies received by the node, by class",
+        access.bytes.clone(),
     );
     let link = &src.filler.link().stats;
     reg.register(

@@ -48,11 +48,14 @@ impl Core {
         registry.set_peers(&peers::static_peers(&cfg.peers, own_mirror_port(cfg)));
         let shutdown = CancellationToken::new();
         let early = crate::registry::early::EarlyBlobs::new(registry.clone());
+        // Every blob body request of the node goes through one gate, with its class.
+        let access = crate::access::Access::new(early.clone(), cfg.fetch.fill.policy());
+        early.route_through(&access);
         let filler = Filler::new(
             layout.clone(),
             crate::store::Partials::new(layout.clone()),
             Arc::clone(&db),
-            early.clone(),
+            Arc::clone(&access),
             crate::fetch::FillerOptions {
                 max_parallel: cfg.fetch.max_parallel,
                 fill_enabled: cfg.fetch.fill.enabled,
@@ -60,12 +63,10 @@ impl Core {
                     plain: cfg.fuse.enabled,
                     estargz: cfg.fuse.enabled && cfg.fuse.passthrough,
                 },
-                policy: cfg.fetch.fill.policy(),
                 index_span: cfg.fetch.index_span_kib.saturating_mul(1024),
             },
             shutdown.clone(),
         );
-        early.yield_filler(Arc::clone(filler.link()));
         let store = crate::store::Store {
             layout: layout.clone(),
             db: Arc::clone(&db),
@@ -221,13 +222,12 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
     let mut fuse_table = None;
     let recorder = Arc::new(crate::fs::record::Recorder::default());
     let fuse = if cfg.fuse.enabled {
-        let reader = crate::fs::reader::Reader::new(
+        let reader = crate::access::reader::Reader::new(
             core.store.layout.clone(),
             Arc::clone(&core.store.db),
-            core.early.clone(),
+            Arc::clone(core.filler.access()),
             Arc::clone(core.filler.partials()),
-            Arc::clone(core.filler.link()),
-            crate::fs::reader::ReadOptions {
+            crate::access::reader::ReadOptions {
                 timeout: cfg.fuse.read_timeout,
                 cache_bytes: cfg.fuse.chunk_cache_mib << 20,
                 read_ahead: cfg.fetch.read_ahead_kib << 10,

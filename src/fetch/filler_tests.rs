@@ -85,17 +85,19 @@ impl Fixture {
             layout.clone(),
             Partials::new(layout.clone()),
             Arc::clone(&db),
-            fake.clone(),
+            crate::access::Access::new(
+                fake.clone(),
+                crate::access::FillPolicy {
+                    request_bytes,
+                    yield_for: Duration::from_millis(1),
+                },
+            ),
             FillerOptions {
                 max_parallel: 2,
                 fill_enabled,
                 unpack: UnpackPolicy {
                     plain: false,
                     estargz: false,
-                },
-                policy: schedule::FillPolicy {
-                    request_bytes,
-                    yield_for: Duration::from_millis(1),
                 },
                 index_span: 0,
             },

@@ -10,11 +10,10 @@
 //! requests when no foreground request runs, and stops a running one when one begins
 //! ([`schedule`]).
 
-pub mod schedule;
 pub mod verify;
 
 use crate::oci::{Compression, Digest, Reference};
-use crate::registry::{OpCreds, RegistryError, seam::BlobSource};
+use crate::registry::{OpCreds, RegistryError};
 use crate::store::partial::WriteError;
 use crate::store::{
     Catalogue, FetchedBy, LayerRecord, LayerState, Layout, PartialBlob, Partials, StoreError,
@@ -160,7 +159,8 @@ pub struct Filler {
     layout: Layout,
     partials: Arc<Partials>,
     db: Arc<Mutex<Catalogue>>,
-    registry: Arc<dyn BlobSource>,
+    /// Every blob request goes through it: TOCs as metadata, the fill as fill.
+    access: Arc<crate::access::Access>,
     inflight: Mutex<HashMap<String, Inflight>>,
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
@@ -171,8 +171,6 @@ pub struct Filler {
     pub fill_enabled: bool,
     /// Which complete layers are unpacked into the file cache.
     pub unpack: UnpackPolicy,
-    /// The link shared with on-demand reads, which go first.
-    link: Arc<schedule::Link>,
     /// Layers without TOC served by the FUSE mount while their fill unpacks them.
     streams: Arc<crate::fs::stream::Streams>,
     /// Bytes of tar stream between gzip index checkpoints (0: no index).
@@ -514,7 +512,6 @@ pub struct FillerOptions {
     pub max_parallel: usize,
     pub fill_enabled: bool,
     pub unpack: UnpackPolicy,
-    pub policy: schedule::FillPolicy,
     /// Bytes of tar stream between gzip index checkpoints (0: no index).
     pub index_span: u64,
 }
@@ -524,7 +521,7 @@ impl Filler {
         layout: Layout,
         partials: Arc<Partials>,
         db: Arc<Mutex<Catalogue>>,
-        registry: Arc<dyn BlobSource>,
+        access: Arc<crate::access::Access>,
         opts: FillerOptions,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -532,14 +529,13 @@ impl Filler {
             max_parallel,
             fill_enabled,
             unpack,
-            policy,
             index_span,
         } = opts;
         Arc::new(Filler {
             layout,
             partials,
             db,
-            registry,
+            access,
             inflight: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(max_parallel.max(1))),
             shutdown,
@@ -547,7 +543,6 @@ impl Filler {
             attempts: 5,
             fill_enabled,
             unpack,
-            link: schedule::Link::new(policy),
             streams: Arc::default(),
             index_span,
             running: Mutex::default(),
@@ -568,9 +563,15 @@ impl Filler {
         &self.streams
     }
 
-    /// The link the filler shares with on-demand reads (they report to it, it yields to them).
-    pub fn link(&self) -> &Arc<schedule::Link> {
-        &self.link
+    /// The access gate the filler shares with on-demand reads (they report to its link, the
+    /// filler yields to them).
+    pub fn access(&self) -> &Arc<crate::access::Access> {
+        &self.access
+    }
+
+    /// The link the filler shares with on-demand reads.
+    pub fn link(&self) -> &Arc<crate::access::schedule::Link> {
+        self.access.link()
     }
 
     /// Make sure `layer` is being filled; returns a receiver that reports its end.
@@ -814,10 +815,9 @@ impl Filler {
     /// with the reason; the layer is then only fetched whole (which the fill does anyway). A
     /// transient failure records nothing in the catalogue: the next attempt fetches it again.
     async fn fetch_toc(&self, layer: &LayerRecord, creds: &OpCreds) {
-        // A mount waits for the TOC: it is foreground traffic, but no start is reading yet.
-        let fg = self.link.one_off();
+        // A mount waits for the TOC: its requests are `Class::Metadata`, which the filler
+        // yields to while they run (no start is reading yet).
         let fetched = self.try_fetch_toc(layer, creds).await;
-        drop(fg);
         if fetched.is_ok() {
             lock(&self.toc_unavailable).remove(&layer.digest);
         }
@@ -876,8 +876,15 @@ impl Filler {
         let (tail_at, tail_len) = toc_tail(layer.size);
         self.stats.blob_requests.inc();
         let tail = self
-            .registry
-            .fetch_range(&reference, &digest, tail_at, tail_len, &creds)
+            .access
+            .fetch(
+                crate::access::Class::Metadata,
+                &reference,
+                &digest,
+                tail_at,
+                tail_len,
+                &creds,
+            )
             .await?;
         let toc_offset = estargz::parse_footer(&tail)?;
         let end = layer.size - estargz::footer_size(&tail);
@@ -896,8 +903,9 @@ impl Filler {
         // The part of the TOC before the tail, if the guess was short.
         let head = if toc_offset < tail_at {
             self.stats.blob_requests.inc();
-            self.registry
-                .fetch_range(
+            self.access
+                .fetch(
+                    crate::access::Class::Metadata,
                     &reference,
                     &digest,
                     toc_offset,
@@ -992,8 +1000,15 @@ impl Filler {
         }
         self.stats.blob_requests.inc();
         let compressed = self
-            .registry
-            .fetch_range(reference, digest, pos.offset, pos.length, creds)
+            .access
+            .fetch(
+                crate::access::Class::Metadata,
+                reference,
+                digest,
+                pos.offset,
+                pos.length,
+                creds,
+            )
             .await?;
         let compressed = Arc::new(compressed);
         let (c2, ck, size) = (Arc::clone(&compressed), checksum.clone(), layer.size);
@@ -1134,25 +1149,31 @@ impl Filler {
             }
             // One bounded request at a time, sent when no foreground request runs, stopped when
             // one begins (what arrived is kept): see schedule.rs.
-            self.link.fill_turn().await;
+            self.access.fill_turn().await;
             if blob.covered_until(pos).is_some() {
                 continue; // on-demand reads fetched it while we waited
             }
             let gap_end = blob.next_start(pos).unwrap_or(layer.size).min(layer.size);
-            let req_end =
-                gap_end.min(pos.saturating_add(self.link.policy().request_bytes.max(BLOCK as u64)));
-            let begun = self.link.begun();
+            let req_end = gap_end
+                .min(pos.saturating_add(self.link().policy().request_bytes.max(BLOCK as u64)));
             let creds = self.creds_for(&reference, creds);
             self.stats.blob_requests.inc();
             let body = self
-                .registry
-                .open_blob(&reference, &digest, pos, Some(req_end - pos), &creds)
+                .access
+                .open(
+                    crate::access::Class::Fill,
+                    &reference,
+                    &digest,
+                    pos,
+                    Some(req_end - pos),
+                    &creds,
+                )
                 .await?;
+            let preempt = body.preempted();
             let mut stream = body.stream;
             let mut block: Vec<u8> = Vec::with_capacity(BLOCK);
             let start = pos;
             let mut received = 0u64;
-            let preempt = self.link.preempted(begun);
             tokio::pin!(preempt);
             let mut preempted = false;
             loop {
@@ -1211,7 +1232,7 @@ impl Filler {
                 // What arrived is kept: make it durable before waiting for the link again.
                 self.checkpoint(&blob, digest_str, &mut unrecorded).await?;
                 last_checkpoint = (fetched_since, Instant::now());
-                self.link.stats.fill_preemptions.inc();
+                self.link().stats.fill_preemptions.inc();
                 tracing::debug!(layer = %digest, at = pos, "fill request stopped: a foreground request began");
                 continue;
             }

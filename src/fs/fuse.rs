@@ -9,8 +9,8 @@ use super::handles::{Backing, Handles, Plan};
 use super::handover;
 use super::layers::LayerTable;
 use super::ops::{Attr, FsError, Namespace, OpenTarget};
-use super::reader::Reader;
 use super::tree::NodeKind;
+use crate::access::reader::Reader;
 use crate::store::{Catalogue, Layout};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, LockOwner,

@@ -4,8 +4,8 @@
 //! start-up service (`crate::learned`), which loads layers while containerd is still preparing
 //! the others.
 
-use super::reader::{LazyLayer, Reader};
 use super::tree::Tree;
+use crate::access::reader::{LazyLayer, Reader};
 use crate::layer::estargz;
 use crate::oci::Digest;
 use crate::store::{Catalogue, LayerRecord, Layout, locked as lock};
@@ -195,7 +195,11 @@ impl LayerTable {
             if missing > 0 {
                 tracing::debug!(layer = %layer.digest, missing, "learned files not in the layer (or not regular files with content)");
             }
-            let claimed = self.reader.prefetch(&layer, entries.iter().copied());
+            let claimed = self.reader.prefetch(
+                &layer,
+                entries.iter().copied(),
+                crate::access::Class::Prefetch,
+            );
             tracing::info!(layer = %layer.digest, files = entries.len(), chunks = claimed, "prefetching the files a previous start read");
             n += claimed;
         }
@@ -231,7 +235,7 @@ impl LayerTable {
         Some(crate::learned::LayerRanges {
             size: layer.size,
             toc_tail: rec.toc_position.is_none(),
-            spans: super::reader::prefetch_runs(spans)
+            spans: crate::access::reader::prefetch_runs(spans)
                 .into_iter()
                 .map(|(s, e)| [s, e])
                 .collect(),

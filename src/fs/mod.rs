@@ -3,15 +3,12 @@
 //! kernel (`ops.rs`), the FUSE adapter (`fuse.rs`, with `mount.rs` the only files that know
 //! fuser) and the mount's lifecycle (`mount.rs`).
 
-pub mod elf;
 pub mod fuse;
 pub mod handles;
 pub mod handover;
 pub mod layers;
 pub mod mount;
 pub mod ops;
-pub mod reader;
 pub mod record;
-pub mod siblings;
 pub mod stream;
 pub mod tree;

@@ -8,8 +8,8 @@
 //! (`LayerTable`, persisted so that a daemon resuming the mount numbers them the same).
 
 use super::layers::LayerTable;
-use super::reader::LazyLayer;
 use super::tree::{NodeKind, ROOT};
+use crate::access::reader::LazyLayer;
 use crate::store::{Catalogue, Layout, locked as lock};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

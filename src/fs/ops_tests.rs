@@ -2,8 +2,8 @@
 //! streaming in whose stream failed.
 
 use super::*;
-use crate::fs::reader::ReadOptions;
-use crate::fs::reader::seam_tests::served;
+use crate::access::reader::ReadOptions;
+use crate::access::reader::seam_tests::served;
 use crate::layer::estargz::tests::build;
 
 struct Fixture {

@@ -31,7 +31,7 @@ fn fixture(fill: bool, pull_timeout: Duration) -> Fixture {
         layout.clone(),
         crate::store::Partials::new(layout.clone()),
         Arc::clone(&db),
-        early.clone(),
+        crate::access::Access::new(early.clone(), Default::default()),
         FillerOptions {
             max_parallel: 2,
             fill_enabled: fill,
@@ -39,7 +39,6 @@ fn fixture(fill: bool, pull_timeout: Duration) -> Fixture {
                 plain: false,
                 estargz: false,
             },
-            policy: Default::default(),
             index_span: 0,
         },
         CancellationToken::new(),

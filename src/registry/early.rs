@@ -66,9 +66,9 @@ impl Early {
 pub struct EarlyBlobs {
     inner: Arc<dyn BlobSource>,
     ranges: Mutex<HashMap<Digest, Vec<Arc<Early>>>>,
-    /// The filler's link: an early fetch is a start's foreground traffic, which the filler
-    /// yields to.
-    link: std::sync::OnceLock<Arc<crate::fetch::schedule::Link>>,
+    /// The node's access gate over `inner`: an early fetch is start-up prefetch, which the
+    /// filler yields to, counted with the node's other requests.
+    access: std::sync::OnceLock<Arc<crate::access::Access>>,
 }
 
 impl EarlyBlobs {
@@ -76,13 +76,14 @@ impl EarlyBlobs {
         Arc::new(EarlyBlobs {
             inner,
             ranges: Mutex::default(),
-            link: std::sync::OnceLock::new(),
+            access: std::sync::OnceLock::new(),
         })
     }
 
-    /// Make the filler on `link` yield to early fetches, as to a container's reads.
-    pub fn yield_filler(&self, link: Arc<crate::fetch::schedule::Link>) {
-        let _ = self.link.set(link);
+    /// Send early fetches through the node's access gate (`access`, over this source:
+    /// [`Access::over`](crate::access::Access::over) with `inner`), as start-up prefetch.
+    pub fn route_through(&self, access: &crate::access::Access) {
+        let _ = self.access.set(access.over(Arc::clone(&self.inner)));
     }
 
     fn ranges(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Vec<Arc<Early>>>> {
@@ -172,14 +173,35 @@ impl EarlyBlobs {
     ) {
         let started = Instant::now();
         let len = e.end - e.start;
-        let _foreground = self.link.get().map(|l| l.foreground());
         let result: std::result::Result<(), String> = async {
-            let body = self
-                .inner
-                .open_blob(r, d, e.start, Some(len), creds)
-                .await
-                .map_err(|x| x.to_string())?;
-            let mut stream = body.stream;
+            // Held until the stream ends: the class's hold on the link.
+            let mut held = None;
+            let mut stream = match self.access.get() {
+                Some(a) => {
+                    let mut body = a
+                        .open(
+                            crate::access::Class::Prefetch,
+                            r,
+                            d,
+                            e.start,
+                            Some(len),
+                            creds,
+                        )
+                        .await
+                        .map_err(|x| x.to_string())?;
+                    let stream =
+                        std::mem::replace(&mut body.stream, futures_util::stream::empty().boxed());
+                    held = Some(body);
+                    stream
+                }
+                None => {
+                    self.inner
+                        .open_blob(r, d, e.start, Some(len), creds)
+                        .await
+                        .map_err(|x| x.to_string())?
+                        .stream
+                }
+            };
             let mut have = 0u64;
             while have < len {
                 let next = tokio::time::timeout(STALL, stream.next())
@@ -198,6 +220,7 @@ impl EarlyBlobs {
                     drop(credit.split(credit.num_permits() - to_come));
                 }
             }
+            drop(held);
             Ok(())
         }
         .await;

@@ -40,15 +40,8 @@ pub(crate) fn served(blob: Vec<u8>, toc_digest: &Digest, opts: ReadOptions) -> S
     let digest = fake.add(blob);
     let partials = Partials::new(layout.clone());
     partials.open(&digest, size, 0).unwrap();
-    let link = crate::fetch::schedule::Link::new(Default::default());
-    let reader = Reader::new(
-        layout.clone(),
-        Arc::clone(&db),
-        fake.clone(),
-        partials,
-        link,
-        opts,
-    );
+    let access = crate::access::Access::new(fake.clone(), Default::default());
+    let reader = Reader::new(layout.clone(), Arc::clone(&db), access, partials, opts);
     let tree = Tree::from_entries(&toc.entries).unwrap();
     let layer = Arc::new(LazyLayer::new(digest, SOURCE.into(), size, toc, tree));
     Served {
@@ -265,7 +258,7 @@ async fn an_executables_first_read_fetches_its_interpreter_and_libraries() {
     // the headers and the names.
     let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
     let prog = exe[..exe.len().min(1 << 20)].to_vec();
-    let deps = crate::fs::elf::deps(&prog).unwrap();
+    let deps = crate::access::elf::deps(&prog).unwrap();
     let interp = deps.interp.clone().unwrap();
     let mut o = opts();
     o.elf_read_ahead = true;
@@ -332,8 +325,8 @@ fn gzip_indexed(files: &[(String, Vec<u8>)], opts: ReadOptions) -> Fixture {
     let windows = (fake.add(windows.clone()), windows.len() as u64);
     let partials = Partials::new(layout.clone());
     partials.open(&digest, size, 0).unwrap();
-    let link = crate::fetch::schedule::Link::new(Default::default());
-    let reader = Reader::new(layout, db, fake.clone(), partials, link, opts);
+    let access = crate::access::Access::new(fake.clone(), Default::default());
+    let reader = Reader::new(layout, db, access, partials, opts);
     let tree = Tree::from_entries(&entries).unwrap();
     let toc = Toc {
         digest: Digest::of(b"index"),

@@ -19,6 +19,85 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+/// Why bytes of a blob are requested. The class decides who has the link (a request of a
+/// class that [`Class::holds_link`] keeps the filler off it while it runs) and which counters
+/// its bytes go to (`lazypull_link_*{class}`, and the catalogue's on-demand / prefetch / fill
+/// bytes per layer).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Class {
+    /// A read some process waits for, with the chunks fetched beside it by the same request
+    /// (the file's read-ahead, the following files' neighbours).
+    OnDemand,
+    /// A guess made after a miss, in its own requests: a directory's other files
+    /// (`siblings.rs`), an executable's interpreter and libraries (`elf.rs`).
+    Neighbour,
+    /// Start-up prefetch: the files before a TOC's landmark, a learned list's files, the
+    /// ranges fetched ahead of a layer's TOC.
+    Prefetch,
+    /// What a mount waits for once: a layer's footer and TOC, a checkpoint window of a
+    /// shared gzip index.
+    Metadata,
+    /// A reader walking the layer in blob order (`tar -c`, a checksum of everything): it
+    /// wants bandwidth, not latency, and shares the link with the filler, which fetches in
+    /// the same order.
+    Scan,
+    /// The background filler: whatever is left, when the link is free.
+    Fill,
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for Class {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.name())
+    }
+}
+
+impl Class {
+    /// The class's name in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::OnDemand => "on_demand",
+            Class::Neighbour => "neighbour",
+            Class::Prefetch => "prefetch",
+            Class::Metadata => "metadata",
+            Class::Scan => "scan",
+            Class::Fill => "fill",
+        }
+    }
+
+    /// Whether the filler stays off the link while such a request runs.
+    pub fn holds_link(self) -> bool {
+        !matches!(self, Class::Scan | Class::Fill)
+    }
+
+    /// Whether the filler also waits `yield_for` after such a request ends: a start's reads
+    /// come in bursts with short pauses between them; a TOC is fetched once.
+    pub fn quiet_after(self) -> bool {
+        matches!(self, Class::OnDemand | Class::Neighbour | Class::Prefetch)
+    }
+
+    /// The catalogue's account of a layer's bytes fetched in this class.
+    pub fn fetched_by(self) -> crate::store::FetchedBy {
+        use crate::store::FetchedBy;
+        match self {
+            Class::OnDemand | Class::Scan | Class::Metadata => FetchedBy::OnDemand,
+            Class::Neighbour | Class::Prefetch => FetchedBy::Prefetch,
+            Class::Fill => FetchedBy::Fill,
+        }
+    }
+
+    pub const ALL: [Class; 6] = [
+        Class::OnDemand,
+        Class::Neighbour,
+        Class::Prefetch,
+        Class::Metadata,
+        Class::Scan,
+        Class::Fill,
+    ];
+}
+
 /// The filler's manners (config `fetch.fill`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct FillPolicy {
@@ -126,6 +205,12 @@ impl Link {
 
     pub fn policy(&self) -> FillPolicy {
         self.policy
+    }
+
+    /// A request of `class` begins: the guard, while it lives, keeps the filler off the link
+    /// when the class [`Class::holds_link`].
+    pub fn enter(self: &Arc<Self>, class: Class) -> Option<Foreground> {
+        class.holds_link().then(|| self.begin(class.quiet_after()))
     }
 
     /// Mark a foreground request (a read of a running container) as running until the guard
@@ -257,6 +342,26 @@ mod tests {
         assert!(
             p.preempts(4, &s),
             "one began since the fill request started"
+        );
+    }
+
+    #[test]
+    fn what_each_class_does_with_the_link_and_where_its_bytes_count() {
+        use crate::store::FetchedBy;
+        let table: Vec<_> = Class::ALL
+            .iter()
+            .map(|c| (c.name(), c.holds_link(), c.quiet_after(), c.fetched_by()))
+            .collect();
+        assert_eq!(
+            table,
+            [
+                ("on_demand", true, true, FetchedBy::OnDemand),
+                ("neighbour", true, true, FetchedBy::Prefetch),
+                ("prefetch", true, true, FetchedBy::Prefetch),
+                ("metadata", true, false, FetchedBy::OnDemand),
+                ("scan", false, false, FetchedBy::OnDemand),
+                ("fill", false, false, FetchedBy::Fill),
+            ]
         );
     }
 

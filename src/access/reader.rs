@@ -11,15 +11,17 @@
 //! handed to every reader waiting for it (single flight). The reader replies as soon as the
 //! chunks it needs are in, while read-ahead chunks of the same request keep arriving.
 
-use super::stream::LayerStream;
-use super::tree::Tree;
+use super::chunks::{ChunkData, ChunkStats, Chunks, Claim, Slot, Waiter};
+use super::range::{self, RangeFetch};
+use super::{Access, Class};
 use crate::fetch::source_reference;
+use crate::fs::stream::LayerStream;
+use crate::fs::tree::Tree;
 use crate::layer::estargz::{self, Chunk, Spans, Toc};
 use crate::layer::gzindex::SpanDecoder;
 use crate::oci::Digest;
-use crate::registry::{OpCreds, seam::BlobSource};
+use crate::registry::OpCreds;
 use crate::store::{Catalogue, FetchedBy, Layout, PartialBlob, Partials};
-use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use std::collections::HashMap;
@@ -27,7 +29,6 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 /// Missing chunks closer than this are fetched in one request (the bytes between are cheaper
 /// than a round trip: 64 KiB is 5 ms at 100 Mbit/s).
@@ -53,14 +54,6 @@ const PREFETCH_WINDOW_KIB: u32 = 1024;
 /// chunks are carried for nothing: the gap is small (16 KiB is 1.3 ms at 100 Mbit/s). With
 /// 128 KiB the imports' prefetch carried 11.1 MB for 9.0 MB of files; with 16 KiB, 9.6 MB.
 const PREFETCH_GAP: u64 = 16 << 10;
-/// How long fetched ranges may sit in the page cache before being recorded as durable.
-const FLUSH_DELAY: Duration = Duration::from_secs(1);
-/// A chunk whose load failed fails again at once for this long. When a read fails (EIO after
-/// `fuse.read_timeout`, a registry that stalled), the kernel asks again for the same pages
-/// right away: without this it waited a second full timeout (md5sum of a file on a stalled
-/// registry failed after 120 s with the default 60 s). Short, so that reads work again as soon
-/// as the registry is back.
-const FAILURE_MEMORY: Duration = Duration::from_millis(500);
 /// After this many misses of a layer in a row, each starting where the previous fetch ended,
 /// its reader is scanning the layer (`tar -c`, a checksum of everything): see [`Scan`].
 const SCAN_STREAK: u32 = 8;
@@ -143,7 +136,7 @@ pub struct LazyLayer {
 /// A layer's tree and entries as they are now (fixed, or a streaming layer's so far).
 pub enum View<'a> {
     Fixed(&'a Tree, &'a [estargz::Entry]),
-    Stream(std::sync::RwLockReadGuard<'a, super::stream::State>),
+    Stream(std::sync::RwLockReadGuard<'a, crate::fs::stream::State>),
 }
 
 impl View<'_> {
@@ -317,7 +310,7 @@ pub enum ReadError {
         /// The OS error, when there is one.
         errno: i32,
     },
-    /// The load failed a moment ago and is not retried yet (`FAILURE_MEMORY`).
+    /// The load failed a moment ago and is not retried yet (`chunks.rs`: `FAILURE_MEMORY`).
     #[error("{0} (a moment ago; not retried yet)")]
     Recent(Box<ReadError>),
     /// The loading task ended without an answer.
@@ -354,29 +347,6 @@ impl ReadError {
     }
 }
 
-type ChunkData = Arc<Vec<u8>>;
-type ChunkResult = Result<ChunkData, ReadError>;
-type Waiter = watch::Receiver<Option<ChunkResult>>;
-
-/// A chunk this reader promised to load; waiters hold the matching receiver.
-struct Claim {
-    key: String,
-    chunk: Chunk,
-    span: (u64, u64),
-    tx: watch::Sender<Option<ChunkResult>>,
-    /// Keep the decoded bytes in memory (not for prefetch: those are only stored on disk).
-    keep: bool,
-    /// Who wants it: a read (with its read-ahead and neighbours) or start-up prefetch.
-    by: FetchedBy,
-}
-
-enum Slot {
-    Ready(ChunkData),
-    Wait(Waiter),
-    /// Its load failed just now (see `FAILURE_MEMORY`).
-    Failed(ReadError),
-}
-
 /// Where a layer's bytes can be read locally.
 #[derive(Clone)]
 enum Local {
@@ -399,23 +369,18 @@ impl Local {
 pub struct Reader {
     layout: Layout,
     db: Arc<Mutex<Catalogue>>,
-    registry: Arc<dyn BlobSource>,
+    /// Every range request goes through it, with its class.
+    access: Arc<Access>,
     partials: Arc<Partials>,
     timeout: Duration,
     read_ahead: u64,
     neighbours: u64,
     dir_read_ahead: u64,
     elf_read_ahead: bool,
-    lru: Mutex<(lru::LruCache<String, ChunkData>, usize)>,
-    budget: usize,
+    chunks: Chunks,
     /// Checkpoint windows fetched from shared indexes' windows blobs, by digest (a cell each:
     /// one fetch however many reads start from the checkpoint at once).
     windows: Mutex<lru::LruCache<[u8; 32], Arc<tokio::sync::OnceCell<ChunkData>>>>,
-    inflight: Mutex<HashMap<String, Waiter>>,
-    /// Chunks whose last load failed: when, and why.
-    failed: Mutex<HashMap<String, (Instant, ReadError)>>,
-    /// Every range request here is foreground traffic: the filler yields the link to it.
-    link: Arc<crate::fetch::schedule::Link>,
     pub stats: ReadStats,
 }
 
@@ -424,14 +389,6 @@ use crate::store::locked as lock;
 /// The window a chunk's decoding starts from, when it is kept apart from the index.
 fn window_ref(c: &Chunk) -> Option<crate::layer::gzindex::WindowRef> {
     c.resume.as_ref().and_then(|p| p.window_ref)
-}
-
-fn key_of(layer: &Digest, c: &Chunk) -> String {
-    // Chunks are verified against their digest, so the digest is a safe key across layers.
-    c.digest
-        .as_ref()
-        .map(|d| d.to_string())
-        .unwrap_or_else(|| format!("{layer}@{}+{}", c.offset, c.inner_offset))
 }
 
 /// Tuning of the read path (from `fuse.*` and `fetch.*`).
@@ -456,9 +413,8 @@ impl Reader {
     pub fn new(
         layout: Layout,
         db: Arc<Mutex<Catalogue>>,
-        registry: Arc<dyn BlobSource>,
+        access: Arc<Access>,
         partials: Arc<Partials>,
-        link: Arc<crate::fetch::schedule::Link>,
         opts: ReadOptions,
     ) -> Arc<Self> {
         let ReadOptions {
@@ -469,23 +425,24 @@ impl Reader {
             dir_read_ahead,
             elf_read_ahead,
         } = opts;
+        let stats = ReadStats::default();
+        let chunk_stats = ChunkStats {
+            cache_hits: stats.cache_hits.clone(),
+            errors: stats.errors.clone(),
+        };
         Arc::new(Reader {
             neighbours,
             dir_read_ahead,
             elf_read_ahead,
             layout,
             db,
-            registry,
+            access,
             partials,
             timeout,
             read_ahead,
-            lru: Mutex::new((lru::LruCache::unbounded(), 0)),
-            budget: cache_bytes,
+            chunks: Chunks::new(cache_bytes, chunk_stats),
             windows: Mutex::new(lru::LruCache::new(WINDOWS_KEPT)),
-            inflight: Mutex::new(HashMap::new()),
-            failed: Mutex::new(HashMap::new()),
-            link,
-            stats: ReadStats::default(),
+            stats,
         })
     }
 
@@ -495,83 +452,21 @@ impl Reader {
         self.timeout
     }
 
-    fn cache_get(&self, k: &str) -> Option<ChunkData> {
-        lock(&self.lru).0.get(k).cloned()
-    }
-
-    fn cache_put(&self, k: String, v: ChunkData) {
-        let mut g = lock(&self.lru);
-        let (lru, bytes) = &mut *g;
-        *bytes += v.len();
-        if let Some(old) = lru.put(k, v) {
-            *bytes -= old.len();
-        }
-        while *bytes > self.budget {
-            match lru.pop_lru() {
-                Some((_, old)) => *bytes -= old.len(),
-                None => break,
-            }
-        }
-    }
-
-    /// The chunk's data if cached, or a receiver for it; claims it (adds to `claims`) when
-    /// nobody is loading it yet.
+    /// Chunk `c` of `layer` from memory, or a receiver for it (see [`Chunks::slot`]).
     fn slot(
         &self,
         layer: &LazyLayer,
         c: &Chunk,
         keep: bool,
-        by: FetchedBy,
+        class: Class,
         claims: &mut Vec<Claim>,
     ) -> Slot {
-        let key = key_of(&layer.digest, c);
-        let mut inflight = lock(&self.inflight);
-        if let Some(rx) = inflight.get(&key) {
-            return Slot::Wait(rx.clone());
-        }
-        // Under the inflight lock: a finishing load puts into the cache before it leaves
-        // `inflight`, so a chunk is either in one of them or not loaded at all.
-        if let Some(d) = self.cache_get(&key) {
-            self.stats.cache_hits.inc();
-            return Slot::Ready(d);
-        }
-        if let Some((at, why)) = lock(&self.failed).get(&key)
-            && at.elapsed() < FAILURE_MEMORY
-        {
-            return Slot::Failed(why.clone());
-        }
-        let (tx, rx) = watch::channel(None);
-        inflight.insert(key.clone(), rx.clone());
-        claims.push(Claim {
-            key,
-            chunk: c.clone(),
-            span: layer.spans.span(c),
-            tx,
-            keep,
-            by,
-        });
-        Slot::Wait(rx)
+        self.chunks
+            .slot(&layer.digest, c, layer.spans.span(c), keep, class, claims)
     }
 
-    fn finish(&self, claim: Claim, result: ChunkResult) {
-        if let (Ok(d), true) = (&result, claim.keep) {
-            self.cache_put(claim.key.clone(), Arc::clone(d));
-        }
-        {
-            let mut failed = lock(&self.failed);
-            match &result {
-                Ok(_) => {
-                    failed.remove(&claim.key);
-                }
-                Err(why) => {
-                    self.stats.errors.inc();
-                    failed.retain(|_, (at, _)| at.elapsed() < FAILURE_MEMORY);
-                    failed.insert(claim.key.clone(), (Instant::now(), why.clone()));
-                }
-            }
-        }
-        let _ = claim.tx.send(Some(result));
-        lock(&self.inflight).remove(&claim.key);
+    fn finish(&self, claim: Claim, result: Result<ChunkData, ReadError>) {
+        self.chunks.finish(claim, result)
     }
 
     /// The registry reference of `digest` in the layer's repository, and the credentials for it.
@@ -610,6 +505,7 @@ impl Reader {
         self: &Arc<Self>,
         layer: &LazyLayer,
         r: crate::layer::gzindex::WindowRef,
+        class: Class,
     ) -> Result<ChunkData, ReadError> {
         let cell = Arc::clone(
             lock(&self.windows).get_or_insert(r.sha256, || Arc::new(tokio::sync::OnceCell::new())),
@@ -621,33 +517,18 @@ impl Reader {
                 ));
             };
             let started = Instant::now();
-            // A read waits for it: foreground traffic, which the filler yields to (a window
-            // sent behind the filler's bulk once waited 254 ms in the bottleneck's queue).
-            let _foreground = self.link.foreground();
+            // A read waits for it: its class holds the link (a window sent behind the
+            // filler's bulk once waited 254 ms in the bottleneck's queue).
             let fetched = tokio::time::timeout(self.timeout, async {
                 let (reference, creds) = self.reference_of(layer, blob)?;
                 self.stats.requests.inc();
-                let body = self
-                    .registry
-                    .open_blob(&reference, blob, r.offset, Some(r.len.into()), &creds)
+                let got = self
+                    .access
+                    .fetch(class, &reference, blob, r.offset, r.len.into(), &creds)
                     .await
                     .map_err(|e| ReadError::Registry(e.to_string()))?;
-                let mut stream = body.stream;
-                let mut buf = Vec::with_capacity(r.len as usize);
-                while buf.len() < r.len as usize {
-                    let Some(bytes) = stream.next().await else {
-                        return Err(ReadError::Registry(format!(
-                            "registry sent {} of the {} bytes of a window",
-                            buf.len(),
-                            r.len
-                        )));
-                    };
-                    let bytes = bytes.map_err(|e| ReadError::Registry(e.to_string()))?;
-                    let want = (r.len as usize - buf.len()).min(bytes.len());
-                    buf.extend_from_slice(&bytes[..want]);
-                    self.stats.bytes_fetched.inc_by(want as u64);
-                }
-                Ok(buf)
+                self.stats.bytes_fetched.inc_by(got.len() as u64);
+                Ok(got)
             })
             .await
             .unwrap_or_else(|_| Err(ReadError::Timeout(self.timeout)))?;
@@ -664,18 +545,27 @@ impl Reader {
         .cloned()
     }
 
-    /// The windows (kept apart, not in memory) that decoding `claims` needs, fetched at once.
+    /// The windows (kept apart, not in memory) that decoding `claims` needs, fetched at once
+    /// (as requests of the class of the claims that need them).
     async fn windows_for(
         self: &Arc<Self>,
         layer: &LazyLayer,
-        chunks: impl Iterator<Item = &Chunk>,
+        claims: impl Iterator<Item = (&Chunk, Class)>,
     ) -> Result<HashMap<[u8; 32], ChunkData>, ReadError> {
-        let mut need: Vec<_> = chunks.filter_map(window_ref).collect();
+        let mut class = Class::Prefetch;
+        let mut need: Vec<_> = claims
+            .filter_map(|(c, k)| {
+                if k != Class::Prefetch {
+                    class = Class::OnDemand;
+                }
+                window_ref(c)
+            })
+            .collect();
         need.sort_unstable_by_key(|r| r.offset);
         need.dedup();
         let got = futures_util::future::try_join_all(
             need.into_iter()
-                .map(|r| async move { self.window(layer, r).await.map(|w| (r.sha256, w)) }),
+                .map(|r| async move { self.window(layer, r, class).await.map(|w| (r.sha256, w)) }),
         )
         .await?;
         Ok(got.into_iter().collect())
@@ -760,10 +650,7 @@ impl Reader {
         let mut last = None;
         for (i, c) in entry.chunks.iter().enumerate() {
             if c.file_offset < end && c.file_offset + c.size > offset {
-                slots.push((
-                    c,
-                    self.slot(layer, c, true, FetchedBy::OnDemand, &mut claims),
-                ));
+                slots.push((c, self.slot(layer, c, true, Class::OnDemand, &mut claims)));
                 last = Some(i);
             }
         }
@@ -775,7 +662,7 @@ impl Reader {
                     break;
                 }
                 budget -= c.size;
-                let _ = self.slot(layer, c, true, FetchedBy::OnDemand, &mut claims);
+                let _ = self.slot(layer, c, true, Class::OnDemand, &mut claims);
             }
         }
         // Neighbours: chunks of the files that follow in the blob (often the same directory, read
@@ -827,7 +714,7 @@ impl Reader {
                 if s < first || partial.as_ref().is_some_and(|p| p.contains(s, end)) {
                     continue;
                 }
-                let _ = self.slot(layer, chunk, false, FetchedBy::OnDemand, &mut claims);
+                let _ = self.slot(layer, chunk, false, Class::OnDemand, &mut claims);
             }
         }
         if !claims.is_empty() {
@@ -852,7 +739,7 @@ impl Reader {
                 for mut rx in waits {
                     let _ = rx.wait_for(|v| v.is_some()).await;
                 }
-                let n = this.prefetch(&layer, files);
+                let n = this.prefetch(&layer, files, Class::Neighbour);
                 tracing::debug!(layer = %layer.digest, entry = entry_idx, chunks = n, "directory read-ahead");
             });
         }
@@ -976,7 +863,7 @@ impl Reader {
                     bytes <= ELF_READ_AHEAD_MAX
                 })
             });
-            let n = this.prefetch(&layer, files.iter().copied());
+            let n = this.prefetch(&layer, files.iter().copied(), Class::Neighbour);
             tracing::debug!(layer = %layer.digest, file = %layer.toc.entries[entry_idx].path, libs = ?deps.libs, files = files.len(), chunks = n, "ELF read-ahead");
         });
     }
@@ -988,7 +875,11 @@ impl Reader {
             return 0;
         };
         layer.guide();
-        let n = self.prefetch(layer, 0..landmark.min(layer.toc.entries.len()));
+        let n = self.prefetch(
+            layer,
+            0..landmark.min(layer.toc.entries.len()),
+            Class::Prefetch,
+        );
         if n > 0 {
             tracing::info!(layer = %layer.digest, chunks = n, "prefetching files before the landmark");
         }
@@ -1003,6 +894,7 @@ impl Reader {
         self: &Arc<Self>,
         layer: &Arc<LazyLayer>,
         entries: impl IntoIterator<Item = usize>,
+        class: Class,
     ) -> usize {
         let partial = self.partials.get(&layer.digest);
         let mut claims = vec![];
@@ -1017,7 +909,7 @@ impl Reader {
                 {
                     continue;
                 }
-                let _ = self.slot(layer, c, false, FetchedBy::Prefetch, &mut claims);
+                let _ = self.slot(layer, c, false, class, &mut claims);
             }
         }
         let n = claims.len();
@@ -1139,7 +1031,7 @@ impl Reader {
         claims: Vec<Claim>,
     ) {
         let windows = match self
-            .windows_for(layer, claims.iter().map(|c| &c.chunk))
+            .windows_for(layer, claims.iter().map(|c| (&c.chunk, c.class)))
             .await
         {
             Ok(w) => w,
@@ -1340,7 +1232,11 @@ impl Reader {
                 Ok(data) => {
                     if let Some(p) = partial {
                         match p.write_missing(claim.span.0, &fetched[s..e]) {
-                            Ok(n) => stored[(claim.by == FetchedBy::Prefetch) as usize] += n,
+                            Ok(n) => {
+                                stored
+                                    [(claim.class.fetched_by() == FetchedBy::Prefetch) as usize] +=
+                                    n
+                            }
                             Err(e) => {
                                 tracing::warn!(layer = %p.digest, error = %e, "cannot store a fetched chunk")
                             }
@@ -1373,14 +1269,12 @@ impl Reader {
         let started = Instant::now();
         // Bytes stored, by who wanted them.
         let mut stored = [0u64; 2];
-        // A run is prefetch when all of its chunks are (a read may join a prefetch's run).
-        let prefetch = run.iter().all(|c| c.by == FetchedBy::Prefetch);
-        let scanning = !prefetch && {
+        let class = run_class(&run, || {
             let mut scan = lock(&layer.scan);
             scan.fetched(start, end);
             scan.scanning()
-        };
-        let foreground = (!scanning).then(|| self.link.foreground());
+        });
+        let prefetch = class.fetched_by() == FetchedBy::Prefetch;
         // Windows kept apart that decoding the run needs (where a decoder starts: the chunks
         // after it are decoded on from there): fetched beside the run's own bytes.
         let starts: Vec<Chunk> = decoder_starts(run.iter().map(|c| &c.chunk))
@@ -1389,12 +1283,16 @@ impl Reader {
             .collect();
         let mut windows_task = (!starts.is_empty()).then(|| {
             let (this, layer) = (Arc::clone(self), Arc::clone(layer));
-            tokio::spawn(async move { this.windows_for(&layer, starts.iter()).await })
+            tokio::spawn(async move {
+                this.windows_for(&layer, starts.iter().map(|c| (c, class)))
+                    .await
+            })
         });
         let mut windows = Arc::new(HashMap::new());
         // Left after the last chunk decoded: the run's next chunk of the same checkpoint span
         // continues from there.
         let mut decoder: Option<SpanDecoder> = None;
+        let mut fetch: Option<RangeFetch> = None;
         let result = tokio::time::timeout(self.timeout, async {
             let (reference, creds) = self.reference_of(layer, &layer.digest)?;
             if prefetch {
@@ -1402,56 +1300,39 @@ impl Reader {
             } else {
                 self.stats.requests.inc();
             }
-            let mut buf: Vec<u8> = Vec::with_capacity((end - start).min(MAX_RUN) as usize);
-            // Bytes the partial file holds at the start of the run are read from it, not
-            // fetched again: reads through a gzip index start at a checkpoint an earlier read
-            // of the same span fetched from.
-            let mut from = start;
-            if let Some(p) = &partial
-                && let Some(have) = p.covered_until(start)
-                && have > start
-                && have < end
-            {
-                buf.resize((have - start) as usize, 0);
-                match p.read_at(&mut buf, start) {
-                    Ok(()) => from = have,
-                    Err(e) => {
-                        tracing::warn!(layer = %layer.digest, error = %e, "cannot read the partial file; fetching the whole run");
-                        buf.clear();
-                    }
-                }
-            }
-            let body = self
-                .registry
-                .open_blob(&reference, &layer.digest, from, Some(end - from), &creds)
-                .await
-                .map_err(|e| ReadError::Registry(e.to_string()))?;
-            let mut stream = body.stream;
+            let range = RangeFetch::open(
+                &self.access,
+                class,
+                &reference,
+                &layer.digest,
+                &creds,
+                partial.as_deref(),
+                start,
+                end,
+                MAX_RUN,
+            )
+            .await
+            .map_err(|e| ReadError::Registry(e.to_string()))?;
+            let range = fetch.insert(range);
             while !run.is_empty() {
-                let Some(bytes) = stream.next().await else {
-                    return Err(ReadError::Registry(format!(
-                        "registry sent {} of {} bytes at {from}",
-                        buf.len() as u64 - (from - start),
-                        end - from
-                    )));
-                };
-                let bytes = bytes.map_err(|e| ReadError::Registry(e.to_string()))?;
-                let want = ((end - start) as usize - buf.len()).min(bytes.len());
-                buf.extend_from_slice(&bytes[..want]);
+                let want = range
+                    .more()
+                    .await
+                    .map_err(|e| ReadError::Registry(e.to_string()))?;
                 if let Some(c) = credit.as_mut() {
                     // Keep only as much of the window as is still to come.
-                    let to_come = ((end - start) - buf.len() as u64).div_ceil(1024) as usize;
+                    let to_come = (range.end - range.have()).div_ceil(1024) as usize;
                     if c.num_permits() > to_come {
                         drop(c.split(c.num_permits() - to_come));
                     }
                 }
                 if prefetch {
-                    self.stats.prefetch_bytes.inc_by(want as u64);
+                    self.stats.prefetch_bytes.inc_by(want);
                 } else {
-                    self.stats.bytes_fetched.inc_by(want as u64);
+                    self.stats.bytes_fetched.inc_by(want);
                 }
                 // Chunks whose bytes are all in (spans are sorted, so are their ends).
-                let have = start + buf.len() as u64;
+                let have = range.have();
                 let ready = run.iter().take_while(|c| c.span.1 <= have).count();
                 if ready == 0 {
                     continue;
@@ -1466,16 +1347,26 @@ impl Reader {
                     partial.clone(),
                     Arc::clone(&windows),
                 );
-                let (dec, fetched) = (decoder.take(), std::mem::take(&mut buf));
+                let (dec, fetched) = (decoder.take(), std::mem::take(&mut range.buf));
                 let (mut n, mut dec, fetched, missing) = tokio::task::spawn_blocking(move || {
-                    this.decode_fetched(&layer2, partial2.as_deref(), done, fetched, start, &windows2, dec)
+                    this.decode_fetched(
+                        &layer2,
+                        partial2.as_deref(),
+                        done,
+                        fetched,
+                        start,
+                        &windows2,
+                        dec,
+                    )
                 })
                 .await
                 .map_err(|_| ReadError::Abandoned)?;
-                buf = fetched;
+                range.buf = fetched;
                 if !missing.is_empty() {
                     // A chunk behind the decoder: its own window, then decoded from it.
-                    let more = self.windows_for(layer, missing.iter().map(|c| &c.chunk)).await?;
+                    let more = self
+                        .windows_for(layer, missing.iter().map(|c| (&c.chunk, c.class)))
+                        .await?;
                     let mut all = (*windows).clone();
                     all.extend(more);
                     windows = Arc::new(all);
@@ -1485,10 +1376,18 @@ impl Reader {
                         partial.clone(),
                         Arc::clone(&windows),
                     );
-                    let fetched = std::mem::take(&mut buf);
+                    let fetched = std::mem::take(&mut range.buf);
                     let again;
-                    (again, dec, buf, _) = tokio::task::spawn_blocking(move || {
-                        this.decode_fetched(&layer2, partial2.as_deref(), missing, fetched, start, &windows2, None)
+                    (again, dec, range.buf, _) = tokio::task::spawn_blocking(move || {
+                        this.decode_fetched(
+                            &layer2,
+                            partial2.as_deref(),
+                            missing,
+                            fetched,
+                            start,
+                            &windows2,
+                            None,
+                        )
                     })
                     .await
                     .map_err(|_| ReadError::Abandoned)?;
@@ -1499,27 +1398,28 @@ impl Reader {
                 stored[0] += n[0];
                 stored[1] += n[1];
             }
-            // The bytes between the chunks came too (neighbours closer than a round trip share
-            // a request): keep them, so that the filler does not fetch them again. They are
-            // checked like every byte of the partial file: each chunk against its digest when
-            // read, the whole blob when the fill completes.
-            if let Some(p) = partial.clone() {
-                let gaps = tokio::task::spawn_blocking(move || p.write_missing(start, &buf))
-                    .await
-                    .map_err(|_| ReadError::Abandoned)?;
-                match gaps {
-                    Ok(n) => stored[prefetch as usize] += n,
-                    Err(e) => {
-                        tracing::warn!(layer = %layer.digest, error = %e, "cannot store the bytes between fetched chunks")
-                    }
-                }
-            }
             Ok(())
         })
         .await
         .unwrap_or_else(|_| Err(ReadError::Timeout(self.timeout)));
-        drop(foreground);
-        tracing::debug!(layer = %layer.digest, start, len = end - start, prefetch, elapsed_ms = started.elapsed().as_millis() as u64, "range fetch");
+        // The bytes between the chunks came too (neighbours closer than a round trip share a
+        // request): keep them, so that the filler does not fetch them again. They are checked
+        // like every byte of the partial file: each chunk against its digest when read, the
+        // whole blob when the fill completes.
+        let buf = fetch.map(RangeFetch::into_buf);
+        if let Some(buf) = buf
+            && let Some(p) = partial.clone()
+            && result.is_ok()
+        {
+            match tokio::task::spawn_blocking(move || range::write_back(&p, start, &buf)).await {
+                Ok(Ok(n)) => stored[prefetch as usize] += n,
+                Ok(Err(e)) => {
+                    tracing::warn!(layer = %layer.digest, error = %e, "cannot store the bytes between fetched chunks")
+                }
+                Err(_) => {}
+            }
+        }
+        tracing::debug!(layer = %layer.digest, start, len = end - start, prefetch, ?class, elapsed_ms = started.elapsed().as_millis() as u64, "range fetch");
         self.stats
             .fetch_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -1535,36 +1435,34 @@ impl Reader {
                     .unwrap_or_else(|| ReadError::Registry("chunk not in the response".into()))),
             );
         }
-        if stored.iter().any(|&n| n > 0) {
-            for (by, n) in [FetchedBy::OnDemand, FetchedBy::Prefetch]
-                .into_iter()
-                .zip(stored)
-            {
-                if n > 0
-                    && let Err(e) = lock(&self.db).add_fetched(layer.digest.as_str(), by, n)
-                {
-                    tracing::warn!(layer = %layer.digest, error = %e, "cannot count fetched bytes");
-                }
-            }
-            if let Some(p) = partial
-                && p.want_flush()
-            {
-                let db = Arc::clone(&self.db);
-                tokio::spawn(async move {
-                    tokio::time::sleep(FLUSH_DELAY).await;
-                    let digest = p.digest.to_string();
-                    match tokio::task::spawn_blocking(move || p.flush()).await {
-                        Ok(Ok(recorded)) => {
-                            let _ = lock(&db).set_filled(&digest, recorded);
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(layer = %digest, error = %e, "cannot record fetched ranges")
-                        }
-                        Err(_) => {}
-                    }
-                });
-            }
-        }
+        range::stored(
+            &self.db,
+            &layer.digest,
+            partial,
+            &[
+                (FetchedBy::OnDemand, stored[0]),
+                (FetchedBy::Prefetch, stored[1]),
+            ],
+        );
+    }
+}
+
+/// The class of a range request for `run`: start-up prefetch when all its chunks are (a read
+/// may join a prefetch's run), a guess when all are guesses or prefetch, else on-demand, or a
+/// scan when the layer's reader walks it in order (`scanning`, asked only then: it records
+/// the fetch).
+fn run_class(run: &[Claim], scanning: impl FnOnce() -> bool) -> Class {
+    if run.iter().all(|c| c.class == Class::Prefetch) {
+        Class::Prefetch
+    } else if run
+        .iter()
+        .all(|c| matches!(c.class, Class::Prefetch | Class::Neighbour))
+    {
+        Class::Neighbour
+    } else if scanning() {
+        Class::Scan
+    } else {
+        Class::OnDemand
     }
 }
 
@@ -1746,10 +1644,8 @@ mod tests {
     }
 
     fn claim(start: u64, end: u64) -> Claim {
-        let (tx, _) = watch::channel(None);
-        Claim {
-            key: format!("{start}"),
-            chunk: Chunk {
+        Claim::detached(
+            Chunk {
                 offset: start,
                 inner_offset: 0,
                 file_offset: 0,
@@ -1758,11 +1654,9 @@ mod tests {
                 end: None,
                 resume: None,
             },
-            span: (start, end),
-            tx,
-            keep: false,
-            by: FetchedBy::Prefetch,
-        }
+            (start, end),
+            Class::Prefetch,
+        )
     }
 
     fn spans(groups: &[Vec<Claim>]) -> Vec<Vec<(u64, u64)>> {
