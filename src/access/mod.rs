@@ -86,6 +86,19 @@ pub struct Body {
 }
 
 impl Body {
+    /// A body fetched outside any gate (a pull-through registry without a filler: no link to
+    /// share).
+    pub fn unscheduled(body: crate::registry::BlobBody) -> Self {
+        Body {
+            stream: body.stream,
+            len: body.len,
+            link: Link::new(FillPolicy::default()),
+            begun: 0,
+            class: Class::Relay,
+            _turn: None,
+        }
+    }
+
     /// Resolves when this fill request must give the link up: a request the filler yields to
     /// has begun since it was sent. Never, for the other classes.
     pub fn preempted(&self) -> impl std::future::Future<Output = ()> + Send + 'static {

@@ -43,6 +43,9 @@ pub enum Class {
     Scan,
     /// The background filler: whatever is left, when the link is free.
     Fill,
+    /// The pull-through registry fetching for a client or a peer node that waits for it (a
+    /// blob the store lacks, or a range of one).
+    Relay,
 }
 
 impl prometheus_client::encoding::EncodeLabelValue for Class {
@@ -64,6 +67,7 @@ impl Class {
             Class::Metadata => "metadata",
             Class::Scan => "scan",
             Class::Fill => "fill",
+            Class::Relay => "relay",
         }
     }
 
@@ -73,28 +77,30 @@ impl Class {
     }
 
     /// Whether the filler also waits `yield_for` after such a request ends: a start's reads
-    /// come in bursts with short pauses between them; a TOC is fetched once.
+    /// come in bursts with short pauses between them; a TOC or a relayed blob is fetched once.
     pub fn quiet_after(self) -> bool {
         matches!(self, Class::OnDemand | Class::Neighbour | Class::Prefetch)
     }
 
-    /// The catalogue's account of a layer's bytes fetched in this class.
+    /// The catalogue's account of a layer's bytes fetched in this class (a relay's bytes are
+    /// not this node's layers': they are never counted per layer).
     pub fn fetched_by(self) -> crate::store::FetchedBy {
         use crate::store::FetchedBy;
         match self {
-            Class::OnDemand | Class::Scan | Class::Metadata => FetchedBy::OnDemand,
+            Class::OnDemand | Class::Scan | Class::Metadata | Class::Relay => FetchedBy::OnDemand,
             Class::Neighbour | Class::Prefetch => FetchedBy::Prefetch,
             Class::Fill => FetchedBy::Fill,
         }
     }
 
-    pub const ALL: [Class; 6] = [
+    pub const ALL: [Class; 7] = [
         Class::OnDemand,
         Class::Neighbour,
         Class::Prefetch,
         Class::Metadata,
         Class::Scan,
         Class::Fill,
+        Class::Relay,
     ];
 }
 
@@ -361,6 +367,7 @@ mod tests {
                 ("metadata", true, false, FetchedBy::OnDemand),
                 ("scan", false, false, FetchedBy::OnDemand),
                 ("fill", false, false, FetchedBy::Fill),
+                ("relay", true, false, FetchedBy::OnDemand),
             ]
         );
     }

@@ -129,6 +129,9 @@ pub struct Mirror {
     flights: Mutex<std::collections::HashMap<Digest, Arc<Flight>>>,
     /// The node's filler: a blob it is fetching is followed, not fetched again.
     filler: Option<Arc<Filler>>,
+    /// The node's access gate over `registry` (with a filler): upstream fetches are
+    /// `Class::Relay` requests on the node's link, which the filler yields to.
+    access: Option<Arc<crate::access::Access>>,
     /// Turns of upstream blob fetches (`max_upstream_fetches`).
     upstream_permits: Arc<tokio::sync::Semaphore>,
     pub stats: MirrorStats,
@@ -188,12 +191,16 @@ impl Mirror {
         opts: MirrorOptions,
         filler: Option<Arc<Filler>>,
     ) -> Arc<Self> {
+        let access = filler
+            .as_ref()
+            .map(|f| f.access().over(Arc::clone(&registry) as _));
         Arc::new(Mirror {
             layout,
             db,
             registry,
             flights: Mutex::default(),
             filler,
+            access,
             upstream_permits: Arc::new(tokio::sync::Semaphore::new(
                 opts.max_upstream_fetches.max(1),
             )),
@@ -635,8 +642,7 @@ impl Mirror {
             // be verified on their own).
             let len = (end != u64::MAX).then(|| end - start);
             let body = self
-                .registry
-                .open_blob(&up.at(d), d, start, len, &up.creds)
+                .open_upstream(&up.at(d), d, start, len, &up.creds)
                 .await
                 .map_err(upstream_err(false))?;
             let mut r = Response::new(if head {
@@ -1016,6 +1022,27 @@ impl Mirror {
         Ok(Some(flight))
     }
 
+    /// Bytes of an upstream blob, through the node's access gate when there is one: the
+    /// request holds the link until the body is dropped.
+    async fn open_upstream(
+        &self,
+        r: &oci_client::Reference,
+        d: &Digest,
+        offset: u64,
+        len: Option<u64>,
+        creds: &OpCreds,
+    ) -> std::result::Result<crate::access::Body, RegistryError> {
+        match &self.access {
+            Some(a) => {
+                a.open(crate::access::Class::Relay, r, d, offset, len, creds)
+                    .await
+            }
+            None => Ok(crate::access::Body::unscheduled(
+                self.registry.open_blob(r, d, offset, len, creds).await?,
+            )),
+        }
+    }
+
     /// Fetch, hash and write the blob; store it when it verifies. Its length.
     async fn fly(
         &self,
@@ -1026,8 +1053,7 @@ impl Mirror {
         tmp: tempfile::NamedTempFile,
     ) -> Result<u64> {
         let body = self
-            .registry
-            .open_blob(reference, d, 0, None, creds)
+            .open_upstream(reference, d, 0, None, creds)
             .await
             .map_err(upstream_err(false))?;
         let len = body.len;
