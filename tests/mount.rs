@@ -358,6 +358,16 @@ async fn on_demand_ranges_persist_across_restarts_and_the_fill_skips_them() {
         "{m}"
     );
     assert!(value("lazypull_ondemand_fetch_seconds_count") >= 1.0, "{m}");
+    // Every request went through the access gate, counted by class: the read's range, and
+    // before it the layer's footer and TOC.
+    assert!(
+        value("lazypull_link_bytes_total{class=\"on_demand\"}") >= (1 << 20) as f64,
+        "{m}"
+    );
+    assert!(
+        value("lazypull_link_requests_total{class=\"metadata\"}") >= 1.0,
+        "{m}"
+    );
     assert!(value("lazypull_images") == 1.0, "{m}");
     // A clean stop records the ranges; with the registry down they are read back locally.
     assert!(d.terminate().success());

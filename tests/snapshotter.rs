@@ -1216,6 +1216,10 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
     );
     assert!(prefetched > 0.0, "{}", d.log_text());
     assert!(
+        metric(&m, "lazypull_link_bytes_total{class=\"prefetch\"}") >= prefetched,
+        "the learned list's requests are of class prefetch on the link: {m}"
+    );
+    assert!(
         second_requests < first_requests,
         "first {first_requests}, second {second_requests}"
     );

@@ -171,15 +171,19 @@ impl Access {
         let labels = ClassLabels { class };
         self.stats.requests.get_or_create(&labels).inc();
         let body = self.source.open_blob(r, d, offset, len, creds).await?;
-        let bytes = self.stats.bytes.get_or_create(&labels).clone();
-        let stream = body
-            .stream
-            .inspect(move |chunk| {
-                if let Ok(b) = chunk {
-                    bytes.inc_by(b.len() as u64);
-                }
-            })
-            .boxed();
+        // Bytes fetched ahead were counted when they came.
+        let stream = if body.early {
+            body.stream
+        } else {
+            let bytes = self.stats.bytes.get_or_create(&labels).clone();
+            body.stream
+                .inspect(move |chunk| {
+                    if let Ok(b) = chunk {
+                        bytes.inc_by(b.len() as u64);
+                    }
+                })
+                .boxed()
+        };
         Ok(Body {
             stream,
             len: body.len,

@@ -1148,7 +1148,7 @@ impl Filler {
                 continue;
             }
             // One bounded request at a time, sent when no foreground request runs, stopped when
-            // one begins (what arrived is kept): see schedule.rs.
+            // one begins (what arrived is kept): see access/schedule.rs.
             self.access.fill_turn().await;
             if blob.covered_until(pos).is_some() {
                 continue; // on-demand reads fetched it while we waited

@@ -1,5 +1,6 @@
-//! The layer filesystem: a pure inode tree built from a layer's entries (`tree.rs`), the read
-//! path from a file range to verified bytes (`reader.rs`), the filesystem's answers without a
+//! The layer filesystem: a pure inode tree built from a layer's entries (`tree.rs`), the
+//! layer table (`layers.rs`; the read path from a file range to verified bytes is
+//! `crate::access::reader`), the filesystem's answers without a
 //! kernel (`ops.rs`), the FUSE adapter (`fuse.rs`, with `mount.rs` the only files that know
 //! fuser) and the mount's lifecycle (`mount.rs`).
 

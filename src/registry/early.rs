@@ -261,6 +261,8 @@ impl EarlyBlobs {
         let end = offset + len;
         let state = Answer {
             inner: Arc::clone(&self.inner),
+            gate: self.access.get().cloned(),
+            held: None,
             r: r.clone(),
             d: d.clone(),
             creds: creds.clone(),
@@ -276,6 +278,10 @@ impl EarlyBlobs {
 /// The state of one answer: reading the held range, then the registry for the rest.
 struct Answer {
     inner: Arc<dyn BlobSource>,
+    /// The node's gate over `inner`: the rest is fetched through it (and counted there).
+    gate: Option<Arc<crate::access::Access>>,
+    /// The rest's request, holding the link while it is received.
+    held: Option<crate::access::Body>,
     r: Reference,
     d: Digest,
     creds: OpCreds,
@@ -314,10 +320,36 @@ impl Answer {
             if failed || self.pos >= self.early.end {
                 // The rest from the registry.
                 let (at, len) = (self.pos, self.end - self.pos);
-                let body = self
-                    .inner
-                    .open_blob(&self.r, &self.d, at, Some(len), &self.creds)
-                    .await;
+                // What was not fetched ahead is a read's: counted as on-demand on the link.
+                let body = match &self.gate {
+                    Some(g) => g
+                        .open(
+                            crate::access::Class::OnDemand,
+                            &self.r,
+                            &self.d,
+                            at,
+                            Some(len),
+                            &self.creds,
+                        )
+                        .await
+                        .map(|mut b| {
+                            let stream = std::mem::replace(
+                                &mut b.stream,
+                                futures_util::stream::empty().boxed(),
+                            );
+                            self.held = Some(b);
+                            crate::registry::BlobBody {
+                                stream,
+                                len: Some(len),
+                                early: false,
+                            }
+                        }),
+                    None => {
+                        self.inner
+                            .open_blob(&self.r, &self.d, at, Some(len), &self.creds)
+                            .await
+                    }
+                };
                 match body {
                     Ok(b) => {
                         self.rest = Some(b.stream);
@@ -351,6 +383,7 @@ impl BlobSource for EarlyBlobs {
                 return Ok(BlobBody {
                     stream,
                     len: Some(len),
+                    early: true,
                 });
             }
             self.inner.open_blob(r, d, offset, len, creds).await
@@ -441,6 +474,43 @@ mod tests {
             data[100 << 10..(100 << 10) + 10]
         );
         assert_eq!(fake.requests().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn through_the_node_gate_each_byte_is_counted_once_under_the_class_that_fetched_it() {
+        use crate::access::{Access, Class};
+        let (fake, early, d, data, r) = setup();
+        let access = Access::new(
+            Arc::clone(&early) as Arc<dyn BlobSource>,
+            Default::default(),
+        );
+        early.route_through(&access);
+        let creds = OpCreds::default();
+        early.fetch(r.clone(), d.clone(), &[(0, 50 << 10)], creds.clone());
+        // A read inside the range fetched ahead, then one that goes past its end.
+        for (at, len) in [(1000, 10_000), (40 << 10, 20 << 10)] {
+            let mut body = access
+                .open(Class::OnDemand, &r, &d, at, Some(len), &creds)
+                .await
+                .unwrap();
+            let mut got = vec![];
+            while let Some(b) = body.stream.next().await {
+                got.extend_from_slice(&b.unwrap());
+            }
+            assert_eq!(got, data[at as usize..(at + len) as usize]);
+        }
+        assert_eq!(
+            fake.requests().len(),
+            2,
+            "the early range, and the rest past it"
+        );
+        assert_eq!(access.stats.bytes_of(Class::Prefetch), 50 << 10);
+        assert_eq!(
+            access.stats.bytes_of(Class::OnDemand),
+            10 << 10,
+            "only the rest the reads fetched after the early range"
+        );
+        assert_eq!(access.stats.requests_of(Class::Prefetch), 1);
     }
 
     #[tokio::test]

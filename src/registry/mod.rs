@@ -206,6 +206,9 @@ pub struct BlobBody {
     pub stream: BoxStream<'static, std::io::Result<Bytes>>,
     /// The body's length as the registry announced it (from the requested offset on).
     pub len: Option<u64>,
+    /// Answered from bytes fetched ahead (`registry::early`), which were counted on the link
+    /// when they were fetched (what the answer fetches after them is counted then too).
+    pub early: bool,
 }
 
 /// Drop the first `skip` bytes of a stream.
@@ -1216,10 +1219,12 @@ async fn open_blob(
         oci_client::client::BlobResponse::Partial(s) => BlobBody {
             len: s.content_length,
             stream: s.stream,
+            early: false,
         },
         oci_client::client::BlobResponse::Full(s) => BlobBody {
             len: s.content_length.map(|n| n.saturating_sub(offset)),
             stream: skip_prefix(s.stream, offset),
+            early: false,
         },
     })
 }

@@ -377,6 +377,7 @@ pub mod fake {
                         return Ok(BlobBody {
                             stream: futures_util::stream::pending().boxed(),
                             len: Some(body.len() as u64),
+                            early: false,
                         });
                     }
                     Some(Fault::Truncate(n)) => body = body.slice(..n.min(body.len())),
@@ -395,6 +396,7 @@ pub mod fake {
                 Ok(BlobBody {
                     stream: futures_util::stream::iter(pieces).boxed(),
                     len,
+                    early: false,
                 })
             })
         }
