@@ -158,7 +158,7 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
 pub fn hot_points(
     layout: &Layout,
     ra: &mut ltar::RandomAccess,
-    entries: &[crate::layer::estargz::Entry],
+    entries: &[crate::layer::index::Entry],
     paths: &[String],
 ) -> Result<usize, String> {
     use crate::layer::gzindex::{CHUNK, IndexingReader};
@@ -394,13 +394,13 @@ mod tests {
         assert_eq!(near(&ra.points), near(&every));
         assert!(near(&before.points) < near(&ra.points));
         // The files read the same through either index, and c's read starts nearer.
-        let spans = crate::layer::estargz::Spans::default();
+        let spans = crate::layer::index::Spans::default();
         let fetch =
             |s: u64, e: u64| -> Result<Vec<u8>, String> { Ok(gz[s as usize..e as usize].to_vec()) };
         let (old, new) = (before.lazy_entries(&entries), ra.lazy_entries(&entries));
         for i in 0..entries.len() {
-            let a = crate::layer::estargz::read_file(&spans, &old[i], 0, u64::MAX, fetch).unwrap();
-            let b = crate::layer::estargz::read_file(&spans, &new[i], 0, u64::MAX, fetch).unwrap();
+            let a = crate::layer::index::read_file(&spans, &old[i], 0, u64::MAX, fetch).unwrap();
+            let b = crate::layer::index::read_file(&spans, &new[i], 0, u64::MAX, fetch).unwrap();
             assert_eq!(a, b, "{}", entries[i].path);
         }
         assert!(new[c].chunks[0].offset > old[c].chunks[0].offset);
@@ -499,22 +499,22 @@ mod tests {
         let mut read = 0;
         for e in ra.lazy_entries(&entries) {
             for c in &e.chunks {
-                let p = c.resume.as_ref().unwrap();
+                let p = c.resume().unwrap();
                 let window = p.window_ref.map(|r| {
                     &shared.windows[r.offset as usize..(r.offset + u64::from(r.len)) as usize]
                 });
-                let compressed = &gz[c.offset as usize..c.end.unwrap() as usize];
-                crate::layer::estargz::decode_chunk_with(compressed, c, window).unwrap();
+                let compressed = &gz[c.offset as usize..c.end().unwrap() as usize];
+                crate::layer::index::decode_chunk_with(compressed, c, window).unwrap();
                 if window.is_some() {
                     read += 1;
                     // Without the window, or with another one, it does not decode.
-                    assert!(crate::layer::estargz::decode_chunk_with(compressed, c, None).is_err());
+                    assert!(crate::layer::index::decode_chunk_with(compressed, c, None).is_err());
                     let i = original.points.iter().position(|o| o.out == p.out).unwrap();
                     let wrong = original.points[(i + 1) % original.points.len()]
                         .window
                         .clone();
                     assert!(
-                        crate::layer::estargz::decode_chunk_with(compressed, c, Some(&wrong))
+                        crate::layer::index::decode_chunk_with(compressed, c, Some(&wrong))
                             .is_err()
                     );
                 }

@@ -24,13 +24,13 @@ fn tree_of(toc_path: &std::path::Path, toc_digest: &str, blob: &std::path::Path)
     )
     .expect("our reader accepts ctr-remote's TOC");
     // Every regular file reads back, chunk by chunk, to the digest the TOC records.
-    let spans = estargz::Spans::new(&toc);
+    let spans = lazypull::layer::index::Spans::new(&toc);
     for e in toc
         .entries
         .iter()
-        .filter(|e| e.kind == estargz::Kind::Reg && e.size > 0)
+        .filter(|e| e.kind == lazypull::layer::index::Kind::Reg && e.size > 0)
     {
-        let data = estargz::read_file(&spans, e, 0, e.size, |s, end| {
+        let data = lazypull::layer::index::read_file(&spans, e, 0, e.size, |s, end| {
             Ok(blob_bytes[s as usize..end as usize].to_vec())
         })
         .unwrap_or_else(|err| panic!("{}: {err}", e.path));

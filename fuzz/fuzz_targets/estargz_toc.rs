@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(toc) = estargz::parse_toc(json, &Digest::of(json), blob, toc_offset, &limits) {
         // A TOC that parsed is internally consistent: every chunk's compressed span is
         // non-empty and lies in the layer's data, before the TOC, inside the blob.
-        let spans = estargz::Spans::new(&toc);
+        let spans = lazypull::layer::index::Spans::new(&toc);
         assert!(toc.toc_offset < blob);
         for e in &toc.entries {
             for c in &e.chunks {

@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
     };
     if let Ok(toc) = zstd_chunked::parse_toc(frame, &Digest::of(frame), &pos, blob, &limits) {
         // Every chunk's compressed span is non-empty and lies before the TOC, inside the blob.
-        let spans = estargz::Spans::new(&toc);
+        let spans = lazypull::layer::index::Spans::new(&toc);
         assert!(toc.toc_offset < blob);
         for e in &toc.entries {
             for c in &e.chunks {

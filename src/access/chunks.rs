@@ -10,7 +10,7 @@
 
 use super::Class;
 use super::reader::ReadError;
-use crate::layer::estargz::Chunk;
+use crate::layer::index::Chunk;
 use crate::oci::Digest;
 use crate::store::locked as lock;
 use prometheus_client::metrics::counter::Counter;
@@ -200,8 +200,7 @@ mod tests {
             file_offset: 0,
             size: 9,
             digest: digest.map(Digest::of),
-            end: None,
-            resume: None,
+            codec: crate::layer::index::Codec::GzipMember,
         }
     }
 

@@ -17,8 +17,8 @@ use super::{Access, Class};
 use crate::fetch::source_reference;
 use crate::fs::stream::LayerStream;
 use crate::fs::tree::Tree;
-use crate::layer::estargz::{self, Chunk, Spans, Toc};
 use crate::layer::gzindex::SpanDecoder;
+use crate::layer::index::{Chunk, Codec, LayerIndex, Spans};
 use crate::oci::Digest;
 use crate::registry::OpCreds;
 use crate::store::{Catalogue, FetchedBy, Layout, PartialBlob, Partials};
@@ -107,7 +107,7 @@ pub struct LazyLayer {
     /// `registry/repository` the layer is fetched from.
     pub source: String,
     pub size: u64,
-    pub toc: Toc,
+    pub toc: LayerIndex,
     pub spans: Spans,
     pub tree: Tree,
     /// The complete blob, opened once it exists.
@@ -135,7 +135,7 @@ pub struct LazyLayer {
 
 /// A layer's tree and entries as they are now (fixed, or a streaming layer's so far).
 pub enum View<'a> {
-    Fixed(&'a Tree, &'a [estargz::Entry]),
+    Fixed(&'a Tree, &'a [crate::layer::index::Entry]),
     Stream(std::sync::RwLockReadGuard<'a, crate::fs::stream::State>),
 }
 
@@ -147,7 +147,7 @@ impl View<'_> {
         }
     }
 
-    pub fn entries(&self) -> &[estargz::Entry] {
+    pub fn entries(&self) -> &[crate::layer::index::Entry] {
         match self {
             View::Fixed(_, e) => e,
             View::Stream(s) => &s.entries,
@@ -158,7 +158,7 @@ impl View<'_> {
 impl LazyLayer {
     /// A layer without TOC, served as its entries arrive (and from the file cache after).
     pub fn streaming(digest: Digest, source: String, size: u64, stream: Arc<LayerStream>) -> Self {
-        let toc = Toc {
+        let toc = LayerIndex {
             digest: digest.clone(),
             toc_offset: 0,
             entries: vec![],
@@ -206,7 +206,7 @@ impl LazyLayer {
         File::open(&cached)
     }
 
-    pub fn new(digest: Digest, source: String, size: u64, toc: Toc, tree: Tree) -> Self {
+    pub fn new(digest: Digest, source: String, size: u64, toc: LayerIndex, tree: Tree) -> Self {
         let spans = Spans::new(&toc);
         let mut by_end: Vec<(u64, u32, u32)> = toc
             .entries
@@ -226,7 +226,7 @@ impl LazyLayer {
         let mut points: Vec<_> = toc
             .entries
             .iter()
-            .flat_map(|e| e.chunks.iter().filter_map(|c| c.resume.clone()))
+            .flat_map(|e| e.chunks.iter().filter_map(|c| c.resume().cloned()))
             .filter(|p| !p.zstd)
             .collect();
         points.sort_unstable_by_key(|p| p.out);
@@ -388,7 +388,7 @@ use crate::store::locked as lock;
 
 /// The window a chunk's decoding starts from, when it is kept apart from the index.
 fn window_ref(c: &Chunk) -> Option<crate::layer::gzindex::WindowRef> {
-    c.resume.as_ref().and_then(|p| p.window_ref)
+    c.resume().and_then(|p| p.window_ref)
 }
 
 /// Tuning of the read path (from `fuse.*` and `fetch.*`).
@@ -589,12 +589,13 @@ impl Reader {
                 .cloned()
                 .or_else(|| self.cached_window(&r))
         });
-        if matches!(window, Some(None)) && !estargz::continues(decoder, chunk, input_at) {
+        if matches!(window, Some(None)) && !crate::layer::index::continues(decoder, chunk, input_at)
+        {
             *decoder = None;
             return Err(ReadError::NoWindow);
         }
         let window = window.flatten();
-        estargz::decode_chunk_resumed(
+        crate::layer::index::decode_chunk_resumed(
             compressed,
             input_at,
             chunk,
@@ -1123,10 +1124,10 @@ impl Reader {
     fn corrupt(
         &self,
         layer: &LazyLayer,
-        chunk: &estargz::Chunk,
+        chunk: &crate::layer::index::Chunk,
         e: impl std::fmt::Display,
     ) -> ReadError {
-        if chunk.resume.is_some() {
+        if chunk.resume().is_some() {
             return self.refuse_index(layer, e);
         }
         ReadError::Corrupt(e.to_string())
@@ -1178,7 +1179,7 @@ impl Reader {
         chunk: &Chunk,
         covers: impl Fn(u64, u64) -> bool,
     ) -> Option<Chunk> {
-        let p = chunk.resume.as_ref().filter(|p| !p.zstd)?;
+        let p = chunk.resume().filter(|p| !p.zstd)?;
         let pos = p.out + chunk.inner_offset;
         let before = layer.points.partition_point(|q| q.out < p.out);
         for q in layer.points[..before].iter().rev() {
@@ -1191,7 +1192,10 @@ impl Reader {
                 return Some(Chunk {
                     offset: q.start(),
                     inner_offset: pos - q.out,
-                    resume: Some(Arc::clone(q)),
+                    codec: Codec::Checkpoint {
+                        point: Arc::clone(q),
+                        end: chunk.end()?,
+                    },
                     ..chunk.clone()
                 });
             }
@@ -1481,7 +1485,7 @@ enum Order {
 fn decoder_starts<'a>(chunks: impl Iterator<Item = &'a Chunk>) -> impl Iterator<Item = &'a Chunk> {
     let mut at: Option<u64> = None;
     chunks.filter(move |c| {
-        let Some(p) = c.resume.as_ref().filter(|p| !p.zstd) else {
+        let Some(p) = c.resume().filter(|p| !p.zstd) else {
             return true;
         };
         let pos = p.out + c.inner_offset;
@@ -1651,8 +1655,7 @@ mod tests {
                 file_offset: 0,
                 size: end - start,
                 digest: None,
-                end: None,
-                resume: None,
+                codec: Codec::GzipMember,
             },
             (start, end),
             Class::Prefetch,
@@ -1669,14 +1672,14 @@ mod tests {
     #[test]
     fn a_decoder_starts_at_the_first_chunk_of_a_run_and_at_any_behind_its_predecessor() {
         let point = |out| {
-            Some(Arc::new(crate::layer::gzindex::Point {
+            Arc::new(crate::layer::gzindex::Point {
                 out,
                 inp: out / 2,
                 bits: 0,
                 window: vec![],
                 zstd: false,
                 window_ref: None,
-            }))
+            })
         };
         let chunk = |cp: u64, inner: u64, size: u64| Chunk {
             offset: cp / 2,
@@ -1684,8 +1687,10 @@ mod tests {
             file_offset: 0,
             size,
             digest: None,
-            end: None,
-            resume: point(cp),
+            codec: Codec::Checkpoint {
+                point: point(cp),
+                end: u64::MAX,
+            },
         };
         // Checkpoints every 1000 bytes: chunks in order across them, then one behind.
         let run = [
@@ -1702,7 +1707,7 @@ mod tests {
         assert_eq!(starts, [(0, 100), (1000, 500)]);
         // Chunks without checkpoints (eStargz) each start their own decoder.
         let plain = Chunk {
-            resume: None,
+            codec: Codec::GzipMember,
             ..chunk(0, 0, 1)
         };
         assert_eq!(decoder_starts([&plain, &plain].into_iter()).count(), 2);

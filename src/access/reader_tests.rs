@@ -328,7 +328,7 @@ fn gzip_indexed(files: &[(String, Vec<u8>)], opts: ReadOptions) -> Fixture {
     let access = crate::access::Access::new(fake.clone(), Default::default());
     let reader = Reader::new(layout, db, access, partials, opts);
     let tree = Tree::from_entries(&entries).unwrap();
-    let toc = Toc {
+    let toc = LayerIndex {
         digest: Digest::of(b"index"),
         toc_offset: size,
         entries,
@@ -357,7 +357,7 @@ async fn local_bytes_behind_a_missing_window_decode_from_an_earlier_checkpoint()
     );
     // The later files start at checkpoints of their own, with windows kept apart.
     let last = &f.layer.toc.entries[f.entry("f11")].chunks[0];
-    assert!(last.resume.as_ref().unwrap().window_ref.is_some());
+    assert!(last.resume().unwrap().window_ref.is_some());
     // The first read brings its neighbours' bytes (decoded from the layer's start: no window).
     assert_eq!(f.read("f00").await.unwrap(), files[0].1);
     let (start, end) = (f.span("f00").0, f.span("f11").1);

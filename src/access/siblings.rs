@@ -10,7 +10,7 @@
 //! `python3.11/__pycache__` (2.4 MB compressed, 42 of its 171 files read) and
 //! `asyncio/__pycache__` (29 of 33) arrive with a few big requests.
 
-use crate::layer::estargz::{Entry, Kind, Spans};
+use crate::layer::index::{Entry, Kind, Spans};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -120,7 +120,7 @@ fn union_len(mut ranges: Vec<(u64, u64)>) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::estargz::{Chunk, Toc};
+    use crate::layer::index::{Chunk, LayerIndex};
 
     fn file(path: &str, offset: u64, size: u64) -> Entry {
         Entry {
@@ -142,14 +142,13 @@ mod tests {
                 file_offset: 0,
                 size,
                 digest: None,
-                end: Some(offset + size),
-                resume: None,
+                codec: crate::layer::index::Codec::ZstdFrames { end: offset + size },
             }],
         }
     }
 
     fn layer(entries: Vec<Entry>) -> (Vec<Entry>, Spans) {
-        let toc = Toc {
+        let toc = LayerIndex {
             digest: crate::oci::Digest::of(b"toc"),
             toc_offset: 10_000,
             entries,

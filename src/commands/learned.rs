@@ -5,14 +5,14 @@
 use super::{human_bytes, short_id};
 use crate::cli::LearnedArgs;
 use crate::config::Config;
-use crate::layer::estargz::{Spans, Toc};
+use crate::layer::index::{LayerIndex, Spans};
 use crate::oci::Digest;
 use crate::store::{LayerRecord, Layout};
 use std::collections::HashMap;
 
 /// A layer's TOC from the store, with its spans and a path index.
 struct Indexed {
-    toc: Toc,
+    toc: LayerIndex,
     spans: Spans,
     by_path: HashMap<String, usize>,
 }

@@ -21,7 +21,8 @@
 //! members and zstd frames concatenate), while another thread hashes the uncompressed stream
 //! for the diff ID.
 
-use crate::layer::estargz::{self, Entry, Kind};
+use crate::layer::estargz::{self};
+use crate::layer::index::{Entry, Kind};
 use crate::layer::tar::{Limits as TarLimits, UnpackError, entry_meta};
 use crate::layer::zstd_chunked;
 use crate::oci::Digest;
@@ -878,7 +879,7 @@ pub fn decompress_to(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::estargz::{Spans, Toc};
+    use crate::layer::index::{LayerIndex, Spans};
     use std::io::Read;
 
     fn big(n: usize) -> Vec<u8> {
@@ -957,7 +958,7 @@ mod tests {
     }
 
     /// Parse the converted blob's TOC the way the daemon does.
-    fn read_back(blob: &[u8], c: &ConvertedLayer, format: Format) -> Toc {
+    fn read_back(blob: &[u8], c: &ConvertedLayer, format: Format) -> LayerIndex {
         let limits = estargz::Limits::default();
         let a: HashMap<String, String> = c.annotations.clone().into_iter().collect();
         match format {
@@ -990,7 +991,7 @@ mod tests {
         out
     }
 
-    fn check(format: Format, prefetch: &[&str], jobs: usize) -> (Toc, Vec<String>) {
+    fn check(format: Format, prefetch: &[&str], jobs: usize) -> (LayerIndex, Vec<String>) {
         let dir = tempfile::tempdir().unwrap();
         let (input, files) = sample_tar(dir.path());
         let out = dir.path().join("out");
@@ -1023,7 +1024,7 @@ mod tests {
         let spans = Spans::new(&toc);
         for (name, data) in &files {
             let e = toc.entries.iter().rev().find(|e| &e.path == name).unwrap();
-            let got = estargz::read_file(&spans, e, 0, u64::MAX, |s, e| {
+            let got = crate::layer::index::read_file(&spans, e, 0, u64::MAX, |s, e| {
                 Ok(blob[s as usize..e as usize].to_vec())
             })
             .unwrap();

@@ -221,7 +221,7 @@ impl LayerTable {
         if rec.toc_entries.is_none() || layer.windows.is_some() || layer.stream.is_some() {
             return None;
         }
-        let by_path: HashMap<&str, &estargz::Entry> = layer
+        let by_path: HashMap<&str, &crate::layer::index::Entry> = layer
             .toc
             .entries
             .iter()
@@ -289,7 +289,7 @@ impl LayerTable {
                 None => return Err(LoadError::NoRandomAccess(index)),
             };
             let tree = Tree::from_entries(&entries)?;
-            let toc = estargz::Toc {
+            let toc = crate::layer::index::LayerIndex {
                 digest: index,
                 toc_offset,
                 entries,

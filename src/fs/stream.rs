@@ -26,7 +26,7 @@
 //! unpacked.
 
 use super::tree::{ROOT, Tree, TreeError};
-use crate::layer::estargz::Entry;
+use crate::layer::index::Entry;
 use crate::oci::Digest;
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -406,7 +406,7 @@ impl crate::layer::tar::Observer for Announcer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layer::estargz::Kind;
+    use crate::layer::index::Kind;
 
     fn entry(path: &str, kind: Kind, digest: Option<&str>) -> Entry {
         Entry {

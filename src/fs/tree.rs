@@ -4,7 +4,8 @@
 //! inode, missing parent directories are implied, later entries replace earlier ones (tar
 //! semantics), and eStargz landmark files are hidden. Pure: no I/O.
 
-use crate::layer::estargz::{Entry, Kind, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
+use crate::layer::estargz::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
+use crate::layer::index::{Entry, Kind};
 use std::collections::BTreeMap;
 
 pub const ROOT: u64 = 1;

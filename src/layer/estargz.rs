@@ -6,6 +6,7 @@
 //! Everything here is pure: parse the footer, decode and verify the TOC, validate every entry
 //! (paths, links, chunk ranges) against the blob it describes. Untrusted input throughout.
 
+use super::index::{Chunk, Codec, Entry, Kind, LayerIndex};
 use crate::oci::Digest;
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
@@ -158,100 +159,6 @@ struct RawToc {
     entries: Vec<RawEntry>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Dir,
-    Reg,
-    Symlink,
-    Hardlink,
-    Char,
-    Block,
-    Fifo,
-}
-
-const KIND_NAMES: [(Kind, &str); 7] = [
-    (Kind::Dir, "dir"),
-    (Kind::Reg, "reg"),
-    (Kind::Symlink, "symlink"),
-    (Kind::Hardlink, "hardlink"),
-    (Kind::Char, "char"),
-    (Kind::Block, "block"),
-    (Kind::Fifo, "fifo"),
-];
-
-impl Kind {
-    /// The TOC's `type` name (also used by the file index of unpacked layers).
-    pub fn name(self) -> &'static str {
-        KIND_NAMES
-            .iter()
-            .find(|(k, _)| *k == self)
-            .map(|(_, n)| *n)
-            .unwrap_or("?")
-    }
-
-    pub fn from_name(name: &str) -> Option<Kind> {
-        KIND_NAMES.iter().find(|(_, n)| *n == name).map(|(k, _)| *k)
-    }
-}
-
-/// One piece of a regular file's payload.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Chunk {
-    /// Offset in the blob of the gzip member holding this chunk.
-    pub offset: u64,
-    /// Where the chunk's bytes start in that member's decompressed stream.
-    pub inner_offset: u64,
-    /// Offset of this chunk within the file.
-    pub file_offset: u64,
-    pub size: u64,
-    pub digest: Option<Digest>,
-    /// zstd:chunked: end of this chunk's zstd frame(s) (the chunk is `[offset, end)`, decoded
-    /// with zstd). eStargz (None): the chunk is in a gzip member starting at `offset`.
-    pub end: Option<u64>,
-    /// A plain gzip layer read through its index: decoding resumes at this checkpoint (whose
-    /// `start()` is `offset`), `inner_offset` bytes before the chunk; `[offset, end)` holds it.
-    pub resume: Option<std::sync::Arc<super::gzindex::Point>>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    /// Clean relative path (`a/b/c`; the root is "").
-    pub path: String,
-    pub kind: Kind,
-    pub size: u64,
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime: Option<String>,
-    /// Symlink target (verbatim) or hardlink target (clean path).
-    pub link: String,
-    pub dev_major: u32,
-    pub dev_minor: u32,
-    pub xattrs: Vec<(String, Vec<u8>)>,
-    pub digest: Option<Digest>,
-    pub chunks: Vec<Chunk>,
-}
-
-/// A decoded, verified and validated TOC.
-#[derive(Clone, Debug)]
-pub struct Toc {
-    pub digest: Digest,
-    pub toc_offset: u64,
-    pub entries: Vec<Entry>,
-    /// Index of the prefetch landmark entry, when present: files before it are prefetched first.
-    pub prefetch_landmark: Option<usize>,
-}
-
-impl Toc {
-    pub fn regular_bytes(&self) -> u64 {
-        self.entries
-            .iter()
-            .filter(|e| e.kind == Kind::Reg)
-            .map(|e| e.size)
-            .sum()
-    }
-}
-
 /// Clean an entry name: strip `./` and `/`, refuse `..`, empty components are dropped.
 pub fn clean_path(name: &str) -> Result<String, String> {
     let mut parts = vec![];
@@ -347,7 +254,7 @@ pub fn parse_toc(
     blob_size: u64,
     toc_offset: u64,
     limits: &Limits,
-) -> Result<Toc, TocError> {
+) -> Result<LayerIndex, TocError> {
     let actual = Digest::of(json);
     if &actual != expected {
         return Err(TocError::DigestMismatch {
@@ -358,6 +265,11 @@ pub fn parse_toc(
     parse_entries(json, actual, blob_size, toc_offset, limits, false)
 }
 
+/// While a zstd:chunked TOC is parsed: a chunk whose frames' end is not known yet (no
+/// `endOffset`: found from the next chunk's start once all are read). Never left in a parsed
+/// index (an end is always after its chunk's offset, so never 0).
+const END_UNKNOWN: u64 = 0;
+
 /// Parse and validate TOC JSON whose authenticity the caller checked (`digest` names it).
 /// `zstd`: the zstd:chunked dialect (explicit `endOffset`, chunks decoded with zstd).
 pub(crate) fn parse_entries(
@@ -367,7 +279,7 @@ pub(crate) fn parse_entries(
     toc_offset: u64,
     limits: &Limits,
     zstd: bool,
-) -> Result<Toc, TocError> {
+) -> Result<LayerIndex, TocError> {
     if toc_offset >= blob_size {
         return Err(footer_err(format!(
             "TOC offset {toc_offset} beyond the blob ({blob_size} bytes)"
@@ -431,18 +343,23 @@ pub(crate) fn parse_entries(
             }
             // zstd:chunked: the previous chunk ends where this one starts; this one ends where
             // the file's payload ends (until a further chunk follows).
-            let mut end = None;
+            let mut codec = if zstd {
+                Codec::ZstdFrames { end: END_UNKNOWN }
+            } else {
+                Codec::GzipMember
+            };
             if let Some(last) = prev.chunks.last_mut()
-                && let Some(file_end) = last.end
+                && let Codec::ZstdFrames { end: file_end } = &mut last.codec
+                && *file_end != END_UNKNOWN
             {
-                if offset <= last.offset || offset >= file_end {
+                if offset <= last.offset || offset >= *file_end {
                     return Err(entry_err(
                         name,
                         format!("chunk frame at {offset} outside the file's payload"),
                     ));
                 }
-                last.end = Some(offset);
-                end = Some(file_end);
+                codec = Codec::ZstdFrames { end: *file_end };
+                *file_end = offset;
             }
             prev.chunks.push(Chunk {
                 offset,
@@ -450,8 +367,7 @@ pub(crate) fn parse_entries(
                 file_offset: chunk_offset,
                 size,
                 digest: opt_digest(name, &r.chunk_digest)?,
-                end,
-                resume: None,
+                codec,
             });
             continue;
         }
@@ -500,7 +416,7 @@ pub(crate) fn parse_entries(
             if first > size {
                 return Err(entry_err(name, "chunk larger than the file"));
             }
-            let end = if zstd && r.end_offset != 0 {
+            let codec = if zstd && r.end_offset != 0 {
                 let end = u64::try_from(r.end_offset)
                     .map_err(|_| entry_err(name, "negative endOffset"))?;
                 if end <= offset || end > toc_offset {
@@ -511,9 +427,11 @@ pub(crate) fn parse_entries(
                         ),
                     ));
                 }
-                Some(end)
+                Codec::ZstdFrames { end }
+            } else if zstd {
+                Codec::ZstdFrames { end: END_UNKNOWN }
             } else {
-                None
+                Codec::GzipMember
             };
             chunks.push(Chunk {
                 offset,
@@ -521,8 +439,7 @@ pub(crate) fn parse_entries(
                 file_offset: 0,
                 size: first,
                 digest: opt_digest(name, &r.chunk_digest)?,
-                end,
-                resume: None,
+                codec,
             });
         }
         let mut xattrs = Vec::with_capacity(r.xattrs.len());
@@ -566,9 +483,12 @@ pub(crate) fn parse_entries(
         starts.sort_unstable();
         starts.dedup();
         for c in entries.iter_mut().flat_map(|e| e.chunks.iter_mut()) {
-            if c.end.is_none() {
-                let i = starts.partition_point(|&s| s <= c.offset);
-                c.end = Some(starts.get(i).copied().unwrap_or(toc_offset));
+            let offset = c.offset;
+            if let Codec::ZstdFrames { end } = &mut c.codec
+                && *end == END_UNKNOWN
+            {
+                let i = starts.partition_point(|&s| s <= offset);
+                *end = starts.get(i).copied().unwrap_or(toc_offset);
             }
         }
     }
@@ -592,7 +512,7 @@ pub(crate) fn parse_entries(
             seen_members.extend(e.chunks.iter().map(|c| c.offset));
         }
     }
-    Ok(Toc {
+    Ok(LayerIndex {
         digest: actual,
         toc_offset,
         entries,
@@ -600,223 +520,10 @@ pub(crate) fn parse_entries(
     })
 }
 
-/// Compressed spans of the layer's payload: where each gzip member holding chunk data ends.
-/// A member ends no later than the next chunk member (or the TOC); reading from a chunk's offset
-/// to that end is enough to decode it (a gzip decoder stops at the end of its member).
-#[derive(Clone, Debug, Default)]
-pub struct Spans {
-    starts: Vec<u64>,
-    toc_offset: u64,
-}
-
-impl Spans {
-    pub fn new(toc: &Toc) -> Self {
-        let mut starts: Vec<u64> = toc
-            .entries
-            .iter()
-            .flat_map(|e| e.chunks.iter().map(|c| c.offset))
-            .collect();
-        starts.sort_unstable();
-        starts.dedup();
-        Spans {
-            starts,
-            toc_offset: toc.toc_offset,
-        }
-    }
-
-    /// The compressed byte range `[start, end)` to fetch for a chunk.
-    pub fn span(&self, chunk: &Chunk) -> (u64, u64) {
-        if let Some(end) = chunk.end {
-            return (chunk.offset, end);
-        }
-        let next = match self.starts.binary_search(&chunk.offset) {
-            Ok(i) => self.starts.get(i + 1),
-            Err(i) => self.starts.get(i),
-        };
-        (
-            chunk.offset,
-            next.copied()
-                .unwrap_or(self.toc_offset)
-                .min(self.toc_offset),
-        )
-    }
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ChunkError {
-    #[error("chunk at {offset}: {reason}")]
-    Decode { offset: u64, reason: String },
-    #[error("chunk at {offset}: digest mismatch (expected {expected}, got {actual})")]
-    Digest {
-        offset: u64,
-        expected: Digest,
-        actual: Digest,
-    },
-    #[error("fetching bytes {start}..{end}: {reason}")]
-    Fetch {
-        start: u64,
-        end: u64,
-        reason: String,
-    },
-}
-
-/// Decode one chunk from its member's compressed bytes and verify it before returning it.
-pub fn decode_chunk(compressed: &[u8], chunk: &Chunk) -> Result<Vec<u8>, ChunkError> {
-    decode_chunk_with(compressed, chunk, None)
-}
-
-/// [`decode_chunk`] for a chunk read through a gzip index whose checkpoint window is kept
-/// apart: `window` is that window's bytes (verified against its digest here).
-pub fn decode_chunk_with(
-    compressed: &[u8],
-    chunk: &Chunk,
-    window: Option<&[u8]>,
-) -> Result<Vec<u8>, ChunkError> {
-    decode_chunk_resumed(compressed, chunk.offset, chunk, window, &mut None)
-}
-
-/// Whether `decoder` can go on to `chunk` given the blob's bytes from `input_at` on (else
-/// the chunk is decoded from its own checkpoint, whose window it then needs).
-pub fn continues(
-    decoder: &Option<super::gzindex::SpanDecoder>,
-    chunk: &Chunk,
-    input_at: u64,
-) -> bool {
-    match (decoder, &chunk.resume) {
-        (Some(d), Some(p)) if !p.zstd => d.can_reach(p.out + chunk.inner_offset, input_at),
-        _ => false,
-    }
-}
-
-/// [`decode_chunk_with`], going on with `decoder` when the chunk lies ahead of it (chunks read
-/// in order from a run of the blob are decoded in one pass, across checkpoints); `decoder` is
-/// left after this chunk, or emptied. `compressed` is the blob from `input_at` on, through
-/// the chunk's end; from the chunk's own offset when the decoder is not used.
-pub fn decode_chunk_resumed(
-    compressed: &[u8],
-    input_at: u64,
-    chunk: &Chunk,
-    window: Option<&[u8]>,
-    decoder: &mut Option<super::gzindex::SpanDecoder>,
-) -> Result<Vec<u8>, ChunkError> {
-    let err = |reason: String| ChunkError::Decode {
-        offset: chunk.offset,
-        reason,
-    };
-    let own = || {
-        usize::try_from(chunk.offset.saturating_sub(input_at))
-            .ok()
-            .and_then(|from| compressed.get(from..))
-            .filter(|_| input_at <= chunk.offset)
-            .ok_or_else(|| err(format!("given the blob from {input_at}, after the chunk")))
-    };
-    if let Some(point) = &chunk.resume {
-        if point.zstd {
-            let out =
-                super::gzindex::decode_at(own()?, point, window, chunk.inner_offset, chunk.size)
-                    .map_err(|e| err(e.to_string()))?;
-            return verify_chunk(out, chunk);
-        }
-        let pos = point.out + chunk.inner_offset;
-        let go_on = continues(decoder, chunk, input_at);
-        let resumed = decoder.take().filter(|_| go_on).and_then(|mut d| {
-            // Short of input (another chunk's bytes reached further): decoded from the
-            // checkpoint instead.
-            let out = d.read_at(compressed, input_at, pos, chunk.size).ok()?;
-            Some((d, out))
-        });
-        let (d, out) = match resumed {
-            Some(r) => r,
-            None => {
-                let mut d = super::gzindex::SpanDecoder::new(point, window)
-                    .map_err(|e| err(e.to_string()))?;
-                let out = d
-                    .read(own()?, chunk.inner_offset, chunk.size)
-                    .map_err(|e| err(e.to_string()))?;
-                (d, out)
-            }
-        };
-        let out = verify_chunk(out, chunk)?;
-        *decoder = Some(d);
-        return Ok(out);
-    }
-    let compressed = own()?;
-    let mut dec: Box<dyn Read + '_> = if chunk.end.is_some() {
-        Box::new(
-            zstd::stream::read::Decoder::with_buffer(compressed).map_err(|e| err(e.to_string()))?,
-        )
-    } else {
-        Box::new(flate2::read::GzDecoder::new(compressed))
-    };
-    if chunk.inner_offset > 0 {
-        std::io::copy(
-            &mut (&mut dec).take(chunk.inner_offset),
-            &mut std::io::sink(),
-        )
-        .map_err(|e| err(e.to_string()))?;
-    }
-    let mut out = Vec::with_capacity(chunk.size.min(64 << 20) as usize);
-    (&mut dec)
-        .take(chunk.size)
-        .read_to_end(&mut out)
-        .map_err(|e| err(e.to_string()))?;
-    if out.len() as u64 != chunk.size {
-        return Err(err(format!(
-            "member holds {} bytes, chunk needs {}",
-            out.len(),
-            chunk.size
-        )));
-    }
-    verify_chunk(out, chunk)
-}
-
-fn verify_chunk(out: Vec<u8>, chunk: &Chunk) -> Result<Vec<u8>, ChunkError> {
-    if let Some(expected) = &chunk.digest {
-        let actual = Digest::of(&out);
-        if &actual != expected {
-            return Err(ChunkError::Digest {
-                offset: chunk.offset,
-                expected: expected.clone(),
-                actual,
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// Read `[offset, offset+len)` of a regular file, fetching compressed spans with `fetch(start,
-/// end)`; only the chunks the range touches are fetched, each verified before use.
-pub fn read_file(
-    spans: &Spans,
-    entry: &Entry,
-    offset: u64,
-    len: u64,
-    mut fetch: impl FnMut(u64, u64) -> Result<Vec<u8>, String>,
-) -> Result<Vec<u8>, ChunkError> {
-    let end = offset.saturating_add(len).min(entry.size);
-    let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
-    for c in &entry.chunks {
-        let (c_start, c_end) = (c.file_offset, c.file_offset + c.size);
-        if c_end <= offset || c_start >= end {
-            continue;
-        }
-        let (s, e) = spans.span(c);
-        let compressed = fetch(s, e).map_err(|reason| ChunkError::Fetch {
-            start: s,
-            end: e,
-            reason,
-        })?;
-        let data = decode_chunk(&compressed, c)?;
-        let from = offset.max(c_start) - c_start;
-        let to = end.min(c_end) - c_start;
-        out.extend_from_slice(&data[from as usize..to as usize]);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::layer::index::{ChunkError, Spans, read_file};
     use std::io::Write;
 
     /// A minimal eStargz writer for tests: one gzip member per file, then the TOC member and
@@ -869,7 +576,7 @@ pub(crate) mod tests {
         (blob, Digest::of(&json))
     }
 
-    pub(crate) fn read(blob: &[u8], d: &Digest) -> Result<Toc, TocError> {
+    pub(crate) fn read(blob: &[u8], d: &Digest) -> Result<LayerIndex, TocError> {
         let off = parse_footer(blob)?;
         let end = blob.len() - footer_size(blob) as usize;
         let json = toc_json_from_member(&blob[off as usize..end], &Limits::default())?;

@@ -1,8 +1,11 @@
-//! Layer readers (pure, fuzzable): formats that allow reading a layer without fetching it whole
-//! (`estargz`), and the unpacker that serves complete layers from the file cache (`tar`).
+//! Layer readers (pure, fuzzable): the format-neutral layer index (`index`) and the formats
+//! that build one so that a layer is read without fetching it whole (`estargz`,
+//! `zstd_chunked`, and `tar` with `gzindex` for plain layers), and the unpacker that serves
+//! complete layers from the file cache (`tar`).
 
 pub mod estargz;
 pub mod gzindex;
+pub mod index;
 pub mod tar;
 pub mod zstd_chunked;
 
@@ -16,7 +19,7 @@ pub fn parse_stored_toc(
     position: Option<&str>,
     blob_size: u64,
     toc_offset: u64,
-) -> Result<estargz::Toc, estargz::TocError> {
+) -> Result<index::LayerIndex, estargz::TocError> {
     let limits = estargz::Limits::default();
     match position {
         Some(p) => {

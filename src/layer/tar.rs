@@ -11,8 +11,9 @@
 //! devices, xattrs, content digests) are kept as a small JSON index, stored as a blob under its
 //! own digest, so a restart rebuilds the layer directory without reading the tar again.
 
-use super::estargz::{Chunk, Entry, Kind, clean_path};
+use super::estargz::clean_path;
 use super::gzindex::{self, CHUNK, Point};
+use super::index::{Chunk, Codec, Entry, Kind};
 use crate::oci::{Compression, Digest};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -507,14 +508,15 @@ impl RandomAccess {
                         digest: Some(pos.chunks.get(k as usize).unwrap_or(file_digest).clone()),
                         // Where the first decoder was when the piece was complete (it had read
                         // no further), else the next checkpoint.
-                        end: Some(
-                            pos.ends
+                        codec: Codec::Checkpoint {
+                            point: std::sync::Arc::clone(p),
+                            end: pos
+                                .ends
                                 .get(k as usize)
                                 .map(|&e| (e + gzindex::END_SLACK).max(p.inp + 1))
                                 .unwrap_or(u64::MAX)
                                 .min(gzindex::end_after(&self.points, at + size, self.blob_size)),
-                        ),
-                        resume: Some(std::sync::Arc::clone(p)),
+                        },
                     });
                 }
                 e
@@ -1004,7 +1006,7 @@ mod tests {
         // The old reader still reads the entries.
         assert_eq!(decode_index(&json, &Limits::default()).unwrap(), u.entries);
         let lazy = back.lazy_entries(&entries);
-        let spans = crate::layer::estargz::Spans::default();
+        let spans = crate::layer::index::Spans::default();
         let fetch =
             |s: u64, e: u64| -> Result<Vec<u8>, String> { Ok(gz[s as usize..e as usize].to_vec()) };
         let by = |p: &str| lazy.iter().find(|e| e.path == p).unwrap();
@@ -1012,7 +1014,7 @@ mod tests {
         // A read of the small file stops where its content ended, before the next checkpoint.
         let c = &by("d/small").chunks[0];
         assert!(
-            c.end.unwrap()
+            c.end().unwrap()
                 < gzindex::end_after(&back.points, c.inner_offset + 3000, gz.len() as u64),
             "{c:?}"
         );
@@ -1021,19 +1023,18 @@ mod tests {
             ("d/big", &big[..]),
             ("z", &b"last\n"[..]),
         ] {
-            let got =
-                crate::layer::estargz::read_file(&spans, by(path), 0, u64::MAX, fetch).unwrap();
+            let got = crate::layer::index::read_file(&spans, by(path), 0, u64::MAX, fetch).unwrap();
             assert_eq!(got, want, "{path}");
         }
         // A piece in the middle, across a chunk boundary.
-        let got = crate::layer::estargz::read_file(&spans, by("d/big"), (1 << 20) - 10, 20, fetch)
-            .unwrap();
+        let got =
+            crate::layer::index::read_file(&spans, by("d/big"), (1 << 20) - 10, 20, fetch).unwrap();
         assert_eq!(got, big[(1 << 20) - 10..(1 << 20) + 10]);
         // Wrong bytes from the registry are caught by the piece digests.
         let mut bad = gz.clone();
         let c = &by("d/big").chunks[2];
-        bad[(c.offset + (c.end.unwrap() - c.offset) / 2) as usize] ^= 0x10;
-        let r = crate::layer::estargz::read_file(&spans, by("d/big"), 2 << 20, 100, |s, e| {
+        bad[(c.offset + (c.end().unwrap() - c.offset) / 2) as usize] ^= 0x10;
+        let r = crate::layer::index::read_file(&spans, by("d/big"), 2 << 20, 100, |s, e| {
             Ok(bad[s as usize..e as usize].to_vec())
         });
         assert!(r.is_err(), "{r:?}");

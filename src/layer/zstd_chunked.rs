@@ -7,7 +7,8 @@
 //! `io.containers.*` keys (all Debian bookworm's skopeo/buildah write) are accepted. The footer
 //! is never trusted: the annotations are covered by the manifest digest.
 
-use super::estargz::{self, Limits, Toc, TocError};
+use super::estargz::{self, Limits, TocError};
+use super::index::LayerIndex;
 use crate::oci::Digest;
 use std::collections::HashMap;
 use std::io::Read;
@@ -98,7 +99,7 @@ pub fn parse_toc(
     pos: &Position,
     blob_size: u64,
     limits: &Limits,
-) -> Result<Toc, TocError> {
+) -> Result<LayerIndex, TocError> {
     let actual = Digest::of(compressed);
     if &actual != checksum {
         return Err(TocError::DigestMismatch {
@@ -199,7 +200,7 @@ mod tests {
         let size = 71 + compressed.len() as u64 + 48;
         let toc = parse_toc(&compressed, &ck, &pos, size, &Limits::default()).unwrap();
         let a = &toc.entries[1];
-        assert_eq!((a.chunks[0].offset, a.chunks[0].end), (10, Some(30)));
+        assert_eq!((a.chunks[0].offset, a.chunks[0].end()), (10, Some(30)));
         assert_eq!(
             a.chunks[0].digest, a.digest,
             "single chunk: the file digest"
@@ -208,7 +209,7 @@ mod tests {
         assert_eq!(
             b.chunks
                 .iter()
-                .map(|c| (c.offset, c.end))
+                .map(|c| (c.offset, c.end()))
                 .collect::<Vec<_>>(),
             vec![(30, Some(40)), (40, Some(55))]
         );
