@@ -52,7 +52,10 @@ pub fn layer_index(
     layout: &Layout,
     layer: &crate::store::LayerRecord,
 ) -> Option<(Digest, Vec<u8>, usize)> {
-    let d = Digest::parse(layer.index_digest.as_deref()?).ok()?;
+    let crate::store::Form::FileIndex { digest, .. } = layer.form() else {
+        return None;
+    };
+    let d = Digest::parse(digest).ok()?;
     let bytes = layout.read_blob(&d).ok()?;
     let n = checkpoints(&bytes, layer)?;
     Some((d, bytes, n))
@@ -284,7 +287,7 @@ pub fn take_bundle(
             tracing::warn!(layer = %layer.digest, "a shared index names a windows blob its artifact does not hold: ignored");
             continue;
         }
-        if layer.unpacked || layer.index_digest.is_some() || layer.toc_entries.is_some() {
+        if layer.unpacked || layer.mountable() {
             continue;
         }
         let d = Digest::of(index);

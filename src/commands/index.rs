@@ -41,7 +41,7 @@ pub async fn run(
                 .iter()
                 .map(|l| {
                     let found = crate::index_share::layer_index(&layout, l);
-                    let mode = if l.toc_entries.is_some() {
+                    let mode = if l.has_toc() {
                         "toc"
                     } else if found.is_some() && !l.unpacked {
                         "indexed (shared)"

@@ -18,16 +18,18 @@ struct Indexed {
 }
 
 fn indexed(layout: &Layout, l: &LayerRecord) -> Option<Indexed> {
-    let toc_digest = Digest::parse(l.toc_digest.as_deref()?).ok()?;
+    let crate::store::Form::Toc {
+        digest,
+        offset: Some(offset),
+        position,
+        ..
+    } = l.form()
+    else {
+        return None;
+    };
+    let toc_digest = Digest::parse(digest).ok()?;
     let json = layout.read_blob(&toc_digest).ok()?;
-    let toc = crate::layer::parse_stored_toc(
-        &json,
-        &toc_digest,
-        l.toc_position.as_deref(),
-        l.size,
-        l.toc_offset?,
-    )
-    .ok()?;
+    let toc = crate::layer::parse_stored_toc(&json, &toc_digest, position, l.size, offset).ok()?;
     let spans = Spans::new(&toc);
     let by_path = toc
         .entries

@@ -42,7 +42,7 @@ async fn wait_for_layers(
                     l.error.as_deref().unwrap_or("unknown error")
                 );
             }
-            if l.toc_digest.is_some() && l.toc_error.is_none() {
+            if l.toc_usable() {
                 tocs += 1;
             } else if std::fs::metadata(fuse_root.join(l.digest.trim_start_matches("sha256:")))
                 .is_ok()

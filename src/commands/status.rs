@@ -7,7 +7,7 @@ use super::{display_name, human_bytes, open_read_only, short_id};
 use crate::cli::StatusArgs;
 use crate::config::Config;
 use crate::learned::StartPrefetch;
-use crate::store::{LayerRecord, LayerState, Layout, StoreLock};
+use crate::store::{LayerRecord, Layout, StoreLock};
 
 /// How a layer is served now.
 struct Served {
@@ -21,10 +21,11 @@ struct Served {
 
 /// [`Served`] for `l`, reading its file index (if any) once.
 fn served(layout: &Layout, l: &LayerRecord) -> Served {
-    let bytes = l
-        .index_digest
-        .as_deref()
-        .filter(|_| l.toc_entries.is_none())
+    let index = match l.form() {
+        crate::store::Form::FileIndex { digest, .. } => Some(digest),
+        _ => None,
+    };
+    let bytes = index
         .and_then(|d| crate::oci::Digest::parse(d).ok())
         .and_then(|d| layout.read_blob(&d).ok());
     let random_access = bytes
@@ -35,24 +36,8 @@ fn served(layout: &Layout, l: &LayerRecord) -> Served {
     } else {
         "the registry"
     });
-    let mode = if l.state == LayerState::Complete && (l.unpacked || l.toc_entries.is_some()) {
-        "complete".to_string()
-    } else if l.toc_entries.is_some() {
-        format!("lazy: {} TOC", l.format())
-    } else if random_access {
-        match l.format() {
-            "zstd" => "lazy: zstd frame index".to_string(),
-            _ => "lazy: gzip index".to_string(),
-        }
-    } else if l.walk_order.is_some() && !l.unpacked {
-        "streaming".to_string()
-    } else if l.state == LayerState::Failed {
-        "failed".to_string()
-    } else {
-        "not mountable yet (fetched whole first)".to_string()
-    };
     Served {
-        mode,
+        mode: l.mode(random_access).to_string(),
         index,
         no_random_access: bytes.as_deref().and_then(crate::layer::tar::index_note),
     }
@@ -142,9 +127,11 @@ pub fn run(cfg: &Config, args: &StatusArgs) -> anyhow::Result<()> {
             }
         );
         for l in &i.layers {
-            let fmt = match (l.toc_entries, &l.toc_error) {
-                (Some(n), _) => format!("estargz ({n} TOC entries)"),
-                (None, Some(_)) => format!("{} (TOC refused)", l.format()),
+            let fmt = match l.form() {
+                crate::store::Form::Toc {
+                    format, entries, ..
+                } => format!("{} ({entries} TOC entries)", format.name()),
+                crate::store::Form::TocRefused { .. } => format!("{} (TOC refused)", l.format()),
                 _ => l.format().to_string(),
             };
             let s = served(&layout, l);

@@ -307,7 +307,7 @@ fn layer_state(l: &LayerRecord, fill_enabled: bool) -> std::result::Result<bool,
     if l.state == LayerState::Failed {
         return Err(l.error.clone().unwrap_or_else(|| "its fill failed".into()));
     }
-    if !fill_enabled && (l.toc_digest.is_none() || l.toc_error.is_some()) {
+    if !fill_enabled && !l.toc_usable() {
         return Err(
             "it has no usable TOC and filling is turned off (--no-fill), so it is never fetched whole"
                 .into(),

@@ -247,7 +247,7 @@ pub struct UnpackPolicy {
 impl UnpackPolicy {
     pub fn wants(&self, layer: &LayerRecord) -> bool {
         !layer.unpacked
-            && if layer.toc_entries.is_some() {
+            && if layer.has_toc() {
                 self.estargz
             } else {
                 self.plain
@@ -782,7 +782,7 @@ impl Filler {
 
     /// An eStargz layer whose TOC was neither fetched nor refused yet.
     fn needs_toc(layer: &LayerRecord) -> bool {
-        layer.toc_digest.is_some() && layer.toc_entries.is_none() && layer.toc_error.is_none()
+        matches!(layer.form(), crate::store::Form::TocPending { .. })
     }
 
     /// The operation's credentials, completed with those persisted for the registry.
@@ -1105,17 +1105,14 @@ impl Filler {
             .unwrap_or_else(|| layer.clone());
         // A plain layer is served by the FUSE mount as its entries arrive (fs/stream.rs).
         let stream = StreamEnd(
-            (self.unpack.wants(&now) && now.toc_entries.is_none())
-                .then(|| self.streams.begin(&digest)),
+            (self.unpack.wants(&now) && !now.has_toc()).then(|| self.streams.begin(&digest)),
         );
         stream.record_order(&self.db, digest_str);
         let unpacking = self.unpack.wants(&now).then(|| {
             let (blob, rx, layout) = (Arc::clone(&blob), progress.subscribe(), self.layout.clone());
             let (size, plain) = (
                 now.size,
-                now.toc_entries
-                    .is_none()
-                    .then(|| (digest.clone(), now.size)),
+                (!now.has_toc()).then(|| (digest.clone(), now.size)),
             );
             let span = self.index_span;
             let rt = tokio::runtime::Handle::current();
@@ -1330,10 +1327,7 @@ impl Filler {
                     Compression::from_media_type(&rec.media_type).map_err(|e| e.to_string())?;
                 let path = layout.blob(&digest);
                 let blob = fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                let plain = rec
-                    .toc_entries
-                    .is_none()
-                    .then(|| (digest.clone(), rec.size));
+                let plain = (!rec.has_toc()).then(|| (digest.clone(), rec.size));
                 unpack_stream(blob, compression, &layout, plain, span, None)
             },
         )

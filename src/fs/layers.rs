@@ -218,7 +218,7 @@ impl LayerTable {
     ) -> Option<crate::learned::LayerRanges> {
         let layer = self.get(self.by_name(hex)?)?;
         let rec = lock(&self.db).layer(layer.digest.as_str()).ok().flatten()?;
-        if rec.toc_entries.is_none() || layer.windows.is_some() || layer.stream.is_some() {
+        if !rec.has_toc() || layer.windows.is_some() || layer.stream.is_some() {
             return None;
         }
         let by_path: HashMap<&str, &crate::layer::index::Entry> = layer
@@ -234,7 +234,13 @@ impl LayerTable {
             .collect();
         Some(crate::learned::LayerRanges {
             size: layer.size,
-            toc_tail: rec.toc_position.is_none(),
+            toc_tail: matches!(
+                rec.form(),
+                crate::store::Form::Toc {
+                    format: crate::store::TocFormat::Estargz,
+                    ..
+                }
+            ),
             spans: crate::access::reader::prefetch_runs(spans)
                 .into_iter()
                 .map(|(s, e)| [s, e])
@@ -265,9 +271,7 @@ impl LayerTable {
 
     fn load(&self, rec: &LayerRecord) -> Result<LazyLayer, LoadError> {
         let digest = rec.digest()?;
-        if rec.toc_entries.is_none()
-            && let Some(index) = rec.index_digest.as_deref()
-        {
+        if let crate::store::Form::FileIndex { digest: index, .. } = rec.form() {
             // A layer without TOC with a file index: complete and unpacked here (served from
             // the file cache), or a plain gzip layer whose index has decoder checkpoints (built
             // here, or pushed by another node): read lazily from the nearest checkpoint, like
@@ -300,7 +304,7 @@ impl LayerTable {
                     .with_windows(windows),
             );
         }
-        if rec.toc_entries.is_none()
+        if !rec.has_toc()
             && let Some(stream) = self.streams.serving(digest.hex())
         {
             // A layer without TOC streaming in: served as its entries arrive.
@@ -312,20 +316,19 @@ impl LayerTable {
                 stream,
             ));
         }
-        let (Some(_), Some(toc_offset), Some(toc_digest)) =
-            (rec.toc_entries, rec.toc_offset, rec.toc_digest.as_deref())
+        let crate::store::Form::Toc {
+            digest: toc_digest,
+            offset: Some(toc_offset),
+            position,
+            ..
+        } = rec.form()
         else {
             return Err(LoadError::NotReady);
         };
         let toc_digest = Digest::parse(toc_digest)?;
         let json = self.layout.read_blob(&toc_digest)?;
-        let toc = crate::layer::parse_stored_toc(
-            &json,
-            &toc_digest,
-            rec.toc_position.as_deref(),
-            rec.size,
-            toc_offset,
-        )?;
+        let toc =
+            crate::layer::parse_stored_toc(&json, &toc_digest, position, rec.size, toc_offset)?;
         let tree = Tree::from_entries(&toc.entries)?;
         Ok(LazyLayer::new(
             digest,

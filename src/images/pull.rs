@@ -21,9 +21,8 @@ fn zstd_toc(l: &oci::Layer) -> Option<(Digest, crate::layer::zstd_chunked::Posit
 /// A plain gzip or zstd layer that a shared random-access index would make lazy.
 fn wants_index(l: &crate::store::LayerRecord) -> bool {
     use crate::oci::Compression;
-    l.toc_digest.is_none()
+    matches!(l.form(), crate::store::Form::Plain)
         && !l.unpacked
-        && l.index_digest.is_none()
         && Compression::from_media_type(&l.media_type)
             .is_ok_and(|c| matches!(c, Compression::Gzip | Compression::Zstd))
 }
@@ -234,7 +233,9 @@ impl Images {
                 .layer(l.digest.as_str())
                 .ok()
                 .flatten()
-                .is_some_and(|r| r.mountable() || r.toc_error.is_some());
+                .is_some_and(|r| {
+                    r.mountable() || matches!(r.form(), crate::store::Form::TocRefused { .. })
+                });
             if known {
                 continue;
             }

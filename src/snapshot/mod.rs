@@ -542,10 +542,15 @@ impl Snapshotter {
                     }
                     return Ok(());
                 }
-                Some(l) if l.toc_error.is_some() => {
+                Some(l) if matches!(l.form(), crate::store::Form::TocRefused { .. }) => {
                     return Err(NotLazy::TocRefused(l.toc_error.unwrap_or_default()));
                 }
-                Some(l) if l.toc_digest.is_none() => {
+                Some(l)
+                    if matches!(
+                        l.form(),
+                        crate::store::Form::Plain | crate::store::Form::FileIndex { .. }
+                    ) =>
+                {
                     // Fetched once, by the filler (one stream, verified, unpacked into the
                     // file cache), rather than by containerd and then again by the filler.
                     let Some(wait) = self.opts.plain_wait.filter(|w| !w.is_zero()) else {

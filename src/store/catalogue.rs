@@ -193,25 +193,7 @@ pub enum FetchedBy {
 }
 
 impl LayerRecord {
-    /// Whether the FUSE mount can serve the layer: its TOC verified (lazy), its files unpacked
-    /// (a complete layer without a TOC), or a random-access index for it (a file index on a
-    /// layer not unpacked here is always one: it came from another node).
-    pub fn mountable(&self) -> bool {
-        self.toc_entries.is_some() || self.index_digest.is_some()
-    }
-    /// The layer's format for display: `estargz` once its TOC is verified.
-    pub fn format(&self) -> &'static str {
-        if self.toc_entries.is_some() {
-            return if self.toc_position.is_some() {
-                "zstd:chunked"
-            } else {
-                "estargz"
-            };
-        }
-        crate::oci::Compression::from_media_type(&self.media_type)
-            .map(|c| c.name())
-            .unwrap_or("?")
-    }
+    // How the layer can be read (its TOC and index columns): `form.rs`.
 
     pub fn digest(&self) -> Result<Digest> {
         Digest::parse(&self.digest).map_err(|e| StoreError::Corrupt(e.to_string()))

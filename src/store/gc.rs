@@ -90,21 +90,21 @@ pub fn referenced_files(layout: &Layout, layers: &[LayerRecord]) -> Result<HashS
     let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(e.to_string());
     let mut set = HashSet::new();
     for l in layers.iter().filter(|l| l.unpacked) {
-        let entries = if let Some(index) = &l.index_digest {
+        let entries = if let crate::store::Form::FileIndex { digest: index, .. } = l.form() {
             let d = Digest::parse(index).map_err(|e| corrupt(&e))?;
             tar::decode_index(&layout.read_blob(&d)?, &tar::Limits::default())
                 .map_err(|e| corrupt(&e))?
-        } else if let (Some(td), Some(off)) = (&l.toc_digest, l.toc_offset) {
+        } else if let crate::store::Form::Toc {
+            digest: td,
+            offset: Some(off),
+            position,
+            ..
+        } = l.form()
+        {
             let d = Digest::parse(td).map_err(|e| corrupt(&e))?;
-            crate::layer::parse_stored_toc(
-                &layout.read_blob(&d)?,
-                &d,
-                l.toc_position.as_deref(),
-                l.size,
-                off,
-            )
-            .map_err(|e| corrupt(&e))?
-            .entries
+            crate::layer::parse_stored_toc(&layout.read_blob(&d)?, &d, position, l.size, off)
+                .map_err(|e| corrupt(&e))?
+                .entries
         } else {
             continue;
         };

@@ -4,6 +4,7 @@
 //! (a sparse file of a layer being fetched) with `<hex>.map` (the byte ranges it holds), `lock`.
 
 mod catalogue;
+pub mod form;
 pub mod gc;
 pub mod inventory;
 pub mod partial;
@@ -14,6 +15,7 @@ pub use catalogue::{
     Catalogue, FetchedBy, ImageRecord, LayerRecord, LayerState, NameKind, NewImage, NewLayer,
     RegTag, now,
 };
+pub use form::{Form, Mode, TocFormat};
 pub use partial::{PartialBlob, Partials};
 
 /// The store as the daemon's services share it: its files and its catalogue (handed to each
