@@ -200,18 +200,33 @@ pub fn hot_points(
     Ok(ra.points.len() - before)
 }
 
-/// Publish the image's layer indexes next to it in its registry: (artifact digest, indexes,
-/// checkpoints added before the files of the image's learned start).
+/// What [`push`] published.
+#[derive(Debug)]
+pub struct Pushed {
+    /// The artifact's manifest digest.
+    pub artifact: Digest,
+    /// Layer indexes in it.
+    pub layers: usize,
+    /// Checkpoints added before the files of the image's learned start.
+    pub added: usize,
+    /// Bytes of the bundle blob (what every pull with `fetch.index: auto` fetches) and of the
+    /// windows blob (fetched by range, a window at a time, only where reads start).
+    pub bundle_bytes: u64,
+    pub windows_bytes: u64,
+}
+
+/// Publish the image's layer indexes next to it in its registry.
 pub async fn push(
     registry: &Registry,
     layout: &Layout,
     image: &ImageRecord,
     creds: &OpCreds,
-) -> Result<(Digest, usize, usize), String> {
+) -> Result<Pushed, String> {
     let Some(shared) = bundle(layout, image)? else {
         return Err("no layer of this image has a random-access index (plain gzip layers get one when the filler decompresses them)".into());
     };
     let (repo, subject) = crate::learned::subject_of(layout, image)?;
+    let (bundle_bytes, windows_bytes) = (shared.bundle.len() as u64, shared.windows.len() as u64);
     let mut blobs = vec![(BLOB_TYPE, shared.bundle)];
     if !shared.windows.is_empty() {
         blobs.push((WINDOWS_TYPE, shared.windows));
@@ -219,7 +234,13 @@ pub async fn push(
     let d = crate::artifact::attach(registry, &repo, &subject, ARTIFACT_TYPE, blobs, creds)
         .await
         .map_err(|e| e.to_string())?;
-    Ok((d, shared.layers, shared.added))
+    Ok(Pushed {
+        artifact: d,
+        layers: shared.layers,
+        added: shared.added,
+        bundle_bytes,
+        windows_bytes,
+    })
 }
 
 /// A bundle blob decompressed, refusing more than [`MAX_BUNDLE_BYTES`] of output.

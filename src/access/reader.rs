@@ -22,6 +22,7 @@ use crate::layer::index::{Chunk, Codec, LayerIndex, Spans};
 use crate::oci::Digest;
 use crate::registry::OpCreds;
 use crate::store::{Catalogue, FetchedBy, Layout, PartialBlob, Partials};
+use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use std::collections::HashMap;
@@ -380,11 +381,23 @@ pub struct Reader {
     chunks: Chunks,
     /// Checkpoint windows fetched from shared indexes' windows blobs, by digest (a cell each:
     /// one fetch however many reads start from the checkpoint at once).
-    windows: Mutex<lru::LruCache<[u8; 32], Arc<tokio::sync::OnceCell<ChunkData>>>>,
+    windows: Mutex<lru::LruCache<[u8; 32], WindowFetch>>,
     pub stats: ReadStats,
 }
 
 use crate::store::locked as lock;
+
+/// A checkpoint window being fetched, or fetched (verified), shared by all who need it.
+type WindowFetch = futures_util::future::Shared<
+    futures_util::future::BoxFuture<'static, Result<ChunkData, ReadError>>,
+>;
+
+/// Windows closer than this in the windows blob are fetched in one request (a window is
+/// 5–30 KB: a few unneeded ones cost less than a request, and a start needs many windows at
+/// once: the learned list of the imports named 60).
+const WINDOW_GAP: u64 = 32 << 10;
+/// Upper bound of one request for windows.
+const WINDOW_GROUP_MAX: u64 = 1 << 20;
 
 /// The window a chunk's decoding starts from, when it is kept apart from the index.
 fn window_ref(c: &Chunk) -> Option<crate::layer::gzindex::WindowRef> {
@@ -496,64 +509,116 @@ impl Reader {
     fn cached_window(&self, r: &crate::layer::gzindex::WindowRef) -> Option<ChunkData> {
         lock(&self.windows)
             .peek(&r.sha256)
-            .and_then(|cell| cell.get().cloned())
+            .and_then(|f| f.peek().and_then(|got| got.as_ref().ok().cloned()))
     }
 
-    /// A window kept apart: from memory, or fetched by range from the layer's windows blob and
-    /// verified against its digest (one fetch for all who need it at once).
-    async fn window(
+    /// Windows kept apart (`refs`), each from memory, from a fetch already running, or
+    /// fetched now: by range from the layer's windows blob, those close to each other in it
+    /// in one request, each verified against its digest. The fetches run whether or not the
+    /// returned futures are awaited (a prefetch starts those of its whole list at once).
+    fn fetch_windows(
         self: &Arc<Self>,
+        layer: &Arc<LazyLayer>,
+        refs: impl IntoIterator<Item = crate::layer::gzindex::WindowRef>,
+        class: Class,
+    ) -> Vec<([u8; 32], WindowFetch)> {
+        let mut refs: Vec<_> = refs.into_iter().collect();
+        refs.sort_unstable_by_key(|r| r.offset);
+        refs.dedup();
+        let mut map = lock(&self.windows);
+        let mut out = Vec::with_capacity(refs.len());
+        let mut missing: Vec<crate::layer::gzindex::WindowRef> = vec![];
+        for r in refs {
+            match map.get(&r.sha256) {
+                // A failed fetch is tried again.
+                Some(f) if !matches!(f.peek(), Some(Err(_))) => out.push((r.sha256, f.clone())),
+                _ => missing.push(r),
+            }
+        }
+        for group in window_groups(missing) {
+            let (start, end) = (
+                group[0].offset,
+                group
+                    .iter()
+                    .map(|r| r.offset + u64::from(r.len))
+                    .max()
+                    .unwrap_or(0),
+            );
+            let (this, layer2) = (Arc::clone(self), Arc::clone(layer));
+            let bytes: futures_util::future::Shared<
+                futures_util::future::BoxFuture<'static, Result<ChunkData, ReadError>>,
+            > = async move { this.window_bytes(&layer2, start, end, class).await }
+                .boxed()
+                .shared();
+            tokio::spawn(bytes.clone());
+            for r in group {
+                let (bytes, this, layer2) = (bytes.clone(), Arc::clone(self), Arc::clone(layer));
+                let f: WindowFetch = async move {
+                    let all = bytes.await?;
+                    let at = (r.offset - start) as usize;
+                    let w = all.get(at..at + r.len as usize).unwrap_or_default();
+                    if !r.matches(w) {
+                        return Err(this.refuse_index(
+                            &layer2,
+                            format_args!("the checkpoint window at {} of the layer's windows blob does not match its digest", r.offset),
+                        ));
+                    }
+                    Ok(Arc::new(w.to_vec()))
+                }
+                .boxed()
+                .shared();
+                map.put(r.sha256, f.clone());
+                out.push((r.sha256, f));
+            }
+        }
+        out
+    }
+
+    /// Bytes `[start, end)` of the layer's windows blob (a read waits for them: the class
+    /// holds the link; a window sent behind the filler's bulk once waited 254 ms in the
+    /// bottleneck's queue).
+    async fn window_bytes(
+        &self,
         layer: &LazyLayer,
-        r: crate::layer::gzindex::WindowRef,
+        start: u64,
+        end: u64,
         class: Class,
     ) -> Result<ChunkData, ReadError> {
-        let cell = Arc::clone(
-            lock(&self.windows).get_or_insert(r.sha256, || Arc::new(tokio::sync::OnceCell::new())),
-        );
-        cell.get_or_try_init(|| async {
-            let Some((blob, _)) = &layer.windows else {
-                return Err(ReadError::Corrupt(
-                    "a checkpoint window kept apart, but no windows blob".into(),
-                ));
-            };
-            let started = Instant::now();
-            // A read waits for it: its class holds the link (a window sent behind the
-            // filler's bulk once waited 254 ms in the bottleneck's queue).
-            let fetched = tokio::time::timeout(self.timeout, async {
-                let (reference, creds) = self.reference_of(layer, blob)?;
-                self.stats.requests.inc();
-                let got = self
-                    .access
-                    .fetch(class, &reference, blob, r.offset, r.len.into(), &creds)
-                    .await
-                    .map_err(|e| ReadError::Registry(e.to_string()))?;
-                self.stats.bytes_fetched.inc_by(got.len() as u64);
-                Ok(got)
-            })
-            .await
-            .unwrap_or_else(|_| Err(ReadError::Timeout(self.timeout)))?;
-            if !r.matches(&fetched) {
-                return Err(self.refuse_index(
-                    layer,
-                    format_args!("the checkpoint window at {} of {blob} does not match its digest", r.offset),
-                ));
-            }
-            tracing::debug!(layer = %layer.digest, at = r.offset, len = r.len, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint window fetched");
-            Ok(Arc::new(fetched))
+        let Some((blob, _)) = &layer.windows else {
+            return Err(ReadError::Corrupt(
+                "a checkpoint window kept apart, but no windows blob".into(),
+            ));
+        };
+        let started = Instant::now();
+        let got = tokio::time::timeout(self.timeout, async {
+            let (reference, creds) = self.reference_of(layer, blob)?;
+            self.stats.requests.inc();
+            let got = self
+                .access
+                .fetch(class, &reference, blob, start, end - start, &creds)
+                .await
+                .map_err(|e| ReadError::Registry(e.to_string()))?;
+            self.stats.bytes_fetched.inc_by(got.len() as u64);
+            Ok(got)
         })
         .await
-        .cloned()
+        .unwrap_or(Err(ReadError::Timeout(self.timeout)));
+        if let Err(e) = &got {
+            tracing::error!(layer = %layer.digest, start, len = end - start, error = %e, "cannot fetch checkpoint windows");
+        }
+        tracing::debug!(layer = %layer.digest, at = start, len = end - start, elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint window fetched");
+        Ok(Arc::new(got?))
     }
 
     /// The windows (kept apart, not in memory) that decoding `claims` needs, fetched at once
     /// (as requests of the class of the claims that need them).
     async fn windows_for(
         self: &Arc<Self>,
-        layer: &LazyLayer,
+        layer: &Arc<LazyLayer>,
         claims: impl Iterator<Item = (&Chunk, Class)>,
     ) -> Result<HashMap<[u8; 32], ChunkData>, ReadError> {
         let mut class = Class::Prefetch;
-        let mut need: Vec<_> = claims
+        let need: Vec<_> = claims
             .filter_map(|(c, k)| {
                 if k != Class::Prefetch {
                     class = Class::OnDemand;
@@ -561,11 +626,11 @@ impl Reader {
                 window_ref(c)
             })
             .collect();
-        need.sort_unstable_by_key(|r| r.offset);
-        need.dedup();
+        let fetches = self.fetch_windows(layer, need, class);
         let got = futures_util::future::try_join_all(
-            need.into_iter()
-                .map(|r| async move { self.window(layer, r, class).await.map(|w| (r.sha256, w)) }),
+            fetches
+                .into_iter()
+                .map(|(k, f)| async move { f.await.map(|w| (k, w)) }),
         )
         .await?;
         Ok(got.into_iter().collect())
@@ -994,8 +1059,32 @@ impl Reader {
                     let permits = Arc::new(tokio::sync::Semaphore::new(PREFETCH_REQUESTS));
                     let window =
                         Arc::new(tokio::sync::Semaphore::new(PREFETCH_WINDOW_KIB as usize));
-                    for batch in batches(remote, PREFETCH_BATCH) {
-                        for run in in_list_order(batch, PREFETCH_GAP) {
+                    let runs: Vec<Vec<Vec<Claim>>> = batches(remote, PREFETCH_BATCH)
+                        .into_iter()
+                        .map(|batch| in_list_order(batch, PREFETCH_GAP))
+                        .collect();
+                    // Through a gzip index: the windows every run will start a decoder at,
+                    // fetched now, those close together in the windows blob in one request
+                    // (one request per window was most of a start's requests).
+                    let starts = runs.iter().flatten().flat_map(|run| {
+                        decoder_starts(run.iter().map(|c| &c.chunk)).filter_map(window_ref)
+                    });
+                    let class = if runs
+                        .iter()
+                        .flatten()
+                        .flatten()
+                        .all(|c| c.class == Class::Prefetch)
+                    {
+                        Class::Prefetch
+                    } else {
+                        Class::Neighbour
+                    };
+                    let ahead = this.fetch_windows(&layer, starts.collect::<Vec<_>>(), class);
+                    if !ahead.is_empty() {
+                        tracing::debug!(layer = %layer.digest, windows = ahead.len(), "checkpoint windows of a prefetch fetched ahead");
+                    }
+                    for batch in runs {
+                        for run in batch {
                             let len =
                                 run.iter().map(|c| c.span.1).max().unwrap_or(0) - run[0].span.0;
                             // A run longer than half the window takes half: one that had to
@@ -1495,6 +1584,33 @@ fn decoder_starts<'a>(chunks: impl Iterator<Item = &'a Chunk>) -> impl Iterator<
     })
 }
 
+/// Windows (sorted by offset in the windows blob) in groups fetched with one request each:
+/// at most [`WINDOW_GAP`] apart, at most [`WINDOW_GROUP_MAX`] long.
+fn window_groups(
+    refs: Vec<crate::layer::gzindex::WindowRef>,
+) -> Vec<Vec<crate::layer::gzindex::WindowRef>> {
+    let mut groups: Vec<Vec<crate::layer::gzindex::WindowRef>> = vec![];
+    for r in refs {
+        if let Some(g) = groups.last_mut() {
+            let (first, end) = (
+                g[0].offset,
+                g.iter()
+                    .map(|w| w.offset + u64::from(w.len))
+                    .max()
+                    .unwrap_or(0),
+            );
+            if r.offset <= end + WINDOW_GAP
+                && r.offset + u64::from(r.len) - first <= WINDOW_GROUP_MAX
+            {
+                g.push(r);
+                continue;
+            }
+        }
+        groups.push(vec![r]);
+    }
+    groups
+}
+
 /// Group claims into runs of chunks at most `gap` apart, one range request each (sorted by
 /// position).
 fn coalesce(mut claims: Vec<Claim>, gap: u64) -> Vec<Vec<Claim>> {
@@ -1806,6 +1922,38 @@ mod tests {
                 assert!(runs.iter().any(|r| r.0 <= s && e <= r.1), "{s}..{e}");
             }
         }
+    }
+
+    #[test]
+    fn windows_close_in_their_blob_share_a_request() {
+        let w = |offset: u64, len: u32| crate::layer::gzindex::WindowRef {
+            offset,
+            len,
+            sha256: [offset as u8; 32],
+        };
+        let groups = window_groups(vec![
+            w(0, 10_000),
+            w(10_000, 20_000),
+            // 32 KiB after the last one's end: still together.
+            w(30_000 + WINDOW_GAP, 5_000),
+            // Further: a request of its own.
+            w(200_000, 10_000),
+            // A group stops short of WINDOW_GROUP_MAX.
+            w(210_000, 30_000),
+            w(WINDOW_GROUP_MAX + 150_000, 30_000),
+        ]);
+        let offsets: Vec<Vec<u64>> = groups
+            .iter()
+            .map(|g| g.iter().map(|r| r.offset).collect())
+            .collect();
+        assert_eq!(
+            offsets,
+            [
+                vec![0, 10_000, 30_000 + WINDOW_GAP],
+                vec![200_000, 210_000],
+                vec![WINDOW_GROUP_MAX + 150_000],
+            ]
+        );
     }
 
     #[test]

@@ -381,3 +381,50 @@ async fn local_bytes_behind_a_missing_window_decode_from_an_earlier_checkpoint()
     }
     assert_eq!(f.fake.requests().len(), before, "no window fetched");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_through_a_gzip_index_decodes_with_windows_fetched_ahead() {
+    // Text files a start reads, each after a file of noise it does not, listed last first.
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .flat_map(|i| {
+            [
+                (format!("n{i:02}"), noise(100_000, i as u64 + 1)),
+                (format!("t{i:02}"), text(40_000, i + 100)),
+            ]
+        })
+        .collect();
+    let f = gzip_indexed(&files, opts());
+    let windows_blob = f.layer.windows.clone().unwrap().0;
+    let list: Vec<usize> = (1..8).rev().map(|i| f.entry(&format!("t{i:02}"))).collect();
+    assert!(f.reader.prefetch(&f.layer, list.clone(), Class::Prefetch) > 0);
+    // Each arrives, and reads back verified, with no further request.
+    let partial = f.reader.partials.get(&f.layer.digest).unwrap();
+    for &e in &list {
+        let name = f.layer.toc.entries[e].path.clone();
+        let (s, end) = f.span(&name);
+        for _ in 0..500 {
+            if partial.contains(s, end) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(partial.contains(s, end), "{name} prefetched");
+    }
+    let requests = f.fake.requests().len();
+    for &e in &list {
+        let name = f.layer.toc.entries[e].path.clone();
+        let body = &files.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert_eq!(&f.read(&name).await.unwrap(), body, "{name}");
+    }
+    assert_eq!(f.fake.requests().len(), requests);
+    assert!(
+        f.fake
+            .requests()
+            .iter()
+            .filter(|(d, _, _)| *d == windows_blob)
+            .count()
+            <= 1,
+        "the windows the prefetch needed came in one request: {:?}",
+        f.fake.requests()
+    );
+}

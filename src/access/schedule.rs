@@ -243,6 +243,17 @@ impl Link {
         }
     }
 
+    /// A start is expected now (an image was just pulled to be read lazily): the filler waits
+    /// `yield_for` from now, as after a read, so that its first bulk request is not on the
+    /// link when the start's first requests come (it is preempted then, but what it already
+    /// had in flight still fills the bottleneck's queue ahead of them).
+    pub fn hold_off(&self) {
+        let now = Instant::now();
+        self.state.send_modify(|s| {
+            s.last_end = Some(s.last_end.map_or(now, |t| t.max(now)));
+        });
+    }
+
     /// Foreground requests begun so far (pass it to [`Link::preempted`]).
     pub fn begun(&self) -> u64 {
         self.state.borrow().begun
@@ -415,6 +426,11 @@ mod tests {
         assert!(!waiter.is_finished());
         drop(toc);
         assert!(waiter.await.unwrap() < Duration::from_millis(1100));
+        // After a pull for a lazy start, the filler waits the quiet period.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        link.hold_off();
+        let waiter = spawn_fill_turn(&link);
+        assert!(waiter.await.unwrap() >= Duration::from_millis(500));
         // Nothing new began: a fill request is not preempted.
         let b = link.begun();
         assert!(

@@ -16,7 +16,7 @@ pub async fn run(
     match args.action {
         IndexAction::Push => {
             let registry = crate::registry::Registry::new(cfg.registry_options(secret));
-            let (artifact, n, added) = crate::index_share::push(
+            let pushed = crate::index_share::push(
                 &registry,
                 &layout,
                 &image,
@@ -25,9 +25,16 @@ pub async fn run(
             .await
             .map_err(|e| anyhow::anyhow!("pushing the index of {}: {e}", args.image))?;
             println!(
-                "pushed the random-access index of {n} layer(s) of {} to {} as {artifact} (subject {})",
-                args.image, image.source, image.manifest_digest
+                "pushed the random-access index of {} layer(s) of {} to {} as {} (subject {}): {} fetched by every pull that takes it, {} of checkpoint windows fetched by range where reads start",
+                pushed.layers,
+                args.image,
+                image.source,
+                pushed.artifact,
+                image.manifest_digest,
+                human_bytes(pushed.bundle_bytes),
+                human_bytes(pushed.windows_bytes),
             );
+            let added = pushed.added;
             if added > 0 {
                 println!(
                     "with {added} checkpoint(s) right before the files its learned start read (lazypull learned {})",

@@ -315,6 +315,18 @@ impl Images {
     ) -> Result<()> {
         let registry = img.source.split('/').next().unwrap_or_default().to_string();
         let creds = self.op_creds(&registry, request_creds);
+        // A container is about to start on layers it reads lazily: their first requests go
+        // first, the fills after (none of the layers streams in: that is a fill).
+        let pending = img
+            .layers
+            .iter()
+            .filter(|l| l.state != crate::store::LayerState::Complete);
+        if mode != PullMode::Full
+            && pending.clone().next().is_some()
+            && pending.into_iter().all(|l| l.read_lazily())
+        {
+            self.filler.link().hold_off();
+        }
         let waits: Vec<_> = img
             .layers
             .iter()

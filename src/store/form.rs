@@ -130,6 +130,17 @@ impl LayerRecord {
         matches!(self.form(), Form::Toc { .. } | Form::FileIndex { .. })
     }
 
+    /// Whether a container started on the layer now reads it lazily (not complete; its TOC
+    /// fetched or to be fetched, or a random-access index taken from another node), rather
+    /// than waiting for the layer to stream in or be fetched whole.
+    pub fn read_lazily(&self) -> bool {
+        self.state != LayerState::Complete
+            && matches!(
+                self.form(),
+                Form::Toc { .. } | Form::TocPending { .. } | Form::FileIndex { .. }
+            )
+    }
+
     /// The layer's format for display: the TOC's once it is verified, else the compression.
     pub fn format(&self) -> &'static str {
         if let Form::Toc { format, .. } = self.form() {
@@ -278,6 +289,10 @@ mod tests {
             }
         ));
         assert!(unpacked.mountable() && !unpacked.toc_usable());
+
+        assert!(zstd.mode(false) == Mode::Complete && !zstd.read_lazily());
+        assert!(pending.read_lazily() && shared.read_lazily());
+        assert!(!plain.read_lazily() && !refused.read_lazily());
 
         let mut failed = layer();
         failed.state = LayerState::Failed;
