@@ -393,8 +393,10 @@ type WindowFetch = futures_util::future::Shared<
 >;
 
 /// Windows closer than this in the windows blob are fetched in one request (a window is
-/// 5–30 KB: a few unneeded ones cost less than a request, and a start needs many windows at
-/// once: the learned list of the imports named 60).
+/// 5–30 KB: a few unneeded ones cost less than a request). Fetching all of a learned list's
+/// windows ahead in a few requests was tried: 105 requests became 72, but the first files'
+/// windows then shared the link with all the others and arrived 300 ms late (`ls -R` with
+/// the list: 0.57 s became 0.72 s); windows are fetched with the run that needs them.
 const WINDOW_GAP: u64 = 32 << 10;
 /// Upper bound of one request for windows.
 const WINDOW_GROUP_MAX: u64 = 1 << 20;
@@ -515,7 +517,7 @@ impl Reader {
     /// Windows kept apart (`refs`), each from memory, from a fetch already running, or
     /// fetched now: by range from the layer's windows blob, those close to each other in it
     /// in one request, each verified against its digest. The fetches run whether or not the
-    /// returned futures are awaited (a prefetch starts those of its whole list at once).
+    /// returned futures are awaited.
     fn fetch_windows(
         self: &Arc<Self>,
         layer: &Arc<LazyLayer>,
@@ -1063,26 +1065,6 @@ impl Reader {
                         .into_iter()
                         .map(|batch| in_list_order(batch, PREFETCH_GAP))
                         .collect();
-                    // Through a gzip index: the windows every run will start a decoder at,
-                    // fetched now, those close together in the windows blob in one request
-                    // (one request per window was most of a start's requests).
-                    let starts = runs.iter().flatten().flat_map(|run| {
-                        decoder_starts(run.iter().map(|c| &c.chunk)).filter_map(window_ref)
-                    });
-                    let class = if runs
-                        .iter()
-                        .flatten()
-                        .flatten()
-                        .all(|c| c.class == Class::Prefetch)
-                    {
-                        Class::Prefetch
-                    } else {
-                        Class::Neighbour
-                    };
-                    let ahead = this.fetch_windows(&layer, starts.collect::<Vec<_>>(), class);
-                    if !ahead.is_empty() {
-                        tracing::debug!(layer = %layer.digest, windows = ahead.len(), "checkpoint windows of a prefetch fetched ahead");
-                    }
                     for batch in runs {
                         for run in batch {
                             let len =

@@ -383,7 +383,7 @@ async fn local_bytes_behind_a_missing_window_decode_from_an_earlier_checkpoint()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_prefetch_through_a_gzip_index_decodes_with_windows_fetched_ahead() {
+async fn a_prefetch_through_a_gzip_index_decodes_with_windows_kept_apart() {
     // Text files a start reads, each after a file of noise it does not, listed last first.
     let files: Vec<(String, Vec<u8>)> = (0..8)
         .flat_map(|i| {
@@ -424,7 +424,7 @@ async fn a_prefetch_through_a_gzip_index_decodes_with_windows_fetched_ahead() {
             .filter(|(d, _, _)| *d == windows_blob)
             .count()
             <= 1,
-        "the windows the prefetch needed came in one request: {:?}",
+        "one decoder ran through the list's runs, from one window: {:?}",
         f.fake.requests()
     );
 }
