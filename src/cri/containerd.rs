@@ -854,30 +854,7 @@ mod tests {
     }
 
     fn layer(digest: &str, diff_id: &str) -> LayerRecord {
-        LayerRecord {
-            digest: digest.into(),
-            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
-            size: 10,
-            diff_id: diff_id.into(),
-            source: "r.example/app".into(),
-            state: LayerState::Pending,
-            filled: 0,
-            error: None,
-            toc_digest: None,
-            toc_entries: None,
-            toc_error: None,
-            toc_offset: None,
-            ondemand: 0,
-            unpacked: false,
-            index_digest: None,
-            toc_position: None,
-            prefetched: 0,
-            fill_fetched: 0,
-            read_waits: 0,
-            read_wait_ms: 0,
-            landmark_files: None,
-            walk_order: None,
-        }
+        LayerRecord::for_test(digest, diff_id)
     }
 
     /// The plan mirrors what containerd's own CRI pull records: names, target (the index),

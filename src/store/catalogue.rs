@@ -195,6 +195,35 @@ pub enum FetchedBy {
 impl LayerRecord {
     // How the layer can be read (its TOC and index columns): `form.rs`.
 
+    /// A pending gzip layer of 10 bytes with nothing fetched (for tests).
+    #[cfg(test)]
+    pub fn for_test(digest: &str, diff_id: &str) -> LayerRecord {
+        LayerRecord {
+            digest: digest.into(),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            size: 10,
+            diff_id: diff_id.into(),
+            source: "r.example/app".into(),
+            state: LayerState::Pending,
+            filled: 0,
+            error: None,
+            toc_digest: None,
+            toc_entries: None,
+            toc_error: None,
+            toc_offset: None,
+            ondemand: 0,
+            unpacked: false,
+            index_digest: None,
+            toc_position: None,
+            prefetched: 0,
+            fill_fetched: 0,
+            read_waits: 0,
+            read_wait_ms: 0,
+            landmark_files: None,
+            walk_order: None,
+        }
+    }
+
     pub fn digest(&self) -> Result<Digest> {
         Digest::parse(&self.digest).map_err(|e| StoreError::Corrupt(e.to_string()))
     }

@@ -176,30 +176,7 @@ mod tests {
     use super::*;
 
     fn layer() -> LayerRecord {
-        LayerRecord {
-            digest: format!("sha256:{}", "a".repeat(64)),
-            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
-            size: 100,
-            diff_id: String::new(),
-            source: "r/x".into(),
-            state: LayerState::Pending,
-            filled: 0,
-            error: None,
-            toc_digest: None,
-            toc_entries: None,
-            toc_error: None,
-            toc_offset: None,
-            ondemand: 0,
-            unpacked: false,
-            index_digest: None,
-            toc_position: None,
-            prefetched: 0,
-            fill_fetched: 0,
-            read_waits: 0,
-            read_wait_ms: 0,
-            landmark_files: None,
-            walk_order: None,
-        }
+        LayerRecord::for_test(&format!("sha256:{}", "a".repeat(64)), "")
     }
 
     #[test]
