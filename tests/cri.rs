@@ -233,7 +233,18 @@ async fn users_multiarch_and_shared_layers() {
     .iter()
     .map(|r| reg.blob_gets(r, base))
     .sum();
-    assert_eq!(total, 1, "shared base layer fetched once across all images");
+    let gets: Vec<String> = std::fs::read_to_string(reg.log())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.starts_with("127.0.0.1 ") && l.contains("\"GET ") && l.contains(base.as_str())
+        })
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        total, 1,
+        "shared base layer fetched once across all images: {gets:#?}"
+    );
     let imgs = list(&mut c).await;
     assert_eq!(imgs.len(), 5, "{imgs:?}");
     // Removing one sharer keeps the shared blob for the other.

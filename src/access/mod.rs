@@ -194,16 +194,17 @@ impl Access {
         })
     }
 
-    /// Open `n` connections to `r`'s registry ahead of a start (each with a request for the
-    /// first byte of blob `d`, at once), so that the start's parallel requests find them in
+    /// Open `n` connections to `r`'s registry ahead of a start (each with a HEAD of blob `d`,
+    /// at once: no byte of the blob, which stays fetched exactly once per node), so that the start's parallel requests find them in
     /// the connection pool: a new connection costs a round trip before its request, and,
     /// through a busy bottleneck, a lost SYN costs a second (a start's window fetch once took
     /// 1031 ms). Failures only leave the pool as it was. Returns the requests that succeeded.
     pub async fn warm(&self, r: &Reference, d: &Digest, creds: &OpCreds, n: usize) -> usize {
-        let all = futures_util::future::join_all(
-            (0..n).map(|_| self.fetch(Class::Metadata, r, d, 0, 1, creds)),
-        )
-        .await;
+        // Not through the link: a HEAD has no body to give priority to, and entering it as a
+        // foreground class would cut a running fill's request short for nothing.
+        let all =
+            futures_util::future::join_all((0..n).map(|_| self.source.touch_blob(r, d, creds)))
+                .await;
         let ok = all.iter().filter(|r| r.is_ok()).count();
         if let Some(Err(e)) = all.iter().find(|r| r.is_err()) {
             tracing::debug!(registry = %r.registry(), error = %e, ok, "warming connections");

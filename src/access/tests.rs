@@ -171,3 +171,22 @@ async fn requests_and_bytes_are_counted_by_class_also_through_a_gate_over_anothe
         .await
         .expect("the link is free again after yield_for");
 }
+
+#[tokio::test]
+async fn warming_connections_transfers_no_byte_of_the_blob() {
+    let fake = Arc::new(FakeBlobs::default());
+    let d = fake.add(noise(10_000, 3));
+    let access = Access::new(fake.clone(), policy());
+    let creds = OpCreds::default();
+    assert_eq!(access.warm(&reference(&d), &d, &creds, 4).await, 4);
+    assert_eq!(crate::store::locked(&fake.touches).len(), 4);
+    assert!(
+        crate::store::locked(&fake.requests).is_empty(),
+        "a layer stays fetched once: warming asks for no range of it"
+    );
+    let missing = Digest::of(b"absent");
+    assert_eq!(
+        access.warm(&reference(&missing), &missing, &creds, 2).await,
+        0
+    );
+}

@@ -156,9 +156,16 @@ impl Images {
         // Plain layers that a shared index may make lazy: connections for the start's
         // parallel requests are opened now, while the link is idle (a new connection during
         // the start costs a round trip, or a second when its SYN is lost in the bottleneck's
-        // full queue: a start's window fetch once took 1031 ms).
+        // full queue: a start's window fetch once took 1031 ms). Not for a layer already here.
         if wants_lookup
-            && let Some(l) = manifest.layers.iter().find(|l| self.may_want_index(l))
+            && let Some(l) = manifest.layers.iter().find(|l| {
+                self.may_want_index(l)
+                    && lock(&self.db)
+                        .layer(l.digest.as_str())
+                        .ok()
+                        .flatten()
+                        .is_none_or(|rec| rec.state != crate::store::LayerState::Complete)
+            })
             && let Some(at) = crate::fetch::source_reference(&repo, &l.digest)
         {
             let (access, d, creds) = (

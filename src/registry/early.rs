@@ -405,6 +405,15 @@ impl BlobSource for EarlyBlobs {
             super::seam::read_whole(stream, r, d, offset, len).await
         })
     }
+
+    fn touch_blob<'a>(
+        &'a self,
+        r: &'a Reference,
+        d: &'a Digest,
+        creds: &'a OpCreds,
+    ) -> BoxFuture<'a, Result<()>> {
+        self.inner.touch_blob(r, d, creds)
+    }
 }
 
 #[cfg(test)]

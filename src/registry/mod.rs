@@ -727,6 +727,38 @@ impl Registry {
         .await
     }
 
+    /// A HEAD of blob `d` on the endpoints its reads would use (mirrors first): `Ok` when it
+    /// exists. No byte of the blob is transferred; the connection it opens stays in the pool of
+    /// the client the reads use, which is what `Access::warm` wants.
+    pub async fn touch_blob(&self, r: &Reference, d: &Digest, creds: &OpCreds) -> Result<()> {
+        let what = format!("blob {d}");
+        self.on_endpoints_with(
+            r,
+            creds,
+            &what,
+            true,
+            |client, reference, secret, source, ep| {
+                let what = what.clone();
+                async move {
+                    let (reference, source, ep, what) = (&reference, &source, &ep, &what);
+                    let secret = secret.as_ref();
+                    self.anonymous_first(
+                        ep,
+                        secret,
+                        |bare| async move {
+                            head_blob(&bare, reference, d, None, source, ep, what, false).await
+                        },
+                        || async move {
+                            head_blob(&client, reference, d, secret, source, ep, what, true).await
+                        },
+                    )
+                    .await
+                }
+            },
+        )
+        .await
+    }
+
     /// Open a blob for streaming from `offset`, `len` bytes or to its end (a range request).
     /// The body may run past `len` when the registry ignores `Range`: the caller stops reading.
     /// The caller verifies the bytes: partial bodies cannot be checked here.
@@ -1227,6 +1259,52 @@ async fn open_blob(
             early: false,
         },
     })
+}
+
+/// A HEAD of a blob (see `Registry::touch_blob`).
+#[allow(clippy::too_many_arguments)]
+async fn head_blob(
+    client: &oci_client::Client,
+    reference: &Reference,
+    d: &Digest,
+    secret: Option<&Secret>,
+    source: &Source,
+    ep: &Endpoint,
+    what: &str,
+    store_auth: bool,
+) -> Result<()> {
+    if store_auth {
+        client
+            .store_auth_if_needed(reference.resolve_registry(), &auth_of(secret))
+            .await;
+    }
+    match client.blob_exists(reference, d.as_str()).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(RegistryError::NotFound {
+            registry: ep.host.clone(),
+            what: what.into(),
+        }),
+        // A refused HEAD comes back as a bare HTTP error: named as a refusal, so that
+        // `anonymous_first` moves on to the token flow.
+        Err(OciDistributionError::RequestError(e))
+            if matches!(
+                e.status(),
+                Some(reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN)
+            ) =>
+        {
+            Err(RegistryError::Unauthorized {
+                registry: ep.host.clone(),
+                repository: reference.repository().into(),
+                status: if e.status() == Some(reqwest::StatusCode::FORBIDDEN) {
+                    "403 denied"
+                } else {
+                    "401 unauthorized"
+                },
+                tried: source.to_string(),
+            })
+        }
+        Err(e) => Err(classify(e, &ep.host, reference.repository(), what, source)),
+    }
 }
 
 /// Turn oci-client's errors into ours: who refused, what is missing, what is transient.

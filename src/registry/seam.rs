@@ -30,6 +30,16 @@ pub trait BlobSource: Send + Sync {
         len: u64,
         creds: &'a OpCreds,
     ) -> BoxFuture<'a, Result<Vec<u8>>>;
+
+    /// Whether the blob `d` exists, asked without a body (a HEAD): it opens or reuses a
+    /// connection on the path the blob's reads take, so that connections are warm before a
+    /// start needs them, and no byte of the blob is transferred.
+    fn touch_blob<'a>(
+        &'a self,
+        r: &'a Reference,
+        d: &'a Digest,
+        creds: &'a OpCreds,
+    ) -> BoxFuture<'a, Result<()>>;
 }
 
 /// Manifests and small blobs (configs): what the image service's pull fetches before an image
@@ -126,6 +136,15 @@ impl BlobSource for Registry {
     ) -> BoxFuture<'a, Result<BlobBody>> {
         Box::pin(Registry::open_blob(self, r, d, offset, len, creds))
     }
+
+    fn touch_blob<'a>(
+        &'a self,
+        r: &'a Reference,
+        d: &'a Digest,
+        creds: &'a OpCreds,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(Registry::touch_blob(self, r, d, creds))
+    }
 }
 
 #[cfg(test)]
@@ -163,6 +182,8 @@ pub mod fake {
         faults: Mutex<VecDeque<Fault>>,
         /// Every request: (digest, offset, end).
         pub requests: Mutex<Vec<(Digest, u64, u64)>>,
+        /// Every `touch_blob` (a HEAD: no bytes).
+        pub touches: Mutex<Vec<Digest>>,
     }
 
     impl FakeBlobs {
@@ -329,6 +350,25 @@ pub mod fake {
     }
 
     impl BlobSource for FakeBlobs {
+        fn touch_blob<'a>(
+            &'a self,
+            r: &'a Reference,
+            d: &'a Digest,
+            _creds: &'a OpCreds,
+        ) -> BoxFuture<'a, Result<()>> {
+            Box::pin(async move {
+                crate::store::locked(&self.touches).push(d.clone());
+                if crate::store::locked(&self.blobs).contains_key(d) {
+                    Ok(())
+                } else {
+                    Err(RegistryError::NotFound {
+                        registry: r.registry().to_string(),
+                        what: format!("blob {d}"),
+                    })
+                }
+            })
+        }
+
         fn fetch_range<'a>(
             &'a self,
             r: &'a Reference,
