@@ -172,6 +172,12 @@ pub struct ServeArgs {
     /// [default: fetch.read_ahead_dir_kib, 4096].
     #[arg(long, value_name = "KIB")]
     pub read_ahead_dir_kib: Option<u64>,
+    /// Once reads of three different files close together in a layer (within 4 MiB) have
+    /// gone to the registry within 3 s, fetch the bytes around them in the background; at
+    /// most this many KiB compressed per layer in all (0 = off)
+    /// [default: fetch.read_ahead_region_kib, 16384].
+    #[arg(long, value_name = "KIB")]
+    pub read_ahead_region_kib: Option<u64>,
     /// Do not fetch an executable's interpreter and libraries with its first read
     /// [default: fetch.read_ahead_elf, true].
     #[arg(long)]

@@ -375,6 +375,11 @@ pub struct FetchConfig {
     /// registry, the directory's other files are fetched in the background, if they total at
     /// most this many KiB compressed (0 = off).
     pub read_ahead_dir_kib: u64,
+    /// Region read-ahead: once reads of three different files within 4 MiB of each other in
+    /// the blob have gone to the registry within 3 s, the bytes around them (1 MiB beyond
+    /// the outermost) are fetched in the background; at most this many KiB compressed per
+    /// mounted layer in all (0 = off).
+    pub read_ahead_region_kib: u64,
     /// ELF read-ahead: the first read of an executable or library also fetches, in the
     /// background, its interpreter and the libraries it needs (found in the same layer).
     pub read_ahead_elf: bool,
@@ -558,6 +563,7 @@ impl Default for FetchConfig {
             read_ahead_kib: 1024,
             read_ahead_neighbours_kib: 256,
             read_ahead_dir_kib: 4096,
+            read_ahead_region_kib: 16384,
             read_ahead_elf: true,
             index_span_kib: 1024,
             index: IndexMode::Auto,
@@ -762,6 +768,12 @@ impl Config {
             return bad(format!(
                 "fetch.read_ahead_neighbours_kib {} must be at most 65536 (64 MiB)",
                 self.fetch.read_ahead_neighbours_kib
+            ));
+        }
+        if self.fetch.read_ahead_region_kib > 1 << 20 {
+            return bad(format!(
+                "fetch.read_ahead_region_kib {} must be at most 1048576 (1 GiB)",
+                self.fetch.read_ahead_region_kib
             ));
         }
         if self.fetch.read_ahead_dir_kib > 64 << 10 {

@@ -108,6 +108,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(k) = a.read_ahead_dir_kib {
                 cfg.fetch.read_ahead_dir_kib = k;
             }
+            if let Some(k) = a.read_ahead_region_kib {
+                cfg.fetch.read_ahead_region_kib = k;
+            }
             if a.no_read_ahead_elf {
                 cfg.fetch.read_ahead_elf = false;
             }

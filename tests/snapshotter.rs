@@ -1058,8 +1058,8 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
     let ctd = Containerd::start_with_snapshotter(std::slice::from_ref(&h), &snap_sock);
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let snap_arg = snap_sock.display().to_string();
-    // Without the read-ahead guesses (directories, ELF libraries; tested in the reader's
-    // unit tests): every prefetched byte here is the learned list's.
+    // Without the read-ahead guesses (directories, regions, ELF libraries; tested in the
+    // reader's unit tests): every prefetched byte here is the learned list's.
     let mut d = Daemon::start(&[
         "--no-fill",
         "--snapshotter-socket",
@@ -1067,6 +1067,8 @@ async fn a_learned_start_is_prefetched_at_the_next_cold_start() {
         "--metrics-listen",
         &metrics_addr,
         "--read-ahead-dir-kib",
+        "0",
+        "--read-ahead-region-kib",
         "0",
         "--no-read-ahead-elf",
     ]);

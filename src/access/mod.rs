@@ -27,6 +27,7 @@ pub mod chunks;
 pub mod elf;
 pub mod range;
 pub mod reader;
+pub mod region;
 pub mod schedule;
 pub mod siblings;
 

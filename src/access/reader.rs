@@ -42,6 +42,11 @@ const PREFETCH_BATCH: u64 = 2 << 20;
 /// ...with at most this many range requests at once, so that a container's own reads still
 /// find the link (they are as urgent: both are foreground)...
 const PREFETCH_REQUESTS: usize = 32;
+/// Region read-ahead (`Order::Gentle`): at most this many requests at once, of batches about
+/// this big: beside a start's own reads, whose requests queue behind every byte in flight at
+/// the bottleneck.
+const GENTLE_REQUESTS: usize = 2;
+const GENTLE_BATCH: u64 = 256 << 10;
 /// ...and at most this many KiB asked for and not received yet (a flow-control window, freed
 /// as the bytes arrive). A start needs the list's files in its order: with all requests at
 /// once, the link is shared among them and the first file needed (python's 2 MB binary)
@@ -116,6 +121,8 @@ pub struct LazyLayer {
     /// Every chunk by where its bytes end in the blob: (end, entry index, chunk index).
     by_end: Vec<(u64, u32, u32)>,
     scan: Mutex<Scan>,
+    /// Recent misses and what was read ahead around them (`region.rs`).
+    regions: Mutex<super::region::Regions>,
     /// Files by directory, for directory read-ahead.
     siblings: super::siblings::Siblings,
     /// Files whose ELF dependencies were looked at (entry indices).
@@ -207,6 +214,30 @@ impl LazyLayer {
         File::open(&cached)
     }
 
+    /// The files of kind `kind` under directory `dir` with chunks in `parts` of the blob,
+    /// nearest to `from` first.
+    fn files_in(&self, parts: &[(u64, u64)], from: u64, dir: &str, kind: u64) -> Vec<usize> {
+        let mut found: Vec<(u64, u32)> = vec![];
+        for &(a, b) in parts {
+            let at = self.by_end.partition_point(|&(end, _, _)| end <= a);
+            for &(end, e, _) in self.by_end[at..].iter().take_while(|(end, ..)| *end <= b) {
+                let Some(entry) = self.toc.entries.get(e as usize) else {
+                    continue;
+                };
+                if entry.path.starts_with(dir) && file_kind(&entry.path) == Some(kind) {
+                    found.push((end.abs_diff(from), e));
+                }
+            }
+        }
+        found.sort_unstable();
+        let mut seen = std::collections::HashSet::new();
+        found
+            .into_iter()
+            .filter(|&(_, e)| seen.insert(e))
+            .map(|(_, e)| e as usize)
+            .collect()
+    }
+
     pub fn new(digest: Digest, source: String, size: u64, toc: LayerIndex, tree: Tree) -> Self {
         let spans = Spans::new(&toc);
         let mut by_end: Vec<(u64, u32, u32)> = toc
@@ -246,6 +277,7 @@ impl LazyLayer {
             blob: OnceLock::new(),
             by_end,
             scan: Mutex::new(Scan::default()),
+            regions: Mutex::default(),
             stream: None,
             windows: None,
         }
@@ -377,11 +409,14 @@ pub struct Reader {
     read_ahead: u64,
     neighbours: u64,
     dir_read_ahead: u64,
+    region_read_ahead: u64,
     elf_read_ahead: bool,
     chunks: Chunks,
     /// Checkpoint windows fetched from shared indexes' windows blobs, by digest (a cell each:
     /// one fetch however many reads start from the checkpoint at once).
     windows: Mutex<lru::LruCache<[u8; 32], WindowFetch>>,
+    /// Turns of the region read-ahead's requests, shared by all layers (`Order::Gentle`).
+    gentle: tokio::sync::Semaphore,
     pub stats: ReadStats,
 }
 
@@ -420,6 +455,9 @@ pub struct ReadOptions {
     /// A directory's files fetched whole on its second miss, if they total at most this
     /// (compressed; 0: off).
     pub dir_read_ahead: u64,
+    /// Bytes around misses close together fetched in the background, per layer in all
+    /// (`region.rs`; 0: off).
+    pub region_read_ahead: u64,
     /// ELF read-ahead: an executable's interpreter and libraries fetched with its first read.
     pub elf_read_ahead: bool,
 }
@@ -438,6 +476,7 @@ impl Reader {
             read_ahead,
             neighbours,
             dir_read_ahead,
+            region_read_ahead,
             elf_read_ahead,
         } = opts;
         let stats = ReadStats::default();
@@ -448,6 +487,7 @@ impl Reader {
         Arc::new(Reader {
             neighbours,
             dir_read_ahead,
+            region_read_ahead,
             elf_read_ahead,
             layout,
             db,
@@ -457,6 +497,7 @@ impl Reader {
             read_ahead,
             chunks: Chunks::new(cache_bytes, chunk_stats),
             windows: Mutex::new(lru::LruCache::new(WINDOWS_KEPT)),
+            gentle: tokio::sync::Semaphore::new(GENTLE_REQUESTS),
             stats,
         })
     }
@@ -811,6 +852,37 @@ impl Reader {
                 tracing::debug!(layer = %layer.digest, entry = entry_idx, chunks = n, "directory read-ahead");
             });
         }
+        // Region read-ahead (`region.rs`): misses of several files close together in the
+        // blob: the bytes around them, in the background, after this read's own request.
+        if let Some((first, anchor)) = remote_span
+            && layer.blob.get().is_none()
+            && !layer.guided.load(std::sync::atomic::Ordering::Relaxed)
+            && let Some(kind) = file_kind(&entry.path)
+        {
+            let (parts, hot) = lock(&layer.regions).miss(
+                Instant::now(),
+                entry_idx,
+                kind,
+                first,
+                anchor,
+                self.region_read_ahead,
+            );
+            if !parts.is_empty() {
+                let dir = common_dir(
+                    hot.iter()
+                        .filter_map(|&e| layer.toc.entries.get(e))
+                        .map(|e| e.path.as_str()),
+                );
+                let files = layer.files_in(&parts, first, dir, kind);
+                let bytes: u64 = parts.iter().map(|(s, e)| e - s).sum();
+                let (this, layer) = (Arc::clone(self), Arc::clone(layer));
+                tokio::spawn(async move {
+                    tracing::debug!(layer = %layer.digest, entry = entry_idx, ?parts, bytes, files = files.len(), "region read-ahead");
+                    let n = this.read_ahead_gently(Arc::clone(&layer), files).await;
+                    tracing::debug!(layer = %layer.digest, entry = entry_idx, chunks = n, "region read-ahead done");
+                });
+            }
+        }
         if let Some(why) = slots.iter().find_map(|(_, s)| match s {
             Slot::Failed(why) => Some(why.clone()),
             _ => None,
@@ -964,6 +1036,31 @@ impl Reader {
         entries: impl IntoIterator<Item = usize>,
         class: Class,
     ) -> usize {
+        self.prefetch_in(layer, entries, class, Order::List)
+    }
+
+    fn prefetch_in(
+        self: &Arc<Self>,
+        layer: &Arc<LazyLayer>,
+        entries: impl IntoIterator<Item = usize>,
+        class: Class,
+        order: Order,
+    ) -> usize {
+        let claims = self.claim_files(layer, entries, class);
+        let n = claims.len();
+        if n > 0 {
+            self.load(layer, claims, order);
+        }
+        n
+    }
+
+    /// Claims of the chunks of `entries` that are neither local nor claimed already.
+    fn claim_files(
+        &self,
+        layer: &Arc<LazyLayer>,
+        entries: impl IntoIterator<Item = usize>,
+        class: Class,
+    ) -> Vec<Claim> {
         let partial = self.partials.get(&layer.digest);
         let mut claims = vec![];
         for i in entries {
@@ -980,18 +1077,62 @@ impl Reader {
                 let _ = self.slot(layer, c, false, class, &mut claims);
             }
         }
-        let n = claims.len();
-        if n > 0 {
-            self.load(layer, claims, Order::List);
+        claims
+    }
+
+    /// Region read-ahead of `files` (nearest first): a batch of about `GENTLE_BATCH` bytes at
+    /// a time, at most `GENTLE_REQUESTS` requests of all layers at once. A batch's chunks are
+    /// claimed only once its request can go: a read of a chunk not claimed yet fetches it at
+    /// once itself, instead of waiting behind the guess's queue.
+    async fn read_ahead_gently(self: Arc<Self>, layer: Arc<LazyLayer>, files: Vec<usize>) -> usize {
+        let mut claimed = 0;
+        let mut batch = vec![];
+        let mut bytes = 0;
+        let mut files = files.into_iter().peekable();
+        while let Some(f) = files.next() {
+            if let Some(e) = layer.toc.entries.get(f) {
+                bytes += e
+                    .chunks
+                    .iter()
+                    .map(|c| {
+                        let (s, e) = layer.spans.span(c);
+                        e - s
+                    })
+                    .sum::<u64>();
+                batch.push(f);
+            }
+            if bytes < GENTLE_BATCH && files.peek().is_some() {
+                continue;
+            }
+            // Closed never: the semaphore is ours.
+            let Ok(_turn) = self.gentle.acquire().await else {
+                break;
+            };
+            if layer.blob.get().is_some() {
+                break;
+            }
+            let claims = self.claim_files(&layer, batch.drain(..), Class::Neighbour);
+            bytes = 0;
+            claimed += claims.len();
+            if !claims.is_empty() {
+                Arc::clone(&self)
+                    .load_now(Arc::clone(&layer), claims, Order::Gentle)
+                    .await;
+            }
         }
-        n
+        claimed
     }
 
     /// Load claimed chunks in the background: local ones first, the rest from the registry.
     fn load(self: &Arc<Self>, layer: &Arc<LazyLayer>, claims: Vec<Claim>, order: Order) {
-        let this = Arc::clone(self);
-        let layer = Arc::clone(layer);
-        tokio::spawn(async move {
+        tokio::spawn(Arc::clone(self).load_now(Arc::clone(layer), claims, order));
+    }
+
+    /// [`Reader::load`], done when the requests of `Order::Gentle` are (the others are
+    /// spawned).
+    async fn load_now(self: Arc<Self>, layer: Arc<LazyLayer>, claims: Vec<Claim>, order: Order) {
+        let this = self;
+        {
             let (this2, layer2) = (Arc::clone(&this), Arc::clone(&layer));
             let split = tokio::task::spawn_blocking(move || {
                 let local = this2.local(&layer2);
@@ -1057,6 +1198,12 @@ impl Reader {
                         );
                     }
                 }
+                Order::Gentle => {
+                    let runs = coalesce(remote, COALESCE_GAP)
+                        .into_iter()
+                        .map(|run| this.fetch_run(&layer, partial.clone(), run, None));
+                    futures_util::future::join_all(runs).await;
+                }
                 Order::List => {
                     let permits = Arc::new(tokio::sync::Semaphore::new(PREFETCH_REQUESTS));
                     let window =
@@ -1092,7 +1239,7 @@ impl Reader {
                     }
                 }
             }
-        });
+        }
     }
 
     /// Decode chunks whose bytes are local once their windows (kept apart) are fetched.
@@ -1342,6 +1489,13 @@ impl Reader {
             run.iter().map(|c| c.span.1).max().unwrap_or(0),
         );
         let started = Instant::now();
+        // For the log: the file of the run's first chunk.
+        let first_file = layer
+            .by_end
+            .get(layer.by_end.partition_point(|&(e, _, _)| e < run[0].span.1))
+            .and_then(|&(_, e, _)| layer.toc.entries.get(e as usize))
+            .map(|e| e.path.clone())
+            .unwrap_or_default();
         // Bytes stored, by who wanted them.
         let mut stored = [0u64; 2];
         let class = run_class(&run, || {
@@ -1494,7 +1648,7 @@ impl Reader {
                 Err(_) => {}
             }
         }
-        tracing::debug!(layer = %layer.digest, start, len = end - start, prefetch, ?class, elapsed_ms = started.elapsed().as_millis() as u64, "range fetch");
+        tracing::debug!(layer = %layer.digest, start, len = end - start, prefetch, ?class, elapsed_ms = started.elapsed().as_millis() as u64, file = %first_file, "range fetch");
         self.stats
             .fetch_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -1541,6 +1695,46 @@ fn run_class(run: &[Claim], scanning: impl FnOnce() -> bool) -> Class {
     }
 }
 
+/// A file's kind for region read-ahead: a hash of its name's extension (a start reading
+/// compiled modules reads more compiled modules, not the sources beside them). None for a
+/// name without one, or with a version number for one (`libc.so.6`): executables,
+/// configuration and libraries are the ELF read-ahead's, and their misses say nothing about
+/// their neighbours (measured: `ls -R /usr` read ahead 2 MB of files without extension).
+fn file_kind(path: &str) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let name = path.rsplit('/').next().unwrap_or(path);
+    let ext = name.rsplit_once('.').map(|(_, e)| e)?;
+    if ext.is_empty() || ext.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ext.hash(&mut h);
+    Some(h.finish())
+}
+
+/// The deepest directory holding all of `paths`, with its trailing `/` ("" for the root).
+fn common_dir<'a>(paths: impl Iterator<Item = &'a str>) -> &'a str {
+    let mut common: Option<&str> = None;
+    for p in paths {
+        let dir = p.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        let dir = &p[..dir.len() + usize::from(!dir.is_empty())];
+        common = Some(match common {
+            None => dir,
+            Some(c) => {
+                // The longest prefix of both that ends at a `/`.
+                let same = c
+                    .bytes()
+                    .zip(dir.bytes())
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                let cut = c[..same].rfind('/').map(|i| i + 1).unwrap_or(0);
+                &c[..cut]
+            }
+        });
+    }
+    common.unwrap_or("")
+}
+
 /// How loaded chunks are requested.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Order {
@@ -1548,6 +1742,9 @@ enum Order {
     Blob,
     /// In the order given, in batches, a few requests at a time (start-up prefetch).
     List,
+    /// All at once, by position in the blob, done when they are (a batch of the region
+    /// read-ahead, which paces its batches: `Reader::read_ahead_gently`).
+    Gentle,
 }
 
 /// The chunks, of `chunks` decoded in this order from one contiguous run of the blob, that

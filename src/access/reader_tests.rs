@@ -115,6 +115,7 @@ fn opts() -> ReadOptions {
         read_ahead: 1 << 20,
         neighbours: 0,
         dir_read_ahead: 0,
+        region_read_ahead: 0,
         elf_read_ahead: false,
     }
 }
@@ -223,6 +224,52 @@ async fn a_directorys_second_miss_fetches_its_other_files() {
         }
     }
     panic!("pkg/b and pkg/d never became local");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_of_three_files_of_a_kind_close_together_fetch_the_others_of_that_kind_around() {
+    let mut o = opts();
+    o.region_read_ahead = 16 << 20;
+    let f = Fixture::new(
+        &[
+            ("lib/a/x.pyc", noise(20_000, 21), 0o644),
+            ("lib/a/x.py", noise(20_000, 22), 0o644),
+            ("lib/b/y.pyc", noise(20_000, 23), 0o644),
+            ("lib/c/z.pyc", noise(20_000, 24), 0o644),
+            ("lib/d/w.pyc", noise(20_000, 25), 0o644),
+            ("bin/tool", noise(20_000, 26), 0o755),
+            ("lib/e/v.pyc", noise(20_000, 27), 0o644),
+            ("other/u.pyc", noise(20_000, 28), 0o644),
+        ],
+        o,
+    );
+    // Files without a kind (no extension) do not count.
+    f.read("bin/tool").await.unwrap();
+    f.read("lib/a/x.pyc").await.unwrap();
+    f.read("lib/c/z.pyc").await.unwrap();
+    assert_eq!(f.fake.requests().len(), 3, "two of a kind: no guess yet");
+    f.read("lib/e/v.pyc").await.unwrap();
+    for p in ["lib/b/y.pyc", "lib/d/w.pyc"] {
+        assert!(f.wait_requested(p).await, "{p} read ahead");
+    }
+    for p in ["lib/a/x.py", "other/u.pyc"] {
+        let (s, e) = f.span(p);
+        assert_eq!(
+            f.fake.requests_touching(s, e),
+            0,
+            "{p}: another kind, or outside the misses' directory"
+        );
+    }
+    // Once in, those files are local.
+    for _ in 0..500 {
+        let n = f.fake.requests().len();
+        f.read("lib/b/y.pyc").await.unwrap();
+        f.read("lib/d/w.pyc").await.unwrap();
+        if f.fake.requests().len() == n {
+            return;
+        }
+    }
+    panic!("the region's files never became local");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,4 +474,29 @@ async fn a_prefetch_through_a_gzip_index_decodes_with_windows_kept_apart() {
         "one decoder ran through the list's runs, from one window: {:?}",
         f.fake.requests()
     );
+}
+
+#[test]
+fn region_read_ahead_takes_files_of_the_misses_kind_under_their_common_directory() {
+    assert_eq!(
+        common_dir(
+            [
+                "usr/lib/python3.11/encodings/__pycache__/__init__.pyc",
+                "usr/lib/python3.11/encodings/__pycache__/utf_8.pyc",
+                "usr/lib/python3.11/__pycache__/site.pyc",
+            ]
+            .into_iter()
+        ),
+        "usr/lib/python3.11/"
+    );
+    assert_eq!(common_dir(["a/b/c", "a/bc/d"].into_iter()), "a/");
+    assert_eq!(common_dir(["top", "a/b"].into_iter()), "");
+    assert_eq!(common_dir(["a/b/c"].into_iter()), "a/b/");
+    assert_eq!(file_kind("x/y.pyc"), file_kind("z.pyc"));
+    assert!(file_kind("x/y.pyc").is_some());
+    assert_ne!(file_kind("x/y.pyc"), file_kind("x/y.py"));
+    assert_eq!(file_kind("bin/ls"), None);
+    assert_eq!(file_kind("usr/lib/libc.so.6"), None);
+    assert_eq!(file_kind("etc/dot."), None);
+    assert!(file_kind("usr/lib/libz.so").is_some());
 }

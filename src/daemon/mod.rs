@@ -233,6 +233,7 @@ pub async fn serve(cfg: Config, default_secret: Option<Secret>) -> anyhow::Resul
                 read_ahead: cfg.fetch.read_ahead_kib << 10,
                 neighbours: cfg.fetch.read_ahead_neighbours_kib << 10,
                 dir_read_ahead: cfg.fetch.read_ahead_dir_kib << 10,
+                region_read_ahead: cfg.fetch.read_ahead_region_kib << 10,
                 elf_read_ahead: cfg.fetch.read_ahead_elf,
             },
         );

@@ -35,6 +35,7 @@ impl Fixture {
             read_ahead: 0,
             neighbours: 0,
             dir_read_ahead: 0,
+            region_read_ahead: 0,
             elf_read_ahead: false,
         };
         let s = served(blob, &toc_digest, opts);
