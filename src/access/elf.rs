@@ -33,6 +33,16 @@ pub struct Deps {
 /// The dependencies of the ELF file whose first bytes are `bytes`, or `None` when it is not an
 /// ELF file (or its headers lie beyond `bytes`).
 pub fn deps(bytes: &[u8]) -> Option<Deps> {
+    deps_of(bytes).map(|(d, _)| d)
+}
+
+/// [`deps`], only when `bytes` hold all that it looks at (the interpreter's path and the
+/// scanned segment): a prefix of the file still arriving gives all or nothing.
+pub fn deps_complete(bytes: &[u8]) -> Option<Deps> {
+    deps_of(bytes).and_then(|(d, complete)| complete.then_some(d))
+}
+
+fn deps_of(bytes: &[u8]) -> Option<(Deps, bool)> {
     if bytes.len() < header::SIZEOF_IDENT || &bytes[..header::SELFMAG] != header::ELFMAG {
         return None;
     }
@@ -46,9 +56,13 @@ pub fn deps(bytes: &[u8]) -> Option<Deps> {
     let ctx = Ctx::new(container, endian);
     let phnum = usize::from(h.e_phnum).min(256);
     let phdrs = ProgramHeader::parse(bytes, usize::try_from(h.e_phoff).ok()?, phnum, ctx).ok()?;
+    let complete = std::cell::Cell::new(true);
     let slice = |off: u64, len: u64| -> Option<&[u8]> {
         let start = usize::try_from(off).ok()?;
         let end = start.checked_add(usize::try_from(len).ok()?)?;
+        if end > bytes.len() {
+            complete.set(false);
+        }
         bytes.get(start..end.min(bytes.len()))
     };
     let interp = phdrs
@@ -77,7 +91,7 @@ pub fn deps(bytes: &[u8]) -> Option<Deps> {
             }
         }
     }
-    Some(Deps { interp, libs })
+    Some((Deps { interp, libs }, complete.get()))
 }
 
 /// `libX.so`, `libX.so.N[.M...]` or `ld-*.so*`: a file name, of the characters sonames use.
@@ -163,6 +177,21 @@ mod tests {
             "{d:?}"
         );
         assert!(d.libs.iter().any(|l| l.starts_with("libc.so")), "{d:?}");
+    }
+
+    #[test]
+    fn a_prefix_gives_all_the_names_or_none() {
+        let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        let whole = deps(&exe[..exe.len().min(4 << 20)]).expect("an ELF file");
+        // Enough for the first segment: the same names as from the whole file.
+        let enough = (1..=exe.len().min(4 << 20))
+            .step_by(4096)
+            .find(|&n| deps_complete(&exe[..n]).is_some())
+            .expect("some prefix is enough");
+        assert_eq!(deps_complete(&exe[..enough]).unwrap(), whole);
+        // Less: nothing, although the headers parse.
+        assert!(deps(&exe[..enough - 4096]).is_some());
+        assert_eq!(deps_complete(&exe[..enough - 4096]), None);
     }
 
     #[test]

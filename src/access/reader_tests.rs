@@ -339,6 +339,38 @@ async fn an_executables_first_read_fetches_its_interpreter_and_libraries() {
     assert_eq!(f.fake.requests_touching(s, e), 0);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executables_libraries_are_fetched_while_its_first_chunk_still_arrives() {
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let prog = exe[..exe.len().min(1 << 20)].to_vec();
+    let mut o = opts();
+    o.elf_read_ahead = true;
+    let f = Arc::new(Fixture::new(
+        &[
+            ("usr/bin/prog", prog, 0o755),
+            ("lib/x86_64-linux-gnu/libc.so.6", noise(40_000, 15), 0o755),
+        ],
+        o,
+    ));
+    // All of the executable's chunk but its gzip trailer arrives, then nothing more: the
+    // read cannot be served (its chunk is not verified), the libraries are asked for anyway.
+    let (s, e) = f.span("usr/bin/prog");
+    f.fake.inject(Fault::StallAfter((e - s - 8) as usize));
+    let read = {
+        let f = Arc::clone(&f);
+        tokio::spawn(async move {
+            let e = f.entry("usr/bin/prog");
+            f.reader.read(&f.layer, e, 0, 4096).await
+        })
+    };
+    assert!(
+        f.wait_requested("lib/x86_64-linux-gnu/libc.so.6").await,
+        "libc asked for while the executable's chunk is still arriving"
+    );
+    assert!(!read.is_finished(), "the unverified chunk served nothing");
+    read.abort();
+}
+
 /// Text-like bytes (deflate ends blocks often, so a gzip index has checkpoints with windows).
 fn text(len: usize, seed: u32) -> Vec<u8> {
     let mut x = seed.wrapping_mul(2_654_435_761) | 1;

@@ -310,6 +310,43 @@ pub fn decode_chunk_resumed(
     verify_chunk(out, chunk)
 }
 
+/// The first decoded bytes of `chunk` that `compressed` gives (the chunk's bytes from its
+/// offset on, perhaps only their beginning: a response still arriving), at most `max` of
+/// them, **not verified**: for a guess of what to fetch next (an ELF file's libraries), never
+/// for a reader. `None` for a chunk decoded from a checkpoint (its window may not be here)
+/// or when nothing decodes yet.
+pub fn peek_chunk(compressed: &[u8], chunk: &Chunk, max: usize) -> Option<Vec<u8>> {
+    if chunk.resume().is_some() {
+        return None;
+    }
+    let mut dec: Box<dyn Read + '_> = if matches!(chunk.codec, Codec::ZstdFrames { .. }) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(compressed).ok()?)
+    } else {
+        Box::new(flate2::read::GzDecoder::new(compressed))
+    };
+    if chunk.inner_offset > 0 {
+        let skipped = std::io::copy(
+            &mut (&mut dec).take(chunk.inner_offset),
+            &mut std::io::sink(),
+        )
+        .ok()?;
+        if skipped < chunk.inner_offset {
+            return None;
+        }
+    }
+    let want = usize::try_from(chunk.size).unwrap_or(usize::MAX).min(max);
+    let mut out = vec![0u8; want];
+    let mut n = 0;
+    while n < want {
+        match dec.read(&mut out[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    out.truncate(n);
+    (n > 0).then_some(out)
+}
+
 fn verify_chunk(out: Vec<u8>, chunk: &Chunk) -> Result<Vec<u8>, ChunkError> {
     if let Some(expected) = &chunk.digest {
         let actual = Digest::of(&out);

@@ -172,6 +172,8 @@ pub mod fake {
         Corrupt,
         /// The answer starts after this long.
         Delay(Duration),
+        /// This many bytes of the answer, then no byte more (the stream stays open).
+        StallAfter(usize),
     }
 
     #[derive(Default)]
@@ -221,7 +223,7 @@ pub mod fake {
                         reason: "injected".into(),
                     });
                 }
-                Some(Fault::Stall) => None,
+                Some(Fault::Stall | Fault::StallAfter(_)) => None,
                 Some(Fault::Truncate(n)) => Some(data.slice(..n.min(data.len()))),
                 Some(Fault::Corrupt) => {
                     Some(Bytes::from(data.iter().map(|b| !b).collect::<Vec<u8>>()))
@@ -421,6 +423,16 @@ pub mod fake {
                         });
                     }
                     Some(Fault::Truncate(n)) => body = body.slice(..n.min(body.len())),
+                    Some(Fault::StallAfter(n)) => {
+                        let first = body.slice(..n.min(body.len()));
+                        return Ok(BlobBody {
+                            stream: futures_util::stream::once(async move { Ok(first) })
+                                .chain(futures_util::stream::pending())
+                                .boxed(),
+                            len: Some(body.len() as u64),
+                            early: false,
+                        });
+                    }
                     Some(Fault::Corrupt) => {
                         body = Bytes::from(body.iter().map(|b| !b).collect::<Vec<u8>>())
                     }
