@@ -220,6 +220,24 @@ impl LazyLayer {
         File::open(&cached)
     }
 
+    /// Compressed bytes of entry `e`'s chunks (from their checkpoints, through a gzip index).
+    fn compressed_len(&self, e: &crate::layer::index::Entry) -> u64 {
+        e.chunks
+            .iter()
+            .map(|c| {
+                let (s, end) = self.spans.span(c);
+                end - s
+            })
+            .sum()
+    }
+
+    /// The entry and chunk index of the chunk whose span ends at `end`.
+    fn chunk_ending_at(&self, end: u64) -> Option<(usize, usize)> {
+        let at = self.by_end.partition_point(|&(e, _, _)| e < end);
+        let &(e, entry, chunk) = self.by_end.get(at)?;
+        (e == end).then_some((entry as usize, chunk as usize))
+    }
+
     /// The files of kind `kind` under directory `dir` with chunks in `parts` of the blob,
     /// nearest to `from` first.
     fn files_in(&self, parts: &[(u64, u64)], from: u64, dir: &str, kind: u64) -> Vec<usize> {
@@ -1013,39 +1031,30 @@ impl Reader {
         deps: super::elf::Deps,
         early: bool,
     ) {
-        {
-            let this = self;
-            let tree = &layer.tree;
-            let entry_at = |path: &str| tree.resolve_following(path).and_then(|n| n.entry);
-            let mut files = vec![entry_idx];
-            let found = deps.interp.as_deref().and_then(entry_at).into_iter().chain(
-                deps.libs.iter().filter_map(|lib| {
-                    super::elf::LIBRARY_DIRS
-                        .iter()
-                        .find_map(|d| entry_at(&format!("{d}/{lib}")))
-                }),
-            );
-            for e in found {
-                if !files.contains(&e) {
-                    files.push(e);
-                }
+        let tree = &layer.tree;
+        let entry_at = |path: &str| tree.resolve_following(path).and_then(|n| n.entry);
+        let mut files = vec![entry_idx];
+        let found = deps.interp.as_deref().and_then(entry_at).into_iter().chain(
+            deps.libs.iter().filter_map(|lib| {
+                super::elf::LIBRARY_DIRS
+                    .iter()
+                    .find_map(|d| entry_at(&format!("{d}/{lib}")))
+            }),
+        );
+        for e in found {
+            if !files.contains(&e) {
+                files.push(e);
             }
-            files.retain(|&e| {
-                layer.toc.entries.get(e).is_some_and(|entry| {
-                    let bytes: u64 = entry
-                        .chunks
-                        .iter()
-                        .map(|c| {
-                            let (s, end) = layer.spans.span(c);
-                            end - s
-                        })
-                        .sum();
-                    bytes <= ELF_READ_AHEAD_MAX
-                })
-            });
-            let n = this.prefetch(layer, files.iter().copied(), Class::Neighbour);
-            tracing::debug!(layer = %layer.digest, file = %layer.toc.entries[entry_idx].path, libs = ?deps.libs, files = files.len(), chunks = n, early, "ELF read-ahead");
         }
+        files.retain(|&e| {
+            layer
+                .toc
+                .entries
+                .get(e)
+                .is_some_and(|entry| layer.compressed_len(entry) <= ELF_READ_AHEAD_MAX)
+        });
+        let n = self.prefetch(layer, files.iter().copied(), Class::Neighbour);
+        tracing::debug!(layer = %layer.digest, file = %layer.toc.entries[entry_idx].path, libs = ?deps.libs, files = files.len(), chunks = n, early, "ELF read-ahead");
     }
 
     /// The first chunk of a file that may be ELF in `run`, to look at while it arrives
@@ -1062,13 +1071,9 @@ impl Reader {
             if c.chunk.file_offset != 0 || c.chunk.resume().is_some() {
                 return None;
             }
-            let at = layer.by_end.partition_point(|&(e, _, _)| e < c.span.1);
-            let &(end, e, ci) = layer.by_end.get(at)?;
-            (end == c.span.1
-                && ci == 0
-                && self.elf_wanted(layer, e as usize)
-                && !lock(&layer.elf_seen).contains(&e))
-            .then(|| (e as usize, c.span.0, c.span.1, c.chunk.clone()))
+            let (e, ci) = layer.chunk_ending_at(c.span.1)?;
+            (ci == 0 && self.elf_wanted(layer, e) && !lock(&layer.elf_seen).contains(&(e as u32)))
+                .then(|| (e, c.span.0, c.span.1, c.chunk.clone()))
         })
     }
 
@@ -1100,20 +1105,10 @@ impl Reader {
         entries: impl IntoIterator<Item = usize>,
         class: Class,
     ) -> usize {
-        self.prefetch_in(layer, entries, class, Order::List)
-    }
-
-    fn prefetch_in(
-        self: &Arc<Self>,
-        layer: &Arc<LazyLayer>,
-        entries: impl IntoIterator<Item = usize>,
-        class: Class,
-        order: Order,
-    ) -> usize {
         let claims = self.claim_files(layer, entries, class);
         let n = claims.len();
         if n > 0 {
-            self.load(layer, claims, order);
+            self.load(layer, claims, Order::List);
         }
         n
     }
@@ -1155,14 +1150,7 @@ impl Reader {
         let mut files = files.into_iter().peekable();
         while let Some(f) = files.next() {
             if let Some(e) = layer.toc.entries.get(f) {
-                bytes += e
-                    .chunks
-                    .iter()
-                    .map(|c| {
-                        let (s, e) = layer.spans.span(c);
-                        e - s
-                    })
-                    .sum::<u64>();
+                bytes += layer.compressed_len(e);
                 batch.push(f);
             }
             if bytes < GENTLE_BATCH && files.peek().is_some() {
@@ -1196,110 +1184,101 @@ impl Reader {
     /// spawned).
     async fn load_now(self: Arc<Self>, layer: Arc<LazyLayer>, claims: Vec<Claim>, order: Order) {
         let this = self;
-        {
-            let (this2, layer2) = (Arc::clone(&this), Arc::clone(&layer));
-            let split = tokio::task::spawn_blocking(move || {
-                let local = this2.local(&layer2);
-                let mut remote = vec![];
-                let mut need_window = vec![];
-                let mut decoder = None;
-                for claim in claims {
-                    let mut chunk = std::borrow::Cow::Borrowed(&claim.chunk);
-                    // Local bytes whose checkpoint window is kept apart and not here yet:
-                    // decoded from an earlier checkpoint when the bytes from there are local
-                    // too, else once the window is fetched.
-                    if window_ref(&claim.chunk).is_some_and(|r| this2.cached_window(&r).is_none())
-                        && local.covers(claim.span.0, claim.span.1)
-                    {
-                        match this2.reanchor(&layer2, &claim.chunk, |s, e| local.covers(s, e)) {
-                            Some(c) => chunk = std::borrow::Cow::Owned(c),
-                            None => {
-                                need_window.push(claim);
-                                continue;
-                            }
+        let (this2, layer2) = (Arc::clone(&this), Arc::clone(&layer));
+        let split = tokio::task::spawn_blocking(move || {
+            let local = this2.local(&layer2);
+            let mut remote = vec![];
+            let mut need_window = vec![];
+            let mut decoder = None;
+            for claim in claims {
+                let mut chunk = std::borrow::Cow::Borrowed(&claim.chunk);
+                // Local bytes whose checkpoint window is kept apart and not here yet:
+                // decoded from an earlier checkpoint when the bytes from there are local
+                // too, else once the window is fetched.
+                if window_ref(&claim.chunk).is_some_and(|r| this2.cached_window(&r).is_none())
+                    && local.covers(claim.span.0, claim.span.1)
+                {
+                    match this2.reanchor(&layer2, &claim.chunk, |s, e| local.covers(s, e)) {
+                        Some(c) => chunk = std::borrow::Cow::Owned(c),
+                        None => {
+                            need_window.push(claim);
+                            continue;
                         }
-                    }
-                    let span = (chunk.offset.min(claim.span.0), claim.span.1);
-                    let loaded = this2.load_local(&layer2, &local, &chunk, span, &mut decoder);
-                    drop(chunk);
-                    match loaded {
-                        // The earlier checkpoint's window left memory meanwhile.
-                        Some(Err(ReadError::NoWindow)) => need_window.push(claim),
-                        Some(Ok(d)) => {
-                            this2.stats.local_chunks.inc();
-                            this2.finish(claim, Ok(Arc::new(d)));
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(layer = %layer2.digest, error = %e, "local chunk unusable; fetching it again");
-                            remote.push(claim);
-                        }
-                        None => remote.push(claim),
                     }
                 }
-                (remote, need_window, local)
-            })
-            .await;
-            let Ok((remote, need_window, local)) = split else {
-                return; // the blocking task panicked: its claims were dropped, waiters see an error
-            };
-            if !need_window.is_empty() {
-                let (this, layer, local) = (Arc::clone(&this), Arc::clone(&layer), local.clone());
-                tokio::spawn(
-                    async move { this.load_with_windows(&layer, local, need_window).await },
-                );
+                let span = (chunk.offset.min(claim.span.0), claim.span.1);
+                let loaded = this2.load_local(&layer2, &local, &chunk, span, &mut decoder);
+                drop(chunk);
+                match loaded {
+                    // The earlier checkpoint's window left memory meanwhile.
+                    Some(Err(ReadError::NoWindow)) => need_window.push(claim),
+                    Some(Ok(d)) => {
+                        this2.stats.local_chunks.inc();
+                        this2.finish(claim, Ok(Arc::new(d)));
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(layer = %layer2.digest, error = %e, "local chunk unusable; fetching it again");
+                        remote.push(claim);
+                    }
+                    None => remote.push(claim),
+                }
             }
-            let partial = match local {
-                Local::Partial(p) => Some(p),
-                _ => None,
-            };
-            match order {
-                Order::Blob => {
-                    for run in coalesce(remote, COALESCE_GAP) {
+            (remote, need_window, local)
+        })
+        .await;
+        let Ok((remote, need_window, local)) = split else {
+            return; // the blocking task panicked: its claims were dropped, waiters see an error
+        };
+        if !need_window.is_empty() {
+            let (this, layer, local) = (Arc::clone(&this), Arc::clone(&layer), local.clone());
+            tokio::spawn(async move { this.load_with_windows(&layer, local, need_window).await });
+        }
+        let partial = match local {
+            Local::Partial(p) => Some(p),
+            _ => None,
+        };
+        match order {
+            Order::Blob => {
+                for run in coalesce(remote, COALESCE_GAP) {
+                    let (this, layer, partial) =
+                        (Arc::clone(&this), Arc::clone(&layer), partial.clone());
+                    tokio::spawn(async move { this.fetch_run(&layer, partial, run, None).await });
+                }
+            }
+            Order::Gentle => {
+                let runs = coalesce(remote, COALESCE_GAP)
+                    .into_iter()
+                    .map(|run| this.fetch_run(&layer, partial.clone(), run, None));
+                futures_util::future::join_all(runs).await;
+            }
+            Order::List => {
+                let permits = Arc::new(tokio::sync::Semaphore::new(PREFETCH_REQUESTS));
+                let window = Arc::new(tokio::sync::Semaphore::new(PREFETCH_WINDOW_KIB as usize));
+                let runs: Vec<Vec<Vec<Claim>>> = batches(remote, PREFETCH_BATCH)
+                    .into_iter()
+                    .map(|batch| in_list_order(batch, PREFETCH_GAP))
+                    .collect();
+                for batch in runs {
+                    for run in batch {
+                        let len = run.iter().map(|c| c.span.1).max().unwrap_or(0) - run[0].span.0;
+                        // A run longer than half the window takes half: one that had to
+                        // wait for the whole window waited for every straggler before it
+                        // (libcrypto's 2 MB sat 95 ms behind a 12 KB request that lost
+                        // packets in the bottleneck's queue, with the link idle).
+                        let kib = (len.div_ceil(1024) as u32).clamp(1, PREFETCH_WINDOW_KIB / 2);
+                        // Closed never: the semaphores are ours.
+                        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                            return;
+                        };
+                        let Ok(credit) = Arc::clone(&window).acquire_many_owned(kib).await else {
+                            return;
+                        };
                         let (this, layer, partial) =
                             (Arc::clone(&this), Arc::clone(&layer), partial.clone());
-                        tokio::spawn(
-                            async move { this.fetch_run(&layer, partial, run, None).await },
-                        );
-                    }
-                }
-                Order::Gentle => {
-                    let runs = coalesce(remote, COALESCE_GAP)
-                        .into_iter()
-                        .map(|run| this.fetch_run(&layer, partial.clone(), run, None));
-                    futures_util::future::join_all(runs).await;
-                }
-                Order::List => {
-                    let permits = Arc::new(tokio::sync::Semaphore::new(PREFETCH_REQUESTS));
-                    let window =
-                        Arc::new(tokio::sync::Semaphore::new(PREFETCH_WINDOW_KIB as usize));
-                    let runs: Vec<Vec<Vec<Claim>>> = batches(remote, PREFETCH_BATCH)
-                        .into_iter()
-                        .map(|batch| in_list_order(batch, PREFETCH_GAP))
-                        .collect();
-                    for batch in runs {
-                        for run in batch {
-                            let len =
-                                run.iter().map(|c| c.span.1).max().unwrap_or(0) - run[0].span.0;
-                            // A run longer than half the window takes half: one that had to
-                            // wait for the whole window waited for every straggler before it
-                            // (libcrypto's 2 MB sat 95 ms behind a 12 KB request that lost
-                            // packets in the bottleneck's queue, with the link idle).
-                            let kib = (len.div_ceil(1024) as u32).clamp(1, PREFETCH_WINDOW_KIB / 2);
-                            // Closed never: the semaphores are ours.
-                            let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-                                return;
-                            };
-                            let Ok(credit) = Arc::clone(&window).acquire_many_owned(kib).await
-                            else {
-                                return;
-                            };
-                            let (this, layer, partial) =
-                                (Arc::clone(&this), Arc::clone(&layer), partial.clone());
-                            tokio::spawn(async move {
-                                this.fetch_run(&layer, partial, run, Some(credit)).await;
-                                drop(permit);
-                            });
-                        }
+                        tokio::spawn(async move {
+                            this.fetch_run(&layer, partial, run, Some(credit)).await;
+                            drop(permit);
+                        });
                     }
                 }
             }
@@ -1555,9 +1534,8 @@ impl Reader {
         let started = Instant::now();
         // For the log: the file of the run's first chunk.
         let first_file = layer
-            .by_end
-            .get(layer.by_end.partition_point(|&(e, _, _)| e < run[0].span.1))
-            .and_then(|&(_, e, _)| layer.toc.entries.get(e as usize))
+            .chunk_ending_at(run[0].span.1)
+            .and_then(|(e, _)| layer.toc.entries.get(e))
             .map(|e| e.path.clone())
             .unwrap_or_default();
         // Bytes stored, by who wanted them.

@@ -280,21 +280,7 @@ pub fn decode_chunk_resumed(
         *decoder = Some(d);
         return Ok(out);
     }
-    let compressed = own()?;
-    let mut dec: Box<dyn Read + '_> = if matches!(chunk.codec, Codec::ZstdFrames { .. }) {
-        Box::new(
-            zstd::stream::read::Decoder::with_buffer(compressed).map_err(|e| err(e.to_string()))?,
-        )
-    } else {
-        Box::new(flate2::read::GzDecoder::new(compressed))
-    };
-    if chunk.inner_offset > 0 {
-        std::io::copy(
-            &mut (&mut dec).take(chunk.inner_offset),
-            &mut std::io::sink(),
-        )
-        .map_err(|e| err(e.to_string()))?;
-    }
+    let mut dec = member_decoder(own()?, chunk).map_err(|e| err(e.to_string()))?;
     let mut out = Vec::with_capacity(chunk.size.min(64 << 20) as usize);
     (&mut dec)
         .take(chunk.size)
@@ -310,6 +296,29 @@ pub fn decode_chunk_resumed(
     verify_chunk(out, chunk)
 }
 
+/// A decoder of a gzip member's or zstd frames' chunk from its bytes `compressed`, past the
+/// chunk's `inner_offset` (what the member holds before the chunk's bytes).
+fn member_decoder<'a>(compressed: &'a [u8], chunk: &Chunk) -> std::io::Result<Box<dyn Read + 'a>> {
+    let mut dec: Box<dyn Read + 'a> = if matches!(chunk.codec, Codec::ZstdFrames { .. }) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(compressed)?)
+    } else {
+        Box::new(flate2::read::GzDecoder::new(compressed))
+    };
+    if chunk.inner_offset > 0 {
+        let skipped = std::io::copy(
+            &mut (&mut dec).take(chunk.inner_offset),
+            &mut std::io::sink(),
+        )?;
+        if skipped < chunk.inner_offset {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "member ends before the chunk",
+            ));
+        }
+    }
+    Ok(dec)
+}
+
 /// The first decoded bytes of `chunk` that `compressed` gives (the chunk's bytes from its
 /// offset on, perhaps only their beginning: a response still arriving), at most `max` of
 /// them, **not verified**: for a guess of what to fetch next (an ELF file's libraries), never
@@ -319,21 +328,7 @@ pub fn peek_chunk(compressed: &[u8], chunk: &Chunk, max: usize) -> Option<Vec<u8
     if chunk.resume().is_some() {
         return None;
     }
-    let mut dec: Box<dyn Read + '_> = if matches!(chunk.codec, Codec::ZstdFrames { .. }) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(compressed).ok()?)
-    } else {
-        Box::new(flate2::read::GzDecoder::new(compressed))
-    };
-    if chunk.inner_offset > 0 {
-        let skipped = std::io::copy(
-            &mut (&mut dec).take(chunk.inner_offset),
-            &mut std::io::sink(),
-        )
-        .ok()?;
-        if skipped < chunk.inner_offset {
-            return None;
-        }
-    }
+    let mut dec = member_decoder(compressed, chunk).ok()?;
     let want = usize::try_from(chunk.size).unwrap_or(usize::MAX).min(max);
     let mut out = vec![0u8; want];
     let mut n = 0;
