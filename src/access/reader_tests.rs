@@ -508,6 +508,51 @@ async fn a_prefetch_through_a_gzip_index_decodes_with_windows_kept_apart() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetched_files_last_piece_comes_in_a_request_of_its_own() {
+    // A file of four 1 MiB pieces through a gzip index, listed for prefetch: its last piece
+    // (an ELF file's data segment, read right after its headers) is not at the end of one
+    // request for the whole file.
+    let files = vec![
+        ("usr/bin/big".to_string(), noise((3 << 20) + 200_000, 7)),
+        ("usr/bin/small".to_string(), text(1000, 8)),
+    ];
+    let f = gzip_indexed(&files, opts());
+    let e = f.entry("usr/bin/big");
+    let chunks = f.layer.toc.entries[e].chunks.clone();
+    assert_eq!(chunks.len(), 4);
+    let spans: Vec<(u64, u64)> = chunks.iter().map(|c| f.layer.spans.span(c)).collect();
+    let n = f.reader.prefetch(&f.layer, [e], Class::Prefetch);
+    assert!(n >= 4, "{n} claimed");
+    let partial = f.reader.partials.get(&f.layer.digest).unwrap();
+    for _ in 0..500 {
+        if spans.iter().all(|&(s, end)| partial.contains(s, end)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let layer: Vec<(u64, u64)> = f
+        .fake
+        .requests()
+        .iter()
+        .filter(|(d, _, _)| *d == f.layer.digest)
+        .map(|&(_, s, end)| (s, end))
+        .collect();
+    assert!(
+        layer
+            .iter()
+            .any(|&(s, end)| s == spans[3].0 && end >= spans[3].1),
+        "the last piece from its own checkpoint: {layer:?}, pieces at {spans:?}"
+    );
+    assert!(
+        layer
+            .iter()
+            .any(|&(s, end)| s == spans[0].0 && end >= spans[2].1 && end < spans[3].1),
+        "the others in one request: {layer:?}, pieces at {spans:?}"
+    );
+    assert_eq!(f.read("usr/bin/big").await.unwrap(), files[0].1);
+}
+
 #[test]
 fn region_read_ahead_takes_files_of_the_misses_kind_under_their_common_directory() {
     assert_eq!(
