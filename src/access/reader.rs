@@ -872,9 +872,8 @@ impl Reader {
                 for mut rx in waits {
                     let _ = rx.wait_for(|v| v.is_some()).await;
                 }
-                tracing::debug!(layer = %layer.digest, entry = entry_idx, files = files.len(), "directory read-ahead");
-                let n = this.read_ahead_gently(Arc::clone(&layer), files).await;
-                tracing::debug!(layer = %layer.digest, entry = entry_idx, chunks = n, "directory read-ahead done");
+                this.read_ahead_gently(layer, files, "directory", entry_idx)
+                    .await;
             });
         }
         // Region read-ahead (`region.rs`): misses of several files close together in the
@@ -899,13 +898,13 @@ impl Reader {
                         .map(|e| e.path.as_str()),
                 );
                 let files = layer.files_in(&parts, first, dir, kind);
-                let bytes: u64 = parts.iter().map(|(s, e)| e - s).sum();
-                let (this, layer) = (Arc::clone(self), Arc::clone(layer));
-                tokio::spawn(async move {
-                    tracing::debug!(layer = %layer.digest, entry = entry_idx, ?parts, bytes, files = files.len(), "region read-ahead");
-                    let n = this.read_ahead_gently(Arc::clone(&layer), files).await;
-                    tracing::debug!(layer = %layer.digest, entry = entry_idx, chunks = n, "region read-ahead done");
-                });
+                tracing::debug!(layer = %layer.digest, entry = entry_idx, ?parts, "region read-ahead");
+                tokio::spawn(Arc::clone(self).read_ahead_gently(
+                    Arc::clone(layer),
+                    files,
+                    "region",
+                    entry_idx,
+                ));
             }
         }
         if let Some(why) = slots.iter().find_map(|(_, s)| match s {
@@ -1161,7 +1160,15 @@ impl Reader {
     /// up to 32 requests) filled the bottleneck's queue ahead of the reads that followed: on a
     /// second node through a gzip index with the start's checkpoints the imports took
     /// 2.83-2.87 s, paced 2.44-2.65 s (eStargz: unchanged, 2.1-2.2 s).
-    async fn read_ahead_gently(self: Arc<Self>, layer: Arc<LazyLayer>, files: Vec<usize>) -> usize {
+    /// `what` and `entry` (the miss that set it off) are for the log.
+    async fn read_ahead_gently(
+        self: Arc<Self>,
+        layer: Arc<LazyLayer>,
+        files: Vec<usize>,
+        what: &'static str,
+        entry: usize,
+    ) {
+        tracing::debug!(layer = %layer.digest, entry, files = files.len(), "{what} read-ahead");
         let mut claimed = 0;
         let mut batch = vec![];
         let mut bytes = 0;
@@ -1190,7 +1197,7 @@ impl Reader {
                     .await;
             }
         }
-        claimed
+        tracing::debug!(layer = %layer.digest, entry, chunks = claimed, "{what} read-ahead done");
     }
 
     /// Load claimed chunks in the background: local ones first, the rest from the registry.

@@ -95,6 +95,21 @@ impl Fixture {
         self.reader.read(&self.layer, e, 0, size).await
     }
 
+    /// Wait (bounded) until reading `paths` sends no request: they are local. Panics if they
+    /// never are.
+    async fn wait_local(&self, paths: &[&str]) {
+        for _ in 0..500 {
+            let n = self.fake.requests().len();
+            for p in paths {
+                self.read(p).await.unwrap();
+            }
+            if self.fake.requests().len() == n {
+                return;
+            }
+        }
+        panic!("{paths:?} never became local");
+    }
+
     /// Wait (bounded) until a request has touched `path`'s bytes.
     async fn wait_requested(&self, path: &str) -> bool {
         let (s, e) = self.span(path);
@@ -215,15 +230,7 @@ async fn a_directorys_second_miss_fetches_its_other_files() {
     let (s, e) = f.span("other/big");
     assert_eq!(f.fake.requests_touching(s, e), 0, "another directory");
     // Once the read-ahead is in, the directory's files are local.
-    for _ in 0..500 {
-        let n = f.fake.requests().len();
-        f.read("pkg/b").await.unwrap();
-        f.read("pkg/d").await.unwrap();
-        if f.fake.requests().len() == n {
-            return;
-        }
-    }
-    panic!("pkg/b and pkg/d never became local");
+    f.wait_local(&["pkg/b", "pkg/d"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,15 +268,7 @@ async fn misses_of_three_files_of_a_kind_close_together_fetch_the_others_of_that
         );
     }
     // Once in, those files are local.
-    for _ in 0..500 {
-        let n = f.fake.requests().len();
-        f.read("lib/b/y.pyc").await.unwrap();
-        f.read("lib/d/w.pyc").await.unwrap();
-        if f.fake.requests().len() == n {
-            return;
-        }
-    }
-    panic!("the region's files never became local");
+    f.wait_local(&["lib/b/y.pyc", "lib/d/w.pyc"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
