@@ -78,6 +78,9 @@ pub struct Shareable {
     pub layers: usize,
     /// Checkpoints added before the files of the image's learned start ([`hot_points`]).
     pub added: usize,
+    /// The image's learned list (if it has one) with where its files lie through these
+    /// indexes, for other nodes to fetch ahead of them (`crate::learned`, ranges).
+    pub learned: Option<crate::learned::LearnedList>,
 }
 
 /// The bundle of the image's layer indexes with their windows apart (None: no layer has an
@@ -122,10 +125,34 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
         return Ok(None);
     }
     let at = (!windows.is_empty()).then(|| (Digest::of(&windows), windows.len() as u64));
+    let mut learned = learned;
     let encoded: Vec<Vec<u8>> = parts
         .into_iter()
         .map(|(entries, mut ra)| {
             ra.windows = at.clone().filter(|_| ra.windows_apart());
+            if let Some(list) = learned.as_mut() {
+                // Where the listed files lie through this index, as another node reads them.
+                let paths = list.paths_of(ra.layer.as_str());
+                let lazy = ra.lazy_entries(&entries);
+                let by_path: std::collections::HashMap<&str, &crate::layer::index::Entry> =
+                    lazy.iter().map(|e| (e.path.as_str(), e)).collect();
+                let chunks: Vec<&crate::layer::index::Chunk> = paths
+                    .iter()
+                    .filter_map(|p| by_path.get(p.as_str()))
+                    .flat_map(|e| e.chunks.iter())
+                    .filter(|c| c.end().is_some())
+                    .collect();
+                if !chunks.is_empty() {
+                    let ranges = crate::learned::ranges_of(
+                        ra.blob_size,
+                        false,
+                        &chunks,
+                        |c| (c.offset, c.end().unwrap_or(c.offset)),
+                        ra.windows.as_ref(),
+                    );
+                    list.ranges.insert(ra.layer.to_string(), ranges);
+                }
+            }
             ltar::encode_index_with(&entries, Some(&ra))
         })
         .collect();
@@ -149,6 +176,7 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
         windows,
         layers: encoded.len(),
         added: added_total,
+        learned,
     }))
 }
 
@@ -209,6 +237,8 @@ pub struct Pushed {
     pub layers: usize,
     /// Checkpoints added before the files of the image's learned start.
     pub added: usize,
+    /// Layers whose ranges the image's learned list now holds through the pushed indexes.
+    pub ranged: usize,
     /// Bytes of the bundle blob (what every pull with `fetch.index: auto` fetches) and of the
     /// windows blob (fetched by range, a window at a time, only where reads start).
     pub bundle_bytes: u64,
@@ -234,10 +264,24 @@ pub async fn push(
     let d = crate::artifact::attach(registry, &repo, &subject, ARTIFACT_TYPE, blobs, creds)
         .await
         .map_err(|e| e.to_string())?;
+    // Published: the learned list now says where its files lie through these indexes (kept
+    // for `lazypull learned push`, and for nodes provisioned from this store).
+    let mut ranged = 0;
+    if let Some(list) = &shared.learned {
+        ranged = list
+            .ranges
+            .keys()
+            .filter(|l| image.layers.iter().any(|x| &x.digest == *l && !x.has_toc()))
+            .count();
+        if ranged > 0 {
+            crate::learned::save(layout, list).map_err(|e| e.to_string())?;
+        }
+    }
     Ok(Pushed {
         artifact: d,
         layers: shared.layers,
         added: shared.added,
+        ranged,
         bundle_bytes,
         windows_bytes,
     })
@@ -460,6 +504,84 @@ mod tests {
 
     fn image(db: &Mutex<Catalogue>) -> ImageRecord {
         db.lock().unwrap().list_images().unwrap().remove(0)
+    }
+
+    #[test]
+    fn a_push_tells_the_learned_list_where_its_files_lie_through_the_shared_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (gz, index) = indexed_layer(dir.path());
+        let layer = Digest::of(&gz);
+        let (layout, db) = store(&dir.path().join("a"), &layer, gz.len() as u64);
+        let d = Digest::of(&index);
+        layout.put_blob(&d, &index).unwrap();
+        db.lock()
+            .unwrap()
+            .set_unpacked(layer.as_str(), Some(d.as_str()))
+            .unwrap();
+        // No list: nothing to tell.
+        assert!(
+            bundle(&layout, &image(&db))
+                .unwrap()
+                .unwrap()
+                .learned
+                .is_none()
+        );
+        let file = |path: &str| crate::learned::LearnedFile {
+            layer: layer.to_string(),
+            path: path.into(),
+        };
+        let list = crate::learned::LearnedList {
+            version: 1,
+            image: image(&db).manifest_digest,
+            recorded_at: 1,
+            files: vec![file("c"), file("b"), file("not/there")],
+            ranges: Default::default(),
+        };
+        crate::learned::save(&layout, &list).unwrap();
+        let shared = bundle(&layout, &image(&db)).unwrap().unwrap();
+        let told = shared.learned.unwrap();
+        let ranges = &told.ranges[layer.as_str()];
+        assert!(!ranges.toc_tail);
+        assert_eq!(ranges.size, gz.len() as u64);
+        let windows = ranges.windows.as_ref().unwrap();
+        assert_eq!(windows.digest, Digest::of(&shared.windows).to_string());
+        assert_eq!(windows.size, shared.windows.len() as u64);
+        // As the other node reads the files: every chunk of c and b from a range fetched
+        // ahead, its window from a window range fetched before that range.
+        let bytes = decompress_bounded(&shared.bundle).unwrap();
+        let bundled: Bundle = serde_json::from_slice(&bytes).unwrap();
+        let (entries, ra) =
+            ltar::decode_index_with(bundled.indexes[0].get().as_bytes(), &Limits::default())
+                .unwrap();
+        let lazy = ra.unwrap().lazy_entries(&entries);
+        let order = ranges.fetch_order(&layer);
+        let place = |d: &Digest, s: u64, e: u64| {
+            order
+                .iter()
+                .position(|(x, a, b)| x == d && *a <= s && e <= *b)
+        };
+        let wd = Digest::of(&shared.windows);
+        let mut chunks = 0;
+        for e in lazy.iter().filter(|e| e.path == "b" || e.path == "c") {
+            for c in &e.chunks {
+                let at = place(&layer, c.offset, c.end().unwrap()).expect("a range holds it");
+                if let Some(w) = c.resume().unwrap().window_ref {
+                    let wat = place(&wd, w.offset, w.offset + u64::from(w.len))
+                        .expect("a window range holds its window");
+                    assert!(wat < at, "the window comes first");
+                }
+                chunks += 1;
+            }
+        }
+        assert!(chunks >= 4, "{chunks}");
+        // The list read back from its file is the same (a list with ranges through windows is
+        // valid), and the files' order is kept.
+        let manifest = Digest::parse(&told.image).unwrap();
+        assert_eq!(
+            crate::learned::LearnedList::decode(&told.encode(), &manifest).unwrap(),
+            told
+        );
+        assert_eq!(told.files, list.files);
     }
 
     #[test]

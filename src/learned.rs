@@ -70,17 +70,81 @@ pub struct LayerRanges {
     pub toc_tail: bool,
     /// `[start, end)` byte ranges, in the order the start needs them.
     pub spans: Vec<[u64; 2]>,
+    /// A plain layer read through a shared gzip index whose checkpoint windows are kept
+    /// apart: the windows that decode `spans`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<WindowRanges>,
+}
+
+/// Where the checkpoint windows that decode a layer's listed ranges lie in the windows blob of
+/// the layer's shared index (same repository).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowRanges {
+    /// The windows blob's digest.
+    pub digest: String,
+    /// Its size.
+    pub size: u64,
+    /// `[start, end, before]`: bytes `[start, end)` of the windows blob, fetched right before
+    /// the layer's range `spans[before]`, the first that needs them.
+    pub spans: Vec<[u64; 3]>,
 }
 
 impl LayerRanges {
-    /// What to fetch ahead, in order: the TOC's tail, then the spans.
-    pub fn fetch_order(&self) -> Vec<(u64, u64)> {
+    /// What to fetch ahead of layer `layer`'s TOC, in order: the TOC's tail, then the spans,
+    /// each after the windows that decode it.
+    pub fn fetch_order(&self, layer: &Digest) -> Vec<(Digest, u64, u64)> {
         let tail = (self.toc_tail && self.size >= crate::layer::estargz::FOOTER_SIZE)
             .then(|| crate::fetch::toc_tail(self.size))
-            .map(|(at, len)| (at, at + len));
-        tail.into_iter()
-            .chain(self.spans.iter().map(|[s, e]| (*s, *e)))
-            .collect()
+            .map(|(at, len)| (layer.clone(), at, at + len));
+        let windows = self
+            .windows
+            .as_ref()
+            .and_then(|w| Some((Digest::parse(&w.digest).ok()?, &w.spans)));
+        let mut out: Vec<(Digest, u64, u64)> = tail.into_iter().collect();
+        for (i, [s, e]) in self.spans.iter().enumerate() {
+            if let Some((d, spans)) = &windows {
+                out.extend(
+                    spans
+                        .iter()
+                        .filter(|[_, _, before]| *before == i as u64)
+                        .map(|[ws, we, _]| (d.clone(), *ws, *we)),
+                );
+            }
+            out.push((layer.clone(), *s, *e));
+        }
+        out
+    }
+}
+
+/// Where the chunks of a layer's listed files lie (`chunks`, in list order; `span`: a chunk's
+/// compressed bytes, from where its decoding starts): the ranges, neighbours merged as the
+/// start-up prefetch merges them, so that its requests start inside them; and for a layer
+/// read through checkpoints whose windows are kept apart in blob `windows` (digest, size),
+/// the windows that decode them.
+pub fn ranges_of(
+    size: u64,
+    toc_tail: bool,
+    chunks: &[&crate::layer::index::Chunk],
+    span: impl Fn(&crate::layer::index::Chunk) -> (u64, u64),
+    windows: Option<&(Digest, u64)>,
+) -> LayerRanges {
+    let spans = crate::access::reader::prefetch_runs(chunks.iter().map(|c| span(c)).collect());
+    let windows = windows.map(|(blob, len)| WindowRanges {
+        digest: blob.to_string(),
+        size: *len,
+        spans: crate::access::reader::prefetch_windows(
+            &spans,
+            chunks
+                .iter()
+                .filter_map(|c| Some((span(c), c.resume()?.window_ref?))),
+        ),
+    });
+    LayerRanges {
+        size,
+        toc_tail,
+        spans: spans.into_iter().map(|(s, e)| [s, e]).collect(),
+        windows,
     }
 }
 
@@ -143,6 +207,21 @@ impl LearnedList {
                     "range [{s}, {e}) of layer {layer} is empty or past its {} bytes",
                     r.size
                 ));
+            }
+            if let Some(w) = &r.windows {
+                Digest::parse(&w.digest).map_err(|e| format!("windows of layer {layer:?}: {e}"))?;
+                if w.spans.len() > MAX_FILES {
+                    return Err(format!("{} window ranges in layer {layer}", w.spans.len()));
+                }
+                let bad = |[s, e, before]: &&[u64; 3]| {
+                    s >= e || *e > w.size || *before >= r.spans.len() as u64
+                };
+                if let Some([s, e, before]) = w.spans.iter().find(bad) {
+                    return Err(format!(
+                        "window range [{s}, {e}) before range {before} of layer {layer} is empty, past the windows' {} bytes or before no range",
+                        w.size
+                    ));
+                }
             }
         }
         Ok(list)
@@ -494,9 +573,9 @@ impl Learner {
             request: None,
             persisted: crate::fetch::persisted_secret(&self.db, reference.registry()),
         };
-        let spans = ranges.fetch_order();
+        let spans = ranges.fetch_order(layer);
         let _rt = self.rt.enter();
-        let bytes = self.early.fetch(reference, layer.clone(), &spans, creds);
+        let bytes = self.early.fetch_in_order(reference, &spans, creds);
         if bytes > 0 {
             tracing::info!(layer = %layer, image = %image_ref, list = %list.image, ranges = spans.len(), bytes,
                 "fetching the ranges a previous start read, ahead of the layer's TOC");
@@ -838,6 +917,7 @@ mod tests {
                 spans: (0..paths.len() as u64)
                     .map(|i| [100 * i, 100 * i + 50])
                     .collect(),
+                windows: None,
             })
         }
     }
@@ -970,6 +1050,52 @@ mod tests {
             matches!(&status, StartPrefetch::Learned { files: 3, layers, .. } if layers.len() == 2),
             "{status:?}"
         );
+    }
+
+    #[test]
+    fn through_a_gzip_index_each_range_is_fetched_ahead_after_the_windows_that_decode_it() {
+        let (layer, windows) = (d('b'), d('c'));
+        let ranges = LayerRanges {
+            size: 1_000_000,
+            toc_tail: false,
+            spans: vec![[500_000, 600_000], [0, 100_000], [800_000, 900_000]],
+            windows: Some(WindowRanges {
+                digest: windows.to_string(),
+                size: 50_000,
+                spans: vec![[10_000, 30_000, 0], [0, 5_000, 1]],
+            }),
+        };
+        assert_eq!(
+            ranges.fetch_order(&layer),
+            [
+                (windows.clone(), 10_000, 30_000),
+                (layer.clone(), 500_000, 600_000),
+                (windows.clone(), 0, 5_000),
+                (layer.clone(), 0, 100_000),
+                (layer.clone(), 800_000, 900_000),
+            ]
+        );
+        let mut l = list(&[(layer.as_str(), "usr/bin/python3")]);
+        l.ranges.insert(layer.to_string(), ranges.clone());
+        let manifest = Digest::parse(&l.image).unwrap();
+        assert_eq!(LearnedList::decode(&l.encode(), &manifest).unwrap(), l);
+        // Refused whole: a window range past the windows blob, or before no range.
+        for bad in [[40_000, 50_001, 0], [0, 10, 3], [7, 7, 0]] {
+            let mut worse = l.clone();
+            let r = worse.ranges.get_mut(layer.as_str()).unwrap();
+            r.windows.as_mut().unwrap().spans.push(bad);
+            assert!(
+                LearnedList::decode(&worse.encode(), &manifest).is_err(),
+                "{bad:?}"
+            );
+        }
+        // Lists written before windows were kept read as before.
+        let old = br#"{"version":1,"image":"IMG","recorded_at":0,"files":[],"ranges":{"LAYER":{"size":10,"spans":[[0,5]]}}}"#;
+        let old = String::from_utf8_lossy(old)
+            .replace("IMG", manifest.as_str())
+            .replace("LAYER", layer.as_str());
+        let read = LearnedList::decode(old.as_bytes(), &manifest).unwrap();
+        assert_eq!(read.ranges[layer.as_str()].windows, None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1464,6 +1464,16 @@ async fn a_streamed_start_is_learned_whole_and_its_files_get_checkpoints() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("checkpoint(s) right before"), "{text}");
+    // The list now says where its files lie through the pushed index (and its windows), so
+    // that a node with it fetches them ahead of the index.
+    assert!(text.contains("now holds where its files lie"), "{text}");
+    let out = d.cli(&["learned", &img, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let ahead = &v["ahead"][layer_digests(&reg, "learnstream")[0].as_str()];
+    assert!(
+        ahead["ranges"].as_u64() > Some(0) && ahead["window_ranges"].as_u64() > Some(0),
+        "{v}"
+    );
     ctd.ctr(&["images", "rm", "--sync", &img]);
 }
 

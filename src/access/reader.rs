@@ -1851,26 +1851,73 @@ fn decoder_starts<'a>(chunks: impl Iterator<Item = &'a Chunk>) -> impl Iterator<
 fn window_groups(
     refs: Vec<crate::layer::gzindex::WindowRef>,
 ) -> Vec<Vec<crate::layer::gzindex::WindowRef>> {
-    let mut groups: Vec<Vec<crate::layer::gzindex::WindowRef>> = vec![];
-    for r in refs {
+    window_groups_by(refs, |r| r)
+}
+
+/// [`window_groups`] of items that each name a window (`window`).
+fn window_groups_by<T>(
+    items: Vec<T>,
+    window: impl Fn(&T) -> &crate::layer::gzindex::WindowRef,
+) -> Vec<Vec<T>> {
+    let mut groups: Vec<Vec<T>> = vec![];
+    for item in items {
+        let r = window(&item);
         if let Some(g) = groups.last_mut() {
             let (first, end) = (
-                g[0].offset,
+                window(&g[0]).offset,
                 g.iter()
-                    .map(|w| w.offset + u64::from(w.len))
+                    .map(|w| window(w).offset + u64::from(window(w).len))
                     .max()
                     .unwrap_or(0),
             );
             if r.offset <= end + WINDOW_GAP
                 && r.offset + u64::from(r.len) - first <= WINDOW_GROUP_MAX
             {
-                g.push(r);
+                g.push(item);
                 continue;
             }
         }
-        groups.push(vec![r]);
+        groups.push(vec![item]);
     }
     groups
+}
+
+/// The windows blob's ranges that decoding a learned list's chunks needs, to fetch them ahead
+/// with the list's ranges: `needs` holds each chunk's span in the blob and its window (kept
+/// apart), `runs` the list's ranges as [`prefetch_runs`] made them. Returns `[start, end,
+/// before]`: windows grouped as a read groups them, each group with the index in `runs` of the
+/// first range that needs one of its windows, in that order.
+pub fn prefetch_windows(
+    runs: &[(u64, u64)],
+    needs: impl IntoIterator<Item = ((u64, u64), crate::layer::gzindex::WindowRef)>,
+) -> Vec<[u64; 3]> {
+    let mut first: HashMap<u64, (crate::layer::gzindex::WindowRef, usize)> = HashMap::new();
+    for ((start, _), w) in needs {
+        let Some(run) = runs.iter().position(|&(s, e)| s <= start && start < e) else {
+            continue;
+        };
+        first
+            .entry(w.offset)
+            .and_modify(|(_, r)| *r = (*r).min(run))
+            .or_insert((w, run));
+    }
+    let mut windows: Vec<_> = first.into_values().collect();
+    windows.sort_unstable_by_key(|(w, _)| w.offset);
+    let mut out: Vec<[u64; 3]> = window_groups_by(windows, |(w, _)| w)
+        .into_iter()
+        .map(|g| {
+            let start = g[0].0.offset;
+            let end = g
+                .iter()
+                .map(|(w, _)| w.offset + u64::from(w.len))
+                .max()
+                .unwrap_or(start);
+            let before = g.iter().map(|(_, r)| *r).min().unwrap_or(0);
+            [start, end, before as u64]
+        })
+        .collect();
+    out.sort_unstable_by_key(|[s, _, before]| (*before, *s));
+    out
 }
 
 /// Group claims into runs of chunks at most `gap` apart, one range request each (sorted by
@@ -2237,6 +2284,40 @@ mod tests {
                 assert!(runs.iter().any(|r| r.0 <= s && e <= r.1), "{s}..{e}");
             }
         }
+    }
+
+    #[test]
+    fn a_lists_windows_are_fetched_ahead_grouped_before_the_first_range_that_needs_them() {
+        let w = |offset: u64, len: u32| crate::layer::gzindex::WindowRef {
+            offset,
+            len,
+            sha256: [offset as u8; 32],
+        };
+        // The list's ranges, in the order its files come (as `prefetch_runs` made them).
+        let runs = [
+            (5_000_000, 5_400_000),
+            (100_000, 300_000),
+            (9_000_000, 9_100_000),
+        ];
+        let needs = vec![
+            // The first range: two chunks from one checkpoint (one window), and one from the
+            // checkpoint next to it, whose window lies right after in the windows blob.
+            ((5_000_000, 5_200_000), w(400_000, 10_000)),
+            ((5_000_000, 5_300_000), w(400_000, 10_000)),
+            ((5_300_000, 5_400_000), w(410_000, 12_000)),
+            // The second: a window far from those.
+            ((100_000, 300_000), w(0, 9_000)),
+            // The third: a window next to the first group's, so in that group (it comes with
+            // the first range, earlier than needed, in the same request).
+            ((9_000_000, 9_100_000), w(422_000, 8_000)),
+            // A chunk outside every range (not in the list's ranges): no window for it.
+            ((20_000_000, 20_100_000), w(900_000, 8_000)),
+        ];
+        assert_eq!(
+            prefetch_windows(&runs, needs),
+            [[400_000, 430_000, 0], [0, 9_000, 1]]
+        );
+        assert!(prefetch_windows(&runs, vec![]).is_empty());
     }
 
     #[test]

@@ -41,6 +41,12 @@ pub async fn run(
                     args.image
                 );
             }
+            if pushed.ranged > 0 {
+                println!(
+                    "the learned list of {} now holds where its files lie through this index in {} layer(s): a node with the list fetches them ahead of the index (share it with lazypull learned push {})",
+                    args.image, pushed.ranged, args.image
+                );
+            }
         }
         IndexAction::Show => {
             let rows: Vec<serde_json::Value> = image

@@ -131,6 +131,25 @@ pub async fn run(
         }
         rows.push((f, found));
     }
+    // Per layer: the ranges fetched ahead of its TOC or index at a cold start, their bytes,
+    // and the ranges of checkpoint windows among them.
+    let ahead: serde_json::Map<String, serde_json::Value> = list
+        .ranges
+        .iter()
+        .map(|(layer, r)| {
+            let bytes: u64 = r.spans.iter().map(|[s, e]| e - s).sum::<u64>()
+                + r.windows
+                    .iter()
+                    .flat_map(|w| &w.spans)
+                    .map(|[s, e, _]| e - s)
+                    .sum::<u64>();
+            let windows = r.windows.as_ref().map_or(0, |w| w.spans.len());
+            (
+                layer.clone(),
+                serde_json::json!({ "ranges": r.spans.len(), "window_ranges": windows, "bytes": bytes }),
+            )
+        })
+        .collect();
     if args.json {
         let files: Vec<_> = rows
             .iter()
@@ -145,7 +164,7 @@ pub async fn run(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "image": list.image, "recorded_at": list.recorded_at, "files": files,
-                "size": size, "compressed": compressed, "not_found": missing,
+                "size": size, "compressed": compressed, "not_found": missing, "ahead": ahead,
             }))?
         );
         return Ok(());
@@ -177,5 +196,17 @@ pub async fn run(
             String::new()
         }
     );
+    for (layer, a) in &ahead {
+        println!(
+            "layer {}: {} range(s){} fetched ahead of its TOC or index at a cold start ({})",
+            short_id(layer),
+            a["ranges"],
+            match a["window_ranges"].as_u64() {
+                Some(n) if n > 0 => format!(" and {n} of checkpoint windows"),
+                _ => String::new(),
+            },
+            human_bytes(a["bytes"].as_u64().unwrap_or(0))
+        );
+    }
     Ok(())
 }

@@ -209,8 +209,10 @@ impl LayerTable {
     /// Where the regular files `paths` of layer `hex` lie in its blob, for a learned list:
     /// the blob's size, whether its TOC is an eStargz tail, and the byte ranges in the order
     /// the files come in `paths` (neighbouring chunks merged as the start-up prefetch merges
-    /// them, so that its requests fall inside these ranges). `None` for a layer not read
-    /// through a TOC (streaming, or through a gzip index).
+    /// them, so that its requests fall inside these ranges); through a shared gzip index, the
+    /// ranges run from the checkpoints the files decode from, with the windows blob's ranges
+    /// those need. `None` for a layer read neither through a TOC nor through checkpoints
+    /// (streaming, or complete and unpacked here without them).
     pub fn learned_spans(
         &self,
         hex: &str,
@@ -218,7 +220,7 @@ impl LayerTable {
     ) -> Option<crate::learned::LayerRanges> {
         let layer = self.get(self.by_name(hex)?)?;
         let rec = lock(&self.db).layer(layer.digest.as_str()).ok().flatten()?;
-        if !rec.has_toc() || layer.windows.is_some() || layer.stream.is_some() {
+        if layer.stream.is_some() {
             return None;
         }
         let by_path: HashMap<&str, &crate::layer::index::Entry> = layer
@@ -227,25 +229,31 @@ impl LayerTable {
             .iter()
             .map(|e| (e.path.as_str(), e))
             .collect();
-        let spans = paths
+        let chunks: Vec<&crate::layer::index::Chunk> = paths
             .iter()
             .filter_map(|p| by_path.get(p.as_str()))
-            .flat_map(|e| e.chunks.iter().map(|c| layer.spans.span(c)))
+            .flat_map(|e| e.chunks.iter())
             .collect();
-        Some(crate::learned::LayerRanges {
-            size: layer.size,
-            toc_tail: matches!(
-                rec.form(),
-                crate::store::Form::Toc {
-                    format: crate::store::TocFormat::Estargz,
-                    ..
-                }
-            ),
-            spans: crate::access::reader::prefetch_runs(spans)
-                .into_iter()
-                .map(|(s, e)| [s, e])
-                .collect(),
-        })
+        // A plain layer's chunks all decode from checkpoints, or it has none to fetch from.
+        let checkpoints = !rec.has_toc();
+        if checkpoints && (chunks.is_empty() || !chunks.iter().all(|c| c.resume().is_some())) {
+            return None;
+        }
+        let toc_tail = matches!(
+            rec.form(),
+            crate::store::Form::Toc {
+                format: crate::store::TocFormat::Estargz,
+                ..
+            }
+        );
+        let windows = layer.windows.as_ref().filter(|_| checkpoints);
+        Some(crate::learned::ranges_of(
+            layer.size,
+            toc_tail,
+            &chunks,
+            |c| layer.spans.span(c),
+            windows,
+        ))
     }
 
     fn load_hex(&self, name: &str) -> Option<LazyLayer> {

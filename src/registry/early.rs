@@ -108,42 +108,60 @@ impl EarlyBlobs {
         spans: &[(u64, u64)],
         creds: OpCreds,
     ) -> u64 {
-        let mut new = vec![];
+        let items: Vec<(Digest, u64, u64)> =
+            spans.iter().map(|&(s, e)| (d.clone(), s, e)).collect();
+        self.fetch_in_order(r, &items, creds)
+    }
+
+    /// [`EarlyBlobs::fetch`] of ranges of several blobs of one repository (`r`), in this
+    /// order through one window: a layer's ranges and the checkpoint windows that decode
+    /// them, each window right before the range that needs it.
+    pub fn fetch_in_order(
+        self: &Arc<Self>,
+        r: Reference,
+        items: &[(Digest, u64, u64)],
+        creds: OpCreds,
+    ) -> u64 {
+        let mut new: Vec<(Digest, Arc<Early>)> = vec![];
         {
             let mut map = self.ranges();
             Self::expire(&mut map);
             let mut held: u64 = map.values().flatten().map(|e| e.end - e.start).sum();
-            let have = map.get(&d).cloned().unwrap_or_default();
-            for &(start, end) in spans {
+            for (d, start, end) in items {
+                let (start, end) = (*start, *end);
                 let overlaps = |e: &Arc<Early>| e.start < end && start < e.end;
                 if start >= end
                     || held + (end - start) > MAX_HELD
-                    || have.iter().chain(&new).any(overlaps)
+                    || map.get(d).is_some_and(|have| have.iter().any(overlaps))
+                    || new.iter().any(|(nd, e)| nd == d && overlaps(e))
                 {
                     continue;
                 }
                 held += end - start;
-                new.push(Arc::new(Early {
-                    start,
-                    end,
-                    created: Instant::now(),
-                    buf: Mutex::new(Vec::new()),
-                    progress: watch::Sender::new(Progress::Have(0)),
-                }));
+                new.push((
+                    d.clone(),
+                    Arc::new(Early {
+                        start,
+                        end,
+                        created: Instant::now(),
+                        buf: Mutex::new(Vec::new()),
+                        progress: watch::Sender::new(Progress::Have(0)),
+                    }),
+                ));
             }
             if new.is_empty() {
                 return 0;
             }
-            map.entry(d.clone())
-                .or_default()
-                .extend(new.iter().cloned());
+            for (d, e) in &new {
+                map.entry(d.clone()).or_default().push(Arc::clone(e));
+            }
         }
-        let bytes = new.iter().map(|e| e.end - e.start).sum();
+        let bytes = new.iter().map(|(_, e)| e.end - e.start).sum();
         let this = Arc::clone(self);
         tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(REQUESTS));
             let window = Arc::new(Semaphore::new(WINDOW_KIB as usize));
-            for e in new {
+            for (d, e) in new {
                 // A range longer than half the window takes half (see the start-up prefetch).
                 let kib = ((e.end - e.start).div_ceil(1024) as u32).clamp(1, WINDOW_KIB / 2);
                 // Closed never: the semaphores are ours.
@@ -153,7 +171,7 @@ impl EarlyBlobs {
                 ) else {
                     return;
                 };
-                let (this, r, d, creds) = (Arc::clone(&this), r.clone(), d.clone(), creds.clone());
+                let (this, r, creds) = (Arc::clone(&this), r.clone(), creds.clone());
                 tokio::spawn(async move {
                     this.fetch_one(&r, &d, &e, &creds, credit).await;
                     drop(permit);
@@ -236,14 +254,14 @@ impl EarlyBlobs {
         }
     }
 
-    /// The held range of `d` that `offset` lies in.
-    fn covering(&self, d: &Digest, offset: u64) -> Option<Arc<Early>> {
+    /// The held range of `d` that `offset` lies in, and the others held of `d` (a read that
+    /// runs past the end of one goes on in the next, when that one starts where it ends).
+    fn covering(&self, d: &Digest, offset: u64) -> Option<(Arc<Early>, Vec<Arc<Early>>)> {
         let mut map = self.ranges();
         Self::expire(&mut map);
-        map.get(d)?
-            .iter()
-            .find(|e| e.start <= offset && offset < e.end)
-            .cloned()
+        let held = map.get(d)?;
+        let e = held.iter().find(|e| e.start <= offset && offset < e.end)?;
+        Some((Arc::clone(e), held.clone()))
     }
 
     /// Bytes `[offset, offset + len)` of `d` when `offset` lies in a held range: from it as
@@ -256,7 +274,7 @@ impl EarlyBlobs {
         len: u64,
         creds: &OpCreds,
     ) -> Option<BoxStream<'static, std::io::Result<Bytes>>> {
-        let e = self.covering(d, offset)?;
+        let (e, others) = self.covering(d, offset)?;
         tracing::debug!(layer = %d, offset, len, from = e.start, "answered from an early fetch");
         let end = offset + len;
         let state = Answer {
@@ -267,6 +285,7 @@ impl EarlyBlobs {
             d: d.clone(),
             creds: creds.clone(),
             early: e,
+            others,
             pos: offset,
             end,
             rest: None,
@@ -286,6 +305,9 @@ struct Answer {
     d: Digest,
     creds: OpCreds,
     early: Arc<Early>,
+    /// The blob's other held ranges when the answer began: where the read goes on when it
+    /// runs past `early`'s end.
+    others: Vec<Arc<Early>>,
     pos: u64,
     end: u64,
     rest: Option<BoxStream<'static, std::io::Result<Bytes>>>,
@@ -316,6 +338,17 @@ impl Answer {
                 };
                 self.pos = upto;
                 return Some((Ok(bytes), self));
+            }
+            if !failed
+                && self.pos >= self.early.end
+                && let Some(next) = self
+                    .others
+                    .iter()
+                    .find(|e| e.start <= self.pos && self.pos < e.end)
+            {
+                // Another range fetched ahead goes on from here.
+                self.early = Arc::clone(next);
+                continue;
             }
             if failed || self.pos >= self.early.end {
                 // The rest from the registry.
@@ -471,12 +504,13 @@ mod tests {
             data[50 << 10..51 << 10]
         );
         assert_eq!(fake.requests().len(), 3);
-        // Starting inside, ending past it: the rest alone comes from the registry.
+        // Starting inside, ending past it: on through the next range held ([50, 51) KiB),
+        // which starts where the first ends; the rest alone comes from the registry.
         assert_eq!(
             read(&early, &r, &d, 40 << 10, 20 << 10).await,
             data[40 << 10..60 << 10]
         );
-        assert_eq!(fake.requests()[3], (d.clone(), 50 << 10, 60 << 10));
+        assert_eq!(fake.requests()[3], (d.clone(), 51 << 10, 60 << 10));
         // Starting outside: the registry, as before.
         assert_eq!(
             read(&early, &r, &d, 100 << 10, 10).await,
