@@ -329,8 +329,8 @@ pub fn take_bundle(
     let mut taken = 0;
     for raw in bundle.indexes {
         let index = raw.get().as_bytes();
-        let (_, ra) = match ltar::decode_index_with(index, &Limits::default()) {
-            Ok((_, Some(ra))) => ((), ra),
+        let (entries, ra) = match ltar::decode_index_with(index, &Limits::default()) {
+            Ok((entries, Some(ra))) => (entries, ra),
             Ok((_, None)) => {
                 tracing::warn!(image = %image.id, "a shared index without random access: ignored");
                 continue;
@@ -363,6 +363,8 @@ pub fn take_bundle(
             .map_err(|e| e.to_string())?
         {
             tracing::info!(layer = %layer.digest, index = %d, checkpoints = ra.points.len(), windows_apart = ra.windows_apart(), "random-access index from the registry: the layer is read lazily");
+            // Its mount follows at once: it takes the index decoded.
+            ltar::keep_decoded(d, (entries, Some(ra)));
             taken += 1;
         }
     }

@@ -286,9 +286,16 @@ impl LayerTable {
             // an eStargz layer. With both, files missing from the cache (wiped, or another
             // layer's GC) are read through the checkpoints too.
             let index = Digest::parse(index)?;
-            let json = self.layout.read_blob(&index)?;
-            let (entries, ra) =
-                crate::layer::tar::decode_index_with(&json, &crate::layer::tar::Limits::default())?;
+            let (entries, ra) = match crate::layer::tar::take_decoded(&index) {
+                Some(decoded) => decoded,
+                None => {
+                    let json = self.layout.read_blob(&index)?;
+                    crate::layer::tar::decode_index_with(
+                        &json,
+                        &crate::layer::tar::Limits::default(),
+                    )?
+                }
+            };
             let ra = ra.filter(|ra| ra.layer == digest && ra.blob_size == rec.size);
             let (entries, toc_offset, windows) = match ra {
                 Some(ra) => {
