@@ -126,6 +126,7 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
     }
     let at = (!windows.is_empty()).then(|| (Digest::of(&windows), windows.len() as u64));
     let mut learned = learned;
+    let mut ranged = false;
     let encoded: Vec<Vec<u8>> = parts
         .into_iter()
         .map(|(entries, mut ra)| {
@@ -151,6 +152,7 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
                         ra.windows.as_ref(),
                     );
                     list.ranges.insert(ra.layer.to_string(), ranges);
+                    ranged = true;
                 }
             }
             ltar::encode_index_with(&entries, Some(&ra))
@@ -171,6 +173,14 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
     };
     let bytes = serde_json::to_vec(&bundle).map_err(|e| e.to_string())?;
     let bytes = zstd::bulk::compress(&bytes, BUNDLE_LEVEL).map_err(|e| e.to_string())?;
+    if let Some(list) = learned.as_mut().filter(|_| ranged) {
+        list.index = Some(crate::learned::SharedIndex {
+            bundle: Digest::of(&bytes).to_string(),
+            bundle_size: bytes.len() as u64,
+            windows: at.as_ref().map(|(d, _)| d.to_string()),
+            windows_size: at.as_ref().map_or(0, |(_, n)| *n),
+        });
+    }
     Ok(Some(Shareable {
         bundle: bytes,
         windows,
@@ -409,6 +419,69 @@ pub fn take_found(
         .map_err(|e| format!("the shared index {}: {e}", found.digest))
 }
 
+/// A shared index for tests elsewhere: what [`bundle`] publishes for the image whose manifest
+/// is `manifest` and whose one layer is `gz` (indexed here, every 256 KiB), with a learned list
+/// of `paths` (then holding the ranges and the index).
+#[cfg(test)]
+pub fn test_bundle(
+    dir: &std::path::Path,
+    gz: &[u8],
+    manifest: &Digest,
+    paths: &[&str],
+) -> Shareable {
+    use crate::store::{NameKind, NewImage, NewLayer};
+    let (entries, ra) = ltar::test_util::index_of(gz, 256 << 10, &dir.join("files"));
+    let index = ltar::encode_index_with(&entries, Some(&ra));
+    let layer = Digest::of(gz);
+    let layout = Layout::new(dir.join("store"));
+    layout.create().unwrap();
+    let db = Mutex::new(Catalogue::open(&layout.db()).unwrap());
+    db.lock()
+        .unwrap()
+        .insert_image(&NewImage {
+            id: &Digest::of(b"config"),
+            manifest_digest: manifest,
+            index_digest: None,
+            media_type: "application/vnd.oci.image.manifest.v1+json",
+            size: 1,
+            user: "",
+            source: "r.example/img",
+            layers: vec![NewLayer {
+                digest: &layer,
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+                size: gz.len() as u64,
+                diff_id: &layer,
+                toc_digest: None,
+                toc_position: None,
+            }],
+            names: vec![("r.example/img:1".into(), NameKind::Tag)],
+        })
+        .unwrap();
+    let d = Digest::of(&index);
+    layout.put_blob(&d, &index).unwrap();
+    db.lock()
+        .unwrap()
+        .set_unpacked(layer.as_str(), Some(d.as_str()))
+        .unwrap();
+    let list = crate::learned::LearnedList {
+        version: 1,
+        image: manifest.to_string(),
+        recorded_at: 1,
+        files: paths
+            .iter()
+            .map(|p| crate::learned::LearnedFile {
+                layer: layer.to_string(),
+                path: p.to_string(),
+            })
+            .collect(),
+        ranges: Default::default(),
+        index: None,
+    };
+    crate::learned::save(&layout, &list).unwrap();
+    let image = db.lock().unwrap().list_images().unwrap().remove(0);
+    bundle(&layout, &image).unwrap().unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -538,6 +611,7 @@ mod tests {
             recorded_at: 1,
             files: vec![file("c"), file("b"), file("not/there")],
             ranges: Default::default(),
+            index: None,
         };
         crate::learned::save(&layout, &list).unwrap();
         let shared = bundle(&layout, &image(&db)).unwrap().unwrap();

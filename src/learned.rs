@@ -56,6 +56,36 @@ pub struct LearnedList {
     /// recorded before there were ranges have none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub ranges: BTreeMap<String, LayerRanges>,
+    /// The shared random-access index of the image's plain layers that `ranges` go through
+    /// (written by `lazypull index push`): a pull takes it by digest, fetched ahead with the
+    /// ranges, without looking it up through the referrers API first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<SharedIndex>,
+}
+
+/// An image's shared index bundle and its windows blob, as `lazypull index push` published
+/// them (`crate::index_share`): digests and sizes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedIndex {
+    pub bundle: String,
+    pub bundle_size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub windows: Option<String>,
+    #[serde(default)]
+    pub windows_size: u64,
+}
+
+impl SharedIndex {
+    /// The bundle's digest, the windows blob's (digest, size); `None` if a digest is bad.
+    pub fn parts(&self) -> Option<(Digest, Option<(Digest, u64)>)> {
+        let bundle = Digest::parse(&self.bundle).ok()?;
+        let windows = match &self.windows {
+            Some(w) => Some((Digest::parse(w).ok()?, self.windows_size)),
+            None => None,
+        };
+        Some((bundle, windows))
+    }
 }
 
 /// Where a layer's listed files lie in its blob.
@@ -222,6 +252,19 @@ impl LearnedList {
                         w.size
                     ));
                 }
+            }
+        }
+        if let Some(index) = &list.index {
+            if index.parts().is_none() {
+                return Err(format!("bad digest in its shared index {index:?}"));
+            }
+            if index.bundle_size == 0
+                || index.bundle_size > crate::index_share::MAX_BUNDLE_BYTES as u64
+            {
+                return Err(format!(
+                    "its shared index bundle of {} bytes",
+                    index.bundle_size
+                ));
             }
         }
         Ok(list)
@@ -573,7 +616,12 @@ impl Learner {
             request: None,
             persisted: crate::fetch::persisted_secret(&self.db, reference.registry()),
         };
-        let spans = ranges.fetch_order(layer);
+        let mut spans = ranges.fetch_order(layer);
+        if let Some((bundle, _)) = list.index.as_ref().and_then(|i| i.parts()) {
+            // The index the ranges go through, first: the pull takes it by digest.
+            let size = list.index.as_ref().map_or(0, |i| i.bundle_size);
+            spans.insert(0, (bundle, 0, size));
+        }
         let _rt = self.rt.enter();
         let bytes = self.early.fetch_in_order(reference, &spans, creds);
         if bytes > 0 {
@@ -770,6 +818,7 @@ impl Learner {
                     })
                     .collect(),
                 ranges: BTreeMap::new(),
+                index: None,
             };
             let n = list.files.len();
             let layout = this.layout.clone();
@@ -835,6 +884,7 @@ mod tests {
             image: d('e').to_string(),
             recorded_at: 1,
             ranges: BTreeMap::new(),
+            index: None,
             files: files
                 .iter()
                 .map(|(l, p)| LearnedFile {

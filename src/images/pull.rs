@@ -146,10 +146,14 @@ impl Images {
                 return None;
             }
             let started = std::time::Instant::now();
-            let found = tokio::time::timeout(
-                INDEX_LOOKUP_TIMEOUT,
-                crate::index_share::find_shared(&self.registry, &at, &manifest_digest, &creds),
-            )
+            let found = tokio::time::timeout(INDEX_LOOKUP_TIMEOUT, async {
+                // The image's learned list names the index its ranges go through: taken by
+                // digest (fetched ahead with them, see `crate::learned`), not looked up.
+                if let Some(named) = self.named_index(&at, &manifest_digest, &creds).await {
+                    return Ok(Some(named));
+                }
+                crate::index_share::find_shared(&self.registry, &at, &manifest_digest, &creds).await
+            })
             .await;
             Some((found, started))
         };
@@ -293,6 +297,53 @@ impl Images {
                 .ok()
                 .flatten()
                 .is_none_or(|rec| wants_index(&rec))
+    }
+
+    /// The shared index bundle that the image's learned list names (the one its ranges go
+    /// through), fetched by digest (from the bytes fetched ahead when they are held) and
+    /// checked against it; `None` when the list names none or it cannot be had, and the
+    /// index is looked up in the registry instead. Taking it validates it as any other.
+    async fn named_index(
+        &self,
+        at: &crate::oci::Reference,
+        manifest: &Digest,
+        creds: &crate::registry::OpCreds,
+    ) -> Option<crate::artifact::Fetched> {
+        use crate::registry::seam::BlobSource as _;
+        let list = crate::learned::load(&self.layout, manifest)
+            .ok()
+            .flatten()?;
+        let index = list.index.as_ref()?;
+        let (bundle, windows) = index.parts()?;
+        let got = self
+            .early
+            .fetch_range(at, &bundle, 0, index.bundle_size, creds)
+            .await;
+        match got {
+            Ok(blob) if Digest::of(&blob) == bundle => {
+                tracing::debug!(image = %manifest, bundle = %bundle, "the shared index the learned list names, taken by digest");
+                Some(crate::artifact::Fetched {
+                    digest: bundle,
+                    blob,
+                    others: windows
+                        .map(|(digest, size)| crate::artifact::Descriptor {
+                            media_type: crate::index_share::WINDOWS_TYPE.into(),
+                            digest,
+                            size,
+                        })
+                        .into_iter()
+                        .collect(),
+                })
+            }
+            Ok(_) => {
+                tracing::warn!(image = %manifest, bundle = %bundle, "the shared index the learned list names does not match its digest; looking it up");
+                None
+            }
+            Err(e) => {
+                tracing::info!(image = %manifest, bundle = %bundle, error = %e, "cannot fetch the shared index the learned list names; looking it up");
+                None
+            }
+        }
     }
 
     /// Take the random-access index of the image's plain gzip layers another node shared

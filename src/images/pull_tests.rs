@@ -21,6 +21,10 @@ struct Fixture {
 }
 
 fn fixture(fill: bool, pull_timeout: Duration) -> Fixture {
+    fixture_with(fill, pull_timeout, false)
+}
+
+fn fixture_with(fill: bool, pull_timeout: Duration, index_lookup: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let layout = Layout::new(dir.path());
     layout.create().unwrap();
@@ -53,7 +57,7 @@ fn fixture(fill: bool, pull_timeout: Duration) -> Fixture {
         ImagesOptions {
             persist_credentials: false,
             pull_timeout,
-            index_lookup: false,
+            index_lookup,
         },
     );
     Fixture {
@@ -237,4 +241,79 @@ async fn a_full_pull_returns_once_every_layer_is_here_and_verified() {
     assert!(f.layout.has_blob(&layer));
     let img = f.images.resolve(&format!("{REPO}:1")).unwrap().unwrap();
     assert!(img.complete(), "{img:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_takes_the_shared_index_its_learned_list_names_by_digest() {
+    // The registry client of the fixture reaches no registry: a referrers lookup would fail,
+    // so an index taken shows it was taken by the digest the list names.
+    let f = fixture_with(false, Duration::from_secs(10), true);
+    let text = |len: usize, seed: u32| -> Vec<u8> {
+        let mut x = seed;
+        (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                b"abcdefgh ijklmn\n"[(x >> 16) as usize % 16]
+            })
+            .collect()
+    };
+    let (a, b) = (text(3 << 20, 1), text(4000, 2));
+    let (tar, gz) = crate::layer::tar::test_util::files_tar_gz(&[("a", &a), ("b", &b)]);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [Digest::of(&tar).to_string()]},
+    }))
+    .unwrap();
+    let config_digest = f.fake.add(config.clone());
+    let layer = f.fake.add(gz.clone());
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": config_digest.to_string(), "size": config.len()},
+        "layers": [{"mediaType": GZ_LAYER, "digest": layer.to_string(), "size": gz.len()}],
+    }))
+    .unwrap();
+    let manifest_digest = f.fake.add_manifest(Some("1"), manifest);
+    // Another node pushed the index and wrote where b lies through it into its list.
+    let other = tempfile::tempdir().unwrap();
+    let shared = crate::index_share::test_bundle(other.path(), &gz, &manifest_digest, &["b"]);
+    let list = shared.learned.clone().unwrap();
+    let named = list.index.clone().unwrap();
+    assert!(list.ranges.contains_key(layer.as_str()));
+    let bundle = f.fake.add(shared.bundle.clone());
+    assert_eq!(bundle.to_string(), named.bundle);
+    let windows = f.fake.add(shared.windows.clone());
+    assert_eq!(Some(windows.to_string()), named.windows);
+    crate::learned::save(&f.layout, &list).unwrap();
+    f.images
+        .pull(&format!("{REPO}:1"), None, PullMode::Lazy)
+        .await
+        .unwrap();
+    let rec = lock(&f.db).layer(layer.as_str()).unwrap().unwrap();
+    assert!(
+        rec.mountable(),
+        "the layer is read lazily through the index: {rec:?}"
+    );
+    assert!(
+        f.fake
+            .requests()
+            .contains(&(bundle.clone(), 0, shared.bundle.len() as u64))
+    );
+    // A list naming a bundle whose bytes do not match is not taken: the lookup goes on (and
+    // here fails), and the layer is not made lazy by it.
+    let g = fixture_with(false, Duration::from_secs(10), true);
+    let manifest2 = g
+        .fake
+        .add_manifest(Some("1"), f.layout.read_blob(&manifest_digest).unwrap());
+    g.fake.add(config);
+    g.fake.add(gz);
+    g.fake.add_as(&bundle, b"not the bundle".to_vec());
+    crate::learned::save(&g.layout, &list).unwrap();
+    assert_eq!(manifest2, manifest_digest);
+    g.images
+        .pull(&format!("{REPO}:1"), None, PullMode::Lazy)
+        .await
+        .unwrap();
+    let rec = lock(&g.db).layer(layer.as_str()).unwrap().unwrap();
+    assert!(!rec.mountable(), "{rec:?}");
 }
