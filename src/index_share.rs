@@ -429,34 +429,10 @@ pub fn test_bundle(
     manifest: &Digest,
     paths: &[&str],
 ) -> Shareable {
-    use crate::store::{NameKind, NewImage, NewLayer};
     let (entries, ra) = ltar::test_util::index_of(gz, 256 << 10, &dir.join("files"));
     let index = ltar::encode_index_with(&entries, Some(&ra));
     let layer = Digest::of(gz);
-    let layout = Layout::new(dir.join("store"));
-    layout.create().unwrap();
-    let db = Mutex::new(Catalogue::open(&layout.db()).unwrap());
-    db.lock()
-        .unwrap()
-        .insert_image(&NewImage {
-            id: &Digest::of(b"config"),
-            manifest_digest: manifest,
-            index_digest: None,
-            media_type: "application/vnd.oci.image.manifest.v1+json",
-            size: 1,
-            user: "",
-            source: "r.example/img",
-            layers: vec![NewLayer {
-                digest: &layer,
-                media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
-                size: gz.len() as u64,
-                diff_id: &layer,
-                toc_digest: None,
-                toc_position: None,
-            }],
-            names: vec![("r.example/img:1".into(), NameKind::Tag)],
-        })
-        .unwrap();
+    let (layout, db) = test_store(&dir.join("store"), &layer, gz.len() as u64, manifest);
     let d = Digest::of(&index);
     layout.put_blob(&d, &index).unwrap();
     db.lock()
@@ -482,11 +458,44 @@ pub fn test_bundle(
     bundle(&layout, &image).unwrap().unwrap()
 }
 
+/// A store in `dir` holding one image (manifest `manifest`) of one plain gzip layer.
+#[cfg(test)]
+pub fn test_store(
+    dir: &std::path::Path,
+    layer: &Digest,
+    size: u64,
+    manifest: &Digest,
+) -> (Layout, Mutex<Catalogue>) {
+    use crate::store::{NameKind, NewImage, NewLayer};
+    let layout = Layout::new(dir);
+    layout.create().unwrap();
+    let mut db = Catalogue::open(&layout.db()).unwrap();
+    db.insert_image(&NewImage {
+        id: &Digest::of(b"config"),
+        manifest_digest: manifest,
+        index_digest: None,
+        media_type: "application/vnd.oci.image.manifest.v1+json",
+        size: 1,
+        user: "",
+        source: "r.example/img",
+        layers: vec![NewLayer {
+            digest: layer,
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+            size,
+            diff_id: layer,
+            toc_digest: None,
+            toc_position: None,
+        }],
+        names: vec![("r.example/img:1".into(), NameKind::Tag)],
+    })
+    .unwrap();
+    (layout, Mutex::new(db))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::layer::gzindex::IndexingReader;
-    use crate::store::{NameKind, NewImage, NewLayer};
 
     /// A gzip layer of a few MiB and its index (version 2, with checkpoints).
     fn indexed_layer(dir: &std::path::Path) -> (Vec<u8>, Vec<u8>) {
@@ -551,30 +560,20 @@ mod tests {
 
     /// A store holding one image whose one layer is `digest` of `size` bytes.
     fn store(dir: &std::path::Path, digest: &Digest, size: u64) -> (Layout, Mutex<Catalogue>) {
-        let layout = Layout::new(dir);
-        layout.create().unwrap();
-        let mut db = Catalogue::open(&layout.db()).unwrap();
-        let manifest = Digest::of(b"manifest");
-        db.insert_image(&NewImage {
-            id: &Digest::of(b"config"),
-            manifest_digest: &manifest,
-            index_digest: None,
-            media_type: "application/vnd.oci.image.manifest.v1+json",
-            size: 1,
-            user: "",
-            source: "r.example/img",
-            layers: vec![NewLayer {
-                digest,
-                media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
-                size,
-                diff_id: digest,
-                toc_digest: None,
-                toc_position: None,
-            }],
-            names: vec![("r.example/img:1".into(), NameKind::Tag)],
-        })
-        .unwrap();
-        (layout, Mutex::new(db))
+        test_store(dir, digest, size, &Digest::of(b"manifest"))
+    }
+
+    /// A store in `dir` whose image's one layer, `gz`, is unpacked with its index `index`.
+    fn indexed_store(dir: &std::path::Path, gz: &[u8], index: &[u8]) -> (Layout, Mutex<Catalogue>) {
+        let layer = Digest::of(gz);
+        let (layout, db) = store(dir, &layer, gz.len() as u64);
+        let d = Digest::of(index);
+        layout.put_blob(&d, index).unwrap();
+        db.lock()
+            .unwrap()
+            .set_unpacked(layer.as_str(), Some(d.as_str()))
+            .unwrap();
+        (layout, db)
     }
 
     fn image(db: &Mutex<Catalogue>) -> ImageRecord {
@@ -586,13 +585,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (gz, index) = indexed_layer(dir.path());
         let layer = Digest::of(&gz);
-        let (layout, db) = store(&dir.path().join("a"), &layer, gz.len() as u64);
-        let d = Digest::of(&index);
-        layout.put_blob(&d, &index).unwrap();
-        db.lock()
-            .unwrap()
-            .set_unpacked(layer.as_str(), Some(d.as_str()))
-            .unwrap();
+        let (layout, db) = indexed_store(&dir.path().join("a"), &gz, &index);
         // No list: nothing to tell.
         assert!(
             bundle(&layout, &image(&db))
@@ -666,13 +659,7 @@ mod tests {
         let (gz, index) = indexed_layer(dir.path());
         let layer = Digest::of(&gz);
         // The first node: its layer has the index.
-        let (a_layout, a_db) = store(&dir.path().join("a"), &layer, gz.len() as u64);
-        let d = Digest::of(&index);
-        a_layout.put_blob(&d, &index).unwrap();
-        a_db.lock()
-            .unwrap()
-            .set_unpacked(layer.as_str(), Some(d.as_str()))
-            .unwrap();
+        let (a_layout, a_db) = indexed_store(&dir.path().join("a"), &gz, &index);
         let shared = bundle(&a_layout, &image(&a_db)).unwrap().unwrap();
         assert_eq!(shared.layers, 1);
         let bytes = shared.bundle;
