@@ -135,14 +135,8 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
                 // Where the listed files lie through this index, as another node reads them.
                 let paths = list.paths_of(ra.layer.as_str());
                 let lazy = ra.lazy_entries(&entries);
-                let by_path: std::collections::HashMap<&str, &crate::layer::index::Entry> =
-                    lazy.iter().map(|e| (e.path.as_str(), e)).collect();
-                let chunks: Vec<&crate::layer::index::Chunk> = paths
-                    .iter()
-                    .filter_map(|p| by_path.get(p.as_str()))
-                    .flat_map(|e| e.chunks.iter())
-                    .filter(|c| c.end().is_some())
-                    .collect();
+                let mut chunks = crate::learned::listed_chunks(&lazy, &paths);
+                chunks.retain(|c| c.end().is_some());
                 if !chunks.is_empty() {
                     let ranges = crate::learned::ranges_of(
                         ra.blob_size,

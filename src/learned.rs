@@ -147,6 +147,21 @@ impl LayerRanges {
     }
 }
 
+/// The chunks of the files `paths` of a layer whose entries are `entries`, in the order of
+/// `paths` (paths the layer lacks are skipped).
+pub fn listed_chunks<'a>(
+    entries: &'a [crate::layer::index::Entry],
+    paths: &[String],
+) -> Vec<&'a crate::layer::index::Chunk> {
+    let by_path: std::collections::HashMap<&str, &crate::layer::index::Entry> =
+        entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    paths
+        .iter()
+        .filter_map(|p| by_path.get(p.as_str()))
+        .flat_map(|e| e.chunks.iter())
+        .collect()
+}
+
 /// Where the chunks of a layer's listed files lie (`chunks`, in list order; `span`: a chunk's
 /// compressed bytes, from where its decoding starts): the ranges, neighbours merged as the
 /// start-up prefetch merges them, so that its requests start inside them; and for a layer
@@ -617,10 +632,11 @@ impl Learner {
             persisted: crate::fetch::persisted_secret(&self.db, reference.registry()),
         };
         let mut spans = ranges.fetch_order(layer);
-        if let Some((bundle, _)) = list.index.as_ref().and_then(|i| i.parts()) {
+        if let Some(index) = &list.index
+            && let Some((bundle, _)) = index.parts()
+        {
             // The index the ranges go through, first: the pull takes it by digest.
-            let size = list.index.as_ref().map_or(0, |i| i.bundle_size);
-            spans.insert(0, (bundle, 0, size));
+            spans.insert(0, (bundle, 0, index.bundle_size));
         }
         let _rt = self.rt.enter();
         let bytes = self.early.fetch_in_order(reference, &spans, creds);

@@ -223,17 +223,7 @@ impl LayerTable {
         if layer.stream.is_some() {
             return None;
         }
-        let by_path: HashMap<&str, &crate::layer::index::Entry> = layer
-            .toc
-            .entries
-            .iter()
-            .map(|e| (e.path.as_str(), e))
-            .collect();
-        let chunks: Vec<&crate::layer::index::Chunk> = paths
-            .iter()
-            .filter_map(|p| by_path.get(p.as_str()))
-            .flat_map(|e| e.chunks.iter())
-            .collect();
+        let chunks = crate::learned::listed_chunks(&layer.toc.entries, paths);
         // A plain layer's chunks all decode from checkpoints, or it has none to fetch from.
         let checkpoints = !rec.has_toc();
         if checkpoints && (chunks.is_empty() || !chunks.iter().all(|c| c.resume().is_some())) {
