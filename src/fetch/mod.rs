@@ -919,19 +919,25 @@ impl Filler {
         let member = toc_member(&head, &tail, tail_at, toc_offset, end);
         let size = layer.size;
         let td = toc_digest.clone();
-        let (json, entries, landmark) = tokio::task::spawn_blocking(
-            move || -> Result<(Vec<u8>, u64, Option<u64>), TocFetchError> {
-                let json = estargz::toc_json_from_member(&member, &limits)?;
-                let toc = estargz::parse_toc(&json, &td, size, toc_offset, &limits)?;
-                Ok((
-                    json,
-                    toc.entries.len() as u64,
-                    toc.prefetch_landmark.map(|n| n as u64),
-                ))
-            },
-        )
+        // The JSON is stored (hashed, written, synced) while it is parsed: both are on a cold
+        // start's critical path (on the python image's TOC, 6–15 ms and 18–30 ms).
+        let json = tokio::task::spawn_blocking(move || {
+            estargz::toc_json_from_member(&member, &limits).map(Arc::new)
+        })
         .await??;
-        self.layout.put_blob(&toc_digest, &json)?;
+        let (layout, j, d) = (self.layout.clone(), Arc::clone(&json), toc_digest.clone());
+        let stored = tokio::task::spawn_blocking(move || layout.put_blob(&d, &j));
+        let parsed = tokio::task::spawn_blocking(move || {
+            estargz::parse_toc(&json, &td, size, toc_offset, &limits)
+        });
+        let (stored, parsed) = tokio::join!(stored, parsed);
+        let toc = parsed??;
+        stored??;
+        let (entries, landmark) = (
+            toc.entries.len() as u64,
+            toc.prefetch_landmark.map(|n| n as u64),
+        );
+        crate::layer::keep_parsed_toc(&toc_digest, None, size, toc_offset, toc);
         let mut pieces = vec![(tail_at, Arc::new(tail))];
         if !head.is_empty() {
             pieces.push((toc_offset, Arc::new(head)));
@@ -1012,16 +1018,16 @@ impl Filler {
             .await?;
         let compressed = Arc::new(compressed);
         let (c2, ck, size) = (Arc::clone(&compressed), checksum.clone(), layer.size);
-        let (entries, landmark) = tokio::task::spawn_blocking(move || {
-            zstd_chunked::parse_toc(&c2, &ck, &pos, size, &limits).map(|t| {
-                (
-                    t.entries.len() as u64,
-                    t.prefetch_landmark.map(|n| n as u64),
-                )
-            })
+        let toc = tokio::task::spawn_blocking(move || {
+            zstd_chunked::parse_toc(&c2, &ck, &pos, size, &limits)
         })
         .await??;
         self.layout.put_blob(checksum, &compressed)?;
+        let (entries, landmark) = (
+            toc.entries.len() as u64,
+            toc.prefetch_landmark.map(|n| n as u64),
+        );
+        crate::layer::keep_parsed_toc(checksum, Some(position), size, pos.data_end(), toc);
         self.keep_in_partial(layer, digest, vec![(pos.offset, compressed)])
             .await;
         Ok(Toc {

@@ -331,9 +331,13 @@ impl LayerTable {
             return Err(LoadError::NotReady);
         };
         let toc_digest = Digest::parse(toc_digest)?;
-        let json = self.layout.read_blob(&toc_digest)?;
-        let toc =
-            crate::layer::parse_stored_toc(&json, &toc_digest, position, rec.size, toc_offset)?;
+        let toc = crate::layer::mount_toc(
+            || self.layout.read_blob(&toc_digest).map_err(LoadError::from),
+            &toc_digest,
+            position,
+            rec.size,
+            toc_offset,
+        )?;
         let tree = Tree::from_entries(&toc.entries)?;
         Ok(LazyLayer::new(
             digest,

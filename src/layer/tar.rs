@@ -662,29 +662,22 @@ pub fn decode_index(bytes: &[u8], limits: &Limits) -> Result<Vec<Entry>, UnpackE
 pub type DecodedIndex = (Vec<Entry>, Option<RandomAccess>);
 
 /// Indexes decoded (default limits) and waiting for their layer's mount, by the digest of
-/// their bytes; the newest last.
-static DECODED: std::sync::Mutex<Vec<(Digest, DecodedIndex)>> = std::sync::Mutex::new(Vec::new());
-/// Decoded indexes kept (a few MB each for a layer of thousands of files).
+/// their bytes (a few MB each for a layer of thousands of files).
+static DECODED: super::Kept<Digest, DecodedIndex> = super::Kept::new(DECODED_KEPT);
+/// Decoded indexes kept.
 const DECODED_KEPT: usize = 2;
 
 /// Keep index `d`, decoded by [`decode_index_with`] with the default [`Limits`], for the next
 /// [`take_decoded`] of it: a shared index is decoded when a pull takes it and again when its
 /// layer is mounted, right after, on a cold start's critical path (40–45 ms of the python
-/// image's 6.8 MB index on a busy 2-core machine). Content-addressed: whoever takes it gets
-/// what decoding those bytes gives.
+/// image's 6.8 MB index on a busy 2-core machine).
 pub fn keep_decoded(d: Digest, decoded: DecodedIndex) {
-    let mut kept = DECODED.lock().unwrap_or_else(|p| p.into_inner());
-    kept.retain(|(x, _)| *x != d);
-    kept.push((d, decoded));
-    let over = kept.len().saturating_sub(DECODED_KEPT);
-    kept.drain(..over);
+    DECODED.keep(d, decoded);
 }
 
 /// Index `d` as [`keep_decoded`] kept it (taken: the next call decodes again), if it is kept.
 pub fn take_decoded(d: &Digest) -> Option<DecodedIndex> {
-    let mut kept = DECODED.lock().unwrap_or_else(|p| p.into_inner());
-    let at = kept.iter().position(|(x, _)| x == d)?;
-    Some(kept.remove(at).1)
+    DECODED.take(d)
 }
 
 /// Parse and validate an index written by [`encode_index_with`]: the entries, and random
