@@ -330,6 +330,15 @@ pub fn take_bundle(
             bundle.subject, image.manifest_digest
         ));
     }
+    // Recorded with each layer taken: a list learned here names the bundle its ranges go
+    // through (`crate::learned`), so that a node with the list takes it by digest.
+    let named = serde_json::to_string(&crate::learned::SharedIndex {
+        bundle: Digest::of(compressed).to_string(),
+        bundle_size: compressed.len() as u64,
+        windows: windows.map(|(d, _)| d.to_string()),
+        windows_size: windows.map_or(0, |(_, n)| n),
+    })
+    .map_err(|e| e.to_string())?;
     let mut taken = 0;
     for raw in bundle.indexes {
         let index = raw.get().as_bytes();
@@ -363,7 +372,7 @@ pub fn take_bundle(
         layout.put_blob(&d, index).map_err(|e| e.to_string())?;
         let db = db.lock().unwrap_or_else(|p| p.into_inner());
         if db
-            .set_shared_index(&layer.digest, d.as_str())
+            .set_shared_index(&layer.digest, d.as_str(), &named)
             .map_err(|e| e.to_string())?
         {
             tracing::info!(layer = %layer.digest, index = %d, checkpoints = ra.points.len(), windows_apart = ra.windows_apart(), "random-access index from the registry: the layer is read lazily");
@@ -688,6 +697,20 @@ mod tests {
         );
         let rec = image(&b_db).layers.remove(0);
         let (_, taken, _) = layer_index(&b_layout, &rec).unwrap();
+        // The layer records which bundle it came in (a list learned here names it).
+        let named: crate::learned::SharedIndex = serde_json::from_str(
+            &b_db
+                .lock()
+                .unwrap()
+                .index_bundle(&rec.digest)
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(named.bundle, Digest::of(&bytes).to_string());
+        assert_eq!(named.bundle_size, bytes.len() as u64);
+        assert_eq!(named.windows, Some(wd.to_string()));
+        assert_eq!(named.windows_size, shared.windows.len() as u64);
         assert_eq!(
             take_bundle(&b_layout, &b_db, &image(&b_db), &bytes, w),
             Ok(0)
@@ -726,6 +749,16 @@ mod tests {
         assert!(read > 0, "some read starts from a window");
         // The node that took it does not publish it again.
         assert!(bundle(&b_layout, &image(&b_db)).is_err());
+        // Unpacked here with its own index, the layer no longer goes through the bundle; with
+        // the same index, it still does.
+        let db = b_db.lock().unwrap();
+        db.set_unpacked(&rec.digest, rec.index_digest.as_deref())
+            .unwrap();
+        assert!(db.index_bundle(&rec.digest).unwrap().is_some());
+        db.set_unpacked(&rec.digest, Some(&Digest::of(b"own").to_string()))
+            .unwrap();
+        assert_eq!(db.index_bundle(&rec.digest).unwrap(), None);
+        drop(db);
 
         // A node whose layer has another size takes nothing.
         let (c_layout, c_db) = store(&dir.path().join("c"), &layer, gz.len() as u64 + 1);

@@ -501,6 +501,19 @@ pub async fn fetch_shared(
     Ok(Some(list))
 }
 
+/// The shared index bundle the ranges of `list` go through: the one this node took the
+/// indexes of the list's layers from (a node with the list takes it by digest, fetched ahead
+/// with the ranges, instead of looking it up). `None` when no ranged layer was read through a
+/// shared index.
+fn bundle_named(db: &Catalogue, list: &LearnedList) -> Option<SharedIndex> {
+    list.ranges.keys().find_map(|layer| {
+        let json = db.index_bundle(layer).ok().flatten()?;
+        serde_json::from_str::<SharedIndex>(&json)
+            .ok()
+            .filter(|b| b.parts().is_some())
+    })
+}
+
 /// Where start-up prefetch of a layer runs: the FUSE mount's layer table.
 pub trait Prefetch: Send + Sync {
     /// Load layer `hex` now and prefetch its landmark files and then `paths`, in order.
@@ -839,6 +852,7 @@ impl Learner {
             let n = list.files.len();
             let layout = this.layout.clone();
             let prefetch = Arc::clone(&this.prefetch);
+            let db = Arc::clone(&this.db);
             match tokio::task::spawn_blocking(move || {
                 for layer in list.per_layer().into_keys() {
                     let paths = list.paths_of(&layer);
@@ -846,6 +860,7 @@ impl Learner {
                         list.ranges.insert(layer, r);
                     }
                 }
+                list.index = bundle_named(&lock(&db), &list);
                 save(&layout, &list)
             })
             .await
@@ -1222,6 +1237,52 @@ mod tests {
             .spans
             .push([99_990, 100_001]);
         assert!(LearnedList::decode(&bad.encode(), &d('e')).is_err());
+    }
+
+    #[test]
+    fn a_list_names_the_bundle_its_layers_indexes_were_taken_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = catalogue(dir.path(), false);
+        let (a, b) = (d('a'), d('b'));
+        let ranges = LayerRanges {
+            size: 100_000,
+            toc_tail: false,
+            spans: vec![[0, 50]],
+            windows: None,
+        };
+        let mut l = list(&[(a.as_str(), "x"), (b.as_str(), "y")]);
+        l.ranges.insert(b.to_string(), ranges);
+        // No layer read through a shared index: no bundle named.
+        assert_eq!(bundle_named(&lock(&db), &l), None);
+        let shared = SharedIndex {
+            bundle: d('c').to_string(),
+            bundle_size: 400,
+            windows: Some(d('9').to_string()),
+            windows_size: 7,
+        };
+        let json = serde_json::to_string(&shared).unwrap();
+        // Layer a took one, but the list has no ranges of it: not named.
+        assert!(
+            lock(&db)
+                .set_shared_index(a.as_str(), d('1').as_str(), &json)
+                .unwrap()
+        );
+        assert_eq!(bundle_named(&lock(&db), &l), None);
+        assert!(
+            lock(&db)
+                .set_shared_index(b.as_str(), d('2').as_str(), &json)
+                .unwrap()
+        );
+        assert_eq!(bundle_named(&lock(&db), &l), Some(shared));
+        // A bad record names nothing.
+        lock(&db)
+            .set_shared_index(
+                b.as_str(),
+                d('2').as_str(),
+                "{\"bundle\":\"x\",\"bundle_size\":1}",
+            )
+            .unwrap();
+        assert_eq!(bundle_named(&lock(&db), &l), None);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS layers (
     read_waits INTEGER NOT NULL DEFAULT 0,   -- reads that waited for the network
     read_wait_ms INTEGER NOT NULL DEFAULT 0, -- their total wait
     landmark_files INTEGER,                  -- TOC entries before the prefetch landmark, if any
-    walk_order INTEGER                       -- layers without TOC served while streaming: 1 if its entries came in walk order
+    walk_order INTEGER,                      -- layers without TOC served while streaming: 1 if its entries came in walk order
+    index_bundle TEXT                        -- index_digest taken from a shared bundle: the bundle (JSON: learned::SharedIndex)
 );
 CREATE TABLE IF NOT EXISTS image_layers (
     image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -363,6 +364,7 @@ impl Catalogue {
             ("read_wait_ms", "INTEGER NOT NULL DEFAULT 0"),
             ("landmark_files", "INTEGER"),
             ("walk_order", "INTEGER"),
+            ("index_bundle", "TEXT"),
         ] {
             let has: bool = conn.query_row(
                 "SELECT EXISTS (SELECT 1 FROM pragma_table_info('layers') WHERE name = ?1)",
@@ -616,7 +618,10 @@ impl Catalogue {
     /// The complete layer's files are in the file cache; `index` for layers without a TOC.
     pub fn set_unpacked(&self, digest: &str, index: Option<&str>) -> Result<()> {
         self.conn.execute(
-            "UPDATE layers SET unpacked = 1, index_digest = ?2 WHERE digest = ?1",
+            // A bundle names the layer's index only while it is that index.
+            "UPDATE layers SET unpacked = 1, index_digest = ?2,
+                 index_bundle = CASE WHEN index_digest IS ?2 THEN index_bundle END
+             WHERE digest = ?1",
             params![digest, index],
         )?;
         Ok(())
@@ -624,19 +629,33 @@ impl Catalogue {
 
     /// Record a random-access index another node shared for a layer not unpacked here (an
     /// unpack records its own index with `set_unpacked`). Whether it was recorded.
-    pub fn set_shared_index(&self, digest: &str, index: &str) -> Result<bool> {
+    pub fn set_shared_index(&self, digest: &str, index: &str, bundle: &str) -> Result<bool> {
         let n = self.conn.execute(
-            "UPDATE layers SET index_digest = ?2 WHERE digest = ?1 AND unpacked = 0",
-            params![digest, index],
+            "UPDATE layers SET index_digest = ?2, index_bundle = ?3 WHERE digest = ?1 AND unpacked = 0",
+            params![digest, index, bundle],
         )?;
         Ok(n > 0)
+    }
+
+    /// The shared bundle a layer's index was taken from (as [`Catalogue::set_shared_index`]
+    /// recorded it), if it was.
+    pub fn index_bundle(&self, digest: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT index_bundle FROM layers WHERE digest = ?1 AND index_digest IS NOT NULL",
+                params![digest],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
     }
 
     /// Forget a layer's index taken from another node (it gave wrong bytes): the layer is
     /// fetched whole and served as it streams in. Whether there was one.
     pub fn drop_shared_index(&self, digest: &str) -> Result<bool> {
         let n = self.conn.execute(
-            "UPDATE layers SET index_digest = NULL WHERE digest = ?1 AND unpacked = 0 AND index_digest IS NOT NULL",
+            "UPDATE layers SET index_digest = NULL, index_bundle = NULL WHERE digest = ?1 AND unpacked = 0 AND index_digest IS NOT NULL",
             params![digest],
         )?;
         Ok(n > 0)
