@@ -1543,6 +1543,25 @@ async fn a_plain_image_with_a_shared_index_runs_lazily_through_containerd() {
         log.contains("serving the layer lazily through its gzip index"),
         "{log}"
     );
+    // The second node learned its start, through the shared index: its list names the bundle
+    // its ranges go through.
+    let learned = || -> serde_json::Value {
+        let out = d.cli(&["learned", &img, "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or_default()
+    };
+    wait_until("the learned list", Duration::from_secs(60), || {
+        learned()["files"].as_array().is_some_and(|f| !f.is_empty())
+    });
+    let list = learned();
+    let bundle = list["index"]["bundle"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        bundle.starts_with("sha256:") && list["ahead"][layer.as_str()]["ranges"].as_u64() > Some(0),
+        "{list}"
+    );
+    let manifest = list["image"].as_str().unwrap_or_default().to_string();
     gate.release();
     d.wait_complete(Duration::from_secs(120));
     let (bytes, requests, full) = served(&reg, "idxrun", &layer);
@@ -1556,6 +1575,33 @@ async fn a_plain_image_with_a_shared_index_runs_lazily_through_containerd() {
         second >= size && second < size + size / 2,
         "the second node fetched the layer about once: {second} of {size} bytes\n{}",
         d.log_text()
+    );
+    ctd.ctr(&["images", "rm", "--sync", &img]);
+    drop(ctd);
+
+    // A third node, provisioned with that list: it fetches the bundle ahead with the ranges
+    // and takes the index by digest, with no lookup in the registry.
+    let hex = manifest.trim_start_matches("sha256:");
+    let list_file = std::fs::read(d.store().join("learned/sha256").join(format!("{hex}.json")))
+        .expect("the second node's learned list");
+    drop(d);
+    let e = Daemon::start(&[]);
+    std::fs::create_dir_all(e.store().join("learned/sha256")).unwrap();
+    std::fs::write(
+        e.store().join("learned/sha256").join(format!("{hex}.json")),
+        list_file,
+    )
+    .unwrap();
+    let ctd = Containerd::start_with_snapshotter(&[reg.host()], &e.snapshotter_socket());
+    let img = format!("{}/idxrun:latest", reg.host());
+    ctd.rpull_lazy(&img);
+    let out = ctd.run_lazy(&img, "named", &["/bin/busybox", "cat", "/z/last.txt"]);
+    assert!(out.contains("last of the layer"), "{out}");
+    let log = e.log_text();
+    assert!(
+        log.contains("the shared index the learned list names, taken by digest")
+            && log.contains("shared random-access index found"),
+        "{log}"
     );
     ctd.ctr(&["images", "rm", "--sync", &img]);
 }

@@ -165,6 +165,7 @@ pub async fn run(
             serde_json::to_string_pretty(&serde_json::json!({
                 "image": list.image, "recorded_at": list.recorded_at, "files": files,
                 "size": size, "compressed": compressed, "not_found": missing, "ahead": ahead,
+                "index": list.index,
             }))?
         );
         return Ok(());
@@ -206,6 +207,13 @@ pub async fn run(
                 _ => String::new(),
             },
             human_bytes(a["bytes"].as_u64().unwrap_or(0))
+        );
+    }
+    if let Some(index) = &list.index {
+        println!(
+            "the ranges go through the shared index {} ({}): a cold start with this list fetches it first and takes it by digest",
+            short_id(&index.bundle),
+            human_bytes(index.bundle_size)
         );
     }
     Ok(())
