@@ -1916,15 +1916,28 @@ impl Client {
         let url = self.to_v2_referrers_url(image, artifact_type)?;
         debug!("Pulling referrers from {}", url);
 
-        let res = RequestBuilderWrapper::from_client(self, |client| client.get(&url))
-            .apply_accept(MIME_TYPES_DISTRIBUTION_MANIFEST)?
-            .apply_auth(image, RegistryOperation::Pull)
-            .await?
-            .into_request_builder()
-            .send()
-            .await?;
-        let status = res.status();
-        let body = res.bytes().await?;
+        let native = async {
+            let res = RequestBuilderWrapper::from_client(self, |client| client.get(&url))
+                .apply_accept(MIME_TYPES_DISTRIBUTION_MANIFEST)?
+                .apply_auth(image, RegistryOperation::Pull)
+                .await?
+                .into_request_builder()
+                .send()
+                .await?;
+            let status = res.status();
+            let body = res.bytes().await?;
+            Ok::<_, OciDistributionError>((status, body))
+        };
+        // lazypull patch: the tag schema is asked at the same time as the native API (whose
+        // 404 upstream waited for first): a registry without the API (Debian's
+        // docker-registry, older Harbor and distribution releases) answers in one round trip
+        // instead of two; one with it gets one request more.
+        let (native, tag) = futures_util::future::join(
+            native,
+            self.pull_referrers_via_tag_schema(image, artifact_type),
+        )
+        .await;
+        let (status, body) = native?;
 
         // Per the OCI Distribution Spec, a 404 on the native referrers endpoint means the
         // registry does not support it; fall back to the referrers tag schema.
@@ -1933,9 +1946,7 @@ impl Client {
                 url = %url,
                 "Native referrers API returned 404; falling back to OCI referrers tag schema"
             );
-            return self
-                .pull_referrers_via_tag_schema(image, artifact_type)
-                .await;
+            return tag;
         }
 
         validate_registry_response(status, &body, &url)?;
