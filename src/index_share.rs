@@ -118,6 +118,14 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
                 }
             }
         }
+        match sparse_windows(layout, &mut ra) {
+            Ok((whole, sparse)) => {
+                tracing::info!(layer = %l.digest, whole, sparse, "index: checkpoint windows with the bytes no read uses zeroed")
+            }
+            Err(e) => {
+                tracing::info!(layer = %l.digest, error = %e, "checkpoint windows shared whole")
+            }
+        }
         ra.split_windows(&mut windows);
         parts.push((entries, ra));
     }
@@ -230,6 +238,48 @@ pub fn hot_points(
     points.dedup_by_key(|p| p.out);
     ra.points = points;
     Ok(ra.points.len() - before)
+}
+
+/// Zero the bytes of `ra`'s checkpoint windows that no decoding from their checkpoint reads
+/// (`gzindex::sparse_window`, checked), from the layer's blob in the store: the windows blob
+/// other nodes fetch by range shrinks (a miss's window request, a learned list's windows ahead)
+/// and means the same. Returns the windows' compressed bytes before and after; a window that
+/// cannot be made sparse stays whole.
+pub fn sparse_windows(layout: &Layout, ra: &mut ltar::RandomAccess) -> Result<(u64, u64), String> {
+    use crate::layer::gzindex::{SPARSE_INPUT, sparse_window};
+    use std::os::unix::fs::FileExt as _;
+    let blob = std::fs::File::open(layout.blob(&ra.layer))
+        .map_err(|e| format!("the layer's blob is not here ({e})"))?;
+    let size = blob.metadata().map_err(|e| e.to_string())?.len();
+    if size != ra.blob_size {
+        return Err(format!(
+            "the blob is {size} bytes, its index says {}",
+            ra.blob_size
+        ));
+    }
+    let (mut whole, mut sparse) = (0u64, 0u64);
+    let mut input = vec![];
+    for p in &mut ra.points {
+        if p.window.is_empty() || p.zstd {
+            continue;
+        }
+        whole += p.window.len() as u64;
+        let start = p.start();
+        input.resize(SPARSE_INPUT.min(size.saturating_sub(start)) as usize, 0);
+        blob.read_exact_at(&mut input, start)
+            .map_err(|e| e.to_string())?;
+        let made = p
+            .window(None)
+            .ok()
+            .and_then(|w| sparse_window(&input, p, &w))
+            .and_then(|w| zstd::bulk::compress(&w, 3).ok())
+            .filter(|z| z.len() < p.window.len());
+        if let Some(z) = made {
+            p.window = z;
+        }
+        sparse += p.window.len() as u64;
+    }
+    Ok((whole, sparse))
 }
 
 /// What [`push`] published.
@@ -663,7 +713,17 @@ mod tests {
         let layer = Digest::of(&gz);
         // The first node: its layer has the index.
         let (a_layout, a_db) = indexed_store(&dir.path().join("a"), &gz, &index);
+        // Without the layer's blob here, the windows are shared whole; with it, the bytes no
+        // read uses are zeroed (every read below decodes through them).
+        let whole = bundle(&a_layout, &image(&a_db)).unwrap().unwrap();
+        a_layout.put_blob(&layer, &gz).unwrap();
         let shared = bundle(&a_layout, &image(&a_db)).unwrap().unwrap();
+        assert!(
+            shared.windows.len() < whole.windows.len(),
+            "{} < {}",
+            shared.windows.len(),
+            whole.windows.len()
+        );
         assert_eq!(shared.layers, 1);
         let bytes = shared.bundle;
         assert!(!shared.windows.is_empty());

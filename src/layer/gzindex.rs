@@ -805,6 +805,50 @@ impl<R: Read> Read for ZstdIndexingReader<R> {
     }
 }
 
+/// Compressed bytes after a checkpoint that always hold the first [`WINDOW`] bytes of output
+/// (deflate's worst case, stored blocks, adds 5 bytes per 64 KiB).
+pub const SPARSE_INPUT: u64 = 96 << 10;
+
+/// `window` (checkpoint `point`'s, decompressed) with the bytes that no decoding from `point`
+/// reads set to zero, so that it compresses to a fraction (a shared index keeps its windows in
+/// a blob that nodes fetch by range: a miss's request, a list's bytes ahead). Only the first
+/// [`WINDOW`] bytes of output can reach back into the window (deflate's distances are at most
+/// that), and LZ77 copies do not depend on what they copy, so four decodes of them find
+/// every window byte they copy: with the window all zeros and all ones, output bytes that
+/// differ are copies; with windows holding the high and the low byte of each position, those
+/// bytes name where they were copied from. The result is checked: decoding with it gives the
+/// same output as with `window`. `compressed`: the blob's bytes from [`Point::start`] on, at
+/// least [`SPARSE_INPUT`] of them unless the blob ends first. `None` when it cannot be made
+/// (a zstd point, a window of more than [`WINDOW`] bytes, the stream ending within
+/// [`WINDOW`] bytes of output): the window is then shared whole.
+pub fn sparse_window(compressed: &[u8], point: &Point, window: &[u8]) -> Option<Vec<u8>> {
+    if point.zstd || window.is_empty() || window.len() > WINDOW {
+        return None;
+    }
+    let mut bare = point.clone();
+    bare.window = vec![];
+    bare.window_ref = None;
+    let decode = |w: &[u8]| -> Option<Vec<u8>> {
+        let mut d = SpanDecoder::new(&bare, None).ok()?;
+        d.inf.set_dictionary(w).ok()?;
+        d.read(compressed, 0, WINDOW as u64).ok()
+    };
+    let real = decode(window)?;
+    let zeros = decode(&vec![0; window.len()])?;
+    let ones = decode(&vec![0xff; window.len()])?;
+    let high: Vec<u8> = (0..window.len()).map(|i| (i >> 8) as u8).collect();
+    let low: Vec<u8> = (0..window.len()).map(|i| i as u8).collect();
+    let (high, low) = (decode(&high)?, decode(&low)?);
+    let mut sparse = vec![0u8; window.len()];
+    for p in 0..real.len() {
+        if zeros[p] != ones[p] {
+            let from = (usize::from(high[p]) << 8) | usize::from(low[p]);
+            *sparse.get_mut(from)? = *window.get(from)?;
+        }
+    }
+    (decode(&sparse)? == real).then_some(sparse)
+}
+
 /// The index of the last checkpoint at or before uncompressed offset `at` (`points` sorted).
 pub fn point_before(points: &[Point], at: u64) -> Option<usize> {
     points.partition_point(|p| p.out <= at).checked_sub(1)
@@ -934,6 +978,65 @@ mod tests {
         drop(r);
         let rec = Arc::try_unwrap(rec).unwrap().into_inner().unwrap();
         (out, rec)
+    }
+
+    #[test]
+    fn a_sparse_window_decodes_as_the_whole_one_and_compresses_smaller() {
+        let data = sample(3 << 20);
+        let gz = gzip(&data);
+        let (_, rec) = index(&gz, 256 << 10);
+        let (mut whole, mut sparse_total, mut made) = (0, 0, 0);
+        for p in rec.points.iter().filter(|p| !p.window.is_empty()) {
+            let window = p.window(None).unwrap();
+            let start = p.start() as usize;
+            let end = (start + SPARSE_INPUT as usize).min(gz.len());
+            let Some(sparse) = sparse_window(&gz[start..end], p, &window) else {
+                // Only a point within a window's length of the end may have none.
+                assert!(data.len() as u64 - p.out < WINDOW as u64, "{p:?}");
+                continue;
+            };
+            made += 1;
+            assert_eq!(sparse.len(), window.len());
+            assert!(
+                sparse.iter().zip(&window).all(|(&s, &w)| s == 0 || s == w),
+                "only zeroed"
+            );
+            let mut q = p.clone();
+            q.window = zstd::bulk::compress(&sparse, 3).unwrap();
+            whole += p.window.len();
+            sparse_total += q.window.len();
+            // A long read from the point, and one starting past the window's reach, decode
+            // the same with it.
+            let len = (data.len() as u64 - p.out).min(300_000);
+            let got = decode_at(&gz[start..], &q, None, 0, len).unwrap();
+            assert_eq!(&got[..], &data[p.out as usize..(p.out + len) as usize]);
+            if len > 70_000 {
+                let got = decode_at(&gz[start..], &q, None, 60_000, 10_000).unwrap();
+                let at = p.out as usize + 60_000;
+                assert_eq!(&got[..], &data[at..at + 10_000]);
+            }
+            // A wrong byte where a copy reads is caught: the check decodes with the result.
+            if let Some(i) = sparse.iter().position(|&b| b != 0) {
+                let mut bad = window.clone();
+                bad[i] ^= 0xff;
+                let mut r = p.clone();
+                r.window = zstd::bulk::compress(&bad, 3).unwrap();
+                let got = decode_at(&gz[start..], &r, None, 0, WINDOW as u64).unwrap();
+                assert_ne!(&got[..], &data[p.out as usize..p.out as usize + WINDOW]);
+            }
+        }
+        assert!(made >= 5, "{made} sparse windows");
+        assert!(
+            sparse_total < whole,
+            "sparse windows {sparse_total} bytes, whole {whole}"
+        );
+        eprintln!("windows: {whole} bytes whole, {sparse_total} sparse ({made} points)");
+        // Not for a zstd point, nor a window longer than deflate's.
+        let p = rec.points.iter().find(|p| !p.window.is_empty()).unwrap();
+        let mut z = p.clone();
+        z.zstd = true;
+        assert_eq!(sparse_window(&gz, &z, &[1; 10]), None);
+        assert_eq!(sparse_window(&gz, p, &vec![1; WINDOW + 1]), None);
     }
 
     #[test]
