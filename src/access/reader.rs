@@ -459,6 +459,9 @@ type WindowFetch = futures_util::future::Shared<
 const WINDOW_GAP: u64 = 32 << 10;
 /// Upper bound of one request for windows.
 const WINDOW_GROUP_MAX: u64 = 1 << 20;
+/// A windows blob at most this big is fetched whole when its layer is mounted without a
+/// learned list ([`Reader::fetch_all_windows`]): one request of [`WINDOW_GROUP_MAX`] at most.
+const WINDOWS_AHEAD_MAX: u64 = WINDOW_GROUP_MAX;
 
 /// The window a chunk's decoding starts from, when it is kept apart from the index.
 fn window_ref(c: &Chunk) -> Option<crate::layer::gzindex::WindowRef> {
@@ -639,6 +642,32 @@ impl Reader {
             }
         }
         out
+    }
+
+    /// All checkpoint windows of a layer read through a shared gzip index, in one request in
+    /// the background, when its windows blob is small: since windows are shared with the bytes
+    /// no read uses zeroed (`index_share::sparse_windows`) the python image's are 384–583 KiB
+    /// for 247–335 checkpoints (1.5–1.8 KB each, 3.7–4.8 MiB before), so a start without a
+    /// learned list, which fetched a window beside each miss's range (a second request, often
+    /// the last to arrive), gets them all for about 40 ms of the link, before its first reads
+    /// (the mount comes about 20–35 ms before containerd's active snapshot). Reads that need a
+    /// window meanwhile wait for this fetch. Not for a layer a list guides (its windows come
+    /// ahead with its ranges) nor a blob over [`WINDOWS_AHEAD_MAX`]. Returns the windows asked.
+    pub fn fetch_all_windows(self: &Arc<Self>, layer: &Arc<LazyLayer>) -> usize {
+        let Some((_, size)) = layer.windows else {
+            return 0;
+        };
+        if size > WINDOWS_AHEAD_MAX
+            || layer.blob.get().is_some()
+            || layer.guided.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return 0;
+        }
+        let refs: Vec<_> = layer.points.iter().filter_map(|p| p.window_ref).collect();
+        let n = refs.len();
+        let _ = self.fetch_windows(layer, refs, Class::Prefetch);
+        tracing::debug!(layer = %layer.digest, windows = n, bytes = size, "fetching all checkpoint windows ahead");
+        n
     }
 
     /// Bytes `[start, end)` of the layer's windows blob (a read waits for them: the class

@@ -461,6 +461,46 @@ async fn local_bytes_behind_a_missing_window_decode_from_an_earlier_checkpoint()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_without_a_list_gets_all_its_windows_in_one_request() {
+    let files: Vec<(String, Vec<u8>)> = (0..8)
+        .flat_map(|i| {
+            [
+                (format!("n{i:02}"), noise(100_000, i as u64 + 1)),
+                (format!("t{i:02}"), text(40_000, i + 100)),
+            ]
+        })
+        .collect();
+    let f = gzip_indexed(
+        &files,
+        ReadOptions {
+            neighbours: 0,
+            ..opts()
+        },
+    );
+    let windows_blob = f.layer.windows.clone().unwrap().0;
+    let n = f.reader.fetch_all_windows(&f.layer);
+    assert!(n >= 4, "{n} windows");
+    // Asked again (another container of the image): nothing more.
+    f.reader.fetch_all_windows(&f.layer);
+    let of_windows = || {
+        f.fake
+            .requests()
+            .iter()
+            .filter(|(d, _, _)| *d == windows_blob)
+            .count()
+    };
+    // Reads from checkpoints of their own decode with them: no further window request.
+    for (name, body) in files.iter().rev() {
+        assert_eq!(&f.read(name).await.unwrap(), body, "{name}");
+    }
+    assert_eq!(of_windows(), 1, "{:?}", f.fake.requests());
+    // A layer a list guides gets its windows with its ranges instead.
+    let g = gzip_indexed(&files, opts());
+    g.layer.guide();
+    assert_eq!(g.reader.fetch_all_windows(&g.layer), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetch_through_a_gzip_index_decodes_with_windows_kept_apart() {
     // Text files a start reads, each after a file of noise it does not, listed last first.
     let files: Vec<(String, Vec<u8>)> = (0..8)

@@ -177,7 +177,10 @@ impl LayerTable {
         let layer = self.get(idx)?;
         let _rt = self.rt.enter();
         let mut n = self.reader.prefetch_landmark(&layer);
-        if !paths.is_empty() {
+        if paths.is_empty() {
+            // No list to say which windows a start needs: all of them, when they are few.
+            self.reader.fetch_all_windows(&layer);
+        } else {
             layer.guide();
             let by_path: HashMap<&str, usize> = layer
                 .toc
