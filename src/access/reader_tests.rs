@@ -460,16 +460,22 @@ async fn local_bytes_behind_a_missing_window_decode_from_an_earlier_checkpoint()
     assert_eq!(f.fake.requests().len(), before, "no window fetched");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_layer_without_a_list_gets_all_its_windows_in_one_request() {
-    let files: Vec<(String, Vec<u8>)> = (0..8)
+/// Eight text files, each after a file of noise (`n00`, `t00`, ...): through a gzip index,
+/// each text file starts at a checkpoint of its own, with a window.
+fn noise_then_text() -> Vec<(String, Vec<u8>)> {
+    (0..8)
         .flat_map(|i| {
             [
                 (format!("n{i:02}"), noise(100_000, i as u64 + 1)),
                 (format!("t{i:02}"), text(40_000, i + 100)),
             ]
         })
-        .collect();
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_without_a_list_gets_all_its_windows_in_one_request() {
+    let files = noise_then_text();
     let f = gzip_indexed(
         &files,
         ReadOptions {
@@ -503,14 +509,7 @@ async fn a_layer_without_a_list_gets_all_its_windows_in_one_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefetch_through_a_gzip_index_decodes_with_windows_kept_apart() {
     // Text files a start reads, each after a file of noise it does not, listed last first.
-    let files: Vec<(String, Vec<u8>)> = (0..8)
-        .flat_map(|i| {
-            [
-                (format!("n{i:02}"), noise(100_000, i as u64 + 1)),
-                (format!("t{i:02}"), text(40_000, i + 100)),
-            ]
-        })
-        .collect();
+    let files = noise_then_text();
     let f = gzip_indexed(&files, opts());
     let windows_blob = f.layer.windows.clone().unwrap().0;
     let list: Vec<usize> = (1..8).rev().map(|i| f.entry(&format!("t{i:02}"))).collect();
