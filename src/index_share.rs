@@ -176,12 +176,10 @@ pub fn bundle(layout: &Layout, image: &ImageRecord) -> Result<Option<Shareable>,
     let bytes = serde_json::to_vec(&bundle).map_err(|e| e.to_string())?;
     let bytes = zstd::bulk::compress(&bytes, BUNDLE_LEVEL).map_err(|e| e.to_string())?;
     if let Some(list) = learned.as_mut().filter(|_| ranged) {
-        list.index = Some(crate::learned::SharedIndex {
-            bundle: Digest::of(&bytes).to_string(),
-            bundle_size: bytes.len() as u64,
-            windows: at.as_ref().map(|(d, _)| d.to_string()),
-            windows_size: at.as_ref().map_or(0, |(_, n)| *n),
-        });
+        list.index = Some(crate::learned::SharedIndex::of(
+            &bytes,
+            at.as_ref().map(|(d, n)| (d, *n)),
+        ));
     }
     Ok(Some(Shareable {
         bundle: bytes,
@@ -382,13 +380,8 @@ pub fn take_bundle(
     }
     // Recorded with each layer taken: a list learned here names the bundle its ranges go
     // through (`crate::learned`), so that a node with the list takes it by digest.
-    let named = serde_json::to_string(&crate::learned::SharedIndex {
-        bundle: Digest::of(compressed).to_string(),
-        bundle_size: compressed.len() as u64,
-        windows: windows.map(|(d, _)| d.to_string()),
-        windows_size: windows.map_or(0, |(_, n)| n),
-    })
-    .map_err(|e| e.to_string())?;
+    let named = serde_json::to_string(&crate::learned::SharedIndex::of(compressed, windows))
+        .map_err(|e| e.to_string())?;
     let mut taken = 0;
     for raw in bundle.indexes {
         let index = raw.get().as_bytes();

@@ -77,6 +77,17 @@ pub struct SharedIndex {
 }
 
 impl SharedIndex {
+    /// The bundle `bundle` (its compressed bytes, as published) with its windows blob
+    /// (digest, size).
+    pub fn of(bundle: &[u8], windows: Option<(&Digest, u64)>) -> Self {
+        SharedIndex {
+            bundle: Digest::of(bundle).to_string(),
+            bundle_size: bundle.len() as u64,
+            windows: windows.map(|(d, _)| d.to_string()),
+            windows_size: windows.map_or(0, |(_, n)| n),
+        }
+    }
+
     /// The bundle's digest, the windows blob's (digest, size); `None` if a digest is bad.
     pub fn parts(&self) -> Option<(Digest, Option<(Digest, u64)>)> {
         let bundle = Digest::parse(&self.bundle).ok()?;

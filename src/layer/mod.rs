@@ -51,6 +51,15 @@ impl<K: PartialEq, V> Kept<K, V> {
 /// TOC's offset (eStargz) or position (zstd:chunked).
 type TocKey = (Digest, u64, u64, Option<String>);
 
+fn toc_key(toc_digest: &Digest, position: Option<&str>, blob_size: u64, toc_offset: u64) -> TocKey {
+    (
+        toc_digest.clone(),
+        blob_size,
+        toc_offset,
+        position.map(str::to_string),
+    )
+}
+
 /// TOCs parsed when fetched, for their layer's mount (two: a few MB each for a layer of
 /// thousands of files). Measured on the python image's eStargz TOC (8351 entries) on a busy
 /// 2-core machine: the parse took 18–40 ms at the fetch and again at the mount.
@@ -65,13 +74,7 @@ pub fn keep_parsed_toc(
     toc_offset: u64,
     toc: index::LayerIndex,
 ) {
-    let key = (
-        toc_digest.clone(),
-        blob_size,
-        toc_offset,
-        position.map(str::to_string),
-    );
-    PARSED_TOCS.keep(key, toc);
+    PARSED_TOCS.keep(toc_key(toc_digest, position, blob_size, toc_offset), toc);
 }
 
 /// The TOC of a layer being mounted: the one its fetch parsed ([`keep_parsed_toc`]) if it is
@@ -83,13 +86,7 @@ pub fn mount_toc<E: From<estargz::TocError>>(
     blob_size: u64,
     toc_offset: u64,
 ) -> Result<index::LayerIndex, E> {
-    let key = (
-        toc_digest.clone(),
-        blob_size,
-        toc_offset,
-        position.map(str::to_string),
-    );
-    if let Some(toc) = PARSED_TOCS.take(&key) {
+    if let Some(toc) = PARSED_TOCS.take(&toc_key(toc_digest, position, blob_size, toc_offset)) {
         return Ok(toc);
     }
     let json = read()?;
