@@ -30,6 +30,7 @@ pub mod reader;
 pub mod region;
 pub mod schedule;
 pub mod siblings;
+pub mod start;
 
 pub use schedule::{Class, FillPolicy, Link};
 

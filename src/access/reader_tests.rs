@@ -339,6 +339,77 @@ async fn an_executables_first_read_fetches_its_interpreter_and_libraries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_interpreters_first_read_fetches_its_start_files_after_itself() {
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    let prog = exe[..exe.len().min(1 << 20)].to_vec();
+    let mut o = opts();
+    o.elf_read_ahead = true;
+    let start = [
+        "usr/lib/locale/C.utf8/LC_CTYPE",
+        "etc/localtime",
+        "usr/lib/python3.11/encodings/__pycache__/__init__.cpython-311.pyc",
+        "usr/lib/python3.11/encodings/__pycache__/utf_8.cpython-311.pyc",
+        "usr/lib/python3.11/__pycache__/sitecustomize.cpython-311.pyc",
+    ];
+    let mut files = vec![
+        ("usr/bin/python3.11", prog.clone(), 0o755),
+        (
+            "usr/lib/python3.11/__pycache__/json.cpython-311.pyc",
+            noise(20_000, 20),
+            0o644,
+        ),
+    ];
+    for (i, p) in start.iter().enumerate() {
+        files.push((p, noise(10_000 + i * 1000, 21 + i as u64), 0o644));
+    }
+    let f = Fixture::new(&files, o);
+    let e = f.entry("usr/bin/python3.11");
+    f.reader.read(&f.layer, e, 0, 4096).await.unwrap();
+    for p in start {
+        assert!(f.wait_requested(p).await, "{p} read ahead");
+    }
+    // After the interpreter's own bytes, not beside them.
+    let (s, _) = f.span("usr/bin/python3.11");
+    let first = f
+        .fake
+        .requests()
+        .iter()
+        .position(|r| r.1 <= s && s < r.2)
+        .unwrap();
+    let (ls, le) = f.span(start[0]);
+    let locale = f
+        .fake
+        .requests()
+        .iter()
+        .position(|r| r.1 < le && ls < r.2)
+        .unwrap();
+    assert!(first < locale);
+    // Not what the start does not read.
+    let (s, e) = f.span("usr/lib/python3.11/__pycache__/json.cpython-311.pyc");
+    assert_eq!(f.fake.requests_touching(s, e), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_every_container_start_reads_is_fetched_at_mount() {
+    let f = Fixture::new(
+        &[
+            ("etc/passwd", noise(2000, 30), 0o644),
+            ("etc/group", noise(1000, 31), 0o644),
+            ("etc/ld.so.cache", noise(20_000, 32), 0o644),
+            ("etc/other", noise(20_000, 33), 0o644),
+        ],
+        opts(),
+    );
+    assert_eq!(f.reader.start_files(&f.layer), 3);
+    for p in ["etc/passwd", "etc/group", "etc/ld.so.cache"] {
+        assert!(f.wait_requested(p).await, "{p}");
+    }
+    f.wait_local(&["etc/passwd", "etc/group"]).await;
+    let (s, e) = f.span("etc/other");
+    assert_eq!(f.fake.requests_touching(s, e), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executables_libraries_are_fetched_while_its_first_chunk_still_arrives() {
     let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
     let prog = exe[..exe.len().min(1 << 20)].to_vec();

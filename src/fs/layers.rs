@@ -178,8 +178,10 @@ impl LayerTable {
         let _rt = self.rt.enter();
         let mut n = self.reader.prefetch_landmark(&layer);
         if paths.is_empty() {
-            // No list to say which windows a start needs: all of them, when they are few.
+            // No list to say which windows a start needs: all of them, when they are few; and
+            // what every start reads first.
             self.reader.fetch_all_windows(&layer);
+            n += self.reader.start_files(&layer);
         } else {
             layer.guide();
             let by_path: HashMap<&str, usize> = layer
