@@ -1149,9 +1149,10 @@ impl Reader {
 
     /// Fetch what the container runtime reads of every image before the process starts
     /// (`start::CONTAINER_START`) in the background, when the layer has it. For a layer
-    /// without a learned list: its first misses, one round trip each, otherwise.
+    /// without a learned list: its first misses, one round trip each, otherwise. Part of ELF
+    /// read-ahead (what a program's start reads before its own work), off with it.
     pub fn start_files(self: &Arc<Self>, layer: &Arc<LazyLayer>) -> usize {
-        if layer.blob.get().is_some() {
+        if !self.elf_read_ahead || layer.blob.get().is_some() {
             return 0;
         }
         let files: Vec<usize> = super::start::CONTAINER_START

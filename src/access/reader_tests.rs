@@ -391,15 +391,18 @@ async fn a_python_interpreters_first_read_fetches_its_start_files_after_itself()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_every_container_start_reads_is_fetched_at_mount() {
-    let f = Fixture::new(
-        &[
-            ("etc/passwd", noise(2000, 30), 0o644),
-            ("etc/group", noise(1000, 31), 0o644),
-            ("etc/ld.so.cache", noise(20_000, 32), 0o644),
-            ("etc/other", noise(20_000, 33), 0o644),
-        ],
-        opts(),
-    );
+    let files = [
+        ("etc/passwd", noise(2000, 30), 0o644),
+        ("etc/group", noise(1000, 31), 0o644),
+        ("etc/ld.so.cache", noise(20_000, 32), 0o644),
+        ("etc/other", noise(20_000, 33), 0o644),
+    ];
+    // Off with ELF read-ahead.
+    let f = Fixture::new(&files, opts());
+    assert_eq!(f.reader.start_files(&f.layer), 0);
+    let mut o = opts();
+    o.elf_read_ahead = true;
+    let f = Fixture::new(&files, o);
     assert_eq!(f.reader.start_files(&f.layer), 3);
     for p in ["etc/passwd", "etc/group", "etc/ld.so.cache"] {
         assert!(f.wait_requested(p).await, "{p}");
