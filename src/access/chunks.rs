@@ -165,6 +165,11 @@ impl Chunks {
         Slot::Wait(rx)
     }
 
+    /// A receiver for chunk `c` of `layer` if a load of it is running; claims nothing.
+    pub fn loading(&self, layer: &Digest, c: &Chunk) -> Option<Waiter> {
+        lock(&self.inflight).get(&key_of(layer, c)).cloned()
+    }
+
     /// Answer a claim: its waiters get `result`; the data is kept in memory if the claim
     /// asked so, a failure is remembered for `FAILURE_MEMORY`.
     pub fn finish(&self, claim: Claim, result: ChunkResult) {

@@ -1019,26 +1019,6 @@ impl Reader {
         });
     }
 
-    /// Chunk `c`'s decoded bytes: from memory, from the load that has it, or loaded now (from
-    /// the partial file or the registry). None if that fails or takes longer than a read may.
-    async fn chunk_data(self: &Arc<Self>, layer: &Arc<LazyLayer>, c: &Chunk) -> Option<ChunkData> {
-        let mut claims = vec![];
-        match self.slot(layer, c, false, Class::Neighbour, &mut claims) {
-            Slot::Ready(d) => Some(d),
-            Slot::Failed(_) => None,
-            Slot::Wait(mut rx) => {
-                if !claims.is_empty() {
-                    self.load(layer, claims, Order::List);
-                }
-                let got = tokio::time::timeout(self.timeout, rx.wait_for(|v| v.is_some()))
-                    .await
-                    .ok()?
-                    .ok()?;
-                got.as_ref()?.as_ref().ok().cloned()
-            }
-        }
-    }
-
     /// Whether entry `entry_idx` may get ELF read-ahead (not whether it had it).
     fn elf_wanted(&self, layer: &LazyLayer, entry_idx: usize) -> bool {
         self.elf_read_ahead
@@ -1115,11 +1095,17 @@ impl Reader {
         let n = self.prefetch(layer, files.iter().copied(), Class::Neighbour);
         tracing::debug!(layer = %layer.digest, file = %layer.toc.entries[entry_idx].path, libs = ?deps.libs, start = start.len(), files = files.len(), chunks = n, early, "ELF read-ahead");
         if !start.is_empty() {
-            let (this, layer) = (Arc::clone(self), Arc::clone(layer));
+            // The loads of the executable's chunks running now (this read-ahead's, a read's);
+            // waiting claims nothing.
+            let loading: Vec<Waiter> = layer.toc.entries[entry_idx]
+                .chunks
+                .iter()
+                .filter_map(|c| self.chunks.loading(&layer.digest, c))
+                .collect();
+            let (this, layer, timeout) = (Arc::clone(self), Arc::clone(layer), self.timeout);
             tokio::spawn(async move {
-                let chunks = layer.toc.entries[entry_idx].chunks.clone();
-                for c in &chunks {
-                    let _ = this.chunk_data(&layer, c).await;
+                for mut rx in loading {
+                    let _ = tokio::time::timeout(timeout, rx.wait_for(|v| v.is_some())).await;
                 }
                 let n = this.prefetch(&layer, start.iter().copied(), Class::Neighbour);
                 tracing::debug!(layer = %layer.digest, file = %layer.toc.entries[entry_idx].path, files = start.len(), chunks = n, "interpreter start files");
